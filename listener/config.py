@@ -1,0 +1,447 @@
+"""Stage 1 — configuration: load the YAML file, apply ``WAL_`` environment overrides, validate.
+
+The model is the single source of truth for the listener's settings; the operator imports it to
+render the config it hands to listener pods. Keys are camelCase as in the Go original; matching is
+case-insensitive and ignores ``_``/``-`` (so ``enable_tls``, ``enableTLS`` and ``ENABLETLS`` are one
+key, as they were under Viper). Every problem becomes one :class:`ConfigError` line naming the key,
+the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Mapping
+from datetime import timedelta
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+from listener.errors import ConfigError
+
+ENV_PREFIX = "WAL_"
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: Any) -> timedelta:
+    """Parse a Go-style duration (``30s``, ``1m30s``, ``500ms``) or a number of seconds."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30s, 1m30s or 500ms")
+    if isinstance(value, int | float):
+        return timedelta(seconds=value)
+    if isinstance(value, str):
+        text = value.strip()
+        if re.fullmatch(r"\d+(\.\d+)?", text):
+            return timedelta(seconds=float(text))
+        if text and _DURATION_PART.sub("", text) == "":
+            seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in _DURATION_PART.findall(text))
+            return timedelta(seconds=seconds)
+    raise ValueError("expected a duration such as 30s, 1m30s or 500ms")
+
+
+def format_duration(value: timedelta) -> str:
+    """Render a duration the way the config file writes it (``30s``, ``1.5s``)."""
+    seconds = value.total_seconds()
+    return f"{seconds:g}s"
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration), PlainSerializer(format_duration, return_type=str)]
+
+
+class Action(StrEnum):
+    """A change kind a filter can select; the event's ``action`` is its upper-case form."""
+
+    INSERT = "insert"
+    UPDATE = "update"
+    DELETE = "delete"
+    TRUNCATE = "truncate"
+
+    @classmethod
+    def _missing_(cls, value: object) -> Action | None:
+        if isinstance(value, str):
+            lowered = value.lower()
+            for member in cls:
+                if member.value == lowered:
+                    return member
+        return None
+
+
+class PublisherType(StrEnum):
+    NATS = "nats"
+    KAFKA = "kafka"
+    RABBITMQ = "rabbitmq"
+    GOOGLE_PUBSUB = "google_pubsub"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+        validate_default=True,
+    )
+
+
+_SLOT_NAME = re.compile(r"[a-z0-9_]{1,63}")
+
+
+class FilterConfig(_Model):
+    """Which tables and actions are published. No ``tables`` at all: everything is published."""
+
+    tables: dict[str, list[Action]] | None = None
+
+    @field_validator("tables")
+    @classmethod
+    def _check_tables(cls, tables: dict[str, list[Action]] | None) -> dict[str, list[Action]] | None:
+        if tables is None:
+            return None
+        for key in tables:
+            parts = key.split(".")
+            if not key or len(parts) > 2 or not all(parts):
+                raise ValueError(f"table key {key!r} must be 'table' or 'schema.table'")
+        return tables
+
+
+class ListenerConfig(_Model):
+    slot_name: str = Field(description="Logical replication slot the listener owns (created if missing).")
+    server_port: int = Field(8080, ge=0, le=65535, description="Port of /healthz and /ready; 0 turns it off.")
+    ack_timeout: Duration = Field(timedelta(seconds=10), description="How long one publish may wait for its ack.")
+    refresh_connection: Duration = Field(timedelta(seconds=30), description="Longest backoff between reconnects.")
+    heartbeat_interval: Duration = Field(timedelta(seconds=10), description="Standby status update interval.")
+    filter: FilterConfig = Field(default_factory=FilterConfig)
+    topics_map: dict[str, str] = Field(default_factory=dict)
+    publication_name: str = Field("wal-listener", min_length=1, max_length=63)
+    max_in_flight: int = Field(20000, ge=1, description="Events read but not yet acknowledged, at most.")
+    batch_size: int = Field(2000, ge=1, description="Events handed to the broker in one pipelined batch.")
+    emit_heartbeat: bool = Field(
+        False, description="Write pg_logical_emit_message heartbeats so a quiet database still advances."
+    )
+    on_error: Literal["halt", "skip"] = Field(
+        "halt", description="A change that cannot be published: halt (retry forever) or skip to deadLetterTopic."
+    )
+    dead_letter_topic: str = ""
+
+    @field_validator("slot_name")
+    @classmethod
+    def _check_slot(cls, value: str) -> str:
+        if not _SLOT_NAME.fullmatch(value):
+            raise ValueError("must be 1-63 characters of lower-case letters, digits and underscores")
+        return value
+
+    @field_validator("refresh_connection", "heartbeat_interval", "ack_timeout")
+    @classmethod
+    def _positive(cls, value: timedelta) -> timedelta:
+        if value.total_seconds() <= 0:
+            raise ValueError("must be a positive duration such as 10s")
+        return value
+
+
+class DatabaseConfig(_Model):
+    host: str = "localhost"
+    port: int = Field(5432, ge=1, le=65535)
+    name: str = Field(min_length=1)
+    user: str = Field(min_length=1)
+    password: SecretStr = SecretStr("")
+    ssl_mode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = "prefer"
+    enable_tls: bool = Field(False, alias="enableTLS")
+    debug: bool = False
+
+    @model_validator(mode="after")
+    def _tls_means_require(self) -> DatabaseConfig:
+        if self.enable_tls and self.ssl_mode in ("disable", "allow", "prefer"):
+            return self.model_copy(update={"ssl_mode": "require"})
+        return self
+
+    def conninfo(self, **extra: str) -> str:
+        """The libpq connection string; the password is included, so never log it."""
+        from psycopg.conninfo import make_conninfo
+
+        params: dict[str, Any] = {
+            "host": self.host,
+            "port": self.port,
+            "dbname": self.name,
+            "user": self.user,
+            "sslmode": self.ssl_mode,
+            "application_name": "wal-listener",
+            "connect_timeout": 10,
+        }
+        if self.password.get_secret_value():
+            params["password"] = self.password.get_secret_value()
+        params.update(extra)
+        return make_conninfo(**params)
+
+
+class PublisherConfig(_Model):
+    type: PublisherType
+    address: str = Field(min_length=1)
+    topic: str = Field(min_length=1)
+    topic_prefix: str = ""
+    message_key_from: str = ""
+    # TLS (Kafka, NATS, RabbitMQ)
+    enable_tls: bool = Field(False, alias="enableTLS")
+    client_cert: str = ""
+    client_key: str = ""
+    ca_cert: str = ""
+    # credentials (Kafka SASL, NATS user/password, RabbitMQ when not in the address)
+    username: str = ""
+    password: SecretStr = SecretStr("")
+    # NATS JetStream
+    duplicate_window: Duration = Field(timedelta(minutes=2), description="JetStream de-duplication window.")
+    # Kafka
+    sasl_mechanism: Literal["", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = ""
+    compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
+    linger_ms: int = Field(5, ge=0)
+    max_batch_bytes: int = Field(1048576, ge=1024)
+    idempotent: bool = True
+    partitions: int = Field(1, ge=1)
+    replication_factor: int = Field(1, ge=1)
+    # RabbitMQ
+    exchange_kind: Literal["topic", "fanout", "direct", "headers"] = "topic"
+    # Google Pub/Sub
+    pub_sub_project_id: str = Field("", alias="pubSubProjectID")
+    enable_ordering: bool = False
+    # Kafka and Pub/Sub
+    create_topics: bool = False
+
+    @field_validator("topic")
+    @classmethod
+    def _check_topic(cls, value: str) -> str:
+        if any(c.isspace() for c in value) or value.startswith(".") or value.endswith("."):
+            raise ValueError("must be a name without spaces and without a leading or trailing dot")
+        return value
+
+    @model_validator(mode="after")
+    def _check_broker(self) -> PublisherConfig:
+        if self.type is PublisherType.GOOGLE_PUBSUB and not self.pub_sub_project_id:
+            raise ValueError("publisher.pubSubProjectID is required when publisher.type is google_pubsub")
+        return self
+
+
+class LoggerConfig(_Model):
+    level: Literal["debug", "info", "warn", "warning", "error"] = "info"
+    fmt: Literal["json", "text"] = "json"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+
+class MonitoringConfig(_Model):
+    sentry_dsn: SecretStr = Field(SecretStr(""), alias="sentryDSN")
+    prom_addr: str = Field(":2112", description="host:port of /metrics; empty turns it off.")
+
+    @field_validator("prom_addr")
+    @classmethod
+    def _check_addr(cls, value: str) -> str:
+        if value and not re.fullmatch(r"[^:\s]*:\d{1,5}", value):
+            raise ValueError("must be host:port or :port, e.g. :2112")
+        return value
+
+
+class Config(_Model):
+    """The whole listener configuration (one slot, one database, one broker)."""
+
+    listener: ListenerConfig
+    database: DatabaseConfig
+    publisher: PublisherConfig
+    logger: LoggerConfig = Field(default_factory=LoggerConfig)
+    monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
+
+    def to_yaml_dict(self, *, include_secrets: bool = False) -> dict[str, Any]:
+        """The config as the file would write it (camelCase keys); secrets are left out unless asked."""
+        data = self.model_dump(mode="json", by_alias=True)
+        if include_secrets:
+            data["database"]["password"] = self.database.password.get_secret_value()
+            data["publisher"]["password"] = self.publisher.password.get_secret_value()
+            data["monitoring"]["sentryDSN"] = self.monitoring.sentry_dsn.get_secret_value()
+        else:
+            data["database"].pop("password", None)
+            data["publisher"].pop("password", None)
+            data["monitoring"].pop("sentryDSN", None)
+        return data
+
+
+# --------------------------------------------------------------------------------------------------
+# loading
+
+# fields whose keys are user data (table names), not config keys
+_FREE_FORM = {"tables", "topicsMap"}
+SECRET_KEYS = {"password", "sentryDSN"}
+
+
+def _norm(key: str) -> str:
+    return key.replace("_", "").replace("-", "").lower()
+
+
+def _submodel(model: type[BaseModel], alias: str) -> type[BaseModel] | None:
+    for name, field in model.model_fields.items():
+        if (field.alias or name) == alias:
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                return ann
+    return None
+
+
+def _aliases(model: type[BaseModel]) -> dict[str, str]:
+    return {_norm(field.alias or name): field.alias or name for name, field in model.model_fields.items()}
+
+
+def canonicalize(
+    raw: Mapping[str, Any], model: type[BaseModel] = Config, path: str = ""
+) -> tuple[dict[str, Any], list[str]]:
+    """Map keys onto the model's aliases case-insensitively; return the result and unknown-key warnings."""
+    known = _aliases(model)
+    out: dict[str, Any] = {}
+    warnings: list[str] = []
+    for key, value in raw.items():
+        skey = str(key)
+        alias = known.get(_norm(skey))
+        where = f"{path}{skey}"
+        if alias is None:
+            hint = difflib.get_close_matches(skey, list(known.values()), n=1, cutoff=0.6)
+            suggestion = f"; did you mean {path}{hint[0]}?" if hint else ""
+            warnings.append(f"config: unknown key {where} is ignored{suggestion}")
+            continue
+        sub = _submodel(model, alias)
+        if sub is not None and isinstance(value, Mapping):
+            value, sub_warnings = canonicalize(value, sub, f"{path}{alias}.")
+            warnings.extend(sub_warnings)
+        out[alias] = value
+    return out, warnings
+
+
+def _leaf_paths(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    paths: list[tuple[str, ...]] = []
+    for name, field in model.model_fields.items():
+        alias = field.alias or name
+        sub = _submodel(model, alias)
+        if sub is not None and alias not in _FREE_FORM:
+            paths.append((*prefix, alias))  # a whole section as YAML, e.g. WAL_LISTENER_FILTER
+            paths.extend(_leaf_paths(sub, (*prefix, alias)))
+        else:
+            paths.append((*prefix, alias))
+    return paths
+
+
+def env_names(path: tuple[str, ...]) -> list[str]:
+    """The environment variables that override one key: ``WAL_DATABASE_PORT``, ``WAL_LISTENER_SLOTNAME``
+    (as Viper spelled them) and the snake-case form ``WAL_LISTENER_SLOT_NAME``."""
+    plain = ENV_PREFIX + "_".join(p.upper() for p in path)
+    snake = ENV_PREFIX + "_".join(re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", p).upper() for p in path)
+    return [plain] if plain == snake else [plain, snake]
+
+
+def _env_value(text: str, path: tuple[str, ...]) -> Any:
+    if path[-1] in _FREE_FORM or path[-1] in ("filter", "tables") or text.lstrip().startswith(("{", "[")):
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config: {ENV_PREFIX}{'_'.join(path).upper()} is not valid YAML: {exc}") from None
+    return text
+
+
+def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """Overlay ``WAL_*`` variables onto the file's data, also for keys the file does not have."""
+    for path in _leaf_paths(Config):
+        for name in env_names(path):
+            if name in environ:
+                node = data
+                for part in path[:-1]:
+                    child = node.get(part)
+                    if not isinstance(child, dict):
+                        child = {}
+                        node[part] = child
+                    node = child
+                node[path[-1]] = _env_value(environ[name], path)
+                break
+    return data
+
+
+def _describe(value: Any, key: str) -> str:
+    if key.split(".")[-1] in SECRET_KEYS:
+        return "'***'"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "...'"
+
+
+def _format_error(exc: ValidationError) -> str:
+    err = exc.errors(include_url=False)[0]
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc)
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    etype = err["type"]
+    if etype == "missing":
+        return f"config: {key} is required but missing; set it in the file or as {env_names(tuple(loc))[0]}"
+    value = _describe(err.get("input"), key)
+    if etype in ("enum", "literal_error"):
+        expected = err.get("ctx", {}).get("expected", "")
+        return f"config: {key} = {value} is not allowed; use one of {expected}"
+    if etype == "extra_forbidden":
+        return f"config: unknown key {key}"
+    return f"config: {key} = {value} is invalid: {msg}"
+
+
+def load_config(
+    path: str | os.PathLike[str] | None,
+    environ: Mapping[str, str] | None = None,
+    warnings: list[str] | None = None,
+) -> Config:
+    """Read ``path`` (may be ``None`` for environment-only config), apply overrides, validate.
+
+    Raises :class:`ConfigError` with a one-line message; unknown keys are appended to ``warnings``.
+    """
+    env = os.environ if environ is None else environ
+    raw: Any = {}
+    if path is not None:
+        file = Path(path)
+        try:
+            text = file.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(
+                f"config: file {str(file)!r} not found; pass --config PATH (see config_example.yml)"
+            ) from None
+        except OSError as exc:
+            raise ConfigError(f"config: cannot read {str(file)!r}: {exc.strerror}") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or "malformed YAML"
+            raise ConfigError(f"config: {str(file)!r} is not valid YAML{where}: {problem}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config: {str(file)!r} must hold a mapping of sections (listener, database, ...)")
+    data, unknown = canonicalize(raw)
+    for section in ("listener", "database", "publisher", "logger", "monitoring"):
+        if section in data and data[section] is not None and not isinstance(data[section], dict):
+            raise ConfigError(
+                f"config: {section} = {_describe(data[section], section)} is invalid: must be a mapping of keys"
+            )
+    data, _ = canonicalize(apply_env(data, env))
+    if warnings is not None:
+        warnings.extend(unknown)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from None

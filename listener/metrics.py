@@ -1,0 +1,49 @@
+"""Prometheus metrics of the listener (names of the Go original plus what operators need)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+PUBLISHED = Counter(
+    "published_events", "Events acknowledged by the broker.", ["subject", "table"], registry=REGISTRY
+)
+FILTER_SKIPPED = Counter(
+    "filter_skipped_events", "Changes not published because of listener.filter.", ["table"], registry=REGISTRY
+)
+PUBLISH_ERRORS = Counter(
+    "publish_errors", "Publish attempts that were not acknowledged (each is retried).", ["reason"],
+    registry=REGISTRY,
+)
+DEAD_LETTERED = Counter(
+    "dead_lettered_events", "Events that could not be published and went to the dead-letter topic.", ["table"],
+    registry=REGISTRY,
+)
+CONVERSION_ERRORS = Counter(
+    "conversion_errors", "Column values published as text because they could not be converted.",
+    ["table", "column"], registry=REGISTRY,
+)
+OVERSIZED = Counter(
+    "oversized_events", "Events larger than the broker accepts.", ["table"], registry=REGISTRY
+)
+RECONNECTS = Counter("reconnects", "Reconnections after a lost connection.", ["target"], registry=REGISTRY)
+IN_FLIGHT = Gauge("in_flight_events", "Events read from PostgreSQL and not yet acknowledged.", registry=REGISTRY)
+CONFIRMED_LSN = Gauge("confirmed_lsn", "The LSN last confirmed to PostgreSQL (flush position).", registry=REGISTRY)
+RECEIVED_LSN = Gauge("received_lsn", "The highest WAL position received from PostgreSQL.", registry=REGISTRY)
+SERVER_WAL_END = Gauge("server_wal_end_lsn", "The server's WAL end as last reported.", registry=REGISTRY)
+LAG_BYTES = Gauge(
+    "replication_lag_bytes", "Server WAL end minus the confirmed LSN: WAL the slot retains.", registry=REGISTRY
+)
+LAG_SECONDS = Gauge(
+    "replication_lag_seconds", "Now minus the commit time of the last acknowledged transaction.",
+    registry=REGISTRY,
+)
+SLOT_RETAINED_BYTES = Gauge(
+    "slot_retained_wal_bytes", "WAL retained by the slot (pg_current_wal_lsn - restart_lsn).", registry=REGISTRY
+)
+SLOT_SAFE_WAL_BYTES = Gauge(
+    "slot_safe_wal_size_bytes", "Bytes left before max_slot_wal_keep_size invalidates the slot (-1: no limit).",
+    registry=REGISTRY,
+)
+UP = Gauge("up", "1 while the named connection is up.", ["target"], registry=REGISTRY)
