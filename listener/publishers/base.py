@@ -50,8 +50,10 @@ class Publisher(ABC):
     #: True when the broker uses :attr:`Message.key` (the event stage only computes it then).
     needs_key: bool = False
 
-    def __init__(self, cfg: PublisherConfig) -> None:
+    def __init__(self, cfg: PublisherConfig, ack_timeout: float = 10.0) -> None:
         self.cfg = cfg
+        #: seconds one publish may wait for its acknowledgement (``listener.ackTimeout``)
+        self.ack_timeout = ack_timeout
 
     @abstractmethod
     async def connect(self) -> None:
@@ -77,22 +79,22 @@ async def collect(futures: Iterable[Awaitable[object]]) -> AckResults:
     return [r if isinstance(r, BaseException) else None for r in results]
 
 
-def make_publisher(cfg: PublisherConfig) -> Publisher:
+def make_publisher(cfg: PublisherConfig, ack_timeout: float = 10.0) -> Publisher:
     """The publisher for ``cfg.type``; broker libraries are imported only when used."""
     from listener.config import PublisherType
 
     if cfg.type is PublisherType.NATS:
         from listener.publishers.nats import NatsPublisher
 
-        return NatsPublisher(cfg)
+        return NatsPublisher(cfg, ack_timeout)
     if cfg.type is PublisherType.KAFKA:
         from listener.publishers.kafka import KafkaPublisher
 
-        return KafkaPublisher(cfg)
+        return KafkaPublisher(cfg, ack_timeout)
     if cfg.type is PublisherType.RABBITMQ:
         from listener.publishers.rabbitmq import RabbitMQPublisher
 
-        return RabbitMQPublisher(cfg)
+        return RabbitMQPublisher(cfg, ack_timeout)
     from listener.publishers.pubsub import PubSubPublisher
 
-    return PubSubPublisher(cfg)
+    return PubSubPublisher(cfg, ack_timeout)

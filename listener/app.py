@@ -1,0 +1,359 @@
+"""Stage 8 — app: wire the stages together and keep them running.
+
+One :class:`Listener` per process and slot: connect the broker, then (again and again, with backoff,
+until stopped) connect PostgreSQL, make sure the publication and slot exist, stream, decode, convert,
+filter, build events, hand them to delivery, and confirm LSNs back as delivery allows. Serves the
+probes and metrics, answers keepalives, watches the slot's health. ``stop()`` (SIGTERM/SIGINT) stops
+reading, drains what is in flight, confirms and returns 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from listener import metrics, pgoutput
+from listener.config import Config
+from listener.delivery import Backoff, Delivery
+from listener.errors import (
+    BrokerConfigError,
+    DatabaseError,
+    FatalDatabaseError,
+    PublishError,
+    SlotInUseError,
+    SlotLostError,
+)
+from listener.event import EventBuilder, Transaction, commit_time_text
+from listener.observability import Health, HttpServer, metrics_route, split_addr
+from listener.pgoutput import PG_EPOCH, format_lsn
+from listener.publishers.base import Publisher, make_publisher
+from listener.replication import Database, ReplicationStream, parse_keepalive
+from listener.types import TypeRegistry
+
+log = logging.getLogger("listener.app")
+
+_PG_EPOCH_UNIX = PG_EPOCH.timestamp()
+_XLOG_END = __import__("struct").Struct(">Q").unpack_from
+
+# a slot with less than this much WAL left before max_slot_wal_keep_size invalidates it gets a warning
+SAFE_WAL_WARNING_BYTES = 256 * 1024 * 1024
+
+
+class Listener:
+    """The whole data path for one slot."""
+
+    def __init__(self, cfg: Config, publisher: Publisher | None = None) -> None:
+        self.cfg = cfg
+        ack_timeout = cfg.listener.ack_timeout.total_seconds()
+        self.publisher = publisher or make_publisher(cfg.publisher, ack_timeout)
+        self.registry = TypeRegistry()
+        self.builder = EventBuilder(cfg, self.registry, needs_key=self.publisher.needs_key)
+        dead_letter = (
+            f"{cfg.publisher.topic}.{cfg.listener.dead_letter_topic}" if cfg.listener.dead_letter_topic else ""
+        )
+        self.delivery = Delivery(
+            self.publisher,
+            max_in_flight=cfg.listener.max_in_flight,
+            batch_size=cfg.listener.batch_size,
+            retry_cap=cfg.listener.refresh_connection.total_seconds(),
+            on_error=cfg.listener.on_error,
+            dead_letter_subject=dead_letter,
+        )
+        self.health = Health()
+        self.health.broker = lambda: self.publisher.ready and not self.delivery.failing
+        self._stopping = asyncio.Event()
+        self._stream: ReplicationStream | None = None
+        self._db: Database | None = None
+        self._servers: list[HttpServer] = []
+        self._sent_lsn = 0
+        self.server_wal_end = 0
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        if not self._stopping.is_set():
+            log.info("stopping: draining in-flight events")
+            self._stopping.set()
+            if self._stream is not None:
+                self._stream.wake()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    async def _start_http(self) -> None:
+        lc, mon = self.cfg.listener, self.cfg.monitoring
+        routes = {"/healthz": self.health.healthz, "/ready": self.health.ready}
+        if lc.server_port:
+            both = dict(routes)
+            if mon.prom_addr and split_addr(mon.prom_addr)[1] == lc.server_port:
+                both["/metrics"] = metrics_route
+            self._servers.append(HttpServer("", lc.server_port, both))
+        if mon.prom_addr and split_addr(mon.prom_addr)[1] != lc.server_port:
+            host, port = split_addr(mon.prom_addr)
+            self._servers.append(HttpServer(host, port, {"/metrics": metrics_route, **routes}))
+        for server in self._servers:
+            await server.start()
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    async def _connect_publisher(self) -> None:
+        backoff = Backoff(first=0.5, cap=self.cfg.listener.refresh_connection.total_seconds())
+        while not self.stopping:
+            try:
+                await self.publisher.connect()
+                log.info("broker connected", extra={"fields": {"type": self.cfg.publisher.type.value,
+                                                               "address": self.cfg.publisher.address}})
+                return
+            except BrokerConfigError:
+                raise
+            except PublishError as exc:
+                delay = backoff.next()
+                self.health.problem = str(exc)
+                log.error("broker unreachable; retrying",
+                          extra={"fields": {"error": str(exc), "retry_in_s": round(delay, 2)}})
+                metrics.RECONNECTS.labels("broker").inc()
+                await self._sleep(delay)
+
+    async def run(self) -> int:
+        """Run until :meth:`stop`; returns the process exit code."""
+        await self._start_http()
+        try:
+            await self._connect_publisher()
+            self.delivery.start()
+            metrics.UP.labels("broker").set_function(lambda: 1.0 if self.publisher.ready else 0.0)
+            backoff = Backoff(first=0.5, cap=self.cfg.listener.refresh_connection.total_seconds())
+            while not self.stopping:
+                started = time.monotonic()
+                try:
+                    await self._session()
+                except SlotInUseError as exc:
+                    self._report(exc, logging.WARNING)
+                except SlotLostError as exc:
+                    self._report(exc, logging.ERROR)
+                    backoff.attempt = max(backoff.attempt, 30)  # no tight crash loop: retry slowly
+                except FatalDatabaseError as exc:
+                    self._report(exc, logging.ERROR)
+                    backoff.attempt = max(backoff.attempt, 30)
+                except DatabaseError as exc:
+                    self._report(exc, logging.ERROR)
+                finally:
+                    self.health.postgres = False
+                    metrics.UP.labels("postgres").set(0)
+                    await self._close_session()
+                if self.stopping:
+                    break
+                if time.monotonic() - started > 60:
+                    backoff.reset()
+                metrics.RECONNECTS.labels("postgres").inc()
+                await self._sleep(backoff.next())
+            await self._shutdown()
+            return 0
+        finally:
+            for server in self._servers:
+                await server.close()
+            await self.delivery.close()
+            with contextlib.suppress(Exception):
+                await self.publisher.close()
+
+    def _report(self, exc: Exception, level: int) -> None:
+        self.health.problem = str(exc)
+        log.log(level, str(exc), extra={"fields": {"error_type": type(exc).__name__}})
+
+    async def _drain(self) -> None:
+        grace = max(5.0, 3 * self.cfg.listener.ack_timeout.total_seconds())
+        try:
+            await asyncio.wait_for(self.delivery.drain(), grace)
+        except TimeoutError:
+            log.error("shutdown: events still unacknowledged; they will be re-sent after restart",
+                      extra={"fields": {"in_flight": self.delivery.in_flight}})
+
+    async def _shutdown(self) -> None:
+        await self._drain()
+        if self.delivery.confirmed_lsn > self._sent_lsn:
+            # the stream is gone (PostgreSQL was down): confirm through SQL on the now inactive slot
+            db = Database(self.cfg)
+            try:
+                await db.connect()
+                await db.advance_slot(self.delivery.confirmed_lsn)
+                self._sent_lsn = self.delivery.confirmed_lsn
+            except Exception as exc:
+                log.warning("shutdown: could not confirm the last LSN; it will be re-read after restart",
+                            extra={"fields": {"error": str(exc)}})
+            finally:
+                await db.close()
+        log.info("stopped", extra={"fields": {"confirmed_lsn": format_lsn(self.delivery.confirmed_lsn)}})
+
+    async def _close_session(self) -> None:
+        if self._stream is not None:
+            await self._stream.close()
+            self._stream = None
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    # -- one PostgreSQL session -------------------------------------------------------------------
+
+    async def _session(self) -> None:
+        db = self._db = Database(self.cfg)
+        await db.connect()
+        await db.check_server()
+        await db.ensure_publication()
+        slot = await db.ensure_slot()
+        if slot.active:
+            raise SlotInUseError(
+                f"postgres: slot {slot.name!r} is in use by another process (pid {slot.active_pid}); "
+                "another listener reads it — waiting for it to be released"
+            )
+        stream = self._stream = ReplicationStream(self.cfg)
+        await stream.connect()
+        start = max(slot.confirmed_flush_lsn, self.delivery.confirmed_lsn)
+        await stream.start(start)
+        self._sent_lsn = max(self._sent_lsn, slot.confirmed_flush_lsn)
+        self.health.postgres = True
+        self.health.problem = ""
+        metrics.UP.labels("postgres").set(1)
+        self.delivery.on_confirmable = stream.wake_status
+        tasks = [
+            asyncio.create_task(self._feedback(stream), name="feedback"),
+            asyncio.create_task(self._watch_slot(db), name="slot-health"),
+        ]
+        try:
+            await self._read(stream, db)
+            await self._drain()  # stopping: settle what is in flight while the stream can still confirm
+        finally:
+            self.delivery.on_confirmable = None
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._send_status(stream)
+
+    def _send_status(self, stream: ReplicationStream, reply: bool = False) -> None:
+        lsn = self.delivery.confirmed_lsn
+        try:
+            stream.send_status(lsn, reply=reply)
+        except DatabaseError:
+            return
+        self._sent_lsn = max(self._sent_lsn, lsn)
+        metrics.CONFIRMED_LSN.set(lsn)
+        if self.server_wal_end:
+            metrics.LAG_BYTES.set(max(0, self.server_wal_end - lsn))
+
+    async def _feedback(self, stream: ReplicationStream) -> None:
+        """Standby status updates: soon after the confirmable LSN moves, and every heartbeatInterval."""
+        interval = self.cfg.listener.heartbeat_interval.total_seconds()
+        while True:
+            await stream.status_wanted(min(interval, 1.0))
+            due = time.monotonic() - stream.last_status >= interval
+            if self.delivery.confirmed_lsn != self._sent_lsn or due:
+                self._send_status(stream)
+            if self.delivery.idle:
+                metrics.LAG_SECONDS.set(0)
+            elif self.delivery.confirmed_commit_time:
+                metrics.LAG_SECONDS.set(max(0.0, time.time() - self.delivery.confirmed_commit_time))
+            await asyncio.sleep(0.05)  # coalesce bursts of confirmations
+
+    async def _watch_slot(self, db: Database) -> None:
+        interval = max(1.0, self.cfg.listener.heartbeat_interval.total_seconds())
+        warned = False
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if self.cfg.listener.emit_heartbeat:
+                    await db.emit_heartbeat()
+                state = await db.slot()
+            except Exception as exc:
+                log.debug("slot health check failed", extra={"fields": {"error": str(exc)}})
+                continue
+            if state is None:
+                continue
+            metrics.SLOT_RETAINED_BYTES.set(max(0, state.current_lsn - state.restart_lsn))
+            safe = state.safe_wal_size
+            metrics.SLOT_SAFE_WAL_BYTES.set(-1 if safe is None else safe)
+            at_risk = state.wal_status in ("unreserved", "lost") or (
+                safe is not None and safe < SAFE_WAL_WARNING_BYTES
+            )
+            if at_risk and not warned:
+                log.warning(
+                    "slot is about to lose WAL (max_slot_wal_keep_size): catch up or raise the limit",
+                    extra={"fields": {"slot": state.name, "wal_status": state.wal_status, "safe_wal_size": safe}},
+                )
+            warned = at_risk
+
+    async def _read(self, stream: ReplicationStream, db: Database) -> None:
+        """The hot loop: copy data -> pgoutput -> events -> delivery."""
+        delivery = self.delivery
+        builder = self.builder
+        relations = builder.relations
+        decode = pgoutput.decode
+        read = stream.read
+        txn: Transaction | None = None
+        commit_unix = 0.0
+        received = 0
+        while not self.stopping:
+            size, data = read()
+            if size > 0:
+                tag = data[0]
+                if tag == 0x77:  # 'w' XLogData
+                    received = _XLOG_END(data, 9)[0] or received
+                    msg = decode(bytes(data[25:]))
+                    kind = type(msg)
+                    out = None
+                    if kind is pgoutput.Insert:
+                        out = builder.insert(relations[msg.relation_oid], txn, msg.new)  # type: ignore[union-attr,arg-type]
+                    elif kind is pgoutput.Update:
+                        out = builder.update(relations[msg.relation_oid], txn, msg.old, msg.old_kind, msg.new)  # type: ignore[union-attr,arg-type]
+                    elif kind is pgoutput.Delete:
+                        out = builder.delete(relations[msg.relation_oid], txn, msg.old, msg.old_kind)  # type: ignore[union-attr,arg-type]
+                    elif kind is pgoutput.Begin:
+                        txn = Transaction(msg.final_lsn, commit_time_text(msg.commit_time))  # type: ignore[union-attr]
+                        commit_unix = msg.commit_time / 1e6 + _PG_EPOCH_UNIX  # type: ignore[union-attr]
+                    elif kind is pgoutput.Commit:
+                        delivery.commit(msg.end_lsn, commit_unix)  # type: ignore[union-attr]
+                        txn = None
+                    elif kind is pgoutput.Relation:
+                        await self._relation(msg, db)  # type: ignore[arg-type]
+                    elif kind is pgoutput.Truncate:
+                        for oid in msg.relation_oids:  # type: ignore[union-attr]
+                            out = builder.truncate(relations[oid], txn)  # type: ignore[arg-type]
+                            if out is not None:
+                                delivery.add(out)
+                        out = None
+                    if out is not None:
+                        delivery.add(out)
+                        if delivery.full:
+                            await delivery.wait_for_space(self._stopping)
+                elif tag == 0x6B:  # 'k' keepalive
+                    end, reply = parse_keepalive(data)
+                    self.server_wal_end = end
+                    metrics.SERVER_WAL_END.set(end)
+                    if txn is None:
+                        delivery.seal()
+                        delivery.idle_confirm(end)
+                    if reply:
+                        self._send_status(stream)
+                continue
+            if size == 0:
+                delivery.seal()
+                if received:
+                    stream.received_lsn = max(stream.received_lsn, received)
+                    metrics.RECEIVED_LSN.set(stream.received_lsn)
+                await stream.wait_readable()
+                stream.fill()
+                continue
+            raise stream.stream_error()
+
+    async def _relation(self, rel: pgoutput.Relation, db: Database) -> None:
+        oids = [c.type_oid for c in rel.columns]
+        if self.registry.missing(oids):
+            await db.load_types(self.registry, oids)
+        self.builder.add_relation(rel)
+
+
+def run_listener(cfg: Config, **kwargs: Any) -> Listener:
+    return Listener(cfg, **kwargs)

@@ -1,0 +1,237 @@
+"""Stage 6 — event: turn a decoded change into the published event and its wire message.
+
+The event keeps the Go original's field names::
+
+    {"id", "schema", "table", "action", "data", "dataOld", "commitTime"}
+
+``id`` is deterministic: it is built from the slot name, the transaction's commit LSN and the
+change's ordinal in the transaction (counting every change, filtered or not), so a change replayed
+after a crash carries the id it had the first time and brokers can drop the duplicate.
+An unchanged TOASTed column is left out of ``data`` (or taken from ``dataOld`` when the table has
+REPLICA IDENTITY FULL) — it is never published as null.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import orjson
+
+from listener import metrics
+from listener.config import Config
+from listener.filter import TableFilter
+from listener.pgoutput import PG_EPOCH, UNCHANGED, Relation, Tuple
+from listener.publishers.base import Message
+from listener.types import Converter, TypeRegistry
+
+log = logging.getLogger("listener.event")
+
+
+def event_id(slot_hash: int, commit_lsn: int, ordinal: int) -> str:
+    """A UUID (version 8, RFC 9562) that packs a 32-bit slot hash, the 64-bit LSN and a 26-bit ordinal."""
+    lsn_hi = commit_lsn >> 48
+    lsn_mid = (commit_lsn >> 36) & 0xFFF
+    lsn_lo = (commit_lsn >> 22) & 0x3FFF
+    lsn_tail = commit_lsn & 0x3FFFFF
+    node = (lsn_tail << 26) | (ordinal & 0x3FFFFFF)
+    return f"{slot_hash:08x}-{lsn_hi:04x}-{0x8000 | lsn_mid:04x}-{0x8000 | lsn_lo:04x}-{node:012x}"
+
+
+def slot_hash(slot_name: str) -> int:
+    return zlib.crc32(slot_name.encode())
+
+
+def commit_time_text(micros: int) -> str:
+    """Protocol commit timestamp -> RFC 3339 UTC with microseconds (``2026-01-02T03:04:05.123456Z``)."""
+    moment = PG_EPOCH + timedelta(microseconds=micros)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond:06d}Z"
+
+
+@dataclass(slots=True)
+class RelationInfo:
+    """Everything the hot path needs about one table, computed once per Relation message."""
+
+    oid: int
+    schema: str
+    table: str
+    names: tuple[str, ...]
+    converters: tuple[Converter | None, ...]
+    key_index: tuple[int, ...]  # columns of the message key (replica identity or messageKeyFrom)
+    identity_index: tuple[int, ...]  # the replica identity's columns (an old 'K' tuple holds only these)
+    full_identity: bool
+    actions: frozenset[str]
+    subject: str
+
+
+@dataclass(slots=True)
+class Transaction:
+    """The transaction being read: its identity in the WAL and how many changes it had so far."""
+
+    final_lsn: int
+    commit_time: str
+    ordinal: int = 0
+
+
+class EventBuilder:
+    """Builds :class:`Message` objects from decoded changes, applying the filter and topic naming."""
+
+    def __init__(self, cfg: Config, registry: TypeRegistry, *, needs_key: bool) -> None:
+        self._slot_hash = slot_hash(cfg.listener.slot_name)
+        self._filter = TableFilter(cfg.listener.filter)
+        self._topics_map = cfg.listener.topics_map
+        self._topic = cfg.publisher.topic
+        self._prefix = cfg.publisher.topic_prefix
+        self._key_from = cfg.publisher.message_key_from
+        self._needs_key = needs_key
+        self._registry = registry
+        self.relations: dict[int, RelationInfo] = {}
+        self._bad_columns: set[tuple[str, str]] = set()
+
+    def subject(self, schema: str, table: str) -> str:
+        name = f"{schema}_{table}"
+        return f"{self._topic}.{self._prefix}{self._topics_map.get(name, name)}"
+
+    def add_relation(self, rel: Relation) -> RelationInfo:
+        names = tuple(c.name for c in rel.columns)
+        identity_index = tuple(i for i, c in enumerate(rel.columns) if c.is_key)
+        if self._key_from and self._key_from in names:
+            key_index: tuple[int, ...] = (names.index(self._key_from),)
+        else:
+            key_index = identity_index
+        info = RelationInfo(
+            oid=rel.oid,
+            schema=rel.schema,
+            table=rel.name,
+            names=names,
+            converters=tuple(self._registry.converter(c.type_oid) for c in rel.columns),
+            key_index=key_index,
+            identity_index=identity_index,
+            full_identity=rel.replica_identity == "f",
+            actions=self._filter.actions(rel.schema, rel.name),
+            subject=self.subject(rel.schema, rel.name),
+        )
+        self.relations[rel.oid] = info
+        return info
+
+    # -- rows -------------------------------------------------------------------------------------
+
+    def row(self, info: RelationInfo, values: Tuple) -> dict[str, Any]:
+        """Column name -> converted value; unchanged TOAST columns are left out."""
+        out: dict[str, Any] = {}
+        try:
+            for name, conv, value in zip(info.names, info.converters, values, strict=False):
+                if value is None:
+                    out[name] = None
+                elif value is UNCHANGED:
+                    continue
+                elif conv is None:
+                    out[name] = value
+                else:
+                    out[name] = conv(value)  # type: ignore[arg-type]
+            return out
+        except Exception:
+            return self._row_checked(info, values)
+
+    def _row_checked(self, info: RelationInfo, values: Tuple) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, conv, value in zip(info.names, info.converters, values, strict=False):
+            if value is UNCHANGED:
+                continue
+            if value is None or conv is None:
+                out[name] = value
+                continue
+            try:
+                out[name] = conv(value)  # type: ignore[arg-type]
+            except Exception as exc:
+                out[name] = value  # its text form: never a made-up value
+                metrics.CONVERSION_ERRORS.labels(info.table, name).inc()
+                if (info.table, name) not in self._bad_columns:
+                    self._bad_columns.add((info.table, name))
+                    log.warning(
+                        "value published as text: it could not be converted",
+                        extra={"fields": {"schema": info.schema, "table": info.table, "column": name,
+                                          "error": str(exc)}},
+                    )
+        return out
+
+    def old_row(self, info: RelationInfo, values: Tuple, kind: str | None) -> dict[str, Any]:
+        """The old row: all of it for REPLICA IDENTITY FULL ('O'), else only the identity columns ('K')."""
+        if kind == "O":
+            return self.row(info, values)
+        row = self.row(info, values)
+        return {info.names[i]: row[info.names[i]] for i in info.identity_index if info.names[i] in row}
+
+    def _key(self, info: RelationInfo, primary: Tuple, fallback: Tuple | None) -> bytes | None:
+        if not info.key_index:
+            return None
+        parts = []
+        for i in info.key_index:
+            value = primary[i] if i < len(primary) else None
+            if (value is None or value is UNCHANGED) and fallback is not None and i < len(fallback):
+                value = fallback[i]
+            parts.append(value if isinstance(value, str) else None)
+        if len(parts) == 1:
+            return parts[0].encode() if parts[0] is not None else None
+        return orjson.dumps(parts)
+
+    # -- changes -> messages ----------------------------------------------------------------------
+
+    def _message(
+        self, info: RelationInfo, txn: Transaction, action: str, data: dict[str, Any],
+        old: dict[str, Any], key: bytes | None,
+    ) -> Message:
+        ident = event_id(self._slot_hash, txn.final_lsn, txn.ordinal)
+        body = orjson.dumps(
+            {"id": ident, "schema": info.schema, "table": info.table, "action": action, "data": data,
+             "dataOld": old, "commitTime": txn.commit_time}
+        )
+        return Message(ident, info.subject, body, info.schema, info.table, action, key)
+
+    def skipped(self, info: RelationInfo) -> None:
+        metrics.FILTER_SKIPPED.labels(info.table).inc()
+
+    def insert(self, info: RelationInfo, txn: Transaction, new: Tuple) -> Message | None:
+        txn.ordinal += 1
+        if "INSERT" not in info.actions:
+            self.skipped(info)
+            return None
+        key = self._key(info, new, None) if self._needs_key else None
+        return self._message(info, txn, "INSERT", self.row(info, new), {}, key)
+
+    def update(
+        self, info: RelationInfo, txn: Transaction, old: Tuple | None, old_kind: str | None, new: Tuple
+    ) -> Message | None:
+        txn.ordinal += 1
+        if "UPDATE" not in info.actions:
+            self.skipped(info)
+            return None
+        data = self.row(info, new)
+        data_old = self.old_row(info, old, old_kind) if old is not None else {}
+        if len(data) < len(info.names) and old is not None:
+            # unchanged TOAST values: fill from the old row when it is complete (REPLICA IDENTITY FULL)
+            for i, value in enumerate(new):
+                if value is UNCHANGED:
+                    name = info.names[i]
+                    if name in data_old:
+                        data[name] = data_old[name]
+        key = self._key(info, new, old) if self._needs_key else None
+        return self._message(info, txn, "UPDATE", data, data_old, key)
+
+    def delete(self, info: RelationInfo, txn: Transaction, old: Tuple, old_kind: str) -> Message | None:
+        txn.ordinal += 1
+        if "DELETE" not in info.actions:
+            self.skipped(info)
+            return None
+        key = self._key(info, old, None) if self._needs_key else None
+        return self._message(info, txn, "DELETE", {}, self.old_row(info, old, old_kind), key)
+
+    def truncate(self, info: RelationInfo, txn: Transaction) -> Message | None:
+        txn.ordinal += 1
+        if "TRUNCATE" not in info.actions:
+            self.skipped(info)
+            return None
+        return self._message(info, txn, "TRUNCATE", {}, {}, None)

@@ -1,0 +1,359 @@
+"""Stage 2 — replication: the publication, the slot, the stream and the LSN feedback.
+
+:class:`Database` runs the SQL side over a normal psycopg connection: checks ``wal_level``, creates
+the publication (FOR ALL TABLES, only when missing) and the pgoutput slot, reads slot health, and
+looks up user-defined types. :class:`ReplicationStream` owns a ``replication=database`` connection,
+issues ``START_REPLICATION`` and speaks the streaming protocol through psycopg's ``pgconn`` copy-both
+calls: XLogData and keepalives in, standby status updates (the confirmed flush LSN) out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import pq, sql
+
+from listener.config import Config
+from listener.errors import DatabaseError, FatalDatabaseError, SlotInUseError, SlotLostError
+from listener.pgoutput import PG_EPOCH, format_lsn, parse_lsn
+from listener.types import PG_TYPE_QUERY, PgType, TypeRegistry
+
+log = logging.getLogger("listener.replication")
+
+# values in the wire form listener.types expects (see its docstring)
+SESSION_OPTIONS = (
+    "-c DateStyle=ISO -c TimeZone=UTC -c IntervalStyle=iso_8601 -c bytea_output=hex -c extra_float_digits=3"
+)
+
+_XLOG_HEADER = struct.Struct(">QQq")  # wal start, wal end, send time
+_KEEPALIVE = struct.Struct(">QqB")  # wal end, send time, reply requested
+_STATUS = struct.Struct(">cQQQqB")  # 'r', write, flush, apply, client time, reply requested
+
+_UNIX_TO_PG = (PG_EPOCH.timestamp()) * 1_000_000
+
+
+def pg_now() -> int:
+    """Microseconds since 2000-01-01 (the protocol's clock)."""
+    return int(time.time() * 1_000_000 - _UNIX_TO_PG)
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    diag = getattr(exc, "diag", None)
+    return getattr(diag, "sqlstate", None)
+
+
+def describe_pg_error(exc: BaseException) -> str:
+    """One line for a psycopg error, without the connection string (it may hold a password)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class SlotState:
+    name: str
+    plugin: str | None
+    database: str | None
+    active: bool
+    active_pid: int | None
+    confirmed_flush_lsn: int
+    restart_lsn: int
+    wal_status: str | None
+    safe_wal_size: int | None
+    current_lsn: int
+
+
+class Database:
+    """The SQL side: setup checks, publication, slot, type lookups, slot health."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+
+    async def connect(self) -> None:
+        try:
+            self._conn = await psycopg.AsyncConnection.connect(
+                self.cfg.database.conninfo(application_name="wal-listener-sql"), autocommit=True
+            )
+        except psycopg.OperationalError as exc:
+            db = self.cfg.database
+            raise DatabaseError(
+                f"postgres: cannot connect to {db.host}:{db.port}/{db.name} as {db.user}: {describe_pg_error(exc)}"
+            ) from None
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+    @property
+    def conn(self) -> psycopg.AsyncConnection[Any]:
+        if self._conn is None or self._conn.closed:
+            raise DatabaseError("postgres: the SQL connection is closed")
+        return self._conn
+
+    async def _one(self, query: str | sql.Composable, params: Any = None) -> Any:
+        async with self.conn.cursor() as cur:
+            await cur.execute(query, params)  # type: ignore[arg-type]
+            return await cur.fetchone()
+
+    async def check_server(self) -> None:
+        row = await self._one("SHOW wal_level")
+        if row[0] != "logical":
+            raise FatalDatabaseError(
+                f"postgres: wal_level is {row[0]!r}; set wal_level = logical in postgresql.conf "
+                "(with max_replication_slots >= 1 and max_wal_senders >= 1) and restart PostgreSQL"
+            )
+
+    async def ensure_publication(self) -> None:
+        name = self.cfg.listener.publication_name
+        row = await self._one("SELECT puballtables FROM pg_catalog.pg_publication WHERE pubname = %s", (name,))
+        if row is not None:
+            return
+        try:
+            await self.conn.execute(
+                sql.SQL("CREATE PUBLICATION {} FOR ALL TABLES").format(sql.Identifier(name))
+            )
+        except psycopg.errors.DuplicateObject:
+            return
+        except psycopg.errors.InsufficientPrivilege:
+            raise FatalDatabaseError(
+                f"postgres: user {self.cfg.database.user!r} may not create publication {name!r} FOR ALL TABLES; "
+                f"create it as a superuser (CREATE PUBLICATION \"{name}\" FOR ALL TABLES) or grant the right"
+            ) from None
+        log.info("created publication", extra={"fields": {"publication": name}})
+
+    async def slot(self) -> SlotState | None:
+        row = await self._one(
+            "SELECT slot_name, plugin, database, active, active_pid, confirmed_flush_lsn::text,"
+            " restart_lsn::text, wal_status, safe_wal_size, pg_current_wal_lsn()::text"
+            " FROM pg_catalog.pg_replication_slots WHERE slot_name = %s",
+            (self.cfg.listener.slot_name,),
+        )
+        if row is None:
+            return None
+        return SlotState(
+            name=row[0], plugin=row[1], database=row[2], active=row[3], active_pid=row[4],
+            confirmed_flush_lsn=parse_lsn(row[5]) if row[5] else 0,
+            restart_lsn=parse_lsn(row[6]) if row[6] else 0,
+            wal_status=row[7], safe_wal_size=row[8], current_lsn=parse_lsn(row[9]),
+        )
+
+    async def ensure_slot(self) -> SlotState:
+        name = self.cfg.listener.slot_name
+        state = await self.slot()
+        if state is None:
+            try:
+                await self.conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (name,))
+            except psycopg.errors.DuplicateObject:
+                pass
+            except psycopg.errors.ObjectNotInPrerequisiteState as exc:
+                raise FatalDatabaseError(f"postgres: cannot create slot {name!r}: {describe_pg_error(exc)}") from None
+            except psycopg.errors.ConfigurationLimitExceeded:
+                raise FatalDatabaseError(
+                    f"postgres: cannot create slot {name!r}: all replication slots are in use; "
+                    "raise max_replication_slots in postgresql.conf or drop an unused slot"
+                ) from None
+            log.info("created replication slot", extra={"fields": {"slot": name, "plugin": "pgoutput"}})
+            state = await self.slot()
+            assert state is not None
+        if state.plugin != "pgoutput":
+            raise FatalDatabaseError(
+                f"postgres: slot {name!r} uses plugin {state.plugin!r}, not pgoutput; "
+                "drop it or choose another listener.slotName"
+            )
+        if state.database != self.cfg.database.name:
+            raise FatalDatabaseError(
+                f"postgres: slot {name!r} belongs to database {state.database!r}, not {self.cfg.database.name!r}; "
+                "choose another listener.slotName"
+            )
+        if state.wal_status == "lost":
+            raise SlotLostError(
+                f"postgres: slot {name!r} is invalidated (wal_status = lost): the WAL it needed was removed "
+                "(max_slot_wal_keep_size) and changes were lost; drop the slot and re-snapshot"
+            )
+        return state
+
+    async def load_types(self, registry: TypeRegistry, oids: list[int]) -> None:
+        """Describe user-defined types (and the types they are built on) to the registry."""
+        todo = registry.missing(oids)
+        while todo:
+            async with self.conn.cursor() as cur:
+                await cur.execute(PG_TYPE_QUERY, (todo,))
+                rows = await cur.fetchall()
+            found = set()
+            for oid, kind, base, elem, category, delim in rows:
+                registry.add(PgType(int(oid), kind, int(base), int(elem), category, delim))
+                found.add(int(oid))
+            for oid in todo:
+                if oid not in found:  # dropped meanwhile: its text form
+                    registry.add(PgType(oid, "b", 0, 0, "U", ","))
+            nested = [int(r[2]) for r in rows if int(r[2])] + [int(r[3]) for r in rows if int(r[3])]
+            todo = registry.missing(nested)
+
+    async def advance_slot(self, lsn: int) -> None:
+        """Confirm ``lsn`` without a stream (the slot must be inactive)."""
+        await self.conn.execute(
+            "SELECT pg_replication_slot_advance(%s, %s::pg_lsn)", (self.cfg.listener.slot_name, format_lsn(lsn))
+        )
+
+    async def emit_heartbeat(self) -> None:
+        await self.conn.execute("SELECT pg_logical_emit_message(false, 'wal-listener-heartbeat', '')")
+
+
+class ReplicationStream:
+    """One ``START_REPLICATION`` session over a replication connection."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self.pgconn: pq.abc.PGconn | None = None
+        self.received_lsn = 0  # the highest WAL end seen in XLogData or keepalives
+        self.last_status = 0.0
+        self._readable: asyncio.Future[None] | None = None
+        self._status_event = asyncio.Event()
+
+    async def connect(self) -> None:
+        db = self.cfg.database
+        try:
+            self._conn = await psycopg.AsyncConnection.connect(
+                db.conninfo(replication="database", options=SESSION_OPTIONS), autocommit=True
+            )
+        except psycopg.OperationalError as exc:
+            raise DatabaseError(
+                f"postgres: cannot open a replication connection to {db.host}:{db.port}/{db.name} as {db.user}: "
+                f"{describe_pg_error(exc)}"
+            ) from None
+        self.pgconn = self._conn.pgconn
+
+    async def start(self, start_lsn: int) -> None:
+        assert self.pgconn is not None
+        pgconn = self.pgconn
+        slot = self.cfg.listener.slot_name
+        publication = self.cfg.listener.publication_name.replace('"', '""')
+        command = (
+            f'START_REPLICATION SLOT "{slot}" LOGICAL {format_lsn(start_lsn)} '
+            f"(proto_version '1', publication_names '\"{publication}\"', messages 'true')"
+        )
+        pgconn.send_query(command.encode())
+        while True:
+            pgconn.consume_input()
+            if not pgconn.is_busy():
+                break
+            await self.wait_readable()
+        result = pgconn.get_result()
+        if result is None or result.status != pq.ExecStatus.COPY_BOTH:
+            message = result.get_error_message() if result is not None else pgconn.get_error_message()
+            message = message.strip().removeprefix("ERROR:").strip()
+            state = result.error_field(pq.DiagnosticField.SQLSTATE) if result is not None else None
+            if state == b"55006":  # object_in_use
+                raise SlotInUseError(f"postgres: slot {slot!r} is in use by another process: {message}")
+            if state == b"42704" and "publication" in message:
+                raise FatalDatabaseError(
+                    f"postgres: {message}; the publication was dropped — restart the listener to re-create it "
+                    "or create it yourself"
+                )
+            if state == b"42704":
+                raise SlotLostError(f"postgres: {message}; the slot was dropped while the listener ran")
+            if state == b"55000" and "invalidated" in message:
+                raise SlotLostError(f"postgres: {message}")
+            raise DatabaseError(f"postgres: START_REPLICATION failed: {message}")
+        pgconn.nonblocking = 1
+        log.info("streaming", extra={"fields": {"slot": slot, "from_lsn": format_lsn(start_lsn)}})
+
+    async def wait_readable(self) -> None:
+        assert self.pgconn is not None
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        fd = self.pgconn.socket
+
+        def ready() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        self._readable = fut
+        loop.add_reader(fd, ready)
+        try:
+            await fut
+        finally:
+            loop.remove_reader(fd)
+            self._readable = None
+
+    def wake(self) -> None:
+        """Make a pending :meth:`wait_readable` return (used on stop)."""
+        if self._readable is not None and not self._readable.done():
+            self._readable.set_result(None)
+
+    def wake_status(self) -> None:
+        """Ask the feedback task to send a status update soon (the confirmable LSN moved)."""
+        self._status_event.set()
+
+    async def status_wanted(self, timeout: float) -> None:
+        """Wait until :meth:`wake_status` was called or ``timeout`` passed."""
+        try:
+            await asyncio.wait_for(self._status_event.wait(), timeout)
+        except TimeoutError:
+            pass
+        self._status_event.clear()
+
+    def read(self) -> tuple[int, memoryview]:
+        """One copy-data message without blocking: (0, _) when nothing is buffered, (-1, _) at the end."""
+        assert self.pgconn is not None
+        return self.pgconn.get_copy_data(1)
+
+    def fill(self) -> None:
+        """Move what the socket has into libpq's buffer (after :meth:`wait_readable`)."""
+        assert self.pgconn is not None
+        try:
+            self.pgconn.consume_input()
+        except psycopg.OperationalError as exc:
+            raise DatabaseError(f"postgres: replication connection lost: {describe_pg_error(exc)}") from None
+
+    def stream_error(self) -> DatabaseError:
+        assert self.pgconn is not None
+        result = self.pgconn.get_result()
+        message = (result.get_error_message() if result is not None else self.pgconn.get_error_message()).strip()
+        message = message.removeprefix("ERROR:").strip() or "the server ended the stream"
+        if "invalidated" in message or "does not exist" in message:
+            return SlotLostError(f"postgres: {message}")
+        return DatabaseError(f"postgres: replication stream ended: {message}")
+
+    def send_status(self, flush_lsn: int, *, reply: bool = False) -> None:
+        """Standby status update: everything up to ``flush_lsn`` is delivered and may be released."""
+        assert self.pgconn is not None
+        write = max(self.received_lsn, flush_lsn)
+        message = _STATUS.pack(b"r", write, flush_lsn, flush_lsn, pg_now(), 1 if reply else 0)
+        try:
+            queued = self.pgconn.put_copy_data(message)
+            self.pgconn.flush()
+        except psycopg.Error as exc:
+            raise DatabaseError(f"postgres: status update failed: {describe_pg_error(exc)}") from None
+        if queued != 1:
+            raise DatabaseError("postgres: could not queue a status update on the replication connection")
+        self.last_status = time.monotonic()
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            try:
+                await self._conn.close()
+            except Exception:
+                pass
+            self._conn = None
+            self.pgconn = None
+
+
+def parse_xlogdata(data: memoryview) -> tuple[int, int, bytes]:
+    """``w`` message: (wal start, wal end, pgoutput payload)."""
+    start, end, _ = _XLOG_HEADER.unpack_from(data, 1)
+    return start, end, bytes(data[25:])
+
+
+def parse_keepalive(data: memoryview) -> tuple[int, bool]:
+    """``k`` message: (server WAL end, reply requested)."""
+    end, _, reply = _KEEPALIVE.unpack_from(data, 1)
+    return end, bool(reply)
