@@ -238,6 +238,7 @@ class Listener:
         try:
             stream.send_status(lsn, reply=reply)
         except DatabaseError:
+            stream.wake()  # the reader finds out what happened to the connection
             return
         self._sent_lsn = max(self._sent_lsn, lsn)
         metrics.CONFIRMED_LSN.set(lsn)
@@ -346,13 +347,16 @@ class Listener:
                 await stream.wait_readable()
                 stream.fill()
                 continue
-            raise stream.stream_error()
+            raise await stream.stream_error()
 
     async def _relation(self, rel: pgoutput.Relation, db: Database) -> None:
         oids = [c.type_oid for c in rel.columns]
         if self.registry.missing(oids):
             await db.load_types(self.registry, oids)
-        self.builder.add_relation(rel)
+        primary_key: tuple[str, ...] = ()
+        if rel.replica_identity == "f" and self.publisher.needs_key:
+            primary_key = await db.primary_key(rel.oid)
+        self.builder.add_relation(rel, primary_key)
 
 
 def run_listener(cfg: Config, **kwargs: Any) -> Listener:

@@ -148,6 +148,12 @@ class ListenerConfig(_Model):
             raise ValueError("must be 1-63 characters of lower-case letters, digits and underscores")
         return value
 
+    @model_validator(mode="after")
+    def _dead_letter_needed(self) -> ListenerConfig:
+        if self.on_error == "skip" and not self.dead_letter_topic:
+            raise ValueError("listener.deadLetterTopic is required when listener.onError is skip")
+        return self
+
     @field_validator("refresh_connection", "heartbeat_interval", "ack_timeout")
     @classmethod
     def _positive(cls, value: timedelta) -> timedelta:
@@ -233,7 +239,8 @@ class PublisherConfig(_Model):
     @model_validator(mode="after")
     def _check_broker(self) -> PublisherConfig:
         if self.type is PublisherType.GOOGLE_PUBSUB and not self.pub_sub_project_id:
-            raise ValueError("publisher.pubSubProjectID is required when publisher.type is google_pubsub")
+            raise ValueError("publisher.pubSubProjectID is required when publisher.type is google_pubsub; "
+                             "set it to your Google Cloud project id")
         return self
 
 
@@ -357,7 +364,8 @@ def _env_value(text: str, path: tuple[str, ...]) -> Any:
         try:
             return yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config: {ENV_PREFIX}{'_'.join(path).upper()} is not valid YAML: {exc}") from None
+            problem = getattr(exc, "problem", None) or "malformed YAML"
+            raise ConfigError(f"config: {ENV_PREFIX}{'_'.join(path).upper()} is not valid YAML: {problem}") from None
     return text
 
 
@@ -378,10 +386,16 @@ def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any
     return data
 
 
+def _mask(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: ("***" if _norm(str(k)) in {_norm(s) for s in SECRET_KEYS} else _mask(v)) for k, v in value.items()}
+    return value
+
+
 def _describe(value: Any, key: str) -> str:
-    if key.split(".")[-1] in SECRET_KEYS:
+    if _norm(key.split(".")[-1]) in {_norm(s) for s in SECRET_KEYS}:
         return "'***'"
-    text = repr(value)
+    text = repr(_mask(value))
     return text if len(text) <= 80 else text[:77] + "...'"
 
 
@@ -393,6 +407,8 @@ def _format_error(exc: ValidationError) -> str:
     etype = err["type"]
     if etype == "missing":
         return f"config: {key} is required but missing; set it in the file or as {env_names(tuple(loc))[0]}"
+    if etype == "value_error" and msg.startswith(("listener.", "database.", "publisher.", "logger.", "monitoring.")):
+        return f"config: {msg}"  # a rule over several keys; the message names them
     value = _describe(err.get("input"), key)
     if etype in ("enum", "literal_error"):
         expected = err.get("ctx", {}).get("expected", "")

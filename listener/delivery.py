@@ -77,7 +77,7 @@ class Delivery:
         self.confirmed_lsn = 0
         self.confirmed_commit_time = 0.0
         self.in_flight = 0
-        self.failing = False  # True while some event is being retried
+        self._retrying = 0  # batches with events being retried
         self._open = Batch()
         self._pending: deque[Batch] = deque()  # sealed, in order, not yet retired
         self._queue: asyncio.Queue[Batch] = asyncio.Queue()
@@ -149,6 +149,11 @@ class Delivery:
             self._advance(lsn, 0.0)
 
     @property
+    def failing(self) -> bool:
+        """True while some event is not acknowledged and being retried."""
+        return self._retrying > 0
+
+    @property
     def idle(self) -> bool:
         return not self._pending and not self._open.messages
 
@@ -205,7 +210,8 @@ class Delivery:
                 self._space.set()
             if not failed:
                 break
-            self.failing = True
+            if not backoff.attempt:
+                self._retrying += 1
             delay = backoff.next()
             first = next(r for r in results if r is not None)
             level = logging.ERROR if isinstance(first, PermanentPublishError) else logging.WARNING
@@ -219,8 +225,8 @@ class Delivery:
             messages = failed
             acks = await self._send(messages)
         if backoff.attempt:
+            self._retrying -= 1
             log.info("publish recovered", extra={"fields": {"attempts": backoff.attempt + 1}})
-            self.failing = False
         batch.done = True
         self._retire()
 
@@ -251,7 +257,6 @@ class Delivery:
                 advanced = True
         if not self._pending:
             self._settled.set()
-            self.failing = False
         metrics.IN_FLIGHT.set(self.in_flight)
         if advanced and self.on_confirmable is not None:
             self.on_confirmable()

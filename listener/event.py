@@ -95,11 +95,15 @@ class EventBuilder:
         name = f"{schema}_{table}"
         return f"{self._topic}.{self._prefix}{self._topics_map.get(name, name)}"
 
-    def add_relation(self, rel: Relation) -> RelationInfo:
+    def add_relation(self, rel: Relation, primary_key: tuple[str, ...] = ()) -> RelationInfo:
+        """Register a table. ``primary_key`` keys messages of REPLICA IDENTITY FULL tables, where every
+        column is flagged as identity and the whole row would otherwise be the key."""
         names = tuple(c.name for c in rel.columns)
         identity_index = tuple(i for i, c in enumerate(rel.columns) if c.is_key)
         if self._key_from and self._key_from in names:
             key_index: tuple[int, ...] = (names.index(self._key_from),)
+        elif rel.replica_identity == "f" and primary_key and all(n in names for n in primary_key):
+            key_index = tuple(names.index(n) for n in primary_key)
         else:
             key_index = identity_index
         info = RelationInfo(

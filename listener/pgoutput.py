@@ -168,8 +168,11 @@ def decode_tuple(buf: bytes, pos: int) -> tuple[Tuple, int]:
         if kind == 0x74:  # 't' text
             (length,) = _I32(buf, pos)
             pos += 4
-            append(buf[pos : pos + length].decode())
-            pos += length
+            end = pos + length
+            if end > len(buf) or length < 0:
+                raise DecodeError(f"pgoutput: column value of {length} bytes runs past the message end")
+            append(buf[pos:end].decode())
+            pos = end
         elif kind == 0x6E:  # 'n' null
             append(None)
         elif kind == 0x75:  # 'u' unchanged TOAST
@@ -177,8 +180,11 @@ def decode_tuple(buf: bytes, pos: int) -> tuple[Tuple, int]:
         elif kind == 0x62:  # 'b' binary
             (length,) = _I32(buf, pos)
             pos += 4
-            append(bytes(buf[pos : pos + length]))
-            pos += length
+            end = pos + length
+            if end > len(buf) or length < 0:
+                raise DecodeError(f"pgoutput: column value of {length} bytes runs past the message end")
+            append(bytes(buf[pos:end]))
+            pos = end
         else:
             raise DecodeError(f"pgoutput: unknown tuple column kind {kind!r} at byte {pos - 1}")
     return values, pos

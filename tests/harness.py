@@ -1,0 +1,235 @@
+"""Helpers for end-to-end tests: configs, the listener in-process or as a real process, consumers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import nats
+import orjson
+import psycopg
+import yaml
+from nats.js.api import DeliverPolicy
+
+from listener.app import Listener
+from listener.config import Config
+from listener.metrics import REGISTRY
+from listener.pgoutput import parse_lsn
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:8]}"
+
+
+def config_dict(pg_port: int, db: str, publisher: dict[str, Any], **listener: Any) -> dict[str, Any]:
+    slot = listener.pop("slotName", unique("slot"))
+    return {
+        "listener": {
+            "slotName": slot,
+            "serverPort": 0,
+            "heartbeatInterval": "1s",
+            "refreshConnection": "2s",
+            "ackTimeout": "3s",
+            **listener,
+        },
+        "database": {"host": "127.0.0.1", "port": pg_port, "name": db, "user": "postgres"},
+        "publisher": publisher,
+        "logger": {"level": "info", "fmt": "json"},
+        "monitoring": {"promAddr": ""},
+    }
+
+
+def nats_config(pg_port: int, db: str, nats_url: str, topic: str | None = None, **listener: Any) -> dict[str, Any]:
+    return config_dict(pg_port, db, {"type": "nats", "address": nats_url, "topic": topic or unique("t")}, **listener)
+
+
+async def wait_until(
+    predicate: Callable[[], Awaitable[bool] | bool], timeout: float = 30.0, what: str = "condition"
+) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def running(cfg: dict[str, Any] | Config) -> AsyncIterator[Listener]:
+    """The listener in this process, streaming; stopped (drained) on exit."""
+    config = cfg if isinstance(cfg, Config) else Config.model_validate(cfg)
+    listener = Listener(config)
+    task = asyncio.create_task(listener.run())
+
+    def streaming() -> bool:
+        if task.done():
+            task.result()
+            raise AssertionError("listener exited early")
+        return listener.health.postgres and listener.publisher.ready
+
+    try:
+        await wait_until(streaming, 30, "the listener to stream")
+        yield listener
+    finally:
+        listener.stop()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, 60)
+
+
+async def sql(dsn: str, *statements: str | tuple[str, Any]) -> None:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        for st in statements:
+            if isinstance(st, tuple):
+                await conn.execute(st[0], st[1])
+            else:
+                await conn.execute(st)
+
+
+async def query(dsn: str, text: str, params: Any = None) -> list[tuple[Any, ...]]:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        cur = await conn.execute(text, params)
+        return await cur.fetchall()
+
+
+async def confirmed_lsn(dsn: str, slot: str) -> int:
+    rows = await query(dsn, "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s", (slot,))
+    return parse_lsn(rows[0][0]) if rows and rows[0][0] else 0
+
+
+async def current_lsn(dsn: str) -> int:
+    rows = await query(dsn, "SELECT pg_current_wal_lsn()::text")
+    return parse_lsn(rows[0][0])
+
+
+class Received:
+    """An event as a consumer sees it."""
+
+    def __init__(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
+        self.subject = subject
+        self.raw = data
+        self.event: dict[str, Any] = orjson.loads(data)
+        self.headers = headers or {}
+
+    @property
+    def id(self) -> str:
+        return str(self.event["id"])
+
+    def __repr__(self) -> str:
+        return f"Received({self.subject}, {self.event})"
+
+
+async def read_stream(
+    nats_url: str, stream: str, count: int, timeout: float = 30.0, subject: str | None = None, rest: bool = True
+) -> list[Received]:
+    """Every message stored in JetStream ``stream`` (in stream order), waiting until ``count`` are there."""
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        deadline = time.monotonic() + timeout
+        while True:  # the listener creates the stream when it starts
+            try:
+                sub = await js.subscribe(subject or f"{stream}.>", ordered_consumer=True,
+                                         deliver_policy=DeliverPolicy.ALL)
+                break
+            except nats.js.errors.NotFoundError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+        out: list[Received] = []
+        while len(out) < count:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                msg = await sub.next_msg(timeout=min(left, 1.0))
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            out.append(Received(msg.subject, msg.data, msg.headers))
+        # anything beyond count (duplicates) that is already there
+        with contextlib.suppress(TimeoutError, nats.errors.TimeoutError):
+            while rest:
+                msg = await sub.next_msg(timeout=0.3)
+                out.append(Received(msg.subject, msg.data, msg.headers))
+        return out
+    finally:
+        await nc.close()
+
+
+def metric(name: str, labels: dict[str, str] | None = None) -> float:
+    return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+
+class ListenerProcess:
+    """``wal-listener --config FILE`` as a real process (for kill -9, signals, exit codes)."""
+
+    def __init__(self, cfg: dict[str, Any], workdir: Path, env: dict[str, str] | None = None) -> None:
+        self.cfg = cfg
+        self.path = workdir / f"config-{uuid.uuid4().hex[:6]}.yml"
+        self.path.write_text(yaml.safe_dump(cfg))
+        self.log = workdir / f"listener-{uuid.uuid4().hex[:6]}.log"
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ListenerProcess:
+        self._fh = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "listener.cli", "--config", str(self.path)],
+            stdout=self._fh,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=REPO,
+        )
+        return self
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def terminate(self, timeout: float = 60) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def logs(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.output().splitlines():
+            with contextlib.suppress(orjson.JSONDecodeError):
+                out.append(orjson.loads(line))
+        return out
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
+
+def run_cli(
+    args: list[str], env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "listener.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=REPO,
+    )

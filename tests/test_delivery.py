@@ -1,0 +1,597 @@
+"""The delivery state machine: batches, acknowledgements, retries, backpressure, the confirmable LSN.
+
+The publisher here is a small in-memory stand-in that records what it was handed and acknowledges
+(or fails) each message as the test scripts it; it is a unit test of :class:`Delivery`, not of a
+broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+
+import orjson
+import pytest
+
+from listener import metrics
+from listener.config import PublisherConfig
+from listener.delivery import Delivery
+from listener.errors import PermanentPublishError, PublishError
+from listener.publishers.base import AckResults, Message, Publisher
+
+RETRY_CAP = 0.05  # seconds: the backoff between retries stays tiny
+
+
+class FakePublisher(Publisher):
+    """Acks every message unless scripted otherwise; can hold acks until the test releases them."""
+
+    def __init__(self, *, hold: bool = False) -> None:
+        super().__init__(PublisherConfig(type="nats", address="fake:1", topic="t"))
+        self.hold = hold
+        self.sends: list[list[Message]] = []  # every send call, in call order
+        self.held: list[tuple[asyncio.Future[AckResults], AckResults]] = []  # held sends, by send index
+        self.outcomes: dict[str, list[BaseException | None]] = {}  # per message id, one per attempt
+        self._changed = asyncio.Event()
+
+    def script(self, message_id: str, *outcomes: BaseException | None) -> None:
+        """Outcomes of the next attempts at ``message_id`` (afterwards: acked)."""
+        self.outcomes[message_id] = list(outcomes)
+
+    async def connect(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    async def send(self, batch: Sequence[Message]) -> Awaitable[AckResults]:
+        messages = list(batch)
+        self.sends.append(messages)
+        results: AckResults = []
+        for message in messages:
+            queue = self.outcomes.get(message.id)
+            results.append(queue.pop(0) if queue else None)
+        future: asyncio.Future[AckResults] = asyncio.get_running_loop().create_future()
+        if self.hold:
+            self.held.append((future, results))
+        else:
+            future.set_result(results)
+        self._changed.set()
+        return future
+
+    def release(self, index: int) -> None:
+        """Deliver the scripted acknowledgements of held send number ``index``."""
+        future, results = self.held[index]
+        future.set_result(results)
+
+    def sent_ids(self, subject: str | None = None) -> list[str]:
+        return [m.id for batch in self.sends for m in batch if subject is None or m.subject == subject]
+
+    async def wait_sends(self, count: int) -> None:
+        async with asyncio.timeout(5):
+            while len(self.sends) < count:
+                self._changed.clear()
+                await self._changed.wait()
+
+
+def msg(ident: str, table: str = "users") -> Message:
+    return Message(ident, f"wal.public_{table}", orjson.dumps({"id": ident}), "public", table, "INSERT", None)
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Let the event loop run (yielding, no timed sleeps) until ``condition`` holds."""
+    for _ in range(10_000):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    pytest.fail("condition never became true")
+
+
+async def settle() -> None:
+    """Give the delivery tasks a bounded number of loop turns to process what is ready."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+def counter(name: str, labels: dict[str, str]) -> float:
+    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+Factory = Callable[..., Delivery]
+
+
+@pytest.fixture
+async def make_delivery() -> AsyncIterator[Factory]:
+    created: list[Delivery] = []
+
+    def make(publisher: Publisher, **kwargs: object) -> Delivery:
+        options: dict[str, object] = {"max_in_flight": 100, "batch_size": 10, "retry_cap": RETRY_CAP}
+        options.update(kwargs)
+        delivery = Delivery(publisher, **options)  # type: ignore[arg-type]
+        delivery.start()
+        created.append(delivery)
+        return delivery
+
+    yield make
+    for delivery in created:
+        await delivery.close()
+
+
+async def drained(delivery: Delivery) -> None:
+    async with asyncio.timeout(5):
+        await delivery.drain()
+
+
+# -- confirmation ---------------------------------------------------------------------------------------------
+
+
+async def test_confirms_a_transaction_after_all_its_events_are_acked(make_delivery: Factory) -> None:
+    pub = FakePublisher(hold=True)
+    d = make_delivery(pub)
+    d.add(msg("a"))
+    d.add(msg("b"))
+    d.commit(100, 1.0)
+    d.seal()
+    await pub.wait_sends(1)
+    await settle()
+    assert d.confirmed_lsn == 0
+    assert d.in_flight == 2
+    pub.release(0)
+    await drained(d)
+    assert d.confirmed_lsn == 100
+    assert d.in_flight == 0
+    assert d.idle
+
+
+async def test_never_confirms_past_a_failed_event(make_delivery: Factory) -> None:
+    pub = FakePublisher()
+    pub.script("b", PublishError("nope"), PublishError("still no"))
+    d = make_delivery(pub, batch_size=2)
+    d.add(msg("a"))
+    d.add(msg("b"))  # seals batch 1
+    d.commit(100, 1.0)
+    d.add(msg("c"))
+    d.commit(200, 2.0)
+    d.seal()
+    await pub.wait_sends(2)
+    await settle()
+    assert d.confirmed_lsn == 0  # "c" is acked, but "b" of the earlier batch is not
+    await drained(d)
+    assert d.confirmed_lsn == 200
+    assert pub.sent_ids() == ["a", "b", "c", "b", "b"]
+
+
+async def test_failed_event_is_retried_as_the_same_message(make_delivery: Factory) -> None:
+    pub = FakePublisher()
+    pub.script("x", PublishError("timeout"), PublishError("timeout"))
+    d = make_delivery(pub)
+    first = msg("x")
+    d.add(msg("w"))
+    d.add(first)
+    d.add(msg("y"))
+    d.commit(50, 1.0)
+    before = counter("publish_errors_total", {"reason": "PublishError"})
+    await drained(d)
+    assert d.confirmed_lsn == 50
+    assert pub.sends[0] == [pub.sends[0][0], first, pub.sends[0][2]]
+    assert pub.sends[1] == [first] and pub.sends[2] == [first]  # only the failed one, same object, same id
+    assert all(m is first for m in pub.sends[1] + pub.sends[2])
+    assert counter("publish_errors_total", {"reason": "PublishError"}) == before + 2
+    assert not d.failing
+
+
+async def test_send_that_raises_counts_as_all_failed_and_is_retried(make_delivery: Factory) -> None:
+    class Flaky(FakePublisher):
+        calls = 0
+
+        async def send(self, batch: Sequence[Message]) -> Awaitable[AckResults]:
+            self.calls += 1
+            if self.calls == 1:
+                raise PublishError("connection lost")
+            return await super().send(batch)
+
+    pub = Flaky()
+    d = make_delivery(pub)
+    d.add(msg("a"))
+    d.add(msg("b"))
+    d.commit(10, 1.0)
+    await drained(d)
+    assert d.confirmed_lsn == 10
+    assert pub.sent_ids() == ["a", "b"]
+
+
+async def test_out_of_order_acks_still_confirm_in_order(make_delivery: Factory) -> None:
+    pub = FakePublisher(hold=True)
+    confirmations: list[int] = []
+    d = make_delivery(pub, on_confirmable=lambda: confirmations.append(d.confirmed_lsn))
+    d.add(msg("t1"))
+    d.commit(100, 1.0)
+    d.seal()
+    d.add(msg("t2"))
+    d.commit(200, 2.0)
+    d.seal()
+    d.add(msg("t3"))
+    d.commit(300, 3.0)
+    d.seal()
+    await pub.wait_sends(3)
+    pub.release(2)
+    pub.release(1)
+    await until(lambda: d.in_flight == 1)
+    assert d.confirmed_lsn == 0  # batches 2 and 3 are acked, batch 1 is not
+    pub.release(0)
+    await drained(d)
+    assert d.confirmed_lsn == 300
+    assert d.confirmed_commit_time == 3.0
+    assert confirmations == [300]
+
+
+async def test_partial_out_of_order_confirms_up_to_the_gap(make_delivery: Factory) -> None:
+    pub = FakePublisher(hold=True)
+    d = make_delivery(pub)
+    for n, lsn in (("a", 100), ("b", 200), ("c", 300)):
+        d.add(msg(n))
+        d.commit(lsn, lsn / 100)
+        d.seal()
+    await pub.wait_sends(3)
+    pub.release(0)
+    pub.release(2)
+    await until(lambda: d.in_flight == 1)
+    assert d.confirmed_lsn == 100
+    pub.release(1)
+    await drained(d)
+    assert d.confirmed_lsn == 300
+
+
+async def test_transaction_spanning_batches_confirms_only_when_all_are_acked(make_delivery: Factory) -> None:
+    pub = FakePublisher(hold=True)
+    d = make_delivery(pub, batch_size=2)
+    for i in range(5):
+        d.add(msg(f"e{i}"))
+    d.commit(500, 5.0)
+    d.seal()
+    await pub.wait_sends(3)
+    assert [len(b) for b in pub.sends] == [2, 2, 1]
+    pub.release(2)
+    pub.release(0)
+    await until(lambda: d.in_flight == 2)
+    assert d.confirmed_lsn == 0
+    pub.release(1)
+    await drained(d)
+    assert d.confirmed_lsn == 500
+
+
+# -- empty transactions and idle confirmation -----------------------------------------------------------------
+
+
+async def test_empty_transaction_confirms_immediately_when_nothing_is_in_flight(make_delivery: Factory) -> None:
+    pub = FakePublisher()
+    confirmations: list[int] = []
+    d = make_delivery(pub, on_confirmable=lambda: confirmations.append(d.confirmed_lsn))
+    d.commit(700, 7.0)
+    d.seal()
+    assert d.confirmed_lsn == 700
+    assert confirmations == [700]
+    assert pub.sends == []
+
+
+async def test_empty_transaction_waits_behind_earlier_in_flight_batches(make_delivery: Factory) -> None:
+    pub = FakePublisher(hold=True)
+    d = make_delivery(pub)
+    d.add(msg("a"))
+    d.commit(100, 1.0)
+    d.seal()
+    d.commit(150, 1.5)  # a transaction whose changes were all filtered out
+    d.seal()
+    await pub.wait_sends(1)
+    await settle()
+    assert d.confirmed_lsn == 0
+    pub.release(0)
+    await drained(d)
+    assert d.confirmed_lsn == 150
+    assert len(pub.sends) == 1  # nothing was sent for the empty transaction
+
+
+async def test_seal_without_events_or_commit_does_nothing(make_delivery: Factory) -> None:
+    pub = FakePublisher()
+    d = make_delivery(pub)
+    d.seal()
+    await drained(d)
+    assert d.confirmed_lsn == 0
+    assert pub.sends == []
+
+
+async def test_idle_confirm_advances_when_idle(make_delivery: Factory) -> None:
+    pub = FakePublisher()
+    d = make_delivery(pub)
+    d.idle_confirm(1000)
+    assert d.confirmed_lsn == 1000
+    d.idle_confirm(900)  # never backwards
+    assert d.confirmed_lsn == 1000
+
+
+async def test_idle_confirm_does_nothing_while_events_are_in_flight(make_delivery: Factory) -> None:
+    pub = FakePublisher(hold=True)
+    d = make_delivery(pub)
+    d.add(msg("a"))
+    d.commit(100, 1.0)
+    d.seal()
+    await pub.wait_sends(1)
+    assert not d.idle
+    d.idle_confirm(5000)
+    assert d.confirmed_lsn == 0
+    pub.release(0)
+    await drained(d)
+    assert d.confirmed_lsn == 100
+    d.idle_confirm(5000)
+    assert d.confirmed_lsn == 5000
+
+
+async def test_idle_confirm_does_nothing_with_an_open_batch(make_delivery: Factory) -> None:
+    pub = FakePublisher()
+    d = make_delivery(pub)
+    d.add(msg("a"))  # read but not yet sealed
+    d.idle_confirm(5000)
+    assert d.confirmed_lsn == 0
+    d.commit(100, 1.0)
+    await drained(d)
+    assert d.confirmed_lsn == 100
+
+
+# -- backpressure ------------------------------------------------------------------------------------------------
+
+
+async def test_full_at_max_in_flight_and_wait_for_space_returns_after_acks(make_delivery: Factory) -> None:
+    pub = FakePublisher(hold=True)
+    d = make_delivery(pub, max_in_flight=3, batch_size=100)
+    stop = asyncio.Event()
+    d.add(msg("a"))
+    d.add(msg("b"))
+    assert not d.full
+    d.add(msg("c"))
+    assert d.full
+    waiter = asyncio.create_task(d.wait_for_space(stop))
+    await pub.wait_sends(1)  # wait_for_space sealed the open batch so it can be acked
+    await settle()
+    assert not waiter.done()
+    pub.release(0)
+    async with asyncio.timeout(5):
+        await waiter
+    assert not d.full
+    assert d.in_flight == 0
+
+
+async def test_wait_for_space_returns_when_stopped(make_delivery: Factory) -> None:
+    pub = FakePublisher(hold=True)
+    d = make_delivery(pub, max_in_flight=1)
+    stop = asyncio.Event()
+    d.add(msg("a"))
+    assert d.full
+    waiter = asyncio.create_task(d.wait_for_space(stop))
+    await pub.wait_sends(1)
+    await settle()
+    assert not waiter.done()
+    stop.set()
+    async with asyncio.timeout(5):
+        await waiter
+    assert d.full  # stopping does not pretend there is room
+    pub.release(0)
+    await drained(d)
+
+
+async def test_wait_for_space_with_stop_already_set_returns_at_once(make_delivery: Factory) -> None:
+    pub = FakePublisher(hold=True)
+    d = make_delivery(pub, max_in_flight=1)
+    d.add(msg("a"))
+    stop = asyncio.Event()
+    stop.set()
+    async with asyncio.timeout(5):
+        await d.wait_for_space(stop)
+    assert d.full
+    await pub.wait_sends(1)
+    pub.release(0)
+    await drained(d)
+
+
+async def test_partial_ack_frees_room(make_delivery: Factory) -> None:
+    pub = FakePublisher(hold=True)
+    d = make_delivery(pub, max_in_flight=4, batch_size=2)
+    for i in range(4):
+        d.add(msg(f"m{i}"))
+    assert d.full
+    waiter = asyncio.create_task(d.wait_for_space(asyncio.Event()))
+    await pub.wait_sends(2)
+    pub.release(1)  # the second batch frees two slots
+    async with asyncio.timeout(5):
+        await waiter
+    assert d.in_flight == 2
+    assert not d.full
+    pub.release(0)
+    await drained(d)
+
+
+async def test_in_flight_counts_failed_events_until_they_are_acked(make_delivery: Factory) -> None:
+    pub = FakePublisher()
+    pub.script("b", PublishError("no"))
+    d = make_delivery(pub, max_in_flight=2, batch_size=2)
+    d.add(msg("a"))
+    d.add(msg("b"))
+    assert d.full
+    await until(lambda: d.in_flight == 1)  # "a" acked, "b" waiting for its retry
+    assert not d.full
+    await drained(d)
+    assert d.in_flight == 0
+
+
+# -- draining, batching, order ------------------------------------------------------------------------------------
+
+
+async def test_drain_waits_for_every_batch(make_delivery: Factory) -> None:
+    pub = FakePublisher(hold=True)
+    d = make_delivery(pub, batch_size=1)
+    for i in range(3):
+        d.add(msg(f"m{i}"))
+    d.commit(300, 3.0)
+    drain = asyncio.create_task(d.drain())
+    await pub.wait_sends(3)
+    pub.release(0)
+    pub.release(2)
+    await settle()
+    assert not drain.done()
+    pub.release(1)
+    async with asyncio.timeout(5):
+        await drain
+    assert d.confirmed_lsn == 300
+    assert d.idle
+
+
+async def test_drain_with_nothing_to_do_returns(make_delivery: Factory) -> None:
+    d = make_delivery(FakePublisher())
+    await drained(d)
+    assert d.idle
+
+
+async def test_batch_size_splits_batches(make_delivery: Factory) -> None:
+    pub = FakePublisher()
+    d = make_delivery(pub, batch_size=3)
+    for i in range(8):
+        d.add(msg(f"m{i}"))
+    d.commit(80, 8.0)
+    await drained(d)
+    assert [len(b) for b in pub.sends] == [3, 3, 2]
+    assert d.confirmed_lsn == 80
+
+
+async def test_sending_order_equals_add_order(make_delivery: Factory) -> None:
+    pub = FakePublisher()
+    d = make_delivery(pub, batch_size=7)
+    expected = [f"m{i:03d}" for i in range(100)]
+    for i, ident in enumerate(expected):
+        d.add(msg(ident))
+        if i % 13 == 12:
+            d.commit(i + 1, float(i))
+            d.seal()
+    d.commit(1000, 100.0)
+    await drained(d)
+    assert pub.sent_ids() == expected
+    assert d.confirmed_lsn == 1000
+
+
+async def test_published_events_metric_counts_acks(make_delivery: Factory) -> None:
+    pub = FakePublisher()
+    pub.script("p2", PublishError("once"))
+    d = make_delivery(pub)
+    labels = {"subject": "wal.public_metric_tbl", "table": "metric_tbl"}
+    before = counter("published_events_total", labels)
+    d.add(msg("p1", table="metric_tbl"))
+    d.add(msg("p2", table="metric_tbl"))
+    d.commit(1, 1.0)
+    await drained(d)
+    assert counter("published_events_total", labels) == before + 2
+
+
+# -- permanent errors: dead letter or halt ---------------------------------------------------------------------------
+
+
+async def test_permanent_error_with_skip_goes_to_the_dead_letter_subject(make_delivery: Factory) -> None:
+    pub = FakePublisher()
+    pub.script("big", PermanentPublishError("message too large"))
+    d = make_delivery(pub, on_error="skip", dead_letter_subject="wal.dead_letter")
+    before = counter("dead_lettered_events_total", {"table": "dlq_tbl"})
+    original = msg("big", table="dlq_tbl")
+    d.add(msg("ok1", table="dlq_tbl"))
+    d.add(original)
+    d.add(msg("ok2", table="dlq_tbl"))
+    d.commit(400, 4.0)
+    await drained(d)
+    assert d.confirmed_lsn == 400
+    assert counter("dead_lettered_events_total", {"table": "dlq_tbl"}) == before + 1
+    assert pub.sent_ids() == ["ok1", "big", "ok2", "big"]  # the original is not retried
+    letter = pub.sends[-1][0]
+    assert letter.subject == "wal.dead_letter"
+    assert letter.id == "big"
+    assert letter.table == "dlq_tbl"
+    content = orjson.loads(letter.body)
+    assert content["subject"] == original.subject
+    assert content["event"] == orjson.loads(original.body)
+    assert "message too large" in content["error"]
+
+
+async def test_dead_letter_failure_retries_the_original(make_delivery: Factory) -> None:
+    class DeadLetterDown(FakePublisher):
+        refused = 0
+
+        async def send(self, batch: Sequence[Message]) -> Awaitable[AckResults]:
+            if batch[0].subject == "wal.dead_letter" and self.refused == 0:
+                self.refused += 1
+                raise PublishError("dead-letter topic unavailable")
+            return await super().send(batch)
+
+    pub = DeadLetterDown()
+    pub.script("big", PermanentPublishError("too large"), PermanentPublishError("too large"))
+    d = make_delivery(pub, on_error="skip", dead_letter_subject="wal.dead_letter")
+    d.add(msg("big", table="dlq2_tbl"))
+    d.commit(10, 1.0)
+    before = counter("dead_lettered_events_total", {"table": "dlq2_tbl"})
+    await drained(d)
+    assert d.confirmed_lsn == 10
+    assert counter("dead_lettered_events_total", {"table": "dlq2_tbl"}) == before + 1
+    assert pub.sent_ids() == ["big", "big", "big"]  # original, original again, then its dead letter
+    assert pub.sends[-1][0].subject == "wal.dead_letter"
+
+
+async def test_permanent_error_with_halt_is_retried_until_acked(make_delivery: Factory) -> None:
+    pub = FakePublisher()
+    pub.script("big", PermanentPublishError("rejected"), PermanentPublishError("rejected"))
+    d = make_delivery(pub, on_error="halt", dead_letter_subject="wal.dead_letter")
+    before = counter("dead_lettered_events_total", {"table": "halt_tbl"})
+    d.add(msg("big", table="halt_tbl"))
+    d.commit(20, 2.0)
+    d.seal()
+    await pub.wait_sends(1)
+    await settle()
+    assert d.confirmed_lsn == 0
+    await drained(d)
+    assert d.confirmed_lsn == 20
+    assert pub.sent_ids() == ["big", "big", "big"]
+    assert pub.sent_ids("wal.dead_letter") == []
+    assert counter("dead_lettered_events_total", {"table": "halt_tbl"}) == before
+
+
+async def test_failing_flag_while_retrying(make_delivery: Factory) -> None:
+    pub = FakePublisher()
+    pub.script("r", PublishError("1"), PublishError("2"), PublishError("3"))
+    d = make_delivery(pub)
+    d.add(msg("r"))
+    d.commit(5, 1.0)
+    d.seal()
+    await pub.wait_sends(2)
+    assert d.failing
+    await drained(d)
+    assert not d.failing
+    assert d.confirmed_lsn == 5
+
+
+async def test_failing_stays_true_while_another_batch_is_still_retrying(make_delivery: Factory) -> None:
+    pub = FakePublisher(hold=True)
+    pub.script("a", PublishError("a1"))
+    pub.script("b", PublishError("b1"))
+    d = make_delivery(pub, batch_size=1)
+    d.add(msg("a"))
+    d.add(msg("b"))
+    d.commit(10, 1.0)
+    await pub.wait_sends(2)
+    pub.release(0)
+    pub.release(1)
+    await pub.wait_sends(4)  # both are being retried
+    assert d.failing
+    retry_of_a = next(i for i, batch in enumerate(pub.sends) if i >= 2 and batch[0].id == "a")
+    retry_of_b = 5 - retry_of_a
+    pub.release(retry_of_a)
+    await until(lambda: d.in_flight == 1)
+    assert d.failing  # "b" has not been acknowledged yet
+    pub.release(retry_of_b)
+    await drained(d)
+    assert not d.failing
