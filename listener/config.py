@@ -275,9 +275,12 @@ class Config(_Model):
     logger: LoggerConfig = Field(default_factory=LoggerConfig)
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
 
-    def to_yaml_dict(self, *, include_secrets: bool = False) -> dict[str, Any]:
-        """The config as the file would write it (camelCase keys); secrets are left out unless asked."""
-        data = self.model_dump(mode="json", by_alias=True)
+    def to_yaml_dict(self, *, include_secrets: bool = False, only_set: bool = False) -> dict[str, Any]:
+        """The config as the file would write it (camelCase keys); secrets are left out unless asked.
+        ``only_set`` leaves out keys that have their default value."""
+        data = self.model_dump(mode="json", by_alias=True, exclude_defaults=only_set)
+        for section in ("database", "publisher", "monitoring"):
+            data.setdefault(section, {})
         if include_secrets:
             data["database"]["password"] = self.database.password.get_secret_value()
             data["publisher"]["password"] = self.publisher.password.get_secret_value()
@@ -286,6 +289,8 @@ class Config(_Model):
             data["database"].pop("password", None)
             data["publisher"].pop("password", None)
             data["monitoring"].pop("sentryDSN", None)
+        if only_set:
+            data = {k: v for k, v in data.items() if v}
         return data
 
 

@@ -43,7 +43,7 @@ async def _demo(pg_port: int, nats_url: str, changes: int) -> int:
 
     cfg = demo_config(pg_port, nats_url)
     _say("config (the embedded default; the same keys go in config.yml):")
-    print(yaml.safe_dump(cfg.to_yaml_dict(), sort_keys=False), flush=True)
+    print(yaml.safe_dump(cfg.to_yaml_dict(only_set=True), sort_keys=False), flush=True)
     dsn = cfg.database.conninfo()
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         await conn.execute(

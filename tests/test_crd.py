@@ -1,0 +1,294 @@
+"""The WalListener CRD: generated from the spec model, structural, valid, its CEL rules, the examples."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import celpy
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from wal_operator.crd import VALIDATIONS, build_crd, crd_yaml
+from wal_operator.spec import KIND, SpecError, parse_spec
+
+from listener.config import env_names
+
+REPO = Path(__file__).resolve().parent.parent
+CRD_FILE = REPO / "crds" / "walListener.yaml"
+CHART_CRD = REPO / "charts" / "wal-listener-operator" / "crds" / "walListener.yaml"
+EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+K8S_VERSION = "1.30.0"
+
+
+def _schema() -> dict[str, Any]:
+    schema: dict[str, Any] = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    return schema
+
+
+def _walk(node: Any, path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    if isinstance(node, dict):
+        yield path, node
+        for key, sub in node.get("properties", {}).items():
+            yield from _walk(sub, f"{path}.{key}")
+        if isinstance(node.get("items"), dict):
+            yield from _walk(node["items"], f"{path}[]")
+        if isinstance(node.get("additionalProperties"), dict):
+            yield from _walk(node["additionalProperties"], f"{path}{{}}")
+
+
+def _to_jsonschema(node: Any) -> Any:
+    """OpenAPI v3 (structural) -> JSON Schema, enough to validate resources as the API server would."""
+    if isinstance(node, list):
+        return [_to_jsonschema(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _to_jsonschema(v) for k, v in node.items() if not k.startswith("x-kubernetes")}
+    if node.get("x-kubernetes-int-or-string"):
+        out["type"] = ["integer", "string"]
+    if out.get("type") == "object" and "properties" in out and not node.get("x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False  # the API server prunes (and warns about) unknown fields
+    return out
+
+
+def _documents(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def _listeners() -> list[tuple[str, dict[str, Any]]]:
+    return [(f"{p.name}:{d['metadata']['name']}", d) for p in EXAMPLES for d in _documents(p) if d["kind"] == KIND]
+
+
+# -- the file, the chart's copy, validity -----------------------------------------------------------
+
+
+def test_crd_file_is_generated_from_the_model() -> None:
+    assert CRD_FILE.read_text() == crd_yaml(), "run: wal-operator crd > crds/walListener.yaml"
+
+
+def test_chart_ships_the_same_crd() -> None:
+    assert CHART_CRD.read_text() == CRD_FILE.read_text(), "copy crds/walListener.yaml into the chart's crds/"
+
+
+def test_crd_is_a_valid_kubernetes_object() -> None:
+    kubernetes_validate.validate(yaml.safe_load(CRD_FILE.read_text()), K8S_VERSION, strict=True)
+
+
+def test_schema_is_structural() -> None:
+    for path, node in _walk(_schema()):
+        assert "$ref" not in node and "anyOf" not in node and "oneOf" not in node, path
+        typed = (
+            "type" in node or node.get("x-kubernetes-int-or-string") or node.get("x-kubernetes-preserve-unknown-fields")
+        )
+        assert typed, f"{path} has no type"
+        assert not ("properties" in node and "additionalProperties" in node), path
+        if "default" in node:
+            jsonschema.validate(node["default"], _to_jsonschema({k: v for k, v in node.items() if k != "default"}))
+
+
+def test_crd_has_what_kubectl_shows() -> None:
+    crd = build_crd()
+    names = crd["spec"]["names"]
+    assert names["kind"] == "WalListener" and "wl" in names["shortNames"]
+    version = crd["spec"]["versions"][0]
+    assert version["subresources"] == {"status": {}}
+    columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
+    assert {"Broker", "Slot", "Ready", "Lag", "Age"} <= set(columns)
+    assert columns["Ready"] == '.status.conditions[?(@.type=="Ready")].status'
+
+
+def test_no_secret_can_be_written_inline() -> None:
+    spec = _schema()["properties"]["spec"]["properties"]
+    assert "password" not in spec["database"]["properties"]
+    assert "passwordSecretRef" in spec["database"]["properties"]
+    assert "sentryDSN" not in spec["monitoring"]["properties"]
+    for broker in ("nats", "kafka", "rabbitmq"):
+        assert "password" not in spec["publisher"]["properties"][broker]["properties"]
+
+
+def test_listener_settings_come_from_the_listener_model() -> None:
+    """spec.listener has every key of the listener's config section, with the listener's defaults."""
+    from listener.config import ListenerConfig
+
+    props = _schema()["properties"]["spec"]["properties"]["listener"]["properties"]
+    aliases = {f.alias or n for n, f in ListenerConfig.model_fields.items()}
+    assert set(props) == aliases
+    assert props["serverPort"]["default"] == ListenerConfig.model_fields["server_port"].default
+
+
+# -- examples ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("label", "resource"), _listeners(), ids=[label for label, _ in _listeners()])
+def test_examples_are_valid(label: str, resource: dict[str, Any]) -> None:
+    jsonschema.validate(resource, _to_jsonschema(_schema()))
+    parse_spec(resource["spec"])
+    for rule_path, rules in VALIDATIONS.items():
+        node = _at(resource, rule_path)
+        if node is None:
+            continue
+        for rule in rules:
+            assert _cel(rule["rule"], node, node), f"{label}: {rule_path}: {rule['message']}"
+
+
+def test_every_example_file_is_covered() -> None:
+    assert len(EXAMPLES) >= 3
+    assert {d["spec"]["publisher"]["type"] for _, d in _listeners()} == {"nats", "kafka", "rabbitmq", "google_pubsub"}
+
+
+def test_schema_rejects_bad_resources() -> None:
+    schema = _to_jsonschema(_schema())
+    good = _listeners()[0][1]
+    for mutate in (
+        lambda r: r["spec"]["database"].update(password="inline"),
+        lambda r: r["spec"]["publisher"].update(type="redis"),
+        lambda r: r["spec"].update(reclaimPolicy="Keep"),
+        lambda r: r["spec"]["listener"].update(filter={"tables": {"users": ["upsert"]}}),
+        lambda r: r["spec"]["listener"].update(serverPort=70000),
+        lambda r: r["spec"].pop("database"),
+    ):
+        bad = copy.deepcopy(good)
+        mutate(bad)
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+
+
+# -- CEL --------------------------------------------------------------------------------------------
+
+
+def _at(resource: dict[str, Any], path: str) -> Any:
+    node: Any = resource
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _cel(rule: str, value: Any, old: Any) -> bool:
+    env = celpy.Environment()
+    program = env.program(env.compile(rule))
+    activation = {"self": celpy.json_to_cel(value), "oldSelf": celpy.json_to_cel(old)}
+    return bool(program.evaluate(activation))
+
+
+def _rule(path: str) -> str:
+    return VALIDATIONS[path][0]["rule"]
+
+
+@pytest.mark.parametrize("field", ["slotName", "publicationName"])
+def test_cel_names_are_immutable(field: str) -> None:
+    rule = _rule(f"spec.listener.{field}")
+    assert _cel(rule, "orders", "orders")
+    assert not _cel(rule, "orders_v2", "orders")
+
+
+@pytest.mark.parametrize(
+    ("publisher", "ok"),
+    [
+        ({"type": "nats", "nats": {"address": "n:4222"}}, True),
+        ({"type": "kafka", "kafka": {"address": "k:9092"}}, True),
+        ({"type": "rabbitmq", "rabbitmq": {"address": "amqp://r"}}, True),
+        ({"type": "google_pubsub", "googlePubSub": {"pubSubProjectID": "p"}}, True),
+        ({"type": "kafka", "nats": {"address": "n:4222"}}, False),  # block does not match the type
+        ({"type": "nats"}, False),  # no block
+        ({"type": "nats", "nats": {"address": "n"}, "kafka": {"address": "k"}}, False),  # two blocks
+        ({"type": "google_pubsub", "nats": {"address": "n"}}, False),
+    ],
+)
+def test_cel_exactly_one_broker_block(publisher: dict[str, Any], ok: bool) -> None:
+    value = {"topic": "t", **publisher}
+    assert _cel(_rule("spec.publisher"), value, value) is ok
+    # the operator's model agrees with the CEL rule
+    spec = {
+        "listener": {"slotName": "s"},
+        "database": {"name": "d", "user": "u"},
+        "publisher": value,
+    }
+    if ok:
+        parse_spec(spec)
+    else:
+        with pytest.raises(SpecError):
+            parse_spec(spec)
+
+
+@pytest.mark.parametrize(
+    ("database", "ok"),
+    [
+        ({"user": "u"}, True),
+        ({"userSecretRef": {"name": "s", "key": "k"}}, True),
+        ({"user": "", "userSecretRef": {"name": "s", "key": "k"}}, True),
+        ({"user": "u", "userSecretRef": {"name": "s", "key": "k"}}, False),
+        ({}, False),
+    ],
+)
+def test_cel_user_or_user_secret(database: dict[str, Any], ok: bool) -> None:
+    value = {"name": "d", **database}
+    assert _cel(_rule("spec.database"), value, value) is ok
+
+
+# -- spec model details -----------------------------------------------------------------------------
+
+
+def test_secrets_become_wal_env_from_secret_refs() -> None:
+    resource = dict(_listeners())["nats.yaml:shop-orders"]
+    spec = parse_spec(resource["spec"])
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in spec.env()}
+    assert env == {
+        env_names(("database", "password"))[0]: {"name": "shop-db", "key": "password"},
+        env_names(("database", "user"))[0]: {"name": "shop-db", "key": "username"},
+    }
+    file = spec.config_file()
+    assert "user" not in file["database"] and "password" not in file["database"]
+
+
+def test_google_credentials_are_mounted() -> None:
+    from wal_operator.render import Owner, deployment
+
+    spec = parse_spec(dict(_listeners())["google-pubsub.yaml:events-to-pubsub"]["spec"])
+    dep = deployment(spec, Owner("events", "ns", "uid-1"), "img")
+    container = dep["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["GOOGLE_APPLICATION_CREDENTIALS"]["value"].endswith("/key.json")
+    assert env["WAL_MONITORING_SENTRYDSN"]["valueFrom"]["secretKeyRef"] == {"name": "sentry", "key": "dsn"}
+    assert any(v.get("secret", {}).get("secretName") == "pubsub-sa" for v in dep["spec"]["template"]["spec"]["volumes"])
+
+
+def test_rendered_children_are_valid_kubernetes_objects() -> None:
+    from wal_operator.render import Owner, configmap, deployment, service
+
+    for _label, resource in _listeners():
+        spec = parse_spec(resource["spec"])
+        owner = Owner(resource["metadata"]["name"], "ns", "0b5e-uid")
+        for obj in (configmap(spec, owner), deployment(spec, owner, "img:1"), service(spec, owner)):
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def test_spec_errors_name_the_key() -> None:
+    with pytest.raises(SpecError, match=r"spec\.listener\.slotName"):
+        parse_spec(
+            {
+                "listener": {"slotName": "Bad-Name"},
+                "database": {"name": "d", "user": "u"},
+                "publisher": {"type": "nats", "topic": "t", "nats": {"address": "n"}},
+            }
+        )
+    with pytest.raises(SpecError, match="passwordSecretRef"):
+        parse_spec(
+            {
+                "listener": {"slotName": "s"},
+                "database": {"name": "d", "user": "u", "password": "x"},
+                "publisher": {"type": "nats", "topic": "t", "nats": {"address": "n"}},
+            }
+        )
+    with pytest.raises(SpecError, match="pubSubProjectID"):  # the listener's own rule, via Config
+        parse_spec(
+            {
+                "listener": {"slotName": "s"},
+                "database": {"name": "d", "user": "u"},
+                "publisher": {"type": "google_pubsub", "topic": "t", "googlePubSub": {}},
+            }
+        )

@@ -1,0 +1,359 @@
+"""The whole operator (kopf, in-process) against kmock and a real PostgreSQL.
+
+One kmock + kopf per module; each test uses its own database, slot and resource names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import yaml
+from operator_fixtures import (
+    CONFIGMAPS,
+    DEPLOYMENTS,
+    SERVICES,
+    WL,
+    Cluster,
+    cluster,
+    listener_spec,
+)
+from wal_operator.render import CONFIG_HASH_ANNOTATION
+
+from listener.config import load_config
+from listener.sandbox import PostgresServer
+
+__all__ = ["cluster"]  # the fixture, imported for pytest
+
+pytestmark = [pytest.mark.service, pytest.mark.asyncio(loop_scope="session")]
+
+
+def _name(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+def _slot(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:6]}"
+
+
+def _q(pg: PostgresServer, db: str, text: str, params: Any = None) -> list[tuple[Any, ...]]:
+    with psycopg.connect(pg.dsn(db), autocommit=True) as conn:
+        cur = conn.execute(text, params)
+        return cur.fetchall() if cur.description else []
+
+
+@pytest.fixture
+def db_with_tables(pg: PostgresServer, fresh_db: str) -> str:
+    _q(pg, fresh_db, "CREATE TABLE public.users (id int PRIMARY KEY, name text)")
+    _q(pg, fresh_db, "CREATE TABLE public.orders (id int PRIMARY KEY, status text, total numeric)")
+    _q(pg, fresh_db, "CREATE SCHEMA shop")
+    _q(pg, fresh_db, "CREATE TABLE shop.users (id int PRIMARY KEY)")
+    return fresh_db
+
+
+@pytest.fixture(scope="module")
+async def _secret(cluster: Cluster) -> None:
+    await cluster.create_secret("pg-credentials", {"password": "not-needed-with-trust"})
+
+
+async def test_apply_provisions_database_and_children(
+    cluster: Cluster, _secret: None, pg: PostgresServer, db_with_tables: str, tmp_path: Path
+) -> None:
+    name, slot = _name("orders"), _slot("orders")
+    spec = listener_spec(
+        pg.port, db_with_tables, slot=slot, tables={"users": ["insert", "update"], "public.orders": ["insert"]}
+    )
+    spec["listener"]["topicsMap"] = {"public_users": "people"}
+    spec["monitoring"] = {"promAddr": ":9187", "sentryDSNSecretRef": {"name": "sentry", "key": "dsn"}}
+    spec["pod"] = {"image": "example/wal-listener:1.2", "nodeSelector": {"pool": "cdc"}}
+    await cluster.create_listener(name, spec)
+
+    await cluster.wait_condition(name, "SlotReady", "True")
+    await cluster.wait_condition(name, "DeploymentReady", "False", "PodNotReady")
+
+    # PostgreSQL: a pgoutput slot, a publication FOR TABLE derived from the filter (every schema's users)
+    slots = _q(pg, db_with_tables, "SELECT plugin, slot_type FROM pg_replication_slots WHERE slot_name = %s", (slot,))
+    assert slots == [("pgoutput", "logical")]
+    pub = spec["listener"]["publicationName"]
+    tables = _q(
+        pg,
+        db_with_tables,
+        "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s ORDER BY 1, 2",
+        (pub,),
+    )
+    assert tables == [("public", "orders"), ("public", "users"), ("shop", "users")]
+    flags = _q(
+        pg,
+        db_with_tables,
+        "SELECT pubinsert, pubupdate, pubdelete, pubtruncate FROM pg_publication WHERE pubname = %s",
+        (pub,),
+    )
+    assert flags == [(True, True, False, False)]  # only the actions the filter asks for
+
+    # ConfigMap: the listener's own config, no secrets, loadable by the listener
+    cm = cluster.child(CONFIGMAPS, name)
+    assert cm is not None
+    text = cm["data"]["config.yml"]
+    assert "password" not in text and "sentryDSN:" not in text
+    rendered = yaml.safe_load(text)
+    assert rendered["listener"]["slotName"] == slot
+    assert rendered["listener"]["topicsMap"] == {"public_users": "people"}
+    assert rendered["monitoring"]["promAddr"] == ":9187"
+
+    # Deployment: one replica, Recreate, hash annotation, probes, metrics port, secrets as WAL_* env
+    dep = cluster.child(DEPLOYMENTS, name)
+    assert dep is not None
+    assert dep["spec"]["replicas"] == 1
+    assert dep["spec"]["strategy"] == {"type": "Recreate"}
+    template = dep["spec"]["template"]
+    assert template["metadata"]["annotations"][CONFIG_HASH_ANNOTATION]
+    pod = template["spec"]
+    assert pod["nodeSelector"] == {"pool": "cdc"}
+    (container,) = pod["containers"]
+    assert container["image"] == "example/wal-listener:1.2"
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": 8080, "metrics": 9187}
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
+    assert env == {
+        "WAL_DATABASE_PASSWORD": {"name": "pg-credentials", "key": "password"},
+        "WAL_MONITORING_SENTRYDSN": {"name": "sentry", "key": "dsn"},
+    }
+    assert container["command"][-1] == "/etc/wal-listener/config.yml"
+
+    # the rendered file plus the pod's env is a config the listener accepts
+    cfg_path = tmp_path / f"{name}.yml"
+    cfg_path.write_text(text)
+    config = load_config(cfg_path, {"WAL_DATABASE_PASSWORD": "x", "WAL_MONITORING_SENTRYDSN": "https://k@s/1"})
+    assert config.listener.slot_name == slot
+    assert config.database.password.get_secret_value() == "x"
+
+    svc = cluster.child(SERVICES, name)
+    assert svc is not None
+    assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == {"http": 8080, "metrics": 9187}
+
+    # every child is owned by the resource
+    uid = cluster.listener(name)["metadata"]["uid"]
+    for child in (cm, dep, svc):
+        (ref,) = child["metadata"]["ownerReferences"]
+        assert ref["uid"] == uid and ref["kind"] == "WalListener" and ref["controller"] is True
+
+    # status: steps, slot state, observedGeneration; Ready once the pod is
+    status = cluster.status(name)
+    assert status["observedGeneration"] == 1
+    assert status["publication"]["tables"] == ["public.orders", "public.users", "shop.users"]
+    assert status["slot"]["name"] == slot and status["slot"]["exists"] is True
+    for step in ("SpecValid", "DatabaseReachable", "PublicationReady", "SlotReady"):
+        assert cluster.condition(name, step)["status"] == "True", step  # type: ignore[index]
+    ready = await cluster.wait_condition(name, "Ready", "False")
+    assert ready["reason"] == "PodNotReady"
+    await cluster.set_deployment_available(name)
+    await cluster.wait_condition(name, "Ready", "True", "ListenerRunning")
+    assert cluster.status(name)["phase"] == "Ready"
+
+
+async def test_spec_change_rolls_pod_and_alters_publication(
+    cluster: Cluster, _secret: None, pg: PostgresServer, db_with_tables: str
+) -> None:
+    name, slot = _name("roll"), _slot("roll")
+    await cluster.create_listener(name, listener_spec(pg.port, db_with_tables, slot=slot, tables={"users": ["insert"]}))
+    await cluster.wait_condition(name, "SlotReady", "True")
+    dep = cluster.child(DEPLOYMENTS, name)
+    assert dep is not None
+    first_hash = dep["spec"]["template"]["metadata"]["annotations"][CONFIG_HASH_ANNOTATION]
+
+    new_tables = {"users": None, "public.orders": ["insert", "delete"]}  # a merge patch, as kubectl sends
+    await cluster.update_spec(name, {"listener": {"filter": {"tables": new_tables}}, "logger": {"level": "debug"}})
+
+    def new_hash() -> str | None:
+        d = cluster.child(DEPLOYMENTS, name)
+        h = d["spec"]["template"]["metadata"]["annotations"][CONFIG_HASH_ANNOTATION] if d else None
+        return h if h != first_hash else None
+
+    await cluster.wait(new_hash, what="a new config hash in the pod template")
+    await cluster.wait(lambda: cluster.status(name).get("observedGeneration") == 2, what="observedGeneration 2")
+    cm = cluster.child(CONFIGMAPS, name)
+    assert cm is not None and "level: debug" in cm["data"]["config.yml"]
+    pub = f"pub_{slot}"
+    tables = _q(
+        pg, db_with_tables, "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s", (pub,)
+    )
+    assert tables == [("public", "orders")]
+    flags = _q(
+        pg, db_with_tables, "SELECT pubinsert, pubupdate, pubdelete FROM pg_publication WHERE pubname = %s", (pub,)
+    )
+    assert flags == [(True, False, True)]
+
+    # suspend scales to zero, keeps the slot
+    await cluster.update_spec(name, {"suspend": True})
+    await cluster.wait(lambda: cluster.child(DEPLOYMENTS, name)["spec"]["replicas"] == 0, what="replicas 0")
+    await cluster.wait_condition(name, "Ready", "False", "Suspended")
+    assert _q(pg, db_with_tables, "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (slot,)) == [(1,)]
+
+
+def _hold_slot(pg: PostgresServer, db: str, slot: str, pub: str) -> subprocess.Popen[bytes]:
+    """A logical-replication consumer on the slot (what the listener pod would be)."""
+    recv = pg.bin_dir / "pg_recvlogical"
+    return subprocess.Popen(
+        [
+            str(recv),
+            "-d",
+            pg.dsn(db),
+            "-S",
+            slot,
+            "--start",
+            "-f",
+            "/dev/null",
+            "-o",
+            "proto_version=1",
+            "-o",
+            f"publication_names={pub}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+@pytest.mark.parametrize("policy", ["Delete", "Retain"])
+async def test_delete_with_reclaim_policy(
+    cluster: Cluster, _secret: None, pg: PostgresServer, db_with_tables: str, policy: str
+) -> None:
+    name, slot = _name(f"del-{policy.lower()}"), _slot("del")
+    pub = f"pub_{slot}"
+    await cluster.create_listener(name, listener_spec(pg.port, db_with_tables, slot=slot, reclaimPolicy=policy))
+    await cluster.wait_condition(name, "SlotReady", "True")
+    assert cluster.status(name)["publication"] == {
+        "name": pub,
+        "allTables": True,
+        "tables": [],
+        "createdByOperator": True,
+    }
+
+    active = "SELECT active FROM pg_replication_slots WHERE slot_name = %s"
+    holder = _hold_slot(pg, db_with_tables, slot, pub)
+    try:
+        await cluster.wait(lambda: _q(pg, db_with_tables, active, (slot,)) == [(True,)], what="slot active")
+        await cluster.delete_listener(name)
+        await cluster.wait_gone(DEPLOYMENTS, f"{name}-wal-listener")
+        if policy == "Delete":
+            # the slot is still read by someone: the operator waits and says so
+            cond = await cluster.wait_condition(name, "SlotReady", "False", "Deleting")
+            assert "inactive" in cond["message"]
+            assert cluster.get(WL, name) is not None
+    finally:
+        holder.terminate()
+        holder.wait(10)
+    await cluster.wait_gone(WL, name)
+
+    slots = _q(pg, db_with_tables, "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (slot,))
+    pubs = _q(pg, db_with_tables, "SELECT 1 FROM pg_publication WHERE pubname = %s", (pub,))
+    if policy == "Delete":
+        assert slots == [] and pubs == []
+    else:
+        assert slots == [(1,)] and pubs == [(1,)]
+    assert cluster.child(CONFIGMAPS, name) is None and cluster.child(SERVICES, name) is None
+
+
+async def test_conflicting_claim_leaves_first_untouched(
+    cluster: Cluster, _secret: None, pg: PostgresServer, db_with_tables: str
+) -> None:
+    first, second, slot = _name("first"), _name("second"), _slot("shared")
+    await cluster.create_listener(
+        first, listener_spec(pg.port, db_with_tables, slot=slot, tables={"users": ["insert"]})
+    )
+    await cluster.wait_condition(first, "SlotReady", "True")
+    pub_before = _q(
+        pg,
+        db_with_tables,
+        "SELECT tablename FROM pg_publication_tables WHERE pubname = %s ORDER BY 1",
+        (f"pub_{slot}",),
+    )
+
+    spec2 = listener_spec(pg.port, db_with_tables, slot=slot, tables={"orders": ["delete"]}, reclaimPolicy="Delete")
+    await cluster.create_listener(second, spec2)
+    cond = await cluster.wait_condition(second, "Conflict", "True")
+    assert first in cond["message"] and slot in cond["message"]
+    ready = cluster.condition(second, "Ready")
+    assert ready is not None and ready["status"] == "False" and ready["reason"] == "Conflict"
+    assert cluster.child(DEPLOYMENTS, second) is None
+
+    # deleting the loser (even with reclaimPolicy Delete) does not touch the winner's slot/publication
+    await cluster.delete_listener(second)
+    await cluster.wait_gone(WL, second)
+    assert _q(pg, db_with_tables, "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (slot,)) == [(1,)]
+    pub_after = _q(
+        pg,
+        db_with_tables,
+        "SELECT tablename FROM pg_publication_tables WHERE pubname = %s ORDER BY 1",
+        (f"pub_{slot}",),
+    )
+    assert pub_after == pub_before
+    assert cluster.child(DEPLOYMENTS, first) is not None
+    assert cluster.condition(first, "Conflict")["status"] == "False"  # type: ignore[index]
+
+
+async def test_invalid_spec_is_permanent(cluster: Cluster, _secret: None, pg: PostgresServer, fresh_db: str) -> None:
+    name = _name("bad")
+    spec = listener_spec(pg.port, fresh_db, slot=_slot("bad"))
+    spec["publisher"] = {"type": "kafka", "topic": "t", "nats": {"address": "nats:4222"}}
+    await cluster.create_listener(name, spec)
+    cond = await cluster.wait_condition(name, "SpecValid", "False", "InvalidSpec")
+    assert "publisher.kafka" in cond["message"]
+    ready = cluster.condition(name, "Ready")
+    assert ready is not None and ready["status"] == "False" and ready["reason"] == "InvalidSpec"
+    assert cluster.child(DEPLOYMENTS, name) is None
+    # permanent: no retries (the slow retry is 2s in tests, the status timer skips invalid specs)
+    written = cluster.versions(WL, name)
+    await asyncio.sleep(3)
+    assert cluster.versions(WL, name) == written
+    assert cluster.condition(name, "SpecValid") == cond
+
+    # fixing the spec recovers
+    await cluster.update_spec(name, {"publisher": {"type": "nats", "nats": {"address": "nats:4222"}}})
+    await cluster.wait_condition(name, "SpecValid", "True")
+    await cluster.wait_condition(name, "SlotReady", "True")
+
+
+async def test_database_down_is_temporary_and_recovers(cluster: Cluster, _secret: None, make_pg: Any) -> None:
+    server: PostgresServer = make_pg()
+    server.create_database("app")
+    name, slot = _name("down"), _slot("down")
+    port = server.port
+    server.stop()
+    await cluster.create_listener(name, listener_spec(port, "app", slot=slot))
+    cond = await cluster.wait_condition(name, "DatabaseReachable", "False", "Unreachable")
+    assert f"127.0.0.1:{port}" in cond["message"] and "retrying" in cond["message"]
+    assert cluster.condition(name, "Ready")["reason"] == "Unreachable"  # type: ignore[index]
+
+    server.start()
+    await cluster.wait_condition(name, "SlotReady", "True", timeout=40)
+    assert cluster.condition(name, "DatabaseReachable")["status"] == "True"  # type: ignore[index]
+
+
+async def test_slot_lag_reaches_status_and_warns(
+    cluster: Cluster, _secret: None, pg: PostgresServer, db_with_tables: str
+) -> None:
+    name, slot = _name("lag"), _slot("lag")
+    spec = listener_spec(pg.port, db_with_tables, slot=slot, alerts={"retainedWalBytes": 1024})
+    await cluster.create_listener(name, spec)
+    await cluster.wait_condition(name, "SlotReady", "True")
+    _q(pg, db_with_tables, "INSERT INTO users SELECT g, repeat('x', 200) FROM generate_series(1, 2000) g")
+
+    def lagging() -> bool:
+        s = cluster.status(name).get("slot") or {}
+        return int(s.get("retainedWALBytes", 0)) > 1024 and int(s.get("lagBytes", 0)) > 0
+
+    await cluster.wait(lagging, what="slot lag in status")
+    slot_status = cluster.status(name)["slot"]
+    assert slot_status["walStatus"] in ("reserved", "extended")
+    assert slot_status["active"] is False
+    assert slot_status["lag"].endswith(("KiB", "MiB"))
+    events = await cluster.wait(lambda: cluster.events(name, "WALRetained"), what="a WALRetained event")
+    assert events[0]["type"] == "Warning"
+    assert slot in events[0]["message"]
