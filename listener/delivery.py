@@ -45,7 +45,7 @@ class Backoff:
         self.first, self.cap, self.attempt = first, cap, 0
 
     def next(self) -> float:
-        delay = min(self.cap, self.first * (2**self.attempt))
+        delay: float = min(self.cap, self.first * float(2**self.attempt))
         self.attempt += 1
         return delay * (0.5 + random.random() / 2)
 
