@@ -35,7 +35,7 @@ class _Unchanged:
 
 UNCHANGED: Final = _Unchanged()
 
-Value: TypeAlias = str | bytes | None | _Unchanged
+Value: TypeAlias = str | bytes | _Unchanged | None
 Tuple: TypeAlias = list[Value]
 
 PG_EPOCH: Final = datetime(2000, 1, 1, tzinfo=UTC)

@@ -82,7 +82,8 @@ def to_timestamp(text: str) -> str:
 
 def _utc_text(moment: datetime) -> str:
     micros = moment.microsecond
-    base = f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}T{moment.hour:02d}:{moment.minute:02d}:{moment.second:02d}"
+    base = (f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}"
+            f"T{moment.hour:02d}:{moment.minute:02d}:{moment.second:02d}")
     if micros:
         base += f".{micros:06d}".rstrip("0")
     return base + "Z"

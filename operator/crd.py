@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 from pydantic import TypeAdapter
+
+from listener.config import format_duration
 from wal_operator.spec import (
     API_GROUP,
     API_VERSION,
@@ -26,8 +28,6 @@ from wal_operator.spec import (
     SINGULAR,
     WalListenerSpec,
 )
-
-from listener.config import format_duration
 
 _DROP_KEYS = {"title", "additionalProperties", "writeOnly", "format", "examples"}
 

@@ -17,10 +17,10 @@ from typing import Any
 import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
-from wal_operator.render import Owner
-from wal_operator.spec import PublicationTable, SpecError, WalListenerSpec
 
 from listener.config import Action, DatabaseConfig
+from wal_operator.render import Owner
+from wal_operator.spec import PublicationTable, SpecError, WalListenerSpec
 
 _OWNER = re.compile(r"wal-listener-operator uid=(?P<uid>\S+) resource=(?P<resource>\S+) spec=(?P<spec>\S+)")
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import kopf
 import psycopg
+
 from wal_operator import db, render
 from wal_operator import status as st
 from wal_operator.kube import KubeClient, KubeError, relogin_service_account

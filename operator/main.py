@@ -14,6 +14,7 @@ import sys
 
 def _run(namespaces: list[str], standalone: bool, liveness: str | None, verbose: bool) -> int:
     import kopf
+
     from wal_operator import handlers  # noqa: F401 - registers the handlers with kopf
 
     logging.basicConfig(

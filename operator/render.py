@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
+
 from wal_operator.spec import (
     API_GROUP,
     API_VERSION,

@@ -257,6 +257,7 @@ def write_kubeconfig(path: Path, url: str) -> Path:
 async def running_operator(tmp: Path) -> AsyncIterator[Cluster]:
     """kmock on a free port and the whole operator (kopf) in this event loop, watching it."""
     import kopf
+
     from wal_operator import handlers
 
     async with Emulator() as emulator, kmock.Server(emulator) as server:

@@ -12,10 +12,10 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from wal_operator.crd import VALIDATIONS, build_crd, crd_yaml
-from wal_operator.spec import KIND, SpecError, parse_spec
 
 from listener.config import env_names
+from wal_operator.crd import VALIDATIONS, build_crd, crd_yaml
+from wal_operator.spec import KIND, SpecError, parse_spec
 
 REPO = Path(__file__).resolve().parent.parent
 CRD_FILE = REPO / "crds" / "walListener.yaml"

@@ -53,7 +53,8 @@ class Writer:
                     while done < self.transactions:
                         with conn.transaction():
                             conn.execute(
-                                "INSERT INTO items (id, payload) SELECT g, md5(g::text) FROM generate_series(%s::int, %s::int) g",
+                                "INSERT INTO items (id, payload)"
+                                " SELECT g, md5(g::text) FROM generate_series(%s::int, %s::int) g",
                                 (next_id, next_id + self.rows - 1),
                             )
                         next_id += self.rows
@@ -74,7 +75,9 @@ def assert_complete(events: list[Received], rows: int) -> dict[int, set[str]]:
     for r in events:
         ids[r.event["data"]["id"]].add(r.id)
     missing = sorted(set(range(1, rows + 1)) - set(ids))
-    assert not missing, f"{len(missing)} of {rows} committed rows never published ({len(events)} events read), e.g. {missing[:10]}"
+    assert not missing, (
+        f"{len(missing)} of {rows} committed rows never published ({len(events)} events read), e.g. {missing[:10]}"
+    )
     changed = {k: v for k, v in ids.items() if len(v) != 1}
     assert not changed, f"replayed events got new ids: {list(changed.items())[:3]}"
     return ids

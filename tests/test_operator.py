@@ -23,10 +23,10 @@ from operator_fixtures import (
     cluster,
     listener_spec,
 )
-from wal_operator.render import CONFIG_HASH_ANNOTATION
 
 from listener.config import load_config
 from listener.sandbox import PostgresServer
+from wal_operator.render import CONFIG_HASH_ANNOTATION
 
 __all__ = ["cluster"]  # the fixture, imported for pytest
 
