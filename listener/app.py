@@ -26,7 +26,7 @@ from listener.errors import (
     SlotInUseError,
     SlotLostError,
 )
-from listener.event import EventBuilder, Transaction, commit_time_text
+from listener.event import EventBuilder, Transaction
 from listener.observability import Health, HttpServer, metrics_route, split_addr
 from listener.pgoutput import PG_EPOCH, format_lsn
 from listener.publishers.base import Publisher, make_publisher
@@ -312,7 +312,7 @@ class Listener:
                     elif kind is pgoutput.Delete:
                         out = builder.delete(relations[msg.relation_oid], txn, msg.old, msg.old_kind)  # type: ignore[union-attr,arg-type]
                     elif kind is pgoutput.Begin:
-                        txn = Transaction(msg.final_lsn, commit_time_text(msg.commit_time))  # type: ignore[union-attr]
+                        txn = builder.begin(msg.final_lsn, msg.commit_time)  # type: ignore[union-attr]
                         commit_unix = msg.commit_time / 1e6 + _PG_EPOCH_UNIX  # type: ignore[union-attr]
                     elif kind is pgoutput.Commit:
                         delivery.commit(msg.end_lsn, commit_unix)  # type: ignore[union-attr]

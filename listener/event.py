@@ -31,14 +31,19 @@ from listener.types import Converter, TypeRegistry
 log = logging.getLogger("listener.event")
 
 
-def event_id(slot_hash: int, commit_lsn: int, ordinal: int) -> str:
-    """A UUID (version 8, RFC 9562) that packs a 32-bit slot hash, the 64-bit LSN and a 26-bit ordinal."""
+def event_id_parts(slot_hash: int, commit_lsn: int) -> tuple[str, int]:
+    """What all ids of one transaction share: the text up to the last group, and that group's LSN bits."""
     lsn_hi = commit_lsn >> 48
     lsn_mid = (commit_lsn >> 36) & 0xFFF
     lsn_lo = (commit_lsn >> 22) & 0x3FFF
     lsn_tail = commit_lsn & 0x3FFFFF
-    node = (lsn_tail << 26) | (ordinal & 0x3FFFFFF)
-    return f"{slot_hash:08x}-{lsn_hi:04x}-{0x8000 | lsn_mid:04x}-{0x8000 | lsn_lo:04x}-{node:012x}"
+    return f"{slot_hash:08x}-{lsn_hi:04x}-{0x8000 | lsn_mid:04x}-{0x8000 | lsn_lo:04x}-", lsn_tail << 26
+
+
+def event_id(slot_hash: int, commit_lsn: int, ordinal: int) -> str:
+    """A UUID (version 8, RFC 9562) that packs a 32-bit slot hash, the 64-bit LSN and a 26-bit ordinal."""
+    prefix, base = event_id_parts(slot_hash, commit_lsn)
+    return f"{prefix}{base | (ordinal & 0x3FFFFFF):012x}"
 
 
 def slot_hash(slot_name: str) -> int:
@@ -74,6 +79,8 @@ class Transaction:
     final_lsn: int
     commit_time: str
     ordinal: int = 0
+    id_prefix: str = ""  # filled by EventBuilder.begin: see event_id_parts
+    id_base: int = 0
 
 
 class EventBuilder:
@@ -184,11 +191,19 @@ class EventBuilder:
 
     # -- changes -> messages ----------------------------------------------------------------------
 
+    def begin(self, final_lsn: int, commit_micros: int) -> Transaction:
+        """A transaction starts: everything its events share is computed once."""
+        prefix, base = event_id_parts(self._slot_hash, final_lsn)
+        return Transaction(final_lsn, commit_time_text(commit_micros), 0, prefix, base)
+
     def _message(
         self, info: RelationInfo, txn: Transaction, action: str, data: dict[str, Any],
         old: dict[str, Any], key: bytes | None,
     ) -> Message:
-        ident = event_id(self._slot_hash, txn.final_lsn, txn.ordinal)
+        if txn.id_prefix:
+            ident = f"{txn.id_prefix}{txn.id_base | (txn.ordinal & 0x3FFFFFF):012x}"
+        else:
+            ident = event_id(self._slot_hash, txn.final_lsn, txn.ordinal)
         body = orjson.dumps(
             {"id": ident, "schema": info.schema, "table": info.table, "action": action, "data": data,
              "dataOld": old, "commitTime": txn.commit_time}

@@ -112,6 +112,14 @@ def parse_array(text: str, element: Converter | None, delimiter: str = ",") -> l
     """Parse PostgreSQL's array text (``{1,2,NULL}``, ``{{"a b",c},{d,e}}``, ``[0:1]={1,2}``)."""
     if text.startswith("["):  # explicit bounds
         text = text[text.index("=") + 1 :]
+    simple = '"' not in text and "\\" not in text and text.count("{") == 1 == text.count("}")
+    if simple and text.startswith("{") and text.endswith("}"):
+        inner = text[1:-1]  # the common case: one dimension, nothing quoted
+        if not inner:
+            return []
+        if element is None:
+            return [None if part == "NULL" else part for part in inner.split(delimiter)]
+        return [None if part == "NULL" else element(part) for part in inner.split(delimiter)]
     result, pos = _parse_level(text, 0, element, delimiter)
     if pos != len(text):
         raise ConversionError(f"trailing characters in array literal at {pos}")

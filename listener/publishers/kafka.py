@@ -1,0 +1,404 @@
+"""Kafka publisher (aiokafka): one producer, acks=all, every event keyed by its row.
+
+How acknowledgements are collected: ``send`` appends every message of the batch, in order, to
+aiokafka's accumulator (``AIOKafkaProducer.send`` returns one future per record once it is buffered)
+and returns a task that gathers those futures. A future resolves when the partition leader answered
+the produce request with acks=all, so ``None`` in the results means "written to every in-sync
+replica".
+
+Ordering: aiokafka keeps at most one produce request in flight per partition and re-queues a failed
+batch at the head of its partition's queue, so records of one key (one partition) are written in the
+order they were handed over. With ``publisher.idempotent: true`` (the default) the producer also
+never expires a batch: it retries until the broker is back, and sequence numbers stop the retries
+from writing duplicates. With ``idempotent: false`` a batch that cannot be delivered within the
+request timeout fails with :class:`PublishError`; the delivery stage sends it again, which can write
+duplicates (same ``id`` header) and, after such an outage, a re-sent record lands after records that
+were already queued behind it.
+
+Reconnects are aiokafka's own: it re-opens broker connections and refreshes metadata by itself. A
+transient failure in the middle of a batch stops handing over the rest of the batch (each remaining
+message gets a :class:`PublishError` without being sent) so that nothing is written ahead of a
+message that the delivery stage will have to re-send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import ssl
+from collections.abc import Awaitable, Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    NodeNotReadyError,
+    RecordListTooLargeError,
+    RequestTimedOutError,
+    TopicAuthorizationFailedError,
+    UnknownTopicOrPartitionError,
+)
+
+from listener.config import PublisherConfig
+from listener.errors import BrokerConfigError, PermanentPublishError, PublishError
+from listener.metrics import OVERSIZED
+from listener.publishers.base import AckResults, Message, Publisher
+
+log = logging.getLogger(__name__)
+
+# Kafka's own rule for topic names (kafka.common.internals.Topic): 1-249 of these characters.
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+# error codes of CreateTopics that are not a problem
+_TOPIC_ALREADY_EXISTS = 36
+# Kafka's default max.message.bytes; a record above max(this, maxBatchBytes) is refused client-side
+_DEFAULT_MAX_REQUEST = 1048576
+_OVERSIZE_ERRORS = (MessageSizeTooLargeError, RecordListTooLargeError)
+# failures that mean "the broker is not reachable right now"
+_CONNECTION_ERRORS = (
+    KafkaConnectionError,
+    NodeNotReadyError,
+    RequestTimedOutError,
+    KafkaTimeoutError,
+    TimeoutError,
+    OSError,
+)
+
+
+def _tls_context(cfg: PublisherConfig) -> ssl.SSLContext | None:
+    """The TLS context from ``enableTLS``/``caCert``/``clientCert``/``clientKey`` (file paths)."""
+    if cfg.client_key and not cfg.client_cert:
+        raise BrokerConfigError("kafka: publisher.clientKey is set but publisher.clientCert is not")
+    if not (cfg.enable_tls or cfg.ca_cert or cfg.client_cert):
+        return None
+    try:
+        context = ssl.create_default_context(cafile=cfg.ca_cert or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise BrokerConfigError(f"kafka: publisher.caCert = {cfg.ca_cert!r} cannot be loaded: {exc}") from None
+    if cfg.client_cert:
+        try:
+            context.load_cert_chain(cfg.client_cert, cfg.client_key or None)
+        except (OSError, ssl.SSLError) as exc:
+            raise BrokerConfigError(
+                f"kafka: publisher.clientCert = {cfg.client_cert!r} / publisher.clientKey = {cfg.client_key!r} "
+                f"cannot be loaded: {exc}"
+            ) from None
+    return context
+
+
+def security_options(cfg: PublisherConfig) -> dict[str, Any]:
+    """aiokafka's connection keywords for TLS and SASL (shared by the producer and the admin client)."""
+    context = _tls_context(cfg)
+    mechanism = cfg.sasl_mechanism or ("PLAIN" if cfg.username else "")
+    options: dict[str, Any] = {}
+    if mechanism:
+        if not cfg.username:
+            raise BrokerConfigError(
+                f"kafka: publisher.saslMechanism = {mechanism!r} needs publisher.username and publisher.password"
+            )
+        options["security_protocol"] = "SASL_SSL" if context is not None else "SASL_PLAINTEXT"
+        options["sasl_mechanism"] = mechanism
+        options["sasl_plain_username"] = cfg.username
+        options["sasl_plain_password"] = cfg.password.get_secret_value()
+    else:
+        options["security_protocol"] = "SSL" if context is not None else "PLAINTEXT"
+    if context is not None:
+        options["ssl_context"] = context
+    return options
+
+
+def bootstrap_servers(address: str) -> list[str]:
+    servers = [part.strip() for part in address.split(",") if part.strip()]
+    if not servers:
+        raise BrokerConfigError(f"kafka: publisher.address = {address!r} names no bootstrap server")
+    return servers
+
+
+def check_topic_name(topic: str) -> None:
+    if not _TOPIC_NAME.fullmatch(topic) or topic in (".", ".."):
+        raise BrokerConfigError(
+            f"kafka: topic name {topic!r} is not valid in Kafka (1-249 letters, digits, '.', '_', '-'); "
+            "map its table to a valid name with listener.topicsMap"
+        )
+
+
+def _failed(exc: BaseException, count: int) -> list[asyncio.Future[Any]]:
+    futures: list[asyncio.Future[Any]] = []
+    loop = asyncio.get_running_loop()
+    for _ in range(count):
+        fut: asyncio.Future[Any] = loop.create_future()
+        fut.set_exception(exc)
+        futures.append(fut)
+    return futures
+
+
+class KafkaPublisher(Publisher):
+    """Publishes each event to the Kafka topic named by its subject, keyed by the row's key."""
+
+    needs_key = True
+
+    def __init__(
+        self,
+        cfg: PublisherConfig,
+        ack_timeout: float = 10.0,
+        *,
+        request_timeout_ms: int | None = None,
+        probe_interval: float = 5.0,
+    ) -> None:
+        super().__init__(cfg, ack_timeout)
+        # Produce requests and metadata waits give up about when the delivery stage stops waiting.
+        self._request_timeout_ms = request_timeout_ms or max(1000, int(ack_timeout * 1000))
+        self._probe_interval = probe_interval
+        self._producer: Any = None
+        self._admin: Any = None
+        self._known_topics: set[str] = set()
+        self._ready = False
+        self._probe: asyncio.Task[None] | None = None
+        self._max_request = max(_DEFAULT_MAX_REQUEST, cfg.max_batch_bytes)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _client_options(self) -> dict[str, Any]:
+        return {
+            "bootstrap_servers": bootstrap_servers(self.cfg.address),
+            "request_timeout_ms": self._request_timeout_ms,
+            **security_options(self.cfg),
+        }
+
+    async def connect(self) -> None:
+        if self._producer is not None:
+            return
+        options = self._client_options()
+        cfg = self.cfg
+        producer = AIOKafkaProducer(
+            client_id="wal-listener",
+            acks="all",
+            enable_idempotence=cfg.idempotent,
+            compression_type=None if cfg.compression == "none" else cfg.compression,
+            linger_ms=cfg.linger_ms,
+            max_batch_size=cfg.max_batch_bytes,
+            max_request_size=self._max_request,
+            **options,
+        )
+        try:
+            await producer.start()
+        except (TimeoutError, KafkaConnectionError, OSError) as exc:
+            await self._stop_quietly(producer)
+            raise PublishError(f"kafka: cannot reach {cfg.address}: {exc}") from exc
+        except KafkaError as exc:
+            await self._stop_quietly(producer)
+            if cfg.idempotent:
+                raise BrokerConfigError(
+                    f"kafka: {cfg.address} refused the idempotent producer ({type(exc).__name__}); "
+                    "set publisher.idempotent: false if the broker does not support idempotence"
+                ) from exc
+            raise BrokerConfigError(f"kafka: {cfg.address} refused the producer: {exc!r}") from exc
+        except RuntimeError as exc:  # e.g. the compression library is not installed
+            await self._stop_quietly(producer)
+            raise BrokerConfigError(f"kafka: {exc}") from exc
+        self._producer = producer
+        if cfg.create_topics:
+            admin = AIOKafkaAdminClient(client_id="wal-listener-admin", **options)
+            try:
+                await admin.start()
+            except (TimeoutError, KafkaError, OSError) as exc:
+                await self.close()
+                raise PublishError(f"kafka: cannot reach {cfg.address}: {exc}") from exc
+            self._admin = admin
+        self._ready = True
+        self._probe = asyncio.create_task(self._probe_loop(), name="kafka-probe")
+        log.info("kafka: connected to %s", cfg.address)
+
+    @staticmethod
+    async def _stop_quietly(producer: Any) -> None:
+        with contextlib.suppress(Exception):
+            await producer.stop()
+
+    async def close(self) -> None:
+        self._ready = False
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
+            self._probe = None
+        if self._admin is not None:
+            admin, self._admin = self._admin, None
+            with contextlib.suppress(Exception):
+                await admin.close()
+        if self._producer is not None:
+            producer, self._producer = self._producer, None
+            try:
+                await producer.stop()  # flushes what is buffered
+            except Exception as exc:
+                log.warning("kafka: error while closing the producer: %r", exc)
+
+    @property
+    def ready(self) -> bool:
+        return self._producer is not None and self._ready
+
+    async def _probe_loop(self) -> None:
+        """Ask the cluster for metadata now and then, so ``ready`` also notices an idle broker going away."""
+        while True:
+            await asyncio.sleep(self._probe_interval)
+            producer = self._producer
+            if producer is None:
+                return
+            try:
+                await asyncio.wait_for(producer.client.fetch_all_metadata(), self._probe_interval * 2)
+            except (TimeoutError, KafkaError, OSError):
+                if self._ready:
+                    log.warning("kafka: broker %s is unreachable", self.cfg.address)
+                self._ready = False
+            else:
+                if not self._ready:
+                    log.info("kafka: broker %s is reachable again", self.cfg.address)
+                    # It may have come back without our topics (a new or wiped broker): check them again.
+                    self._known_topics.clear()
+                self._ready = True
+
+    # ------------------------------------------------------------------ topics
+
+    async def _ensure_topic(self, topic: str) -> None:
+        """Create (createTopics) or look up a topic the first time it is used.
+
+        Raises :class:`BrokerConfigError` for a topic that cannot exist, :class:`PublishError` when the
+        broker cannot be asked right now.
+        """
+        check_topic_name(topic)
+        if self._admin is not None:
+            try:
+                response = await self._admin.create_topics(
+                    [NewTopic(topic, self.cfg.partitions, self.cfg.replication_factor)]
+                )
+            except (TimeoutError, KafkaError, OSError) as exc:
+                raise PublishError(f"kafka: cannot create topic {topic!r}: {exc!r}") from exc
+            for name, code, *rest in response.topic_errors:
+                if code not in (0, _TOPIC_ALREADY_EXISTS):
+                    detail = rest[0] if rest and rest[0] else f"error code {code}"
+                    raise BrokerConfigError(
+                        f"kafka: cannot create topic {name!r} with publisher.partitions={self.cfg.partitions} "
+                        f"and publisher.replicationFactor={self.cfg.replication_factor}: {detail}"
+                    )
+                if code == 0:
+                    log.info("kafka: created topic %s", name)
+        try:
+            await self._producer.partitions_for(topic)
+        except UnknownTopicOrPartitionError:
+            # Either the topic is missing (and the broker does not create topics) or the broker is down.
+            try:
+                metadata = await self._producer.client.fetch_all_metadata()
+            except (TimeoutError, KafkaError, OSError) as exc:
+                raise PublishError(f"kafka: cannot look up topic {topic!r}: {exc!r}") from exc
+            if topic not in metadata.topics():
+                raise BrokerConfigError(
+                    f"kafka: topic {topic!r} does not exist and the broker does not create topics; "
+                    "create it or set publisher.createTopics: true"
+                ) from None
+            raise PublishError(f"kafka: topic {topic!r} has no partition leader yet") from None
+        except TopicAuthorizationFailedError:
+            raise BrokerConfigError(
+                f"kafka: user {self.cfg.username or '(anonymous)'!r} may not write to topic {topic!r}"
+            ) from None
+        except (TimeoutError, KafkaError, OSError) as exc:
+            raise PublishError(f"kafka: cannot look up topic {topic!r}: {exc!r}") from exc
+        self._known_topics.add(topic)
+
+    # ------------------------------------------------------------------ publishing
+
+    def _down(self, exc: BaseException) -> None:
+        """A connection-type failure: refuse new batches until the probe reaches the broker again."""
+        if isinstance(exc, _CONNECTION_ERRORS) and self._ready:
+            log.warning("kafka: broker %s not answering: %r", self.cfg.address, exc)
+            self._ready = False
+
+    async def send(self, batch: Sequence[Message]) -> Awaitable[AckResults]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.ack_timeout
+        producer = self._producer
+        if producer is None or not self._ready:
+            # Nothing is handed over while the broker is away: records queued now would only pile up
+            # in the client (the delivery stage re-sends them anyway) and come out as duplicates.
+            reason = "not connected" if producer is None else f"broker {self.cfg.address} unreachable"
+            return asyncio.ensure_future(self._gather(_failed(PublishError(f"kafka: {reason}"), len(batch)), batch, 0))
+        try:
+            for topic in dict.fromkeys(m.subject for m in batch):
+                if topic not in self._known_topics:
+                    await self._ensure_topic(topic)
+        except PublishError as exc:
+            self._ready = False
+            return asyncio.ensure_future(self._gather(_failed(exc, len(batch)), batch, 0))
+
+        futures: list[asyncio.Future[Any]] = []
+        for index, message in enumerate(batch):
+            headers = [(k, v.encode()) for k, v in message.attributes().items()]
+            try:
+                future = await producer.send(message.subject, message.body, key=message.key, headers=headers)
+            except _OVERSIZE_ERRORS as exc:
+                futures.extend(_failed(self._oversized(message, exc), 1))
+                continue
+            except (TimeoutError, KafkaError, OSError) as exc:
+                # Do not hand over anything after a message that was not taken: it would overtake it.
+                self._down(exc)
+                if isinstance(exc, UnknownTopicOrPartitionError):
+                    self._known_topics.discard(message.subject)  # look it up (or create it) again
+                error = PublishError(f"kafka: could not queue the event for {message.subject!r}: {exc!r}")
+                futures.extend(_failed(error, len(batch) - index))
+                break
+            future.add_done_callback(_consume)
+            futures.append(future)
+        return asyncio.ensure_future(self._gather(futures, batch, deadline))
+
+    def _oversized(self, message: Message, exc: BaseException) -> PermanentPublishError:
+        OVERSIZED.labels(message.table).inc()
+        return PermanentPublishError(
+            f"kafka: event {message.id} of {message.schema}.{message.table} is {len(message.body)} bytes, "
+            f"more than the broker or max request size ({self._max_request} bytes) accepts: {exc}"
+        )
+
+    async def _gather(
+        self, futures: list[asyncio.Future[Any]], batch: Sequence[Message], deadline: float
+    ) -> AckResults:
+        """Wait for every ack, but not past ``deadline`` (loop time; 0: the futures are all done)."""
+        pending: set[asyncio.Future[Any]] = set()
+        if futures and deadline:
+            timeout = max(0.0, deadline - asyncio.get_running_loop().time())
+            _, pending = await asyncio.wait(futures, timeout=timeout)
+        results: AckResults = []
+        ok = False
+        for message, future in zip(batch, futures, strict=True):
+            if future in pending:
+                error = PublishError(f"kafka: no ack for event {message.id} within {self.ack_timeout:g}s")
+                self._down(TimeoutError())
+                results.append(error)
+                continue
+            outcome = _outcome(future)
+            if outcome is None:
+                ok = True
+                results.append(None)
+            elif isinstance(outcome, PublishError):
+                results.append(outcome)
+            elif isinstance(outcome, _OVERSIZE_ERRORS):
+                results.append(self._oversized(message, outcome))
+            else:
+                self._down(outcome)
+                results.append(PublishError(f"kafka: {message.subject!r} not acknowledged: {outcome!r}"))
+        if ok:
+            self._ready = True
+        return results
+
+
+def _outcome(future: asyncio.Future[Any]) -> BaseException | None:
+    if future.cancelled():
+        return asyncio.CancelledError()
+    return future.exception()
+
+
+def _consume(future: Any) -> None:
+    """Retrieve a late outcome, so asyncio does not log "exception was never retrieved"."""
+    if not future.cancelled():
+        future.exception()
