@@ -11,11 +11,15 @@ batch at the head of its partition's queue, so records of one key (one partition
 order they were handed over. With ``publisher.idempotent: true`` (the default) the producer also
 never expires a batch: it retries until the broker is back, and sequence numbers stop the retries
 from writing duplicates. With ``idempotent: false`` a batch that cannot be delivered within the
-request timeout fails with :class:`PublishError`; the delivery stage sends it again, which can write
-duplicates (same ``id`` header) and, after such an outage, a re-sent record lands after records that
-were already queued behind it.
+request timeout (``listener.ackTimeout``) fails. Either way the results of a batch are in after
+``ackTimeout``: what is not acknowledged by then is a :class:`PublishError` and the delivery stage
+sends it again, which can write duplicates (same ``id`` header) and, after an outage, a re-sent record
+lands after records that were already queued behind it.
 
 Reconnects are aiokafka's own: it re-opens broker connections and refreshes metadata by itself. A
+connection-type failure marks the publisher not ready; until a metadata probe (every few seconds)
+reaches the cluster again, ``send`` fails new batches at once instead of piling them up in the
+client, and after the outage every topic is looked up (or created) again before it is used. A
 transient failure in the middle of a batch stops handing over the rest of the batch (each remaining
 message gets a :class:`PublishError` without being sent) so that nothing is written ahead of a
 message that the delivery stage will have to re-send.
@@ -233,7 +237,12 @@ class KafkaPublisher(Publisher):
         if self._producer is not None:
             producer, self._producer = self._producer, None
             try:
-                await producer.stop()  # flushes what is buffered
+                # flushes what is buffered; an idempotent producer would wait for an absent broker forever
+                await asyncio.wait_for(producer.stop(), max(5.0, 2 * self.ack_timeout))
+            except TimeoutError:
+                log.warning("kafka: closed with events still unacknowledged; they are sent again after restart")
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(producer.client.close(), 5.0)
             except Exception as exc:
                 log.warning("kafka: error while closing the producer: %r", exc)
 

@@ -7,6 +7,12 @@ returned ``concurrent.futures`` future gets a done-callback that stores its outc
 per-batch record; when the last one is in, the record wakes the event loop once with
 ``loop.call_soon_threadsafe``. So the loop is never blocked and there is one cross-thread wake-up
 per batch, not one per message. ``None`` in the results means Pub/Sub returned a message id for it.
+A batch's results are in after ``listener.ackTimeout`` at the latest (the client's own retries stop
+then too); what has no result by then is a :class:`PublishError`, sent again by the delivery stage.
+
+Reconnects are gRPC's own. A failure that means "unreachable" marks the publisher not ready; until a
+cheap probe RPC (every few seconds) answers again, ``send`` fails new batches at once instead of
+queueing them in the client.
 
 Ordering (``publisher.enableOrdering``): the row key becomes the ordering key, so Pub/Sub delivers
 the changes of one row in commit order to subscriptions with message ordering on. The client
@@ -286,7 +292,8 @@ class PubSubPublisher(Publisher):
         client, self._client = self._client, None
         if client is None:
             return
-        await asyncio.to_thread(client.stop)
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(client.stop)  # commits what is batched
         if self._pending:
             await asyncio.wait(set(self._pending), timeout=self.ack_timeout)
         await asyncio.to_thread(self._shutdown, client)

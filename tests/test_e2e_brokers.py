@@ -1,0 +1,553 @@
+"""End to end for Kafka, RabbitMQ and Google Pub/Sub: PostgreSQL -> the listener -> the broker, read back
+with each broker's own consumer client.
+
+Every test runs once per broker (ids ``kafka``, ``rabbitmq``, ``pubsub``) against a real server: Tansu for
+the Kafka protocol, the machine's RabbitMQ, the Pub/Sub emulator. Outages are network cuts through a
+:class:`TcpProxy` (the brokers keep their data, so "nothing is missing" can be checked exactly); the
+publisher-level tests also stop and restart Tansu and the emulator themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import pytest
+from aiokafka import AIOKafkaConsumer
+from google.cloud import pubsub_v1
+
+from listener.sandbox import PubSubEmulator, TansuServer, TcpProxy, free_port
+from tests.harness import (
+    ListenerProcess,
+    Received,
+    config_dict,
+    confirmed_lsn,
+    current_lsn,
+    run_cli,
+    running,
+    sql,
+    unique,
+    wait_until,
+)
+from tests.test_listener_process import Writer, assert_complete
+from tests.test_publisher_kafka import ProxiedTansu
+
+pytestmark = pytest.mark.service
+
+BROKERS = ["kafka", "rabbitmq", "pubsub"]
+
+
+class Got(Received):
+    """An event as the broker's consumer saw it, with the broker's key / ordering key."""
+
+    def __init__(self, subject: str, data: bytes, headers: dict[str, str], key: bytes | str | None) -> None:
+        super().__init__(subject, data, headers)
+        self.key = key
+
+
+class Broker:
+    """How one broker is configured, prepared and read in these tests."""
+
+    name = ""
+
+    def __init__(self, topic: str) -> None:
+        self.topic = topic  # publisher.topic: the first part of every topic name
+        self.env: dict[str, str] = {}  # for the listener process
+        self.seen: list[Got] = []  # what destructive consumers (queues, subscriptions) received so far
+
+    def publisher(self, **extra: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def prepare(self, tables: list[str]) -> None:
+        """Create what a consumer needs before the first event (queues, subscriptions)."""
+
+    async def read(self, tables: list[str], count: int, timeout: float = 60.0, settle: bool = True) -> list[Got]:
+        """Every event of ``tables`` published so far (from the start), waiting until ``count`` are there."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        pass
+
+
+class Kafka(Broker):
+    name = "kafka"
+
+    def __init__(self, topic: str, bootstrap: str) -> None:
+        super().__init__(topic)
+        self.bootstrap = bootstrap
+
+    def publisher(self, **extra: Any) -> dict[str, Any]:
+        # Tansu has no idempotent producer; createTopics so that the topics exist before the first read
+        return {"type": "kafka", "address": self.bootstrap, "topic": self.topic, "idempotent": False,
+                "createTopics": True, "partitions": 2, **extra}  # fmt: skip
+
+    async def read(self, tables: list[str], count: int, timeout: float = 60.0, settle: bool = True) -> list[Got]:
+        topics = [f"{self.topic}.public_{t}" for t in tables]
+        consumer = AIOKafkaConsumer(
+            *topics, bootstrap_servers=self.bootstrap, auto_offset_reset="earliest", group_id=None,
+            metadata_max_age_ms=1000,
+        )  # fmt: skip
+        await consumer.start()
+        got: list[Got] = []
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                batches = await consumer.getmany(timeout_ms=1000)
+                for records in batches.values():
+                    for r in records:
+                        headers = {k: v.decode() for k, v in r.headers}
+                        got.append(Got(r.topic, r.value, headers, r.key))
+                if len(got) >= count and (not batches or not settle):
+                    break
+        finally:
+            await consumer.stop()
+        return got
+
+
+class RabbitMQ(Broker):
+    name = "rabbitmq"
+
+    def __init__(self, topic: str, url: str, address: str | None = None) -> None:
+        super().__init__(topic)
+        self.url = url  # the consumer's (direct) connection
+        self.address = address or url  # the listener's
+        self.connection: aio_pika.abc.AbstractConnection | None = None
+        self.queue: aio_pika.abc.AbstractQueue | None = None
+
+    def publisher(self, **extra: Any) -> dict[str, Any]:
+        return {"type": "rabbitmq", "address": self.address, "topic": self.topic, **extra}
+
+    async def prepare(self, tables: list[str]) -> None:
+        self.connection = await aio_pika.connect(self.url)
+        channel = await self.connection.channel()
+        exchange = await channel.declare_exchange(self.topic, aio_pika.ExchangeType.TOPIC, durable=True)
+        self.queue = await channel.declare_queue(f"q_{self.topic}", exclusive=True)
+        await self.queue.bind(exchange, f"{self.topic}.#")
+
+    async def read(self, tables: list[str], count: int, timeout: float = 60.0, settle: bool = True) -> list[Got]:
+        assert self.queue is not None
+        got = self.seen
+        deadline = time.monotonic() + timeout
+        quiet_until = 0.0
+        while time.monotonic() < deadline:
+            m = await self.queue.get(no_ack=True, fail=False, timeout=5)
+            if m is None:
+                if len(got) >= count and (time.monotonic() > quiet_until or not settle):
+                    break
+                await asyncio.sleep(0.05)
+                continue
+            headers = {k: str(v) for k, v in (m.headers or {}).items()}
+            headers["message_id"] = m.message_id or ""
+            headers["content_type"] = m.content_type or ""
+            headers["delivery_mode"] = str(int(m.delivery_mode or 0))
+            got.append(Got(m.routing_key or "", m.body, headers, None))
+            quiet_until = time.monotonic() + 0.5
+            if not settle and len(got) >= count:
+                break
+        return list(got)
+
+    async def close(self) -> None:
+        if self.connection is not None:
+            with contextlib.suppress(Exception):
+                channel = await self.connection.channel()
+                await channel.exchange_delete(self.topic)
+            await self.connection.close()
+
+
+class PubSub(Broker):
+    name = "pubsub"
+
+    def __init__(self, topic: str, emulator_host: str, listener_host: str | None = None) -> None:
+        super().__init__(topic)
+        self.project = f"proj-{uuid.uuid4().hex[:10]}"
+        self.emulator_host = emulator_host
+        self.env = {"PUBSUB_EMULATOR_HOST": listener_host or emulator_host}
+        self.subscriptions: dict[str, str] = {}
+
+    def publisher(self, **extra: Any) -> dict[str, Any]:
+        return {"type": "google_pubsub", "address": "emulator", "topic": self.topic,
+                "pubSubProjectID": self.project, "enableOrdering": True, **extra}  # fmt: skip
+
+    def _clients(self) -> tuple[Any, Any]:
+        with _emulator_env(self.emulator_host):
+            return pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
+
+    async def prepare(self, tables: list[str]) -> None:
+        publisher, subscriber = self._clients()
+        for table in tables:
+            topic = f"projects/{self.project}/topics/{self.topic}.public_{table}"
+            name = f"projects/{self.project}/subscriptions/sub-{table}"
+            await asyncio.to_thread(publisher.create_topic, request={"name": topic})
+            await asyncio.to_thread(
+                subscriber.create_subscription,
+                request={"name": name, "topic": topic, "enable_message_ordering": True},
+            )
+            self.subscriptions[table] = name
+
+    async def read(self, tables: list[str], count: int, timeout: float = 60.0, settle: bool = True) -> list[Got]:
+        _, subscriber = self._clients()
+        got = self.seen
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            received = []
+            for table in tables:
+                response = await asyncio.to_thread(
+                    subscriber.pull, request={"subscription": self.subscriptions[table], "max_messages": 1000},
+                    timeout=5,
+                )  # fmt: skip
+                if response.received_messages:
+                    received.extend(response.received_messages)
+                    await asyncio.to_thread(
+                        subscriber.acknowledge,
+                        request={"subscription": self.subscriptions[table],
+                                 "ack_ids": [r.ack_id for r in response.received_messages]},
+                    )  # fmt: skip
+                for r in response.received_messages:
+                    m = r.message
+                    topic = f"{self.topic}.public_{table}"
+                    got.append(Got(topic, m.data, dict(m.attributes), m.ordering_key))
+            if len(got) >= count and not settle:
+                break
+            if not received:
+                if len(got) >= count:
+                    break
+                await asyncio.sleep(0.2)
+        return list(got)
+
+
+@contextlib.contextmanager
+def _emulator_env(host: str) -> Iterator[None]:
+    import os
+
+    old = os.environ.get("PUBSUB_EMULATOR_HOST")
+    os.environ["PUBSUB_EMULATOR_HOST"] = host
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("PUBSUB_EMULATOR_HOST", None)
+        else:
+            os.environ["PUBSUB_EMULATOR_HOST"] = old
+
+
+@pytest.fixture(params=BROKERS)
+def broker_name(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+async def broker(
+    broker_name: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Broker]:
+    """The broker of this test run, on the shared session services."""
+    topic = unique("e2e")
+    made: Broker
+    if broker_name == "kafka":
+        tansu: TansuServer = request.getfixturevalue("tansu")
+        made = Kafka(topic, tansu.bootstrap)
+    elif broker_name == "rabbitmq":
+        made = RabbitMQ(topic, request.getfixturevalue("rabbitmq_url"))
+    else:
+        emulator: PubSubEmulator = request.getfixturevalue("pubsub_emulator")
+        monkeypatch.setenv("PUBSUB_EMULATOR_HOST", emulator.host)  # the in-process listener
+        made = PubSub(topic, emulator.host)
+    yield made
+    await made.close()
+
+
+@pytest.fixture
+async def cut_broker(
+    broker_name: str, request: pytest.FixtureRequest, make_proxy: Callable[..., TcpProxy]
+) -> AsyncIterator[tuple[Broker, TcpProxy]]:
+    """The broker behind a TcpProxy that the listener goes through: ``proxy.stop()`` cuts it."""
+    topic = unique("cut")
+    made: Broker
+    tansu: ProxiedTansu | None = None
+    if broker_name == "kafka":
+        proxy_port = free_port()
+        tansu = ProxiedTansu(proxy_port)
+        proxy = make_proxy("127.0.0.1", tansu.port, port=proxy_port)
+        await asyncio.to_thread(tansu.start)
+        made = Kafka(topic, proxy.address)
+    elif broker_name == "rabbitmq":
+        url = request.getfixturevalue("rabbitmq_url")
+        proxy = make_proxy("127.0.0.1", 5672)
+        made = RabbitMQ(topic, url, f"amqp://guest:guest@{proxy.address}/")
+    else:
+        emulator: PubSubEmulator = request.getfixturevalue("pubsub_emulator")
+        proxy = make_proxy("127.0.0.1", emulator.port)
+        made = PubSub(topic, emulator.host, proxy.address)
+    try:
+        yield made, proxy
+    finally:
+        proxy.start()
+        await made.close()
+        if tansu is not None:
+            await asyncio.to_thread(tansu.cleanup)
+
+
+@pytest.fixture
+def procs() -> Iterator[list[ListenerProcess]]:
+    started: list[ListenerProcess] = []
+    yield started
+    for p in started:
+        p.stop()
+
+
+def complete(events: list[Got], rows: int) -> None:
+    """Every committed row arrived (duplicates allowed), each with one id however often it was sent."""
+    assert_complete(list[Received](events), rows)
+
+
+async def _ge(value: Any, target: int) -> bool:
+    return bool(await value >= target)
+
+
+# -- the events on each broker ------------------------------------------------------------------------
+
+
+async def test_every_action_arrives_with_topic_key_and_headers(broker: Broker, fresh_db: str, pg: Any) -> None:
+    dsn = pg.dsn(fresh_db)
+    await sql(
+        dsn, "CREATE TABLE pairs (a int, b text, v text, PRIMARY KEY (a, b))", "CREATE TABLE solo (id int PRIMARY KEY)"
+    )
+    tables = ["pairs", "solo"]
+    await broker.prepare(tables)
+    cfg = config_dict(pg.port, fresh_db, broker.publisher())
+    async with running(cfg):
+        await sql(
+            dsn,
+            "INSERT INTO pairs VALUES (1, 'x', 'first')",
+            "UPDATE pairs SET v = 'second' WHERE a = 1",
+            "DELETE FROM pairs WHERE a = 1",
+            "INSERT INTO solo VALUES (7)",
+            "TRUNCATE pairs",
+        )
+        got = await broker.read(tables, 5)
+    arrived = [g for g in got if g.event["table"] == "pairs"]
+    # the row's events arrive in commit order (one key); the key-less TRUNCATE has no order relative to
+    # them on Kafka (any partition) and Pub/Sub (no ordering key). Ids sort in commit order.
+    assert [g.event["action"] for g in arrived if g.event["action"] != "TRUNCATE"] == ["INSERT", "UPDATE", "DELETE"]
+    pairs = sorted(arrived, key=lambda g: g.id)
+    solo = [g for g in got if g.event["table"] == "solo"]
+    assert [g.event["action"] for g in pairs] == ["INSERT", "UPDATE", "DELETE", "TRUNCATE"]
+    assert len(solo) == 1 and solo[0].event["data"] == {"id": 7}
+    assert pairs[0].event["data"] == {"a": 1, "b": "x", "v": "first"}
+    assert pairs[1].event["data"]["v"] == "second"
+    assert pairs[2].event["dataOld"] == {"a": 1, "b": "x"}
+    for g in got:
+        table = g.event["table"]
+        assert g.subject == f"{broker.topic}.public_{table}"
+        assert set(g.event) == {"id", "schema", "table", "action", "data", "dataOld", "commitTime"}
+        for name in ("id", "schema", "table", "action"):
+            assert g.headers[name] == str(g.event[name])
+    if broker.name == "kafka":  # the row key (composite: a JSON list), the old key for DELETE
+        assert [g.key for g in pairs] == [b'["1","x"]', b'["1","x"]', b'["1","x"]', None]
+        assert solo[0].key == b"7"
+    elif broker.name == "pubsub":  # the same key as ordering key
+        assert [g.key for g in pairs] == ['["1","x"]', '["1","x"]', '["1","x"]', ""]
+        assert solo[0].key == "7"
+    else:
+        for g in got:
+            assert g.headers["message_id"] == g.id
+            assert g.headers["content_type"] == "application/json" and g.headers["delivery_mode"] == "2"
+
+
+async def test_message_key_from_a_column(fresh_db: str, pg: Any, tansu: TansuServer) -> None:
+    dsn = pg.dsn(fresh_db)
+    await sql(dsn, "CREATE TABLE users (id int PRIMARY KEY, tenant text)")
+    kafka = Kafka(unique("keyfrom"), tansu.bootstrap)
+    cfg = config_dict(pg.port, fresh_db, kafka.publisher(messageKeyFrom="tenant"))
+    async with running(cfg):
+        await sql(dsn, "INSERT INTO users VALUES (1, 'acme')", "INSERT INTO users VALUES (2, 'globex')")
+        got = await kafka.read(["users"], 2)
+    assert sorted((g.event["data"]["id"], g.key) for g in got) == [(1, b"acme"), (2, b"globex")]
+
+
+# -- outages, crashes --------------------------------------------------------------------------------
+
+
+async def test_broker_cut_mid_stream_then_back_nothing_skipped_lsn_held(
+    cut_broker: tuple[Broker, TcpProxy], fresh_db: str, pg: Any, tmp_path: Path, procs: list[ListenerProcess]
+) -> None:
+    broker, proxy = cut_broker
+    dsn = pg.dsn(fresh_db)
+    await sql(dsn, "CREATE TABLE items (id int PRIMARY KEY, payload text)")
+    await broker.prepare(["items"])
+    cfg = config_dict(pg.port, fresh_db, broker.publisher(), ackTimeout="2s")
+    slot = cfg["listener"]["slotName"]
+    proc = ListenerProcess(cfg, tmp_path, env=broker.env).start()
+    procs.append(proc)
+    await wait_until(lambda: '"msg":"streaming"' in proc.output(), 60, "streaming")
+    writer = Writer(dsn, transactions=150, rows_per_txn=10, pace=0.02).start()
+    await wait_until(lambda: writer.committed >= 300, 60, "some commits")
+
+    proxy.stop()  # the broker is gone for the listener
+    await wait_until(lambda: "publish not acknowledged" in proc.output(), 30, "publish failures")
+    await asyncio.sleep(2 * 2)  # what was acknowledged before the cut is confirmed by now
+    held = await confirmed_lsn(dsn, slot)
+    await asyncio.sleep(4)
+    assert await confirmed_lsn(dsn, slot) == held, "confirmed past an event the broker never acknowledged"
+    assert proc.proc is not None and proc.proc.poll() is None
+
+    proxy.start()
+    writer.join()
+    assert writer.committed == 1500
+    events = await broker.read(["items"], 1500, timeout=120)
+    complete(events, 1500)
+    end = await current_lsn(dsn)
+    await wait_until(lambda: _ge(confirmed_lsn(dsn, slot), end), 60, "confirmation after the outage")
+    assert await asyncio.to_thread(proc.terminate) == 0
+
+
+async def test_kill_9_mid_stream_then_restart_loses_nothing_and_keeps_ids(
+    broker: Broker, fresh_db: str, pg: Any, tmp_path: Path, procs: list[ListenerProcess]
+) -> None:
+    dsn = pg.dsn(fresh_db)
+    await sql(dsn, "CREATE TABLE items (id int PRIMARY KEY, payload text)")
+    await broker.prepare(["items"])
+    cfg = config_dict(pg.port, fresh_db, broker.publisher())
+    first = ListenerProcess(cfg, tmp_path, env=broker.env).start()
+    procs.append(first)
+    await wait_until(lambda: '"msg":"streaming"' in first.output(), 60, "streaming")
+    writer = Writer(dsn, transactions=300, rows_per_txn=10, pace=0.02).start()
+    await wait_until(lambda: writer.committed >= 600, 60, "some commits")
+    await broker.read(["items"], 300, timeout=30, settle=False)  # events are flowing
+    first.kill()  # kill -9 while transactions keep committing
+    killed_at = writer.committed
+    second = ListenerProcess(cfg, tmp_path, env=broker.env).start()
+    procs.append(second)
+    writer.join()
+    assert writer.committed == 3000 and killed_at < 3000
+    events = await broker.read(["items"], 3000, timeout=120)
+    complete(events, 3000)
+    end = await current_lsn(dsn)
+    await wait_until(lambda: _ge(confirmed_lsn(dsn, cfg["listener"]["slotName"]), end), 60)
+    assert await asyncio.to_thread(second.terminate) == 0
+
+
+async def test_unreachable_broker_at_start_is_retried_until_it_comes(
+    broker_name: str, fresh_db: str, pg: Any, tmp_path: Path, procs: list[ListenerProcess],
+    request: pytest.FixtureRequest, make_proxy: Callable[..., TcpProxy],
+    make_tansu: Callable[..., TansuServer], make_pubsub: Callable[..., PubSubEmulator],
+) -> None:  # fmt: skip
+    dsn = pg.dsn(fresh_db)
+    await sql(dsn, "CREATE TABLE items (id int PRIMARY KEY, payload text)")
+    port = free_port()
+    topic = unique("late")
+    made: Broker
+    proxy: TcpProxy | None = None
+    if broker_name == "kafka":
+        made = Kafka(topic, f"127.0.0.1:{port}")
+    elif broker_name == "rabbitmq":
+        proxy = make_proxy("127.0.0.1", 5672, port=port)
+        proxy.stop()
+        made = RabbitMQ(topic, request.getfixturevalue("rabbitmq_url"), f"amqp://guest:guest@127.0.0.1:{port}/")
+    else:
+        made = PubSub(topic, f"127.0.0.1:{port}")
+    cfg = config_dict(pg.port, fresh_db, made.publisher(), refreshConnection="2s")
+    proc = ListenerProcess(cfg, tmp_path, env=made.env).start()
+    procs.append(proc)
+    try:
+        await wait_until(lambda: proc.output().count("broker unreachable; retrying") >= 2, 60, "retries")
+        assert proc.proc is not None and proc.proc.poll() is None  # retrying, not exiting
+        if broker_name == "kafka":
+            await asyncio.to_thread(make_tansu, port=port)
+        elif proxy is not None:
+            proxy.start()
+        else:
+            await asyncio.to_thread(make_pubsub, port=port)
+        await made.prepare(["items"])
+        await wait_until(lambda: '"msg":"streaming"' in proc.output(), 60, "streaming after the broker came")
+        await sql(dsn, "INSERT INTO items SELECT g, 'x' FROM generate_series(1, 100) g")
+        events = await made.read(["items"], 100)
+        complete(events, 100)
+        assert await asyncio.to_thread(proc.terminate) == 0
+    finally:
+        await made.close()
+
+
+# -- bad publisher settings ----------------------------------------------------------------------------
+
+
+def _run_with(tmp_path: Path, publisher: dict[str, Any], env: dict[str, str] | None = None) -> tuple[int, str]:
+    cfg = config_dict(5432, "db", publisher)
+    path = tmp_path / "config.yml"
+    path.write_text(json.dumps(cfg))
+    result = run_cli(["--config", str(path)], env=env, timeout=90)
+    assert "Traceback" not in result.stderr
+    return result.returncode, result.stderr
+
+
+def _error_line(stderr: str) -> str:
+    """The one line the CLI prints for a fatal error (log lines of the run before it are JSON)."""
+    errors = [line for line in stderr.splitlines() if line.startswith("wal-listener: ")]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
+@pytest.mark.parametrize(
+    ("publisher", "expected"),
+    [
+        ({"type": "rabbitmq", "address": "127.0.0.1:5672", "topic": "t", "exchangeKind": "x-delayed"},
+         "config: publisher.exchangeKind = 'x-delayed' is not allowed; use one of"),
+        ({"type": "google_pubsub", "address": "x", "topic": "t"},
+         "publisher.pubSubProjectID is required when publisher.type is google_pubsub"),
+        ({"type": "kafka", "address": "127.0.0.1:9092", "topic": "t", "compression": "brotli"},
+         "config: publisher.compression = 'brotli' is not allowed"),
+        ({"type": "kafka", "address": "127.0.0.1:9092", "topic": "t", "saslMechanism": "PLAIN"},
+         "kafka: publisher.saslMechanism = 'PLAIN' needs publisher.username and publisher.password"),
+    ],
+)  # fmt: skip
+def test_bad_publisher_config_is_one_line_and_exit_2(tmp_path: Path, publisher: dict[str, Any], expected: str) -> None:
+    code, stderr = _run_with(tmp_path, publisher)
+    assert code == 2, stderr
+    assert expected in _error_line(stderr), stderr
+
+
+async def test_exchange_of_another_kind_is_one_line_and_exit_2(tmp_path: Path, rabbitmq_url: str) -> None:
+    exchange = unique("kind")
+    connection = await aio_pika.connect(rabbitmq_url)
+    try:
+        channel = await connection.channel()
+        ex = await channel.declare_exchange(exchange, aio_pika.ExchangeType.FANOUT, durable=True)
+        publisher = {"type": "rabbitmq", "address": rabbitmq_url, "topic": exchange, "exchangeKind": "topic"}
+        code, stderr = await asyncio.to_thread(_run_with, tmp_path, publisher)
+        await ex.delete()
+    finally:
+        await connection.close()
+    assert code == 2, stderr
+    assert f"rabbitmq: exchange '{exchange}' already exists with other settings" in _error_line(stderr)
+
+
+async def test_idempotent_producer_refused_is_one_line_and_exit_2(tmp_path: Path, tansu: TansuServer) -> None:
+    publisher = {"type": "kafka", "address": tansu.bootstrap, "topic": "t"}  # idempotent is the default
+    code, stderr = await asyncio.to_thread(_run_with, tmp_path, publisher)
+    assert code == 2, stderr
+    assert "set publisher.idempotent: false" in _error_line(stderr)
+
+
+async def test_missing_pubsub_topic_is_one_line_and_exit_2(
+    tmp_path: Path, fresh_db: str, pg: Any, pubsub_emulator: PubSubEmulator
+) -> None:
+    dsn = pg.dsn(fresh_db)
+    await sql(dsn, "CREATE TABLE items (id int PRIMARY KEY)")
+    pubsub = PubSub(unique("missing"), pubsub_emulator.host)
+    cfg = config_dict(pg.port, fresh_db, pubsub.publisher())
+    proc = ListenerProcess(cfg, tmp_path, env=pubsub.env).start()
+    try:
+        await wait_until(lambda: '"msg":"streaming"' in proc.output(), 60, "streaming")
+        await sql(dsn, "INSERT INTO items VALUES (1)")
+        assert proc.proc is not None
+        code = await asyncio.to_thread(proc.proc.wait, 30)
+    finally:
+        proc.stop()
+    assert code == 2
+    assert f"topic projects/{pubsub.project}/topics/{pubsub.topic}.public_items does not exist" in proc.output()

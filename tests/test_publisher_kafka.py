@@ -1,0 +1,376 @@
+"""The Kafka publisher against a real Kafka-protocol broker (Tansu), read back with aiokafka's consumer."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaConsumer, ConsumerRecord
+from aiokafka.admin import AIOKafkaAdminClient
+
+from listener.config import PublisherConfig
+from listener.errors import BrokerConfigError, PermanentPublishError, PublishError
+from listener.publishers.base import AckResults, Message, make_publisher
+from listener.publishers.kafka import KafkaPublisher, security_options
+from listener.sandbox import TansuServer, free_port
+from tests.harness import metric, wait_until
+from tests.test_publisher_rabbitmq import Certificates, TlsForwarder
+
+pytestmark = pytest.mark.service
+
+
+def config(address: str, **overrides: Any) -> PublisherConfig:
+    # Tansu does not support idempotent producers.
+    values: dict[str, Any] = {"type": "kafka", "address": address, "topic": "wal_listener", "idempotent": False}
+    values.update(overrides)
+    return PublisherConfig.model_validate(values)
+
+
+def unique_topic() -> str:
+    return f"wal_listener.t{uuid.uuid4().hex[:10]}"
+
+
+def message(subject: str, n: int, *, key: int | None = None, action: str = "INSERT", table: str = "users") -> Message:
+    return Message(
+        id=f"00000000-0000-0000-0000-{n:012d}",
+        subject=subject,
+        body=b'{"n": %d}' % n,
+        schema="public",
+        table=table,
+        action=action,
+        key=None if key is None else b'{"id":%d}' % key,
+    )
+
+
+async def consume(
+    bootstrap: str, topic: str, count: int, timeout: float = 20.0, **options: Any
+) -> list[ConsumerRecord[Any, Any]]:
+    """Every record of ``topic`` from the start, waiting until ``count`` are there (and a moment more)."""
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None, **options
+    )
+    await consumer.start()
+    records: list[ConsumerRecord[Any, Any]] = []
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            batches = await consumer.getmany(timeout_ms=500)
+            for part in batches.values():
+                records.extend(part)
+            if len(records) >= count and not batches:
+                break
+    finally:
+        await consumer.stop()
+    return records
+
+
+async def publish_until_acked(publisher: KafkaPublisher, batch: list[Message], timeout: float = 60.0) -> int:
+    """Re-send what failed, as the delivery stage does, until every message is acknowledged."""
+    attempts = 0
+    deadline = time.monotonic() + timeout
+    while batch:
+        attempts += 1
+        results = await (await publisher.send(batch))
+        batch = [m for m, r in zip(batch, results, strict=True) if r is not None]
+        if batch:
+            assert all(isinstance(r, PublishError) for r in results if r is not None)
+            assert time.monotonic() < deadline, f"still not acknowledged after {timeout}s: {results[:3]}"
+            await asyncio.sleep(0.5)
+    return attempts
+
+
+async def test_batch_arrives_with_key_headers_and_per_key_order(tansu: TansuServer) -> None:
+    topic = unique_topic()
+    publisher = KafkaPublisher(config(tansu.bootstrap, create_topics=True, partitions=3))
+    assert publisher.needs_key is True
+    await publisher.connect()
+    try:
+        assert publisher.ready
+        actions = ["INSERT", "UPDATE", "DELETE"]
+        batch = [message(topic, n, key=n % 5, action=actions[n % 3]) for n in range(300)]
+        batch.append(message(topic, 300, action="TRUNCATE"))  # no row, no key
+        acks = await publisher.send(batch)
+        results: AckResults = await acks
+        assert results == [None] * len(batch)
+    finally:
+        await publisher.close()
+    assert not publisher.ready
+
+    records = await consume(tansu.bootstrap, topic, len(batch))
+    assert len(records) == len(batch)
+    assert {r.partition for r in records} <= {0, 1, 2}
+    by_id = {r.headers[0][1].decode(): r for r in records}
+    for m in batch:
+        r = by_id[m.id]
+        assert r.topic == topic
+        assert r.value == m.body
+        assert r.key == m.key
+        assert dict((k, v.decode()) for k, v in r.headers) == {
+            "id": m.id,
+            "schema": "public",
+            "table": "users",
+            "action": m.action,
+        }
+    # one key -> one partition, in the order of the batch
+    for key in range(5):
+        mine = [r for r in records if r.key == b'{"id":%d}' % key]
+        assert len({r.partition for r in mine}) == 1
+        ordered = sorted(mine, key=lambda r: r.offset)
+        assert [int(r.value[6:-1]) for r in ordered] == [n for n in range(300) if n % 5 == key]
+
+
+async def test_created_topic_has_the_configured_partitions(tansu: TansuServer) -> None:
+    topic = unique_topic()
+    publisher = KafkaPublisher(config(tansu.bootstrap, create_topics=True, partitions=4))
+    await publisher.connect()
+    try:
+        assert await (await publisher.send([message(topic, 1, key=1)])) == [None]
+    finally:
+        await publisher.close()
+    admin = AIOKafkaAdminClient(bootstrap_servers=tansu.bootstrap)
+    await admin.start()
+    try:
+        (described,) = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    assert sorted(p["partition"] for p in described["partitions"]) == [0, 1, 2, 3]
+
+
+async def test_several_topics_in_one_batch_and_compression(tansu: TansuServer) -> None:
+    users, orders = unique_topic(), unique_topic()
+    publisher = make_publisher(config(tansu.bootstrap, compression="gzip", linger_ms=20), 5.0)
+    assert isinstance(publisher, KafkaPublisher)
+    await publisher.connect()
+    try:
+        batch = [message(users if n % 2 else orders, n, key=n) for n in range(50)]
+        assert await (await publisher.send(batch)) == [None] * 50
+    finally:
+        await publisher.close()
+    got_users = await consume(tansu.bootstrap, users, 25)
+    got_orders = await consume(tansu.bootstrap, orders, 25)
+    assert sorted(r.value for r in got_users) == sorted(m.body for m in batch if m.subject == users)
+    assert sorted(r.value for r in got_orders) == sorted(m.body for m in batch if m.subject == orders)
+
+
+async def test_batches_sent_back_to_back_keep_their_order(tansu: TansuServer) -> None:
+    topic = unique_topic()
+    publisher = KafkaPublisher(config(tansu.bootstrap, create_topics=True, partitions=1))
+    await publisher.connect()
+    try:
+        pending = [await publisher.send([message(topic, b * 100 + n, key=7) for n in range(100)]) for b in range(10)]
+        for acks in pending:
+            assert await acks == [None] * 100
+    finally:
+        await publisher.close()
+    records = await consume(tansu.bootstrap, topic, 1000)
+    assert [int(r.value[6:-1]) for r in sorted(records, key=lambda r: r.offset)] == list(range(1000))
+
+
+async def test_oversized_event_is_a_permanent_error_and_counted(tansu: TansuServer) -> None:
+    topic = unique_topic()
+    publisher = KafkaPublisher(config(tansu.bootstrap))
+    await publisher.connect()
+    try:
+        big = message(topic, 2, key=2, table="blobs")
+        big.body = b'"' + b"x" * 2_000_000 + b'"'
+        before = metric("oversized_events_total", {"table": "blobs"})
+        results = await (await publisher.send([message(topic, 1, key=1), big, message(topic, 3, key=3)]))
+        assert results[0] is None and results[2] is None
+        assert isinstance(results[1], PermanentPublishError)
+        assert "bytes" in str(results[1]) and big.id in str(results[1])
+        assert metric("oversized_events_total", {"table": "blobs"}) == before + 1
+    finally:
+        await publisher.close()
+
+
+async def test_broker_stopped_mid_stream_then_back_nothing_skipped(make_tansu: Callable[..., TansuServer]) -> None:
+    broker = make_tansu()
+    topic = unique_topic()
+    publisher = KafkaPublisher(config(broker.bootstrap, create_topics=True), 3.0, probe_interval=0.5)
+    await publisher.connect()
+    try:
+        assert await (await publisher.send([message(topic, n, key=n % 3) for n in range(20)])) == [None] * 20
+
+        broker.stop()
+        outage = [message(topic, n, key=n % 3) for n in range(20, 60)]
+        started = time.monotonic()
+        results = await (await publisher.send(outage))
+        assert all(isinstance(r, PublishError) for r in results), results[:3]
+        assert time.monotonic() - started < 3.0 + 5.0  # failed within about ackTimeout, no hang
+        await wait_until(lambda: not publisher.ready, 10, "ready to turn false")
+        # while it is down, a new batch is refused at once, without queueing anything
+        started = time.monotonic()
+        refused = await (await publisher.send(outage[:5]))
+        assert all(isinstance(r, PublishError) for r in refused) and time.monotonic() - started < 1.0
+
+        # Memory storage: the broker comes back empty. (Tansu then acknowledges records for a topic it
+        # no longer has and drops them; the publisher re-checks its topics after an outage, and with
+        # createTopics it creates them again before producing.)
+        broker.start()
+        await wait_until(lambda: publisher.ready, 30, "ready to turn true again")
+        attempts = await publish_until_acked(publisher, outage)
+        assert attempts >= 1
+    finally:
+        await publisher.close()
+    records = await consume(broker.bootstrap, topic, len(outage))
+    got = [int(r.value[6:-1]) for r in records]
+    assert set(got) >= set(range(20, 60)), "an event of the outage is missing"
+    for key in range(3):  # per key, the re-sent events are in order (duplicates may repeat a suffix)
+        seq = [n for n in got if n % 3 == key]
+        assert sorted(set(seq)) == [n for n in range(20, 60) if n % 3 == key]
+
+
+async def test_broker_killed_while_acks_are_pending(make_tansu: Callable[..., TansuServer]) -> None:
+    broker = make_tansu()
+    topic = unique_topic()
+    publisher = KafkaPublisher(config(broker.bootstrap, linger_ms=200, create_topics=True), 3.0, probe_interval=0.5)
+    await publisher.connect()
+    try:
+        assert await (await publisher.send([message(topic, 0, key=0)])) == [None]
+        acks = await publisher.send([message(topic, n, key=n) for n in range(1, 200)])
+        broker.kill()  # the records are still lingering in the client
+        results = await acks
+        failed = [r for r in results if r is not None]
+        assert all(isinstance(r, PublishError) for r in failed)
+        broker.start()
+        await wait_until(lambda: publisher.ready, 30, "ready again")
+        retry = [message(topic, n, key=n) for n, r in zip(range(1, 200), results, strict=True) if r is not None]
+        await publish_until_acked(publisher, retry)
+    finally:
+        await publisher.close()
+    records = await consume(broker.bootstrap, topic, len(retry))
+    assert {int(r.value[6:-1]) for r in records} >= {int(m.body[6:-1]) for m in retry}
+
+
+async def test_unreachable_broker_at_connect_is_a_publish_error() -> None:
+    publisher = KafkaPublisher(config(f"127.0.0.1:{free_port()}"), 2.0)
+    started = time.monotonic()
+    with pytest.raises(PublishError, match=r"kafka: cannot reach 127\.0\.0\.1:"):
+        await publisher.connect()
+    assert time.monotonic() - started < 15
+    assert not publisher.ready
+
+
+async def test_idempotent_producer_refused_is_a_config_error(tansu: TansuServer) -> None:
+    publisher = KafkaPublisher(config(tansu.bootstrap, idempotent=True))
+    with pytest.raises(BrokerConfigError) as info:
+        await publisher.connect()
+    text = str(info.value)
+    assert "idempotent" in text and "publisher.idempotent: false" in text and "\n" not in text
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"sasl_mechanism": "SCRAM-SHA-256"}, "publisher.saslMechanism = 'SCRAM-SHA-256' needs publisher.username"),
+        ({"enable_tls": True, "ca_cert": "/nonexistent/ca.pem"}, "publisher.caCert = '/nonexistent/ca.pem' cannot"),
+        ({"client_key": "/tmp/key.pem"}, "publisher.clientKey is set but publisher.clientCert is not"),
+        ({"address": " , "}, "names no bootstrap server"),
+    ],
+)
+async def test_bad_security_settings_are_one_line_config_errors(overrides: dict[str, Any], expected: str) -> None:
+    values = {"address": "127.0.0.1:9"} | overrides
+    publisher = KafkaPublisher(config(**values))
+    with pytest.raises(BrokerConfigError) as info:
+        await publisher.connect()
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+async def test_topic_name_kafka_cannot_hold_is_a_config_error(tansu: TansuServer) -> None:
+    publisher = KafkaPublisher(config(tansu.bootstrap))
+    await publisher.connect()
+    try:
+        with pytest.raises(BrokerConfigError, match=r"topic name 'wal_listener.public_my table' is not valid"):
+            await publisher.send([message("wal_listener.public_my table", 1)])
+    finally:
+        await publisher.close()
+
+
+async def test_publisher_sees_an_idle_broker_go_away(make_tansu: Callable[..., TansuServer]) -> None:
+    broker = make_tansu()
+    publisher = KafkaPublisher(config(broker.bootstrap), 2.0, probe_interval=0.3)
+    await publisher.connect()
+    try:
+        assert publisher.ready
+        broker.stop()
+        await wait_until(lambda: not publisher.ready, 10, "ready to turn false while idle")
+        broker.start()
+        await wait_until(lambda: publisher.ready, 30, "ready to turn true")
+        topic = unique_topic()
+        assert await (await publisher.send([message(topic, 1, key=1)])) == [None]
+    finally:
+        await publisher.close()
+
+
+class ProxiedTansu(TansuServer):
+    """Tansu advertising another port (a proxy's, a TLS endpoint's), so every client connection goes
+    through whatever listens there."""
+
+    def __init__(self, advertised_port: int) -> None:
+        super().__init__()
+        self.advertised_port = advertised_port
+
+    def _command(self) -> list[str]:
+        command = super()._command()
+        command[command.index("--advertised-listener-url") + 1] = f"tcp://127.0.0.1:{self.advertised_port}"
+        return command
+
+    def _probe(self) -> None:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2):
+            pass
+
+
+async def test_mutual_tls_with_ca_and_client_certificate(tmp_path: Path) -> None:
+    certs = Certificates(tmp_path)
+    tls_port = free_port()
+    broker = ProxiedTansu(tls_port)
+    await asyncio.to_thread(broker.start)
+    try:
+        async with TlsForwarder(broker.port, certs.server_context(), port=tls_port) as tls:
+            topic = unique_topic()
+            publisher = KafkaPublisher(
+                config(
+                    f"127.0.0.1:{tls_port}", enable_tls=True, ca_cert=str(certs.ca),
+                    client_cert=str(certs.client_cert), client_key=str(certs.client_key),
+                )
+            )  # fmt: skip
+            await publisher.connect()
+            try:
+                assert await (await publisher.send([message(topic, n, key=n) for n in range(10)])) == [None] * 10
+            finally:
+                await publisher.close()
+            assert tls.handshakes >= 1
+            context = ssl.create_default_context(cafile=str(certs.ca))
+            context.load_cert_chain(certs.client_cert, certs.client_key)
+            records = await consume(f"127.0.0.1:{tls_port}", topic, 10, security_protocol="SSL", ssl_context=context)
+            assert sorted(r.value for r in records) == sorted(b'{"n": %d}' % n for n in range(10))
+
+            plain = KafkaPublisher(config(f"127.0.0.1:{tls_port}"), 2.0)  # no TLS: the endpoint refuses it
+            with pytest.raises(PublishError):
+                await plain.connect()
+    finally:
+        await asyncio.to_thread(broker.cleanup)
+
+
+def test_security_options() -> None:
+    def options(**overrides: Any) -> dict[str, Any]:
+        return security_options(config("127.0.0.1:9092", **overrides))
+
+    assert options() == {"security_protocol": "PLAINTEXT"}
+    assert options(username="u", password="p") == {
+        "security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "PLAIN",
+        "sasl_plain_username": "u", "sasl_plain_password": "p",
+    }  # fmt: skip
+    scram = options(sasl_mechanism="SCRAM-SHA-512", username="u", password="p", enable_tls=True)
+    assert scram["security_protocol"] == "SASL_SSL" and scram["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert isinstance(scram["ssl_context"], ssl.SSLContext)
+    assert scram["ssl_context"].verify_mode == ssl.CERT_REQUIRED
+    tls = options(enable_tls=True)
+    assert tls["security_protocol"] == "SSL" and tls["ssl_context"].check_hostname

@@ -1,0 +1,489 @@
+"""The RabbitMQ publisher against the machine's RabbitMQ, read back with aio-pika's consumer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import ipaddress
+import logging
+import ssl
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import aiormq
+import pytest
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+
+from listener.config import PublisherConfig
+from listener.errors import BrokerConfigError, PermanentPublishError, PublishError
+from listener.publishers.base import Message, make_publisher
+from listener.publishers.rabbitmq import RabbitMQPublisher, broker_url
+from listener.sandbox import TcpProxy, free_port
+from tests.harness import metric, wait_until
+
+pytestmark = pytest.mark.service
+
+
+def config(address: str, exchange: str, **overrides: Any) -> PublisherConfig:
+    values: dict[str, Any] = {"type": "rabbitmq", "address": address, "topic": exchange}
+    values.update(overrides)
+    return PublisherConfig.model_validate(values)
+
+
+def unique_exchange() -> str:
+    return f"wal_test_{uuid.uuid4().hex[:10]}"
+
+
+def message(exchange: str, n: int, *, table: str = "users", action: str = "INSERT") -> Message:
+    return Message(
+        id=f"00000000-0000-0000-0000-{n:012d}",
+        subject=f"{exchange}.public_{table}",
+        body=b'{"n": %d}' % n,
+        schema="public",
+        table=table,
+        action=action,
+    )
+
+
+def number(m: AbstractIncomingMessage) -> int:
+    return int(m.body[6:-1])
+
+
+@contextlib.asynccontextmanager
+async def bound_queue(
+    url: str, exchange: str, kind: str = "topic", routing_key: str = "#", arguments: dict[str, Any] | None = None
+) -> AsyncIterator[AbstractQueue]:
+    """A fresh queue bound to ``exchange`` (declared here first, durable, so it exists before binding)."""
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel()
+        ex = await channel.declare_exchange(exchange, aio_pika.ExchangeType(kind), durable=True)
+        queue = await channel.declare_queue(f"q_{exchange}_{uuid.uuid4().hex[:6]}", exclusive=True)
+        await queue.bind(ex, routing_key, arguments=arguments)
+        yield queue
+        await ex.delete()
+    finally:
+        await connection.close()
+
+
+async def drain(queue: AbstractQueue, count: int, timeout: float = 15.0) -> list[AbstractIncomingMessage]:
+    """Read until ``count`` messages are there, then whatever else arrives shortly after (duplicates)."""
+    got: list[AbstractIncomingMessage] = []
+    deadline = time.monotonic() + timeout
+    quiet_until = 0.0
+    while time.monotonic() < deadline:
+        m = await queue.get(no_ack=True, fail=False, timeout=5)
+        if m is None:
+            if len(got) >= count and time.monotonic() > quiet_until:
+                break
+            await asyncio.sleep(0.05)
+            continue
+        got.append(m)
+        quiet_until = time.monotonic() + 0.5
+    return got
+
+
+async def publish_until_confirmed(publisher: RabbitMQPublisher, batch: list[Message], timeout: float = 60.0) -> int:
+    """Re-send what failed, as the delivery stage does, until every message is confirmed."""
+    attempts = 0
+    deadline = time.monotonic() + timeout
+    while batch:
+        attempts += 1
+        results = await (await publisher.send(batch))
+        assert all(r is None or isinstance(r, PublishError) for r in results)
+        batch = [m for m, r in zip(batch, results, strict=True) if r is not None]
+        if batch:
+            assert time.monotonic() < deadline, f"still not confirmed after {timeout}s: {results[:3]}"
+            await asyncio.sleep(0.5)
+    return attempts
+
+
+async def test_batch_arrives_with_routing_key_properties_and_headers_in_order(rabbitmq_url: str) -> None:
+    exchange = unique_exchange()
+    async with bound_queue(rabbitmq_url, exchange, routing_key=f"{exchange}.*") as queue:
+        publisher = make_publisher(config(rabbitmq_url, exchange), 5.0)
+        assert isinstance(publisher, RabbitMQPublisher) and publisher.needs_key is False
+        await publisher.connect()
+        try:
+            assert publisher.ready
+            actions = ["INSERT", "UPDATE", "DELETE", "TRUNCATE"]
+            batch = [message(exchange, n, action=actions[n % 4]) for n in range(500)]
+            results = await (await publisher.send(batch))
+            assert results == [None] * 500
+        finally:
+            await publisher.close()
+        assert not publisher.ready
+        got = await drain(queue, 500)
+    assert [number(m) for m in got] == list(range(500))
+    for m, sent in zip(got, batch, strict=True):
+        assert m.routing_key == f"{exchange}.public_users"
+        assert m.exchange == exchange
+        assert m.body == sent.body
+        assert m.message_id == sent.id
+        assert m.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+        assert m.content_type == "application/json"
+        assert m.app_id == "wal-listener"
+        assert m.headers == {"id": sent.id, "schema": "public", "table": "users", "action": sent.action}
+
+
+async def test_batches_sent_back_to_back_keep_their_order(rabbitmq_url: str) -> None:
+    exchange = unique_exchange()
+    async with bound_queue(rabbitmq_url, exchange) as queue:
+        publisher = RabbitMQPublisher(config(rabbitmq_url, exchange))
+        await publisher.connect()
+        try:
+            pending = [await publisher.send([message(exchange, b * 200 + n) for n in range(200)]) for b in range(10)]
+            for acks in pending:
+                assert await acks == [None] * 200
+        finally:
+            await publisher.close()
+        got = await drain(queue, 2000)
+    assert [number(m) for m in got] == list(range(2000))
+
+
+@pytest.mark.parametrize("kind", ["fanout", "direct", "headers"])
+async def test_exchange_kinds(rabbitmq_url: str, kind: str) -> None:
+    exchange = unique_exchange()
+    publisher = RabbitMQPublisher(config(rabbitmq_url, exchange, exchange_kind=kind))
+    await publisher.connect()  # declares the exchange with that kind
+    bindings: dict[str, dict[str, Any]] = {
+        "fanout": {"routing_key": ""},
+        "direct": {"routing_key": f"{exchange}.public_orders"},
+        "headers": {"routing_key": "", "arguments": {"x-match": "all", "table": "orders"}},
+    }
+    binding = bindings[kind]
+    try:
+        async with bound_queue(rabbitmq_url, exchange, kind, **binding) as queue:
+            batch = [message(exchange, n, table="orders" if n % 2 else "users") for n in range(20)]
+            assert await (await publisher.send(batch)) == [None] * 20
+            got = await drain(queue, 20 if kind == "fanout" else 10, timeout=5)
+    finally:
+        await publisher.close()
+    expected = range(20) if kind == "fanout" else range(1, 20, 2)
+    assert [number(m) for m in got] == list(expected)
+
+
+async def test_existing_exchange_of_another_kind_is_a_config_error(rabbitmq_url: str) -> None:
+    exchange = unique_exchange()
+    async with bound_queue(rabbitmq_url, exchange, "fanout", routing_key=""):
+        publisher = RabbitMQPublisher(config(rabbitmq_url, exchange, exchange_kind="topic"))
+        with pytest.raises(BrokerConfigError) as info:
+            await publisher.connect()
+    text = str(info.value)
+    assert f"exchange {exchange!r} already exists" in text and "exchangeKind='topic'" in text and "\n" not in text
+    assert not publisher.ready
+
+
+async def test_wrong_credentials_are_a_config_error(rabbitmq_url: str) -> None:
+    address = rabbitmq_url.split("@", 1)[1]  # host:port/
+    publisher = RabbitMQPublisher(
+        config(f"amqp://{address}", unique_exchange(), username="guest", password="not-the-password")
+    )
+    with pytest.raises(BrokerConfigError, match=r"refused user 'guest'; check publisher.username/password"):
+        await publisher.connect()
+
+
+async def test_unreachable_broker_at_connect_is_a_publish_error() -> None:
+    publisher = RabbitMQPublisher(config(f"127.0.0.1:{free_port()}", unique_exchange()), connect_timeout=3)
+    started = time.monotonic()
+    with pytest.raises(PublishError, match=r"rabbitmq: cannot reach amqp://127\.0\.0\.1:"):
+        await publisher.connect()
+    assert time.monotonic() - started < 10
+
+
+async def test_unroutable_event_is_confirmed_and_logged(rabbitmq_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, "listener.publishers.rabbitmq")
+    exchange = unique_exchange()
+    publisher = RabbitMQPublisher(config(rabbitmq_url, exchange))
+    await publisher.connect()
+    try:
+        assert await (await publisher.send([message(exchange, 1), message(exchange, 2)])) == [None, None]
+    finally:
+        await publisher.close()
+        async with bound_queue(rabbitmq_url, exchange):
+            pass  # deletes the exchange
+    warnings = [r.getMessage() for r in caplog.records if "no queue is bound" in r.getMessage()]
+    assert warnings == [
+        f"rabbitmq: no queue is bound to exchange {exchange} for routing key {exchange}.public_users; "
+        "RabbitMQ discarded the event"
+    ]
+
+
+async def test_connection_cut_mid_stream_then_back_nothing_skipped(
+    rabbitmq_url: str, make_proxy: Callable[..., TcpProxy]
+) -> None:
+    proxy = make_proxy("127.0.0.1", 5672)
+    exchange = unique_exchange()
+    async with bound_queue(rabbitmq_url, exchange) as queue:  # the consumer is connected directly
+        publisher = RabbitMQPublisher(config(f"amqp://guest:guest@{proxy.address}/", exchange), 3.0, ready_timeout=1.0)
+        await publisher.connect()
+        try:
+            assert await (await publisher.send([message(exchange, n) for n in range(100)])) == [None] * 100
+
+            in_flight = await publisher.send([message(exchange, n) for n in range(100, 300)])
+            proxy.stop()  # closes every connection through it and refuses new ones
+            results = await in_flight
+            failed = [m for m, r in zip(range(100, 300), results, strict=True) if r is not None]
+            assert all(isinstance(r, PublishError) for r in results if r is not None)
+            await wait_until(lambda: not publisher.ready, 10, "ready to turn false")
+            outage = [message(exchange, n) for n in range(300, 400)]
+            started = time.monotonic()
+            refused = await (await publisher.send(outage))
+            assert all(isinstance(r, PublishError) for r in refused)
+            assert time.monotonic() - started < 5  # a wait of about readyTimeout, no hang
+
+            proxy.start()
+            await wait_until(lambda: publisher.ready, 30, "the robust connection to come back")
+            await publish_until_confirmed(publisher, [message(exchange, n) for n in failed] + outage)
+        finally:
+            await publisher.close()
+        got = await drain(queue, 400)
+    numbers = [number(m) for m in got]
+    assert set(numbers) == set(range(400)), "an event is missing"
+    assert numbers[:100] == list(range(100))
+
+
+async def test_stalled_connection_fails_the_batch_then_recovers(
+    rabbitmq_url: str, make_proxy: Callable[..., TcpProxy]
+) -> None:
+    proxy = make_proxy("127.0.0.1", 5672)
+    exchange = unique_exchange()
+    async with bound_queue(rabbitmq_url, exchange) as queue:
+        publisher = RabbitMQPublisher(config(f"amqp://guest:guest@{proxy.address}/", exchange), 2.0)
+        await publisher.connect()
+        try:
+            proxy.pause()  # bytes stop flowing, the connection stays open: no confirms come
+            started = time.monotonic()
+            results = await (await publisher.send([message(exchange, n) for n in range(50)]))
+            assert all(isinstance(r, PublishError) and "no confirm" in str(r) for r in results), results[:2]
+            assert 1.5 < time.monotonic() - started < 6
+            proxy.resume()
+            await publish_until_confirmed(publisher, [message(exchange, n) for n in range(50)])
+        finally:
+            await publisher.close()
+        got = await drain(queue, 50)
+    assert set(number(m) for m in got) == set(range(50))  # duplicates allowed, nothing missing
+
+
+async def test_oversized_event_is_refused_permanently_and_counted(rabbitmq_url: str) -> None:
+    exchange = unique_exchange()
+    publisher = RabbitMQPublisher(config(rabbitmq_url, exchange))
+    await publisher.connect()
+    try:
+        publisher._max_message = 1000  # as if the broker's max_message_size were 1000 bytes
+        big = message(exchange, 2, table="blobs")
+        big.body = b'"' + b"x" * 2000 + b'"'
+        before = metric("oversized_events_total", {"table": "blobs"})
+        results = await (await publisher.send([message(exchange, 1), big, message(exchange, 3)]))
+        assert results[0] is None and results[2] is None
+        assert isinstance(results[1], PermanentPublishError) and "max_message_size (1000 bytes)" in str(results[1])
+        assert metric("oversized_events_total", {"table": "blobs"}) == before + 1
+    finally:
+        await publisher.close()
+        async with bound_queue(rabbitmq_url, exchange):
+            pass
+
+
+def test_broker_limit_is_learnt_from_the_channel_close() -> None:
+    """RabbitMQ closes the channel over a too-large message; its reply text carries the limit."""
+    publisher = RabbitMQPublisher(config("127.0.0.1:5672", "x"))
+    big = message("x", 1)
+    big.body = b"x" * 5000
+    closed = aiormq.exceptions.ChannelPreconditionFailed(
+        "PRECONDITION_FAILED - message size 5000 is larger than configured max size 4096"
+    )
+    assert isinstance(publisher._failure(big, closed), PermanentPublishError)
+    assert isinstance(publisher._failure(message("x", 2), closed), PublishError)
+    assert publisher._max_message == 4096
+
+
+@pytest.mark.parametrize(
+    ("address", "overrides", "expected"),
+    [
+        ("localhost:5672", {}, "amqp://localhost:5672/?heartbeat=15&reconnect_interval=2&name=wal-listener"),
+        ("localhost", {"username": "u", "password": "p"}, "amqp://u:p@localhost/?heartbeat=15"),
+        ("amqp://a:b@h:1/vh?heartbeat=30", {}, "amqp://a:b@h:1/vh?heartbeat=30&reconnect_interval=2"),
+        ("h", {"enable_tls": True}, "amqps://h:5671/?heartbeat=15"),
+    ],
+)
+def test_address_forms(address: str, overrides: dict[str, Any], expected: str) -> None:
+    cfg = config(address, "x", **overrides)
+    assert str(broker_url(cfg, cfg.enable_tls)).startswith(expected)
+
+
+def test_bad_address_is_a_config_error() -> None:
+    with pytest.raises(BrokerConfigError, match="is not host:port or an amqp"):
+        broker_url(config("http://h:1", "x"), False)
+
+
+async def test_routing_key_too_long_is_a_config_error(rabbitmq_url: str) -> None:
+    exchange = unique_exchange()
+    publisher = RabbitMQPublisher(config(rabbitmq_url, exchange))
+    await publisher.connect()
+    try:
+        long = message(exchange, 1)
+        long.subject = exchange + "." + "t" * 300
+        with pytest.raises(BrokerConfigError, match="longer than 255 bytes"):
+            await publisher.send([long])
+    finally:
+        await publisher.close()
+        async with bound_queue(rabbitmq_url, exchange):
+            pass
+
+
+# -- TLS ----------------------------------------------------------------------------------------------
+
+
+class Certificates:
+    """A throwaway CA with a server certificate for 127.0.0.1 and a client certificate, as PEM files."""
+
+    def __init__(self, directory: Path) -> None:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+        now = datetime.datetime.now(datetime.UTC)
+
+        def name(common: str) -> x509.Name:
+            return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+        def write(stem: str, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> tuple[Path, Path]:
+            cert_path, key_path = directory / f"{stem}.crt", directory / f"{stem}.key"
+            cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+            key_path.write_bytes(
+                key.private_bytes(
+                    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+                )
+            )
+            return cert_path, key_path
+
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca = (
+            x509.CertificateBuilder()
+            .subject_name(name("wal-listener test CA"))
+            .issuer_name(name("wal-listener test CA"))
+            .public_key(ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True, content_commitment=False, key_encipherment=False,
+                    data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                    encipher_only=False, decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )  # fmt: skip
+        self.ca, _ = write("ca", ca_key, ca)
+
+        def leaf(stem: str, usage: x509.ObjectIdentifier, san: list[x509.GeneralName]) -> tuple[Path, Path]:
+            key = ec.generate_private_key(ec.SECP256R1())
+            builder = (
+                x509.CertificateBuilder()
+                .subject_name(name(stem))
+                .issuer_name(ca.subject)
+                .public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            )
+            if san:
+                builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+            return write(stem, key, builder.sign(ca_key, hashes.SHA256()))
+
+        localhost = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+        self.server_cert, self.server_key = leaf("server", ExtendedKeyUsageOID.SERVER_AUTH, localhost)
+        self.client_cert, self.client_key = leaf("client", ExtendedKeyUsageOID.CLIENT_AUTH, [])
+
+    def server_context(self) -> ssl.SSLContext:
+        """The broker side: our server certificate; client certificates signed by our CA required."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.server_cert, self.server_key)
+        context.load_verify_locations(self.ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+
+class TlsForwarder:
+    """A TLS endpoint on 127.0.0.1:``port`` that forwards the decrypted stream to a plaintext server:
+    a broker with (mutual) TLS, for brokers that have it switched off here."""
+
+    def __init__(self, target_port: int, context: ssl.SSLContext, port: int | None = None) -> None:
+        self.target_port = target_port
+        self.context = context
+        self.port = port or free_port()
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.handshakes = 0
+
+    async def __aenter__(self) -> TlsForwarder:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port, ssl=self.context)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.handshakes += 1
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError, asyncio.CancelledError, ssl.SSLError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        tasks = [asyncio.create_task(pipe(reader, up_writer)), asyncio.create_task(pipe(up_reader, writer))]
+        self._tasks.update(tasks)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.difference_update(tasks)
+
+
+async def test_mutual_tls_with_ca_and_client_certificate(rabbitmq_url: str, tmp_path: Path) -> None:
+    certs = Certificates(tmp_path)
+    exchange = unique_exchange()
+    async with TlsForwarder(5672, certs.server_context()) as tls, bound_queue(rabbitmq_url, exchange) as queue:
+        publisher = RabbitMQPublisher(
+            config(
+                f"127.0.0.1:{tls.port}", exchange, username="guest", password="guest", enable_tls=True,
+                ca_cert=str(certs.ca), client_cert=str(certs.client_cert), client_key=str(certs.client_key),
+            )
+        )  # fmt: skip
+        await publisher.connect()
+        try:
+            assert await (await publisher.send([message(exchange, n) for n in range(10)])) == [None] * 10
+        finally:
+            await publisher.close()
+        assert tls.handshakes >= 1
+        got = await drain(queue, 10)
+        assert [number(m) for m in got] == list(range(10))
+
+        # without the client certificate the broker side refuses the handshake
+        anonymous = RabbitMQPublisher(
+            config(f"127.0.0.1:{tls.port}", exchange, enable_tls=True, ca_cert=str(certs.ca)), connect_timeout=5
+        )
+        with pytest.raises(PublishError):
+            await anonymous.connect()
+
+
+async def test_tls_file_that_cannot_be_read_is_a_config_error(tmp_path: Path) -> None:
+    publisher = RabbitMQPublisher(config("127.0.0.1:5671", "x", enable_tls=True, ca_cert=str(tmp_path / "no.pem")))
+    with pytest.raises(BrokerConfigError, match=r"TLS files publisher\.caCert/clientCert/clientKey cannot be loaded"):
+        await publisher.connect()
