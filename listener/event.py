@@ -65,6 +65,7 @@ class RelationInfo:
     table: str
     names: tuple[str, ...]
     converters: tuple[Converter | None, ...]
+    conversions: tuple[tuple[int, str, Converter], ...]  # (index, name, converter) of columns not left as text
     key_index: tuple[int, ...]  # columns of the message key (replica identity or messageKeyFrom)
     identity_index: tuple[int, ...]  # the replica identity's columns (an old 'K' tuple holds only these)
     full_identity: bool
@@ -106,6 +107,7 @@ class EventBuilder:
         """Register a table. ``primary_key`` keys messages of REPLICA IDENTITY FULL tables, where every
         column is flagged as identity and the whole row would otherwise be the key."""
         names = tuple(c.name for c in rel.columns)
+        converters = tuple(self._registry.converter(c.type_oid) for c in rel.columns)
         identity_index = tuple(i for i, c in enumerate(rel.columns) if c.is_key)
         if self._key_from and self._key_from in names:
             key_index: tuple[int, ...] = (names.index(self._key_from),)
@@ -118,7 +120,8 @@ class EventBuilder:
             schema=rel.schema,
             table=rel.name,
             names=names,
-            converters=tuple(self._registry.converter(c.type_oid) for c in rel.columns),
+            converters=converters,
+            conversions=tuple((i, names[i], conv) for i, conv in enumerate(converters) if conv is not None),
             key_index=key_index,
             identity_index=identity_index,
             full_identity=rel.replica_identity == "f",
@@ -132,16 +135,13 @@ class EventBuilder:
 
     def row(self, info: RelationInfo, values: Tuple) -> dict[str, Any]:
         """Column name -> converted value; unchanged TOAST columns are left out."""
-        out: dict[str, Any] = {}
+        if len(values) != len(info.names) or UNCHANGED in values:
+            return self._row_checked(info, values)
+        out: dict[str, Any] = dict(zip(info.names, values, strict=True))  # text and NULL need no work
         try:
-            for name, conv, value in zip(info.names, info.converters, values, strict=False):
-                if value is None:
-                    out[name] = None
-                elif value is UNCHANGED:
-                    continue
-                elif conv is None:
-                    out[name] = value
-                else:
+            for index, name, conv in info.conversions:
+                value = values[index]
+                if value is not None:
                     out[name] = conv(value)  # type: ignore[arg-type]
             return out
         except Exception:
