@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from listener import metrics, pgoutput
-from listener.config import Config
+from listener.config import Config, redact_url
 from listener.delivery import Backoff, Delivery
 from listener.errors import (
     BrokerConfigError,
@@ -27,10 +27,16 @@ from listener.errors import (
     SlotLostError,
 )
 from listener.event import EventBuilder, Transaction
-from listener.observability import Health, HttpServer, metrics_route, split_addr
+from listener.observability import Health, HttpServer, metrics_route, register_secrets, split_addr
 from listener.pgoutput import PG_EPOCH, format_lsn
 from listener.publishers.base import Publisher, make_publisher
-from listener.replication import Database, ReplicationStream, parse_keepalive
+from listener.replication import (
+    Database,
+    ReplicationStream,
+    parse_keepalive,
+    publication_dropped,
+    slot_dropped,
+)
 from listener.types import TypeRegistry
 
 log = logging.getLogger("listener.app")
@@ -38,8 +44,18 @@ log = logging.getLogger("listener.app")
 _PG_EPOCH_UNIX = PG_EPOCH.timestamp()
 _XLOG_END = __import__("struct").Struct(">Q").unpack_from
 
-# a slot with less than this much WAL left before max_slot_wal_keep_size invalidates it gets a warning
-SAFE_WAL_WARNING_BYTES = 256 * 1024 * 1024
+# a slot with less than this share of max_slot_wal_keep_size left before it is invalidated gets a warning
+# (a fixed number of bytes warned all the time under a small limit and too late under a large one)
+SAFE_WAL_WARNING_FRACTION = 0.2
+
+
+def wal_at_risk(wal_status: str | None, safe_wal_size: int | None, wal_keep_size: int) -> bool:
+    """Whether the slot is close to losing WAL it still needs (max_slot_wal_keep_size)."""
+    if wal_status in ("unreserved", "lost"):
+        return True
+    if safe_wal_size is None or wal_keep_size <= 0:
+        return False  # no limit: the slot never loses WAL
+    return safe_wal_size < wal_keep_size * SAFE_WAL_WARNING_FRACTION
 
 
 class Listener:
@@ -47,6 +63,7 @@ class Listener:
 
     def __init__(self, cfg: Config, publisher: Publisher | None = None) -> None:
         self.cfg = cfg
+        register_secrets(cfg)  # logs, /ready and Sentry hide them, whatever a client library says
         ack_timeout = cfg.listener.ack_timeout.total_seconds()
         self.publisher = publisher or make_publisher(cfg.publisher, ack_timeout)
         self.registry = TypeRegistry()
@@ -62,6 +79,7 @@ class Listener:
             on_error=cfg.listener.on_error,
             dead_letter_subject=dead_letter,
         )
+        self.delivery.on_fatal = lambda _exc: self.stop()
         self.health = Health()
         self.health.broker = lambda: self.publisher.ready and not self.delivery.failing
         self._stopping = asyncio.Event()
@@ -70,6 +88,13 @@ class Listener:
         self._servers: list[HttpServer] = []
         self._sent_lsn = 0
         self.server_wal_end = 0
+        # set once a session streamed: from then on a missing slot or publication was dropped underneath
+        # the listener and is reported, not silently created again
+        self._streamed = False
+        self._problem_reason = ""  # the reasoned problem last logged (logged once, not on every retry)
+        self._problem_reasons: set[str] = set()
+        self._streaming_since: float | None = None
+        self._drain_until: float | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -108,7 +133,7 @@ class Listener:
             try:
                 await self.publisher.connect()
                 log.info("broker connected", extra={"fields": {"type": self.cfg.publisher.type.value,
-                                                               "address": self.cfg.publisher.address}})
+                                                               "address": redact_url(self.cfg.publisher.address)}})
                 return
             except BrokerConfigError:
                 raise
@@ -153,6 +178,8 @@ class Listener:
                 metrics.RECONNECTS.labels("postgres").inc()
                 await self._sleep(backoff.next())
             await self._shutdown()
+            if self.delivery.fatal is not None:
+                raise self.delivery.fatal
             return 0
         finally:
             for server in self._servers:
@@ -163,15 +190,44 @@ class Listener:
 
     def _report(self, exc: Exception, level: int) -> None:
         self.health.problem = str(exc)
-        log.log(level, str(exc), extra={"fields": {"error_type": type(exc).__name__}})
+        reason = getattr(exc, "reason", "")
+        fields: dict[str, Any] = {"error_type": type(exc).__name__}
+        if self._streaming_since is not None and time.monotonic() - self._streaming_since > 60:
+            self._problem_reason = ""  # it streamed for a while since: a new occurrence is news again
+        self._streaming_since = None
+        if reason:
+            # a lasting problem (slot dropped, invalidated, in use; publication missing...): say it once,
+            # keep it visible in the slot_problem gauge and /ready, retry quietly. A stream that starts
+            # and fails again at once (a re-created publication on PostgreSQL 15) is the same problem.
+            fields["reason"] = reason
+            metrics.SLOT_PROBLEM.labels(reason).set(1)
+            self._problem_reasons.add(reason)
+            if reason == self._problem_reason:
+                level = logging.DEBUG
+            self._problem_reason = reason
+        log.log(level, str(exc), extra={"fields": fields})
+
+    def _problem_solved(self) -> None:
+        if self._problem_reason:
+            log.info("streaming again", extra={"fields": {"after": self._problem_reason}})
+        self._streaming_since = time.monotonic()
+        for reason in self._problem_reasons:
+            metrics.SLOT_PROBLEM.labels(reason).set(0)
 
     async def _drain(self) -> None:
-        grace = max(5.0, 3 * self.cfg.listener.ack_timeout.total_seconds())
+        if self.delivery.fatal is not None:
+            return  # nothing more will be acknowledged: exit with the error
+        # one grace period for the whole shutdown: the session's drain and the final one share it
+        # (before, a broker that never acknowledged made shutdown wait twice as long)
+        first = self._drain_until is None
+        if self._drain_until is None:
+            self._drain_until = time.monotonic() + max(5.0, 3 * self.cfg.listener.ack_timeout.total_seconds())
         try:
-            await asyncio.wait_for(self.delivery.drain(), grace)
+            await asyncio.wait_for(self.delivery.drain(), max(0.0, self._drain_until - time.monotonic()))
         except TimeoutError:
-            log.error("shutdown: events still unacknowledged; they will be re-sent after restart",
-                      extra={"fields": {"in_flight": self.delivery.in_flight}})
+            if first:  # said once, not again by the final drain
+                log.error("shutdown: events still unacknowledged; they will be re-sent after restart",
+                          extra={"fields": {"in_flight": self.delivery.in_flight}})
 
     async def _shutdown(self) -> None:
         await self._drain()
@@ -203,30 +259,44 @@ class Listener:
         db = self._db = Database(self.cfg)
         await db.connect()
         await db.check_server()
-        await db.ensure_publication()
-        slot = await db.ensure_slot()
+        await db.ensure_publication(create=not self._streamed)
+        slot = await db.ensure_slot(create=not self._streamed)
         if slot.active:
             raise SlotInUseError(
                 f"postgres: slot {slot.name!r} is in use by another process (pid {slot.active_pid}); "
-                "another listener reads it — waiting for it to be released"
+                "another listener reads it — waiting for it to be released",
+                reason="slot_in_use",
             )
         stream = self._stream = ReplicationStream(self.cfg)
         await stream.connect()
         start = max(slot.confirmed_flush_lsn, self.delivery.confirmed_lsn)
         await stream.start(start)
         self._sent_lsn = max(self._sent_lsn, slot.confirmed_flush_lsn)
+        self._streamed = True
+        self._problem_solved()
         self.health.postgres = True
         self.health.problem = ""
         metrics.UP.labels("postgres").set(1)
         self.delivery.on_confirmable = stream.wake_status
-        tasks = [
-            asyncio.create_task(self._feedback(stream), name="feedback"),
-            asyncio.create_task(self._watch_slot(db), name="slot-health"),
-        ]
+        watcher = asyncio.create_task(self._watch_slot(db), name="slot-health")
+        tasks = [asyncio.create_task(self._feedback(stream), name="feedback"), watcher]
+        reader = asyncio.create_task(self._read(stream, db), name="reader")
         try:
-            await self._read(stream, db)
+            # the slot watcher ends the session when the slot or the publication is gone (PostgreSQL 18
+            # keeps streaming without a publication, skipping every change: the stream alone never says)
+            await asyncio.wait([reader, watcher], return_when=asyncio.FIRST_COMPLETED)
+            if not reader.done():
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
+                watcher.result()
+            reader.result()
             await self._drain()  # stopping: settle what is in flight while the stream can still confirm
         finally:
+            if not reader.done():
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
             self.delivery.on_confirmable = None
             for task in tasks:
                 task.cancel()
@@ -260,6 +330,8 @@ class Listener:
             await asyncio.sleep(0.05)  # coalesce bursts of confirmations
 
     async def _watch_slot(self, db: Database) -> None:
+        """Every heartbeatInterval: heartbeat (optional), slot health metrics, the retained-WAL warning.
+        Raises (ending the session) when the slot or the publication was dropped underneath."""
         interval = max(1.0, self.cfg.listener.heartbeat_interval.total_seconds())
         warned = False
         while True:
@@ -272,17 +344,20 @@ class Listener:
                 log.debug("slot health check failed", extra={"fields": {"error": str(exc)}})
                 continue
             if state is None:
-                continue
+                raise slot_dropped(self.cfg.listener.slot_name)
+            if not state.publication_exists:
+                raise publication_dropped(self.cfg.listener.publication_name)
             metrics.SLOT_RETAINED_BYTES.set(max(0, state.current_lsn - state.restart_lsn))
             safe = state.safe_wal_size
             metrics.SLOT_SAFE_WAL_BYTES.set(-1 if safe is None else safe)
-            at_risk = state.wal_status in ("unreserved", "lost") or (
-                safe is not None and safe < SAFE_WAL_WARNING_BYTES
-            )
+            metrics.SLOT_WAL_KEEP_BYTES.set(state.wal_keep_size)
+            at_risk = wal_at_risk(state.wal_status, safe, state.wal_keep_size)
             if at_risk and not warned:
                 log.warning(
                     "slot is about to lose WAL (max_slot_wal_keep_size): catch up or raise the limit",
-                    extra={"fields": {"slot": state.name, "wal_status": state.wal_status, "safe_wal_size": safe}},
+                    extra={"fields": {"slot": state.name, "wal_status": state.wal_status, "safe_wal_size": safe,
+                                      "max_slot_wal_keep_size": state.wal_keep_size,
+                                      "retained_wal": max(0, state.current_lsn - state.restart_lsn)}},
                 )
             warned = at_risk
 

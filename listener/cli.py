@@ -13,7 +13,7 @@ import signal
 import sys
 
 from listener import __version__
-from listener.config import load_config
+from listener.config import load_config, redact_url
 from listener.errors import BrokerConfigError, ConfigError, ListenerError
 
 log = logging.getLogger("listener")
@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config, warnings=warnings)
             for warning in warnings:
                 print(warning, file=sys.stderr)
-            print(yaml.safe_dump(cfg.to_yaml_dict(), sort_keys=False), end="")
+            shown = cfg.to_yaml_dict()
+            shown["publisher"]["address"] = redact_url(cfg.publisher.address)  # a password in the URL too
+            print(yaml.safe_dump(shown, sort_keys=False), end="")
             return 0
         _event_loop_policy()
         return asyncio.run(_serve(args.config))

@@ -297,6 +297,27 @@ class Config(_Model):
 # --------------------------------------------------------------------------------------------------
 # loading
 
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s,]*):[^@/\s,]*@")
+
+
+_NATS_TOKEN = re.compile(r"(?P<head>\b(?:nats|tls)://)(?P<token>[^:/@\s,]+)@")
+
+
+def redact_url(text: str) -> str:
+    """Mask the password of every ``scheme://user:password@host`` (and the token of ``nats://token@host``)
+    in ``text``: broker addresses may carry credentials; they must not reach logs, /ready or Sentry."""
+    return _NATS_TOKEN.sub(r"\g<head>***@", _URL_PASSWORD.sub(r"\g<head>:***@", text))
+
+
+def url_passwords(text: str) -> list[str]:
+    """The passwords (and NATS tokens) embedded in the URLs of ``text``, as written and URL-decoded."""
+    from urllib.parse import unquote
+
+    found = [m.group(0)[len(m.group("head")) + 1 : -1] for m in _URL_PASSWORD.finditer(text)]
+    found += [m.group("token") for m in _NATS_TOKEN.finditer(text)]
+    return sorted({form for secret in found for form in (secret, unquote(secret)) if secret})
+
+
 # fields whose keys are user data (table names), not config keys
 _FREE_FORM = {"tables", "topicsMap"}
 SECRET_KEYS = {"password", "sentryDSN"}
@@ -438,6 +459,10 @@ def load_config(
         file = Path(path)
         try:
             text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:  # a binary or wrongly encoded file was a traceback before
+            raise ConfigError(
+                f"config: {str(file)!r} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
+            ) from None
         except FileNotFoundError:
             raise ConfigError(
                 f"config: file {str(file)!r} not found; pass --config PATH (see config_example.yml)"
@@ -451,6 +476,8 @@ def load_config(
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
             problem = getattr(exc, "problem", None) or "malformed YAML"
             raise ConfigError(f"config: {str(file)!r} is not valid YAML{where}: {problem}") from None
+        except RecursionError:  # thousands of nested [ or { were a traceback before
+            raise ConfigError(f"config: {str(file)!r} is nested too deeply to be a config file") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config: {str(file)!r} must hold a mapping of sections (listener, database, ...)")
     data, unknown = canonicalize(raw)
@@ -465,4 +492,13 @@ def load_config(
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_error(exc)) from None
+        message = _format_error(exc)
+        # the error is one line; a misspelt key behind it would otherwise only be in the warnings, which
+        # a failed start never shows (listener.slotNme -> "listener.slotName is required")
+        for found in (_DID_YOU_MEAN.fullmatch(w) for w in unknown):
+            if found and f" {found['meant']} " in f" {message} ":
+                message += f" (the file has {found['key']}: did you mean {found['meant']}?)"
+        raise ConfigError(message) from None
+
+
+_DID_YOU_MEAN = re.compile(r"config: unknown key (?P<key>\S+) is ignored; did you mean (?P<meant>\S+)\?")

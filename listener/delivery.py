@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from listener import metrics
-from listener.errors import PermanentPublishError
+from listener.errors import BrokerConfigError, PermanentPublishError
 from listener.publishers.base import AckResults, Message, Publisher
 
 log = logging.getLogger("listener.delivery")
@@ -74,6 +74,9 @@ class Delivery:
         self.on_error = on_error
         self.dead_letter_subject = dead_letter_subject
         self.on_confirmable = on_confirmable
+        #: called once when the broker refuses the destination for good (the listener then exits 2)
+        self.on_fatal: Callable[[BaseException], None] | None = None
+        self.fatal: BaseException | None = None
         self.confirmed_lsn = 0
         self.confirmed_commit_time = 0.0
         self.in_flight = 0
@@ -114,9 +117,11 @@ class Delivery:
             return
         space = asyncio.ensure_future(self._space.wait())
         stopped = asyncio.ensure_future(stop.wait())
-        await asyncio.wait([space, stopped], return_when=asyncio.FIRST_COMPLETED)
-        space.cancel()
-        stopped.cancel()
+        try:
+            await asyncio.wait([space, stopped], return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when the reader is cancelled (the slot watcher ended the session)
+            space.cancel()
+            stopped.cancel()
 
     def commit(self, end_lsn: int, commit_time: float) -> None:
         """A transaction ended: its LSN is confirmable once the open batch and all before it are acked."""
@@ -181,10 +186,16 @@ class Delivery:
             task.add_done_callback(self._tasks.discard)
 
     async def _send(self, messages: list[Message]) -> asyncio.Future[AckResults]:
-        """Hand messages to the publisher; a send that raises counts as every message failed."""
+        """Hand messages to the publisher; a send that raises counts as every message failed, except a
+        :class:`BrokerConfigError` (a destination that can never work), which stops the listener."""
         try:
             awaitable = await self.publisher.send(messages)
             return asyncio.ensure_future(awaitable)
+        except BrokerConfigError as exc:
+            self.fatal = exc
+            if self.on_fatal is not None:
+                self.on_fatal(exc)
+            raise
         except Exception as exc:
             failed: asyncio.Future[AckResults] = asyncio.get_running_loop().create_future()
             failed.set_result([exc] * len(messages))
@@ -192,6 +203,7 @@ class Delivery:
 
     async def _settle(self, batch: Batch, messages: list[Message], acks: asyncio.Future[AckResults]) -> None:
         backoff = Backoff(cap=self.retry_cap)
+        said = ""  # the failure already logged: a retry failing the same way is logged at debug level only
         while True:
             results = await acks
             failed: list[Message] = []
@@ -215,6 +227,9 @@ class Delivery:
             delay = backoff.next()
             first = next(r for r in results if r is not None)
             level = logging.ERROR if isinstance(first, PermanentPublishError) else logging.WARNING
+            if str(first) == said:
+                level = logging.DEBUG  # one clear line per problem, not one per retry (the metrics count them)
+            said = str(first)
             log.log(
                 level,
                 "publish not acknowledged; retrying",
@@ -236,6 +251,15 @@ class Delivery:
                          message.key, {"error": str(error)[:200]})
         try:
             results = await (await self.publisher.send([letter]))
+            if isinstance(results[0], PermanentPublishError):
+                # the letter carries the event, so an event too large for the broker makes a letter too
+                # large as well: record it without the event's body (id, table, action and size kept)
+                body = orjson.dumps({"error": str(error), "subject": message.subject, "event": None,
+                                     "eventOmitted": f"{len(message.body)} bytes; too large for the broker",
+                                     "id": message.id, "schema": message.schema, "table": message.table,
+                                     "action": message.action})
+                letter.body = body
+                results = await (await self.publisher.send([letter]))
         except Exception:
             return False
         if results[0] is None:

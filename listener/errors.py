@@ -12,7 +12,17 @@ class ConfigError(ListenerError):
 
 
 class DatabaseError(ListenerError):
-    """PostgreSQL is unreachable or refuses what the listener needs; retried with backoff."""
+    """PostgreSQL is unreachable or refuses what the listener needs; retried with backoff.
+
+    ``reason`` names a lasting problem with the slot or the publication (``slot_dropped``,
+    ``slot_invalidated``, ``slot_in_use``, ``publication_missing``, ``wal_level``, ``setup``); the
+    listener exports it as the ``slot_problem{reason}`` gauge and logs it once rather than on every retry.
+    An outage (connection refused, server restarting) has no reason.
+    """
+
+    def __init__(self, message: str = "", *, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class FatalDatabaseError(DatabaseError):

@@ -47,3 +47,13 @@ SLOT_SAFE_WAL_BYTES = Gauge(
     registry=REGISTRY,
 )
 UP = Gauge("up", "1 while the named connection is up.", ["target"], registry=REGISTRY)
+SLOT_PROBLEM = Gauge(
+    "slot_problem",
+    "1 while the slot cannot be streamed for the named reason (slot_dropped, slot_invalidated, slot_in_use, "
+    "publication_missing, wal_level, setup); 0 once streaming again.",
+    ["reason"],
+    registry=REGISTRY,
+)
+SLOT_WAL_KEEP_BYTES = Gauge(
+    "slot_wal_keep_size_bytes", "The server's max_slot_wal_keep_size in bytes (-1: no limit).", registry=REGISTRY
+)

@@ -18,8 +18,46 @@ from typing import Any
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from listener.config import Config
+from listener.config import Config, redact_url, url_passwords
 from listener.metrics import REGISTRY
+
+
+class Redactor:
+    """Replaces known secrets (passwords, the Sentry DSN, credentials inside broker URLs) with ``***``
+    in text that leaves the process: log lines, /ready, Sentry events. Errors from client libraries
+    (e.g. a broker client naming the address it could not reach) may carry them."""
+
+    def __init__(self) -> None:
+        self._secrets: set[str] = set()
+
+    def add(self, *secrets: str) -> None:
+        for secret in secrets:
+            if len(secret) >= 4 and secret != "***":  # a 1-3 character "secret" would mangle every line
+                self._secrets.add(secret)
+
+    def __call__(self, text: str) -> str:
+        text = redact_url(text)
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, "***")
+            escaped = orjson.dumps(secret).decode()[1:-1]  # as it appears inside a JSON string
+            if escaped != secret and escaped in text:
+                text = text.replace(escaped, "***")
+        return text
+
+
+REDACT = Redactor()
+
+
+def register_secrets(cfg: Config) -> None:
+    """Make :data:`REDACT` hide the secrets of ``cfg``."""
+    import urllib.parse
+
+    dsn = cfg.monitoring.sentry_dsn.get_secret_value()
+    REDACT.add(cfg.database.password.get_secret_value(), cfg.publisher.password.get_secret_value(), dsn,
+               *url_passwords(cfg.publisher.address))
+    if dsn:
+        REDACT.add(urllib.parse.urlsplit(dsn).username or "")
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "warning": logging.WARNING,
            "error": logging.ERROR}
@@ -41,7 +79,7 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info and record.exc_info[1] is not None:
             entry["error"] = entry.get("error") or str(record.exc_info[1])
             entry["traceback"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry, default=str).decode()
+        return REDACT(orjson.dumps(entry, default=str).decode())
 
 
 class TextFormatter(logging.Formatter):
@@ -52,7 +90,7 @@ class TextFormatter(logging.Formatter):
         line = f"{stamp} {record.levelname:<7} {record.getMessage()}" + (f" {tail}" if tail else "")
         if record.exc_info and record.exc_info[1] is not None:
             line += "\n" + self.formatException(record.exc_info)
-        return line
+        return REDACT(line)
 
 
 def setup_logging(level: str = "info", fmt: str = "json") -> None:
@@ -75,15 +113,15 @@ def setup_sentry(cfg: Config) -> bool:
 
     from listener import __version__
 
+    register_secrets(cfg)
+
     def scrub(event: Any, _hint: Any) -> Any:
         secrets = [s for s in (cfg.database.password.get_secret_value(),
                                cfg.publisher.password.get_secret_value(), dsn) if s]
-        if not secrets:
-            return event
         text = orjson.dumps(event, default=str).decode()
         for secret in secrets:
             text = text.replace(orjson.dumps(secret).decode()[1:-1], "[redacted]")
-        return orjson.loads(text)
+        return orjson.loads(REDACT(text))  # and credentials inside URLs (publisher.address)
 
     sentry_sdk.init(
         dsn=dsn,
@@ -158,7 +196,7 @@ class Health:
         broker = self.broker()
         body = {"postgres": self.postgres, "broker": broker}
         if self.problem:
-            body["problem"] = self.problem  # type: ignore[assignment]
+            body["problem"] = REDACT(self.problem)  # type: ignore[assignment]
         status = 200 if self.postgres and broker else 503
         return status, "application/json", orjson.dumps(body) + b"\n"
 

@@ -54,6 +54,17 @@ def describe_pg_error(exc: BaseException) -> str:
     return text
 
 
+def one_line(message: str) -> str:
+    """A server error as one line: the message and its DETAIL/HINT, without the ERROR: prefix and the
+    multi-line CONTEXT (a walsender error otherwise spans several log lines)."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    first = lines[0].removeprefix("ERROR:").removeprefix("FATAL:").strip()
+    extra = [line for line in lines[1:] if line.startswith(("DETAIL:", "HINT:"))]
+    return "; ".join([first, *extra])
+
+
 @dataclass(frozen=True, slots=True)
 class SlotState:
     name: str
@@ -66,6 +77,8 @@ class SlotState:
     wal_status: str | None
     safe_wal_size: int | None
     current_lsn: int
+    wal_keep_size: int = -1  # max_slot_wal_keep_size in bytes; -1: no limit
+    publication_exists: bool = True
 
 
 class Database:
@@ -107,14 +120,21 @@ class Database:
         if row[0] != "logical":
             raise FatalDatabaseError(
                 f"postgres: wal_level is {row[0]!r}; set wal_level = logical in postgresql.conf "
-                "(with max_replication_slots >= 1 and max_wal_senders >= 1) and restart PostgreSQL"
+                "(with max_replication_slots >= 1 and max_wal_senders >= 1) and restart PostgreSQL",
+                reason="wal_level",
             )
 
-    async def ensure_publication(self) -> None:
+    async def ensure_publication(self, create: bool = True) -> None:
+        """Create the publication when missing. ``create=False`` (the listener streamed with it
+        before): a missing publication was dropped underneath the listener; re-creating it silently
+        would hide that the changes made without it are not captured (PostgreSQL 18 skips them,
+        15-17 cannot decode past them), so report it instead."""
         name = self.cfg.listener.publication_name
         row = await self._one("SELECT puballtables FROM pg_catalog.pg_publication WHERE pubname = %s", (name,))
         if row is not None:
             return
+        if not create:
+            raise publication_dropped(name)
         try:
             await self.conn.execute(
                 sql.SQL("CREATE PUBLICATION {} FOR ALL TABLES").format(sql.Identifier(name))
@@ -124,16 +144,19 @@ class Database:
         except psycopg.errors.InsufficientPrivilege:
             raise FatalDatabaseError(
                 f"postgres: user {self.cfg.database.user!r} may not create publication {name!r} FOR ALL TABLES; "
-                f"create it as a superuser (CREATE PUBLICATION \"{name}\" FOR ALL TABLES) or grant the right"
+                f"create it as a superuser (CREATE PUBLICATION \"{name}\" FOR ALL TABLES) or grant the right",
+                reason="setup",
             ) from None
         log.info("created publication", extra={"fields": {"publication": name}})
 
     async def slot(self) -> SlotState | None:
         row = await self._one(
             "SELECT slot_name, plugin, database, active, active_pid, confirmed_flush_lsn::text,"
-            " restart_lsn::text, wal_status, safe_wal_size, pg_current_wal_lsn()::text"
+            " restart_lsn::text, wal_status, safe_wal_size, pg_current_wal_lsn()::text,"
+            " pg_catalog.pg_size_bytes(pg_catalog.current_setting('max_slot_wal_keep_size')),"
+            " EXISTS (SELECT FROM pg_catalog.pg_publication WHERE pubname = %s)"
             " FROM pg_catalog.pg_replication_slots WHERE slot_name = %s",
-            (self.cfg.listener.slot_name,),
+            (self.cfg.listener.publication_name, self.cfg.listener.slot_name),
         )
         if row is None:
             return None
@@ -142,22 +165,31 @@ class Database:
             confirmed_flush_lsn=parse_lsn(row[5]) if row[5] else 0,
             restart_lsn=parse_lsn(row[6]) if row[6] else 0,
             wal_status=row[7], safe_wal_size=row[8], current_lsn=parse_lsn(row[9]),
+            wal_keep_size=int(row[10]), publication_exists=bool(row[11]),
         )
 
-    async def ensure_slot(self) -> SlotState:
+    async def ensure_slot(self, create: bool = True) -> SlotState:
+        """Create the slot when missing. ``create=False`` (the listener streamed from it before): a
+        missing slot was dropped underneath the listener; a new one would silently start after the
+        changes made in between, so report it instead (a restart creates it again, knowingly)."""
         name = self.cfg.listener.slot_name
         state = await self.slot()
+        if state is None and not create:
+            raise slot_dropped(name)
         if state is None:
             try:
                 await self.conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (name,))
             except psycopg.errors.DuplicateObject:
                 pass
             except psycopg.errors.ObjectNotInPrerequisiteState as exc:
-                raise FatalDatabaseError(f"postgres: cannot create slot {name!r}: {describe_pg_error(exc)}") from None
+                raise FatalDatabaseError(
+                    f"postgres: cannot create slot {name!r}: {describe_pg_error(exc)}", reason="setup"
+                ) from None
             except psycopg.errors.ConfigurationLimitExceeded:
                 raise FatalDatabaseError(
                     f"postgres: cannot create slot {name!r}: all replication slots are in use; "
-                    "raise max_replication_slots in postgresql.conf or drop an unused slot"
+                    "raise max_replication_slots in postgresql.conf or drop an unused slot",
+                    reason="setup",
                 ) from None
             log.info("created replication slot", extra={"fields": {"slot": name, "plugin": "pgoutput"}})
             state = await self.slot()
@@ -165,18 +197,17 @@ class Database:
         if state.plugin != "pgoutput":
             raise FatalDatabaseError(
                 f"postgres: slot {name!r} uses plugin {state.plugin!r}, not pgoutput; "
-                "drop it or choose another listener.slotName"
+                "drop it or choose another listener.slotName",
+                reason="setup",
             )
         if state.database != self.cfg.database.name:
             raise FatalDatabaseError(
                 f"postgres: slot {name!r} belongs to database {state.database!r}, not {self.cfg.database.name!r}; "
-                "choose another listener.slotName"
+                "choose another listener.slotName",
+                reason="setup",
             )
         if state.wal_status == "lost":
-            raise SlotLostError(
-                f"postgres: slot {name!r} is invalidated (wal_status = lost): the WAL it needed was removed "
-                "(max_slot_wal_keep_size) and changes were lost; drop the slot and re-snapshot"
-            )
+            raise slot_invalidated(name)
         return state
 
     async def load_types(self, registry: TypeRegistry, oids: list[int]) -> None:
@@ -247,10 +278,13 @@ class ReplicationStream:
         assert self.pgconn is not None
         pgconn = self.pgconn
         slot = self.cfg.listener.slot_name
-        publication = self.cfg.listener.publication_name.replace('"', '""')
+        # publication_names is a string literal ('' escapes a quote) holding a list of identifiers
+        # ("" escapes a double quote); a name with a single quote broke the command before
+        publication = '"' + self.cfg.listener.publication_name.replace('"', '""') + '"'
+        publication = publication.replace("'", "''")
         command = (
             f'START_REPLICATION SLOT "{slot}" LOGICAL {format_lsn(start_lsn)} '
-            f"(proto_version '1', publication_names '\"{publication}\"', messages 'true')"
+            f"(proto_version '1', publication_names '{publication}', messages 'true')"
         )
         pgconn.send_query(command.encode())
         while True:
@@ -261,19 +295,17 @@ class ReplicationStream:
         result = pgconn.get_result()
         if result is None or result.status != pq.ExecStatus.COPY_BOTH:
             message = result.get_error_message() if result is not None else pgconn.get_error_message()
-            message = message.strip().removeprefix("ERROR:").strip()
+            message = one_line(message)
             state = result.error_field(pq.DiagnosticField.SQLSTATE) if result is not None else None
             if state == b"55006":  # object_in_use
-                raise SlotInUseError(f"postgres: slot {slot!r} is in use by another process: {message}")
+                raise SlotInUseError(f"postgres: slot {slot!r} is in use by another process: {message}",
+                                     reason="slot_in_use")
             if state == b"42704" and "publication" in message:
-                raise FatalDatabaseError(
-                    f"postgres: {message}; the publication was dropped — restart the listener to re-create it "
-                    "or create it yourself"
-                )
+                raise publication_dropped(self.cfg.listener.publication_name, message)
             if state == b"42704":
-                raise SlotLostError(f"postgres: {message}; the slot was dropped while the listener ran")
+                raise slot_dropped(slot, message)
             if state == b"55000" and "invalidated" in message:
-                raise SlotLostError(f"postgres: {message}")
+                raise slot_invalidated(slot, message)
             raise DatabaseError(f"postgres: START_REPLICATION failed: {message}")
         pgconn.nonblocking = 1
         log.info("streaming", extra={"fields": {"slot": slot, "from_lsn": format_lsn(start_lsn)}})
@@ -314,10 +346,15 @@ class ReplicationStream:
 
     async def status_wanted(self, timeout: float) -> None:
         """Wait until :meth:`wake_status` was called or ``timeout`` passed."""
+        # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that arrives together with
+        # the event (it returns the result instead), and the feedback task, cancelled at the end of
+        # every session, then kept running: the session never ended and the listener hung after a
+        # PostgreSQL crash. asyncio.wait never swallows the caller's cancellation.
+        waiter = asyncio.ensure_future(self._status_event.wait())
         try:
-            await asyncio.wait_for(self._status_event.wait(), timeout)
-        except TimeoutError:
-            pass
+            await asyncio.wait([waiter], timeout=timeout)
+        finally:
+            waiter.cancel()
         self._status_event.clear()
 
     def read(self) -> tuple[int, memoryview]:
@@ -352,10 +389,17 @@ class ReplicationStream:
                     pass
         except psycopg.Error:
             result = None
-        message = (result.get_error_message() if result is not None else pgconn.get_error_message()).strip()
-        message = message.removeprefix("ERROR:").removeprefix("FATAL:").strip() or "the server ended the stream"
-        if "invalidated" in message or "does not exist" in message:
-            return SlotLostError(f"postgres: {message}")
+        message = one_line(result.get_error_message() if result is not None else pgconn.get_error_message())
+        message = message or "the server ended the stream"
+        # the walsender's own words (PostgreSQL 15-18): 'publication "x" does not exist' while decoding
+        # after the publication was dropped; 'replication slot "x" does not exist'; 'can no longer get
+        # changes from replication slot' / 'This slot has been invalidated' after max_slot_wal_keep_size
+        if "publication" in message and "does not exist" in message:
+            return publication_dropped(self.cfg.listener.publication_name, message)
+        if "invalidated" in message or "can no longer get changes" in message:
+            return slot_invalidated(self.cfg.listener.slot_name, message)
+        if "slot" in message and "does not exist" in message:
+            return slot_dropped(self.cfg.listener.slot_name, message)
         return DatabaseError(f"postgres: replication stream ended: {message}")
 
     def send_status(self, flush_lsn: int, *, reply: bool = False) -> None:
@@ -380,6 +424,35 @@ class ReplicationStream:
                 pass
             self._conn = None
             self.pgconn = None
+
+
+def slot_dropped(slot: str, server_message: str = "") -> SlotLostError:
+    said = f" ({server_message})" if server_message else ""
+    return SlotLostError(
+        f"postgres: slot {slot!r} was dropped while the listener ran{said}: changes made since then are not "
+        "captured; re-snapshot what you need, then restart the listener to create the slot again",
+        reason="slot_dropped",
+    )
+
+
+def slot_invalidated(slot: str, server_message: str = "") -> SlotLostError:
+    said = f" ({server_message})" if server_message else ""
+    return SlotLostError(
+        f"postgres: slot {slot!r} is invalidated (wal_status = lost){said}: the WAL it needed was removed "
+        "(max_slot_wal_keep_size) and changes were lost; drop the slot, re-snapshot and restart the listener",
+        reason="slot_invalidated",
+    )
+
+
+def publication_dropped(publication: str, server_message: str = "") -> FatalDatabaseError:
+    said = f" ({server_message})" if server_message else ""
+    return FatalDatabaseError(
+        f"postgres: publication {publication!r} was dropped while the listener ran{said}: changes made without "
+        "it are not captured (PostgreSQL 18 skips them, 15-17 cannot decode past them); create it again "
+        f"(CREATE PUBLICATION \"{publication}\" FOR ALL TABLES), and if the stream stays stuck drop the slot, "
+        "re-snapshot and restart the listener",
+        reason="publication_missing",
+    )
 
 
 def parse_xlogdata(data: memoryview) -> tuple[int, int, bytes]:

@@ -143,7 +143,11 @@ async def test_postgres_and_nats_restart_mid_stream_recover_by_themselves(
     await asyncio.to_thread(broker.restart)
     writer.join()
     events = await read_stream(broker.url, topic, 2000, timeout=90)
-    assert_complete(events, 2000)
+    try:
+        assert_complete(events, 2000)
+    except AssertionError:
+        print(proc.output()[-6000:])  # what the listener said, for the failure report
+        raise
     logs = proc.logs()
     assert any("replication" in e.get("msg", "") or "postgres" in e.get("msg", "") for e in logs
                if e.get("level") in ("error", "warning")), "the PostgreSQL outage was not reported"

@@ -1,0 +1,116 @@
+"""Credentials never leave the process: not in logs (debug level included), /metrics, /ready or Sentry
+events — also while PostgreSQL and the broker are failing and every error path talks about them."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from listener.sandbox import NatsServer, PostgresServer, TcpProxy, free_port
+from tests.harness import ListenerProcess, nats_config, read_stream, run_cli, sql, unique, wait_until
+from tests.test_listener_nats import http_get
+
+pytestmark = pytest.mark.service
+
+DB_PASSWORD = "db-Pa55word-Xq1"
+NATS_PASSWORD = "nats-Pa55word-Xq2"
+URL_PASSWORD = "url-Pa55word-Xq3"
+SENTRY_KEY = "sentrykey0123456789abcdef"
+SECRETS = (DB_PASSWORD, NATS_PASSWORD, URL_PASSWORD, SENTRY_KEY)
+
+
+class Inbox(BaseHTTPRequestHandler):
+    """A Sentry ingestion endpoint that keeps what it receives."""
+
+    bodies: list[bytes]
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.headers.get("Content-Encoding") == "gzip":
+            body = gzip.decompress(body)
+        self.bodies.append(body)
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def procs() -> Iterator[list[ListenerProcess]]:
+    started: list[ListenerProcess] = []
+    yield started
+    for p in started:
+        p.stop()
+
+
+@pytest.fixture
+def sentry() -> Iterator[tuple[int, list[bytes]]]:
+    bodies: list[bytes] = []
+    handler = type("SentryInbox", (Inbox,), {"bodies": bodies})
+    server = HTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1], bodies
+    server.shutdown()
+
+
+async def test_credentials_never_appear_in_logs_metrics_ready_or_sentry(
+    fresh_db: str, pg: PostgresServer, make_nats: Callable[..., NatsServer], make_proxy: Callable[..., TcpProxy],
+    sentry: tuple[int, list[bytes]], tmp_path: Path, procs: list[ListenerProcess],
+) -> None:
+    sentry_port, sentry_bodies = sentry
+    broker = make_nats()
+    broker.stop()  # down at start: the "cannot connect to <address>" path
+    db_path = make_proxy(pg.host, pg.port)
+    dsn = pg.dsn(fresh_db)
+    await sql(dsn, "CREATE TABLE t (id int PRIMARY KEY, secret_looking text)")
+    topic = unique("secret")
+    port = free_port()
+    cfg = nats_config(db_path.port, fresh_db, f"nats://bob:{URL_PASSWORD}@127.0.0.1:{broker.port}", topic,
+                      serverPort=port, refreshConnection="1s", ackTimeout="1s")
+    cfg["database"]["password"] = DB_PASSWORD
+    cfg["publisher"].update(username="alice", password=NATS_PASSWORD)
+    cfg["logger"]["level"] = "debug"
+    cfg["monitoring"] = {"promAddr": f":{port}", "sentryDSN": f"http://{SENTRY_KEY}@127.0.0.1:{sentry_port}/1"}
+    outputs: list[str] = []
+    proc = ListenerProcess(cfg, tmp_path).start()
+    procs.append(proc)
+    await wait_until(lambda: "broker unreachable" in proc.output(), 30, "the broker error")
+    outputs.append((await http_get(port, "/ready"))[1])
+    await asyncio.to_thread(broker.start)
+    await wait_until(lambda: '"msg":"streaming"' in proc.output(), 30, "streaming")
+    await sql(dsn, "INSERT INTO t VALUES (1, 'not a secret')")
+    await read_stream(broker.url, topic, 1)
+
+    db_path.stop()  # PostgreSQL unreachable: connection errors, reconnects
+    await wait_until(lambda: "cannot connect to 127.0.0.1" in proc.output(), 30, "the database error")
+    outputs.append((await http_get(port, "/ready"))[1])
+    db_path.start()
+    await wait_until(lambda: proc.output().count('"msg":"streaming"') >= 2, 30, "streaming again")
+    await asyncio.to_thread(broker.restart)  # broker errors while connected
+    await sql(dsn, "INSERT INTO t VALUES (2, 'x')")
+    await read_stream(broker.url, topic, 2)
+    outputs.append((await http_get(port, "/ready"))[1])
+    outputs.append((await http_get(port, "/metrics"))[1])
+    await wait_until(lambda: len(sentry_bodies) >= 2, 30, "Sentry events")
+    assert await asyncio.to_thread(proc.terminate) == 0
+    outputs.append(proc.output())
+    outputs.extend(b.decode(errors="replace") for b in sentry_bodies)
+    check = run_cli(["--config", str(proc.path), "check-config"], timeout=30)
+    outputs.append(check.stdout + check.stderr)
+
+    everything = "\n".join(outputs)
+    leaks = [s for s in SECRETS if s in everything]
+    assert not leaks, [line for line in everything.splitlines() if any(s in line for s in leaks)][:5]
+    # the paths that would have printed them did run
+    assert "nats://bob:***@127.0.0.1" in proc.output()
+    assert any(b"broker unreachable" in b or b"cannot connect" in b for b in sentry_bodies)
+    assert "address: nats://bob:***@" in check.stdout

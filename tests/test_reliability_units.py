@@ -1,0 +1,139 @@
+"""Fast checks of the pieces the reliability suite relies on: the checker itself (a checker that cannot
+fail proves nothing), and the small rules behind the fixes it led to."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import orjson
+import pytest
+
+from listener.app import wal_at_risk
+from listener.config import Config, redact_url, url_passwords
+from listener.event import event_id, slot_hash
+from listener.observability import JsonFormatter, Redactor
+from listener.replication import ReplicationStream, one_line
+from tests.checker import check, id_lsn
+from tests.harness import nats_config
+
+
+def _event(k: int, seq: int, ident: str | None = None) -> dict[str, object]:
+    return {"id": ident or f"id-{k}-{seq}", "data": {"k": k, "seq": seq}}
+
+
+# -- the checker -------------------------------------------------------------------------------------
+
+
+def test_checker_accepts_a_complete_stream_with_a_replayed_tail() -> None:
+    events = [_event(1, 1), _event(2, 1), _event(1, 2), _event(2, 1), _event(1, 2)]  # replay of the last two
+    report = check({1: 2, 2: 1}, events)
+    report.assert_ok()
+    assert report.duplicated == {(2, 1): 2, (1, 2): 2}
+    assert [c.position for c in report.copies] == [3, 4]
+    with pytest.raises(AssertionError, match="duplicates where none may be"):
+        report.assert_ok(duplicates=False)
+
+
+@pytest.mark.parametrize(
+    ("truth", "events", "problem"),
+    [
+        ({1: 3}, [_event(1, 1), _event(1, 3)], "missing 1 [(1, 2)]"),
+        ({1: 2}, [_event(1, 2), _event(1, 1)], "out of order 1 [(1, 2, 1)]"),
+        ({1: 1}, [_event(1, 1), _event(1, 1, "other-id")], "changed ids 1"),
+        ({1: 1}, [_event(1, 1), _event(1, 2), _event(9, 1)], "unexpected 2 [(1, 2), (9, 1)]"),
+        ({1: 1, 2: 1}, [], "missing 2"),
+    ],
+    ids=["missing", "out-of-order", "changed-id", "phantom", "nothing"],
+)
+def test_checker_reports_what_is_wrong(truth: dict[int, int], events: list[dict[str, object]], problem: str) -> None:
+    report = check(truth, events)
+    assert not report.ok
+    assert problem in report.summary()
+
+
+def test_event_ids_carry_the_commit_lsn_the_checker_reads_back() -> None:
+    for lsn, ordinal in [(0, 1), (0x16B3748, 7), (0x1_2345_6789_ABCD, 0x3FFFFFF), (2**64 - 1, 0)]:
+        assert id_lsn(event_id(slot_hash("s"), lsn, ordinal)) == (lsn, ordinal)
+
+
+def test_duplicates_outside_the_unconfirmed_tail_are_found() -> None:
+    old, new = event_id(1, 100, 1), event_id(1, 200, 1)
+    events = [_event(1, 1, old), _event(2, 1, new), _event(1, 1, old), _event(2, 1, new)]
+    report = check({1: 1, 2: 1}, events)
+    # killed after 2 events with LSN 150 confirmed: re-sending the change of LSN 100 was wrong
+    assert [c.change for c in report.duplicates_outside_tail([(2, 150)])] == [(1, 1)]
+    assert report.duplicates_outside_tail([(2, 100)]) == []
+    assert len(report.duplicates_outside_tail([])) == 2  # a copy without any crash before it
+
+
+# -- rules behind the fixes ----------------------------------------------------------------------------
+
+
+MB = 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("status", "safe", "keep", "risk"),
+    [
+        ("reserved", 100 * MB, 128 * MB, False),
+        ("reserved", 25 * MB, 128 * MB, True),  # less than 20 % of max_slot_wal_keep_size left
+        ("extended", 900 * MB, 1024 * MB, False),  # a fixed 256 MB threshold warned all the time here
+        ("reserved", 300 * MB, 100 * 1024 * MB, True),  # ... and too late here
+        ("unreserved", -5 * MB, 128 * MB, True),
+        ("lost", None, 128 * MB, True),
+        ("reserved", None, -1, False),  # no limit
+    ],
+)
+def test_retained_wal_warning_is_relative_to_max_slot_wal_keep_size(
+    status: str, safe: int | None, keep: int, risk: bool
+) -> None:
+    assert wal_at_risk(status, safe, keep) is risk
+
+
+def test_server_errors_become_one_line() -> None:
+    text = (
+        'ERROR:  publication "wal-listener" does not exist\n'
+        'CONTEXT:  slot "s", output plugin "pgoutput", in the change callback, associated LSN 0/1945118\n'
+    )
+    assert one_line(text) == 'publication "wal-listener" does not exist'
+    assert one_line("ERROR:  x\nDETAIL:  y\nHINT:  z\n") == "x; DETAIL:  y; HINT:  z"
+    assert one_line("") == ""
+
+
+@pytest.mark.parametrize(
+    ("text", "shown", "secrets"),
+    [
+        ("nats://bob:pw-123@h:4222", "nats://bob:***@h:4222", ["pw-123"]),
+        ("nats://a:b1@h1:1,nats://c:d2@h2:2", "nats://a:***@h1:1,nats://c:***@h2:2", ["b1", "d2"]),
+        ("amqp://guest:guest@127.0.0.1:5672/", "amqp://guest:***@127.0.0.1:5672/", ["guest"]),
+        ("nats://s3cr3t-token@h:4222", "nats://***@h:4222", ["s3cr3t-token"]),
+        ("cannot connect to nats://u:p%40ss@h", "cannot connect to nats://u:***@h", ["p%40ss", "p@ss"]),
+        ("h:4222,kafka:9092", "h:4222,kafka:9092", []),
+    ],
+)
+def test_credentials_inside_urls_are_masked(text: str, shown: str, secrets: list[str]) -> None:
+    assert redact_url(text) == shown
+    assert url_passwords(text) == sorted(secrets)
+
+
+def test_redactor_masks_secrets_in_json_log_lines() -> None:
+    redact = Redactor()
+    redact.add('pa"ss\\word', "abc")  # too short to mask safely: ignored
+    record = logging.LogRecord("x", logging.ERROR, "", 0, "failed", (), None)
+    record.fields = {"error": 'login with pa"ss\\word failed (abc)'}
+    line = JsonFormatter().format(record)  # the secret JSON-escaped inside the line
+    assert 'pa\\"ss\\\\word' in line
+    assert orjson.loads(redact(line))["error"] == "login with *** failed (abc)"
+
+
+async def test_status_wait_never_swallows_a_cancellation() -> None:
+    """The feedback task is cancelled at the end of every session; with asyncio.wait_for (Python 3.11)
+    a cancellation arriving together with a status request was lost and the session never ended."""
+    stream = ReplicationStream(Config.model_validate(nats_config(1, "db", "h:1")))
+    task = asyncio.create_task(stream.status_wanted(30))
+    await asyncio.sleep(0)
+    stream.wake_status()  # the event and the cancellation in the same loop iteration
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)
