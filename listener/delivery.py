@@ -207,15 +207,19 @@ class Delivery:
         while True:
             results = await acks
             failed: list[Message] = []
+            published: dict[tuple[str, str], int] = {}  # counted once per subject and table, not per event
             for message, result in zip(messages, results, strict=True):
                 if result is None:
-                    metrics.PUBLISHED.labels(message.subject, message.table).inc()
+                    key = (message.subject, message.table)
+                    published[key] = published.get(key, 0) + 1
                 elif isinstance(result, PermanentPublishError) and self.on_error == "skip":
                     if not await self._dead_letter(message, result):
                         failed.append(message)
                 else:
                     failed.append(message)
                     metrics.PUBLISH_ERRORS.labels(type(result).__name__).inc()
+            for (subject, table), count in published.items():
+                metrics.PUBLISHED.labels(subject, table).inc(count)
             acked = len(messages) - len(failed)
             self.in_flight -= acked
             if self.in_flight < self.max_in_flight:
