@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaTimeoutError
+from aiokafka.partitioner import DefaultPartitioner
 
 from listener.config import PublisherConfig
 from listener.errors import BrokerConfigError, PermanentPublishError, PublishError
@@ -171,6 +173,100 @@ async def test_batches_sent_back_to_back_keep_their_order(tansu: TansuServer) ->
         await publisher.close()
     records = await consume(tansu.bootstrap, topic, 1000)
     assert [int(r.value[6:-1]) for r in sorted(records, key=lambda r: r.offset)] == list(range(1000))
+
+
+async def test_records_go_to_the_partition_producer_send_chooses(tansu: TansuServer) -> None:
+    """The bulk path picks partitions itself: the same as aiokafka's default partitioner (murmur2 of the
+    key, as the Java client), so a row keeps its partition whichever producer wrote it."""
+    topic = unique_topic()
+    publisher = KafkaPublisher(config(tansu.bootstrap, create_topics=True, partitions=3))
+    await publisher.connect()
+    try:
+        batch = [message(topic, n, key=n) for n in range(60)] + [message(topic, 60 + n) for n in range(6)]
+        assert await (await publisher.send(batch)) == [None] * len(batch)
+    finally:
+        await publisher.close()
+    records = await consume(tansu.bootstrap, topic, len(batch))
+    assert len(records) == len(batch)
+    for r in records:
+        if r.key is not None:
+            assert r.partition == DefaultPartitioner()(r.key, [0, 1, 2], [0, 1, 2]), r
+
+
+async def test_batch_spanning_many_record_batches_keeps_its_order(tansu: TansuServer) -> None:
+    topic = unique_topic()
+    publisher = KafkaPublisher(config(tansu.bootstrap, create_topics=True, partitions=2, max_batch_bytes=1024))
+    await publisher.connect()
+    try:
+        batch = [message(topic, n, key=n % 4) for n in range(400)]  # ~15 records fit one record batch
+        pending = [await publisher.send(batch[:200]), await publisher.send(batch[200:])]
+        for acks in pending:
+            assert await acks == [None] * 200
+    finally:
+        await publisher.close()
+    records = await consume(tansu.bootstrap, topic, 400)
+    assert len(records) == 400
+    for key in range(4):
+        mine = sorted((r for r in records if r.key == b'{"id":%d}' % key), key=lambda r: r.offset)
+        assert [int(r.value[6:-1]) for r in mine] == [n for n in range(400) if n % 4 == key]
+
+
+async def test_record_batch_not_taken_fails_it_and_the_rest_of_the_batch(
+    tansu: TansuServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    topic = unique_topic()
+    publisher = KafkaPublisher(config(tansu.bootstrap, create_topics=True, max_batch_bytes=1024))
+    await publisher.connect()
+    try:
+        producer = publisher._producer
+        real = producer.send_batch
+        calls = 0
+
+        async def send_batch(*args: Any, **kwargs: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == 3:
+                raise KafkaTimeoutError()  # the accumulator did not take it in time
+            return await real(*args, **kwargs)
+
+        monkeypatch.setattr(producer, "send_batch", send_batch)
+        batch = [message(topic, n, key=1) for n in range(100)]
+        results = await (await publisher.send(batch))
+        monkeypatch.undo()
+        taken = results.index(next(r for r in results if r is not None))
+        assert 0 < taken < 100 and results[:taken] == [None] * taken
+        assert all(type(r) is PublishError and "could not queue" in str(r) for r in results[taken:]), results[-1]
+    finally:
+        await publisher.close()
+    records = await consume(tansu.bootstrap, topic, taken, timeout=5)
+    assert sorted(int(r.value[6:-1]) for r in records) == list(range(taken))
+
+
+async def test_without_the_batch_interface_it_sends_one_by_one(tansu: TansuServer) -> None:
+    """The fallback for an aiokafka without create_batch/send_batch: producer.send per event."""
+
+    class OnlySend:
+        def __init__(self, inner: Any) -> None:
+            self._inner = inner
+
+        def __getattr__(self, name: str) -> Any:
+            if name in ("create_batch", "send_batch"):
+                raise AttributeError(name)
+            return getattr(self._inner, name)
+
+    topic = unique_topic()
+    publisher = KafkaPublisher(config(tansu.bootstrap, create_topics=True, partitions=2))
+    await publisher.connect()
+    real = publisher._producer
+    publisher._producer = OnlySend(real)
+    try:
+        batch = [message(topic, n, key=n % 3) for n in range(30)]
+        assert await (await publisher.send(batch)) == [None] * 30
+    finally:
+        publisher._producer = real
+        await publisher.close()
+    records = await consume(tansu.bootstrap, topic, 30)
+    assert sorted(int(r.value[6:-1]) for r in records) == list(range(30))
 
 
 async def test_oversized_event_is_a_permanent_error_and_counted(tansu: TansuServer) -> None:

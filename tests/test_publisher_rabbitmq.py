@@ -12,17 +12,18 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
 import aiormq
 import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+from pamqp.commands import Basic
 
 from listener.config import PublisherConfig
 from listener.errors import BrokerConfigError, PermanentPublishError, PublishError
 from listener.publishers.base import Message, make_publisher
-from listener.publishers.rabbitmq import RabbitMQPublisher, broker_url
+from listener.publishers.rabbitmq import _UNSET, RabbitMQPublisher, broker_url
 from listener.sandbox import TcpProxy, free_port
 from tests.harness import metric, wait_until
 
@@ -300,6 +301,103 @@ def test_broker_limit_is_learnt_from_the_channel_close() -> None:
     assert isinstance(publisher._failure(big, closed), PermanentPublishError)
     assert isinstance(publisher._failure(message("x", 2), closed), PublishError)
     assert publisher._max_message == 4096
+
+
+def test_frames_are_the_bytes_aiormq_would_write() -> None:
+    """The bulk path encodes basic.publish + content header + body itself: byte for byte what pamqp
+    (aiormq's basic_publish) writes for the same message, properties and headers."""
+    from pamqp import frame
+    from pamqp.body import ContentBody
+    from pamqp.header import ContentHeader
+
+    from listener.publishers.rabbitmq import _Wire
+
+    max_content = 100
+    wire = _Wire("ex", 3, max_content)
+    extra = message("ex", 2)
+    extra.headers = {"error": "boom ü", "zeta": "z", "id": "overridden"}
+    empty = message("ex", 3, table="tü")
+    empty.body = b""
+    split = message("ex", 4)
+    split.body = b"y" * 250
+    exact = message("ex", 5)
+    exact.body = b"y" * max_content
+    for m in [message("ex", 1), extra, empty, split, exact, message("ex", 6, action="TRUNCATE")]:
+        properties = Basic.Properties(
+            content_type="application/json", delivery_mode=2, message_id=m.id, app_id="wal-listener",
+            headers=dict(m.attributes()),
+        )
+        expected = frame.marshal(Basic.Publish(exchange="ex", routing_key=m.subject, mandatory=True), 3)
+        expected += frame.marshal(ContentHeader(0, len(m.body), properties), 3)
+        for start in range(0, len(m.body), max_content):
+            expected += frame.marshal(ContentBody(m.body[start:start + max_content]), 3)
+        out: list[bytes] = []
+        wire.encode(m, out)
+        assert b"".join(out) == expected, m
+
+
+async def test_confirms_settle_by_delivery_tag() -> None:
+    """basic.ack with multiple settles everything up to its tag; single acks and nacks may come in any
+    order; a closed channel fails what is still waiting."""
+    from listener.publishers.rabbitmq import _Confirms, _Sent
+
+    publisher = RabbitMQPublisher(config("127.0.0.1:5672", "x"))
+    confirms = _Confirms(publisher, cast(aiormq.Channel, object()))
+    first = [message("x", n) for n in range(4)]
+    second = [message("x", n) for n in range(4, 7)]
+    # message 1 of the first batch was refused before sending: tags 1..3 are messages 0, 2, 3
+    sent1 = _Sent(first, [_UNSET, PermanentPublishError("too big"), _UNSET, _UNSET], [0, 2, 3], 1)
+    sent2 = _Sent(second, [_UNSET] * 3, [0, 1, 2], 4)
+    confirms.add(sent1)
+    confirms.add(sent2)
+    confirms.confirm(5, multiple=False, ack=False)  # a nack, out of order
+    confirms.confirm(2, multiple=True, ack=True)
+    assert not sent1.future.done() and sent1.results[:3] == [None, sent1.results[1], None]
+    confirms.confirm(4, multiple=True, ack=True)
+    assert sent1.future.done() and sent1.results[3] is None and len(confirms.sent) == 1
+    assert sent2.results[0] is None
+    assert isinstance(sent2.results[1], PublishError) and "nack" in str(sent2.results[1])
+    confirms.fail(aiormq.exceptions.ChannelPreconditionFailed(
+        "PRECONDITION_FAILED - message size 5000 is larger than configured max size 4096"))
+    assert sent2.future.done() and isinstance(sent2.results[2], PublishError)
+    assert publisher._max_message == 4096
+    late = _Sent([message("x", 9)], [_UNSET], [0], 7)
+    confirms.add(late)  # on a closed channel: failed at once
+    assert late.future.done() and isinstance(late.results[0], PublishError)
+
+
+async def test_many_batches_in_flight_confirmed_in_order(rabbitmq_url: str) -> None:
+    exchange = unique_exchange()
+    async with bound_queue(rabbitmq_url, exchange) as queue:
+        publisher = RabbitMQPublisher(config(rabbitmq_url, exchange), 30.0)
+        await publisher.connect()
+        try:
+            pending = [await publisher.send([message(exchange, b * 1000 + n) for n in range(1000)]) for b in range(8)]
+            for acks in pending:
+                assert await acks == [None] * 1000
+        finally:
+            await publisher.close()
+        got = await drain(queue, 8000, timeout=60)
+    assert [number(m) for m in got] == list(range(8000))
+
+
+async def test_without_channel_internals_it_publishes_one_by_one(
+    rabbitmq_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fallback for an aiormq without the internals of the bulk path: basic_publish per message."""
+    monkeypatch.setattr("listener.publishers.rabbitmq._CHANNEL_ATTRIBUTES", ("_no_such_attribute",))
+    exchange = unique_exchange()
+    async with bound_queue(rabbitmq_url, exchange) as queue:
+        publisher = RabbitMQPublisher(config(rabbitmq_url, exchange))
+        await publisher.connect()
+        try:
+            assert await (await publisher.send([message(exchange, n) for n in range(20)])) == [None] * 20
+            assert publisher._confirms is None
+        finally:
+            await publisher.close()
+        got = await drain(queue, 20)
+    assert [number(m) for m in got] == list(range(20))
+    assert all(m.headers == {"id": m.message_id, "schema": "public", "table": "users", "action": "INSERT"} for m in got)
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,13 @@
 """Kafka publisher (aiokafka): one producer, acks=all, every event keyed by its row.
 
-How acknowledgements are collected: ``send`` appends every message of the batch, in order, to
-aiokafka's accumulator (``AIOKafkaProducer.send`` returns one future per record once it is buffered)
-and returns a task that gathers those futures. A future resolves when the partition leader answered
-the produce request with acks=all, so ``None`` in the results means "written to every in-sync
-replica".
+How acknowledgements are collected: ``send`` appends the records of the batch, in order, to record
+batches of their partition (aiokafka's ``create_batch``; the partition chosen as ``producer.send``
+chooses it: murmur2 of the key) and hands those to aiokafka's accumulator with ``send_batch``, one
+future per record batch rather than one ``producer.send`` call, metadata lookup and future per
+record. It returns a task that gathers those futures. A future resolves when the partition leader
+answered the produce request with acks=all, so ``None`` in the results means "written to every
+in-sync replica". (Where aiokafka has no batch interface, each record goes through
+``producer.send``.)
 
 Ordering: aiokafka keeps at most one produce request in flight per partition and re-queues a failed
 batch at the head of its partition's queue, so records of one key (one partition) are written in the
@@ -21,8 +24,8 @@ connection-type failure marks the publisher not ready; until a metadata probe (e
 reaches the cluster again, ``send`` fails new batches at once instead of piling them up in the
 client, and after the outage every topic is looked up (or created) again before it is used. A
 transient failure in the middle of a batch stops handing over the rest of the batch (each remaining
-message gets a :class:`PublishError` without being sent) so that nothing is written ahead of a
-message that the delivery stage will have to re-send.
+message, and each record batch not handed over yet, gets a :class:`PublishError` without being
+sent) so that nothing is written ahead of a message that the delivery stage will have to re-send.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from aiokafka.errors import (
     TopicAuthorizationFailedError,
     UnknownTopicOrPartitionError,
 )
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from listener.config import PublisherConfig
 from listener.errors import BrokerConfigError, PermanentPublishError, PublishError
@@ -164,6 +168,7 @@ class KafkaPublisher(Publisher):
         self._ready = False
         self._probe: asyncio.Task[None] | None = None
         self._max_request = max(_DEFAULT_MAX_REQUEST, cfg.max_batch_bytes)
+        self._header_tails: dict[tuple[str, str, str], tuple[tuple[str, bytes], ...]] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -342,9 +347,100 @@ class KafkaPublisher(Publisher):
             self._ready = False
             return asyncio.ensure_future(self._gather(_failed(exc, len(batch)), batch, 0))
 
+        if all(hasattr(producer, name) for name in ("create_batch", "send_batch", "_partitioner")):
+            futures = await self._send_bulk(producer, batch)
+        else:
+            futures = await self._send_each(producer, batch)
+        return asyncio.ensure_future(self._gather(futures, batch, deadline))
+
+    def _headers(self, message: Message) -> list[tuple[str, bytes]]:
+        """The record headers: :meth:`Message.attributes`, encoded (the repeating part cached)."""
+        if message.headers:
+            return [(k, v.encode()) for k, v in message.attributes().items()]
+        key = (message.schema, message.table, message.action)
+        tail = self._header_tails.get(key)
+        if tail is None:
+            tail = (("schema", message.schema.encode()), ("table", message.table.encode()),
+                    ("action", message.action.encode()))
+            if len(self._header_tails) < 10000:
+                self._header_tails[key] = tail
+        return [("id", message.id.encode()), *tail]
+
+    async def _send_bulk(self, producer: Any, batch: Sequence[Message]) -> list[asyncio.Future[Any]]:
+        """Append the batch's records, in order, to record batches of their partition (``create_batch``)
+        and hand those over with ``send_batch``: one future per record batch instead of one per event,
+        no per-event metadata lookups. Partitions are chosen as ``producer.send`` chooses them."""
+        cluster = producer.client.cluster
+        partitioner = producer._partitioner
+        layouts: dict[str, tuple[list[int], list[int]]] = {}
+        stop = len(batch)  # the first message that cannot be handed over: nothing after it is
+        error: PublishError | None = None
+        for index, message in enumerate(batch):
+            topic = message.subject
+            if topic in layouts:
+                continue
+            try:
+                partitions = await producer.partitions_for(topic)  # the cached metadata, or waits for it
+            except (TimeoutError, KafkaError, OSError) as exc:
+                error = self._not_queued(topic, exc)
+                stop = index
+                break
+            layouts[topic] = (list(partitions), list(cluster.available_partitions_for_topic(topic) or ()))
+
+        futures: list[asyncio.Future[Any] | None] = [None] * len(batch)
+        open_batches: dict[tuple[str, int], _Records] = {}
+        in_order: list[_Records] = []
+        for index in range(stop):
+            message = batch[index]
+            topic, key, body = message.subject, message.key, message.body
+            every, available = layouts[topic]
+            partition = every[0] if len(every) == 1 else partitioner(key, every, available)
+            headers = self._headers(message)
+            # producer.send's own check; only a body of half the limit or more can fail it
+            if len(body) > self._max_request // 2:
+                size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, body, headers)
+                if size > self._max_request:
+                    futures[index] = _failed(self._oversized(message, MessageSizeTooLargeError(
+                        f"The message is {size} bytes when serialized which is larger than the maximum request "
+                        "size you have configured with the max_request_size configuration")), 1)[0]
+                    continue
+            records = open_batches.get((topic, partition))
+            if records is None or records.builder.append(timestamp=None, key=key, value=body, headers=headers) is None:
+                # full (or the first of its partition): a new record batch, which takes at least one record
+                records = open_batches[topic, partition] = _Records(topic, partition, producer.create_batch())
+                in_order.append(records)
+                records.builder.append(timestamp=None, key=key, value=body, headers=headers)
+            records.indices.append(index)
+
+        for records in in_order:
+            if error is None:
+                records.builder.close()  # complete: no lingering for more records, it goes out at once
+                try:
+                    future = await producer.send_batch(records.builder, records.topic, partition=records.partition)
+                except (TimeoutError, KafkaError, OSError) as exc:
+                    # Do not hand over anything after a record batch that was not taken: it would overtake it.
+                    error = self._not_queued(records.topic, exc)
+            if error is not None:
+                future = _failed(error, 1)[0]
+            future.add_done_callback(_consume)
+            for index in records.indices:
+                futures[index] = future
+        if stop < len(batch):
+            assert error is not None
+            futures[stop:] = _failed(error, len(batch) - stop)
+        return [f if f is not None else _failed(PublishError("kafka: not handed over"), 1)[0] for f in futures]
+
+    def _not_queued(self, topic: str, exc: BaseException) -> PublishError:
+        self._down(exc)
+        if isinstance(exc, UnknownTopicOrPartitionError):
+            self._known_topics.discard(topic)  # look it up (or create it) again
+        return PublishError(f"kafka: could not queue the event for {topic!r}: {exc!r}")
+
+    async def _send_each(self, producer: Any, batch: Sequence[Message]) -> list[asyncio.Future[Any]]:
+        """One ``producer.send`` per event: for an aiokafka without the batch interface."""
         futures: list[asyncio.Future[Any]] = []
         for index, message in enumerate(batch):
-            headers = [(k, v.encode()) for k, v in message.attributes().items()]
+            headers = self._headers(message)
             try:
                 future = await producer.send(message.subject, message.body, key=message.key, headers=headers)
             except _OVERSIZE_ERRORS as exc:
@@ -360,7 +456,7 @@ class KafkaPublisher(Publisher):
                 break
             future.add_done_callback(_consume)
             futures.append(future)
-        return asyncio.ensure_future(self._gather(futures, batch, deadline))
+        return futures
 
     def _oversized(self, message: Message, exc: BaseException) -> PermanentPublishError:
         OVERSIZED.labels(message.table).inc()
@@ -399,6 +495,18 @@ class KafkaPublisher(Publisher):
         if ok:
             self._ready = True
         return results
+
+
+class _Records:
+    """A record batch being filled for one partition, and which events of the batch it holds."""
+
+    __slots__ = ("builder", "indices", "partition", "topic")
+
+    def __init__(self, topic: str, partition: int, builder: Any) -> None:
+        self.topic = topic
+        self.partition = partition
+        self.builder = builder
+        self.indices: list[int] = []
 
 
 def _outcome(future: asyncio.Future[Any]) -> BaseException | None:

@@ -6,12 +6,26 @@ collects all acks and a batch resolves when its last ack arrived (or ``ackTimeou
 fails the rest of it for a retry). Replays inside the stream's duplicate window are dropped by the
 server (the ack says ``duplicate``). The stream ``publisher.topic`` with subjects ``<topic>.>`` is
 created when missing. Events of one subject keep their commit order: one connection, sent in order.
+
+The hot path works in bulk. ``send`` writes the ``HPUB`` frames of a whole batch itself (the same
+bytes nats-py's ``publish`` writes for a message with one header) as one command into the client's
+pending buffer and kicks its flusher once, instead of one ``publish`` call per event. nats-py's
+buffering rules still hold: while the client is reconnecting the frames wait in its pending buffer
+(up to ``pending_size``; what does not fit fails with a :class:`PublishError`, and so does everything
+after it in the batch, so nothing overtakes a message that has to be sent again). Acks are taken from
+the protocol parser directly for our reply subscription (no ``Msg`` object, queue hop or callback
+task per ack), and runs of complete ack frames at the start of a read are cut off before nats-py's
+regex parser sees them; every other frame, and other subscriptions of the client, go nats-py's way.
+Where the client does not have the internals this relies on, it falls back to ``publish`` and the
+subscription callback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import re
 import ssl
 import time
 from collections.abc import Awaitable, Sequence
@@ -22,12 +36,23 @@ import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
+from nats.protocol import parser as nats_parser
 
-from listener.config import PublisherConfig
+from listener.config import PublisherConfig, redact_url
 from listener.errors import BrokerConfigError, PermanentPublishError, PublishError
 from listener.publishers.base import AckResults, Message, Publisher
 
 log = logging.getLogger("listener.publishers.nats")
+
+# the header block nats-py writes for one ``Nats-Msg-Id`` header: the server's max_payload counts it too
+_HEADER_BYTES = len(b"NATS/1.0\r\nNats-Msg-Id: \r\n\r\n")
+# what nats-py refuses in a subject on publish (the protocol's separators)
+_BAD_SUBJECT = re.compile(r"[ \t\r\n]")
+# a header value is one line: nats-py turns CR and LF into spaces
+_ONE_LINE = str.maketrans({"\r": " ", "\n": " "})
+# the client internals the bulk path writes through (nats-py 2.x)
+_BULK_ATTRIBUTES = ("_send_command", "_flush_pending", "_flush_queue", "_max_pending_size", "pending_data_size",
+                    "stats")
 
 
 class _Pending:
@@ -60,6 +85,10 @@ class NatsPublisher(Publisher):
         self._batches: set[_Pending] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._max_payload = 1024 * 1024
+        self._closing = False  # close() was called: a closed client is not re-opened
+        self._reopening: asyncio.Task[None] | None = None
+        self._subjects: dict[str, str] = {}  # checked subject -> the start of its HPUB line
+        self._bulk = True  # the client has the internals the bulk write path uses
 
     @property
     def servers(self) -> list[str]:
@@ -85,11 +114,16 @@ class NatsPublisher(Publisher):
                 "which may not contain '.', '*', '>' or spaces"
             )
 
+        client: list[Client] = []  # the client these callbacks belong to
+
         async def on_error(exc: Exception) -> None:
-            log.warning("nats connection error", extra={"fields": {"error": str(exc) or type(exc).__name__}})
+            if client and client[0] is self._nc:  # not while connecting: connect() reports that itself
+                log.warning("nats connection error", extra={"fields": {"error": str(exc) or type(exc).__name__}})
 
         async def on_disconnect() -> None:
-            log.warning("nats disconnected; reconnecting")
+            # not when close() drains the connection at shutdown, nor for a first connection that failed
+            if not self._closing and client and client[0] is self._nc:
+                log.warning("nats disconnected; reconnecting")
 
         async def on_reconnect() -> None:
             from listener import metrics
@@ -97,12 +131,22 @@ class NatsPublisher(Publisher):
             metrics.RECONNECTS.labels("broker").inc()
             log.info("nats reconnected")
 
+        async def on_closed() -> None:
+            # nats-py closes the client for good on most server errors (-ERR), reconnecting only after
+            # network failures: open a new one, or every publish would fail from now on
+            if client and client[0] is self._nc and not self._closing:
+                self._reopen(client[0])
+
         kwargs: dict[str, Any] = {}
         if self.cfg.username:
             kwargs["user"] = self.cfg.username
             kwargs["password"] = self.cfg.password.get_secret_value()
+        nc = Client()
+        client.append(nc)
         try:
-            self._nc = await nats.connect(
+            # nats-py retries a first connection forever when reconnecting is allowed (the listener then
+            # hung at start while the broker was down, never reporting it, and ignored SIGTERM): bound it
+            await asyncio.wait_for(nc.connect(
                 servers=self.servers,
                 connect_timeout=5,
                 allow_reconnect=True,
@@ -112,24 +156,54 @@ class NatsPublisher(Publisher):
                 error_cb=on_error,
                 disconnected_cb=on_disconnect,
                 reconnected_cb=on_reconnect,
+                closed_cb=on_closed,
                 tls=self._tls(),
                 **kwargs,
-            )
+            ), timeout=5.0 * len(self.servers) + 1.0)
         except (OSError, TimeoutError, nats.errors.Error) as exc:
+            reason = nc.last_error or exc
+            with contextlib.suppress(Exception):
+                await nc.close()
             raise PublishError(
-                f"nats: cannot connect to {self.cfg.address}: {exc or type(exc).__name__}"
+                f"nats: cannot connect to {redact_url(self.cfg.address)}: {reason or type(reason).__name__}"
             ) from None
-        nc = self._nc
+        self._nc = nc
         self._max_payload = nc.max_payload or self._max_payload
         try:
             await self._ensure_stream()
         except BaseException:
+            self._nc = None  # first: closing it on purpose must not look like the server closing it
             await nc.close()
-            self._nc = None
             raise
         self._inbox = nc.new_inbox()
-        await nc.subscribe(self._inbox + ".*", cb=self._on_ack, pending_msgs_limit=-1, pending_bytes_limit=-1)
-        self._sweeper = asyncio.create_task(self._sweep(), name="nats-ack-timeouts")
+        self._subjects = {}
+        sub = await nc.subscribe(self._inbox + ".*", cb=self._on_ack, pending_msgs_limit=-1, pending_bytes_limit=-1)
+        self._bulk = all(hasattr(nc, name) for name in _BULK_ATTRIBUTES)
+        self._take_acks_from_parser(nc, getattr(sub, "_id", None))
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep(), name="nats-ack-timeouts")
+
+    def _reopen(self, closed: Client) -> None:
+        if self._reopening is not None and not self._reopening.done():
+            return
+        log.error("nats: the server closed the connection; connecting again",
+                  extra={"fields": {"error": str(closed.last_error or "closed")}})
+        self._reopening = asyncio.create_task(self._reconnect(), name="nats-reopen")
+
+    async def _reconnect(self) -> None:
+        """Connect a new client after the old one was closed (publishes waiting for an ack on the old
+        one time out and are retried by the delivery stage)."""
+        delay = 0.5
+        while not self._closing:
+            try:
+                await self.connect()
+                log.info("nats reconnected")
+                return
+            except (PublishError, BrokerConfigError) as exc:
+                log.warning("nats: still cannot connect; retrying",
+                            extra={"fields": {"error": str(exc), "retry_in_s": delay}})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
 
     async def _ensure_stream(self) -> None:
         assert self._nc is not None
@@ -148,11 +222,11 @@ class NatsPublisher(Publisher):
             return
         except nats.js.errors.ServiceUnavailableError:
             raise BrokerConfigError(
-                f"nats: JetStream is not enabled on {self.cfg.address}; start nats-server with -js"
+                f"nats: JetStream is not enabled on {redact_url(self.cfg.address)}; start nats-server with -js"
             ) from None
         except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
             raise BrokerConfigError(
-                f"nats: JetStream does not answer on {self.cfg.address}; start nats-server with -js"
+                f"nats: JetStream does not answer on {redact_url(self.cfg.address)}; start nats-server with -js"
             ) from None
         have = list(info.config.subjects or [])
         if not any(s in (f"{name}.>", ">") for s in have):
@@ -161,23 +235,117 @@ class NatsPublisher(Publisher):
                 "(add it to the stream or choose another publisher.topic)"
             )
 
+    def _take_acks_from_parser(self, nc: Client, sid: int | None) -> None:
+        """Have the client's protocol parser hand the acks of our reply subscription (``sid``) straight
+        to :meth:`_ack`; every other message goes the client's usual way. Without the internals this
+        needs, acks keep arriving through the subscription callback :meth:`_on_ack`."""
+        process_msg = getattr(nc, "_process_msg", None)
+        if sid is None or process_msg is None:
+            return
+        ack = self._ack
+
+        async def take(msg_sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
+            if msg_sid == sid:
+                status = headers[9:12] if headers and headers[8:9] == b" " else b""  # "NATS/1.0 503"
+                try:
+                    ack(subject.rpartition(b".")[2], status, data)
+                except Exception:  # an exception here would stop the client's read loop for good
+                    log.exception("nats: cannot process a JetStream ack")
+            else:
+                await process_msg(msg_sid, subject, reply, data, headers)
+
+        setattr(nc, "_process_msg", take)  # noqa: B010 - an instance attribute over the method
+        self._read_acks_first(nc, sid)
+
+    def _read_acks_first(self, nc: Client, sid: int) -> None:
+        """Give the client's protocol parser a fast path for what it reads most: runs of complete
+        ``MSG <inbox>.<seq> <sid> <size>`` frames of our ack subscription at the start of a read. They
+        are taken off directly; everything from the first other frame (or an incomplete one) on goes
+        to nats-py's parser as before, which keeps any partial frame for the next read."""
+        parser = getattr(nc, "_ps", None)
+        original = getattr(parser, "parse", None)
+        if (parser is None or original is None or not all(hasattr(parser, a) for a in ("buf", "state", "needed"))
+                or getattr(nats_parser, "AWAITING_CONTROL_LINE", None) is None):
+            return
+        control_line, crlf = nats_parser.AWAITING_CONTROL_LINE, len(b"\r\n")
+        our_sid = str(sid).encode()
+        ack = self._ack
+
+        async def parse(data: bytes = b"") -> None:
+            if parser.state != control_line:
+                # a message's payload is still missing bytes: let nats-py complete it
+                missing = parser.needed + crlf - len(parser.buf)
+                if missing >= len(data) or missing <= 0:
+                    await original(data)
+                    return
+                await original(data[:missing])
+                data = data[missing:]
+                if parser.state != control_line:
+                    await original(data)
+                    return
+            if parser.buf:
+                data = bytes(parser.buf) + data
+                parser.buf.clear()
+            at, end = 0, len(data)
+            try:
+                while data.startswith(b"MSG ", at):
+                    line_end = data.find(b"\r\n", at)
+                    if line_end < 0:
+                        break
+                    fields = data[at + 4:line_end].split(b" ")
+                    if len(fields) != 3 or fields[1] != our_sid or not fields[2].isdigit():
+                        break
+                    start = line_end + 2
+                    stop = start + int(fields[2])
+                    if stop + 2 > end:
+                        break
+                    ack(fields[0].rpartition(b".")[2], b"", data[start:stop])
+                    at = stop + 2
+            except Exception:  # never lose the stream: whatever is left goes to nats-py's parser
+                log.exception("nats: cannot process a JetStream ack")
+            if at < end:
+                await original(data[at:] if at else data)
+
+        setattr(parser, "parse", parse)  # noqa: B010 - an instance attribute over the method
+
     async def _on_ack(self, msg: Msg) -> None:
-        seq = int(msg.subject.rsplit(".", 1)[1])
+        status = (msg.headers or {}).get("Status", "")
+        self._ack(msg.subject.rpartition(".")[2].encode(), status.encode(), msg.data)
+
+    def _ack(self, seq_text: bytes, status: bytes, data: bytes) -> None:
+        """One JetStream answer: ``seq_text`` is the last token of its reply subject, ``status`` the
+        inline status of its header (``b""`` when there is none)."""
+        try:
+            seq = int(seq_text)
+        except ValueError:
+            return
         entry = self._waiting.pop(seq, None)
         if entry is None:
             return  # late ack of a publish already timed out and retried
         pending, index = entry
         result: BaseException | None = None
-        if msg.headers and msg.headers.get("Status") == "503":
+        if status == b"503":
             result = PublishError(f"nats: no JetStream stream listens on this subject (stream {self.cfg.topic!r})")
-        else:
-            data = msg.data
-            if data[:9] == b'{"error":' or b'"error"' in data[:20]:
-                err = orjson.loads(data).get("error", {})
-                text = f"nats: JetStream rejected the message: {err.get('description', err)}"
-                code = err.get("err_code") or err.get("code")
-                result = PermanentPublishError(text) if code in (10054, 400) else PublishError(text)
+        elif b'"error"' in data[:20]:
+            result = self._rejection(data)
         pending.resolve(index, result)
+
+    @staticmethod
+    def _rejection(data: bytes) -> PublishError | None:
+        """The error of a JetStream answer that carries one (it runs inside the client's protocol
+        parser, so it never raises)."""
+        try:
+            answer = orjson.loads(data)
+            err = answer.get("error") if isinstance(answer, dict) else answer
+        except orjson.JSONDecodeError:
+            err = data[:200].decode("utf-8", "replace")
+        if not err:
+            return None  # e.g. {"stream":"error","seq":1}: an ack from a stream named "error"
+        if not isinstance(err, dict):
+            return PublishError(f"nats: JetStream rejected the message: {err}")
+        text = f"nats: JetStream rejected the message: {err.get('description', err)}"
+        code = err.get("err_code") or err.get("code")
+        return PermanentPublishError(text) if code in (10054, 400) else PublishError(text)
 
     async def _sweep(self) -> None:
         while True:
@@ -199,16 +367,108 @@ class NatsPublisher(Publisher):
         pending = _Pending(len(batch), time.monotonic() + self.ack_timeout)
         self._batches.add(pending)
         pending.future.add_done_callback(lambda _: self._batches.discard(pending))
+        if self._bulk:
+            await self._send_bulk(nc, batch, pending)
+        else:
+            await self._send_each(nc, batch, pending)
+        return pending.future
+
+    def _too_large(self, message: Message) -> PermanentPublishError | None:
+        # the header counts: a message over max_payload makes the server close the connection
+        if len(message.body) + _HEADER_BYTES + len(message.id) <= self._max_payload:
+            return None
+        from listener import metrics
+
+        metrics.OVERSIZED.labels(message.table).inc()
+        return PermanentPublishError(
+            f"nats: event of {len(message.body)} bytes (with its header) exceeds the server's "
+            f"max_payload of {self._max_payload} bytes")
+
+    async def _send_bulk(self, nc: Client, batch: Sequence[Message], pending: _Pending) -> None:
+        """Write the batch's HPUB frames as one command into the client's pending buffer."""
+        refused: nats.errors.Error | None = None
+        if nc.is_closed:
+            refused = nats.errors.ConnectionClosedError()
+        elif nc.is_draining_pubs:
+            refused = nats.errors.ConnectionDrainingError()
+        # while reconnecting, frames wait in the pending buffer as long as it has room (nats-py's rule)
+        room = -1 if nc.is_connected else max(0, nc._max_pending_size - nc.pending_data_size)
+        limit = self._max_payload - _HEADER_BYTES
+        subjects = self._subjects
+        waiting = self._waiting
+        resolve = pending.resolve
+        seq = first = self._seq
+        parts: list[bytes] = []
+        extend = parts.extend
+        size = payload = 0
+        index = -1
+        for message in batch:
+            index += 1
+            body = message.body
+            value = message.id
+            subject = message.subject
+            if len(body) + len(value) > limit:
+                resolve(index, self._too_large(message))
+                continue
+            if subject not in subjects:
+                prefix = self._prefix(subject)
+                if prefix is None:
+                    resolve(index, PublishError(f"nats: publish failed: {nats.errors.BadSubjectError()}"))
+                    continue
+            if refused is not None:
+                resolve(index, PublishError(f"nats: publish failed: {refused}"))
+                continue
+            value = value.strip()
+            if "\r" in value or "\n" in value:
+                value = value.translate(_ONE_LINE)
+            header = _HEADER_BYTES + (len(value) if value.isascii() else len(value.encode()))
+            seq += 1
+            head = (f"{subjects[subject]}{seq} {header} {header + len(body)}\r\n"
+                    f"NATS/1.0\r\nNats-Msg-Id: {value}\r\n\r\n").encode()
+            size += len(head) + len(body) + 2
+            if 0 <= room < size:
+                # the buffer is full: this message and the rest of the batch fail, none overtakes it
+                refused = nats.errors.OutboundBufferLimitError()
+                seq -= 1
+                resolve(index, PublishError(f"nats: publish failed: {refused}"))
+                continue
+            waiting[seq] = (pending, index)
+            extend((head, body, b"\r\n"))
+            payload += len(body)
+        self._seq = seq
+        if not parts:
+            return
+        try:
+            await nc._send_command(b"".join(parts))
+            if nc._flush_queue is not None and nc._flush_queue.empty():
+                await nc._flush_pending()
+        except Exception as exc:
+            error = PublishError(f"nats: publish failed: {exc or type(exc).__name__}")
+            for number in range(first + 1, seq + 1):
+                entry = waiting.pop(number, None)
+                if entry is not None:
+                    resolve(entry[1], error)
+            return
+        nc.stats["out_msgs"] += len(parts) // 3
+        nc.stats["out_bytes"] += payload
+
+    def _prefix(self, subject: str) -> str | None:
+        """``"HPUB <subject> <inbox>."`` for a subject nats-py would publish to (None: it would not)."""
+        if not subject or _BAD_SUBJECT.search(subject):
+            return None
+        if len(self._subjects) > 10000:
+            self._subjects.clear()
+        prefix = self._subjects[subject] = f"HPUB {subject} {self._inbox}."
+        return prefix
+
+    async def _send_each(self, nc: Client, batch: Sequence[Message], pending: _Pending) -> None:
+        """One ``publish`` per message: for a client without the internals of the bulk path."""
         inbox = self._inbox
         publish = nc.publish
         for index, message in enumerate(batch):
-            if len(message.body) > self._max_payload:
-                pending.resolve(index, PermanentPublishError(
-                    f"nats: event of {len(message.body)} bytes exceeds the server's max_payload of "
-                    f"{self._max_payload} bytes"))
-                from listener import metrics
-
-                metrics.OVERSIZED.labels(message.table).inc()
+            too_large = self._too_large(message)
+            if too_large is not None:
+                pending.resolve(index, too_large)
                 continue
             self._seq += 1
             seq = self._seq
@@ -219,9 +479,11 @@ class NatsPublisher(Publisher):
             except Exception as exc:
                 self._waiting.pop(seq, None)
                 pending.resolve(index, PublishError(f"nats: publish failed: {exc or type(exc).__name__}"))
-        return pending.future
 
     async def close(self) -> None:
+        self._closing = True
+        if self._reopening is not None:
+            self._reopening.cancel()
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None

@@ -1,13 +1,16 @@
 """RabbitMQ publisher (aio-pika): durable exchange, persistent messages, publisher confirms.
 
-How acknowledgements are collected: the channel is opened in confirm mode. ``send`` takes the
-channel once and starts one ``basic_publish`` per message, in order; each of them writes its frames
-under the channel's FIFO lock (so frames leave in the order of the batch, and batch after batch) and
-then waits for the broker's ``basic.ack`` for its delivery tag. The awaitable returned by ``send``
-gathers them: ``None`` means RabbitMQ confirmed the message, which for a persistent message routed
-to durable queues means it is on disk. A ``basic.nack``, a lost connection or a confirm that does
-not come within ``listener.ackTimeout`` is a :class:`PublishError`; the delivery stage sends the message
-again (same ``message_id``, so consumers can drop the duplicate).
+How acknowledgements are collected: the channel is opened in confirm mode. ``send`` encodes the AMQP
+frames of the whole batch (``basic.publish`` + content header + body for each message, the same
+bytes aiormq's ``basic_publish`` writes) and hands them to the connection's writer in one piece under
+the channel lock, so frames leave in the order of the batch, and batch after batch. Publishes on a
+channel in confirm mode are numbered 1, 2, 3, …; the batch remembers which delivery tags its messages
+got, and the broker's ``basic.ack`` (usually ``multiple``: everything up to a tag) settles them in
+bulk, without a future or a task per message. ``None`` means RabbitMQ confirmed the message, which
+for a persistent message routed to durable queues means it is on disk. A ``basic.nack``, a lost
+connection or channel, or a confirm that does not come within ``listener.ackTimeout`` is a
+:class:`PublishError`; the delivery stage sends the message again (same ``message_id``, so consumers
+can drop the duplicate).
 
 Reconnects: the connection is aio-pika's robust connection; after a lost connection it reconnects
 every ``reconnect_interval`` seconds, re-opens the channel in confirm mode and re-declares the
@@ -17,6 +20,9 @@ fails the batch without sending anything, so that the delivery stage backs off a
 A message nobody has bound a queue for is published ``mandatory``; RabbitMQ returns it and then
 confirms it. It counts as published (that is the exchange's routing, not a failure) and is logged
 once per routing key so the missing binding is visible.
+
+Where aiormq does not have the channel internals the bulk path uses, each message goes through
+``basic_publish`` as before (one task and one confirmation future per message).
 """
 
 from __future__ import annotations
@@ -26,15 +32,19 @@ import contextlib
 import logging
 import re
 import ssl
+import struct
 import time
-from collections.abc import Awaitable, Sequence
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection, ExchangeType
-from aiormq.abc import DeliveredMessage
+from aiormq.abc import ChannelFrame, DeliveredMessage
+from pamqp.body import ContentBody
 from pamqp.commands import Basic
+from pamqp.header import ContentHeader
 from yarl import URL
 
 from listener.config import PublisherConfig
@@ -48,6 +58,209 @@ _MAX_ROUTING_KEY = 255  # bytes, AMQP 0-9-1 short string
 _DEFAULT_MAX_MESSAGE = 128 * 1024 * 1024  # RabbitMQ's default max_message_size (3.8 and later)
 _TOO_LARGE = re.compile(r"message size (\d+) is larger than configured max size (\d+)")
 _PERSISTENT = 2
+
+# AMQP 0-9-1 wire format (section 4.2 of the specification) for the frames of one basic.publish
+_FRAME_START = struct.Struct(">BHI")  # frame type, channel, payload size
+_CONTENT_HEADER = struct.Struct(">HHQH")  # class id (basic = 60), weight, body size, property flags
+_LONG = struct.Struct(">I")
+_METHOD, _HEADER, _BODY, _FRAME_END = 1, 2, 3, b"\xce"
+_BASIC_PUBLISH = b"\x00\x3c\x00\x28\x00\x00"  # class 60, method 40, reserved short
+# the properties we set, in the order of their flag bits: content-type, headers, delivery-mode,
+# message-id, app-id
+_PROPERTY_FLAGS = 0x8000 | 0x2000 | 0x1000 | 0x0080 | 0x0008
+_CONTENT_TYPE = b"\x10application/json"
+_APP_ID = b"\x0cwal-listener"
+_UNSET: Any = object()  # a message whose confirm has not come yet
+# the aiormq channel internals the bulk path uses (aiormq 6 and 7)
+_CHANNEL_ATTRIBUTES = ("number", "max_content_size", "write_queue", "delivery_tag", "lock", "closing",
+                       "_on_confirm_frame", "_on_return_frame", "_get_frame")
+
+
+def _short(text: str) -> bytes:
+    data = text.encode()
+    if len(data) > 255:
+        raise ValueError(f"{text[:40]!r}... is longer than 255 bytes (an AMQP short string)")
+    return bytes((len(data),)) + data
+
+
+def _table(values: dict[str, str]) -> bytes:
+    """An AMQP field table of strings (type S), keys sorted as pamqp writes them."""
+    out = []
+    for key, value in sorted(values.items()):
+        data = value.encode()
+        out.append(_short(key) + b"S" + _LONG.pack(len(data)) + data)
+    return b"".join(out)
+
+
+class _Wire:
+    """Encodes basic.publish frames for one channel, with the parts that repeat cached."""
+
+    def __init__(self, exchange: str, channel: int, max_content: int) -> None:
+        self.exchange = _short(exchange)
+        self.channel = channel
+        self.max_content = max_content
+        self._publish: dict[str, bytes] = {}
+        self._tables: dict[tuple[str, str, str], tuple[bytes, bytes]] = {}
+
+    def publish_frame(self, routing_key: str) -> bytes:
+        frame = self._publish.get(routing_key)
+        if frame is None:
+            # mandatory: an unroutable message is returned (and logged), not dropped silently
+            payload = _BASIC_PUBLISH + self.exchange + _short(routing_key) + b"\x01"
+            frame = _FRAME_START.pack(_METHOD, self.channel, len(payload)) + payload + _FRAME_END
+            if len(self._publish) < 10000:
+                self._publish[routing_key] = frame
+        return frame
+
+    def encode(self, message: Message, out: list[bytes]) -> None:
+        """Append the frames of ``message`` to ``out``."""
+        message_id = _short(message.id)
+        if message.headers:
+            table = _table(message.attributes())
+        else:
+            # sorted keys: action, id, schema, table
+            key = (message.schema, message.table, message.action)
+            parts = self._tables.get(key)
+            if parts is None:
+                before = _table({"action": message.action})
+                after = _table({"schema": message.schema, "table": message.table})
+                parts = (before, after)
+                if len(self._tables) < 10000:
+                    self._tables[key] = parts
+            table = b"".join((parts[0], b"\x02idS", _LONG.pack(len(message_id) - 1), message_id[1:], parts[1]))
+        body = message.body
+        size = len(body)
+        header = b"".join((
+            _CONTENT_HEADER.pack(60, 0, size, _PROPERTY_FLAGS),
+            _CONTENT_TYPE, _LONG.pack(len(table)), table, b"\x02", message_id, _APP_ID,
+        ))
+        channel = self.channel
+        out += (self.publish_frame(message.subject),
+                _FRAME_START.pack(_HEADER, channel, len(header)), header, _FRAME_END)
+        if not size:
+            return
+        if size < self.max_content:
+            out += (_FRAME_START.pack(_BODY, channel, size), body, _FRAME_END)
+            return
+        for start in range(0, size, self.max_content):
+            chunk = body[start:start + self.max_content]
+            out += (_FRAME_START.pack(_BODY, channel, len(chunk)), chunk, _FRAME_END)
+
+
+class _Sent:
+    """One batch on the wire: the delivery tags its messages got and their outcomes so far."""
+
+    __slots__ = ("batch", "first", "future", "indices", "last", "left", "next", "results")
+
+    def __init__(self, batch: Sequence[Message], results: list[Any], indices: list[int], first: int) -> None:
+        self.batch = batch
+        self.results = results
+        self.indices = indices  # the batch index of delivery tag first + i
+        self.first = first
+        self.last = first + len(indices) - 1
+        self.next = first  # every tag before this one is settled
+        self.left = len(indices)
+        self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def settle(self, tag: int, outcome: Callable[[Message], BaseException | None]) -> None:
+        index = self.indices[tag - self.first]
+        if self.results[index] is _UNSET:
+            self.results[index] = outcome(self.batch[index])
+            self.left -= 1
+            if not self.left and not self.future.done():
+                self.future.set_result(None)
+
+    def settle_all(self, outcome: Callable[[Message], BaseException | None]) -> None:
+        for tag in range(self.first, self.last + 1):
+            self.settle(tag, outcome)
+
+
+class _Confirms:
+    """The batches waiting for confirms on one channel, in delivery-tag order."""
+
+    def __init__(self, publisher: RabbitMQPublisher, channel: aiormq.Channel) -> None:
+        self.publisher = publisher
+        self.channel = channel
+        self.sent: deque[_Sent] = deque()
+        self.closed: BaseException | None = None
+
+    def add(self, sent: _Sent) -> None:
+        if self.closed is not None:
+            sent.settle_all(self._failure(self.closed))
+        else:
+            self.sent.append(sent)
+
+    def withdraw(self, sent: _Sent) -> None:
+        """``sent`` did not reach the connection after all (its tags are given back)."""
+        if self.sent and self.sent[-1] is sent:
+            self.sent.pop()
+
+    async def on_confirm(self, frame: Basic.Ack | Basic.Nack) -> None:
+        """The channel's reader calls this for every basic.ack / basic.nack (never raises)."""
+        try:
+            self.confirm(frame.delivery_tag, bool(frame.multiple), isinstance(frame, Basic.Ack))
+        except Exception:  # an exception here would close the channel
+            log.exception("rabbitmq: cannot process a publisher confirm %r", frame)
+
+    def confirm(self, tag: int, multiple: bool, ack: bool) -> None:
+        outcome = _acked if ack else _nacked
+        sent = self.sent
+        if multiple:
+            while sent and sent[0].first <= tag:
+                head = sent[0]
+                upto = min(tag, head.last)
+                for each in range(head.next, upto + 1):
+                    head.settle(each, outcome)
+                head.next = max(head.next, upto + 1)
+                if head.left:
+                    break
+                sent.popleft()
+        else:
+            for item in sent:
+                if item.first <= tag <= item.last:
+                    item.settle(tag, outcome)
+                    break
+            while sent and not sent[0].left:
+                sent.popleft()
+
+    async def on_return(self, frame: Basic.Return) -> None:
+        """A mandatory message no queue is bound for: read its content, log the routing key."""
+        header = await self.channel._get_frame()
+        if not isinstance(header, ContentHeader):
+            raise ValueError(f"unexpected frame {header!r} instead of the returned message's content header")
+        left = header.body_size
+        while left > 0:
+            body = await self.channel._get_frame()
+            if not isinstance(body, ContentBody):
+                raise ValueError(f"unexpected frame {body!r} instead of the returned message's body")
+            if not body.value:
+                break
+            left -= len(body.value)
+        self.publisher._unroutable(frame.routing_key or "")
+
+    def on_closed(self, closing: asyncio.Future[Any]) -> None:
+        if closing.cancelled():
+            reason: BaseException = aiormq.exceptions.ChannelInvalidStateError("channel closed")
+        else:
+            reason = closing.exception() or aiormq.exceptions.ChannelInvalidStateError("channel closed")
+        self.fail(reason)
+
+    def fail(self, reason: BaseException) -> None:
+        self.closed = reason
+        outcome = self._failure(reason)
+        while self.sent:
+            self.sent.popleft().settle_all(outcome)
+
+    def _failure(self, reason: BaseException) -> Callable[[Message], BaseException]:
+        return lambda message: self.publisher._failure(message, reason)
+
+
+def _acked(_: Message) -> None:
+    return None
+
+
+def _nacked(message: Message) -> PublishError:
+    return PublishError(f"rabbitmq: broker refused (nack) event {message.id}")
 
 
 def _tls_context(cfg: PublisherConfig) -> ssl.SSLContext | None:
@@ -113,7 +326,9 @@ class RabbitMQPublisher(Publisher):
         self._channel: AbstractRobustChannel | None = None
         self._max_message = _DEFAULT_MAX_MESSAGE
         self._unrouted: dict[str, float] = {}
-        self._pending: set[asyncio.Task[Any]] = set()
+        self._pending: set[asyncio.Future[Any]] = set()  # the awaitables send() returned, until settled
+        self._confirms: _Confirms | None = None  # the channel the bulk path is wired to
+        self._wire: _Wire | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -173,6 +388,7 @@ class RabbitMQPublisher(Publisher):
     async def close(self) -> None:
         if self._pending:  # let confirms of what is already written arrive
             await asyncio.wait(set(self._pending), timeout=self._confirm_timeout)
+        self._confirms = self._wire = None
         channel, self._channel = self._channel, None
         connection, self._connection = self._connection, None
         if channel is not None:
@@ -213,7 +429,6 @@ class RabbitMQPublisher(Publisher):
                 await asyncio.sleep(0.1)
 
     async def send(self, batch: Sequence[Message]) -> Awaitable[AckResults]:
-        exchange = self.cfg.topic
         for message in batch:
             if len(message.subject.encode()) > _MAX_ROUTING_KEY:
                 raise BrokerConfigError(
@@ -224,7 +439,101 @@ class RabbitMQPublisher(Publisher):
             channel = await self._underlay()
         except PublishError as exc:
             return asyncio.ensure_future(_settled([exc] * len(batch)))
+        confirms = self._wired(channel)
+        if confirms is None:
+            return await self._send_each(channel, batch)
+        return self._track(await self._send_bulk(channel, confirms, batch))
 
+    def _wired(self, channel: aiormq.Channel) -> _Confirms | None:
+        """The confirm tracking of ``channel``, set up the first time it is used (a reconnect or a
+        channel re-opened after the broker closed it brings a new one); None: no bulk path."""
+        confirms = self._confirms
+        if confirms is not None and confirms.channel is channel:
+            return confirms
+        if not all(hasattr(channel, name) for name in _CHANNEL_ATTRIBUTES) or not channel.publisher_confirms:
+            return None
+        if confirms is not None and confirms.closed is None:
+            confirms.fail(aiormq.exceptions.ChannelInvalidStateError("the channel was replaced"))
+        confirms = _Confirms(self, channel)
+        # instance attributes over the channel's handlers: its reader looks them up on every frame
+        setattr(channel, "_on_confirm_frame", confirms.on_confirm)  # noqa: B010
+        setattr(channel, "_on_return_frame", confirms.on_return)  # noqa: B010
+        channel.closing.add_done_callback(confirms.on_closed)
+        self._confirms = confirms
+        self._wire = _Wire(self.cfg.topic, channel.number, channel.max_content_size)
+        return confirms
+
+    async def _send_bulk(self, channel: aiormq.Channel, confirms: _Confirms, batch: Sequence[Message]) -> _Sent:
+        wire = self._wire
+        assert wire is not None
+        results: list[Any] = [_UNSET] * len(batch)
+        indices: list[int] = []
+        frames: list[bytes] = []
+        for index, message in enumerate(batch):
+            if len(message.body) > self._max_message:
+                results[index] = self._oversized(message)
+                continue
+            try:
+                wire.encode(message, frames)
+            except ValueError as exc:  # an id or header name longer than an AMQP short string
+                results[index] = PermanentPublishError(f"rabbitmq: event {message.id} cannot be encoded: {exc}")
+                continue
+            indices.append(index)
+        deadline = time.monotonic() + self._confirm_timeout
+        if not indices:
+            sent = _Sent(batch, results, indices, 0)
+            sent.future.set_result(None)
+            return sent
+        frame = ChannelFrame(payload=b"".join(frames), should_close=False)
+        try:
+            async with channel.lock:
+                # the broker numbers the publishes of a channel in confirm mode 1, 2, 3, ...: the batch
+                # takes the next tags and is waiting for them before its frames can reach the broker
+                sent = _Sent(batch, results, indices, channel.delivery_tag + 1)
+                channel.delivery_tag = sent.last
+                confirms.add(sent)
+                try:
+                    channel.write_queue.put_nowait(frame)
+                except asyncio.QueueFull:
+                    await asyncio.wait_for(channel.write_queue.put(frame), max(0.01, deadline - time.monotonic()))
+                except BaseException:
+                    confirms.withdraw(sent)
+                    channel.delivery_tag = sent.first - 1
+                    raise
+        except (TimeoutError, aiormq.exceptions.AMQPError, ConnectionError) as exc:
+            # nothing of the batch was handed to the connection
+            error: BaseException = exc
+            sent = _Sent(batch, results, indices, 0)
+            sent.settle_all(lambda message: self._failure(message, error))
+        self._expire_at(sent, deadline)
+        return sent
+
+    def _expire_at(self, sent: _Sent, deadline: float) -> None:
+        """Fail what is not confirmed by ``deadline``."""
+        if sent.future.done():
+            return
+
+        def expire() -> None:
+            if not sent.future.done():
+                sent.settle_all(lambda message: PublishError(
+                    f"rabbitmq: no confirm for event {message.id} within {self._confirm_timeout:g}s"))
+
+        handle = asyncio.get_running_loop().call_later(max(0.0, deadline - time.monotonic()), expire)
+        sent.future.add_done_callback(lambda _: handle.cancel())
+
+    def _track(self, sent: _Sent) -> Awaitable[AckResults]:
+        async def results() -> AckResults:
+            await sent.future
+            return [None if r is _UNSET else r for r in sent.results]
+
+        future = asyncio.ensure_future(results())
+        self._pending.add(future)
+        future.add_done_callback(self._pending.discard)
+        return future
+
+    async def _send_each(self, channel: aiormq.Channel, batch: Sequence[Message]) -> Awaitable[AckResults]:
+        """One ``basic_publish`` task per message: for an aiormq without the internals of the bulk path."""
+        exchange = self.cfg.topic
         loop = asyncio.get_running_loop()
         items: list[asyncio.Future[Any]] = []
         for message in batch:

@@ -1,0 +1,340 @@
+"""The NATS JetStream publisher at the publisher level: the bulk write path (HPUB frames written as
+one command), the ack fast path inside the client's protocol parser, and what happens while the
+client is reconnecting, against a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import nats
+import pytest
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.protocol.parser import Parser
+
+from listener.config import PublisherConfig
+from listener.errors import PermanentPublishError, PublishError
+from listener.publishers.base import Message, make_publisher
+from listener.publishers.nats import NatsPublisher
+from listener.sandbox import NatsServer
+from tests.harness import metric, wait_until
+
+pytestmark = pytest.mark.service
+
+
+def config(address: str, topic: str, **overrides: Any) -> PublisherConfig:
+    values: dict[str, Any] = {"type": "nats", "address": address, "topic": topic}
+    values.update(overrides)
+    return PublisherConfig.model_validate(values)
+
+
+def unique_stream() -> str:
+    return f"wal_test_{uuid.uuid4().hex[:10]}"
+
+
+def message(stream: str, n: int, *, table: str = "users", body: bytes | None = None) -> Message:
+    return Message(
+        id=f"00000000-0000-0000-0000-{n:012d}",
+        subject=f"{stream}.public_{table}",
+        body=body if body is not None else b'{"n": %d}' % n,
+        schema="public",
+        table=table,
+        action="INSERT",
+    )
+
+
+async def stream_messages(url: str, stream: str) -> int:
+    nc = await nats.connect(url)
+    try:
+        return int((await nc.jetstream().stream_info(stream)).state.messages)
+    finally:
+        await nc.close()
+
+
+async def test_batch_arrives_as_nats_py_would_publish_it_in_order(nats_server: NatsServer) -> None:
+    stream = unique_stream()
+    seen: list[Msg] = []
+
+    async def see(msg: Msg) -> None:
+        seen.append(msg)
+
+    watcher = await nats.connect(nats_server.url)  # a core subscriber sees every publish as written
+    await watcher.subscribe(f"{stream}.>", cb=see)
+    await watcher.flush()
+    publisher = make_publisher(config(nats_server.address, stream), 5.0)
+    assert isinstance(publisher, NatsPublisher)
+    await publisher.connect()
+    try:
+        batch = [message(stream, n, table="users" if n % 3 else "orders") for n in range(3000)]
+        batch.append(message(stream, 3000, body=b""))  # an empty body is a message too
+        batch.append(message(stream, 3001))
+        batch[-1].id = "ereignis-ü-3001"  # header lengths count bytes, not characters
+        pending = [await publisher.send(batch[i:i + 1000]) for i in range(0, len(batch), 1000)]
+        for acks in pending:
+            results = await acks
+            assert results == [None] * len(results)
+        await wait_until(lambda: len(seen) >= len(batch), 10, "the core subscriber to see every publish")
+    finally:
+        await publisher.close()
+        await watcher.close()
+    assert [m.data for m in seen] == [m.body for m in batch]
+    assert [m.subject for m in seen] == [m.subject for m in batch]
+    assert [m.headers for m in seen] == [{"Nats-Msg-Id": m.id} for m in batch]
+    assert await stream_messages(nats_server.url, stream) == len(batch)
+
+
+async def test_replayed_ids_are_acked_but_stored_once(nats_server: NatsServer) -> None:
+    stream = unique_stream()
+    publisher = NatsPublisher(config(nats_server.address, stream))
+    await publisher.connect()
+    try:
+        batch = [message(stream, n) for n in range(100)]
+        assert await (await publisher.send(batch)) == [None] * 100
+        assert await (await publisher.send(batch[:50])) == [None] * 50  # a replay after a crash
+    finally:
+        await publisher.close()
+    assert await stream_messages(nats_server.url, stream) == 100
+
+
+async def test_per_message_failures_leave_the_rest_of_the_batch_alone(nats_server: NatsServer) -> None:
+    stream = unique_stream()
+    publisher = NatsPublisher(config(nats_server.address, stream))
+    await publisher.connect()
+    try:
+        assert publisher._nc is not None
+        big = message(stream, 1, table="blobs", body=b"x" * publisher._nc.max_payload)
+        outside = message(stream, 2)
+        outside.subject = f"not_{stream}.public_users"  # no stream listens: JetStream answers 503
+        spaced = message(stream, 3)
+        spaced.subject = f"{stream}.public users"  # not a subject nats-py would publish to
+        before = metric("oversized_events_total", {"table": "blobs"})
+        results = await (await publisher.send([message(stream, 0), big, outside, spaced, message(stream, 4)]))
+        assert results[0] is None and results[4] is None
+        assert isinstance(results[1], PermanentPublishError) and "max_payload" in str(results[1])
+        assert isinstance(results[2], PublishError) and "no JetStream stream listens" in str(results[2])
+        assert type(results[3]) is PublishError and "invalid subject" in str(results[3])
+        assert metric("oversized_events_total", {"table": "blobs"}) == before + 1
+    finally:
+        await publisher.close()
+    assert await stream_messages(nats_server.url, stream) == 2
+
+
+async def test_jetstream_rejection_is_a_publish_error(nats_server: NatsServer) -> None:
+    stream = unique_stream()
+    nc = await nats.connect(nats_server.url)
+    try:  # a full stream that discards new messages refuses them with an error in the ack
+        await nc.jetstream().add_stream(name=stream, subjects=[f"{stream}.>"], max_msgs=3, discard="new")
+    finally:
+        await nc.close()
+    publisher = NatsPublisher(config(nats_server.address, stream))
+    await publisher.connect()
+    try:
+        results = await (await publisher.send([message(stream, n) for n in range(5)]))
+    finally:
+        await publisher.close()
+    assert results[:3] == [None] * 3
+    assert all(type(r) is PublishError and "JetStream rejected the message" in str(r) for r in results[3:]), results
+
+
+def test_ack_bodies() -> None:
+    rejection = NatsPublisher._rejection
+    assert rejection(b'{"stream":"error","seq":7}') is None  # a stream named "error" acks normally
+    duplicate_window = rejection(b'{"error":{"code":400,"err_code":10054,"description":"bad"}}')
+    assert isinstance(duplicate_window, PermanentPublishError)
+    assert type(rejection(b'{"error":{"code":503,"description":"unavailable"}}')) is PublishError
+    assert type(rejection(b'{"error": not json')) is PublishError
+
+
+async def test_other_subscriptions_and_requests_on_the_client_still_work(nats_server: NatsServer) -> None:
+    stream = unique_stream()
+    publisher = NatsPublisher(config(nats_server.address, stream))
+    await publisher.connect()
+    try:
+        nc = publisher._nc
+        assert nc is not None
+        got: list[bytes] = []
+
+        async def take(msg: Msg) -> None:
+            got.append(msg.data)
+
+        await nc.subscribe(f"probe.{stream}", cb=take)
+        other = await nats.connect(nats_server.url)
+        try:
+            for n in range(20):
+                await other.publish(f"probe.{stream}", b"%d" % n)
+            await other.flush()
+        finally:
+            await other.close()
+        acks = await publisher.send([message(stream, n) for n in range(200)])
+        info = await nc.jetstream().stream_info(stream)  # a request/reply on the same client
+        assert await acks == [None] * 200
+        await wait_until(lambda: len(got) == 20, 5, "the other subscription's messages")
+        assert got == [b"%d" % n for n in range(20)]
+        assert info.config.name == stream
+    finally:
+        await publisher.close()
+
+
+async def test_frames_wait_in_the_buffer_while_reconnecting(make_nats: Callable[..., NatsServer]) -> None:
+    server = make_nats()
+    stream = unique_stream()
+    publisher = NatsPublisher(config(server.address, stream), ack_timeout=30.0)
+    await publisher.connect()
+    try:
+        assert await (await publisher.send([message(stream, n) for n in range(10)])) == [None] * 10
+        server.stop()
+        await wait_until(lambda: not publisher.ready, 10, "the client to notice the outage")
+        acks = await publisher.send([message(stream, n) for n in range(10, 110)])
+        server.start()  # same port and store: the client reconnects and flushes what it buffered
+        assert await acks == [None] * 100
+    finally:
+        await publisher.close()
+    assert await stream_messages(server.url, stream) == 110
+
+
+async def test_full_buffer_fails_the_rest_of_the_batch(make_nats: Callable[..., NatsServer]) -> None:
+    server = make_nats()
+    stream = unique_stream()
+    publisher = NatsPublisher(config(server.address, stream), ack_timeout=30.0)
+    await publisher.connect()
+    try:
+        nc = publisher._nc
+        assert nc is not None
+        server.stop()
+        await wait_until(lambda: not publisher.ready, 10, "the client to notice the outage")
+        nc._max_pending_size = nc.pending_data_size + 1000  # room for a handful of frames
+        batch = [message(stream, n) for n in range(50)]
+        acks = await publisher.send(batch)
+        server.start()
+        results = await acks
+    finally:
+        await publisher.close()
+    taken = results.index(next(r for r in results if r is not None))
+    assert 0 < taken < 50
+    assert results[:taken] == [None] * taken
+    assert all(type(r) is PublishError and "outbound buffer limit" in str(r) for r in results[taken:]), results
+    assert await stream_messages(server.url, stream) == taken
+
+
+async def test_without_client_internals_it_publishes_one_by_one(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fallback for a nats-py without the internals of the bulk path: publish() and the callback."""
+    monkeypatch.setattr("listener.publishers.nats._BULK_ATTRIBUTES", ("_no_such_attribute",))
+    monkeypatch.setattr(NatsPublisher, "_take_acks_from_parser", lambda *_: None)
+    stream = unique_stream()
+    publisher = NatsPublisher(config(nats_server.address, stream))
+    await publisher.connect()
+    try:
+        assert publisher._bulk is False
+        outside = message(stream, 1)
+        outside.subject = f"not_{stream}.x"
+        results = await (await publisher.send([message(stream, 0), outside, message(stream, 2)]))
+        assert results[0] is None and results[2] is None
+        assert isinstance(results[1], PublishError) and "no JetStream stream listens" in str(results[1])
+    finally:
+        await publisher.close()
+    assert await stream_messages(nats_server.url, stream) == 2
+
+
+# -- the parser fast path, against nats-py's own parser -------------------------------------------
+
+
+class _Recorder:
+    """What nats-py's parser hands to its client, recorded."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+        self._ps = Parser(self)
+
+    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
+        self.events.append(("msg", sid, bytes(subject), bytes(reply), bytes(data), headers))
+
+    async def _process_ping(self) -> None:
+        self.events.append(("ping",))
+
+    async def _process_pong(self) -> None:
+        self.events.append(("pong",))
+
+    async def _process_info(self, info: dict[str, Any]) -> None:
+        self.events.append(("info", info))
+
+    async def _process_err(self, err: str) -> None:
+        self.events.append(("err", err))
+
+
+def _protocol(rng: random.Random, count: int) -> bytes:
+    """A server's side of the protocol: mostly acks for sid 7, mixed with everything else."""
+    out = []
+    for n in range(count):
+        kind = rng.random()
+        ack = b'{"stream":"s","seq":%d}' % n
+        if kind < 0.7:
+            out.append(b"MSG _INBOX.abc.%d 7 %d\r\n%s\r\n" % (n, len(ack), ack))
+        elif kind < 0.76:
+            out.append(b"MSG other.subject 3 reply.to 5\r\nhello\r\n")
+        elif kind < 0.82:
+            status = b"NATS/1.0 503\r\n\r\n"
+            out.append(b"HMSG _INBOX.abc.%d 7 %d %d\r\n%s\r\n" % (n, len(status), len(status), status))
+        elif kind < 0.86:
+            out.append(b"MSG _INBOX.abc.%d 8 %d\r\n%s\r\n" % (n, len(ack), ack))  # another sid
+        elif kind < 0.9:
+            out.append(b"MSG _INBOX.abc.%d 7 0\r\n\r\n" % n)  # an empty payload
+        else:
+            out.append(rng.choice([b"PING\r\n", b"PONG\r\n", b"+OK\r\n", b"INFO {\"max_payload\":1048576}\r\n"]))
+    return b"".join(out)
+
+
+async def _parse(data: bytes, cuts: list[int], fast: bool) -> list[tuple[Any, ...]]:
+    client = _Recorder()
+    if fast:
+        publisher = NatsPublisher(config("127.0.0.1:4222", "s"))
+
+        def ack(seq: bytes, status: bytes, payload: bytes) -> None:
+            client.events.append(("msg", 7, b"_INBOX.abc." + seq, b"", payload, None))
+
+        publisher._ack = ack  # type: ignore[method-assign,assignment]
+        publisher._read_acks_first(client, 7)  # type: ignore[arg-type]
+    start = 0
+    for cut in [*cuts, len(data)]:
+        await client._ps.parse(data[start:cut])
+        start = cut
+    return client.events
+
+
+async def test_parser_fast_path_hands_over_exactly_what_nats_py_parses() -> None:
+    rng = random.Random(20261)
+    for _ in range(150):
+        data = _protocol(rng, 200)
+        cuts = sorted(rng.sample(range(1, len(data)), rng.choice([1, 5, 40, 300])))
+        assert await _parse(data, cuts, fast=True) == await _parse(data, cuts, fast=False)
+    data = _protocol(rng, 40)
+    every_byte = list(range(1, len(data)))
+    assert await _parse(data, every_byte, fast=True) == await _parse(data, every_byte, fast=False)
+
+
+def test_client_has_the_internals_the_fast_paths_use() -> None:
+    """Fails on a nats-py release that renamed them (the publisher would fall back to the slow path)."""
+    client = Client()
+    for name in ("_send_command", "_flush_pending", "_flush_queue", "_max_pending_size", "stats",
+                 "_process_msg", "_ps", "pending_data_size"):
+        assert hasattr(client, name), name
+    assert all(hasattr(client._ps, name) for name in ("buf", "state", "needed"))
+
+
+async def test_many_batches_in_flight_all_acked(nats_server: NatsServer) -> None:
+    stream = unique_stream()
+    publisher = NatsPublisher(config(nats_server.address, stream))
+    await publisher.connect()
+    try:
+        batches = [[message(stream, b * 2000 + n) for n in range(2000)] for b in range(10)]
+        pending = [await publisher.send(batch) for batch in batches]
+        results = await asyncio.gather(*pending)
+    finally:
+        await publisher.close()
+    assert all(r == [None] * 2000 for r in results)
+    assert await stream_messages(nats_server.url, stream) == 20000
