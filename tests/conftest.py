@@ -291,3 +291,12 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
             red=True,
             bold=True,
         )
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Any]]:
+    """Listener processes a test starts (append ``tests.harness.ListenerProcess`` objects); killed after it."""
+    started: list[Any] = []
+    yield started
+    for proc in started:
+        proc.stop()

@@ -293,14 +293,6 @@ async def cut_broker(
             await asyncio.to_thread(tansu.cleanup)
 
 
-@pytest.fixture
-def procs() -> Iterator[list[ListenerProcess]]:
-    started: list[ListenerProcess] = []
-    yield started
-    for p in started:
-        p.stop()
-
-
 def complete(events: list[Got], rows: int) -> None:
     """Every committed row arrived (duplicates allowed), each with one id however often it was sent."""
     assert_complete(list[Received](events), rows)

@@ -40,6 +40,18 @@ def test_listener_image_is_multi_stage_non_root_with_config_at_app() -> None:
     assert any("/app/config.yml" in line for line in final if line.startswith("CMD"))
 
 
+def test_operator_image_is_multi_stage_non_root_running_the_operator() -> None:
+    stages = _stages("Dockerfile.operator")
+    assert len(stages) >= 2
+    assert any(re.fullmatch(r"LABEL\s+stage=builder", line) for line in stages[0])
+    final = stages[-1]
+    assert not any("stage=builder" in line for line in final)
+    assert any(line.startswith("COPY --from=") for line in final)
+    users = [line.split()[1] for line in final if line.upper().startswith("USER ")]
+    assert users and users[-1].split(":")[0] == "10001"  # the chart runs the pod as this uid, runAsNonRoot
+    assert any(line.startswith("ENTRYPOINT") and "wal-operator" in line for line in final)
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")

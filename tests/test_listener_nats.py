@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import uuid
 
@@ -13,6 +12,7 @@ from listener.sandbox import Database, NatsServer, PostgresServer, free_port
 from tests.harness import (
     confirmed_lsn,
     current_lsn,
+    http_get,
     metric,
     nats_config,
     read_stream,
@@ -249,13 +249,3 @@ async def test_metrics_and_probes_over_http(fresh_db: str, pg: PostgresServer, n
     ):
         assert name in text or name.removesuffix("_total") in text, name
     assert "confirmed_lsn " in text and "confirmed_lsn 0.0" not in text
-
-
-async def http_get(port: int, path: str) -> tuple[int, str]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    await writer.drain()
-    raw = await reader.read()
-    writer.close()
-    head, _, body = raw.decode().partition("\r\n\r\n")
-    return int(head.split()[1]), body

@@ -6,7 +6,7 @@ import asyncio
 import json
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from tests.harness import (
     Received,
     confirmed_lsn,
     current_lsn,
+    http_get,
     nats_config,
     read_stream,
     run_cli,
@@ -86,14 +87,6 @@ def assert_complete(events: list[Received], rows: int) -> dict[int, set[str]]:
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     return tmp_path
-
-
-@pytest.fixture
-def procs() -> Iterator[list[ListenerProcess]]:
-    started: list[ListenerProcess] = []
-    yield started
-    for p in started:
-        p.stop()
 
 
 async def test_kill_9_mid_stream_then_restart_loses_nothing_and_keeps_ids(
@@ -250,8 +243,6 @@ async def test_unreachable_database_retries_with_clear_errors_sent_to_sentry(
     try:
         await wait_until(lambda: sum("cannot connect" in e.get("msg", "") for e in proc.logs()) >= 2, 30,
                          "repeated connection errors")
-        from tests.test_listener_nats import http_get
-
         status, body = await http_get(status_port, "/ready")
         assert status == 503 and '"postgres":false' in body and "s3cr3t-pw" not in body
         await wait_until(lambda: any(b"cannot connect" in b for b in _SentryInbox.received), 30, "a Sentry event")

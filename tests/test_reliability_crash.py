@@ -12,7 +12,7 @@ import asyncio
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,23 +23,15 @@ from tests.harness import (
     ListenerProcess,
     confirmed_lsn,
     current_lsn,
+    http_get,
     nats_config,
     running,
     sql,
     unique,
     wait_until,
 )
-from tests.test_listener_nats import http_get
 
 pytestmark = pytest.mark.service
-
-
-@pytest.fixture
-def procs() -> Iterator[list[ListenerProcess]]:
-    started: list[ListenerProcess] = []
-    yield started
-    for p in started:
-        p.stop()
 
 
 def streaming(proc: ListenerProcess, times: int = 1) -> Callable[[], bool]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import math
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from tests.harness import (
     ListenerProcess,
     confirmed_lsn,
     current_lsn,
+    http_get,
     metric,
     nats_config,
     read_stream,
@@ -32,7 +32,6 @@ from tests.harness import (
     unique,
     wait_until,
 )
-from tests.test_listener_nats import http_get
 
 pytestmark = pytest.mark.service
 
@@ -199,14 +198,6 @@ async def test_every_kind_of_value_converts_as_documented_or_is_text_and_counted
 
 
 # -- events larger than the broker accepts ---------------------------------------------------------------
-
-
-@pytest.fixture
-def procs() -> Iterator[list[ListenerProcess]]:
-    started: list[ListenerProcess] = []
-    yield started
-    for p in started:
-        p.stop()
 
 
 async def _prom(port: int, name: str) -> float:

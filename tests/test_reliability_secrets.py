@@ -14,8 +14,7 @@ from typing import Any
 import pytest
 
 from listener.sandbox import NatsServer, PostgresServer, TcpProxy, free_port
-from tests.harness import ListenerProcess, nats_config, read_stream, run_cli, sql, unique, wait_until
-from tests.test_listener_nats import http_get
+from tests.harness import ListenerProcess, http_get, nats_config, read_stream, run_cli, sql, unique, wait_until
 
 pytestmark = pytest.mark.service
 
@@ -42,14 +41,6 @@ class Inbox(BaseHTTPRequestHandler):
 
     def log_message(self, *args: Any) -> None:
         pass
-
-
-@pytest.fixture
-def procs() -> Iterator[list[ListenerProcess]]:
-    started: list[ListenerProcess] = []
-    yield started
-    for p in started:
-        p.stop()
 
 
 @pytest.fixture

@@ -11,25 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from listener.sandbox import Database, NatsServer, PostgresServer, free_port
-from tests.harness import ListenerProcess, nats_config, query, read_stream, running, sql, unique, wait_until
-from tests.test_listener_nats import http_get
+from tests.harness import ListenerProcess, http_get, nats_config, query, read_stream, running, sql, unique, wait_until
 
 pytestmark = pytest.mark.service
-
-
-@pytest.fixture
-def procs() -> Iterator[list[ListenerProcess]]:
-    started: list[ListenerProcess] = []
-    yield started
-    for p in started:
-        p.stop()
 
 
 class Watched:
