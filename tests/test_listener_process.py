@@ -288,3 +288,13 @@ async def test_wal_level_not_logical_says_what_to_change(
 
 async def _ge(value: Any, target: int) -> bool:
     return bool(await value >= target)
+
+
+def test_demo_shows_events_arriving_and_cleans_up() -> None:
+    result = run_cli(["demo", "--changes", "2"], timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert out.count("--- wal_listener.public_users") == 7  # 2 inserts, 2 updates, 2 deletes, 1 truncate
+    for action in ("INSERT", "UPDATE", "DELETE", "TRUNCATE"):
+        assert f'"action": "{action}"' in out
+    assert "done: 7 events" in out and "removed their files" in out
