@@ -243,3 +243,21 @@ async def http_get(port: int, path: str) -> tuple[int, str]:
     writer.close()
     head, _, body = raw.decode().partition("\r\n\r\n")
     return int(head.split()[1]), body
+
+
+async def publish_until_acked(publisher: Any, batch: list[Any], timeout: float = 60.0) -> int:
+    """Re-send what failed, as the delivery stage does, until every message is acknowledged; the attempts.
+    Every failure on the way must be a (retryable) ``PublishError``."""
+    from listener.errors import PublishError
+
+    attempts = 0
+    deadline = time.monotonic() + timeout
+    while batch:
+        attempts += 1
+        results = await (await publisher.send(batch))
+        assert all(r is None or isinstance(r, PublishError) for r in results)
+        batch = [m for m, r in zip(batch, results, strict=True) if r is not None]
+        if batch:
+            assert time.monotonic() < deadline, f"still not acknowledged after {timeout}s: {results[:3]}"
+            await asyncio.sleep(0.5)
+    return attempts

@@ -22,7 +22,7 @@ from listener.errors import BrokerConfigError, PermanentPublishError, PublishErr
 from listener.publishers.base import AckResults, Message, make_publisher
 from listener.publishers.kafka import KafkaPublisher, security_options
 from listener.sandbox import TansuServer, free_port
-from tests.harness import metric, wait_until
+from tests.harness import metric, publish_until_acked, wait_until
 from tests.test_publisher_rabbitmq import Certificates, TlsForwarder
 
 pytestmark = pytest.mark.service
@@ -73,19 +73,6 @@ async def consume(
     return records
 
 
-async def publish_until_acked(publisher: KafkaPublisher, batch: list[Message], timeout: float = 60.0) -> int:
-    """Re-send what failed, as the delivery stage does, until every message is acknowledged."""
-    attempts = 0
-    deadline = time.monotonic() + timeout
-    while batch:
-        attempts += 1
-        results = await (await publisher.send(batch))
-        batch = [m for m, r in zip(batch, results, strict=True) if r is not None]
-        if batch:
-            assert all(isinstance(r, PublishError) for r in results if r is not None)
-            assert time.monotonic() < deadline, f"still not acknowledged after {timeout}s: {results[:3]}"
-            await asyncio.sleep(0.5)
-    return attempts
 
 
 async def test_batch_arrives_with_key_headers_and_per_key_order(tansu: TansuServer) -> None:

@@ -17,7 +17,7 @@ from listener.errors import BrokerConfigError, ConfigError, PermanentPublishErro
 from listener.publishers.base import Message, make_publisher
 from listener.publishers.pubsub import MAX_MESSAGE_BYTES, PubSubPublisher, ordering_key, topic_id
 from listener.sandbox import PubSubEmulator, free_port
-from tests.harness import metric, wait_until
+from tests.harness import metric, publish_until_acked, wait_until
 
 pytestmark = pytest.mark.service
 
@@ -100,19 +100,6 @@ class Admin:
         return [r.message for r in got]
 
 
-async def publish_until_acked(publisher: PubSubPublisher, batch: list[Message], timeout: float = 60.0) -> int:
-    """Re-send what failed, as the delivery stage does, until every message is acknowledged."""
-    attempts = 0
-    deadline = time.monotonic() + timeout
-    while batch:
-        attempts += 1
-        results = await (await publisher.send(batch))
-        assert all(r is None or isinstance(r, PublishError) for r in results)
-        batch = [m for m, r in zip(batch, results, strict=True) if r is not None]
-        if batch:
-            assert time.monotonic() < deadline, f"still not published after {timeout}s: {results[:3]}"
-            await asyncio.sleep(0.5)
-    return attempts
 
 
 # -- names ------------------------------------------------------------------------------------------

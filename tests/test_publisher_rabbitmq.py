@@ -25,7 +25,7 @@ from listener.errors import BrokerConfigError, PermanentPublishError, PublishErr
 from listener.publishers.base import Message, make_publisher
 from listener.publishers.rabbitmq import _UNSET, RabbitMQPublisher, broker_url
 from listener.sandbox import TcpProxy, free_port
-from tests.harness import metric, wait_until
+from tests.harness import metric, publish_until_acked, wait_until
 
 pytestmark = pytest.mark.service
 
@@ -89,19 +89,6 @@ async def drain(queue: AbstractQueue, count: int, timeout: float = 15.0) -> list
     return got
 
 
-async def publish_until_confirmed(publisher: RabbitMQPublisher, batch: list[Message], timeout: float = 60.0) -> int:
-    """Re-send what failed, as the delivery stage does, until every message is confirmed."""
-    attempts = 0
-    deadline = time.monotonic() + timeout
-    while batch:
-        attempts += 1
-        results = await (await publisher.send(batch))
-        assert all(r is None or isinstance(r, PublishError) for r in results)
-        batch = [m for m, r in zip(batch, results, strict=True) if r is not None]
-        if batch:
-            assert time.monotonic() < deadline, f"still not confirmed after {timeout}s: {results[:3]}"
-            await asyncio.sleep(0.5)
-    return attempts
 
 
 async def test_batch_arrives_with_routing_key_properties_and_headers_in_order(rabbitmq_url: str) -> None:
@@ -240,7 +227,7 @@ async def test_connection_cut_mid_stream_then_back_nothing_skipped(
 
             proxy.start()
             await wait_until(lambda: publisher.ready, 30, "the robust connection to come back")
-            await publish_until_confirmed(publisher, [message(exchange, n) for n in failed] + outage)
+            await publish_until_acked(publisher, [message(exchange, n) for n in failed] + outage)
         finally:
             await publisher.close()
         got = await drain(queue, 400)
@@ -264,7 +251,7 @@ async def test_stalled_connection_fails_the_batch_then_recovers(
             assert all(isinstance(r, PublishError) and "no confirm" in str(r) for r in results), results[:2]
             assert 1.5 < time.monotonic() - started < 6
             proxy.resume()
-            await publish_until_confirmed(publisher, [message(exchange, n) for n in range(50)])
+            await publish_until_acked(publisher, [message(exchange, n) for n in range(50)])
         finally:
             await publisher.close()
         got = await drain(queue, 50)
