@@ -17,11 +17,13 @@ sent again by the delivery stage (a :class:`PermanentPublishError` goes to the `
 from __future__ import annotations
 
 import asyncio
+import ssl
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from listener.config import PublisherConfig
+from listener.errors import BrokerConfigError
 
 AckResults = list[BaseException | None]
 
@@ -71,6 +73,28 @@ class Publisher(ABC):
     @abstractmethod
     def ready(self) -> bool:
         """True while the broker connection is up."""
+
+
+def tls_context(cfg: PublisherConfig, broker: str) -> ssl.SSLContext | None:
+    """The TLS context from ``enableTLS``/``caCert``/``clientCert``/``clientKey`` (file paths), or None
+    when none of them is set; files that cannot be loaded are a :class:`BrokerConfigError` naming the key."""
+    if cfg.client_key and not cfg.client_cert:
+        raise BrokerConfigError(f"{broker}: publisher.clientKey is set but publisher.clientCert is not")
+    if not (cfg.enable_tls or cfg.ca_cert or cfg.client_cert):
+        return None
+    try:
+        context = ssl.create_default_context(cafile=cfg.ca_cert or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise BrokerConfigError(f"{broker}: publisher.caCert = {cfg.ca_cert!r} cannot be loaded: {exc}") from None
+    if cfg.client_cert:
+        try:
+            context.load_cert_chain(cfg.client_cert, cfg.client_key or None)
+        except (OSError, ssl.SSLError) as exc:
+            raise BrokerConfigError(
+                f"{broker}: publisher.clientCert = {cfg.client_cert!r} / publisher.clientKey = {cfg.client_key!r} "
+                f"cannot be loaded: {exc}"
+            ) from None
+    return context
 
 
 async def collect(futures: Iterable[Awaitable[object]]) -> AckResults:

@@ -34,7 +34,6 @@ import asyncio
 import contextlib
 import logging
 import re
-import ssl
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
@@ -56,7 +55,7 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from listener.config import PublisherConfig
 from listener.errors import BrokerConfigError, PermanentPublishError, PublishError
 from listener.metrics import OVERSIZED
-from listener.publishers.base import AckResults, Message, Publisher
+from listener.publishers.base import AckResults, Message, Publisher, tls_context
 
 log = logging.getLogger(__name__)
 
@@ -78,30 +77,10 @@ _CONNECTION_ERRORS = (
 )
 
 
-def _tls_context(cfg: PublisherConfig) -> ssl.SSLContext | None:
-    """The TLS context from ``enableTLS``/``caCert``/``clientCert``/``clientKey`` (file paths)."""
-    if cfg.client_key and not cfg.client_cert:
-        raise BrokerConfigError("kafka: publisher.clientKey is set but publisher.clientCert is not")
-    if not (cfg.enable_tls or cfg.ca_cert or cfg.client_cert):
-        return None
-    try:
-        context = ssl.create_default_context(cafile=cfg.ca_cert or None)
-    except (OSError, ssl.SSLError) as exc:
-        raise BrokerConfigError(f"kafka: publisher.caCert = {cfg.ca_cert!r} cannot be loaded: {exc}") from None
-    if cfg.client_cert:
-        try:
-            context.load_cert_chain(cfg.client_cert, cfg.client_key or None)
-        except (OSError, ssl.SSLError) as exc:
-            raise BrokerConfigError(
-                f"kafka: publisher.clientCert = {cfg.client_cert!r} / publisher.clientKey = {cfg.client_key!r} "
-                f"cannot be loaded: {exc}"
-            ) from None
-    return context
-
 
 def security_options(cfg: PublisherConfig) -> dict[str, Any]:
     """aiokafka's connection keywords for TLS and SASL (shared by the producer and the admin client)."""
-    context = _tls_context(cfg)
+    context = tls_context(cfg, "kafka")
     mechanism = cfg.sasl_mechanism or ("PLAIN" if cfg.username else "")
     options: dict[str, Any] = {}
     if mechanism:

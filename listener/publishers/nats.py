@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import logging
 import re
-import ssl
 import time
 from collections.abc import Awaitable, Sequence
 from typing import Any
@@ -40,7 +39,7 @@ from nats.protocol import parser as nats_parser
 
 from listener.config import PublisherConfig, redact_url
 from listener.errors import BrokerConfigError, PermanentPublishError, PublishError
-from listener.publishers.base import AckResults, Message, Publisher
+from listener.publishers.base import AckResults, Message, Publisher, tls_context
 
 log = logging.getLogger("listener.publishers.nats")
 
@@ -98,14 +97,6 @@ class NatsPublisher(Publisher):
             out.append(part if "://" in part else f"nats://{part}")
         return out
 
-    def _tls(self) -> ssl.SSLContext | None:
-        if not (self.cfg.enable_tls or self.cfg.ca_cert):
-            return None
-        context = ssl.create_default_context(cafile=self.cfg.ca_cert or None)
-        if self.cfg.client_cert:
-            context.load_cert_chain(self.cfg.client_cert, self.cfg.client_key or None)
-        return context
-
     async def connect(self) -> None:
         stream = self.cfg.topic
         if any(c in stream for c in ".*> \t"):
@@ -157,7 +148,7 @@ class NatsPublisher(Publisher):
                 disconnected_cb=on_disconnect,
                 reconnected_cb=on_reconnect,
                 closed_cb=on_closed,
-                tls=self._tls(),
+                tls=tls_context(self.cfg, "nats"),
                 **kwargs,
             ), timeout=5.0 * len(self.servers) + 1.0)
         except (OSError, TimeoutError, nats.errors.Error) as exc:

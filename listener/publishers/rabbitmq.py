@@ -31,7 +31,6 @@ import asyncio
 import contextlib
 import logging
 import re
-import ssl
 import struct
 import time
 from collections import deque
@@ -50,7 +49,7 @@ from yarl import URL
 from listener.config import PublisherConfig
 from listener.errors import BrokerConfigError, PermanentPublishError, PublishError
 from listener.metrics import OVERSIZED, RECONNECTS
-from listener.publishers.base import AckResults, Message, Publisher
+from listener.publishers.base import AckResults, Message, Publisher, tls_context
 
 log = logging.getLogger(__name__)
 
@@ -263,19 +262,6 @@ def _nacked(message: Message) -> PublishError:
     return PublishError(f"rabbitmq: broker refused (nack) event {message.id}")
 
 
-def _tls_context(cfg: PublisherConfig) -> ssl.SSLContext | None:
-    if not (cfg.enable_tls or cfg.ca_cert or cfg.client_cert):
-        return None
-    try:
-        context = ssl.create_default_context(cafile=cfg.ca_cert or None)
-        if cfg.client_cert:
-            context.load_cert_chain(cfg.client_cert, cfg.client_key or None)
-    except (OSError, ssl.SSLError) as exc:
-        raise BrokerConfigError(
-            f"rabbitmq: TLS files publisher.caCert/clientCert/clientKey cannot be loaded: {exc}"
-        ) from None
-    return context
-
 
 def broker_url(cfg: PublisherConfig, tls: bool) -> URL:
     """The AMQP URL from ``publisher.address`` (``host:port`` or a full ``amqp://`` URL) and the credentials."""
@@ -336,7 +322,7 @@ class RabbitMQPublisher(Publisher):
         if self._connection is not None:
             return
         cfg = self.cfg
-        context = _tls_context(cfg)
+        context = tls_context(cfg, "rabbitmq")
         url = broker_url(cfg, context is not None)
         where = _safe(url)
         connection: AbstractRobustConnection | None = None
