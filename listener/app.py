@@ -43,6 +43,7 @@ log = logging.getLogger("listener.app")
 
 _PG_EPOCH_UNIX = PG_EPOCH.timestamp()
 _XLOG_END = __import__("struct").Struct(">Q").unpack_from
+_CHANGES = frozenset(b"IUD")  # pgoutput Insert, Update, Delete
 
 # a slot with less than this share of max_slot_wal_keep_size left before it is invalidated gets a warning
 # (a fixed number of bytes warned all the time under a small limit and too late under a large one)
@@ -367,6 +368,7 @@ class Listener:
         builder = self.builder
         relations = builder.relations
         decode = pgoutput.decode
+        change = builder.change
         read = stream.read
         txn: Transaction | None = None
         commit_unix = 0.0
@@ -377,16 +379,18 @@ class Listener:
                 tag = data[0]
                 if tag == 0x77:  # 'w' XLogData
                     received = _XLOG_END(data, 9)[0] or received
-                    msg = decode(bytes(data[25:]))
+                    buf = bytes(data[25:])
+                    if buf and buf[0] in _CHANGES:  # Insert, Update, Delete: the hot path
+                        out = change(buf, txn)  # type: ignore[arg-type]
+                        if out is not None:
+                            delivery.add(out)
+                            if delivery.full:
+                                await delivery.wait_for_space(self._stopping)
+                        continue
+                    msg = decode(buf)
                     kind = type(msg)
                     out = None
-                    if kind is pgoutput.Insert:
-                        out = builder.insert(relations[msg.relation_oid], txn, msg.new)  # type: ignore[union-attr,arg-type]
-                    elif kind is pgoutput.Update:
-                        out = builder.update(relations[msg.relation_oid], txn, msg.old, msg.old_kind, msg.new)  # type: ignore[union-attr,arg-type]
-                    elif kind is pgoutput.Delete:
-                        out = builder.delete(relations[msg.relation_oid], txn, msg.old, msg.old_kind)  # type: ignore[union-attr,arg-type]
-                    elif kind is pgoutput.Begin:
+                    if kind is pgoutput.Begin:
                         txn = builder.begin(msg.final_lsn, msg.commit_time)  # type: ignore[union-attr]
                         commit_unix = msg.commit_time / 1e6 + _PG_EPOCH_UNIX  # type: ignore[union-attr]
                     elif kind is pgoutput.Commit:

@@ -14,6 +14,7 @@ REPLICA IDENTITY FULL) — it is never published as null.
 from __future__ import annotations
 
 import logging
+import struct
 import zlib
 from dataclasses import dataclass
 from datetime import timedelta
@@ -21,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from listener import metrics
+from listener import hotpath, metrics, pgoutput
 from listener.config import Config
 from listener.filter import TableFilter
 from listener.pgoutput import PG_EPOCH, UNCHANGED, Relation, Tuple
@@ -29,6 +30,9 @@ from listener.publishers.base import Message
 from listener.types import Converter, TypeRegistry
 
 log = logging.getLogger("listener.event")
+
+_U32 = struct.Struct(">I").unpack_from
+_ACTIONS = {0x49: "INSERT", 0x55: "UPDATE", 0x44: "DELETE"}
 
 
 def event_id_parts(slot_hash: int, commit_lsn: int) -> tuple[str, int]:
@@ -71,6 +75,7 @@ class RelationInfo:
     full_identity: bool
     actions: frozenset[str]
     subject: str
+    plan: hotpath.Plan | None = None  # for the compiled fast path, when it is loaded
 
 
 @dataclass(slots=True)
@@ -87,7 +92,7 @@ class Transaction:
 class EventBuilder:
     """Builds :class:`Message` objects from decoded changes, applying the filter and topic naming."""
 
-    def __init__(self, cfg: Config, registry: TypeRegistry, *, needs_key: bool) -> None:
+    def __init__(self, cfg: Config, registry: TypeRegistry, *, needs_key: bool, compiled: bool = True) -> None:
         self._slot_hash = slot_hash(cfg.listener.slot_name)
         self._filter = TableFilter(cfg.listener.filter)
         self._topics_map = cfg.listener.topics_map
@@ -98,6 +103,8 @@ class EventBuilder:
         self._registry = registry
         self.relations: dict[int, RelationInfo] = {}
         self._bad_columns: set[tuple[str, str]] = set()
+        #: the compiled fast path (None: pure Python)
+        self.hot = hotpath.load() if compiled else None
 
     def subject(self, schema: str, table: str) -> str:
         name = f"{schema}_{table}"
@@ -128,6 +135,9 @@ class EventBuilder:
             actions=self._filter.actions(rel.schema, rel.name),
             subject=self.subject(rel.schema, rel.name),
         )
+        if self.hot is not None:
+            info.plan = hotpath.plan(rel.schema, rel.name, names, converters,
+                                     [c.is_key for c in rel.columns], key_index)
         self.relations[rel.oid] = info
         return info
 
@@ -209,6 +219,35 @@ class EventBuilder:
              "dataOld": old, "commitTime": txn.commit_time}
         )
         return Message(ident, info.subject, body, info.schema, info.table, action, key)
+
+    def change(self, buf: bytes, txn: Transaction) -> Message | None:
+        """An Insert, Update or Delete message -> its event (None: filtered out). The compiled path
+        writes the body when it can; the Python stages take the message when it cannot."""
+        info = self.relations[_U32(buf, 1)[0]]
+        hot = self.hot
+        if hot is not None and info.plan is not None:
+            action = _ACTIONS[buf[0]]
+            if action not in info.actions:
+                txn.ordinal += 1
+                self.skipped(info)
+                return None
+            ordinal = txn.ordinal + 1
+            if txn.id_prefix:
+                ident = f"{txn.id_prefix}{txn.id_base | (ordinal & 0x3FFFFFF):012x}"
+            else:
+                ident = event_id(self._slot_hash, txn.final_lsn, ordinal)
+            done = hot.event(buf, info.plan, ident, txn.commit_time, self._needs_key)
+            if done is not None:
+                txn.ordinal = ordinal
+                return Message(ident, info.subject, done[0], info.schema, info.table, action, done[1])
+        msg = pgoutput.decode(buf)
+        if isinstance(msg, pgoutput.Insert):
+            return self.insert(info, txn, msg.new)
+        if isinstance(msg, pgoutput.Update):
+            return self.update(info, txn, msg.old, msg.old_kind, msg.new)
+        if isinstance(msg, pgoutput.Delete):
+            return self.delete(info, txn, msg.old, msg.old_kind)
+        raise ValueError(f"not a change message: {type(msg).__name__}")
 
     def skipped(self, info: RelationInfo) -> None:
         metrics.FILTER_SKIPPED.labels(info.table).inc()

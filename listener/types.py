@@ -46,7 +46,10 @@ class ConversionError(ValueError):
 
 
 def to_int(text: str) -> int:
-    return int(text)
+    value = int(text)
+    if not -(1 << 63) <= value < (1 << 64):  # past what JSON encoders write as a number
+        raise ConversionError(f"integer out of the 64-bit range: {text!r}")
+    return value
 
 
 def to_bool(text: str) -> bool:
@@ -176,11 +179,22 @@ def _parse_level(text: str, pos: int, element: Converter | None, delimiter: str)
             raise ConversionError(f"unexpected {char!r} in array literal at {pos}")
 
 
-def array_of(element: Converter | None, delimiter: str = ",") -> Converter:
-    def convert(text: str) -> list[Any]:
-        return parse_array(text, element, delimiter)
+class ArrayConverter:
+    """The converter of an array type: its element converter and delimiter stay visible (the compiled
+    fast path writes simple arrays of text and integers itself)."""
 
-    return convert
+    __slots__ = ("delimiter", "element")
+
+    def __init__(self, element: Converter | None, delimiter: str = ",") -> None:
+        self.element = element
+        self.delimiter = delimiter
+
+    def __call__(self, text: str) -> list[Any]:
+        return parse_array(text, self.element, self.delimiter)
+
+
+def array_of(element: Converter | None, delimiter: str = ",") -> Converter:
+    return ArrayConverter(element, delimiter)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ client is reconnecting, against a real nats-server."""
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import uuid
 from collections.abc import Callable
@@ -14,6 +15,7 @@ import nats
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.protocol import command
 from nats.protocol.parser import Parser
 
 from listener.config import PublisherConfig
@@ -282,22 +284,43 @@ def _protocol(rng: random.Random, count: int) -> bytes:
             out.append(b"HMSG _INBOX.abc.%d 7 %d %d\r\n%s\r\n" % (n, len(status), len(status), status))
         elif kind < 0.86:
             out.append(b"MSG _INBOX.abc.%d 8 %d\r\n%s\r\n" % (n, len(ack), ack))  # another sid
-        elif kind < 0.9:
+        elif kind < 0.88:
             out.append(b"MSG _INBOX.abc.%d 7 0\r\n\r\n" % n)  # an empty payload
+        elif kind < 0.9:
+            error = b'{"error":{"code":500,"err_code":10077,"description":"stream full"}}'
+            out.append(b"MSG _INBOX.abc.%d 7 %d\r\n%s\r\n" % (n, len(error), error))
         else:
             out.append(rng.choice([b"PING\r\n", b"PONG\r\n", b"+OK\r\n", b"INFO {\"max_payload\":1048576}\r\n"]))
     return b"".join(out)
 
 
-async def _parse(data: bytes, cuts: list[int], fast: bool) -> list[tuple[Any, ...]]:
+class _Resolved:
+    """Stands for a batch waiting for acks: records what each ack resolved."""
+
+    def __init__(self, events: list[tuple[Any, ...]]) -> None:
+        self.events = events
+
+    def resolve(self, index: int, result: BaseException | None) -> None:
+        self.events.append(("resolved", index, None if result is None else str(result)))
+
+
+async def _parse(data: bytes, cuts: list[int], fast: bool, compiled: bool | None = None) -> list[tuple[Any, ...]]:
+    """nats-py's parser over ``data`` cut at ``cuts`` (fast=False), or with the publisher's fast path
+    in front: its ack hook recorded (compiled=None, Python scanning), or what each ack resolved
+    (compiled=True/False: the compiled or the Python scanning)."""
     client = _Recorder()
     if fast:
         publisher = NatsPublisher(config("127.0.0.1:4222", "s"))
+        if compiled is None or not compiled:
+            publisher._hot = None
+        if compiled is None:
+            def ack(seq: bytes, status: bytes, payload: bytes) -> None:
+                client.events.append(("msg", 7, b"_INBOX.abc." + seq, b"", payload, None))
 
-        def ack(seq: bytes, status: bytes, payload: bytes) -> None:
-            client.events.append(("msg", 7, b"_INBOX.abc." + seq, b"", payload, None))
-
-        publisher._ack = ack  # type: ignore[method-assign,assignment]
+            publisher._ack = ack  # type: ignore[method-assign,assignment]
+        else:
+            waiting = _Resolved(client.events)
+            publisher._waiting = {seq: (waiting, seq) for seq in range(1000)}  # type: ignore[misc]
         publisher._read_acks_first(client, 7)  # type: ignore[arg-type]
     start = 0
     for cut in [*cuts, len(data)]:
@@ -315,6 +338,22 @@ async def test_parser_fast_path_hands_over_exactly_what_nats_py_parses() -> None
     data = _protocol(rng, 40)
     every_byte = list(range(1, len(data)))
     assert await _parse(data, every_byte, fast=True) == await _parse(data, every_byte, fast=False)
+
+
+async def test_compiled_ack_scanning_resolves_what_the_python_scanning_resolves() -> None:
+    if NatsPublisher(config("127.0.0.1:4222", "s"))._hot is None:
+        pytest.skip("the compiled fast path is not built") if os.environ.get("CI") != "true" else pytest.fail(
+            "listener._hotpath is not built")
+    rng = random.Random(20262)
+    resolved: list[tuple[Any, ...]] = []
+    for _ in range(150):
+        data = _protocol(rng, 200)
+        cuts = sorted(rng.sample(range(1, len(data)), rng.choice([1, 5, 40, 300])))
+        compiled = await _parse(data, cuts, fast=True, compiled=True)
+        assert compiled == await _parse(data, cuts, fast=True, compiled=False)
+        resolved += [event for event in compiled if event[0] == "resolved"]
+    assert len(resolved) > 3000
+    assert any(event[2] is not None for event in resolved)  # error answers went through it too
 
 
 def test_client_has_the_internals_the_fast_paths_use() -> None:
@@ -338,3 +377,33 @@ async def test_many_batches_in_flight_all_acked(nats_server: NatsServer) -> None
         await publisher.close()
     assert all(r == [None] * 2000 for r in results)
     assert await stream_messages(nats_server.url, stream) == 20000
+
+
+def test_compiled_frames_are_what_nats_py_would_send() -> None:
+    """The compiled HPUB frames are byte for byte nats-py's publish(subject, body, reply, headers)."""
+    hot = NatsPublisher(config("127.0.0.1:4222", "s"))._hot
+    if hot is None:
+        pytest.skip("the compiled fast path is not built") if os.environ.get("CI") != "true" else pytest.fail(
+            "listener._hotpath is not built")
+    inbox = "_INBOX.xyz"
+    prefixes = {f"s.{name}": f"HPUB s.{name} {inbox}." for name in ("a", "b.c", "ü")}
+    batch = [Message(f"id-{n}", f"s.{['a', 'b.c', 'ü'][n % 3]}", b'{"n": %d}' % n * (n % 5), "public", "t", "INSERT")
+             for n in range(50)]
+    frames, payload = hot.nats_frames(batch, prefixes, 41, 1024 * 1024, len(b"NATS/1.0\r\nNats-Msg-Id: \r\n\r\n"))
+    expected = b"".join(
+        command.hpub_cmd(m.subject, f"{inbox}.{42 + n}", b"NATS/1.0\r\nNats-Msg-Id: " + m.id.encode() + b"\r\n\r\n",
+                         m.body)
+        for n, m in enumerate(batch))
+    assert frames == expected
+    assert payload == sum(len(m.body) for m in batch)
+    header = len(b"NATS/1.0\r\nNats-Msg-Id: \r\n\r\n")
+    odd = [
+        Message("id 1", "s.a", b"{}", "public", "t", "INSERT"),  # a space: the Python path strips/escapes
+        Message("id\r\n", "s.a", b"{}", "public", "t", "INSERT"),
+        Message("idé", "s.a", b"{}", "public", "t", "INSERT"),
+        Message("id-1", "s.unknown", b"{}", "public", "t", "INSERT"),  # subject not checked yet
+        Message("id-1", "s.a", b"x" * 100, "public", "t", "INSERT"),  # over the limit below
+    ]
+    for message in odd:
+        assert hot.nats_frames([batch[0], message], prefixes, 0, 90, header) is None, message
+    assert hot.nats_frames([], prefixes, 0, 90, header) == (b"", 0)

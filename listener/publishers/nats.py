@@ -37,6 +37,7 @@ from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 from nats.protocol import parser as nats_parser
 
+from listener import hotpath
 from listener.config import PublisherConfig, redact_url
 from listener.errors import BrokerConfigError, PermanentPublishError, PublishError
 from listener.publishers.base import AckResults, Message, Publisher, tls_context
@@ -88,6 +89,7 @@ class NatsPublisher(Publisher):
         self._reopening: asyncio.Task[None] | None = None
         self._subjects: dict[str, str] = {}  # checked subject -> the start of its HPUB line
         self._bulk = True  # the client has the internals the bulk write path uses
+        self._hot = hotpath.load()  # compiled frame building and ack scanning (None: Python)
 
     @property
     def servers(self) -> list[str]:
@@ -261,6 +263,8 @@ class NatsPublisher(Publisher):
         control_line, crlf = nats_parser.AWAITING_CONTROL_LINE, len(b"\r\n")
         our_sid = str(sid).encode()
         ack = self._ack
+        scan = self._hot.nats_acks if self._hot is not None else None
+        pop = self._waiting.pop
 
         async def parse(data: bytes = b"") -> None:
             if parser.state != control_line:
@@ -279,6 +283,15 @@ class NatsPublisher(Publisher):
                 parser.buf.clear()
             at, end = 0, len(data)
             try:
+                if scan is not None:  # compiled: the same walk as the loop below, which then has nothing left
+                    answers, at = scan(data, our_sid)
+                    for answer in answers:
+                        if answer.__class__ is int:  # a plain ack
+                            entry = pop(answer, None)
+                            if entry is not None:  # else: a late ack of a publish already timed out
+                                entry[0].resolve(entry[1], None)
+                        else:
+                            ack(answer[0], b"", answer[1])  # type: ignore[index]
                 while data.startswith(b"MSG ", at):
                     line_end = data.find(b"\r\n", at)
                     if line_end < 0:
@@ -393,6 +406,16 @@ class NatsPublisher(Publisher):
         extend = parts.extend
         size = payload = 0
         index = -1
+        built = None
+        if self._hot is not None and refused is None and room < 0 and isinstance(batch, list):
+            built = self._hot.nats_frames(batch, subjects, seq, limit, _HEADER_BYTES)
+        if built is not None:  # every message was plain: frames written in one go, seq numbers in order
+            parts.append(built[0])
+            payload = built[1]
+            for index in range(len(batch)):
+                seq += 1
+                waiting[seq] = (pending, index)
+            batch = ()
         for message in batch:
             index += 1
             body = message.body
@@ -440,7 +463,7 @@ class NatsPublisher(Publisher):
                 if entry is not None:
                     resolve(entry[1], error)
             return
-        nc.stats["out_msgs"] += len(parts) // 3
+        nc.stats["out_msgs"] += seq - first
         nc.stats["out_bytes"] += payload
 
     def _prefix(self, subject: str) -> str | None:
