@@ -328,6 +328,10 @@ class RabbitMQ(Broker):
     name = "rabbitmq"
     label = "RabbitMQ (publisher confirms)"
 
+    #: the type of the queue bound to the exchange (the listener publishes the same either way):
+    #: "quorum" (RabbitMQ's replicated durable queue) or "classic"; see bench/README.md
+    queue_type = "quorum"
+
     def __init__(self, workdir: Path, url: str = RABBITMQ_URL) -> None:
         super().__init__(workdir)
         self.url = url
@@ -357,7 +361,8 @@ class RabbitMQ(Broker):
 
         channel = await self._open()
         exchange = await channel.declare_exchange(topic, aio_pika.ExchangeType.TOPIC, durable=True)
-        queue = await channel.declare_queue(self._queue(topic), durable=True, auto_delete=False)
+        arguments = {"x-queue-type": "quorum"} if self.queue_type == "quorum" else {}
+        queue = await channel.declare_queue(self._queue(topic), durable=True, auto_delete=False, arguments=arguments)
         await queue.bind(exchange, "#")
 
     async def count(self, topic: str, table: str, expected: int) -> Count:

@@ -37,7 +37,7 @@ import psutil
 import psycopg
 
 from bench import workload as wl
-from bench.brokers import BROKERS, Broker, Count
+from bench.brokers import BROKERS, Broker, Count, RabbitMQ
 from bench.measure import (
     REPO,
     BrokerFailed,
@@ -82,6 +82,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--phases", default="reference,wide,txn,latency,idle",
                    help="which phases to run (default: reference,wide,txn,latency,idle)")
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke test in about two minutes (NATS)")
+    p.add_argument("--rabbitmq-queue", choices=("quorum", "classic"), default="quorum",
+                   help="type of the queue bound to the RabbitMQ exchange (quorum)")
     p.add_argument("--profile", action="store_true",
                    help="also run the listener once more on the reference workload under py-spy and summarize")
     p.add_argument("--stall-timeout", type=float, default=60.0,
@@ -227,6 +229,8 @@ class Bench:
         say(f"PostgreSQL {version} on port {self.pg.port} ({self.pg.bin_dir})")
         for name in a.brokers:
             broker = BROKERS[name](Path(tempfile.gettempdir()))
+            if isinstance(broker, RabbitMQ):
+                broker.queue_type = a.rabbitmq_queue
             try:
                 broker.start()
             except Exception as exc:
@@ -237,6 +241,11 @@ class Bench:
             self.brokers.append(broker)
             say(f"{broker.label} ready")
         self.meta = self.machine_info(version)
+        if "rabbitmq" in a.brokers:
+            self.meta["rabbitmq_queue"] = a.rabbitmq_queue
+        from listener import hotpath
+
+        self.meta["compiled_hot_path"] = hotpath.load() is not None  # LISTENER_PURE_PYTHON=1 reaches the listener too
         before = machine_busy()
         await asyncio.sleep(2.0)
         load = 100 * (machine_busy() - before) / 2.0

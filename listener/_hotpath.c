@@ -4,8 +4,8 @@
  * and the plan it builds per relation). It decodes the tuple(s) of one change message, converts the
  * common column types straight from their text form into JSON, and writes the whole event body,
  * byte for byte what the pure-Python path (pgoutput.decode -> EventBuilder.row -> orjson.dumps)
- * produces. Whatever it does not handle itself -- an unchanged TOASTed value, a binary column, text
- * that is not valid UTF-8, a value of unexpected form, a malformed message -- makes it return None,
+ * produces. Whatever it does not handle itself -- a binary column, text that is not valid UTF-8, a
+ * value a Python converter refuses, a short tuple, a malformed message -- makes it return None,
  * and the caller takes the Python path, which also owns every error message and metric.
  *
  * event(msg, plan, ident, commit_time, want_key) -> (body: bytes, key: bytes | None) | None
@@ -208,8 +208,12 @@ static Py_ssize_t read_tuple(const unsigned char *s, Py_ssize_t n, Py_ssize_t *p
             cols[i].p = s + p;
             cols[i].len = len;
             p += len;
+        } else if (kind == 'u') {
+            cols[i].kind = 'u'; /* unchanged TOAST: left out of the row, never null */
+            cols[i].p = NULL;
+            cols[i].len = 0;
         } else {
-            return -1; /* 'u' unchanged TOAST, 'b' binary, or unknown */
+            return -1; /* 'b' binary (never asked for), or unknown */
         }
     }
     *pos = p;
@@ -358,32 +362,55 @@ static int put_value(Buf *b, long code, PyObject *conv, const Col *c) {
     }
 }
 
-/* The row as a JSON object; identity_only: only the replica-identity columns (an old 'K' tuple). */
-static int put_row(Buf *b, PyObject *columns, const Col *cols, Py_ssize_t count, int identity_only) {
+static inline int is_identity(PyObject *columns, Py_ssize_t i) {
+    return PyTuple_GET_ITEM(PyTuple_GET_ITEM(columns, i), 3) == Py_True;
+}
+
+/* One '"name":value' member, after a comma unless it is the first. */
+static int put_member(Buf *b, PyObject *columns, Py_ssize_t i, const Col *c, int *first) {
+    PyObject *entry = PyTuple_GET_ITEM(columns, i);
+    PyObject *prefix = PyTuple_GET_ITEM(entry, 0);
+    if (!*first && PUTS(b, ",") < 0)
+        return -1;
+    *first = 0;
+    if (put(b, PyBytes_AS_STRING(prefix), PyBytes_GET_SIZE(prefix)) < 0)
+        return -1;
+    if (c->kind == 'n')
+        return PUTS(b, "null");
+    return put_value(b, PyLong_AsLong(PyTuple_GET_ITEM(entry, 1)), PyTuple_GET_ITEM(entry, 2), c);
+}
+
+/* The row as a JSON object; identity_only: only the replica-identity columns (an old 'K' tuple).
+ * Unchanged TOAST columns are left out; when an old row is given (old_kind 'K' or 'O'), each of them
+ * that the old row holds is added at the end, from there (the Python path's dict order). */
+static int put_row(Buf *b, PyObject *columns, const Col *cols, Py_ssize_t count, int identity_only,
+                   const Col *old, Py_ssize_t nold, char old_kind) {
     if (count != PyTuple_GET_SIZE(columns))
         return FALLBACK; /* the Python path knows what to do with a short tuple */
     if (PUTS(b, "{") < 0)
         return -1;
-    int first = 1;
+    int first = 1, unchanged = 0;
     for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *entry = PyTuple_GET_ITEM(columns, i);
-        if (identity_only && PyTuple_GET_ITEM(entry, 3) != Py_True)
+        if (identity_only && !is_identity(columns, i))
             continue;
-        PyObject *prefix = PyTuple_GET_ITEM(entry, 0);
-        if (!first && PUTS(b, ",") < 0)
-            return -1;
-        first = 0;
-        if (put(b, PyBytes_AS_STRING(prefix), PyBytes_GET_SIZE(prefix)) < 0)
-            return -1;
-        if (cols[i].kind == 'n') {
-            if (PUTS(b, "null") < 0)
-                return -1;
+        if (cols[i].kind == 'u') {
+            unchanged = 1;
             continue;
         }
-        long code = PyLong_AsLong(PyTuple_GET_ITEM(entry, 1));
-        int rc = put_value(b, code, PyTuple_GET_ITEM(entry, 2), &cols[i]);
+        int rc = put_member(b, columns, i, &cols[i], &first);
         if (rc != 0)
             return rc;
+    }
+    if (unchanged && old != NULL) {
+        if (nold != count)
+            return FALLBACK;
+        for (Py_ssize_t i = 0; i < count; i++) {
+            if (cols[i].kind != 'u' || old[i].kind == 'u' || (old_kind == 'K' && !is_identity(columns, i)))
+                continue;
+            int rc = put_member(b, columns, i, &old[i], &first);
+            if (rc != 0)
+                return rc;
+        }
     }
     return PUTS(b, "}");
 }
@@ -540,7 +567,7 @@ static PyObject *hot_event(PyObject *self, PyObject *const *args, Py_ssize_t nar
         PUTS(&b, "\",\"data\":") < 0)
         goto done;
     if (new_cols != NULL) {
-        rc = put_row(&b, columns, new_cols, nnew, 0);
+        rc = put_row(&b, columns, new_cols, nnew, 0, old_cols, nold, old_kind);
     } else {
         rc = PUTS(&b, "{}");
     }
@@ -549,7 +576,7 @@ static PyObject *hot_event(PyObject *self, PyObject *const *args, Py_ssize_t nar
     if ((rc = PUTS(&b, ",\"dataOld\":")) != 0)
         goto check;
     if (old_cols != NULL) {
-        rc = put_row(&b, columns, old_cols, nold, old_kind == 'K');
+        rc = put_row(&b, columns, old_cols, nold, old_kind == 'K', NULL, 0, 0);
     } else {
         rc = PUTS(&b, "{}");
     }

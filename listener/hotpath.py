@@ -1,10 +1,11 @@
 """The compiled fast path, Python side: load it, and describe each relation to it once.
 
 ``listener/_hotpath.c`` turns one pgoutput Insert/Update/Delete message into the event's JSON body in
-one pass (decode, convert, encode), byte for byte what the pure-Python stages produce. It handles
-the common types itself and calls the Python converter for the others; anything unusual (an
-unchanged TOASTed value, text that is not UTF-8, a malformed message) makes it answer ``None`` and
-the Python stages take that message, with their error handling and metrics.
+one pass (decode, convert, encode), byte for byte what the pure-Python stages produce, unchanged
+TOASTed values included. It handles the common types itself and calls the Python converter for the
+others; anything unusual (text that is not UTF-8, a value a converter refuses, a short tuple, a
+malformed message) makes it answer ``None`` and the Python stages take that message, with their
+error handling and metrics. It also builds the NATS publisher's HPUB frames and scans its acks.
 
 The module is built by ``pip install`` when a C compiler is present (it is optional: without it the
 listener runs the pure-Python path). ``LISTENER_PURE_PYTHON=1`` turns it off at run time.

@@ -66,6 +66,12 @@ FLOATS = ["1.5", "-0", "NaN", "Infinity", "-Infinity", "1e+300", "0.1", "x"]
 BYTEAS = ["\\x", "\\xdeadbeef", "deadbeef"]
 
 
+# a value of every column in COLUMNS, as pgoutput sends it
+TYPICAL = [b"t" + struct.pack(">i", len(v.encode())) + v.encode() for v in (
+    "42", "9000000000", "name-42", "42.42", "t", "2026-01-01 00:00:42+00", "2026-01-01 00:00:42", "{tag-2,group-0}",
+    "{1,2}", "{t}", '{"i": 42, "label": "item 42"}', "1.5", "\\x00", "a-b", "2026-01-01", "x")]
+
+
 def value_for(type_oid: int, rng: random.Random) -> bytes:
     """One pgoutput column: text, null, unchanged TOAST, or now and then invalid UTF-8."""
     roll = rng.random()
@@ -184,10 +190,7 @@ def test_random_changes_match_the_python_path(
 def test_a_typical_row_is_written_by_the_compiled_path(action: str) -> None:
     """The reference benchmark's row shape never falls back to Python."""
     fast, _ = builders(relation("d", (0,)), needs_key=True)
-    values = ["42", "9000000000", "name-42", "42.42", "t", "2026-01-01 00:00:42+00", "2026-01-01 00:00:42",
-              "{tag-2,group-0}", "{1,2}", "{t}", '{"i": 42, "label": "item 42"}', "1.5", "\\x00", "a-b", "2026-01-01",
-              "x"]
-    row = tuple_data(*(b"t" + struct.pack(">i", len(v.encode())) + v.encode() for v in values))
+    row = tuple_data(*TYPICAL)
     key = tuple_data(*(b"t" + struct.pack(">i", 2) + b"42" if i == 0 else COL_NULL for i in range(len(COLUMNS))))
     msg = {"insert": insert_msg(OID, row), "update": update_msg(OID, row), "delete": delete_msg(OID, b"K", key)}[action]
     plan = fast.relations[OID].plan
@@ -215,3 +218,23 @@ def test_bad_arguments_raise_type_errors() -> None:
         fast.hot.event(b"I", (b"", ((b"", "not an int", None, False),), ()), "id", "t", False)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         fast.hot.set_encoder(42)
+
+
+@needs_compiled
+@pytest.mark.parametrize("identity,old_kind", [("d", None), ("f", b"O"), ("d", b"K")])
+def test_unchanged_toast_update_is_written_by_the_compiled_path(identity: str, old_kind: bytes | None) -> None:
+    """The wide workload's update (a TOASTed column left alone) stays on the compiled path, and the
+    column is left out, or taken from the old row where it has it, exactly as the Python path does."""
+    fast, slow = builders(relation(identity, (0, 2)), needs_key=True)
+    values = TYPICAL
+    new = tuple_data(*[COL_UNCHANGED if i in (2, 10) else v for i, v in enumerate(values)])
+    old = None if old_kind is None else tuple_data(*[
+        v if old_kind == b"O" or i in (0, 2) else COL_NULL for i, v in enumerate(values)])
+    msg = update_msg(OID, new, old, old_kind or b"K")
+    plan = fast.relations[OID].plan
+    assert plan is not None and fast.hot is not None
+    assert fast.hot.event(msg, plan, "id-1", "t", True) is not None
+    assert outcome(fast, msg, fast.begin(0x10, 0)) == outcome(slow, msg, slow.begin(0x10, 0))
+    data = orjson.loads(fast.hot.event(msg, plan, "id-1", "t", True)[0])["data"]  # type: ignore[index]
+    assert ("name" in data) == (old_kind is not None)  # an identity column: the old key has it
+    assert ("payload" in data) == (old_kind == b"O")
