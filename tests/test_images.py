@@ -69,6 +69,7 @@ def test_wheel_carries_both_programs_and_their_entry_points(wheel: Path) -> None
                    "wal_operator/handlers.py", "wal_operator/main.py"):
         assert module in names, module
     assert not any(n.startswith("operator/") for n in names)  # never shadows the stdlib module
+    assert any(re.fullmatch(r"listener/_hotpath\.cpython-.*\.so", n) for n in names), "compiled hot path not built"
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "wal-listener = listener.cli:main" in text and "wal-operator = wal_operator.main:main" in text
