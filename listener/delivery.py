@@ -80,6 +80,10 @@ class Delivery:
         self.confirmed_lsn = 0
         self.confirmed_commit_time = 0.0
         self.in_flight = 0
+        # Once full, reading resumes only when a whole batch fits again: resuming at the first free slot
+        # made the reader add a few events, fill up, seal a tiny batch and wait again -- batches shrank
+        # to a handful of events for good (each its own broker request) while the broker was the slower.
+        self._resume_at = max_in_flight - max(1, min(batch_size, max_in_flight // 2))
         self._retrying = 0  # batches with events being retried
         self._open = Batch()
         self._pending: deque[Batch] = deque()  # sealed, in order, not yet retired
@@ -222,7 +226,7 @@ class Delivery:
                 metrics.PUBLISHED.labels(subject, table).inc(count)
             acked = len(messages) - len(failed)
             self.in_flight -= acked
-            if self.in_flight < self.max_in_flight:
+            if self.in_flight <= self._resume_at:
                 self._space.set()
             if not failed:
                 break

@@ -412,6 +412,30 @@ async def test_partial_ack_frees_room(make_delivery: Factory) -> None:
     await drained(d)
 
 
+async def test_once_full_reading_resumes_only_when_a_whole_batch_fits(make_delivery: Factory) -> None:
+    """No silly window: freeing a few slots must not wake the reader to add a few events and seal a tiny
+    batch (batches then stayed tiny for good, each its own broker request, while the broker was slower)."""
+    pub = FakePublisher(hold=True)
+    d = make_delivery(pub, max_in_flight=10, batch_size=4)
+    d.add(msg("s0"))
+    d.seal()  # a one-event batch, acked on its own below
+    for i in range(9):
+        d.add(msg(f"m{i}"))
+    assert d.full
+    waiter = asyncio.create_task(d.wait_for_space(asyncio.Event()))
+    await pub.wait_sends(4)  # [s0], [m0..m3], [m4..m7], [m8]
+    pub.release(0)  # one slot free: not enough for a batch
+    await settle()
+    assert not waiter.done()
+    pub.release(1)  # five free: a whole batch fits
+    async with asyncio.timeout(5):
+        await waiter
+    assert d.in_flight == 5
+    pub.release(2)
+    pub.release(3)
+    await drained(d)
+
+
 async def test_in_flight_counts_failed_events_until_they_are_acked(make_delivery: Factory) -> None:
     pub = FakePublisher()
     pub.script("b", PublishError("no"))
