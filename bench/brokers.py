@@ -345,6 +345,14 @@ class RabbitMQ(Broker):
     def publisher(self, topic: str) -> dict[str, Any]:
         return {"type": "rabbitmq", "address": self.url, "topic": topic}
 
+    def processes(self) -> list[psutil.Process]:
+        """The machine's RabbitMQ (not started by the bench): its Erlang VM, found by name."""
+        found = []
+        for proc in psutil.process_iter(["name", "username"]):
+            if proc.info["name"] == "beam.smp" and proc.info["username"] == "rabbitmq":
+                found.append(proc)
+        return found
+
     def _queue(self, topic: str) -> str:
         return f"{topic}_all"
 
