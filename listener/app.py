@@ -26,7 +26,7 @@ from listener.errors import (
     SlotInUseError,
     SlotLostError,
 )
-from listener.event import EventBuilder, Transaction
+from listener.event import CHANGE_ACTIONS, EventBuilder, Transaction
 from listener.observability import Health, HttpServer, metrics_route, register_secrets, split_addr
 from listener.pgoutput import PG_EPOCH, format_lsn
 from listener.publishers.base import Publisher, make_publisher
@@ -43,7 +43,6 @@ log = logging.getLogger("listener.app")
 
 _PG_EPOCH_UNIX = PG_EPOCH.timestamp()
 _XLOG_END = __import__("struct").Struct(">Q").unpack_from
-_CHANGES = frozenset(b"IUD")  # pgoutput Insert, Update, Delete
 
 # a slot with less than this share of max_slot_wal_keep_size left before it is invalidated gets a warning
 # (a fixed number of bytes warned all the time under a small limit and too late under a large one)
@@ -380,30 +379,25 @@ class Listener:
                 if tag == 0x77:  # 'w' XLogData
                     received = _XLOG_END(data, 9)[0] or received
                     buf = bytes(data[25:])
-                    if buf and buf[0] in _CHANGES:  # Insert, Update, Delete: the hot path
-                        out = change(buf, txn)  # type: ignore[arg-type]
-                        if out is not None:
-                            delivery.add(out)
-                            if delivery.full:
-                                await delivery.wait_for_space(self._stopping)
-                        continue
-                    msg = decode(buf)
-                    kind = type(msg)
                     out = None
-                    if kind is pgoutput.Begin:
-                        txn = builder.begin(msg.final_lsn, msg.commit_time)  # type: ignore[union-attr]
-                        commit_unix = msg.commit_time / 1e6 + _PG_EPOCH_UNIX  # type: ignore[union-attr]
-                    elif kind is pgoutput.Commit:
-                        delivery.commit(msg.end_lsn, commit_unix)  # type: ignore[union-attr]
-                        txn = None
-                    elif kind is pgoutput.Relation:
-                        await self._relation(msg, db)  # type: ignore[arg-type]
-                    elif kind is pgoutput.Truncate:
-                        for oid in msg.relation_oids:  # type: ignore[union-attr]
-                            out = builder.truncate(relations[oid], txn)  # type: ignore[arg-type]
-                            if out is not None:
-                                delivery.add(out)
-                        out = None
+                    if buf and buf[0] in CHANGE_ACTIONS:  # Insert, Update, Delete: the hot path
+                        out = change(buf, txn)  # type: ignore[arg-type]
+                    else:
+                        msg = decode(buf)
+                        kind = type(msg)
+                        if kind is pgoutput.Begin:
+                            txn = builder.begin(msg.final_lsn, msg.commit_time)  # type: ignore[union-attr]
+                            commit_unix = msg.commit_time / 1e6 + _PG_EPOCH_UNIX  # type: ignore[union-attr]
+                        elif kind is pgoutput.Commit:
+                            delivery.commit(msg.end_lsn, commit_unix)  # type: ignore[union-attr]
+                            txn = None
+                        elif kind is pgoutput.Relation:
+                            await self._relation(msg, db)  # type: ignore[arg-type]
+                        elif kind is pgoutput.Truncate:
+                            for oid in msg.relation_oids:  # type: ignore[union-attr]
+                                truncated = builder.truncate(relations[oid], txn)  # type: ignore[arg-type]
+                                if truncated is not None:
+                                    delivery.add(truncated)
                     if out is not None:
                         delivery.add(out)
                         if delivery.full:

@@ -32,7 +32,8 @@ from listener.types import Converter, TypeRegistry
 log = logging.getLogger("listener.event")
 
 _U32 = struct.Struct(">I").unpack_from
-_ACTIONS = {0x49: "INSERT", 0x55: "UPDATE", 0x44: "DELETE"}
+#: pgoutput change message tag -> the event's action (the messages :meth:`EventBuilder.change` takes)
+CHANGE_ACTIONS = {0x49: "INSERT", 0x55: "UPDATE", 0x44: "DELETE"}
 
 
 def event_id_parts(slot_hash: int, commit_lsn: int) -> tuple[str, int]:
@@ -206,14 +207,17 @@ class EventBuilder:
         prefix, base = event_id_parts(self._slot_hash, final_lsn)
         return Transaction(final_lsn, commit_time_text(commit_micros), 0, prefix, base)
 
+    def _ident(self, txn: Transaction, ordinal: int) -> str:
+        """The id of the change number ``ordinal`` of ``txn`` (see :func:`event_id`)."""
+        if txn.id_prefix:
+            return f"{txn.id_prefix}{txn.id_base | (ordinal & 0x3FFFFFF):012x}"
+        return event_id(self._slot_hash, txn.final_lsn, ordinal)
+
     def _message(
         self, info: RelationInfo, txn: Transaction, action: str, data: dict[str, Any],
         old: dict[str, Any], key: bytes | None,
     ) -> Message:
-        if txn.id_prefix:
-            ident = f"{txn.id_prefix}{txn.id_base | (txn.ordinal & 0x3FFFFFF):012x}"
-        else:
-            ident = event_id(self._slot_hash, txn.final_lsn, txn.ordinal)
+        ident = self._ident(txn, txn.ordinal)
         body = orjson.dumps(
             {"id": ident, "schema": info.schema, "table": info.table, "action": action, "data": data,
              "dataOld": old, "commitTime": txn.commit_time}
@@ -226,16 +230,13 @@ class EventBuilder:
         info = self.relations[_U32(buf, 1)[0]]
         hot = self.hot
         if hot is not None and info.plan is not None:
-            action = _ACTIONS[buf[0]]
+            action = CHANGE_ACTIONS[buf[0]]
             if action not in info.actions:
                 txn.ordinal += 1
                 self.skipped(info)
                 return None
             ordinal = txn.ordinal + 1
-            if txn.id_prefix:
-                ident = f"{txn.id_prefix}{txn.id_base | (ordinal & 0x3FFFFFF):012x}"
-            else:
-                ident = event_id(self._slot_hash, txn.final_lsn, ordinal)
+            ident = self._ident(txn, ordinal)
             done = hot.event(buf, info.plan, ident, txn.commit_time, self._needs_key)
             if done is not None:
                 txn.ordinal = ordinal
