@@ -305,6 +305,17 @@ static int put_simple_array(Buf *b, const Col *c, int numbers) {
     return PUTS(b, "]");
 }
 
+/* A timestamp's text as a JSON string, its first space (between date and time) made a 'T'. */
+static int put_iso_string(Buf *b, const unsigned char *s, Py_ssize_t n) {
+    Py_ssize_t mark = b->len;
+    if (put_string(b, s, n) < 0)
+        return -1;
+    char *space = memchr(b->data + mark + 1, ' ', (size_t)(b->len - mark - 2));
+    if (space != NULL)
+        *space = 'T';
+    return 0;
+}
+
 static int put_value(Buf *b, long code, PyObject *conv, const Col *c) {
     const unsigned char *s = c->p;
     Py_ssize_t n = c->len;
@@ -323,13 +334,8 @@ static int put_value(Buf *b, long code, PyObject *conv, const Col *c) {
         return put(b, (const char *)s, n);
     case CODE_TIMESTAMPTZ:
         if (n > 3 && is_digit(s[0]) && memcmp(s + n - 3, "+00", 3) == 0) {
-            Py_ssize_t mark = b->len;
-            if (put_string(b, s, n - 3) < 0)
+            if (put_iso_string(b, s, n - 3) < 0)
                 return -1;
-            char *text = b->data + mark + 1;
-            char *space = memchr(text, ' ', (size_t)(b->len - mark - 2));
-            if (space != NULL)
-                *space = 'T';
             b->len -= 1; /* reopen the string for the zone */
             return PUTS(b, "Z\"");
         }
@@ -340,14 +346,7 @@ static int put_value(Buf *b, long code, PyObject *conv, const Col *c) {
         if (n > 0 && is_digit(s[0])) {
             if (n >= 3 && memcmp(s + n - 3, " BC", 3) == 0)
                 return put_string(b, s, n);
-            Py_ssize_t mark = b->len;
-            if (put_string(b, s, n) < 0)
-                return -1;
-            char *text = b->data + mark + 1;
-            char *space = memchr(text, ' ', (size_t)(b->len - mark - 2));
-            if (space != NULL)
-                *space = 'T';
-            return 0;
+            return put_iso_string(b, s, n);
         }
         return put_converted(b, conv, c);
     case CODE_ARRAY_TEXT:
@@ -540,15 +539,14 @@ static PyObject *hot_event(PyObject *self, PyObject *const *args, Py_ssize_t nar
         if (marker != 'K' && marker != 'O')
             goto fallback;
         old_kind = (char)marker;
-    } else {
-        goto fallback;
-    }
-    if (tag == 'D') {
         old_cols = spare_old;
         nold = read_tuple(s, n, &pos, old_cols, ncolumns);
         if (nold < 0)
             goto fallback;
     } else {
+        goto fallback;
+    }
+    if (tag != 'D') {
         new_cols = spare_new;
         nnew = read_tuple(s, n, &pos, new_cols, ncolumns);
         if (nnew < 0)
