@@ -101,6 +101,7 @@ def relation(identity: str, key_columns: tuple[int, ...]) -> Relation:
 
 
 def builders(rel: Relation, needs_key: bool, key_from: str | None = None) -> tuple[EventBuilder, EventBuilder]:
+    compiled_hot_path()
     cfg = make_config(key_from=key_from or "")
     fast = EventBuilder(cfg, types.TypeRegistry(), needs_key=needs_key)
     slow = EventBuilder(cfg, types.TypeRegistry(), needs_key=needs_key, compiled=False)
@@ -138,16 +139,19 @@ def random_message(rng: random.Random) -> bytes:
     return delete_msg(OID, rng.choice([b"K", b"O"]), random_tuple(rng))
 
 
-needs_compiled = pytest.mark.skipif(
-    hotpath.load() is None and os.environ.get("CI") != "true",
-    reason="the compiled fast path is not built (no C compiler at install time)",
-)
+def compiled_hot_path() -> hotpath.Module:
+    """The compiled module, for a test that needs it: skips where it was not built (no C compiler at
+    install time), fails under CI=true (CI installs with one: a missing module is a broken build)."""
+    module = hotpath.load()
+    if module is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("listener._hotpath was not built: pip install -e . with gcc present", pytrace=False)
+        pytest.skip("the compiled fast path is not built (no C compiler at install time)")
+    return module
 
 
 def test_compiled_path_is_built_where_ci_runs() -> None:
-    """CI installs with a C compiler: the fast path must be there (else every other test here skips)."""
-    if os.environ.get("CI") == "true" or hotpath.load() is not None:
-        assert hotpath.load() is not None, "listener._hotpath was not built: pip install -e . with gcc present"
+    compiled_hot_path()
 
 
 def test_pure_python_switch(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -156,7 +160,6 @@ def test_pure_python_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     assert EventBuilder(make_config(), types.TypeRegistry(), needs_key=False).hot is None
 
 
-@needs_compiled
 @pytest.mark.parametrize("identity,key_columns,needs_key,key_from", [
     ("d", (0,), False, None),
     ("d", (0,), True, None),
@@ -185,7 +188,6 @@ def test_random_changes_match_the_python_path(
     assert taken > 50  # the compiled path wrote some itself (odd values are common here by design)
 
 
-@needs_compiled
 @pytest.mark.parametrize("action", ["insert", "update", "delete"])
 def test_a_typical_row_is_written_by_the_compiled_path(action: str) -> None:
     """The reference benchmark's row shape never falls back to Python."""
@@ -208,7 +210,6 @@ def test_a_typical_row_is_written_by_the_compiled_path(action: str) -> None:
         assert body["data"]["raw"] == "AA=="
 
 
-@needs_compiled
 def test_bad_arguments_raise_type_errors() -> None:
     fast, _ = builders(relation("d", (0,)), needs_key=False)
     assert fast.hot is not None
@@ -220,7 +221,6 @@ def test_bad_arguments_raise_type_errors() -> None:
         fast.hot.set_encoder(42)
 
 
-@needs_compiled
 @pytest.mark.parametrize("identity,old_kind", [("d", None), ("f", b"O"), ("d", b"K")])
 def test_unchanged_toast_update_is_written_by_the_compiled_path(identity: str, old_kind: bytes | None) -> None:
     """The wide workload's update (a TOASTed column left alone) stays on the compiled path, and the

@@ -5,7 +5,6 @@ client is reconnecting, against a real nats-server."""
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import uuid
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from listener.publishers.base import Message, make_publisher
 from listener.publishers.nats import NatsPublisher
 from listener.sandbox import NatsServer
 from tests.harness import metric, wait_until
+from tests.test_hotpath import compiled_hot_path
 
 pytestmark = pytest.mark.service
 
@@ -341,9 +341,7 @@ async def test_parser_fast_path_hands_over_exactly_what_nats_py_parses() -> None
 
 
 async def test_compiled_ack_scanning_resolves_what_the_python_scanning_resolves() -> None:
-    if NatsPublisher(config("127.0.0.1:4222", "s"))._hot is None:
-        pytest.skip("the compiled fast path is not built") if os.environ.get("CI") != "true" else pytest.fail(
-            "listener._hotpath is not built")
+    compiled_hot_path()
     rng = random.Random(20262)
     resolved: list[tuple[Any, ...]] = []
     for _ in range(150):
@@ -381,10 +379,7 @@ async def test_many_batches_in_flight_all_acked(nats_server: NatsServer) -> None
 
 def test_compiled_frames_are_what_nats_py_would_send() -> None:
     """The compiled HPUB frames are byte for byte nats-py's publish(subject, body, reply, headers)."""
-    hot = NatsPublisher(config("127.0.0.1:4222", "s"))._hot
-    if hot is None:
-        pytest.skip("the compiled fast path is not built") if os.environ.get("CI") != "true" else pytest.fail(
-            "listener._hotpath is not built")
+    hot = compiled_hot_path()
     inbox = "_INBOX.xyz"
     prefixes = {f"s.{name}": f"HPUB s.{name} {inbox}." for name in ("a", "b.c", "ü")}
     batch = [Message(f"id-{n}", f"s.{['a', 'b.c', 'ü'][n % 3]}", b'{"n": %d}' % n * (n % 5), "public", "t", "INSERT")
