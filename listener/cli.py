@@ -49,7 +49,8 @@ async def _serve(config_path: str) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, listener.stop)
     log.info("starting", extra={"fields": {"version": __version__, "slot": cfg.listener.slot_name,
-                                            "publisher": cfg.publisher.type.value}})
+                                            "publisher": cfg.publisher.type.value,
+                                            "compiled_hot_path": listener.builder.hot is not None}})
     return await listener.run()
 
 

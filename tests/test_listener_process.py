@@ -14,6 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from listener import hotpath
 from listener.sandbox import NatsServer, PostgresServer, free_port
 from tests.harness import (
     ListenerProcess,
@@ -129,6 +130,8 @@ async def test_postgres_and_nats_restart_mid_stream_recover_by_themselves(
     proc = ListenerProcess(cfg, workdir).start()
     procs.append(proc)
     await wait_until(lambda: '"msg":"streaming"' in proc.output(), 30, "streaming")
+    starting = next(line for line in proc.logs() if line.get("msg") == "starting")
+    assert starting["compiled_hot_path"] is (hotpath.load() is not None)  # the process runs the path built here
     writer = Writer(dsn, transactions=200, rows_per_txn=10, pace=0.02).start()
     await wait_until(lambda: writer.committed >= 300, 60, "some commits")
     await asyncio.to_thread(pg.restart)
