@@ -21,7 +21,7 @@ from listener.config import PublisherConfig
 from listener.errors import PermanentPublishError, PublishError
 from listener.publishers.base import Message, make_publisher
 from listener.publishers.nats import NatsPublisher
-from listener.sandbox import NatsServer
+from listener.sandbox import NatsServer, TcpProxy
 from tests.harness import metric, wait_until
 from tests.test_hotpath import compiled_hot_path
 
@@ -402,3 +402,33 @@ def test_compiled_frames_are_what_nats_py_would_send() -> None:
     for message in odd:
         assert hot.nats_frames([batch[0], message], prefixes, 0, 90, header) is None, message
     assert hot.nats_frames([], prefixes, 0, 90, header) == (b"", 0)
+
+
+async def test_frames_lost_with_the_connection_are_sent_again_before_later_ones(
+    nats_server: NatsServer, make_proxy: Callable[..., TcpProxy]
+) -> None:
+    """A batch written just before the connection died (its bytes never reached the server) must not be
+    overtaken by a batch buffered during the outage: after the reconnect the stream holds them in order."""
+    proxy = make_proxy("127.0.0.1", nats_server.port)
+    stream = unique_stream()
+    publisher = NatsPublisher(config(proxy.address, stream), ack_timeout=30.0)
+    await publisher.connect()
+    try:
+        proxy.pause()  # what is written now is held by the proxy...
+        first = await publisher.send([message(stream, n) for n in range(10)])
+        proxy.stop()  # ...and lost with the connection
+        await wait_until(lambda: not publisher.ready, 10, "the client to notice the outage")
+        later = await publisher.send([message(stream, n) for n in range(10, 20)])
+        proxy.start()
+        assert await first == [None] * 10
+        assert await later == [None] * 10
+    finally:
+        await publisher.close()
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        assert (await js.stream_info(stream)).state.messages == 20
+        ids = [(await js.get_msg(stream, seq)).headers["Nats-Msg-Id"] for seq in range(1, 21)]  # type: ignore[index]
+    finally:
+        await nc.close()
+    assert ids == [message(stream, n).id for n in range(20)]

@@ -56,15 +56,17 @@ _BULK_ATTRIBUTES = ("_send_command", "_flush_pending", "_flush_queue", "_max_pen
 
 
 class _Pending:
-    """The acks one batch still waits for."""
+    """The acks one batch still waits for, and its frames (sent again first after a reconnect)."""
 
-    __slots__ = ("deadline", "future", "remaining", "results")
+    __slots__ = ("deadline", "first_seq", "frames", "future", "remaining", "results")
 
     def __init__(self, size: int, deadline: float) -> None:
         self.results: AckResults = [None] * size
         self.remaining = size
         self.deadline = deadline
         self.future: asyncio.Future[AckResults] = asyncio.get_running_loop().create_future()
+        self.frames = b""  # the HPUB frames as written (bulk path)
+        self.first_seq = 0
 
     def resolve(self, index: int, result: BaseException | None) -> None:
         self.results[index] = result
@@ -117,6 +119,7 @@ class NatsPublisher(Publisher):
             # not when close() drains the connection at shutdown, nor for a first connection that failed
             if not self._closing and client and client[0] is self._nc:
                 log.warning("nats disconnected; reconnecting")
+                await self._resend_unacked(client[0])
 
         async def on_reconnect() -> None:
             from listener import metrics
@@ -358,6 +361,19 @@ class NatsPublisher(Publisher):
             for pending in [p for p in self._batches if p.deadline <= now]:
                 self._fail(pending, PublishError(f"nats: no ack within {self.ack_timeout:g}s"))
 
+    async def _resend_unacked(self, nc: Client) -> None:
+        """The connection broke: frames of batches not fully acked may have died with it, while frames
+        written after them wait in the client's buffer and would be stored first after the reconnect --
+        a later change of a row landing before an earlier one. So every unacked batch's frames go to the
+        front of the buffer, in the order they were first sent; JetStream drops the copies it already
+        stored (Nats-Msg-Id) and the acks that come back settle the batches."""
+        unacked = sorted((p for p in self._batches if p.remaining and p.frames), key=lambda p: p.first_seq)
+        if unacked:
+            try:
+                await nc._send_command(b"".join(p.frames for p in unacked), priority=True)
+            except Exception as exc:  # the batches then fail by their ack timeout and are retried
+                log.warning("nats: cannot queue unacked events again", extra={"fields": {"error": str(exc)}})
+
     def _fail(self, pending: _Pending, error: BaseException) -> None:
         for seq in [s for s, (p, _) in self._waiting.items() if p is pending]:
             _, index = self._waiting.pop(seq)
@@ -452,8 +468,10 @@ class NatsPublisher(Publisher):
         self._seq = seq
         if not parts:
             return
+        pending.frames = b"".join(parts)
+        pending.first_seq = first + 1
         try:
-            await nc._send_command(b"".join(parts))
+            await nc._send_command(pending.frames)
             if nc._flush_queue is not None and nc._flush_queue.empty():
                 await nc._flush_pending()
         except Exception as exc:
