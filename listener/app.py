@@ -82,6 +82,7 @@ class Listener:
         self.delivery.on_fatal = lambda _exc: self.stop()
         self.health = Health()
         self.health.broker = lambda: self.publisher.ready and not self.delivery.failing
+        metrics.READY.set_function(lambda: 1.0 if self.health.is_ready() else 0.0)
         self._stopping = asyncio.Event()
         self._stream: ReplicationStream | None = None
         self._db: Database | None = None
@@ -351,6 +352,8 @@ class Listener:
             safe = state.safe_wal_size
             metrics.SLOT_SAFE_WAL_BYTES.set(-1 if safe is None else safe)
             metrics.SLOT_WAL_KEEP_BYTES.set(state.wal_keep_size)
+            for status in metrics.WAL_STATUSES:
+                metrics.SLOT_WAL_STATUS.labels(status).set(1 if state.wal_status == status else 0)
             at_risk = wal_at_risk(state.wal_status, safe, state.wal_keep_size)
             if at_risk and not warned:
                 log.warning(

@@ -57,3 +57,19 @@ SLOT_PROBLEM = Gauge(
 SLOT_WAL_KEEP_BYTES = Gauge(
     "slot_wal_keep_size_bytes", "The server's max_slot_wal_keep_size in bytes (-1: no limit).", registry=REGISTRY
 )
+SLOT_WAL_STATUS = Gauge(
+    "slot_wal_status",
+    "1 for the slot's current wal_status (reserved, extended, unreserved, lost), 0 for the others.",
+    ["status"],
+    registry=REGISTRY,
+)
+READY = Gauge("listener_ready", "1 while /ready answers 200 (PostgreSQL stream and broker both up).", registry=REGISTRY)
+# backfills and snapshots (listener.snapshot, `wal-listener backfill`)
+SNAPSHOT_ROWS = Counter("snapshot_rows", "Rows published by snapshots and backfills.", ["table"], registry=REGISTRY)
+SNAPSHOT_CHUNKS = Counter(
+    "snapshot_chunks", "Chunks of rows read and published by snapshots and backfills.", ["table"], registry=REGISTRY
+)
+BACKFILL_RUNNING = Gauge("backfill_running", "1 while a backfill of the table runs.", ["table"], registry=REGISTRY)
+
+#: every wal_status PostgreSQL reports for a slot
+WAL_STATUSES = ("reserved", "extended", "unreserved", "lost")

@@ -192,6 +192,9 @@ class Health:
     def healthz(self) -> tuple[int, str, bytes]:
         return 200, "text/plain", b"ok\n"
 
+    def is_ready(self) -> bool:
+        return self.postgres and self.broker()
+
     def ready(self) -> tuple[int, str, bytes]:
         broker = self.broker()
         body = {"postgres": self.postgres, "broker": broker}
