@@ -1,0 +1,210 @@
+"""PostgreSQL SQL shared by the listener and the operator: pure builders and one-statement execution.
+
+Everything a user or a resource supplies reaches SQL in one of three ways, and only these:
+
+* a name (table, column, publication, slot) as ``sql.Identifier`` — never spliced as text;
+* a value as a query parameter, or as ``sql.Literal`` where PostgreSQL takes no parameters (DDL);
+* an expression (a publication row filter, a backfill ``--where``) checked by
+  :func:`check_expression` so that it cannot leave the parentheses it is put in, and executed by
+  :func:`execute_one`, which uses the extended query protocol: the server refuses a second statement.
+
+The builders return ``sql.Composed`` and touch no connection, so they are tested without a server.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from psycopg import AsyncConnection, sql
+
+#: an unquoted PostgreSQL identifier, at most 63 bytes (NAMEDATALEN - 1)
+IDENTIFIER_PATTERN = r"[A-Za-z_][A-Za-z0-9_$]{0,62}"
+#: ``table`` or ``schema.table``
+TABLE_NAME_PATTERN = rf"^(?:{IDENTIFIER_PATTERN}\.)?{IDENTIFIER_PATTERN}$"
+#: a publication name a resource may use: letters, digits, ``_`` and ``-``
+PUBLICATION_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,62}$"
+#: the longest row filter or ``--where`` accepted
+MAX_EXPRESSION_LENGTH = 4096
+
+_IDENTIFIER = re.compile(IDENTIFIER_PATTERN)
+_TABLE_NAME = re.compile(TABLE_NAME_PATTERN)
+_CLOSING = {")": "(", "]": "["}
+
+
+class ExpressionError(ValueError):
+    """A user-supplied SQL expression was refused before it reached the server."""
+
+
+def is_identifier(name: str) -> bool:
+    """True for a plain (unquoted) identifier: letters, digits, ``_`` and ``$``, not starting with a digit."""
+    return _IDENTIFIER.fullmatch(name) is not None
+
+
+def is_table_name(name: str) -> bool:
+    """True for ``table`` or ``schema.table`` made of plain identifiers."""
+    return _TABLE_NAME.fullmatch(name) is not None
+
+
+def check_expression(text: str) -> str:
+    """Return ``text`` if it is a single SQL expression that stays inside the parentheses it is put in.
+
+    Refused: an empty text, ``;``, comments (``--``, ``/*``), ``$`` (dollar quoting, parameters),
+    backslashes (their meaning depends on ``standard_conforming_strings``), control characters,
+    unterminated quotes, and parentheses or brackets that do not pair up outside string literals and
+    quoted identifiers. What remains is checked by PostgreSQL itself when the statement runs.
+    """
+    if not text.strip():
+        raise ExpressionError("is empty; give a boolean SQL expression such as status = 'paid'")
+    if len(text) > MAX_EXPRESSION_LENGTH:
+        raise ExpressionError(f"is {len(text)} characters long; at most {MAX_EXPRESSION_LENGTH} are allowed")
+    stack: list[str] = []
+    i, end = 0, len(text)
+    while i < end:
+        char = text[i]
+        if char in "'\"":
+            i = _skip_quoted(text, i)
+            continue
+        if char == ";":
+            raise ExpressionError("must be one expression: ';' is not allowed")
+        if text.startswith(("--", "/*"), i):
+            raise ExpressionError("must not contain SQL comments (-- or /*)")
+        if char == "$":
+            raise ExpressionError("must not contain '$' (dollar quoting or parameters)")
+        if char == "\\":
+            raise ExpressionError("must not contain a backslash")
+        if char < " " and char not in "\t\n\r":
+            raise ExpressionError(f"must not contain the control character {char!r}")
+        if char in "([":
+            stack.append(char)
+        elif char in ")]":
+            if not stack or stack.pop() != _CLOSING[char]:
+                raise ExpressionError(f"has an unmatched {char!r}")
+        i += 1
+    if stack:
+        raise ExpressionError(f"has an unclosed {stack[-1]!r}")
+    return text
+
+
+def _skip_quoted(text: str, start: int) -> int:
+    """The index just after the quoted literal or identifier starting at ``start`` (doubled quotes escape)."""
+    quote = text[start]
+    i = start + 1
+    while True:
+        close = text.find(quote, i)
+        if close < 0:
+            what = "string literal" if quote == "'" else "quoted identifier"
+            raise ExpressionError(f"has an unterminated {what}")
+        inner = text[i:close]
+        if "\\" in inner:
+            raise ExpressionError("must not contain a backslash")
+        if "\x00" in inner:
+            raise ExpressionError("must not contain a NUL character")
+        if text.startswith(quote, close + 1):
+            i = close + 2
+            continue
+        return close + 1
+
+
+# --------------------------------------------------------------------------------------------------
+# publications
+
+
+@dataclass(frozen=True)
+class PublishedTable:
+    """A schema-qualified table of a publication, with an optional column list and row filter."""
+
+    schema: str
+    name: str
+    columns: tuple[str, ...] = ()
+    where: str = ""
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+
+@dataclass(frozen=True)
+class PublicationDefinition:
+    """What a publication should hold: ``tables`` None means FOR ALL TABLES."""
+
+    name: str
+    tables: tuple[PublishedTable, ...] | None
+    publish: tuple[str, ...] = ("insert", "update", "delete", "truncate")
+
+
+def table_clause(table: PublishedTable) -> sql.Composed:
+    """``TABLE "s"."t" ("a", "b") WHERE (expr)`` with the expression checked."""
+    parts: list[sql.Composable] = [sql.SQL("TABLE "), sql.Identifier(table.schema, table.name)]
+    if table.columns:
+        parts += [sql.SQL(" ("), sql.SQL(", ").join(sql.Identifier(c) for c in table.columns), sql.SQL(")")]
+    if table.where:
+        parts += [sql.SQL(" WHERE ("), sql.SQL(check_expression(table.where)), sql.SQL(")")]
+    return sql.Composed(parts)
+
+
+def _target(tables: Sequence[PublishedTable] | None) -> sql.Composable:
+    if tables is None:
+        return sql.SQL("FOR ALL TABLES")
+    return sql.SQL("FOR ") + sql.SQL(", ").join(table_clause(t) for t in tables)
+
+
+def _publish_option(publish: Sequence[str]) -> sql.Composed:
+    return sql.SQL("publish = {}").format(sql.Literal(", ".join(publish)))
+
+
+def create_publication(definition: PublicationDefinition) -> sql.Composed:
+    return sql.SQL("CREATE PUBLICATION {} {} WITH ({})").format(
+        sql.Identifier(definition.name), _target(definition.tables), _publish_option(definition.publish)
+    )
+
+
+def set_publication_tables(name: str, tables: Sequence[PublishedTable]) -> sql.Composed:
+    return sql.SQL("ALTER PUBLICATION {} SET {}").format(
+        sql.Identifier(name), sql.SQL(", ").join(table_clause(t) for t in tables)
+    )
+
+
+def set_publication_publish(name: str, publish: Sequence[str]) -> sql.Composed:
+    return sql.SQL("ALTER PUBLICATION {} SET ({})").format(sql.Identifier(name), _publish_option(publish))
+
+
+def comment_on_publication(name: str, comment: str) -> sql.Composed:
+    return sql.SQL("COMMENT ON PUBLICATION {} IS {}").format(sql.Identifier(name), sql.Literal(comment))
+
+
+def drop_publication(name: str) -> sql.Composed:
+    return sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(name))
+
+
+#: the tables a name resolves to: 'users' is every schema's users, 'shop.users' only that one
+RESOLVE_TABLE_QUERY = (
+    "SELECT n.nspname, c.relname FROM pg_catalog.pg_class c "
+    "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE c.relkind IN ('r', 'p') AND c.relname = %(name)s AND (%(schema)s = '' OR n.nspname = %(schema)s) "
+    "AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%%' "
+    "ORDER BY 1"
+)
+
+
+def split_table_name(name: str) -> tuple[str, str]:
+    """``'shop.users'`` -> ``('shop', 'users')``; ``'users'`` -> ``('', 'users')``."""
+    schema, _, table = name.rpartition(".")
+    return schema, table
+
+
+# --------------------------------------------------------------------------------------------------
+# execution
+
+
+async def execute_one(conn: AsyncConnection[Any], query: sql.Composed | sql.SQL, params: Any = None) -> None:
+    """Run ``query`` as exactly one statement.
+
+    psycopg sends a query without parameters through the simple query protocol, where the server runs
+    every statement of a ``;``-separated text. Asking for binary results makes it use the extended
+    protocol (Parse/Bind/Execute) instead, and the server refuses a text holding more than one
+    statement ("cannot insert multiple commands into a prepared statement").
+    """
+    await conn.execute(query, params, binary=True)
