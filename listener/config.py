@@ -108,7 +108,11 @@ _SLOT_NAME = re.compile(r"[a-z0-9_]{1,63}")
 class FilterConfig(_Model):
     """Which tables and actions are published. No ``tables`` at all: everything is published."""
 
-    tables: dict[str, list[Action]] | None = None
+    tables: dict[str, list[Action]] | None = Field(
+        None,
+        description="Table ('table' in any schema, or 'schema.table') -> the actions to publish "
+        "(insert, update, delete, truncate). Leave out to publish every table and action.",
+    )
 
     @field_validator("tables")
     @classmethod
@@ -128,9 +132,16 @@ class ListenerConfig(_Model):
     ack_timeout: Duration = Field(timedelta(seconds=10), description="How long one publish may wait for its ack.")
     refresh_connection: Duration = Field(timedelta(seconds=30), description="Longest backoff between reconnects.")
     heartbeat_interval: Duration = Field(timedelta(seconds=10), description="Standby status update interval.")
-    filter: FilterConfig = Field(default_factory=FilterConfig)
-    topics_map: dict[str, str] = Field(default_factory=dict)
-    publication_name: str = Field("wal-listener", min_length=1, max_length=63)
+    filter: FilterConfig = Field(default_factory=FilterConfig, description="Which tables and actions are published.")
+    topics_map: dict[str, str] = Field(
+        default_factory=dict, description="schema_table -> the name used in its topic instead of schema_table."
+    )
+    publication_name: str = Field(
+        "wal-listener",
+        min_length=1,
+        max_length=63,
+        description="Publication the slot streams (created FOR ALL TABLES if missing).",
+    )
     max_in_flight: int = Field(20000, ge=1, description="Events read but not yet acknowledged, at most.")
     batch_size: int = Field(2000, ge=1, description="Events handed to the broker in one pipelined batch.")
     emit_heartbeat: bool = Field(
@@ -139,7 +150,7 @@ class ListenerConfig(_Model):
     on_error: Literal["halt", "skip"] = Field(
         "halt", description="A change that cannot be published: halt (retry forever) or skip to deadLetterTopic."
     )
-    dead_letter_topic: str = ""
+    dead_letter_topic: str = Field("", description="Topic for changes that cannot be published (onError: skip).")
 
     @field_validator("slot_name")
     @classmethod
@@ -163,14 +174,19 @@ class ListenerConfig(_Model):
 
 
 class DatabaseConfig(_Model):
-    host: str = "localhost"
-    port: int = Field(5432, ge=1, le=65535)
-    name: str = Field(min_length=1)
-    user: str = Field(min_length=1)
+    host: str = Field("localhost", description="PostgreSQL host name or address.")
+    port: int = Field(5432, ge=1, le=65535, description="PostgreSQL port.")
+    name: str = Field(min_length=1, description="Database whose changes are streamed.")
+    user: str = Field(min_length=1, description="User with the REPLICATION attribute (or superuser).")
     password: SecretStr = SecretStr("")
-    ssl_mode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = "prefer"
-    enable_tls: bool = Field(False, alias="enableTLS")
-    debug: bool = False
+    ssl_mode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = Field(
+        "prefer", description="libpq sslmode; verify-ca/verify-full check the server against sslRootCert."
+    )
+    enable_tls: bool = Field(False, alias="enableTLS", description="Require TLS (sslMode require at least).")
+    ssl_root_cert: str = Field("", description="File of CA certificates to verify the server (libpq sslrootcert).")
+    ssl_cert: str = Field("", description="Client certificate file for certificate authentication (libpq sslcert).")
+    ssl_key: str = Field("", description="Private key file of sslCert (libpq sslkey).")
+    debug: bool = Field(False, description="Log every decoded message (verbose).")
 
     @model_validator(mode="after")
     def _tls_means_require(self) -> DatabaseConfig:
@@ -193,41 +209,52 @@ class DatabaseConfig(_Model):
         }
         if self.password.get_secret_value():
             params["password"] = self.password.get_secret_value()
+        for key, path in (("sslrootcert", self.ssl_root_cert), ("sslcert", self.ssl_cert), ("sslkey", self.ssl_key)):
+            if path:
+                params[key] = path
         params.update(extra)
         return make_conninfo(**params)
 
 
 class PublisherConfig(_Model):
-    type: PublisherType
-    address: str = Field(min_length=1)
-    topic: str = Field(min_length=1)
-    topic_prefix: str = ""
-    message_key_from: str = ""
+    type: PublisherType = Field(description="The broker: nats, kafka, rabbitmq or google_pubsub.")
+    address: str = Field(min_length=1, description="Broker address (NATS URL, Kafka bootstrap servers, AMQP URL).")
+    topic: str = Field(
+        min_length=1, description="NATS stream / RabbitMQ exchange, and the first part of every topic name."
+    )
+    topic_prefix: str = Field("", description="Put before schema_table in every topic name.")
+    message_key_from: str = Field("", description="Column whose value is the message key (default: the row key).")
     # TLS (Kafka, NATS, RabbitMQ)
-    enable_tls: bool = Field(False, alias="enableTLS")
-    client_cert: str = ""
-    client_key: str = ""
-    ca_cert: str = ""
+    enable_tls: bool = Field(False, alias="enableTLS", description="Connect to the broker over TLS.")
+    client_cert: str = Field("", description="Client certificate file (TLS client authentication).")
+    client_key: str = Field("", description="Private key file of clientCert.")
+    ca_cert: str = Field("", description="File of CA certificates to verify the broker.")
     # credentials (Kafka SASL, NATS user/password, RabbitMQ when not in the address)
-    username: str = ""
+    username: str = Field("", description="Broker user (Kafka SASL, NATS, RabbitMQ).")
     password: SecretStr = SecretStr("")
     # NATS JetStream
     duplicate_window: Duration = Field(timedelta(minutes=2), description="JetStream de-duplication window.")
     # Kafka
-    sasl_mechanism: Literal["", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = ""
-    compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
-    linger_ms: int = Field(5, ge=0)
-    max_batch_bytes: int = Field(1048576, ge=1024)
-    idempotent: bool = True
-    partitions: int = Field(1, ge=1)
-    replication_factor: int = Field(1, ge=1)
+    sasl_mechanism: Literal["", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        "", description="Kafka SASL mechanism; empty: no SASL."
+    )
+    compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
+        "none", description="Kafka batch compression."
+    )
+    linger_ms: int = Field(5, ge=0, description="How long a batch may wait to fill up (Kafka, Pub/Sub), ms.")
+    max_batch_bytes: int = Field(1048576, ge=1024, description="Largest Kafka produce batch per partition, bytes.")
+    idempotent: bool = Field(True, description="Kafka idempotent producer (turn off for brokers without it).")
+    partitions: int = Field(1, ge=1, description="Partitions of topics the listener creates (createTopics).")
+    replication_factor: int = Field(1, ge=1, description="Replication factor of topics the listener creates.")
     # RabbitMQ
-    exchange_kind: Literal["topic", "fanout", "direct", "headers"] = "topic"
+    exchange_kind: Literal["topic", "fanout", "direct", "headers"] = Field(
+        "topic", description="Kind of the RabbitMQ exchange declared as publisher.topic."
+    )
     # Google Pub/Sub
-    pub_sub_project_id: str = Field("", alias="pubSubProjectID")
-    enable_ordering: bool = False
+    pub_sub_project_id: str = Field("", alias="pubSubProjectID", description="Google Cloud project id.")
+    enable_ordering: bool = Field(False, description="Pub/Sub ordering keys (one per table and row key).")
     # Kafka and Pub/Sub
-    create_topics: bool = False
+    create_topics: bool = Field(False, description="Create missing topics (Kafka, Pub/Sub).")
 
     @field_validator("topic")
     @classmethod
@@ -245,8 +272,8 @@ class PublisherConfig(_Model):
 
 
 class LoggerConfig(_Model):
-    level: Literal["debug", "info", "warn", "warning", "error"] = "info"
-    fmt: Literal["json", "text"] = "json"
+    level: Literal["debug", "info", "warn", "warning", "error"] = Field("info", description="Lowest level logged.")
+    fmt: Literal["json", "text"] = Field("json", description="json: one JSON object per line; text: for people.")
 
     @field_validator("level", mode="before")
     @classmethod

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 from pydantic import TypeAdapter
 
+from listener.catalog import PUBLICATION_NAME_PATTERN
 from listener.config import format_duration
 from wal_operator.spec import (
     API_GROUP,
@@ -40,7 +41,11 @@ VALIDATIONS: dict[str, list[dict[str, str]]] = {
         {
             "rule": "self == oldSelf",
             "message": "listener.publicationName is immutable; create a new WalListener instead",
-        }
+        },
+        {
+            "rule": f"self.matches('{PUBLICATION_NAME_PATTERN}')",
+            "message": "listener.publicationName: 1-63 letters, digits, '_' and '-' (not starting with '-')",
+        },
     ],
     "spec.publisher": [
         {
@@ -50,6 +55,12 @@ VALIDATIONS: dict[str, list[dict[str, str]]] = {
             " && (self.type == 'google_pubsub') == has(self.googlePubSub)",
             "message": "set exactly one broker block and it must match publisher.type "
             "(nats: nats, kafka: kafka, rabbitmq: rabbitmq, google_pubsub: googlePubSub)",
+        }
+    ],
+    "spec.publication.tables[].where": [
+        {
+            "rule": "!self.contains('--') && !self.contains('/*')",
+            "message": "a row filter must not contain SQL comments (-- or /*)",
         }
     ],
     "spec.database": [
@@ -137,17 +148,23 @@ def spec_schema() -> dict[str, Any]:
     return schema
 
 
+def _field(kind: str, description: str, **extra: Any) -> dict[str, Any]:
+    return {"type": kind, "description": description, **extra}
+
+
 def _condition_schema() -> dict[str, Any]:
     return {
         "type": "object",
+        "description": "One step of the reconcile (see docs/operator.md for each type and reason).",
         "required": ["type", "status"],
         "properties": {
-            "type": {"type": "string"},
-            "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
-            "reason": {"type": "string"},
-            "message": {"type": "string"},
-            "lastTransitionTime": {"type": "string", "format": "date-time"},
-            "observedGeneration": {"type": "integer"},
+            "type": _field("string", "SpecValid, Conflict, DatabaseReachable, PublicationReady, SlotReady, "
+                           "DeploymentReady, or Ready (all steps True)."),
+            "status": _field("string", "True, False or Unknown.", enum=["True", "False", "Unknown"]),
+            "reason": _field("string", "Why, in one CamelCase word (e.g. InvalidSpec, PodNotReady)."),
+            "message": _field("string", "What happened and what to do, for people."),
+            "lastTransitionTime": _field("string", "When status last changed.", format="date-time"),
+            "observedGeneration": _field("integer", "The metadata.generation this condition was computed for."),
         },
     }
 
@@ -157,37 +174,55 @@ def status_schema() -> dict[str, Any]:
         "type": "object",
         "description": "What the operator found and did; see docs/operator.md.",
         "properties": {
-            "observedGeneration": {"type": "integer"},
-            "phase": {"type": "string", "description": "Short summary: Ready, Progressing, Failed, Conflict, ..."},
-            "configHash": {"type": "string"},
+            "observedGeneration": _field("integer", "The metadata.generation the operator last reconciled."),
+            "phase": _field("string", "Short summary: Ready, or the reason of the first step that is not ready."),
+            "configHash": _field("string", "Hash of the rendered config.yml (also on the pod template)."),
             "conditions": {
                 "type": "array",
+                "description": "One condition per reconcile step, plus Ready.",
                 "items": _condition_schema(),
                 "x-kubernetes-list-type": "map",
                 "x-kubernetes-list-map-keys": ["type"],
             },
             "slot": {
                 "type": "object",
+                "description": "The replication slot as PostgreSQL reports it, refreshed every status interval.",
                 "properties": {
-                    "name": {"type": "string"},
-                    "exists": {"type": "boolean"},
-                    "active": {"type": "boolean"},
-                    "confirmedLSN": {"type": "string"},
-                    "restartLSN": {"type": "string"},
-                    "walStatus": {"type": "string", "description": "reserved, extended, unreserved or lost"},
-                    "retainedWALBytes": {"type": "integer", "format": "int64"},
-                    "lagBytes": {"type": "integer", "format": "int64"},
-                    "lag": {"type": "string", "description": "lagBytes for humans"},
-                    "checkedAt": {"type": "string", "format": "date-time"},
+                    "name": _field("string", "Slot name (spec.listener.slotName)."),
+                    "exists": _field("boolean", "Whether the slot exists in the database."),
+                    "active": _field("boolean", "Whether a listener is reading the slot right now."),
+                    "confirmedLSN": _field("string", "The position the listener confirmed (published and acked)."),
+                    "restartLSN": _field("string", "The oldest WAL position the slot still needs."),
+                    "walStatus": _field("string", "reserved, extended, unreserved or lost"),
+                    "retainedWALBytes": _field(
+                        "integer", "WAL the slot keeps on the server's disk (current LSN - restartLSN).", format="int64"
+                    ),
+                    "lagBytes": _field(
+                        "integer", "WAL not yet confirmed by the listener (current LSN - confirmedLSN).", format="int64"
+                    ),
+                    "lag": _field("string", "lagBytes for humans"),
+                    "lagSeconds": _field(
+                        "number",
+                        "How far behind the listener is in time (pg_stat_replication flush_lag); absent while "
+                        "nobody reads the slot.",
+                    ),
+                    "checkedAt": _field("string", "When the slot was last read.", format="date-time"),
                 },
             },
             "publication": {
                 "type": "object",
+                "description": "The publication the listener streams.",
                 "properties": {
-                    "name": {"type": "string"},
-                    "allTables": {"type": "boolean"},
-                    "tables": {"type": "array", "items": {"type": "string"}},
-                    "createdByOperator": {"type": "boolean"},
+                    "name": _field("string", "Publication name (spec.listener.publicationName)."),
+                    "allTables": _field("boolean", "FOR ALL TABLES."),
+                    "tables": {
+                        "type": "array",
+                        "description": "The schema-qualified tables of the publication.",
+                        "items": {"type": "string"},
+                    },
+                    "createdByOperator": _field(
+                        "boolean", "Created by this resource (then altered and dropped by it only)."
+                    ),
                 },
             },
         },
@@ -223,6 +258,12 @@ def build_crd() -> dict[str, Any]:
                         {"name": "Slot", "type": "string", "jsonPath": ".spec.listener.slotName"},
                         {"name": "Ready", "type": "string", "jsonPath": f"{ready}.status"},
                         {"name": "Lag", "type": "string", "jsonPath": ".status.slot.lag"},
+                        {
+                            "name": "Lag-Seconds",
+                            "type": "number",
+                            "jsonPath": ".status.slot.lagSeconds",
+                            "priority": 1,
+                        },
                         {"name": "WAL", "type": "string", "jsonPath": ".status.slot.walStatus", "priority": 1},
                         {"name": "Reason", "type": "string", "jsonPath": f"{ready}.reason", "priority": 1},
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
@@ -233,9 +274,9 @@ def build_crd() -> dict[str, Any]:
                             "description": "A PostgreSQL logical-replication slot streamed to a message broker.",
                             "required": ["spec"],
                             "properties": {
-                                "apiVersion": {"type": "string"},
-                                "kind": {"type": "string"},
-                                "metadata": {"type": "object"},
+                                "apiVersion": _field("string", "wal-listener.io/v1alpha1"),
+                                "kind": _field("string", "WalListener"),
+                                "metadata": _field("object", "Standard object metadata."),
                                 "spec": spec_schema(),
                                 "status": status_schema(),
                             },

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-from psycopg import sql
 from psycopg.rows import dict_row
 
+from listener import catalog
+from listener.catalog import PublicationDefinition, PublishedTable, execute_one
 from listener.config import Action, DatabaseConfig
 from wal_operator.render import Owner
 from wal_operator.spec import PublicationTable, SpecError, WalListenerSpec
@@ -65,6 +66,7 @@ class SlotState:
     wal_status: str = ""
     retained_wal_bytes: int = 0
     lag_bytes: int = 0
+    lag_seconds: float | None = None
     created: bool = False
 
 
@@ -126,37 +128,22 @@ def desired_actions(spec: WalListenerSpec) -> list[str]:
 
 async def resolve_tables(
     conn: psycopg.AsyncConnection[dict[str, Any]], tables: list[PublicationTable]
-) -> list[tuple[str, str, PublicationTable]]:
+) -> list[PublishedTable]:
     """Schema-qualify every table ('users' means every schema's users); MissingTables if one is absent."""
-    resolved: list[tuple[str, str, PublicationTable]] = []
+    resolved: list[PublishedTable] = []
     missing: list[str] = []
     for table in tables:
-        schema, _, name = table.name.rpartition(".")
-        rows = await (
-            await conn.execute(
-                "SELECT n.nspname AS schema, c.relname AS name FROM pg_class c "
-                "JOIN pg_namespace n ON n.oid = c.relnamespace "
-                "WHERE c.relkind IN ('r', 'p') AND c.relname = %s AND (%s = '' OR n.nspname = %s) "
-                "AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%%' "
-                "ORDER BY 1",
-                (name, schema, schema),
-            )
-        ).fetchall()
+        schema, name = catalog.split_table_name(table.name)
+        cur = await conn.execute(catalog.RESOLVE_TABLE_QUERY, {"name": name, "schema": schema})
+        rows = await cur.fetchall()
         if not rows:
             missing.append(table.name)
-        resolved.extend((row["schema"], row["name"], table) for row in rows)
+        resolved.extend(
+            PublishedTable(row["nspname"], row["relname"], tuple(table.columns), table.where) for row in rows
+        )
     if missing:
         raise MissingTables(f"tables not found in the database: {', '.join(missing)}")
     return resolved
-
-
-def _table_clause(schema: str, name: str, table: PublicationTable) -> sql.Composable:
-    parts: list[sql.Composable] = [sql.SQL("TABLE "), sql.Identifier(schema, name)]
-    if table.columns:
-        parts += [sql.SQL(" ("), sql.SQL(", ").join(sql.Identifier(c) for c in table.columns), sql.SQL(")")]
-    if table.where:
-        parts += [sql.SQL(" WHERE ("), sql.SQL(table.where), sql.SQL(")")]
-    return sql.Composed(parts)
 
 
 async def ensure_publication(
@@ -171,9 +158,10 @@ async def ensure_publication(
             f"{server_version // 10000}; remove where/columns from spec.publication.tables"
         )
     resolved = await resolve_tables(conn, wanted) if wanted else None
+    target = PublicationDefinition(name, None if resolved is None else tuple(resolved), tuple(actions))
     definition = {
         "all": resolved is None,
-        "tables": [[s, n, t.where, t.columns] for s, n, t in resolved or []],
+        "tables": [[t.schema, t.name, t.where, list(t.columns)] for t in resolved or []],
         "publish": actions,
     }
     spec_hash = hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:16]
@@ -186,20 +174,13 @@ async def ensure_publication(
             (name,),
         )
     ).fetchone()
-    publish = sql.SQL("publish = {}").format(sql.Literal(", ".join(actions)))
-    target: sql.Composable
-    if resolved is None:
-        target = sql.SQL("FOR ALL TABLES")
-    else:
-        target = sql.SQL("FOR ") + sql.SQL(", ").join(_table_clause(s, n, t) for s, n, t in resolved)
-    ident = sql.Identifier(name)
-    state = PublicationState(name=name, all_tables=resolved is None, tables=[f"{s}.{n}" for s, n, _ in resolved or []])
+    state = PublicationState(name=name, all_tables=resolved is None, tables=[t.qualified for t in resolved or []])
 
     try:
         if row is None:
             async with conn.transaction():
-                await conn.execute(sql.SQL("CREATE PUBLICATION {} {} WITH ({})").format(ident, target, publish))
-                await conn.execute(sql.SQL("COMMENT ON PUBLICATION {} IS {}").format(ident, sql.Literal(comment)))
+                await execute_one(conn, catalog.create_publication(target))
+                await execute_one(conn, catalog.comment_on_publication(name, comment))
             state.created_by_operator = state.changed = True
             return state
 
@@ -221,19 +202,18 @@ async def ensure_publication(
         async with conn.transaction():
             if bool(row["all_tables"]) != (resolved is None):
                 # FOR ALL TABLES cannot be altered into a table list (or back): replace it
-                await conn.execute(sql.SQL("DROP PUBLICATION {}").format(ident))
-                await conn.execute(sql.SQL("CREATE PUBLICATION {} {} WITH ({})").format(ident, target, publish))
+                await execute_one(conn, catalog.drop_publication(name))
+                await execute_one(conn, catalog.create_publication(target))
             else:
                 if resolved is not None:
-                    set_tables = sql.SQL(", ").join(_table_clause(s, n, t) for s, n, t in resolved)
-                    await conn.execute(sql.SQL("ALTER PUBLICATION {} SET {}").format(ident, set_tables))
-                await conn.execute(sql.SQL("ALTER PUBLICATION {} SET ({})").format(ident, publish))
+                    await execute_one(conn, catalog.set_publication_tables(name, resolved))
+                await execute_one(conn, catalog.set_publication_publish(name, actions))
             if found is not None:  # a publication someone else created stays theirs
-                await conn.execute(sql.SQL("COMMENT ON PUBLICATION {} IS {}").format(ident, sql.Literal(comment)))
+                await execute_one(conn, catalog.comment_on_publication(name, comment))
         state.changed = True
         return state
     except psycopg.errors.InsufficientPrivilege as exc:
-        raise DatabaseRefused(f"cannot manage publication {name}: {_first_line(exc)}") from None
+        raise DatabaseRefused(f"cannot manage publication {name}: {first_line(exc)}") from None
     except (
         psycopg.errors.SyntaxError,
         psycopg.errors.UndefinedColumn,
@@ -242,8 +222,9 @@ async def ensure_publication(
         psycopg.errors.UndefinedFunction,
         psycopg.errors.DatatypeMismatch,
         psycopg.errors.InvalidColumnReference,
+        psycopg.errors.InvalidObjectDefinition,
     ) as exc:
-        raise SpecError(f"spec.publication: PostgreSQL refuses publication {name}: {_first_line(exc)}") from None
+        raise SpecError(f"spec.publication: PostgreSQL refuses publication {name}: {first_line(exc)}") from None
 
 
 async def _current_tables(conn: psycopg.AsyncConnection[dict[str, Any]], name: str) -> list[str]:
@@ -268,7 +249,7 @@ async def drop_publication(conn: psycopg.AsyncConnection[dict[str, Any]], name: 
     found = _OWNER.match(row["comment"] or "")
     if not found or found["uid"] != owner.uid:
         return False
-    await conn.execute(sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(name)))
+    await execute_one(conn, catalog.drop_publication(name))
     return True
 
 
@@ -281,8 +262,10 @@ SELECT slot_name, plugin, slot_type, database, active, active_pid,
        confirmed_flush_lsn::text AS confirmed_lsn, restart_lsn::text AS restart_lsn,
        coalesce(wal_status, '') AS wal_status,
        coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn), 0)::bigint AS retained,
-       coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), 0)::bigint AS lag
-FROM pg_replication_slots WHERE slot_name = %s
+       coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), 0)::bigint AS lag,
+       (SELECT extract(epoch FROM coalesce(r.flush_lag, r.write_lag))::float8
+          FROM pg_stat_replication r WHERE r.pid = s.active_pid) AS lag_seconds
+FROM pg_replication_slots s WHERE slot_name = %s
 """
 
 
@@ -299,7 +282,19 @@ def _slot_state(name: str, row: dict[str, Any] | None) -> SlotState:
         wal_status=row["wal_status"],
         retained_wal_bytes=max(int(row["retained"]), 0),
         lag_bytes=max(int(row["lag"]), 0),
+        lag_seconds=_lag_seconds(row),
     )
+
+
+def _lag_seconds(row: dict[str, Any]) -> float | None:
+    """pg_stat_replication's flush lag of the slot's reader; None without a reader.
+
+    PostgreSQL clears the lag columns a while after the reader has caught up and nothing new is
+    decoded for it, so a reader without a measured lag is 0 seconds behind.
+    """
+    if row["active_pid"] is None:
+        return None
+    return round(float(row["lag_seconds"] or 0.0), 3)
 
 
 async def slot_status(conn: psycopg.AsyncConnection[dict[str, Any]], name: str) -> SlotState:
@@ -328,9 +323,9 @@ async def ensure_slot(conn: psycopg.AsyncConnection[dict[str, Any]], name: str, 
     except psycopg.errors.DuplicateObject:
         pass  # created concurrently (the listener itself); read it below
     except psycopg.errors.InsufficientPrivilege as exc:
-        raise DatabaseRefused(f"cannot create replication slot {name}: {_first_line(exc)}") from None
+        raise DatabaseRefused(f"cannot create replication slot {name}: {first_line(exc)}") from None
     except psycopg.errors.ConfigurationLimitExceeded as exc:
-        raise DatabaseRefused(f"cannot create replication slot {name}: {_first_line(exc)}") from None
+        raise DatabaseRefused(f"cannot create replication slot {name}: {first_line(exc)}") from None
     except psycopg.errors.QueryCanceled:
         raise DatabaseUnreachable(
             f"creating replication slot {name} waited 60s for running transactions to finish; retrying"
@@ -358,6 +353,6 @@ async def drop_slot(conn: psycopg.AsyncConnection[dict[str, Any]], name: str) ->
     return state
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

@@ -1,17 +1,24 @@
-"""kopf handlers: one level-based reconcile, a status timer, and a finalizer for clean deletes.
+"""kopf handlers: one level-based reconcile, a watch on the listener Deployments, a status timer, a finalizer.
 
 Errors are sorted by who can fix them:
 
-* the spec is wrong (:class:`SpecError`) -> condition False with the message, ``PermanentError``:
-  no retries until the resource changes;
+* the spec is wrong (:class:`SpecError`) -> condition False with the message, a Warning event,
+  ``PermanentError``: no retries until the resource changes;
 * a person must act outside the spec (privileges, ``wal_level``, a missing Secret, a conflict) ->
   condition False with the message, retried slowly (``WAL_OPERATOR_SLOW_RETRY``);
 * the database is unreachable -> condition False, retried with exponential backoff.
+
+Readiness comes from the listener Deployment itself: a watch on the Deployments the operator owns
+updates ``DeploymentReady`` as soon as the pod's readiness changes. The timer reads what has no watch:
+the slot in PostgreSQL (lag, ``wal_status``) and the referenced Secrets (a change rolls the pod).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,30 +27,36 @@ from typing import Any
 import kopf
 import psycopg
 
+from listener.config import DatabaseConfig
 from wal_operator import db, render
 from wal_operator import status as st
 from wal_operator.kube import KubeClient, KubeError, relogin_service_account
+from wal_operator.render import child_name
 from wal_operator.settings import SETTINGS
 from wal_operator.spec import (
     API_GROUP,
     API_VERSION,
+    KIND,
     PLURAL,
+    TLS_DIR,
+    TLS_FILES,
     ReclaimPolicy,
     SpecError,
     WalListenerSpec,
-    child_name,
     parse_spec,
 )
 
 RESOURCE = (API_GROUP, API_VERSION, PLURAL)
 FINALIZER = f"{API_GROUP}/cleanup"
 LOG = logging.getLogger("wal_operator")
+Logger = logging.Logger | logging.LoggerAdapter[Any]
 
 
 class _State:
     credentials: kopf.ConnectionInfo | None = None
     client: KubeClient | None = None
     closed: bool = False  # after the operator's cleanup: no new connections
+    tls_root: str = ""  # private folder for the TLS files of the operator's own database connections
 
 
 STATE = _State()
@@ -72,6 +85,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
+    # the CRD is installed with the chart: no need to watch namespaces and CRDs, which would take
+    # cluster-wide RBAC (and a namespaced install has only Roles)
+    settings.scanning.disabled = True
 
 
 @kopf.on.login()
@@ -150,24 +166,30 @@ def _me(meta: Mapping[str, Any], uid: str | None, name: str, namespace: str | No
 # status helpers
 
 
+def _status_patch(
+    current: Any, generation: int | None, conditions: list[st.Condition], extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The status fields to write: ``conditions`` merged into ``current`` (a condition list), Ready, phase."""
+    merged = st.merge(current, conditions, generation)
+    merged = st.merge(merged, [st.ready_from_steps(merged)], generation)
+    ready = st.get(merged, st.READY)
+    phase = "Ready" if ready and ready.get("status") == "True" else str(ready.get("reason") if ready else "Pending")
+    patch: dict[str, Any] = {"conditions": merged, "phase": phase}
+    if generation is not None:
+        patch["observedGeneration"] = generation
+    patch.update(extra or {})
+    return patch
+
+
 def _write(
     patch: kopf.Patch,
     status: Mapping[str, Any],
     generation: int | None,
     conditions: list[st.Condition],
     extra: dict[str, Any] | None = None,
-) -> list[dict[str, Any]]:
-    merged = st.merge(status.get("conditions"), conditions, generation)
-    merged = st.merge(merged, [st.ready_from_steps(merged)], generation)
-    patch.status["conditions"] = merged
-    ready = st.get(merged, st.READY)
-    phase = "Ready" if ready and ready.get("status") == "True" else str(ready.get("reason") if ready else "Pending")
-    patch.status["phase"] = phase
-    if generation is not None:
-        patch.status["observedGeneration"] = generation
-    for key, value in (extra or {}).items():
+) -> None:
+    for key, value in _status_patch(status.get("conditions"), generation, conditions, extra).items():
         patch.status[key] = value
-    return merged
 
 
 def _slot_status(slot: db.SlotState) -> dict[str, Any]:
@@ -181,21 +203,9 @@ def _slot_status(slot: db.SlotState) -> dict[str, Any]:
         "retainedWALBytes": slot.retained_wal_bytes,
         "lagBytes": slot.lag_bytes,
         "lag": st.human_bytes(slot.lag_bytes),
+        "lagSeconds": slot.lag_seconds,  # None (unknown: no reader) removes the field
         "checkedAt": st.now(),
     }
-
-
-async def _secrets(spec: WalListenerSpec, namespace: str) -> dict[tuple[str, ...], str]:
-    """The secret values the operator itself needs to log in to the database."""
-    values: dict[tuple[str, ...], str] = {}
-    for path, ref in spec.secret_refs().items():
-        if path[0] != "database":
-            continue
-        try:
-            values[path] = await kube().read_secret_key(namespace, ref.name, ref.key)
-        except KeyError as exc:
-            raise _NeedsPerson("SecretMissing", f"{exc.args[0]} (spec.{'.'.join(path)}SecretRef)") from None
-    return values
 
 
 class _NeedsPerson(Exception):
@@ -203,6 +213,126 @@ class _NeedsPerson(Exception):
         super().__init__(message)
         self.reason = reason
         self.message = message
+
+
+class _ChildConflict(Exception):
+    """A child object of this resource's name exists and belongs to someone else."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Secrets: what the operator needs to log in, and the hash that rolls the pod
+
+
+@dataclass(frozen=True)
+class Secrets:
+    """The referenced Secret keys' contents, by spec field, and their hash for the pod template."""
+
+    by_field: dict[str, bytes]
+    digest: str
+
+
+async def _read_secrets(spec: WalListenerSpec, namespace: str) -> Secrets:
+    refs = spec.referenced_secrets()
+    values: dict[str, bytes] = {}
+    for field, ref in refs.items():
+        try:
+            values[field] = await kube().read_secret_key(namespace, ref.name, ref.key)
+        except KeyError as exc:
+            raise _NeedsPerson("SecretMissing", f"{exc.args[0]} (spec.{field})") from None
+    digest = render.secrets_hash({(ref.name, ref.key): values[field] for field, ref in refs.items()})
+    return Secrets(values, digest)
+
+
+def _private_tls_dir(files: dict[str, bytes]) -> str:
+    """A folder only this process can read holding ``database/<file>`` for the operator's own connection."""
+    if not STATE.tls_root:
+        STATE.tls_root = tempfile.mkdtemp(prefix="wal-operator-tls-")
+    digest = hashlib.sha256(b"".join(hashlib.sha256(v).digest() + k.encode() for k, v in sorted(files.items())))
+    base = os.path.join(STATE.tls_root, digest.hexdigest()[:16])
+    folder = os.path.join(base, "database")
+    if not os.path.isdir(folder):
+        os.makedirs(folder, mode=0o700)
+        for name, content in files.items():
+            with open(os.open(os.path.join(folder, name), os.O_WRONLY | os.O_CREAT, 0o600), "wb") as fh:
+                fh.write(content)
+    return base
+
+
+def _database_config(spec: WalListenerSpec, secrets: Secrets) -> DatabaseConfig:
+    """The database settings of the resource with its secrets, for the operator's own connection."""
+    try:
+        values: dict[tuple[str, ...], str] = {
+            ("database", key): secrets.by_field[f"database.{key}SecretRef"].decode()
+            for key in ("user", "password")
+            if f"database.{key}SecretRef" in secrets.by_field
+        }
+    except UnicodeDecodeError:
+        raise _NeedsPerson("SecretInvalid", "the database user or password in its Secret is not UTF-8") from None
+    tls_dir = TLS_DIR
+    if spec.database.tls is not None:
+        roles = spec.database.tls.refs()
+        tls_dir = _private_tls_dir({TLS_FILES[r]: secrets.by_field[f"database.tls.{r}SecretRef"] for r in roles})
+    return spec.to_config(values, tls_dir=tls_dir).database
+
+
+# --------------------------------------------------------------------------------------------------
+# children
+
+
+_CHILDREN = (
+    ("api/v1", "configmaps", "ConfigMap"),
+    ("apis/apps/v1", "deployments", "Deployment"),
+    ("api/v1", "services", "Service"),
+)
+
+
+def _child_path(api: str, plural: str, namespace: str, name: str = "") -> str:
+    path = f"{api}/namespaces/{namespace}/{plural}"
+    return f"{path}/{name}" if name else path
+
+
+def _controller_uid(obj: Mapping[str, Any]) -> str | None:
+    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller"):
+            return str(ref.get("uid"))
+    return None
+
+
+async def _check_children(owner: render.Owner) -> None:
+    """Raise :class:`_ChildConflict` if a child's name is taken by an object this resource does not own."""
+    name = child_name(owner.name)
+    for api, plural, kind in _CHILDREN:
+        obj = await kube().get(_child_path(api, plural, owner.namespace, name))
+        if obj is None or _controller_uid(obj) == owner.uid:
+            continue
+        holder = next(
+            (r for r in (obj.get("metadata") or {}).get("ownerReferences") or [] if r.get("controller")), None
+        )
+        whose = f"belongs to {holder.get('kind')} {holder.get('name')}" if holder else "is not managed by the operator"
+        raise _ChildConflict(
+            f"{kind} {owner.namespace}/{name} already exists and {whose}; it is left untouched: "
+            "delete or rename that object, or give this WalListener another name"
+        )
+
+
+async def _apply_children(model: WalListenerSpec, owner: render.Owner, secrets_digest: str, logger: Logger) -> Any:
+    """Write ConfigMap, Deployment and Service; returns the Deployment as the API server has it."""
+    await _check_children(owner)
+    ns = owner.namespace
+    try:
+        await kube().apply(_child_path("api/v1", "configmaps", ns), render.configmap(model, owner))
+        dep = await kube().apply(
+            _child_path("apis/apps/v1", "deployments", ns),
+            render.deployment(model, owner, SETTINGS.listener_image, secrets_digest),
+        )
+        await kube().apply(_child_path("api/v1", "services", ns), render.service(model, owner))
+    except KubeError as exc:
+        if exc.status in (400, 403, 422):
+            logger.error("the API server refused a child of this resource: %s", exc)
+        raise kopf.TemporaryError(
+            f"could not write the listener's Deployment/ConfigMap/Service: {exc}", delay=30
+        ) from None
+    return dep
 
 
 def _deployment_condition(spec: WalListenerSpec, dep: Mapping[str, Any] | None) -> st.Condition:
@@ -230,6 +360,10 @@ def _deployment_condition(spec: WalListenerSpec, dep: Mapping[str, Any] | None) 
     )
 
 
+def _retry_delay(retry: int) -> float:
+    return min(5.0 * 2.0**retry, SETTINGS.slow_retry)
+
+
 # --------------------------------------------------------------------------------------------------
 # reconcile
 
@@ -239,6 +373,7 @@ def _deployment_condition(spec: WalListenerSpec, dep: Mapping[str, Any] | None) 
 @kopf.on.update(*RESOURCE)
 async def reconcile(
     *,
+    body: kopf.Body,
     spec: kopf.Spec,
     meta: kopf.Meta,
     status: kopf.Status,
@@ -248,7 +383,7 @@ async def reconcile(
     patch: kopf.Patch,
     retry: int,
     claims: kopf.Index[ClaimKey, Claim] | None = None,
-    logger: logging.Logger | logging.LoggerAdapter[Any],
+    logger: Logger,
     **_: Any,
 ) -> None:
     namespace = namespace or "default"
@@ -262,35 +397,36 @@ async def reconcile(
         model = parse_spec(dict(spec))
     except SpecError as exc:
         fail([st.Condition(st.SPEC_VALID, "False", "InvalidSpec", str(exc))])
+        kopf.warn(body, reason="InvalidSpec", message=str(exc))
         raise kopf.PermanentError(f"invalid spec: {exc}") from None
     spec_ok = st.Condition(st.SPEC_VALID, "True", "Valid", "the spec renders a valid listener config")
 
-    # 2. nobody else owns this slot or publication
+    # 2. nobody else owns this slot or publication, or the names of this resource's children
     me = _me(meta, uid, name, namespace)
     reason = _conflict(model, me, claims)
     if reason is not None:
         fail([spec_ok, st.Condition(st.CONFLICT, "True", "SlotClaimed", reason)])
         raise kopf.TemporaryError(reason, delay=SETTINGS.slow_retry)
+    owner = render.Owner(name=name, namespace=namespace, uid=uid or "")
+    try:
+        await _check_children(owner)
+    except _ChildConflict as exc:
+        fail([spec_ok, st.Condition(st.CONFLICT, "True", "ChildOwnedByOther", str(exc))])
+        kopf.warn(body, reason="Conflict", message=str(exc))
+        raise kopf.TemporaryError(str(exc), delay=SETTINGS.slow_retry) from None
     no_conflict = st.Condition(st.CONFLICT, "False", "NoConflict", "")
 
-    owner = render.Owner(name=name, namespace=namespace, uid=uid or "")
     # 3. the database: publication and slot
     try:
-        secrets = await _secrets(model, namespace)
-        config = model.to_config(secrets)
-        conn = await db.connect(config.database)
+        secrets = await _read_secrets(model, namespace)
+        conn = await db.connect(_database_config(model, secrets))
     except _NeedsPerson as exc:
         fail([spec_ok, no_conflict, st.Condition(st.DATABASE_REACHABLE, "Unknown", exc.reason, exc.message)])
         raise kopf.TemporaryError(exc.message, delay=min(30.0, SETTINGS.slow_retry)) from None
     except db.DatabaseUnreachable as exc:
-        delay = min(5.0 * 2**retry, SETTINGS.slow_retry)
-        fail(
-            [
-                spec_ok,
-                no_conflict,
-                st.Condition(st.DATABASE_REACHABLE, "False", "Unreachable", f"{exc}; retrying in {delay:.0f}s"),
-            ]
-        )
+        delay = _retry_delay(retry)
+        message = f"{exc}; retrying in {delay:.0f}s"
+        fail([spec_ok, no_conflict, st.Condition(st.DATABASE_REACHABLE, "False", "Unreachable", message)])
         raise kopf.TemporaryError(str(exc), delay=delay) from None
     except db.DatabaseRefused as exc:
         fail([spec_ok, no_conflict, st.Condition(st.DATABASE_REACHABLE, "False", "LoginRefused", str(exc))])
@@ -325,6 +461,7 @@ async def reconcile(
             )
     except SpecError as exc:
         fail([st.Condition(st.SPEC_VALID, "False", "InvalidSpec", str(exc)), no_conflict, reachable])
+        kopf.warn(body, reason="InvalidSpec", message=str(exc))
         raise kopf.PermanentError(str(exc)) from None
     except db.Conflict as exc:
         fail([*done, st.Condition(st.CONFLICT, "True", "ClaimedInDatabase", str(exc))])
@@ -335,14 +472,19 @@ async def reconcile(
         raise kopf.TemporaryError(str(exc), delay=SETTINGS.slow_retry) from None
     except db.DatabaseUnreachable as exc:
         fail([*done, st.Condition(st.DATABASE_REACHABLE, "False", "Unreachable", str(exc))])
-        raise kopf.TemporaryError(str(exc), delay=min(5.0 * 2**retry, SETTINGS.slow_retry)) from None
+        raise kopf.TemporaryError(str(exc), delay=_retry_delay(retry)) from None
     except psycopg.OperationalError as exc:
-        msg = f"lost the connection to PostgreSQL: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc}"
+        msg = f"lost the connection to PostgreSQL: {db.first_line(exc)}"
         fail([*done, st.Condition(st.DATABASE_REACHABLE, "False", "Unreachable", msg)])
-        raise kopf.TemporaryError(msg, delay=min(5.0 * 2**retry, SETTINGS.slow_retry)) from None
+        raise kopf.TemporaryError(msg, delay=_retry_delay(retry)) from None
 
     # 4. the children
-    dep = await _apply_children(model, owner, logger)
+    try:
+        dep = await _apply_children(model, owner, secrets.digest, logger)
+    except _ChildConflict as exc:  # created meanwhile by someone else
+        fail([*done, st.Condition(st.CONFLICT, "True", "ChildOwnedByOther", str(exc))])
+        kopf.warn(body, reason="Conflict", message=str(exc))
+        raise kopf.TemporaryError(str(exc), delay=SETTINGS.slow_retry) from None
     done.append(_deployment_condition(model, dep))
     _write(
         patch,
@@ -362,27 +504,65 @@ async def reconcile(
     )
 
 
-async def _apply_children(
-    model: WalListenerSpec, owner: render.Owner, logger: logging.Logger | logging.LoggerAdapter[Any]
-) -> dict[str, Any] | None:
-    ns = owner.namespace
+# --------------------------------------------------------------------------------------------------
+# readiness: a watch on the listener Deployments
+
+
+def _listener_path(namespace: str, name: str) -> str:
+    return f"apis/{API_GROUP}/{API_VERSION}/namespaces/{namespace}/{PLURAL}/{name}"
+
+
+@kopf.on.event("apps", "v1", "deployments", labels={"app.kubernetes.io/managed-by": render.MANAGED_BY})
+async def deployment_changed(
+    *, type: str | None, body: kopf.Body, namespace: str | None, logger: Logger, **_: Any
+) -> None:
+    """The pod's readiness (or the Deployment's disappearance) reaches the owner's status at once."""
+    refs = body.get("metadata", {}).get("ownerReferences") or []
+    ref = next((r for r in refs if r.get("controller") and r.get("kind") == KIND), None)
+    if ref is None or namespace is None:
+        return
+    resource = await kube().get(_listener_path(namespace, ref["name"]))
+    if resource is None or resource["metadata"].get("uid") != ref.get("uid"):
+        return
+    if resource["metadata"].get("deletionTimestamp"):
+        return
     try:
-        await kube().apply(f"api/v1/namespaces/{ns}/configmaps", render.configmap(model, owner))
-        dep = await kube().apply(
-            f"apis/apps/v1/namespaces/{ns}/deployments", render.deployment(model, owner, SETTINGS.listener_image)
+        model = parse_spec(resource.get("spec") or {})
+    except SpecError:
+        return
+    status = resource.get("status") or {}
+    if type == "DELETED" and not model.suspend:  # deleted by someone: put it back at once
+        try:
+            secrets = await _read_secrets(model, namespace)
+        except _NeedsPerson as exc:
+            logger.warning("cannot re-create the listener Deployment of %s: %s", ref["name"], exc.message)
+        else:
+            owner = render.Owner(ref["name"], namespace, str(ref.get("uid") or ""))
+            await _keep_children(kopf.Body(resource), model, owner, secrets, logger)  # type: ignore[arg-type]
+            return  # the new Deployment's own events bring its readiness
+    condition = _deployment_condition(model, None if type == "DELETED" else body)
+    current = st.get(status.get("conditions"), st.DEPLOYMENT_READY)
+    if current is not None and (current.get("status"), current.get("reason"), current.get("message")) == (
+        condition.status,
+        condition.reason,
+        condition.message,
+    ):
+        return
+    generation = status.get("observedGeneration")
+    update = _status_patch(status.get("conditions"), generation, [condition])
+    try:
+        await kube().request(
+            "PATCH",
+            f"{_listener_path(namespace, ref['name'])}/status",
+            {"status": update},
+            content_type="application/merge-patch+json",
         )
-        await kube().apply(f"api/v1/namespaces/{ns}/services", render.service(model, owner))
     except KubeError as exc:
-        if exc.status in (400, 403, 422):
-            logger.error("the API server refused a child of this resource: %s", exc)
-        raise kopf.TemporaryError(
-            f"could not write the listener's Deployment/ConfigMap/Service: {exc}", delay=30
-        ) from None
-    return dep
+        logger.warning("could not write the listener's readiness into %s: %s", ref["name"], exc)
 
 
 # --------------------------------------------------------------------------------------------------
-# status timer: slot lag, wal_status, pod readiness
+# status timer: slot lag and wal_status; Secret changes roll the pod; a deleted Deployment comes back
 
 
 @kopf.timer(*RESOURCE, interval=SETTINGS.status_interval, initial_delay=SETTINGS.status_interval)
@@ -398,6 +578,7 @@ async def watch_slot(
     patch: kopf.Patch,
     memo: kopf.Memo,
     claims: kopf.Index[ClaimKey, Claim] | None = None,
+    logger: Logger,
     **_: Any,
 ) -> None:
     namespace = namespace or "default"
@@ -411,32 +592,72 @@ async def watch_slot(
         return
     if _conflict(model, _me(meta, uid, name, namespace), claims) is not None:
         return
-    generation = meta.get("generation")
     updates: list[st.Condition] = []
     extra: dict[str, Any] = {}
     slot: db.SlotState | None = None
+    secrets: Secrets | None = None
     try:
-        secrets = await _secrets(model, namespace)
-        conn = await db.connect(model.to_config(secrets).database)
+        secrets = await _read_secrets(model, namespace)
+        conn = await db.connect(_database_config(model, secrets))
         async with conn:
             slot = await db.slot_status(conn, model.listener.slot_name)
-    except (_NeedsPerson, db.DatabaseUnreachable, db.DatabaseRefused, psycopg.OperationalError) as exc:
-        updates.append(st.Condition(st.DATABASE_REACHABLE, "False", "Unreachable", str(exc).splitlines()[0]))
+    except _NeedsPerson as exc:
+        updates.append(st.Condition(st.DATABASE_REACHABLE, "Unknown", exc.reason, exc.message))
+    except (db.DatabaseUnreachable, db.DatabaseRefused, psycopg.OperationalError) as exc:
+        updates.append(st.Condition(st.DATABASE_REACHABLE, "False", "Unreachable", db.first_line(exc)))
     if slot is not None:
         extra["slot"] = _slot_status(slot)
         updates.append(st.Condition(st.DATABASE_REACHABLE, "True", "Connected", ""))
         updates.append(_slot_condition(body, slot))
         _warn_retained(body, slot, model.alerts.retained_wal_bytes, memo)
 
+    if secrets is not None:
+        await _keep_children(body, model, render.Owner(name, namespace, uid or ""), secrets, logger)
+
+    # the Deployment watch may have written since this body was read: merge into what is there now
+    fresh = await kube().get(_listener_path(namespace, name))
+    current = (fresh or {}).get("status") or status
+    update = _status_patch(current.get("conditions"), meta.get("generation"), updates, extra)
+    if _worth_writing(current, update):
+        for key, value in update.items():
+            patch.status[key] = value
+
+
+#: status.slot.checkedAt is refreshed at least this often when nothing else changed (seconds)
+_CHECKED_AT_REFRESH = 60.0
+
+
+def _worth_writing(current: Mapping[str, Any], update: Mapping[str, Any]) -> bool:
+    """False when ``update`` only repeats what status already says (a write every interval for nothing
+    would wake every watcher of the resource)."""
+    old_slot = dict(current.get("slot") or {})
+    new_slot = dict(update.get("slot") or old_slot)
+    checked = old_slot.pop("checkedAt", None)
+    new_slot.pop("checkedAt", None)
+    if {k: v for k, v in new_slot.items() if v is not None} != old_slot:
+        return True
+    if any(current.get(key) != value for key, value in update.items() if key != "slot"):
+        return True
+    return checked is None or st.age(str(checked)) > max(_CHECKED_AT_REFRESH, SETTINGS.status_interval)
+
+
+async def _keep_children(
+    body: kopf.Body, model: WalListenerSpec, owner: render.Owner, secrets: Secrets, logger: Logger
+) -> None:
+    """Re-create a deleted Deployment; roll the pod when a referenced Secret changed."""
+    dep = await kube().get(_child_path("apis/apps/v1", "deployments", owner.namespace, child_name(owner.name)))
+    if dep is not None:
+        annotations = dep["spec"]["template"].get("metadata", {}).get("annotations") or {}
+        if annotations.get(render.SECRETS_HASH_ANNOTATION, "") == secrets.digest:
+            return
+        message = "a referenced Secret changed: rolling the listener pod"
+        kopf.event(body, type="Normal", reason="SecretChanged", message=message)
+    elif model.suspend:
+        return
     try:
-        dep = await kube().get(f"apis/apps/v1/namespaces/{namespace}/deployments/{child_name(name)}")
-    except KubeError:
-        dep = None
-    owner = render.Owner(name=name, namespace=namespace, uid=uid or "")
-    if dep is None and not model.suspend:
-        dep = await _apply_children(model, owner, logging.getLogger("wal_operator"))  # someone deleted it
-    updates.append(_deployment_condition(model, dep))
-    _write(patch, status, generation, updates, extra)
+        await _apply_children(model, owner, secrets.digest, logger)
+    except _ChildConflict as exc:
+        logger.warning("%s", exc)
 
 
 def _slot_condition(body: kopf.Body, slot: db.SlotState) -> st.Condition:
@@ -494,19 +715,19 @@ async def delete(
     patch: kopf.Patch,
     retry: int,
     claims: kopf.Index[ClaimKey, Claim] | None = None,
-    logger: logging.Logger | logging.LoggerAdapter[Any],
+    logger: Logger,
     **_: Any,
 ) -> None:
     namespace = namespace or "default"
     # The children go first in any case (owner references would remove them too, but later), so
-    # the listener lets go of the slot.
-    for path in (
-        f"apis/apps/v1/namespaces/{namespace}/deployments/{child_name(name)}",
-        f"api/v1/namespaces/{namespace}/services/{child_name(name)}",
-        f"api/v1/namespaces/{namespace}/configmaps/{child_name(name)}",
-    ):
+    # the listener lets go of the slot. Only children this resource owns: a name taken by another
+    # resource's object (a Conflict) is never deleted.
+    for api, plural, _kind in _CHILDREN:
+        path = _child_path(api, plural, namespace, child_name(name))
         try:
-            await kube().delete(path, propagation="Foreground")
+            obj = await kube().get(path)
+            if obj is not None and _controller_uid(obj) == uid:
+                await kube().delete(path, propagation="Foreground")
         except KubeError as exc:
             raise kopf.TemporaryError(f"cannot delete {path}: {exc}", delay=10) from None
 
@@ -530,8 +751,8 @@ async def delete(
 
     owner = render.Owner(name=name, namespace=namespace, uid=uid or "")
     try:
-        secrets = await _secrets(model, namespace)
-        conn = await db.connect(model.to_config(secrets).database)
+        secrets = await _read_secrets(model, namespace)
+        conn = await db.connect(_database_config(model, secrets))
         async with conn:
             slot = await db.drop_slot(conn, model.listener.slot_name)
             if slot.active:
@@ -540,7 +761,7 @@ async def delete(
                 raise kopf.TemporaryError(msg, delay=SETTINGS.delete_poll)
             dropped = await db.drop_publication(conn, model.listener.publication_name, owner)
     except (_NeedsPerson, db.DatabaseUnreachable, db.DatabaseRefused, psycopg.OperationalError) as exc:
-        msg = f"cannot drop slot/publication yet: {str(exc).splitlines()[0]}; set reclaimPolicy: Retain to skip"
+        msg = f"cannot drop slot/publication yet: {db.first_line(exc)}; set reclaimPolicy: Retain to skip"
         raise kopf.TemporaryError(msg, delay=min(5.0 * 2**retry, 60.0)) from None
     logger.info(
         "dropped replication slot %s%s",

@@ -159,17 +159,17 @@ class KubeClient:
         body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation}
         return await self.request("DELETE", path, body) is not None
 
-    async def read_secret_key(self, namespace: str, name: str, key: str) -> str:
-        """One key of a Secret, decoded; KeyError names what is missing."""
+    async def read_secret_key(self, namespace: str, name: str, key: str) -> bytes:
+        """One key of a Secret, decoded from base64; KeyError names what is missing."""
         secret = await self.get(f"api/v1/namespaces/{namespace}/secrets/{name}")
         if secret is None:
             raise KeyError(f"Secret {namespace}/{name} not found")
         data = secret.get("data") or {}
         if key in data:
-            return base64.b64decode(data[key]).decode()
+            return base64.b64decode(data[key])
         string_data = secret.get("stringData") or {}
         if key in string_data:  # emulators keep what was posted
-            return str(string_data[key])
+            return str(string_data[key]).encode()
         raise KeyError(f"Secret {namespace}/{name} has no key {key!r}")
 
 

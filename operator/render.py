@@ -8,6 +8,7 @@ secrets in it; the secrets reach the pod as ``WAL_*`` variables from the referen
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,14 +21,49 @@ from wal_operator.spec import (
     CONFIG_FILE,
     GOOGLE_CREDENTIALS_DIR,
     KIND,
+    TLS_DIR,
+    TLS_FILES,
     SecretKeyRef,
     WalListenerSpec,
-    child_name,
 )
 
 CONFIG_HASH_ANNOTATION = f"{API_GROUP}/config-hash"
+SECRETS_HASH_ANNOTATION = f"{API_GROUP}/secrets-hash"
 MANAGED_BY = "wal-operator"
 CONTAINER = "listener"
+#: user and group of the listener image (Dockerfile.listener)
+LISTENER_UID = 10001
+_SUFFIX = "-wal-listener"
+_MAX_NAME = 63  # a Service name is a DNS-1035 label
+_NOT_LABEL = re.compile(r"[^a-z0-9-]")
+
+
+def _digest(text: str, length: int = 8) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def child_name(resource_name: str) -> str:
+    """The name of the Deployment/ConfigMap/Service of a resource: ``NAME-wal-listener``.
+
+    Unique per resource name and stable: when the resource name is too long or is not a DNS label
+    (dots, a leading digit), it is cut/cleaned and a hash of the full name is added, so two long names
+    that share a prefix never map to the same children.
+    """
+    full = f"{resource_name}{_SUFFIX}"
+    if len(full) <= _MAX_NAME and not _NOT_LABEL.search(resource_name) and resource_name[:1].isalpha():
+        return full
+    cleaned = _NOT_LABEL.sub("-", resource_name.lower())
+    if not cleaned[:1].isalpha():
+        cleaned = f"wl-{cleaned}"
+    room = _MAX_NAME - len(_SUFFIX) - 9  # "-" + 8 hex digits
+    return f"{cleaned[:room].rstrip('-')}-{_digest(resource_name)}{_SUFFIX}"
+
+
+def label_value(value: str) -> str:
+    """``value`` as a label value (at most 63 characters): cut, with a hash of the whole, when longer."""
+    if len(value) <= 63:
+        return value
+    return f"{value[:54].rstrip('-_.')}-{_digest(value)}"
 
 
 @dataclass(frozen=True)
@@ -50,7 +86,7 @@ class Owner:
 
 
 def selector_labels(owner: Owner) -> dict[str, str]:
-    return {"app.kubernetes.io/name": "wal-listener", "app.kubernetes.io/instance": owner.name}
+    return {"app.kubernetes.io/name": "wal-listener", "app.kubernetes.io/instance": label_value(owner.name)}
 
 
 def labels(owner: Owner) -> dict[str, str]:
@@ -58,7 +94,7 @@ def labels(owner: Owner) -> dict[str, str]:
         **selector_labels(owner),
         "app.kubernetes.io/component": "cdc",
         "app.kubernetes.io/managed-by": MANAGED_BY,
-        f"{API_GROUP}/listener": owner.name,
+        f"{API_GROUP}/listener": label_value(owner.name),
     }
 
 
@@ -98,22 +134,63 @@ def _ports(spec: WalListenerSpec) -> list[dict[str, Any]]:
     return ports
 
 
-def deployment(spec: WalListenerSpec, owner: Owner, default_image: str) -> dict[str, Any]:
-    pod = spec.pod
+def _secret_volume(name: str, refs: dict[str, SecretKeyRef]) -> dict[str, Any]:
+    """One read-only volume of Secret keys (role -> file name), group-readable for the pod's fsGroup."""
+    return {
+        "name": name,
+        "projected": {
+            "defaultMode": 0o440,  # libpq accepts a root-owned key that is not group-writable
+            "sources": [
+                {"secret": {"name": ref.name, "items": [{"key": ref.key, "path": TLS_FILES[role]}]}}
+                for role, ref in sorted(refs.items())
+            ],
+        },
+    }
+
+
+def _volumes(spec: WalListenerSpec, owner: Owner) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The pod's volumes and the container's mounts: config, /tmp, TLS files, Google credentials."""
     volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": child_name(owner.name)}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},  # the root filesystem is read-only
     ]
-    mounts: list[dict[str, Any]] = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}]
+    mounts: list[dict[str, Any]] = [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    for target, tls in sorted(spec.tls().items()):
+        volumes.append(_secret_volume(f"{target}-tls", tls.refs()))
+        mounts.append({"name": f"{target}-tls", "mountPath": f"{TLS_DIR}/{target}", "readOnly": True})
     creds = getattr(spec.publisher.broker(), "credentials_secret_ref", None)
     if isinstance(creds, SecretKeyRef):
         volumes.append(
             {
                 "name": "google-credentials",
-                "secret": {"secretName": creds.name, "items": [{"key": creds.key, "path": creds.key}]},
+                "secret": {
+                    "secretName": creds.name,
+                    "items": [{"key": creds.key, "path": creds.key}],
+                    "defaultMode": 0o440,
+                },
             }
         )
         mounts.append({"name": "google-credentials", "mountPath": GOOGLE_CREDENTIALS_DIR, "readOnly": True})
+    return volumes, mounts
 
+
+def secrets_hash(values: dict[tuple[str, str], bytes]) -> str:
+    """A hash of the referenced Secret keys' contents ((secret, key) -> bytes): a change rolls the pod."""
+    digest = hashlib.sha256()
+    for (name, key), value in sorted(values.items()):
+        digest.update(f"{len(name)}:{name}{len(key)}:{key}{len(value)}:".encode())
+        digest.update(value)
+    return digest.hexdigest()[:16]
+
+
+def deployment(spec: WalListenerSpec, owner: Owner, default_image: str, secrets_digest: str = "") -> dict[str, Any]:
+    """The listener Deployment. ``secrets_digest`` (:func:`secrets_hash`) goes into the pod template, so
+    the pod is replaced when a referenced Secret changes, as it is when the config changes."""
+    pod = spec.pod
+    volumes, mounts = _volumes(spec, owner)
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": pod.image or default_image,
@@ -138,7 +215,9 @@ def deployment(spec: WalListenerSpec, owner: Owner, default_image: str) -> dict[
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,
             "runAsNonRoot": True,
+            "privileged": False,
             "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
         },
     }
     if pod.image_pull_policy:
@@ -147,6 +226,8 @@ def deployment(spec: WalListenerSpec, owner: Owner, default_image: str) -> dict[
         container["resources"] = pod.resources
 
     annotations = {**pod.annotations, CONFIG_HASH_ANNOTATION: config_hash(spec)}
+    if secrets_digest:
+        annotations[SECRETS_HASH_ANNOTATION] = secrets_digest
     metrics = spec.monitoring.metrics_port
     if metrics is not None:
         annotations.setdefault("prometheus.io/scrape", "true")
@@ -157,8 +238,16 @@ def deployment(spec: WalListenerSpec, owner: Owner, default_image: str) -> dict[
         "containers": [container],
         "volumes": volumes,
         "terminationGracePeriodSeconds": 60,  # the listener drains in-flight events on SIGTERM
-        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": LISTENER_UID,
+            "runAsGroup": LISTENER_UID,
+            "fsGroup": LISTENER_UID,  # mounted Secret files are group-readable, never world-readable
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        # the listener never talks to the Kubernetes API; a named service account may be for workload identity
         "automountServiceAccountToken": bool(pod.service_account_name),
+        "enableServiceLinks": False,
     }
     if pod.service_account_name:
         pod_spec["serviceAccountName"] = pod.service_account_name

@@ -18,12 +18,22 @@ from __future__ import annotations
 import copy
 import re
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 from pydantic.fields import FieldInfo
+from pydantic.json_schema import SkipJsonSchema
 
+from listener.catalog import (
+    IDENTIFIER_PATTERN,
+    MAX_EXPRESSION_LENGTH,
+    PUBLICATION_NAME_PATTERN,
+    TABLE_NAME_PATTERN,
+    ExpressionError,
+    check_expression,
+    is_table_name,
+)
 from listener.config import (
     Config,
     DatabaseConfig,
@@ -46,6 +56,9 @@ SHORT_NAMES = ["wl", "wall"]
 CONFIG_DIR = "/etc/wal-listener"
 CONFIG_FILE = "config.yml"
 GOOGLE_CREDENTIALS_DIR = "/var/run/secrets/wal-listener/google"
+#: TLS files from Secrets are mounted under TLS_DIR/<database|publisher>/ with these names
+TLS_DIR = "/var/run/secrets/wal-listener/tls"
+TLS_FILES = {"ca": "ca.crt", "cert": "tls.crt", "key": "tls.key"}
 
 
 class SpecError(ValueError):
@@ -63,6 +76,38 @@ class SecretKeyRef(_Spec):
     key: str = Field(min_length=1, max_length=253, description="Key inside the Secret.")
 
 
+#: config keys of the TLS files, by role
+_DB_TLS_KEYS = {"ca": "sslRootCert", "cert": "sslCert", "key": "sslKey"}
+_BROKER_TLS_KEYS = {"ca": "caCert", "cert": "clientCert", "key": "clientKey"}
+
+
+class TLSSpec(_Spec):
+    """TLS material from Secrets, mounted read-only into the listener pod."""
+
+    ca_secret_ref: SecretKeyRef | None = Field(
+        None, description="Secret key holding the CA certificate(s) that verify the server."
+    )
+    cert_secret_ref: SecretKeyRef | None = Field(
+        None, description="Secret key holding the client certificate (with keySecretRef)."
+    )
+    key_secret_ref: SecretKeyRef | None = Field(
+        None, description="Secret key holding the client certificate's private key (with certSecretRef)."
+    )
+
+    @model_validator(mode="after")
+    def _pairs(self) -> TLSSpec:
+        if (self.cert_secret_ref is None) != (self.key_secret_ref is None):
+            raise ValueError("set certSecretRef and keySecretRef together (a client certificate needs its key)")
+        if self.ca_secret_ref is None and self.cert_secret_ref is None:
+            raise ValueError("set caSecretRef, or certSecretRef with keySecretRef")
+        return self
+
+    def refs(self) -> dict[str, SecretKeyRef]:
+        """File role (``ca``, ``cert``, ``key``) -> the Secret key holding it."""
+        found = {"ca": self.ca_secret_ref, "cert": self.cert_secret_ref, "key": self.key_secret_ref}
+        return {role: ref for role, ref in found.items() if ref is not None}
+
+
 class ReclaimPolicy(StrEnum):
     RETAIN = "Retain"
     DELETE = "Delete"
@@ -78,6 +123,13 @@ class DatabaseSpec(DatabaseConfig):
     user: str = Field("", description="Database user; or take it from userSecretRef.")
     user_secret_ref: SecretKeyRef | None = Field(None, description="Secret key holding the user name.")
     password_secret_ref: SecretKeyRef | None = Field(None, description="Secret key holding the password.")
+    tls: TLSSpec | None = Field(
+        None, description="CA and client certificate for TLS to PostgreSQL (use with sslMode verify-full)."
+    )
+    # file paths inside the pod: the operator sets them from ``tls``
+    ssl_root_cert: SkipJsonSchema[str] = ""
+    ssl_cert: SkipJsonSchema[str] = ""
+    ssl_key: SkipJsonSchema[str] = ""
 
     @model_validator(mode="after")
     def _no_inline_secrets(self) -> DatabaseSpec:
@@ -85,6 +137,8 @@ class DatabaseSpec(DatabaseConfig):
             raise ValueError("an inline password is not allowed; use database.passwordSecretRef")
         if bool(self.user) == bool(self.user_secret_ref):
             raise ValueError("set exactly one of database.user and database.userSecretRef")
+        if self.ssl_root_cert or self.ssl_cert or self.ssl_key:
+            raise ValueError("sslRootCert/sslCert/sslKey are files inside the pod; use database.tls with Secret refs")
         return self
 
 
@@ -135,6 +189,7 @@ def _subset(
 
 
 _PASSWORD_REF = (SecretKeyRef | None, Field(None, description="Secret key holding the broker password."))
+_TLS = (TLSSpec | None, Field(None, description="CA and client certificate for TLS to the broker (turns TLS on)."))
 _COMMON_BROKER = ["address", "enable_tls", "username"]
 
 if TYPE_CHECKING:  # generated below; to the type checker they are plain models
@@ -148,7 +203,7 @@ else:
         PublisherConfig,
         "NatsSpec",
         [*_COMMON_BROKER, "duplicate_window"],
-        extra={"password_secret_ref": _PASSWORD_REF},
+        extra={"password_secret_ref": _PASSWORD_REF, "tls": _TLS},
         doc="NATS JetStream: the stream is publisher.topic.",
     )
     KafkaSpec = _subset(
@@ -165,14 +220,14 @@ else:
             "replication_factor",
             "create_topics",
         ],
-        extra={"password_secret_ref": _PASSWORD_REF},
+        extra={"password_secret_ref": _PASSWORD_REF, "tls": _TLS},
         doc="Kafka: address is the bootstrap server list.",
     )
     RabbitMQSpec = _subset(
         PublisherConfig,
         "RabbitMQSpec",
         [*_COMMON_BROKER, "exchange_kind"],
-        extra={"password_secret_ref": _PASSWORD_REF},
+        extra={"password_secret_ref": _PASSWORD_REF, "tls": _TLS},
         doc="RabbitMQ: the exchange is publisher.topic; keep credentials out of the address.",
     )
     GooglePubSubSpec = _subset(
@@ -236,32 +291,72 @@ _FIELD_OF_BLOCK = {"nats": "nats", "kafka": "kafka", "rabbitmq": "rabbitmq", "go
 # publication extras and the pod
 
 
+_TABLE_NAME_HELP = (
+    "'table' or 'schema.table' of plain identifiers (letters, digits, _ and $, not starting with a digit)"
+)
+
+
 class PublicationTable(_Spec):
     """A table of the publication with an optional row filter and column list (PostgreSQL 15+)."""
 
-    name: str = Field(min_length=1, description="'schema.table', or 'table' for every schema that has it.")
-    where: str = Field("", description="Row filter: a boolean SQL expression (PostgreSQL 15+).")
-    columns: list[str] = Field(default_factory=list, description="Column list (PostgreSQL 15+).")
+    name: str = Field(
+        pattern=TABLE_NAME_PATTERN,
+        max_length=127,
+        description="'schema.table', or 'table' for every schema that has it (plain identifiers only).",
+    )
+    where: str = Field(
+        "",
+        max_length=MAX_EXPRESSION_LENGTH,
+        pattern=r"^[^;$\\]*$",
+        description="Row filter: one boolean SQL expression over the table's columns (PostgreSQL 15+); "
+        "no ';', comments, '$' or backslashes.",
+    )
+    columns: list[Annotated[str, Field(pattern=f"^{IDENTIFIER_PATTERN}$")]] = Field(
+        default_factory=list, max_length=1600, description="Column list (PostgreSQL 15+): plain identifiers."
+    )
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _check_name(cls, value: Any) -> Any:
+        if isinstance(value, str) and not is_table_name(value):
+            raise ValueError(f"{value!r} is not a table name: use {_TABLE_NAME_HELP}")
+        return value
+
+    @field_validator("where", mode="before")
+    @classmethod
+    def _check_where(cls, value: Any) -> Any:
+        if isinstance(value, str) and value:
+            try:
+                check_expression(value)
+            except ExpressionError as exc:
+                raise ValueError(f"the row filter {exc}") from None
+        return value
 
 
 class PublicationSpec(_Spec):
     """Which tables the publication holds. Without tables: the tables of listener.filter, else all."""
 
-    tables: list[PublicationTable] = Field(default_factory=list)
+    tables: list[PublicationTable] = Field(
+        default_factory=list, max_length=1000, description="Tables with row filters and column lists."
+    )
 
 
 class PodSpec(_Spec):
     """How the listener pod runs."""
 
     image: str = Field("", description="Listener image; empty: the operator's default.")
-    image_pull_policy: Literal["Always", "IfNotPresent", "Never", ""] = ""
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never", ""] = Field(
+        "", description="Image pull policy of the listener container; empty: Kubernetes' default."
+    )
     resources: dict[str, dict[str, str | int]] = Field(
         default_factory=dict, description="Container resources (requests, limits)."
     )
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[dict[str, Any]] = Field(default_factory=list)
-    affinity: dict[str, Any] = Field(default_factory=dict)
-    service_account_name: str = ""
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pod must run on.")
+    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Pod tolerations, as in a Pod.")
+    affinity: dict[str, Any] = Field(default_factory=dict, description="Pod affinity, as in a Pod.")
+    service_account_name: str = Field(
+        "", description="Service account of the pod; empty: none mounted (the listener needs no API access)."
+    )
     labels: dict[str, str] = Field(default_factory=dict, description="Extra pod labels.")
     annotations: dict[str, str] = Field(default_factory=dict, description="Extra pod annotations.")
 
@@ -277,14 +372,16 @@ class AlertSpec(_Spec):
 class WalListenerSpec(_Spec):
     """``spec`` of a WalListener."""
 
-    listener: ListenerConfig
-    publication: PublicationSpec = Field(default_factory=PublicationSpec)
-    database: DatabaseSpec
-    publisher: PublisherSpec
-    logger: LoggerConfig = Field(default_factory=LoggerConfig)
-    monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec)
-    pod: PodSpec = Field(default_factory=PodSpec)
-    alerts: AlertSpec = Field(default_factory=AlertSpec)
+    listener: ListenerConfig = Field(description="The listener section of config.yml: slot, filter, topics.")
+    publication: PublicationSpec = Field(
+        default_factory=PublicationSpec, description="Row filters and column lists of the publication."
+    )
+    database: DatabaseSpec = Field(description="The PostgreSQL database to stream from.")
+    publisher: PublisherSpec = Field(description="The broker to publish to.")
+    logger: LoggerConfig = Field(default_factory=LoggerConfig, description="Log level and format of the listener.")
+    monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec, description="Metrics and Sentry.")
+    pod: PodSpec = Field(default_factory=PodSpec, description="How the listener pod runs.")
+    alerts: AlertSpec = Field(default_factory=AlertSpec, description="Warning events the operator posts.")
     reclaim_policy: ReclaimPolicy = Field(
         ReclaimPolicy.RETAIN, description="On delete: Retain keeps slot and publication, Delete drops them."
     )
@@ -294,6 +391,31 @@ class WalListenerSpec(_Spec):
     def _probes_need_port(self) -> WalListenerSpec:
         if self.listener.server_port == 0:
             raise ValueError("listener.serverPort must not be 0: the pod's probes use /healthz and /ready")
+        return self
+
+    @model_validator(mode="after")
+    def _metrics_port_of_its_own(self) -> WalListenerSpec:
+        if self.monitoring.metrics_port == self.listener.server_port:
+            raise ValueError(
+                "monitoring.promAddr: use a port other than listener.serverPort, so the pod has a port named "
+                "metrics for the PodMonitor/ServiceMonitor to scrape"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _publication_name_is_plain(self) -> WalListenerSpec:
+        if not re.fullmatch(PUBLICATION_NAME_PATTERN, self.listener.publication_name):
+            raise ValueError(
+                "listener.publicationName: must be 1-63 letters, digits, '_' and '-' (not starting with '-')"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _filter_tables_are_names(self) -> WalListenerSpec:
+        # the operator turns these keys into the publication's tables
+        for key in self.listener.filter.tables or {}:
+            if not is_table_name(key):
+                raise ValueError(f"listener.filter.tables: {key!r} is not a table name: use {_TABLE_NAME_HELP}")
         return self
 
     # ----------------------------------------------------------------------------------------------
@@ -327,11 +449,40 @@ class WalListenerSpec(_Spec):
             env.append({"name": "GOOGLE_APPLICATION_CREDENTIALS", "value": f"{GOOGLE_CREDENTIALS_DIR}/{creds.key}"})
         return env
 
-    def to_config(self, secrets: dict[tuple[str, ...], str] | None = None) -> Config:
+    def tls(self) -> dict[str, TLSSpec]:
+        """``database`` and/or ``publisher`` -> its TLS material, where the spec gives some."""
+        found: dict[str, TLSSpec] = {}
+        if self.database.tls is not None:
+            found["database"] = self.database.tls
+        broker_tls = getattr(self.publisher.broker(), "tls", None)
+        if isinstance(broker_tls, TLSSpec):
+            found["publisher"] = broker_tls
+        return found
+
+    def referenced_secrets(self) -> dict[str, SecretKeyRef]:
+        """Every Secret key the listener uses (values, TLS files, credentials), by its spec field."""
+        refs = {f"{'.'.join(path)}SecretRef": ref for path, ref in self.secret_refs().items()}
+        if ("publisher", "password") in self.secret_refs():
+            refs[f"publisher.{self.publisher_block}.passwordSecretRef"] = refs.pop("publisher.passwordSecretRef")
+        for target, tls in self.tls().items():
+            where = "database" if target == "database" else f"publisher.{self.publisher_block}"
+            refs.update({f"{where}.tls.{role}SecretRef": ref for role, ref in tls.refs().items()})
+        creds = getattr(self.publisher.broker(), "credentials_secret_ref", None)
+        if isinstance(creds, SecretKeyRef):
+            refs[f"publisher.{self.publisher_block}.credentialsSecretRef"] = creds
+        return refs
+
+    @property
+    def publisher_block(self) -> str:
+        """The name of the broker block in use (``nats``, ``kafka``, ``rabbitmq``, ``googlePubSub``)."""
+        return BROKER_BLOCKS[self.publisher.publisher_type]
+
+    def to_config(self, secrets: dict[tuple[str, ...], str] | None = None, tls_dir: str = TLS_DIR) -> Config:
         """The listener's config for this resource, validated by the listener's own model.
 
         ``secrets`` fills the secret keys (the operator does so to connect to the database itself);
-        without it, placeholders stand in so the rest of the config can be checked.
+        without it, placeholders stand in so the rest of the config can be checked. TLS files are
+        named as they are mounted under ``tls_dir`` (the operator's own connection uses a private copy).
         """
         values = secrets or {}
         publisher: dict[str, Any] = self.publisher.model_dump(
@@ -342,7 +493,9 @@ class WalListenerSpec(_Spec):
         )
         publisher.update(block)
         database = self.database.model_dump(
-            mode="json", by_alias=True, exclude={"password", "user_secret_ref", "password_secret_ref"}
+            mode="json",
+            by_alias=True,
+            exclude={"password", "user_secret_ref", "password_secret_ref", "ssl_root_cert", "ssl_cert", "ssl_key"},
         )
         if self.database.user_secret_ref:
             database["user"] = values.get(("database", "user"), "from-secret")
@@ -353,6 +506,15 @@ class WalListenerSpec(_Spec):
         monitoring: dict[str, Any] = {"promAddr": self.monitoring.prom_addr}
         if ("monitoring", "sentryDSN") in values:
             monitoring["sentryDSN"] = values[("monitoring", "sentryDSN")]
+        for target, tls in self.tls().items():
+            section, keys = (database, _DB_TLS_KEYS) if target == "database" else (publisher, _BROKER_TLS_KEYS)
+            section.pop("tls", None)
+            for role in tls.refs():
+                section[keys[role]] = f"{tls_dir}/{target}/{TLS_FILES[role]}"
+            if target == "publisher":
+                publisher["enableTLS"] = True
+        database.pop("tls", None)
+        publisher.pop("tls", None)
         data = {
             "listener": self.listener.model_dump(mode="json", by_alias=True),
             "database": database,
@@ -373,14 +535,21 @@ class WalListenerSpec(_Spec):
         return data
 
 
+_KEY_FIRST = re.compile(r"[a-z][A-Za-z0-9]*(\.[a-z][A-Za-z0-9]*)*: ")
+
+
 def describe_validation_error(exc: ValidationError, prefix: str = "spec") -> str:
     """One line per problem, naming the key as the user wrote it."""
     lines = []
     for err in exc.errors(include_url=False):
         loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
         msg = str(err["msg"]).removeprefix("Value error, ")
-        where = f"{prefix}.{loc}" if loc else prefix
-        lines.append(f"{where}: {msg}")
+        if loc:
+            lines.append(f"{prefix}.{loc}: {msg}")
+        elif _KEY_FIRST.match(msg):  # a rule over several keys names the key it refuses first
+            lines.append(f"{prefix}.{msg}")
+        else:
+            lines.append(f"{prefix}: {msg}")
     return "; ".join(lines)
 
 
@@ -393,10 +562,3 @@ def parse_spec(spec: dict[str, Any]) -> WalListenerSpec:
     model.to_config()  # the listener's model has the last word on every value
     return model
 
-
-_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
-
-
-def child_name(resource_name: str) -> str:
-    """The name of the Deployment/ConfigMap/Service of a resource."""
-    return f"{resource_name}-wal-listener"[:63].rstrip("-")

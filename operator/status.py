@@ -31,8 +31,20 @@ class Condition:
     message: str = ""
 
 
+_STAMP = "%Y-%m-%dT%H:%M:%SZ"
+
+
 def now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime(_STAMP)
+
+
+def age(stamp: str) -> float:
+    """Seconds since ``stamp`` (as :func:`now` writes it); infinite for a stamp it cannot read."""
+    try:
+        then = datetime.strptime(stamp, _STAMP).replace(tzinfo=UTC)
+    except ValueError:
+        return float("inf")
+    return (datetime.now(UTC) - then).total_seconds()
 
 
 def merge(

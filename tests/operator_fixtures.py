@@ -26,7 +26,8 @@ os.environ.setdefault("WAL_OPERATOR_STATUS_INTERVAL", "1")
 os.environ.setdefault("WAL_OPERATOR_DELETE_POLL", "0.3")
 os.environ.setdefault("WAL_OPERATOR_SLOW_RETRY", "2")
 
-from wal_operator.spec import API_GROUP, API_VERSION, KIND, PLURAL, SINGULAR, child_name
+from wal_operator.render import child_name
+from wal_operator.spec import API_GROUP, API_VERSION, KIND, PLURAL, SINGULAR
 
 WL = f"{API_GROUP}/{API_VERSION}/{PLURAL}"
 CONFIGMAPS = "v1/configmaps"
@@ -56,6 +57,7 @@ class Cluster:
         self.k = emulator
         self.server = server
         self.url = str(server.url).rstrip("/")
+        self.created: list[tuple[str, str]] = []  # (namespace, name) of every WalListener made here
 
     # -- kubectl-like ----------------------------------------------------------------------------
 
@@ -83,7 +85,18 @@ class Cluster:
         result: dict[str, Any] = await self._call(
             "POST", f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{namespace}/{PLURAL}", body
         )
+        self.created.append((namespace, name))
         return result
+
+    async def delete_created(self) -> None:
+        """Delete every WalListener created so far (what a test leaves behind keeps the operator busy)."""
+        left = [(ns, name) for ns, name in self.created if self.get(WL, name, ns) is not None]
+        self.created.clear()
+        for ns, name in left:
+            with contextlib.suppress(AssertionError):  # gone meanwhile
+                await self.delete_listener(name, ns)
+        for ns, name in left:
+            await self.wait_gone(WL, name, ns, timeout=60)
 
     async def update_spec(self, name: str, spec_patch: dict[str, Any], namespace: str = NS) -> None:
         current = self.listener(name, namespace)
@@ -108,6 +121,35 @@ class Cluster:
             "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
         }
         await self._call("POST", f"/api/v1/namespaces/{namespace}/secrets", body)
+
+    async def update_secret(self, name: str, data: dict[str, str], namespace: str = NS) -> None:
+        import base64
+
+        await self._call(
+            "PATCH",
+            f"/api/v1/namespaces/{namespace}/secrets/{name}",
+            {"data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}},
+            "application/merge-patch+json",
+        )
+
+    async def create_deployment(self, name: str, labels: dict[str, str], namespace: str = NS) -> None:
+        """A Deployment made by someone else (kubectl), owned by no WalListener."""
+        body = {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": name, "namespace": namespace, "uid": str(uuid.uuid4()), "labels": labels},
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": labels},
+                "template": {"metadata": {"labels": labels}, "spec": {"containers": [{"name": "x", "image": "x"}]}},
+            },
+        }
+        await self._call("POST", f"/apis/apps/v1/namespaces/{namespace}/deployments", body)
+
+    async def delete_child(self, resource: str, name: str, namespace: str = NS) -> None:
+        group_version, plural = resource.rsplit("/", 1)
+        prefix = "/api" if group_version == "v1" else "/apis"
+        await self._call("DELETE", f"{prefix}/{group_version}/namespaces/{namespace}/{plural}/{child_name(name)}")
 
     async def set_deployment_available(self, name: str, namespace: str = NS) -> None:
         """Play the Deployment controller: the listener pod is up and ready."""
@@ -178,9 +220,10 @@ class Cluster:
                 return cond
             return None
 
-        result: dict[str, Any] = await self.wait(
-            check, timeout, f"{name}: {type_}={status}{f' ({reason})' if reason else ''}; now {self.status(name)}"
-        )
+        try:
+            result: dict[str, Any] = await self.wait(check, timeout, f"{name}: {type_}={status} {reason or ''}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; status now {self.status(name)}") from None
         return result
 
     def versions(self, resource: str, name: str, namespace: str = NS) -> int:
@@ -286,6 +329,13 @@ async def running_operator(tmp: Path) -> AsyncIterator[Cluster]:
 async def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Cluster]:
     async with running_operator(tmp_path_factory.mktemp("kube")) as c:
         yield c
+
+
+@pytest_asyncio.fixture(loop_scope="session", autouse=False)
+async def clean_listeners(cluster: Cluster) -> AsyncIterator[None]:
+    """Deletes the WalListeners a test created once it is done."""
+    yield
+    await cluster.delete_created()
 
 
 def listener_spec(

@@ -292,3 +292,129 @@ def test_spec_errors_name_the_key() -> None:
                 "publisher": {"type": "google_pubsub", "topic": "t", "googlePubSub": {}},
             }
         )
+
+
+def test_every_field_has_a_description() -> None:
+    """`kubectl explain wallistener.spec...` has something to say about every field."""
+    fields = [(path, node) for path, node in _walk(_schema()) if path and not path.endswith(("[]", "}"))]
+    assert len(fields) > 100
+    assert [path for path, node in fields if not node.get("description")] == []
+
+
+# -- what reaches SQL -------------------------------------------------------------------------------
+
+
+def _with_publication_table(table: dict[str, Any]) -> dict[str, Any]:
+    resource = copy.deepcopy(dict(_listeners())["nats.yaml:shop-orders"])
+    resource["spec"]["publication"] = {"tables": [table]}
+    return resource
+
+
+@pytest.mark.parametrize(
+    ("table", "field", "crd_refuses"),
+    [
+        ({"name": "orders", "where": "status = 'paid'); CREATE TABLE pwned(x int); --"}, "where", True),
+        ({"name": "orders", "where": "true) , TABLE secrets WHERE (true"}, "where", False),
+        ({"name": "orders", "where": "status = 'paid' /* ) */"}, "where", True),
+        ({"name": 'orders"; DROP TABLE orders; --'}, "name", True),
+        ({"name": "orders", "columns": ["id", 'total"); DROP TABLE orders; --']}, "columns", True),
+    ],
+    ids=["statement", "unbalanced", "comment", "table-name", "column-name"],
+)
+def test_sql_injection_is_refused(table: dict[str, Any], field: str, crd_refuses: bool) -> None:
+    resource = _with_publication_table(table)
+    where = table.get("where", "")
+    by_schema = True
+    try:
+        jsonschema.validate(resource, _to_jsonschema(_schema()))
+    except jsonschema.ValidationError:
+        by_schema = False
+    by_cel = not where or _cel(_rule("spec.publication.tables[].where"), where, where)
+    assert (not (by_schema and by_cel)) is crd_refuses  # the API server's part, where a pattern can tell
+    with pytest.raises(SpecError, match=rf"spec\.publication\.tables\.0\.{field}"):
+        parse_spec(resource["spec"])  # the operator refuses every one of them
+
+
+@pytest.mark.parametrize("key", ['users"; DROP TABLE users; --', "a.b.c", "users;"])
+def test_filter_keys_must_be_table_names(key: str) -> None:
+    resource = copy.deepcopy(dict(_listeners())["nats.yaml:shop-orders"])
+    resource["spec"]["listener"]["filter"] = {"tables": {key: ["insert"]}}
+    with pytest.raises(SpecError, match=r"spec\.listener\.filter\.tables"):
+        parse_spec(resource["spec"])
+
+
+def test_tls_secrets_are_mounted_read_only_and_named_in_the_config() -> None:
+    from wal_operator.render import Owner, configmap, deployment
+
+    resource = copy.deepcopy(dict(_listeners())["nats.yaml:shop-orders"])
+    ref = {"name": "pg-tls", "key": "ca.crt"}
+    resource["spec"]["database"].update(
+        sslMode="verify-full",
+        tls={"caSecretRef": ref, "certSecretRef": {"name": "pg-client", "key": "tls.crt"},
+             "keySecretRef": {"name": "pg-client", "key": "tls.key"}},
+    )
+    resource["spec"]["publisher"]["nats"]["tls"] = {"caSecretRef": {"name": "nats-ca", "key": "ca.pem"}}
+    spec = parse_spec(resource["spec"])
+    owner = Owner("shop", "ns", "uid-1")
+    pod = deployment(spec, owner, "img")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    db_sources = volumes["database-tls"]["projected"]["sources"]
+    items = {(s["secret"]["name"], s["secret"]["items"][0]["key"], s["secret"]["items"][0]["path"]) for s in db_sources}
+    assert items == {
+        ("pg-tls", "ca.crt", "ca.crt"),
+        ("pg-client", "tls.crt", "tls.crt"),
+        ("pg-client", "tls.key", "tls.key"),
+    }
+    assert volumes["database-tls"]["projected"]["defaultMode"] == 0o440
+    assert mounts["database-tls"] == {
+        "name": "database-tls", "mountPath": "/var/run/secrets/wal-listener/tls/database", "readOnly": True,
+    }
+    assert mounts["publisher-tls"]["readOnly"] is True
+    config = yaml.safe_load(configmap(spec, owner)["data"]["config.yml"])
+    assert config["database"]["sslRootCert"] == "/var/run/secrets/wal-listener/tls/database/ca.crt"
+    assert config["database"]["sslKey"] == "/var/run/secrets/wal-listener/tls/database/tls.key"
+    assert config["publisher"]["caCert"] == "/var/run/secrets/wal-listener/tls/publisher/ca.crt"
+    assert config["publisher"]["enableTLS"] is True
+    assert "tls" not in config["database"] and "tls" not in config["publisher"]
+
+
+@pytest.mark.parametrize(
+    "tls",
+    [{"certSecretRef": {"name": "c", "key": "tls.crt"}}, {}],
+    ids=["cert-without-key", "empty"],
+)
+def test_tls_needs_a_ca_or_a_key_pair(tls: dict[str, Any]) -> None:
+    resource = copy.deepcopy(dict(_listeners())["nats.yaml:shop-orders"])
+    resource["spec"]["database"]["tls"] = tls
+    with pytest.raises(SpecError, match=r"spec\.database\.tls"):
+        parse_spec(resource["spec"])
+
+
+def test_a_file_path_in_the_spec_is_refused() -> None:
+    resource = copy.deepcopy(dict(_listeners())["nats.yaml:shop-orders"])
+    resource["spec"]["database"]["sslRootCert"] = "/etc/ssl/ca.crt"
+    with pytest.raises(SpecError, match=r"database\.tls"):
+        parse_spec(resource["spec"])
+
+
+def test_metrics_need_a_port_of_their_own() -> None:
+    resource = copy.deepcopy(dict(_listeners())["nats.yaml:shop-orders"])
+    resource["spec"]["monitoring"] = {"promAddr": ":8080"}
+    with pytest.raises(SpecError, match=r"spec\.monitoring\.promAddr"):
+        parse_spec(resource["spec"])
+
+
+@pytest.mark.parametrize(
+    ("name", "ok"), [("shop_orders", True), ("wal-listener", True), ('a"b', False), ("a,b", False)]
+)
+def test_publication_names_are_plain(name: str, ok: bool) -> None:
+    rule = VALIDATIONS["spec.listener.publicationName"][1]["rule"]
+    assert _cel(rule, name, name) is ok
+    resource = copy.deepcopy(dict(_listeners())["nats.yaml:shop-orders"])
+    resource["spec"]["listener"]["publicationName"] = name
+    if ok:
+        parse_spec(resource["spec"])
+    else:
+        with pytest.raises(SpecError, match=r"spec\.listener\.publicationName"):
+            parse_spec(resource["spec"])

@@ -17,20 +17,27 @@ import yaml
 from operator_fixtures import (
     CONFIGMAPS,
     DEPLOYMENTS,
+    SECRETS,
     SERVICES,
     WL,
     Cluster,
+    clean_listeners,
     cluster,
     listener_spec,
 )
 
 from listener.config import load_config
 from listener.sandbox import PostgresServer
-from wal_operator.render import CONFIG_HASH_ANNOTATION
+from tests.support.pod_security import restricted_violations
+from wal_operator.render import CONFIG_HASH_ANNOTATION, SECRETS_HASH_ANNOTATION, child_name
 
-__all__ = ["cluster"]  # the fixture, imported for pytest
+__all__ = ["clean_listeners", "cluster"]  # the fixtures, imported for pytest
 
-pytestmark = [pytest.mark.service, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = [
+    pytest.mark.service,
+    pytest.mark.asyncio(loop_scope="session"),
+    pytest.mark.usefixtures("clean_listeners"),
+]
 
 
 def _name(prefix: str) -> str:
@@ -71,6 +78,8 @@ async def test_apply_provisions_database_and_children(
     spec["listener"]["topicsMap"] = {"public_users": "people"}
     spec["monitoring"] = {"promAddr": ":9187", "sentryDSNSecretRef": {"name": "sentry", "key": "dsn"}}
     spec["pod"] = {"image": "example/wal-listener:1.2", "nodeSelector": {"pool": "cdc"}}
+    if cluster.get(SECRETS, "sentry") is None:
+        await cluster.create_secret("sentry", {"dsn": "https://key@sentry.example/1"})
     await cluster.create_listener(name, spec)
 
     await cluster.wait_condition(name, "SlotReady", "True")
@@ -239,6 +248,13 @@ async def test_delete_with_reclaim_policy(
     holder = _hold_slot(pg, db_with_tables, slot, pub)
     try:
         await cluster.wait(lambda: _q(pg, db_with_tables, active, (slot,)) == [(True,)], what="slot active")
+        # with a reader, status says how far behind it is in seconds (pg_stat_replication)
+        seconds = await cluster.wait(
+            lambda: (cluster.status(name).get("slot") or {}).get("lagSeconds") is not None
+            and cluster.status(name)["slot"]["active"],
+            what="slot.lagSeconds",
+        )
+        assert seconds and cluster.status(name)["slot"]["lagSeconds"] >= 0
         await cluster.delete_listener(name)
         await cluster.wait_gone(DEPLOYMENTS, f"{name}-wal-listener")
         if policy == "Delete":
@@ -353,7 +369,214 @@ async def test_slot_lag_reaches_status_and_warns(
     slot_status = cluster.status(name)["slot"]
     assert slot_status["walStatus"] in ("reserved", "extended")
     assert slot_status["active"] is False
+    assert "lagSeconds" not in slot_status  # nobody reads the slot: unknown, not 0
     assert slot_status["lag"].endswith(("KiB", "MiB"))
     events = await cluster.wait(lambda: cluster.events(name, "WALRetained"), what="a WALRetained event")
     assert events[0]["type"] == "Warning"
     assert slot in events[0]["message"]
+
+
+# -- many teams on one cluster ----------------------------------------------------------------------
+
+
+def _db_untouched(pg: PostgresServer, db: str, slot: str) -> None:
+    assert _q(pg, db, "SELECT 1 FROM pg_class WHERE relname = 'pwned'") == []
+    assert _q(pg, db, "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (slot,)) == []
+    assert _q(pg, db, "SELECT 1 FROM pg_publication WHERE pubname = %s", (f"pub_{slot}",)) == []
+    assert _q(pg, db, "SELECT count(*) FROM orders") == [(0,)]
+
+
+@pytest.mark.parametrize(
+    ("table", "field"),
+    [
+        ({"name": "orders", "where": "status = 'paid'); CREATE TABLE pwned(x int); --"}, "where"),
+        ({"name": "orders", "where": "true) , TABLE users WHERE (true"}, "where"),
+        ({"name": "orders", "where": "status = 'x' /* ) */); CREATE TABLE pwned(x int"}, "where"),
+        ({"name": 'orders"; CREATE TABLE pwned(x int); --'}, "name"),
+        ({"name": "orders", "columns": ["id", 'status"); CREATE TABLE pwned(x int); --']}, "columns"),
+    ],
+    ids=["statement", "extra-table", "comment", "table-name", "column-name"],
+)
+async def test_sql_injection_is_refused_and_touches_nothing(
+    cluster: Cluster, _secret: None, pg: PostgresServer, db_with_tables: str, table: dict[str, Any], field: str
+) -> None:
+    name, slot = _name("inject"), _slot("inject")
+    spec = listener_spec(pg.port, db_with_tables, slot=slot)
+    spec["publication"] = {"tables": [table]}
+    await cluster.create_listener(name, spec)
+    cond = await cluster.wait_condition(name, "SpecValid", "False", "InvalidSpec")
+    assert f"spec.publication.tables.0.{field}" in cond["message"]
+    events = await cluster.wait(lambda: cluster.events(name, "InvalidSpec"), what="an InvalidSpec event")
+    assert events[0]["type"] == "Warning" and f"tables.0.{field}" in events[0]["message"]
+    assert cluster.child(DEPLOYMENTS, name) is None
+    _db_untouched(pg, db_with_tables, slot)
+
+
+async def test_a_row_filter_postgresql_refuses_is_reported(
+    cluster: Cluster, _secret: None, pg: PostgresServer, db_with_tables: str
+) -> None:
+    """What passes the operator's check still runs as one statement, and PostgreSQL has the last word
+    (a row filter may only use the table's columns and immutable built-in functions)."""
+    name, slot = _name("filter"), _slot("filter")
+    table = {"name": "orders", "where": "pg_terminate_backend(pg_backend_pid()) AND status = 'paid'"}
+    spec = listener_spec(pg.port, db_with_tables, slot=slot)
+    spec["publication"] = {"tables": [table]}
+    await cluster.create_listener(name, spec)
+    cond = await cluster.wait_condition(name, "SpecValid", "False", "InvalidSpec")
+    assert "spec.publication" in cond["message"] and "PostgreSQL refuses" in cond["message"]
+    assert cluster.child(DEPLOYMENTS, name) is None
+    _db_untouched(pg, db_with_tables, slot)
+
+
+async def test_long_names_sharing_a_prefix_get_their_own_children(
+    cluster: Cluster, _secret: None, pg: PostgresServer, db_with_tables: str
+) -> None:
+    base = "orders-eu-west-1-production-cluster-replication-stream-listener"
+    names = [f"{base}-alpha-{uuid.uuid4().hex[:4]}", f"{base}-beta-{uuid.uuid4().hex[:4]}"]
+    for name in names:
+        await cluster.create_listener(name, listener_spec(pg.port, db_with_tables, slot=_slot("long")))
+    for name in names:
+        await cluster.wait_condition(name, "SlotReady", "True")
+    deps = [cluster.child(DEPLOYMENTS, name) for name in names]
+    assert deps[0] is not None and deps[1] is not None
+    assert deps[0]["metadata"]["name"] != deps[1]["metadata"]["name"]
+    for name, dep in zip(names, deps, strict=True):
+        assert len(dep["metadata"]["name"]) <= 63
+        (ref,) = dep["metadata"]["ownerReferences"]
+        assert ref["name"] == name and ref["uid"] == cluster.listener(name)["metadata"]["uid"]
+        labels = dep["spec"]["template"]["metadata"]["labels"]
+        assert all(len(v) <= 63 for v in labels.values())
+        assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        assert cluster.condition(name, "Conflict")["status"] == "False"  # type: ignore[index]
+    assert deps[0]["spec"]["selector"] != deps[1]["spec"]["selector"]
+
+    # deleting one leaves the other's pipeline alone
+    await cluster.delete_listener(names[0])
+    await cluster.wait_gone(WL, names[0])
+    assert cluster.child(DEPLOYMENTS, names[0]) is None
+    assert cluster.child(DEPLOYMENTS, names[1]) is not None
+    assert cluster.child(CONFIGMAPS, names[1]) is not None
+
+
+async def test_a_child_name_taken_by_someone_else_is_a_conflict(
+    cluster: Cluster, _secret: None, pg: PostgresServer, db_with_tables: str
+) -> None:
+    name, slot = _name("taken"), _slot("taken")
+    await cluster.create_deployment(child_name(name), {"app": "somebody-elses"})
+    written = cluster.versions(DEPLOYMENTS, child_name(name))
+    await cluster.create_listener(name, listener_spec(pg.port, db_with_tables, slot=slot))
+    cond = await cluster.wait_condition(name, "Conflict", "True", "ChildOwnedByOther")
+    assert f"Deployment cdc/{child_name(name)}" in cond["message"] and "left untouched" in cond["message"]
+    assert cluster.condition(name, "Ready")["reason"] == "Conflict"  # type: ignore[index]
+    await cluster.wait(lambda: cluster.events(name, "Conflict"), what="a Conflict event")
+    assert cluster.versions(DEPLOYMENTS, child_name(name)) == written  # never taken over
+    _db_untouched(pg, db_with_tables, slot)  # and nothing provisioned for a resource that cannot run
+
+    await cluster.delete_listener(name)
+    await cluster.wait_gone(WL, name)
+    other = cluster.child(DEPLOYMENTS, name)
+    assert other is not None and other["metadata"]["labels"] == {"app": "somebody-elses"}
+
+
+# -- Secrets, TLS, readiness ------------------------------------------------------------------------
+
+
+def _template_annotation(cluster: Cluster, name: str, key: str) -> str | None:
+    dep = cluster.child(DEPLOYMENTS, name)
+    if dep is None:
+        return None
+    value: str | None = (dep["spec"]["template"]["metadata"].get("annotations") or {}).get(key)
+    return value
+
+
+async def test_a_changed_secret_rolls_the_pod(cluster: Cluster, pg: PostgresServer, db_with_tables: str) -> None:
+    name, slot = _name("secret"), _slot("secret")
+    secret = f"creds-{uuid.uuid4().hex[:6]}"
+    await cluster.create_secret(secret, {"password": "first", "nats": "n-first"})
+    spec = listener_spec(pg.port, db_with_tables, slot=slot)
+    spec["database"]["passwordSecretRef"] = {"name": secret, "key": "password"}
+    spec["publisher"]["nats"]["passwordSecretRef"] = {"name": secret, "key": "nats"}
+    spec["publisher"]["nats"]["username"] = "wal"
+    await cluster.create_listener(name, spec)
+    await cluster.wait_condition(name, "SlotReady", "True")
+    first = _template_annotation(cluster, name, SECRETS_HASH_ANNOTATION)
+    config_hash = _template_annotation(cluster, name, CONFIG_HASH_ANNOTATION)
+    assert first
+
+    for key in ("password", "nats"):  # either Secret key the pod uses rolls it
+        before = _template_annotation(cluster, name, SECRETS_HASH_ANNOTATION)
+        await cluster.update_secret(secret, {key: f"rotated-{key}"})
+        await cluster.wait(
+            lambda before=before: _template_annotation(cluster, name, SECRETS_HASH_ANNOTATION) not in (None, before),
+            what=f"a new secrets hash after rotating {key}",
+        )
+    assert _template_annotation(cluster, name, CONFIG_HASH_ANNOTATION) == config_hash  # the config did not change
+    events = await cluster.wait(lambda: cluster.events(name, "SecretChanged"), what="a SecretChanged event")
+    assert "rolling" in events[0]["message"]
+    assert "rotated" not in str(cluster.child(DEPLOYMENTS, name))  # values never land in the Deployment
+
+
+async def test_tls_secrets_are_mounted_and_the_pod_is_restricted(
+    cluster: Cluster, _secret: None, pg: PostgresServer, db_with_tables: str
+) -> None:
+    name, slot = _name("tls"), _slot("tls")
+    await cluster.create_secret("pg-tls", {"ca.crt": "-----BEGIN CERTIFICATE-----\n"})
+    await cluster.create_secret("broker-tls", {"ca": "x", "crt": "y", "key": "z"})
+    spec = listener_spec(pg.port, db_with_tables, slot=slot)
+    spec["database"]["tls"] = {"caSecretRef": {"name": "pg-tls", "key": "ca.crt"}}  # sslMode prefer: no TLS here
+    spec["publisher"]["nats"]["tls"] = {
+        "caSecretRef": {"name": "broker-tls", "key": "ca"},
+        "certSecretRef": {"name": "broker-tls", "key": "crt"},
+        "keySecretRef": {"name": "broker-tls", "key": "key"},
+    }
+    await cluster.create_listener(name, spec)
+    await cluster.wait_condition(name, "SlotReady", "True")
+    dep = cluster.child(DEPLOYMENTS, name)
+    assert dep is not None
+    pod = dep["spec"]["template"]["spec"]
+    mounts = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"]}
+    for target in ("database", "publisher"):
+        assert mounts[f"/var/run/secrets/wal-listener/tls/{target}"]["readOnly"] is True
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    secrets = {s["secret"]["name"] for s in volumes["publisher-tls"]["projected"]["sources"]}
+    assert secrets == {"broker-tls"}
+    config = yaml.safe_load(cluster.child(CONFIGMAPS, name)["data"]["config.yml"])  # type: ignore[index]
+    assert config["publisher"]["clientKey"] == "/var/run/secrets/wal-listener/tls/publisher/tls.key"
+    assert config["database"]["sslRootCert"] == "/var/run/secrets/wal-listener/tls/database/ca.crt"
+    assert restricted_violations(pod) == []
+    assert pod["securityContext"]["runAsUser"] != 0
+
+
+async def test_a_missing_tls_secret_is_named(
+    cluster: Cluster, _secret: None, pg: PostgresServer, fresh_db: str
+) -> None:
+    name = _name("notls")
+    spec = listener_spec(pg.port, fresh_db, slot=_slot("notls"))
+    spec["database"]["tls"] = {"caSecretRef": {"name": "no-such-secret", "key": "ca.crt"}}
+    await cluster.create_listener(name, spec)
+    cond = await cluster.wait_condition(name, "DatabaseReachable", "Unknown", "SecretMissing")
+    assert "no-such-secret" in cond["message"] and "spec.database.tls.caSecretRef" in cond["message"]
+    assert cluster.child(DEPLOYMENTS, name) is None
+
+
+async def test_readiness_follows_the_deployment(
+    cluster: Cluster, _secret: None, pg: PostgresServer, db_with_tables: str
+) -> None:
+    """DeploymentReady comes from the watch on the Deployment (the status timer never writes it)."""
+    name, slot = _name("ready"), _slot("ready")
+    await cluster.create_listener(name, listener_spec(pg.port, db_with_tables, slot=slot))
+    await cluster.wait_condition(name, "DeploymentReady", "False", "PodNotReady")
+    await cluster.set_deployment_available(name)
+    await cluster.wait_condition(name, "Ready", "True", "ListenerRunning")
+
+    # deleted by someone: the operator puts it back at once, and readiness follows the new one
+    await cluster.delete_child(DEPLOYMENTS, name)
+
+    def recreated() -> bool:
+        dep = cluster.child(DEPLOYMENTS, name)
+        return dep is not None and not dep.get("status")  # the old one's status is gone with it
+
+    await cluster.wait(recreated, what="a new Deployment")
+    await cluster.wait_condition(name, "Ready", "False", "PodNotReady")
+    await cluster.set_deployment_available(name)
+    await cluster.wait_condition(name, "Ready", "True")

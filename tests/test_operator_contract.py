@@ -22,13 +22,17 @@ import aiohttp
 import psycopg
 import pytest
 from harness import read_stream
-from operator_fixtures import CONFIGMAPS, DEPLOYMENTS, SECRETS, Cluster, cluster, listener_spec
+from operator_fixtures import CONFIGMAPS, DEPLOYMENTS, SECRETS, Cluster, clean_listeners, cluster, listener_spec
 
 from listener.sandbox import NatsServer, PostgresServer, free_port
 
-__all__ = ["cluster"]
+__all__ = ["clean_listeners", "cluster"]
 
-pytestmark = [pytest.mark.service, pytest.mark.asyncio(loop_scope="session")]
+pytestmark = [
+    pytest.mark.service,
+    pytest.mark.asyncio(loop_scope="session"),
+    pytest.mark.usefixtures("clean_listeners"),
+]
 
 REPO = Path(__file__).resolve().parent.parent
 
