@@ -1,0 +1,1 @@
+"""Pure helpers shared by tests (no services, no I/O)."""
