@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 import psutil
 
-from listener.sandbox import NatsServer, PubSubEmulator, TansuServer, rabbitmq_available
+from tests.support.services import NatsServer, PubSubEmulator, TansuServer, rabbitmq_available
 
 #: (receive time, event body, the broker's own per-message metadata: see Broker.broker_time)
 OnEvent = Callable[[float, bytes, Any], None]

@@ -23,7 +23,7 @@ import psycopg
 import yaml
 
 from listener.pgoutput import format_lsn, parse_lsn
-from listener.sandbox import PostgresServer
+from tests.support.services import PostgresServer
 
 REPO = Path(__file__).resolve().parent.parent
 

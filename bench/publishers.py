@@ -7,8 +7,8 @@ up to ``--in-flight`` batches waiting for their acknowledgements at once). The c
 (JetStream ack, RabbitMQ publisher confirm on a durable exchange + durable queue with persistent
 messages, Kafka acks=all).
 
-Brokers: ``nats-server -js`` and Tansu are started here on free ports (listener.sandbox); RabbitMQ is the
-machine's at ``--rabbitmq-url`` (a durable queue is bound to the exchange for the run and deleted after).
+Brokers: ``nats-server -js`` and Tansu are started here on free ports (tests/support/services.py); RabbitMQ
+is the machine's at ``--rabbitmq-url`` (a durable queue is bound to the exchange for the run and deleted after).
 
     .venv/bin/python -m bench.publishers                               # every broker, 200k messages, 3 runs
     .venv/bin/python -m bench.publishers --brokers nats --messages 500000 --runs 5
@@ -37,8 +37,10 @@ from typing import Any
 
 import orjson
 
-from listener.config import PublisherConfig
-from listener.publishers.base import Message, Publisher, make_publisher
+from listener.config import parse_publisher
+from listener.message import Message
+from listener.publishers import make_publisher
+from listener.publishers.base import Publisher
 
 RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -127,7 +129,7 @@ class Nats(Broker):
     name = "nats"
 
     def start(self) -> None:
-        from listener.sandbox import NatsServer
+        from tests.support.services import NatsServer
 
         self.server = NatsServer().start()
 
@@ -159,7 +161,7 @@ class Kafka(Broker):
     name = "kafka"
 
     def start(self) -> None:
-        from listener.sandbox import TansuServer
+        from tests.support.services import TansuServer
 
         self.server = TansuServer().start()
 
@@ -209,7 +211,7 @@ class RabbitMQ(Broker):
         self.queue_arguments = RABBITMQ_QUEUES[queue]
 
     def start(self) -> None:
-        from listener.sandbox import rabbitmq_available
+        from tests.support.services import rabbitmq_available
 
         if not rabbitmq_available(self.url):
             raise RuntimeError(f"no RabbitMQ at {self.url} (apt-get install rabbitmq-server)")
@@ -254,7 +256,7 @@ class RabbitMQ(Broker):
 async def one_run(broker: Broker, count: int, batch: int, in_flight: int) -> dict[str, Any]:
     topic = f"pubbench_{uuid.uuid4().hex[:8]}"
     await broker.prepare(topic)
-    publisher = make_publisher(PublisherConfig.model_validate(broker.config(topic)), ack_timeout=30.0)
+    publisher = make_publisher(parse_publisher(broker.config(topic)), ack_timeout=30.0)
     try:
         await publisher.connect()
         messages = make_messages(topic, count)

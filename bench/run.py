@@ -57,7 +57,7 @@ from bench.measure import (
 from bench.report import CEILING, Row, format_profile, format_table, percentile, write_chart, write_json
 from listener import __version__
 from listener.pgoutput import format_lsn
-from listener.sandbox import PostgresServer, find_pg_bin, free_port
+from tests.support.services import PostgresServer, find_pg_bin, free_port
 
 DBNAME = "bench"
 

@@ -10,6 +10,11 @@
  *
  * event(msg, plan, ident, commit_time, want_key) -> (body: bytes, key: bytes | None) | None
  *
+ * It also serves the NATS publisher's hot loop (listener/publishers/nats.py), checked against nats-py:
+ * nats_frames(batch, prefixes, seq, limit, header_bytes) -> (frames, payload) | None builds the HPUB
+ * frames of a batch (Nats-Msg-Id header, reply subject per message), and nats_acks(data, sid) scans
+ * JetStream's answers on the reply subscription (acks by sequence, errors with their payload).
+ *
  * plan = (schema_table: bytes, columns: tuple, key_index: tuple[int, ...])
  *   schema_table: '"schema":"...","table":"..."' already JSON-encoded
  *   columns: one (prefix: bytes, code: int, converter, is_identity: bool) per column, where prefix

@@ -21,7 +21,7 @@ from listener.delivery import Backoff, Delivery
 from listener.errors import (
     BrokerConfigError,
     DatabaseError,
-    FatalDatabaseError,
+    DatabaseSetupError,
     PublishError,
     SlotInUseError,
     SlotLostError,
@@ -29,7 +29,8 @@ from listener.errors import (
 from listener.event import CHANGE_ACTIONS, EventBuilder, Transaction
 from listener.observability import Health, HttpServer, metrics_route, register_secrets, split_addr
 from listener.pgoutput import PG_EPOCH, format_lsn
-from listener.publishers.base import Publisher, make_publisher
+from listener.publishers import make_publisher
+from listener.publishers.base import Publisher
 from listener.replication import (
     Database,
     ReplicationStream,
@@ -61,7 +62,7 @@ def wal_at_risk(wal_status: str | None, safe_wal_size: int | None, wal_keep_size
 class Listener:
     """The whole data path for one slot."""
 
-    def __init__(self, cfg: Config, publisher: Publisher | None = None) -> None:
+    def __init__(self, cfg: Config, publisher: Publisher[Any] | None = None) -> None:
         self.cfg = cfg
         register_secrets(cfg)  # logs, /ready and Sentry hide them, whatever a client library says
         ack_timeout = cfg.listener.ack_timeout.total_seconds()
@@ -76,6 +77,7 @@ class Listener:
             max_in_flight=cfg.listener.max_in_flight,
             batch_size=cfg.listener.batch_size,
             retry_cap=cfg.listener.refresh_connection.total_seconds(),
+            ack_timeout=ack_timeout,
             on_error=cfg.listener.on_error,
             dead_letter_subject=dead_letter,
         )
@@ -163,7 +165,7 @@ class Listener:
                 except SlotLostError as exc:
                     self._report(exc, logging.ERROR)
                     backoff.attempt = max(backoff.attempt, 30)  # no tight crash loop: retry slowly
-                except FatalDatabaseError as exc:
+                except DatabaseSetupError as exc:
                     self._report(exc, logging.ERROR)
                     backoff.attempt = max(backoff.attempt, 30)
                 except DatabaseError as exc:
@@ -433,7 +435,3 @@ class Listener:
         if rel.replica_identity == "f" and self.publisher.needs_key:
             primary_key = await db.primary_key(rel.oid)
         self.builder.add_relation(rel, primary_key)
-
-
-def run_listener(cfg: Config, **kwargs: Any) -> Listener:
-    return Listener(cfg, **kwargs)

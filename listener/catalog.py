@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from psycopg import AsyncConnection, sql
+from psycopg.rows import tuple_row
+
+from listener.pgoutput import parse_lsn
 
 #: an unquoted PostgreSQL identifier, at most 63 bytes (NAMEDATALEN - 1)
 IDENTIFIER_PATTERN = r"[A-Za-z_][A-Za-z0-9_$]{0,62}"
@@ -195,8 +198,165 @@ def split_table_name(name: str) -> tuple[str, str]:
     return schema, table
 
 
+#: the publication as the catalog has it: FOR ALL TABLES?, its comment (who owns it)
+PUBLICATION_QUERY = (
+    "SELECT p.puballtables, pg_catalog.obj_description(p.oid, 'pg_publication')"
+    " FROM pg_catalog.pg_publication p WHERE p.pubname = %s"
+)
+#: the schema-qualified tables of a publication
+PUBLICATION_TABLES_QUERY = (
+    "SELECT schemaname || '.' || tablename FROM pg_catalog.pg_publication_tables WHERE pubname = %s"
+)
+
+
+def create_all_tables_publication(name: str) -> sql.Composed:
+    return create_publication(PublicationDefinition(name, None))
+
+
 # --------------------------------------------------------------------------------------------------
-# execution
+# the server, slots, types, keys
+
+
+@dataclass(frozen=True, slots=True)
+class ServerInfo:
+    wal_level: str
+    version: int  # server_version_num, e.g. 150007
+
+    def wal_level_problem(self) -> str:
+        """What to do when logical decoding is off ('' when it is on)."""
+        if self.wal_level == "logical":
+            return ""
+        return (
+            f"wal_level is {self.wal_level!r}; set wal_level = logical in postgresql.conf "
+            "(with max_replication_slots >= 1 and max_wal_senders >= 1) and restart PostgreSQL"
+        )
+
+
+SERVER_QUERY = (
+    "SELECT pg_catalog.current_setting('wal_level'), pg_catalog.current_setting('server_version_num')::int"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SlotState:
+    """A replication slot as ``pg_replication_slots`` (and ``pg_stat_replication``) report it; LSNs as ints."""
+
+    name: str
+    plugin: str | None
+    slot_type: str
+    database: str | None
+    active: bool
+    active_pid: int | None
+    confirmed_flush_lsn: int
+    restart_lsn: int
+    wal_status: str | None
+    safe_wal_size: int | None
+    current_lsn: int
+    wal_keep_size: int = -1  # max_slot_wal_keep_size in bytes; -1: no limit
+    publication_exists: bool = True
+    #: how far behind the reader is in time (pg_stat_replication flush lag); None without a reader
+    lag_seconds: float | None = None
+
+    @property
+    def retained_wal_bytes(self) -> int:
+        """WAL the slot keeps on the server's disk."""
+        return max(0, self.current_lsn - self.restart_lsn) if self.restart_lsn else 0
+
+    @property
+    def lag_bytes(self) -> int:
+        """WAL not yet confirmed by the reader."""
+        return max(0, self.current_lsn - self.confirmed_flush_lsn) if self.confirmed_flush_lsn else 0
+
+    def mismatch(self, dbname: str) -> str:
+        """Why this slot cannot be the listener's for ``dbname`` ('' when it can)."""
+        if self.slot_type != "logical" or self.plugin != "pgoutput" or self.database != dbname:
+            return (
+                f"replication slot {self.name!r} exists as a {self.slot_type} slot (plugin {self.plugin or '-'}, "
+                f"database {self.database or '-'}), not a pgoutput slot of database {dbname!r}; "
+                "drop it or choose another listener.slotName"
+            )
+        return ""
+
+
+SLOT_QUERY = (
+    "SELECT s.slot_name, s.plugin, s.slot_type, s.database, s.active, s.active_pid,"
+    " s.confirmed_flush_lsn::text, s.restart_lsn::text, s.wal_status, s.safe_wal_size,"
+    " pg_catalog.pg_current_wal_lsn()::text,"
+    " pg_catalog.pg_size_bytes(pg_catalog.current_setting('max_slot_wal_keep_size')),"
+    " EXISTS (SELECT FROM pg_catalog.pg_publication WHERE pubname = %(publication)s),"
+    " (SELECT extract(epoch FROM coalesce(r.flush_lag, r.write_lag))::float8"
+    "  FROM pg_catalog.pg_stat_replication r WHERE r.pid = s.active_pid)"
+    " FROM pg_catalog.pg_replication_slots s WHERE s.slot_name = %(slot)s"
+)
+CREATE_SLOT_QUERY = "SELECT pg_catalog.pg_create_logical_replication_slot(%s, 'pgoutput')"
+DROP_SLOT_QUERY = "SELECT pg_catalog.pg_drop_replication_slot(%s)"
+ADVANCE_SLOT_QUERY = "SELECT pg_catalog.pg_replication_slot_advance(%s, %s::pg_lsn)"
+HEARTBEAT_QUERY = "SELECT pg_catalog.pg_logical_emit_message(false, 'wal-listener-heartbeat', '')"
+#: the primary-key column names of a table, in key order
+PRIMARY_KEY_QUERY = (
+    "SELECT a.attname FROM pg_catalog.pg_index i"
+    " CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)"
+    " JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum"
+    " WHERE i.indrelid = %s AND i.indisprimary ORDER BY k.ord"
+)
+#: what the type registry needs to convert values of user-defined types
+PG_TYPE_QUERY = (
+    "SELECT oid::int8, typtype::text, typbasetype::int8, typelem::int8, typcategory::text, typdelim::text"
+    " FROM pg_catalog.pg_type WHERE oid = ANY(%s)"
+)
+
+
+def slot_state(row: Sequence[Any]) -> SlotState:
+    """A :data:`SLOT_QUERY` row as a :class:`SlotState`."""
+    active_pid = row[5]
+    return SlotState(
+        name=row[0],
+        plugin=row[1],
+        slot_type=row[2],
+        database=row[3],
+        active=bool(row[4]),
+        active_pid=active_pid,
+        confirmed_flush_lsn=parse_lsn(row[6]) if row[6] else 0,
+        restart_lsn=parse_lsn(row[7]) if row[7] else 0,
+        wal_status=row[8],
+        safe_wal_size=row[9],
+        current_lsn=parse_lsn(row[10]),
+        wal_keep_size=int(row[11]),
+        publication_exists=bool(row[12]),
+        # PostgreSQL clears the lag columns a while after the reader caught up: then it is 0 behind
+        lag_seconds=None if active_pid is None else round(float(row[13] or 0.0), 3),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# reads (any row factory) and execution
+
+
+async def fetch_one(conn: AsyncConnection[Any], query: str, params: Any = None) -> tuple[Any, ...] | None:
+    """One row as a tuple, whatever the connection's row factory."""
+    async with conn.cursor(row_factory=tuple_row) as cur:
+        await cur.execute(query, params)
+        return await cur.fetchone()
+
+
+async def fetch_all(conn: AsyncConnection[Any], query: str, params: Any = None) -> list[tuple[Any, ...]]:
+    """Every row as a tuple, whatever the connection's row factory."""
+    async with conn.cursor(row_factory=tuple_row) as cur:
+        await cur.execute(query, params)
+        return await cur.fetchall()
+
+
+async def server_info(conn: AsyncConnection[Any]) -> ServerInfo:
+    row = await fetch_one(conn, SERVER_QUERY)
+    assert row is not None
+    return ServerInfo(str(row[0]), int(row[1]))
+
+
+async def read_slot(conn: AsyncConnection[Any], slot: str, publication: str = "") -> SlotState | None:
+    """The slot, or None when it does not exist."""
+    row = await fetch_one(conn, SLOT_QUERY, {"slot": slot, "publication": publication})
+    return None if row is None else slot_state(row)
+
 
 
 async def execute_one(conn: AsyncConnection[Any], query: sql.Composed | sql.SQL, params: Any = None) -> None:

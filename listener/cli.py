@@ -9,14 +9,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
 from listener import __version__
-from listener.config import load_config, redact_url
+from listener.config import Config, load_config, redact_url
 from listener.errors import BrokerConfigError, ConfigError, ListenerError
 
 log = logging.getLogger("listener")
+
+
+DEFAULT_CONFIG = "config.yml"
+_CONFIG_HELP = (
+    f"YAML config file (default: {DEFAULT_CONFIG} when it exists, else the WAL_* environment variables alone)"
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,21 +32,39 @@ def _parser() -> argparse.ArgumentParser:
         description="Publish PostgreSQL changes (logical replication) to NATS JetStream, Kafka, RabbitMQ "
         "or Google Pub/Sub, at least once.",
     )
-    parser.add_argument("--config", "-c", default="config.yml", help="YAML config file (default: config.yml)")
+    parser.add_argument("--config", "-c", default=None, help=_CONFIG_HELP)
     parser.add_argument("--version", action="version", version=f"wal-listener {__version__}")
+    # the global options are accepted after the subcommand too (wal-listener check-config --config x.yml)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", "-c", default=argparse.SUPPRESS, help=_CONFIG_HELP)
     sub = parser.add_subparsers(dest="command")
-    demo = sub.add_parser("demo", help="start a throwaway PostgreSQL and NATS, make changes, print the events")
+    demo = sub.add_parser(
+        "demo", parents=[common], help="start a throwaway PostgreSQL and NATS, make changes, print the events"
+    )
     demo.add_argument("--changes", type=int, default=5, help="rows to insert (then update and delete)")
-    sub.add_parser("check-config", help="validate the config file and print it (secrets left out)")
+    sub.add_parser("check-config", parents=[common], help="validate the config and print it (secrets left out)")
     return parser
 
 
-async def _serve(config_path: str) -> int:
+def load(given: str | None, warnings: list[str]) -> Config:
+    """The config from the file given, else config.yml when it exists, else the environment alone."""
+    if given is not None:
+        return load_config(given, warnings=warnings)
+    if os.path.exists(DEFAULT_CONFIG):
+        return load_config(DEFAULT_CONFIG, warnings=warnings)
+    try:
+        return load_config(None, warnings=warnings)
+    except ConfigError as exc:
+        hint = f"no --config given and no {DEFAULT_CONFIG} here: the WAL_* variables alone"
+        raise ConfigError(f"{exc} ({hint})") from None
+
+
+async def _serve(path: str | None) -> int:
     from listener.app import Listener
     from listener.observability import setup_logging, setup_sentry
 
     warnings: list[str] = []
-    cfg = load_config(config_path, warnings=warnings)
+    cfg = load(path, warnings)
     setup_logging(cfg.logger.level, cfg.logger.fmt)
     setup_sentry(cfg)
     for warning in warnings:
@@ -73,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             import yaml
 
             warnings: list[str] = []
-            cfg = load_config(args.config, warnings=warnings)
+            cfg = load(args.config, warnings)
             for warning in warnings:
                 print(warning, file=sys.stderr)
             shown = cfg.to_yaml_dict()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import typing
 from collections.abc import Mapping
 from datetime import timedelta
 from enum import StrEnum
@@ -26,6 +27,7 @@ from pydantic import (
     Field,
     PlainSerializer,
     SecretStr,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
@@ -216,45 +218,15 @@ class DatabaseConfig(_Model):
         return make_conninfo(**params)
 
 
-class PublisherConfig(_Model):
+class PublisherSettings(_Model):
+    """What every broker shares: the type, and how topic names are made."""
+
     type: PublisherType = Field(description="The broker: nats, kafka, rabbitmq or google_pubsub.")
-    address: str = Field(min_length=1, description="Broker address (NATS URL, Kafka bootstrap servers, AMQP URL).")
     topic: str = Field(
         min_length=1, description="NATS stream / RabbitMQ exchange, and the first part of every topic name."
     )
     topic_prefix: str = Field("", description="Put before schema_table in every topic name.")
     message_key_from: str = Field("", description="Column whose value is the message key (default: the row key).")
-    # TLS (Kafka, NATS, RabbitMQ)
-    enable_tls: bool = Field(False, alias="enableTLS", description="Connect to the broker over TLS.")
-    client_cert: str = Field("", description="Client certificate file (TLS client authentication).")
-    client_key: str = Field("", description="Private key file of clientCert.")
-    ca_cert: str = Field("", description="File of CA certificates to verify the broker.")
-    # credentials (Kafka SASL, NATS user/password, RabbitMQ when not in the address)
-    username: str = Field("", description="Broker user (Kafka SASL, NATS, RabbitMQ).")
-    password: SecretStr = SecretStr("")
-    # NATS JetStream
-    duplicate_window: Duration = Field(timedelta(minutes=2), description="JetStream de-duplication window.")
-    # Kafka
-    sasl_mechanism: Literal["", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
-        "", description="Kafka SASL mechanism; empty: no SASL."
-    )
-    compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
-        "none", description="Kafka batch compression."
-    )
-    linger_ms: int = Field(5, ge=0, description="How long a batch may wait to fill up (Kafka, Pub/Sub), ms.")
-    max_batch_bytes: int = Field(1048576, ge=1024, description="Largest Kafka produce batch per partition, bytes.")
-    idempotent: bool = Field(True, description="Kafka idempotent producer (turn off for brokers without it).")
-    partitions: int = Field(1, ge=1, description="Partitions of topics the listener creates (createTopics).")
-    replication_factor: int = Field(1, ge=1, description="Replication factor of topics the listener creates.")
-    # RabbitMQ
-    exchange_kind: Literal["topic", "fanout", "direct", "headers"] = Field(
-        "topic", description="Kind of the RabbitMQ exchange declared as publisher.topic."
-    )
-    # Google Pub/Sub
-    pub_sub_project_id: str = Field("", alias="pubSubProjectID", description="Google Cloud project id.")
-    enable_ordering: bool = Field(False, description="Pub/Sub ordering keys (one per table and row key).")
-    # Kafka and Pub/Sub
-    create_topics: bool = Field(False, description="Create missing topics (Kafka, Pub/Sub).")
 
     @field_validator("topic")
     @classmethod
@@ -263,12 +235,115 @@ class PublisherConfig(_Model):
             raise ValueError("must be a name without spaces and without a leading or trailing dot")
         return value
 
-    @model_validator(mode="after")
-    def _check_broker(self) -> PublisherConfig:
-        if self.type is PublisherType.GOOGLE_PUBSUB and not self.pub_sub_project_id:
-            raise ValueError("publisher.pubSubProjectID is required when publisher.type is google_pubsub; "
-                             "set it to your Google Cloud project id")
-        return self
+    def secret_values(self) -> list[str]:
+        """The secrets of this block (kept out of logs and /ready)."""
+        return []
+
+
+class BrokerConnection(_Model):
+    """Address, TLS switch and user of NATS, Kafka and RabbitMQ (the parts a WalListener spec sets as is)."""
+
+    address: str = Field(min_length=1, description="Broker address (NATS URL, Kafka bootstrap servers, AMQP URL).")
+    enable_tls: bool = Field(False, alias="enableTLS", description="Connect to the broker over TLS.")
+    username: str = Field("", description="Broker user (Kafka SASL, NATS, RabbitMQ when not in the address).")
+
+
+class BrokerSecrets(_Model):
+    """The password and the TLS files of NATS, Kafka and RabbitMQ (a WalListener takes them from Secrets)."""
+
+    password: SecretStr = SecretStr("")
+    client_cert: str = Field("", description="Client certificate file (TLS client authentication).")
+    client_key: str = Field("", description="Private key file of clientCert.")
+    ca_cert: str = Field("", description="File of CA certificates to verify the broker.")
+
+
+class NatsSettings(BrokerConnection):
+    """NATS JetStream: the stream is publisher.topic."""
+
+    duplicate_window: Duration = Field(timedelta(minutes=2), description="JetStream de-duplication window.")
+
+
+class KafkaSettings(BrokerConnection):
+    """Kafka: address is the bootstrap server list."""
+
+    sasl_mechanism: Literal["", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        "", description="Kafka SASL mechanism; empty: no SASL."
+    )
+    compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
+        "none", description="Kafka batch compression."
+    )
+    linger_ms: int = Field(5, ge=0, description="How long a batch may wait to fill up, ms.")
+    max_batch_bytes: int = Field(1048576, ge=1024, description="Largest Kafka produce batch per partition, bytes.")
+    idempotent: bool = Field(True, description="Kafka idempotent producer (turn off for brokers without it).")
+    partitions: int = Field(1, ge=1, description="Partitions of topics the listener creates (createTopics).")
+    replication_factor: int = Field(1, ge=1, description="Replication factor of topics the listener creates.")
+    create_topics: bool = Field(False, description="Create missing topics.")
+
+
+class RabbitMQSettings(BrokerConnection):
+    """RabbitMQ: the exchange is publisher.topic; keep credentials out of the address."""
+
+    exchange_kind: Literal["topic", "fanout", "direct", "headers"] = Field(
+        "topic", description="Kind of the RabbitMQ exchange declared as publisher.topic."
+    )
+
+
+class GooglePubSubSettings(_Model):
+    """Google Pub/Sub."""
+
+    address: str = Field(
+        "", description="Endpoint host:port; empty: Google's (or PUBSUB_EMULATOR_HOST when it is set)."
+    )
+    pub_sub_project_id: str = Field(min_length=1, alias="pubSubProjectID", description="Google Cloud project id.")
+    enable_ordering: bool = Field(False, description="Pub/Sub ordering keys (one per table and row key).")
+    linger_ms: int = Field(5, ge=0, description="How long a batch may wait to fill up, ms.")
+    create_topics: bool = Field(False, description="Create missing topics.")
+
+
+class _WithBrokerSecrets(BrokerSecrets):
+    def secret_values(self) -> list[str]:
+        return [self.password.get_secret_value()]
+
+
+class NatsPublisherConfig(_WithBrokerSecrets, NatsSettings, PublisherSettings):
+    type: Literal[PublisherType.NATS] = Field(description="nats")
+
+
+class KafkaPublisherConfig(_WithBrokerSecrets, KafkaSettings, PublisherSettings):
+    type: Literal[PublisherType.KAFKA] = Field(description="kafka")
+
+
+class RabbitMQPublisherConfig(_WithBrokerSecrets, RabbitMQSettings, PublisherSettings):
+    type: Literal[PublisherType.RABBITMQ] = Field(description="rabbitmq")
+
+
+class GooglePubSubPublisherConfig(GooglePubSubSettings, PublisherSettings):
+    type: Literal[PublisherType.GOOGLE_PUBSUB] = Field(description="google_pubsub")
+
+
+#: the ``publisher`` section: one model per broker, chosen by ``type``; a key of another broker is not
+#: required (and not accepted: the loader drops it with a warning)
+PublisherConfig = Annotated[
+    NatsPublisherConfig | KafkaPublisherConfig | RabbitMQPublisherConfig | GooglePubSubPublisherConfig,
+    Field(discriminator="type"),
+]
+_PUBLISHER_ADAPTER: TypeAdapter[PublisherConfig] = TypeAdapter(PublisherConfig)
+
+
+def parse_publisher(data: Mapping[str, Any]) -> PublisherConfig:
+    """A ``publisher`` section on its own (the model its ``type`` names); raises pydantic's ValidationError."""
+    return _PUBLISHER_ADAPTER.validate_python(data)
+
+
+#: publisher.type -> its model
+PUBLISHER_MODELS: dict[PublisherType, type[PublisherSettings]] = {
+    PublisherType.NATS: NatsPublisherConfig,
+    PublisherType.KAFKA: KafkaPublisherConfig,
+    PublisherType.RABBITMQ: RabbitMQPublisherConfig,
+    PublisherType.GOOGLE_PUBSUB: GooglePubSubPublisherConfig,
+}
+#: a publisher with a password and TLS files
+TLSPublisherConfig = NatsPublisherConfig | KafkaPublisherConfig | RabbitMQPublisherConfig
 
 
 class LoggerConfig(_Model):
@@ -302,6 +377,12 @@ class Config(_Model):
     logger: LoggerConfig = Field(default_factory=LoggerConfig)
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
 
+    def secret_values(self) -> list[str]:
+        """Every secret of the config that is set (passwords, the Sentry DSN)."""
+        found = [self.database.password.get_secret_value(), *self.publisher.secret_values()]
+        found.append(self.monitoring.sentry_dsn.get_secret_value())
+        return [value for value in found if value]
+
     def to_yaml_dict(self, *, include_secrets: bool = False, only_set: bool = False) -> dict[str, Any]:
         """The config as the file would write it (camelCase keys); secrets are left out unless asked.
         ``only_set`` leaves out keys that have their default value."""
@@ -310,7 +391,8 @@ class Config(_Model):
             data.setdefault(section, {})
         if include_secrets:
             data["database"]["password"] = self.database.password.get_secret_value()
-            data["publisher"]["password"] = self.publisher.password.get_secret_value()
+            if isinstance(self.publisher, BrokerSecrets):
+                data["publisher"]["password"] = self.publisher.password.get_secret_value()
             data["monitoring"]["sentryDSN"] = self.monitoring.sentry_dsn.get_secret_value()
         else:
             data["database"].pop("password", None)
@@ -354,21 +436,30 @@ def _norm(key: str) -> str:
     return key.replace("_", "").replace("-", "").lower()
 
 
-def _submodel(model: type[BaseModel], alias: str) -> type[BaseModel] | None:
-    for name, field in model.model_fields.items():
-        if (field.alias or name) == alias:
-            ann = field.annotation
-            if isinstance(ann, type) and issubclass(ann, BaseModel):
-                return ann
+Section = tuple[type[BaseModel], ...]  # a section's model, or the models of a union (publisher)
+
+
+def _submodel(model: Section, alias: str) -> Section | None:
+    """The model(s) of the section ``alias`` of ``model``: one, or each member of a union."""
+    for member in model:
+        for name, field in member.model_fields.items():
+            if (field.alias or name) == alias:
+                ann = field.annotation
+                if isinstance(ann, type) and issubclass(ann, BaseModel):
+                    return (ann,)
+                options = tuple(a for a in typing.get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel))
+                return options or None
     return None
 
 
-def _aliases(model: type[BaseModel]) -> dict[str, str]:
-    return {_norm(field.alias or name): field.alias or name for name, field in model.model_fields.items()}
+def _aliases(model: Section) -> dict[str, str]:
+    return {
+        _norm(field.alias or name): field.alias or name for m in model for name, field in m.model_fields.items()
+    }
 
 
 def canonicalize(
-    raw: Mapping[str, Any], model: type[BaseModel] = Config, path: str = ""
+    raw: Mapping[str, Any], model: Section = (Config,), path: str = ""
 ) -> tuple[dict[str, Any], list[str]]:
     """Map keys onto the model's aliases case-insensitively; return the result and unknown-key warnings."""
     known = _aliases(model)
@@ -391,10 +482,9 @@ def canonicalize(
     return out, warnings
 
 
-def _leaf_paths(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+def _leaf_paths(model: Section, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
     paths: list[tuple[str, ...]] = []
-    for name, field in model.model_fields.items():
-        alias = field.alias or name
+    for alias in dict.fromkeys(_aliases(model).values()):
         sub = _submodel(model, alias)
         if sub is not None and alias not in _FREE_FORM:
             paths.append((*prefix, alias))  # a whole section as YAML, e.g. WAL_LISTENER_FILTER
@@ -402,6 +492,24 @@ def _leaf_paths(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[tu
         else:
             paths.append((*prefix, alias))
     return paths
+
+
+def _only_the_brokers_keys(data: dict[str, Any]) -> list[str]:
+    """Drop publisher keys that belong to another broker than publisher.type (a config written for several
+    brokers, or the Go original's shared keys, still loads); one warning per key dropped."""
+    section = data.get("publisher")
+    if not isinstance(section, dict):
+        return []
+    try:
+        kind = PublisherType(str(section.get("type", "")).lower())
+    except ValueError:
+        return []  # an unknown or missing type is reported by the validation
+    own = set(_aliases((PUBLISHER_MODELS[kind],)).values())
+    warnings = []
+    for key in [k for k in section if k not in own]:
+        warnings.append(f"config: publisher.{key} does nothing for publisher.type {kind.value}; ignored")
+        del section[key]
+    return warnings
 
 
 def env_names(path: tuple[str, ...]) -> list[str]:
@@ -424,7 +532,7 @@ def _env_value(text: str, path: tuple[str, ...]) -> Any:
 
 def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
     """Overlay ``WAL_*`` variables onto the file's data, also for keys the file does not have."""
-    for path in _leaf_paths(Config):
+    for path in _leaf_paths((Config,)):
         for name in env_names(path):
             if name in environ:
                 node = data
@@ -455,6 +563,14 @@ def _describe(value: Any, key: str) -> str:
 def _format_error(exc: ValidationError) -> str:
     err = exc.errors(include_url=False)[0]
     loc = [str(p) for p in err["loc"]]
+    if loc[:1] == ["publisher"] and len(loc) > 1 and loc[1] in PublisherType._value2member_map_:
+        del loc[1]  # the union's tag
+    if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        allowed = ", ".join(t.value for t in PublisherType)
+        if err["type"] == "union_tag_not_found":
+            return f"config: publisher.type is required but missing; set it to one of {allowed}"
+        value = _describe(err.get("input", {}).get("type") if isinstance(err.get("input"), dict) else None, "type")
+        return f"config: publisher.type = {value} is not allowed; use one of {allowed}"
     key = ".".join(loc)
     msg = str(err["msg"]).removeprefix("Value error, ")
     etype = err["type"]
@@ -514,6 +630,7 @@ def load_config(
                 f"config: {section} = {_describe(data[section], section)} is invalid: must be a mapping of keys"
             )
     data, _ = canonicalize(apply_env(data, env))
+    unknown.extend(_only_the_brokers_keys(data))
     if warnings is not None:
         warnings.extend(unknown)
     try:

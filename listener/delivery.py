@@ -10,6 +10,12 @@ that transaction and of every earlier one was acknowledged. A failed event is re
 never skipped (``onError: skip`` sends an event the broker will never accept to the dead-letter topic
 instead, and counts it). In-flight events are bounded by ``maxInFlight``: the reader waits, so memory
 stays flat whatever the size of a transaction.
+
+Acknowledgements are tracked here too, the same way for every broker: each batch handed to the publisher
+gets an :class:`Acks` tracker, the publisher reports each message's outcome on it as its client learns
+it, and the tracker's deadline (``listener.ackTimeout``, one timer per batch) fails whatever is still
+unacknowledged with an :class:`~listener.errors.AckTimeout`, which is retried like any other failure.
+An acknowledgement arriving after that is ignored.
 """
 
 from __future__ import annotations
@@ -18,16 +24,133 @@ import asyncio
 import logging
 import random
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from listener import metrics
-from listener.errors import BrokerConfigError, PermanentPublishError
-from listener.publishers.base import AckResults, Message, Publisher
+from listener.errors import AckTimeout, BrokerConfigError, PublishError
+from listener.message import Message
+
+if TYPE_CHECKING:  # the publishers import this module (Acks); delivery needs their type only
+    from listener.publishers.base import Publisher
 
 log = logging.getLogger("listener.delivery")
+
+#: the outcome of each message of a batch: None (acknowledged) or why not
+AckResults = list[PublishError | None]
+
+_WAITING: Any = object()  # a message without an outcome yet
+
+
+class Acks:
+    """The acknowledgements of one batch handed to a publisher.
+
+    The publisher reports the outcome of each message by its index in the batch as soon as its client
+    knows it (:meth:`settle`: None when acknowledged, else the :class:`PublishError`); the first outcome
+    of a message counts and later ones are ignored. Awaiting the tracker yields the results once every
+    message has one. The delivery stage sets its deadline (:meth:`expire_after`): what has no outcome by
+    then fails with :class:`AckTimeout`.
+    """
+
+    __slots__ = ("_on_timeout", "_timer", "broker", "future", "left", "results", "timed_out")
+
+    def __init__(self, size: int, broker: str = "") -> None:
+        self.results: list[Any] = [_WAITING] * size
+        self.left = size  # messages without an outcome
+        self.broker = broker
+        self.timed_out = False  # the deadline passed with messages still waiting
+        self.future: asyncio.Future[AckResults] = asyncio.get_running_loop().create_future()
+        self._timer: asyncio.TimerHandle | None = None
+        self._on_timeout: list[Callable[[], None]] = []
+        if not size:
+            self.future.set_result([])
+
+    def settle(self, index: int, outcome: PublishError | None = None) -> None:
+        """Message ``index`` was acknowledged (``outcome`` None) or failed."""
+        results = self.results
+        if results[index] is not _WAITING:
+            return  # it has its outcome already (or timed out): a late answer
+        results[index] = outcome
+        self.left -= 1
+        if not self.left:
+            self._finish()
+
+    def fail_rest(self, error: PublishError) -> None:
+        """Every message still without an outcome fails with ``error``."""
+        if not self.left:
+            return
+        results = self.results
+        for index, result in enumerate(results):
+            if result is _WAITING:
+                results[index] = error
+        self.left = 0
+        self._finish()
+
+    @property
+    def done(self) -> bool:
+        return not self.left
+
+    def waiting(self, index: int) -> bool:
+        return self.results[index] is _WAITING
+
+    def add_done_callback(self, callback: Callable[[Acks], None]) -> None:
+        """Call ``callback(self)`` once every message has its outcome (timed out ones included)."""
+        self.future.add_done_callback(lambda _: callback(self))
+
+    def on_timeout(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` when the deadline passes with messages still waiting, before they fail (a
+        publisher collecting outcomes elsewhere hands over what it has, or notes that the broker is slow)."""
+        self._on_timeout.append(callback)
+
+    def expire_after(self, seconds: float) -> None:
+        """The deadline: ``seconds`` from now, what is still waiting fails with :class:`AckTimeout`."""
+        if self.left:
+            self._timer = asyncio.get_running_loop().call_later(seconds, self._expire, seconds)
+
+    def _expire(self, seconds: float) -> None:
+        self._timer = None
+        for callback in self._on_timeout:
+            if self.left:
+                try:
+                    callback()
+                except Exception:
+                    log.exception("publisher: ack timeout callback failed")
+        if self.left:
+            self.timed_out = True
+            prefix = f"{self.broker}: " if self.broker else ""
+            self.fail_rest(AckTimeout(f"{prefix}no acknowledgement within {seconds:g}s (listener.ackTimeout)",
+                                      broker=self.broker))
+
+    def _finish(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self.future.done():
+            self.future.set_result(self.results)
+
+    def __await__(self) -> Generator[Any, None, AckResults]:
+        return self.future.__await__()
+
+
+async def publish(publisher: Publisher[Any], messages: Sequence[Message], ack_timeout: float) -> Acks:
+    """Hand ``messages`` to ``publisher`` with a new tracker whose deadline is ``ack_timeout`` seconds from
+    now; await the tracker for the results. A publisher that raises fails the whole batch, except with a
+    :class:`BrokerConfigError` (a destination that can never work), which is raised."""
+    acks = Acks(len(messages), publisher.broker)
+    acks.expire_after(ack_timeout)
+    try:
+        await publisher.publish(messages, acks)
+    except BrokerConfigError as exc:
+        acks.fail_rest(PublishError(str(exc), broker=publisher.broker, retryable=False))
+        raise
+    except Exception as exc:
+        if not isinstance(exc, PublishError):
+            exc = PublishError(f"{publisher.broker}: {exc!r}", broker=publisher.broker)
+        acks.fail_rest(exc)
+    return acks
 
 
 @dataclass(slots=True)
@@ -58,11 +181,12 @@ class Delivery:
 
     def __init__(
         self,
-        publisher: Publisher,
+        publisher: Publisher[Any],
         *,
         max_in_flight: int,
         batch_size: int,
         retry_cap: float = 30.0,
+        ack_timeout: float | None = None,
         on_error: str = "halt",
         dead_letter_subject: str = "",
         on_confirmable: Callable[[], None] | None = None,
@@ -71,6 +195,8 @@ class Delivery:
         self.max_in_flight = max_in_flight
         self.batch_size = batch_size
         self.retry_cap = retry_cap
+        #: seconds a batch may wait for its acknowledgements (``listener.ackTimeout``)
+        self.ack_timeout = publisher.ack_timeout if ack_timeout is None else ack_timeout
         self.on_error = on_error
         self.dead_letter_subject = dead_letter_subject
         self.on_confirmable = on_confirmable
@@ -189,23 +315,17 @@ class Delivery:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _send(self, messages: list[Message]) -> asyncio.Future[AckResults]:
-        """Hand messages to the publisher; a send that raises counts as every message failed, except a
-        :class:`BrokerConfigError` (a destination that can never work), which stops the listener."""
+    async def _send(self, messages: list[Message]) -> Acks:
+        """Hand messages to the publisher (see :func:`publish`); a :class:`BrokerConfigError` stops the listener."""
         try:
-            awaitable = await self.publisher.send(messages)
-            return asyncio.ensure_future(awaitable)
+            return await publish(self.publisher, messages, self.ack_timeout)
         except BrokerConfigError as exc:
             self.fatal = exc
             if self.on_fatal is not None:
                 self.on_fatal(exc)
             raise
-        except Exception as exc:
-            failed: asyncio.Future[AckResults] = asyncio.get_running_loop().create_future()
-            failed.set_result([exc] * len(messages))
-            return failed
 
-    async def _settle(self, batch: Batch, messages: list[Message], acks: asyncio.Future[AckResults]) -> None:
+    async def _settle(self, batch: Batch, messages: list[Message], acks: Acks) -> None:
         backoff = Backoff(cap=self.retry_cap)
         said = ""  # the failure already logged: a retry failing the same way is logged at debug level only
         while True:
@@ -216,12 +336,12 @@ class Delivery:
                 if result is None:
                     key = (message.subject, message.table)
                     published[key] = published.get(key, 0) + 1
-                elif isinstance(result, PermanentPublishError) and self.on_error == "skip":
+                elif not result.retryable and self.on_error == "skip":
                     if not await self._dead_letter(message, result):
                         failed.append(message)
                 else:
                     failed.append(message)
-                    metrics.PUBLISH_ERRORS.labels(type(result).__name__).inc()
+                    metrics.PUBLISH_ERRORS.labels(result.reason).inc()
             for (subject, table), count in published.items():
                 metrics.PUBLISHED.labels(subject, table).inc(count)
             acked = len(messages) - len(failed)
@@ -234,7 +354,7 @@ class Delivery:
                 self._retrying += 1
             delay = backoff.next()
             first = next(r for r in results if r is not None)
-            level = logging.ERROR if isinstance(first, PermanentPublishError) else logging.WARNING
+            level = logging.WARNING if first.retryable else logging.ERROR
             if str(first) == said:
                 level = logging.DEBUG  # one clear line per problem, not one per retry (the metrics count them)
             said = str(first)
@@ -242,7 +362,8 @@ class Delivery:
                 level,
                 "publish not acknowledged; retrying",
                 extra={"fields": {"events": len(failed), "retry_in_s": round(delay, 2), "error": str(first),
-                                  "error_type": type(first).__name__, "subject": failed[0].subject}},
+                                  "error_type": type(first).__name__, "reason": first.reason,
+                                  "subject": failed[0].subject}},
             )
             await asyncio.sleep(delay)
             messages = failed
@@ -253,13 +374,14 @@ class Delivery:
         batch.done = True
         self._retire()
 
-    async def _dead_letter(self, message: Message, error: BaseException) -> bool:
+    async def _dead_letter(self, message: Message, error: PublishError) -> bool:
         body = orjson.dumps({"error": str(error), "subject": message.subject, "event": orjson.Fragment(message.body)})
         letter = Message(message.id, self.dead_letter_subject, body, message.schema, message.table, message.action,
                          message.key, {"error": str(error)[:200]})
         try:
-            results = await (await self.publisher.send([letter]))
-            if isinstance(results[0], PermanentPublishError):
+            results = await (await publish(self.publisher, [letter], self.ack_timeout))
+            first = results[0]
+            if first is not None and not first.retryable:
                 # the letter carries the event, so an event too large for the broker makes a letter too
                 # large as well: record it without the event's body (id, table, action and size kept)
                 body = orjson.dumps({"error": str(error), "subject": message.subject, "event": None,
@@ -267,7 +389,7 @@ class Delivery:
                                      "id": message.id, "schema": message.schema, "table": message.table,
                                      "action": message.action})
                 letter.body = body
-                results = await (await self.publisher.send([letter]))
+                results = await (await publish(self.publisher, [letter], self.ack_timeout))
         except Exception:
             return False
         if results[0] is None:

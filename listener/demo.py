@@ -93,7 +93,7 @@ async def _demo(pg_port: int, nats_url: str, changes: int) -> int:
 
 
 def run_demo(changes: int = 5) -> int:
-    from listener.sandbox import NatsServer, PostgresServer
+    from listener.throwaway import NatsServer, PostgresServer
 
     logging.basicConfig(level=logging.WARNING)
     _say("starting a throwaway PostgreSQL (wal_level=logical) and nats-server (JetStream)")

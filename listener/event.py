@@ -25,8 +25,8 @@ import orjson
 from listener import hotpath, metrics, pgoutput
 from listener.config import Config
 from listener.filter import TableFilter
+from listener.message import Message
 from listener.pgoutput import PG_EPOCH, UNCHANGED, Relation, Tuple
-from listener.publishers.base import Message
 from listener.types import Converter, TypeRegistry
 
 log = logging.getLogger("listener.event")

@@ -40,12 +40,10 @@ Tuple: TypeAlias = list[Value]
 
 PG_EPOCH: Final = datetime(2000, 1, 1, tzinfo=UTC)
 
-_U8 = struct.Struct(">B").unpack_from
 _I16 = struct.Struct(">h").unpack_from
 _I32 = struct.Struct(">i").unpack_from
 _U32 = struct.Struct(">I").unpack_from
 _U64 = struct.Struct(">Q").unpack_from
-_I64 = struct.Struct(">q").unpack_from
 _BEGIN = struct.Struct(">QqI").unpack_from
 _COMMIT = struct.Struct(">BQQq").unpack_from
 

@@ -13,16 +13,17 @@ import asyncio
 import logging
 import struct
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from psycopg import pq, sql
+from psycopg import pq
 
+from listener import catalog
+from listener.catalog import SlotState
 from listener.config import Config
-from listener.errors import DatabaseError, FatalDatabaseError, SlotInUseError, SlotLostError
-from listener.pgoutput import PG_EPOCH, format_lsn, parse_lsn
-from listener.types import PG_TYPE_QUERY, PgType, TypeRegistry
+from listener.errors import DatabaseError, DatabaseSetupError, SlotInUseError, SlotLostError
+from listener.pgoutput import PG_EPOCH, format_lsn
+from listener.types import PgType, TypeRegistry
 
 log = logging.getLogger("listener.replication")
 
@@ -43,11 +44,6 @@ def pg_now() -> int:
     return int(time.time() * 1_000_000 - _UNIX_TO_PG)
 
 
-def _sqlstate(exc: BaseException) -> str | None:
-    diag = getattr(exc, "diag", None)
-    return getattr(diag, "sqlstate", None)
-
-
 def describe_pg_error(exc: BaseException) -> str:
     """One line for a psycopg error, without the connection string (it may hold a password)."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -63,22 +59,6 @@ def one_line(message: str) -> str:
     first = lines[0].removeprefix("ERROR:").removeprefix("FATAL:").strip()
     extra = [line for line in lines[1:] if line.startswith(("DETAIL:", "HINT:"))]
     return "; ".join([first, *extra])
-
-
-@dataclass(frozen=True, slots=True)
-class SlotState:
-    name: str
-    plugin: str | None
-    database: str | None
-    active: bool
-    active_pid: int | None
-    confirmed_flush_lsn: int
-    restart_lsn: int
-    wal_status: str | None
-    safe_wal_size: int | None
-    current_lsn: int
-    wal_keep_size: int = -1  # max_slot_wal_keep_size in bytes; -1: no limit
-    publication_exists: bool = True
 
 
 class Database:
@@ -110,19 +90,10 @@ class Database:
             raise DatabaseError("postgres: the SQL connection is closed")
         return self._conn
 
-    async def _one(self, query: str | sql.Composable, params: Any = None) -> Any:
-        async with self.conn.cursor() as cur:
-            await cur.execute(query, params)  # type: ignore[arg-type]
-            return await cur.fetchone()
-
     async def check_server(self) -> None:
-        row = await self._one("SHOW wal_level")
-        if row[0] != "logical":
-            raise FatalDatabaseError(
-                f"postgres: wal_level is {row[0]!r}; set wal_level = logical in postgresql.conf "
-                "(with max_replication_slots >= 1 and max_wal_senders >= 1) and restart PostgreSQL",
-                reason="wal_level",
-            )
+        problem = (await catalog.server_info(self.conn)).wal_level_problem()
+        if problem:
+            raise DatabaseSetupError(f"postgres: {problem}", reason="wal_level")
 
     async def ensure_publication(self, create: bool = True) -> None:
         """Create the publication when missing. ``create=False`` (the listener streamed with it
@@ -130,19 +101,16 @@ class Database:
         would hide that the changes made without it are not captured (PostgreSQL 18 skips them,
         15-17 cannot decode past them), so report it instead."""
         name = self.cfg.listener.publication_name
-        row = await self._one("SELECT puballtables FROM pg_catalog.pg_publication WHERE pubname = %s", (name,))
-        if row is not None:
+        if await catalog.fetch_one(self.conn, catalog.PUBLICATION_QUERY, (name,)) is not None:
             return
         if not create:
             raise publication_dropped(name)
         try:
-            await self.conn.execute(
-                sql.SQL("CREATE PUBLICATION {} FOR ALL TABLES").format(sql.Identifier(name))
-            )
+            await catalog.execute_one(self.conn, catalog.create_all_tables_publication(name))
         except psycopg.errors.DuplicateObject:
             return
         except psycopg.errors.InsufficientPrivilege:
-            raise FatalDatabaseError(
+            raise DatabaseSetupError(
                 f"postgres: user {self.cfg.database.user!r} may not create publication {name!r} FOR ALL TABLES; "
                 f"create it as a superuser (CREATE PUBLICATION \"{name}\" FOR ALL TABLES) or grant the right",
                 reason="setup",
@@ -150,23 +118,7 @@ class Database:
         log.info("created publication", extra={"fields": {"publication": name}})
 
     async def slot(self) -> SlotState | None:
-        row = await self._one(
-            "SELECT slot_name, plugin, database, active, active_pid, confirmed_flush_lsn::text,"
-            " restart_lsn::text, wal_status, safe_wal_size, pg_current_wal_lsn()::text,"
-            " pg_catalog.pg_size_bytes(pg_catalog.current_setting('max_slot_wal_keep_size')),"
-            " EXISTS (SELECT FROM pg_catalog.pg_publication WHERE pubname = %s)"
-            " FROM pg_catalog.pg_replication_slots WHERE slot_name = %s",
-            (self.cfg.listener.publication_name, self.cfg.listener.slot_name),
-        )
-        if row is None:
-            return None
-        return SlotState(
-            name=row[0], plugin=row[1], database=row[2], active=row[3], active_pid=row[4],
-            confirmed_flush_lsn=parse_lsn(row[5]) if row[5] else 0,
-            restart_lsn=parse_lsn(row[6]) if row[6] else 0,
-            wal_status=row[7], safe_wal_size=row[8], current_lsn=parse_lsn(row[9]),
-            wal_keep_size=int(row[10]), publication_exists=bool(row[11]),
-        )
+        return await catalog.read_slot(self.conn, self.cfg.listener.slot_name, self.cfg.listener.publication_name)
 
     async def ensure_slot(self, create: bool = True) -> SlotState:
         """Create the slot when missing. ``create=False`` (the listener streamed from it before): a
@@ -178,15 +130,15 @@ class Database:
             raise slot_dropped(name)
         if state is None:
             try:
-                await self.conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (name,))
+                await self.conn.execute(catalog.CREATE_SLOT_QUERY, (name,))
             except psycopg.errors.DuplicateObject:
                 pass
             except psycopg.errors.ObjectNotInPrerequisiteState as exc:
-                raise FatalDatabaseError(
+                raise DatabaseSetupError(
                     f"postgres: cannot create slot {name!r}: {describe_pg_error(exc)}", reason="setup"
                 ) from None
             except psycopg.errors.ConfigurationLimitExceeded:
-                raise FatalDatabaseError(
+                raise DatabaseSetupError(
                     f"postgres: cannot create slot {name!r}: all replication slots are in use; "
                     "raise max_replication_slots in postgresql.conf or drop an unused slot",
                     reason="setup",
@@ -194,18 +146,8 @@ class Database:
             log.info("created replication slot", extra={"fields": {"slot": name, "plugin": "pgoutput"}})
             state = await self.slot()
             assert state is not None
-        if state.plugin != "pgoutput":
-            raise FatalDatabaseError(
-                f"postgres: slot {name!r} uses plugin {state.plugin!r}, not pgoutput; "
-                "drop it or choose another listener.slotName",
-                reason="setup",
-            )
-        if state.database != self.cfg.database.name:
-            raise FatalDatabaseError(
-                f"postgres: slot {name!r} belongs to database {state.database!r}, not {self.cfg.database.name!r}; "
-                "choose another listener.slotName",
-                reason="setup",
-            )
+        if state.mismatch(self.cfg.database.name):
+            raise DatabaseSetupError(f"postgres: {state.mismatch(self.cfg.database.name)}", reason="setup")
         if state.wal_status == "lost":
             raise slot_invalidated(name)
         return state
@@ -215,7 +157,7 @@ class Database:
         todo = registry.missing(oids)
         while todo:
             async with self.conn.cursor() as cur:
-                await cur.execute(PG_TYPE_QUERY, (todo,))
+                await cur.execute(catalog.PG_TYPE_QUERY, (todo,))
                 rows = await cur.fetchall()
             found = set()
             for oid, kind, base, elem, category, delim in rows:
@@ -229,24 +171,14 @@ class Database:
 
     async def primary_key(self, relation_oid: int) -> tuple[str, ...]:
         """The primary-key column names of a table, in key order (empty when it has none)."""
-        async with self.conn.cursor() as cur:
-            await cur.execute(
-                "SELECT a.attname FROM pg_catalog.pg_index i"
-                " CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)"
-                " JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum"
-                " WHERE i.indrelid = %s AND i.indisprimary ORDER BY k.ord",
-                (relation_oid,),
-            )
-            return tuple(row[0] for row in await cur.fetchall())
+        return tuple(row[0] for row in await catalog.fetch_all(self.conn, catalog.PRIMARY_KEY_QUERY, (relation_oid,)))
 
     async def advance_slot(self, lsn: int) -> None:
         """Confirm ``lsn`` without a stream (the slot must be inactive)."""
-        await self.conn.execute(
-            "SELECT pg_replication_slot_advance(%s, %s::pg_lsn)", (self.cfg.listener.slot_name, format_lsn(lsn))
-        )
+        await self.conn.execute(catalog.ADVANCE_SLOT_QUERY, (self.cfg.listener.slot_name, format_lsn(lsn)))
 
     async def emit_heartbeat(self) -> None:
-        await self.conn.execute("SELECT pg_logical_emit_message(false, 'wal-listener-heartbeat', '')")
+        await self.conn.execute(catalog.HEARTBEAT_QUERY)
 
 
 class ReplicationStream:
@@ -444,21 +376,15 @@ def slot_invalidated(slot: str, server_message: str = "") -> SlotLostError:
     )
 
 
-def publication_dropped(publication: str, server_message: str = "") -> FatalDatabaseError:
+def publication_dropped(publication: str, server_message: str = "") -> DatabaseSetupError:
     said = f" ({server_message})" if server_message else ""
-    return FatalDatabaseError(
+    return DatabaseSetupError(
         f"postgres: publication {publication!r} was dropped while the listener ran{said}: changes made without "
         "it are not captured (PostgreSQL 18 skips them, 15-17 cannot decode past them); create it again "
         f"(CREATE PUBLICATION \"{publication}\" FOR ALL TABLES), and if the stream stays stuck drop the slot, "
         "re-snapshot and restart the listener",
         reason="publication_missing",
     )
-
-
-def parse_xlogdata(data: memoryview) -> tuple[int, int, bytes]:
-    """``w`` message: (wal start, wal end, pgoutput payload)."""
-    start, end, _ = _XLOG_HEADER.unpack_from(data, 1)
-    return start, end, bytes(data[25:])
 
 
 def parse_keepalive(data: memoryview) -> tuple[int, bool]:

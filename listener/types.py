@@ -284,7 +284,3 @@ class TypeRegistry:
         return None  # enums, composites, ranges, extension types: text
 
 
-PG_TYPE_QUERY: Final = (
-    "SELECT oid::int8, typtype::text, typbasetype::int8, typelem::int8, typcategory::text, typdelim::text"
-    " FROM pg_catalog.pg_type WHERE oid = ANY(%s)"
-)

@@ -7,7 +7,7 @@ import pytest
 
 from listener import catalog
 from listener.catalog import ExpressionError, PublicationDefinition, PublishedTable, check_expression
-from listener.sandbox import PostgresServer
+from tests.support.services import PostgresServer
 
 # Each tries to end the expression and do something else: a second statement, another table in the
 # publication, commenting out the rest, or quoting tricks that change meaning with server settings.

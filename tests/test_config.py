@@ -538,7 +538,7 @@ def test_to_yaml_dict_round_trips_without_secrets(write: Callable[[str], Path], 
 
 def test_to_yaml_dict_with_secrets_round_trips_exactly(write: Callable[[str], Path], tmp_path: Path) -> None:
     original = load_config(
-        write(SEED_EXAMPLE.replace("type: nats", "type: google_pubsub\n  pubSubProjectID: proj")),
+        write(SEED_EXAMPLE.replace("type: nats", "type: kafka")),
         {"WAL_PUBLISHER_PASSWORD": SECRET, "WAL_DATABASE_ENABLE_TLS": "true"},
     )
     rendered = tmp_path / "rendered.yml"

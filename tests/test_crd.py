@@ -418,3 +418,19 @@ def test_publication_names_are_plain(name: str, ok: bool) -> None:
     else:
         with pytest.raises(SpecError, match=r"spec\.listener\.publicationName"):
             parse_spec(resource["spec"])
+
+
+def test_each_broker_block_has_every_setting_of_that_broker() -> None:
+    """The blocks are the listener's own broker settings (a hand-kept list had drifted: lingerMs)."""
+    from listener.config import GooglePubSubSettings, KafkaSettings, NatsSettings, RabbitMQSettings
+
+    blocks = _schema()["properties"]["spec"]["properties"]["publisher"]["properties"]
+    for block, settings in (
+        ("nats", NatsSettings),
+        ("kafka", KafkaSettings),
+        ("rabbitmq", RabbitMQSettings),
+        ("googlePubSub", GooglePubSubSettings),
+    ):
+        aliases = {f.alias or n for n, f in settings.model_fields.items()}
+        assert aliases <= set(blocks[block]["properties"]), block
+    assert "lingerMs" in blocks["googlePubSub"]["properties"]

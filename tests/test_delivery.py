@@ -1,23 +1,24 @@
 """The delivery state machine: batches, acknowledgements, retries, backpressure, the confirmable LSN.
 
 The publisher here is a small in-memory stand-in that records what it was handed and acknowledges
-(or fails) each message as the test scripts it; it is a unit test of :class:`Delivery`, not of a
-broker.
+(or fails) each message as the test scripts it; it is a unit test of :class:`Delivery` and of its
+per-batch tracker :class:`Acks` (the one ``ackTimeout`` of every broker), not of a broker.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import orjson
 import pytest
 
 from listener import metrics
-from listener.config import PublisherConfig
-from listener.delivery import Delivery
-from listener.errors import PermanentPublishError, PublishError
-from listener.publishers.base import AckResults, Message, Publisher
+from listener.config import NatsPublisherConfig
+from listener.delivery import AckResults, Acks, Delivery, publish
+from listener.errors import AckTimeout, BrokerConfigError, MessageRejected, MessageTooLarge, PublishError
+from listener.message import Message
+from listener.publishers.base import Publisher
 
 RETRY_CAP = 0.05  # seconds: the backoff between retries stays tiny
 
@@ -25,15 +26,17 @@ RETRY_CAP = 0.05  # seconds: the backoff between retries stays tiny
 class FakePublisher(Publisher):
     """Acks every message unless scripted otherwise; can hold acks until the test releases them."""
 
-    def __init__(self, *, hold: bool = False) -> None:
-        super().__init__(PublisherConfig(type="nats", address="fake:1", topic="t"))
+    broker = "fake"
+
+    def __init__(self, *, hold: bool = False, ack_timeout: float = 10.0) -> None:
+        super().__init__(NatsPublisherConfig(type="nats", address="fake:1", topic="t"), ack_timeout)
         self.hold = hold
         self.sends: list[list[Message]] = []  # every send call, in call order
-        self.held: list[tuple[asyncio.Future[AckResults], AckResults]] = []  # held sends, by send index
-        self.outcomes: dict[str, list[BaseException | None]] = {}  # per message id, one per attempt
+        self.held: list[tuple[Acks, AckResults]] = []  # held sends, by send index
+        self.outcomes: dict[str, list[PublishError | None]] = {}  # per message id, one per attempt
         self._changed = asyncio.Event()
 
-    def script(self, message_id: str, *outcomes: BaseException | None) -> None:
+    def script(self, message_id: str, *outcomes: PublishError | None) -> None:
         """Outcomes of the next attempts at ``message_id`` (afterwards: acked)."""
         self.outcomes[message_id] = list(outcomes)
 
@@ -47,25 +50,25 @@ class FakePublisher(Publisher):
     def ready(self) -> bool:
         return True
 
-    async def send(self, batch: Sequence[Message]) -> Awaitable[AckResults]:
+    async def publish(self, batch: Sequence[Message], acks: Acks) -> None:
         messages = list(batch)
         self.sends.append(messages)
         results: AckResults = []
         for message in messages:
             queue = self.outcomes.get(message.id)
             results.append(queue.pop(0) if queue else None)
-        future: asyncio.Future[AckResults] = asyncio.get_running_loop().create_future()
         if self.hold:
-            self.held.append((future, results))
+            self.held.append((acks, results))
         else:
-            future.set_result(results)
+            for index, result in enumerate(results):
+                acks.settle(index, result)
         self._changed.set()
-        return future
 
     def release(self, index: int) -> None:
         """Deliver the scripted acknowledgements of held send number ``index``."""
-        future, results = self.held[index]
-        future.set_result(results)
+        acks, results = self.held[index]
+        for position, result in enumerate(results):
+            acks.settle(position, result)
 
     def sent_ids(self, subject: str | None = None) -> list[str]:
         return [m.id for batch in self.sends for m in batch if subject is None or m.subject == subject]
@@ -173,13 +176,13 @@ async def test_failed_event_is_retried_as_the_same_message(make_delivery: Factor
     d.add(first)
     d.add(msg("y"))
     d.commit(50, 1.0)
-    before = counter("publish_errors_total", {"reason": "PublishError"})
+    before = counter("publish_errors_total", {"reason": "publish_failed"})
     await drained(d)
     assert d.confirmed_lsn == 50
     assert pub.sends[0] == [pub.sends[0][0], first, pub.sends[0][2]]
     assert pub.sends[1] == [first] and pub.sends[2] == [first]  # only the failed one, same object, same id
     assert all(m is first for m in pub.sends[1] + pub.sends[2])
-    assert counter("publish_errors_total", {"reason": "PublishError"}) == before + 2
+    assert counter("publish_errors_total", {"reason": "publish_failed"}) == before + 2
     assert not d.failing
 
 
@@ -187,11 +190,11 @@ async def test_send_that_raises_counts_as_all_failed_and_is_retried(make_deliver
     class Flaky(FakePublisher):
         calls = 0
 
-        async def send(self, batch: Sequence[Message]) -> Awaitable[AckResults]:
+        async def publish(self, batch: Sequence[Message], acks: Acks) -> None:
             self.calls += 1
             if self.calls == 1:
                 raise PublishError("connection lost")
-            return await super().send(batch)
+            await super().publish(batch, acks)
 
     pub = Flaky()
     d = make_delivery(pub)
@@ -521,7 +524,7 @@ async def test_published_events_metric_counts_acks(make_delivery: Factory) -> No
 
 async def test_permanent_error_with_skip_goes_to_the_dead_letter_subject(make_delivery: Factory) -> None:
     pub = FakePublisher()
-    pub.script("big", PermanentPublishError("message too large"))
+    pub.script("big", MessageTooLarge("message too large"))
     d = make_delivery(pub, on_error="skip", dead_letter_subject="wal.dead_letter")
     before = counter("dead_lettered_events_total", {"table": "dlq_tbl"})
     original = msg("big", table="dlq_tbl")
@@ -547,14 +550,14 @@ async def test_dead_letter_failure_retries_the_original(make_delivery: Factory) 
     class DeadLetterDown(FakePublisher):
         refused = 0
 
-        async def send(self, batch: Sequence[Message]) -> Awaitable[AckResults]:
+        async def publish(self, batch: Sequence[Message], acks: Acks) -> None:
             if batch[0].subject == "wal.dead_letter" and self.refused == 0:
                 self.refused += 1
                 raise PublishError("dead-letter topic unavailable")
-            return await super().send(batch)
+            await super().publish(batch, acks)
 
     pub = DeadLetterDown()
-    pub.script("big", PermanentPublishError("too large"), PermanentPublishError("too large"))
+    pub.script("big", MessageTooLarge("too large"), MessageTooLarge("too large"))
     d = make_delivery(pub, on_error="skip", dead_letter_subject="wal.dead_letter")
     d.add(msg("big", table="dlq2_tbl"))
     d.commit(10, 1.0)
@@ -568,7 +571,7 @@ async def test_dead_letter_failure_retries_the_original(make_delivery: Factory) 
 
 async def test_permanent_error_with_halt_is_retried_until_acked(make_delivery: Factory) -> None:
     pub = FakePublisher()
-    pub.script("big", PermanentPublishError("rejected"), PermanentPublishError("rejected"))
+    pub.script("big", MessageRejected("rejected", retryable=False), MessageRejected("rejected", retryable=False))
     d = make_delivery(pub, on_error="halt", dead_letter_subject="wal.dead_letter")
     before = counter("dead_lettered_events_total", {"table": "halt_tbl"})
     d.add(msg("big", table="halt_tbl"))
@@ -619,3 +622,109 @@ async def test_failing_stays_true_while_another_batch_is_still_retrying(make_del
     pub.release(retry_of_b)
     await drained(d)
     assert not d.failing
+
+
+async def test_retryable_rejection_with_skip_is_retried_not_dead_lettered(make_delivery: Factory) -> None:
+    pub = FakePublisher()
+    pub.script("r", MessageRejected("nack"), MessageRejected("nack"))
+    d = make_delivery(pub, on_error="skip", dead_letter_subject="wal.dead_letter")
+    before = counter("publish_errors_total", {"reason": "message_rejected"})
+    d.add(msg("r", table="nack_tbl"))
+    d.commit(30, 3.0)
+    await drained(d)
+    assert d.confirmed_lsn == 30
+    assert pub.sent_ids() == ["r", "r", "r"]
+    assert pub.sent_ids("wal.dead_letter") == []
+    assert counter("publish_errors_total", {"reason": "message_rejected"}) == before + 2
+
+
+# -- the ack timeout: one tracker per batch, owned by the delivery stage ------------------------------------------
+
+
+async def test_batch_without_acks_fails_by_ack_timeout_and_is_retried(make_delivery: Factory) -> None:
+    pub = FakePublisher(hold=True, ack_timeout=0.05)
+    d = make_delivery(pub)
+    before = counter("publish_errors_total", {"reason": "ack_timeout"})
+    d.add(msg("a"))
+    d.add(msg("b"))
+    d.commit(100, 1.0)
+    d.seal()
+    await pub.wait_sends(2)  # nothing answered within 0.05 s: both sent again
+    assert pub.sends[1] == pub.sends[0]
+    assert counter("publish_errors_total", {"reason": "ack_timeout"}) == before + 2
+    assert d.confirmed_lsn == 0 and d.failing
+    pub.release(0)  # a late answer to the first attempt counts for nothing
+    await settle()
+    assert d.confirmed_lsn == 0
+    pub.release(1)
+    await drained(d)
+    assert d.confirmed_lsn == 100
+    assert not d.failing
+
+
+async def test_ack_timeout_fails_only_what_is_still_waiting() -> None:
+    pub = FakePublisher(hold=True)
+    acks = await publish(pub, [msg("a"), msg("b"), msg("c")], 0.05)
+    acks.settle(1, None)
+    acks.settle(2, MessageRejected("nack"))
+    results = await asyncio.wait_for(acks, 5)
+    assert isinstance(results[0], AckTimeout) and results[1] is None and isinstance(results[2], MessageRejected)
+    assert "fake: no acknowledgement within 0.05s" in str(results[0]) and results[0].broker == "fake"
+    assert acks.timed_out and acks.done
+    acks.settle(0, None)  # late
+    assert isinstance(acks.results[0], AckTimeout)
+
+
+async def test_tracker_takes_the_first_outcome_and_calls_back_when_done() -> None:
+    acks = Acks(3, "fake")
+    finished: list[AckResults] = []
+    acks.add_done_callback(lambda done: finished.append(list(done.results)))
+    acks.settle(0)
+    acks.settle(0, PublishError("again"))  # a second answer for the same message is ignored
+    assert not acks.done and acks.waiting(1) and not acks.waiting(0)
+    acks.fail_rest(PublishError("gone"))
+    assert acks.done and not acks.timed_out
+    assert [str(r) if r else r for r in await acks] == [None, "gone", "gone"]
+    await settle()
+    assert len(finished) == 1
+    assert await Acks(0) == []  # an empty batch is settled at once
+
+
+async def test_timeout_callbacks_run_before_the_rest_fails() -> None:
+    acks = Acks(2, "fake")
+    calls: list[str] = []
+
+    def hand_over() -> None:  # e.g. outcomes collected in other threads
+        calls.append("first")
+        acks.settle(0)
+
+    acks.on_timeout(hand_over)
+    acks.on_timeout(lambda: calls.append("second"))
+    acks.expire_after(0.01)
+    results = await asyncio.wait_for(acks, 5)
+    assert calls == ["first", "second"]
+    assert results[0] is None and isinstance(results[1], AckTimeout)
+
+
+async def test_timer_is_cancelled_once_everything_is_settled() -> None:
+    acks = Acks(1, "fake")
+    acks.expire_after(0.01)
+    acks.settle(0)
+    await asyncio.sleep(0.05)
+    assert not acks.timed_out and await acks == [None]
+
+
+async def test_publish_turns_a_raising_publisher_into_failed_results() -> None:
+    class Broken(FakePublisher):
+        async def publish(self, batch: Sequence[Message], acks: Acks) -> None:
+            raise RuntimeError("bug")
+
+    results = await (await publish(Broken(), [msg("a"), msg("b")], 5.0))
+    assert all(type(r) is PublishError and "fake: RuntimeError('bug')" in str(r) for r in results)
+
+    class Refused(FakePublisher):
+        async def publish(self, batch: Sequence[Message], acks: Acks) -> None:
+            raise BrokerConfigError("no such topic")
+
+    with pytest.raises(BrokerConfigError):
+        await publish(Refused(), [msg("a")], 5.0)

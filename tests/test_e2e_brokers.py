@@ -23,10 +23,11 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from google.cloud import pubsub_v1
 
-from listener.sandbox import PubSubEmulator, TansuServer, TcpProxy, free_port
-from tests.harness import (
+from tests.support.harness import (
     ListenerProcess,
     Received,
+    Writer,
+    assert_complete,
     config_dict,
     confirmed_lsn,
     current_lsn,
@@ -36,8 +37,8 @@ from tests.harness import (
     unique,
     wait_until,
 )
-from tests.test_listener_process import Writer, assert_complete
-from tests.test_publisher_kafka import ProxiedTansu
+from tests.support.proxy import TcpProxy
+from tests.support.services import ProxiedTansu, PubSubEmulator, TansuServer, free_port
 
 pytestmark = pytest.mark.service
 
@@ -491,7 +492,8 @@ def _error_line(stderr: str) -> str:
         ({"type": "rabbitmq", "address": "127.0.0.1:5672", "topic": "t", "exchangeKind": "x-delayed"},
          "config: publisher.exchangeKind = 'x-delayed' is not allowed; use one of"),
         ({"type": "google_pubsub", "address": "x", "topic": "t"},
-         "publisher.pubSubProjectID is required when publisher.type is google_pubsub"),
+         "config: publisher.pubSubProjectID is required but missing; set it in the file or as "
+         "WAL_PUBLISHER_PUBSUBPROJECTID"),
         ({"type": "kafka", "address": "127.0.0.1:9092", "topic": "t", "compression": "brotli"},
          "config: publisher.compression = 'brotli' is not allowed"),
         ({"type": "kafka", "address": "127.0.0.1:9092", "topic": "t", "saslMechanism": "PLAIN"},

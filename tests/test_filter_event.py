@@ -10,11 +10,12 @@ import orjson
 import pytest
 
 from listener import metrics, types
-from listener.config import Config, FilterConfig
+from listener.config import FilterConfig
 from listener.event import EventBuilder, Transaction, commit_time_text
 from listener.filter import ALL_ACTIONS, TableFilter
+from listener.message import Message
 from listener.pgoutput import UNCHANGED, Column, Relation
-from listener.publishers.base import Message
+from tests.support.events import make_config
 
 # -- TableFilter ---------------------------------------------------------------------------------------------
 
@@ -60,35 +61,8 @@ def test_names_are_case_sensitive_like_postgres_identifiers() -> None:
 
 # -- EventBuilder fixtures -------------------------------------------------------------------------------------
 
-SLOT = "slot_a"
 FINAL_LSN = 0x16B3748
 COMMIT_MICROS = 820_638_245_123_456  # 2026-01-02T03:04:05.123456Z
-
-
-def make_config(
-    *,
-    tables: dict[str, list[str]] | None = None,
-    topics_map: dict[str, str] | None = None,
-    prefix: str = "",
-    key_from: str = "",
-    slot: str = SLOT,
-) -> Config:
-    listener: dict[str, Any] = {"slotName": slot, "topicsMap": topics_map or {}}
-    if tables is not None:
-        listener["filter"] = {"tables": tables}
-    return Config.model_validate(
-        {
-            "listener": listener,
-            "database": {"name": "db", "user": "u"},
-            "publisher": {
-                "type": "kafka",
-                "address": "localhost:9092",
-                "topic": "wal_listener",
-                "topicPrefix": prefix,
-                "messageKeyFrom": key_from,
-            },
-        }
-    )
 
 
 def builder(needs_key: bool = False, **kwargs: Any) -> EventBuilder:

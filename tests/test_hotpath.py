@@ -9,7 +9,6 @@ zones and BC, quoted and nested arrays, types the C code hands back to the Pytho
 
 from __future__ import annotations
 
-import os
 import random
 import struct
 from typing import Any
@@ -21,8 +20,8 @@ from listener import hotpath, types
 from listener.errors import DecodeError
 from listener.event import EventBuilder, Transaction
 from listener.pgoutput import Column, Relation
-from tests.test_filter_event import make_config
-from tests.test_pgoutput import COL_NULL, COL_UNCHANGED, delete_msg, insert_msg, tuple_data, update_msg
+from tests.support.events import compiled_hot_path, make_config
+from tests.support.pgwire import COL_NULL, COL_UNCHANGED, delete_msg, insert_msg, tuple_data, update_msg
 
 OID = 16400
 
@@ -137,17 +136,6 @@ def random_message(rng: random.Random) -> bytes:
         old = None if old_kind is None else random_tuple(rng)
         return update_msg(OID, new, old, old_kind or b"K")
     return delete_msg(OID, rng.choice([b"K", b"O"]), random_tuple(rng))
-
-
-def compiled_hot_path() -> hotpath.Module:
-    """The compiled module, for a test that needs it: skips where it was not built (no C compiler at
-    install time), fails under CI=true (CI installs with one: a missing module is a broken build)."""
-    module = hotpath.load()
-    if module is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("listener._hotpath was not built: pip install -e . with gcc present", pytrace=False)
-        pytest.skip("the compiled fast path is not built (no C compiler at install time)")
-    return module
 
 
 def test_compiled_path_is_built_where_ci_runs() -> None:

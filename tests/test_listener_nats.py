@@ -8,8 +8,7 @@ import uuid
 import orjson
 import pytest
 
-from listener.sandbox import Database, NatsServer, PostgresServer, free_port
-from tests.harness import (
+from tests.support.harness import (
     confirmed_lsn,
     current_lsn,
     http_get,
@@ -21,6 +20,7 @@ from tests.harness import (
     unique,
     wait_until,
 )
+from tests.support.services import Database, NatsServer, PostgresServer, free_port
 
 pytestmark = pytest.mark.service
 

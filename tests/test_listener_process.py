@@ -5,20 +5,18 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections import defaultdict
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 
 from listener import hotpath
-from listener.sandbox import NatsServer, PostgresServer, free_port
-from tests.harness import (
+from tests.support.harness import (
     ListenerProcess,
-    Received,
+    Writer,
+    assert_complete,
     confirmed_lsn,
     current_lsn,
     http_get,
@@ -29,60 +27,9 @@ from tests.harness import (
     unique,
     wait_until,
 )
+from tests.support.services import NatsServer, PostgresServer, free_port
 
 pytestmark = pytest.mark.service
-
-
-class Writer:
-    """Commits numbered rows in small transactions from a thread, until told to stop or done."""
-
-    def __init__(self, dsn: str, transactions: int, rows_per_txn: int, pace: float = 0.01) -> None:
-        self.dsn, self.transactions, self.rows, self.pace = dsn, transactions, rows_per_txn, pace
-        self.committed = 0  # rows whose transaction committed
-        self.errors = 0
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> Writer:
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        next_id = 1
-        done = 0
-        while done < self.transactions:
-            try:
-                with psycopg.connect(self.dsn, autocommit=False, connect_timeout=5) as conn:
-                    while done < self.transactions:
-                        with conn.transaction():
-                            conn.execute(
-                                "INSERT INTO items (id, payload)"
-                                " SELECT g, md5(g::text) FROM generate_series(%s::int, %s::int) g",
-                                (next_id, next_id + self.rows - 1),
-                            )
-                        next_id += self.rows
-                        done += 1
-                        self.committed = next_id - 1
-                        threading.Event().wait(self.pace)
-            except psycopg.OperationalError:
-                self.errors += 1  # PostgreSQL is restarting: try again
-                threading.Event().wait(0.2)
-
-    def join(self, timeout: float = 120) -> None:
-        self._thread.join(timeout)
-        assert not self._thread.is_alive(), "writer did not finish"
-
-
-def assert_complete(events: list[Received], rows: int) -> dict[int, set[str]]:
-    ids: dict[int, set[str]] = defaultdict(set)
-    for r in events:
-        ids[r.event["data"]["id"]].add(r.id)
-    missing = sorted(set(range(1, rows + 1)) - set(ids))
-    assert not missing, (
-        f"{len(missing)} of {rows} committed rows never published ({len(events)} events read), e.g. {missing[:10]}"
-    )
-    changed = {k: v for k, v in ids.items() if len(v) != 1}
-    assert not changed, f"replayed events got new ids: {list(changed.items())[:3]}"
-    return ids
 
 
 @pytest.fixture

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from listener.sandbox import NatsServer, PostgresServer, free_port
-from tests.harness import ListenerProcess, http_get, nats_config, sql, unique, wait_until
 from tests.support.chart import render_chart
+from tests.support.harness import ListenerProcess, http_get, nats_config, sql, unique, wait_until
 from tests.support.promql import chart_expressions, exposed_metrics, metric_names
+from tests.support.services import NatsServer, PostgresServer, free_port
 
 ALL_MONITORING: dict[str, Any] = {
     "monitoring": {kind: {"enabled": True} for kind in ("podMonitor", "serviceMonitor", "grafanaDashboard")}

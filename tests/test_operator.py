@@ -14,24 +14,12 @@ from typing import Any
 import psycopg
 import pytest
 import yaml
-from operator_fixtures import (
-    CONFIGMAPS,
-    DEPLOYMENTS,
-    SECRETS,
-    SERVICES,
-    WL,
-    Cluster,
-    clean_listeners,
-    cluster,
-    listener_spec,
-)
 
 from listener.config import load_config
-from listener.sandbox import PostgresServer
+from tests.support.kube import CONFIGMAPS, DEPLOYMENTS, SECRETS, SERVICES, WL, Cluster, listener_spec
 from tests.support.pod_security import restricted_violations
+from tests.support.services import PostgresServer
 from wal_operator.render import CONFIG_HASH_ANNOTATION, SECRETS_HASH_ANNOTATION, child_name
-
-__all__ = ["clean_listeners", "cluster"]  # the fixtures, imported for pytest
 
 pytestmark = [
     pytest.mark.service,

@@ -21,12 +21,10 @@ from typing import IO, Any
 import aiohttp
 import psycopg
 import pytest
-from harness import read_stream
-from operator_fixtures import CONFIGMAPS, DEPLOYMENTS, SECRETS, Cluster, clean_listeners, cluster, listener_spec
 
-from listener.sandbox import NatsServer, PostgresServer, free_port
-
-__all__ = ["clean_listeners", "cluster"]
+from tests.support.harness import read_stream
+from tests.support.kube import CONFIGMAPS, DEPLOYMENTS, SECRETS, Cluster, listener_spec
+from tests.support.services import NatsServer, PostgresServer, free_port
 
 pytestmark = [
     pytest.mark.service,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import ssl
 import time
 import uuid
@@ -17,13 +16,15 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaTimeoutError
 from aiokafka.partitioner import DefaultPartitioner
 
-from listener.config import PublisherConfig
-from listener.errors import BrokerConfigError, PermanentPublishError, PublishError
-from listener.publishers.base import AckResults, Message, make_publisher
+from listener.config import PublisherConfig, parse_publisher
+from listener.delivery import AckResults
+from listener.errors import BrokerConfigError, BrokerUnavailable, MessageTooLarge, PublishError
+from listener.message import Message
+from listener.publishers import make_publisher
 from listener.publishers.kafka import KafkaPublisher, security_options
-from listener.sandbox import TansuServer, free_port
-from tests.harness import metric, publish_until_acked, wait_until
-from tests.test_publisher_rabbitmq import Certificates, TlsForwarder
+from tests.support.harness import metric, publish_until_acked, wait_until
+from tests.support.services import ProxiedTansu, TansuServer, free_port
+from tests.support.tls import Certificates, TlsForwarder
 
 pytestmark = pytest.mark.service
 
@@ -32,7 +33,7 @@ def config(address: str, **overrides: Any) -> PublisherConfig:
     # Tansu does not support idempotent producers.
     values: dict[str, Any] = {"type": "kafka", "address": address, "topic": "wal_listener", "idempotent": False}
     values.update(overrides)
-    return PublisherConfig.model_validate(values)
+    return parse_publisher(values)
 
 
 def unique_topic() -> str:
@@ -222,7 +223,8 @@ async def test_record_batch_not_taken_fails_it_and_the_rest_of_the_batch(
         monkeypatch.undo()
         taken = results.index(next(r for r in results if r is not None))
         assert 0 < taken < 100 and results[:taken] == [None] * taken
-        assert all(type(r) is PublishError and "could not queue" in str(r) for r in results[taken:]), results[-1]
+        failed = results[taken:]
+        assert all(isinstance(r, BrokerUnavailable) and "could not queue" in str(r) for r in failed), results[-1]
     finally:
         await publisher.close()
     records = await consume(tansu.bootstrap, topic, taken, timeout=5)
@@ -266,7 +268,7 @@ async def test_oversized_event_is_a_permanent_error_and_counted(tansu: TansuServ
         before = metric("oversized_events_total", {"table": "blobs"})
         results = await (await publisher.send([message(topic, 1, key=1), big, message(topic, 3, key=3)]))
         assert results[0] is None and results[2] is None
-        assert isinstance(results[1], PermanentPublishError)
+        assert isinstance(results[1], MessageTooLarge) and not results[1].retryable
         assert "bytes" in str(results[1]) and big.id in str(results[1])
         assert metric("oversized_events_total", {"table": "blobs"}) == before + 1
     finally:
@@ -285,13 +287,13 @@ async def test_broker_stopped_mid_stream_then_back_nothing_skipped(make_tansu: C
         outage = [message(topic, n, key=n % 3) for n in range(20, 60)]
         started = time.monotonic()
         results = await (await publisher.send(outage))
-        assert all(isinstance(r, PublishError) for r in results), results[:3]
+        assert all(isinstance(r, PublishError) and r.retryable for r in results), results[:3]
         assert time.monotonic() - started < 3.0 + 5.0  # failed within about ackTimeout, no hang
         await wait_until(lambda: not publisher.ready, 10, "ready to turn false")
         # while it is down, a new batch is refused at once, without queueing anything
         started = time.monotonic()
         refused = await (await publisher.send(outage[:5]))
-        assert all(isinstance(r, PublishError) for r in refused) and time.monotonic() - started < 1.0
+        assert all(isinstance(r, BrokerUnavailable) for r in refused) and time.monotonic() - started < 1.0
 
         # Memory storage: the broker comes back empty. (Tansu then acknowledges records for a topic it
         # no longer has and drops them; the publisher re-checks its topics after an outage, and with
@@ -390,24 +392,6 @@ async def test_publisher_sees_an_idle_broker_go_away(make_tansu: Callable[..., T
         assert await (await publisher.send([message(topic, 1, key=1)])) == [None]
     finally:
         await publisher.close()
-
-
-class ProxiedTansu(TansuServer):
-    """Tansu advertising another port (a proxy's, a TLS endpoint's), so every client connection goes
-    through whatever listens there."""
-
-    def __init__(self, advertised_port: int) -> None:
-        super().__init__()
-        self.advertised_port = advertised_port
-
-    def _command(self) -> list[str]:
-        command = super()._command()
-        command[command.index("--advertised-listener-url") + 1] = f"tcp://127.0.0.1:{self.advertised_port}"
-        return command
-
-    def _probe(self) -> None:
-        with socket.create_connection(("127.0.0.1", self.port), timeout=2):
-            pass
 
 
 async def test_mutual_tls_with_ca_and_client_certificate(tmp_path: Path) -> None:

@@ -17,13 +17,15 @@ from nats.aio.msg import Msg
 from nats.protocol import command
 from nats.protocol.parser import Parser
 
-from listener.config import PublisherConfig
-from listener.errors import PermanentPublishError, PublishError
-from listener.publishers.base import Message, make_publisher
+from listener.config import PublisherConfig, parse_publisher
+from listener.errors import AckTimeout, BrokerUnavailable, MessageRejected, MessageTooLarge, PublishError
+from listener.message import Message
+from listener.publishers import make_publisher
 from listener.publishers.nats import NatsPublisher
-from listener.sandbox import NatsServer, TcpProxy
-from tests.harness import metric, wait_until
-from tests.test_hotpath import compiled_hot_path
+from tests.support.events import compiled_hot_path
+from tests.support.harness import metric, wait_until
+from tests.support.proxy import TcpProxy
+from tests.support.services import NatsServer
 
 pytestmark = pytest.mark.service
 
@@ -31,7 +33,7 @@ pytestmark = pytest.mark.service
 def config(address: str, topic: str, **overrides: Any) -> PublisherConfig:
     values: dict[str, Any] = {"type": "nats", "address": address, "topic": topic}
     values.update(overrides)
-    return PublisherConfig.model_validate(values)
+    return parse_publisher(values)
 
 
 def unique_stream() -> str:
@@ -116,9 +118,11 @@ async def test_per_message_failures_leave_the_rest_of_the_batch_alone(nats_serve
         before = metric("oversized_events_total", {"table": "blobs"})
         results = await (await publisher.send([message(stream, 0), big, outside, spaced, message(stream, 4)]))
         assert results[0] is None and results[4] is None
-        assert isinstance(results[1], PermanentPublishError) and "max_payload" in str(results[1])
-        assert isinstance(results[2], PublishError) and "no JetStream stream listens" in str(results[2])
-        assert type(results[3]) is PublishError and "invalid subject" in str(results[3])
+        assert isinstance(results[1], MessageTooLarge) and "max_payload" in str(results[1])
+        assert not results[1].retryable and results[1].broker == "nats"
+        assert isinstance(results[2], MessageRejected) and "no JetStream stream listens" in str(results[2])
+        assert isinstance(results[3], MessageRejected) and "invalid subject" in str(results[3])
+        assert results[2].retryable and results[3].retryable
         assert metric("oversized_events_total", {"table": "blobs"}) == before + 1
     finally:
         await publisher.close()
@@ -139,16 +143,18 @@ async def test_jetstream_rejection_is_a_publish_error(nats_server: NatsServer) -
     finally:
         await publisher.close()
     assert results[:3] == [None] * 3
-    assert all(type(r) is PublishError and "JetStream rejected the message" in str(r) for r in results[3:]), results
+    assert all(isinstance(r, MessageRejected) and r.retryable and "JetStream rejected the message" in str(r)
+               for r in results[3:]), results
 
 
 def test_ack_bodies() -> None:
     rejection = NatsPublisher._rejection
     assert rejection(b'{"stream":"error","seq":7}') is None  # a stream named "error" acks normally
     duplicate_window = rejection(b'{"error":{"code":400,"err_code":10054,"description":"bad"}}')
-    assert isinstance(duplicate_window, PermanentPublishError)
-    assert type(rejection(b'{"error":{"code":503,"description":"unavailable"}}')) is PublishError
-    assert type(rejection(b'{"error": not json')) is PublishError
+    assert isinstance(duplicate_window, MessageRejected) and not duplicate_window.retryable
+    for body in (b'{"error":{"code":503,"description":"unavailable"}}', b'{"error": not json'):
+        answer = rejection(body)
+        assert isinstance(answer, MessageRejected) and answer.retryable, body
 
 
 async def test_other_subscriptions_and_requests_on_the_client_still_work(nats_server: NatsServer) -> None:
@@ -218,7 +224,7 @@ async def test_full_buffer_fails_the_rest_of_the_batch(make_nats: Callable[..., 
     taken = results.index(next(r for r in results if r is not None))
     assert 0 < taken < 50
     assert results[:taken] == [None] * taken
-    assert all(type(r) is PublishError and "outbound buffer limit" in str(r) for r in results[taken:]), results
+    assert all(isinstance(r, BrokerUnavailable) and "outbound buffer limit" in str(r) for r in results[taken:]), results
     assert await stream_messages(server.url, stream) == taken
 
 
@@ -237,7 +243,7 @@ async def test_without_client_internals_it_publishes_one_by_one(
         outside.subject = f"not_{stream}.x"
         results = await (await publisher.send([message(stream, 0), outside, message(stream, 2)]))
         assert results[0] is None and results[2] is None
-        assert isinstance(results[1], PublishError) and "no JetStream stream listens" in str(results[1])
+        assert isinstance(results[1], MessageRejected) and "no JetStream stream listens" in str(results[1])
     finally:
         await publisher.close()
     assert await stream_messages(nats_server.url, stream) == 2
@@ -295,12 +301,12 @@ def _protocol(rng: random.Random, count: int) -> bytes:
 
 
 class _Resolved:
-    """Stands for a batch waiting for acks: records what each ack resolved."""
+    """Stands for a batch waiting for acks: records what each ack settled."""
 
     def __init__(self, events: list[tuple[Any, ...]]) -> None:
         self.events = events
 
-    def resolve(self, index: int, result: BaseException | None) -> None:
+    def settle(self, index: int, result: PublishError | None = None) -> None:
         self.events.append(("resolved", index, None if result is None else str(result)))
 
 
@@ -432,3 +438,28 @@ async def test_frames_lost_with_the_connection_are_sent_again_before_later_ones(
     finally:
         await nc.close()
     assert ids == [message(stream, n).id for n in range(20)]
+
+
+async def test_unacknowledged_batch_fails_by_ack_timeout_and_late_acks_are_ignored(
+    nats_server: NatsServer, make_proxy: Callable[..., TcpProxy]
+) -> None:
+    """The delivery stage's deadline fails what JetStream did not answer; the publisher forgets those
+    publishes, so their acks arriving later settle nothing (the retry is the one that counts)."""
+    proxy = make_proxy("127.0.0.1", nats_server.port)
+    stream = unique_stream()
+    publisher = NatsPublisher(config(proxy.address, stream), ack_timeout=0.5)
+    await publisher.connect()
+    try:
+        batch = [message(stream, n) for n in range(10)]
+        proxy.pause()  # bytes stop flowing, the connection stays open: no acks come
+        results = await (await publisher.send(batch))
+        assert all(isinstance(r, AckTimeout) and "no acknowledgement within 0.5s" in str(r) for r in results)
+        await asyncio.sleep(0)
+        assert publisher._waiting == {} and publisher._batches == {}
+        proxy.resume()  # the publishes reach the stream now, and their acks come back to nobody
+        await wait_until(lambda: publisher.ready, 10, "the connection to carry bytes again")
+        assert await (await publisher.send(batch)) == [None] * 10  # the retry; JetStream drops the copies
+        assert publisher._waiting == {} and publisher._batches == {}
+    finally:
+        await publisher.close()
+    assert await stream_messages(nats_server.url, stream) == 10

@@ -12,12 +12,13 @@ import pytest
 from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
 
-from listener.config import PublisherConfig, load_config
-from listener.errors import BrokerConfigError, ConfigError, PermanentPublishError, PublishError
-from listener.publishers.base import Message, make_publisher
+from listener.config import PublisherConfig, load_config, parse_publisher
+from listener.errors import BrokerConfigError, BrokerUnavailable, ConfigError, MessageTooLarge, PublishError
+from listener.message import Message
+from listener.publishers import make_publisher
 from listener.publishers.pubsub import MAX_MESSAGE_BYTES, PubSubPublisher, ordering_key, topic_id
-from listener.sandbox import PubSubEmulator, free_port
-from tests.harness import metric, publish_until_acked, wait_until
+from tests.support.harness import metric, publish_until_acked, wait_until
+from tests.support.services import PubSubEmulator, free_port
 
 pytestmark = pytest.mark.service
 
@@ -30,7 +31,7 @@ def config(project: str, **overrides: Any) -> PublisherConfig:
         "pubSubProjectID": project,
     }
     values.update(overrides)
-    return PublisherConfig.model_validate(values)
+    return parse_publisher(values)
 
 
 def unique_project() -> str:
@@ -239,7 +240,7 @@ async def test_oversized_event_is_a_permanent_error_and_counted(pubsub_env: str)
         results = await (await publisher.send([message(1, table="blobs"), big, near, message(4, table="blobs")]))
         assert results[0] is None and results[3] is None
         for result in results[1:3]:
-            assert isinstance(result, PermanentPublishError) and "at most 10000000 bytes" in str(result)
+            assert isinstance(result, MessageTooLarge) and "limit per message of 10000000 bytes" in str(result)
         assert metric("oversized_events_total", {"table": "blobs"}) == before + 2
     finally:
         await publisher.close()
@@ -276,7 +277,7 @@ async def test_emulator_stopped_mid_stream_then_back_nothing_skipped(
         await wait_until(lambda: not publisher.ready, 15, "ready to turn false")
         started = time.monotonic()
         refused = await (await publisher.send(outage[:5]))  # refused at once while it is away
-        assert all(isinstance(r, PublishError) for r in refused) and time.monotonic() - started < 1
+        assert all(isinstance(r, BrokerUnavailable) for r in refused) and time.monotonic() - started < 1
 
         emulator.start()  # in-memory: it comes back without topics and subscriptions
         await wait_until(lambda: publisher.ready, 60, "ready to turn true again")

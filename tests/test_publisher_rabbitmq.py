@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
-import ipaddress
 import logging
-import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -20,12 +17,23 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from pamqp.commands import Basic
 
-from listener.config import PublisherConfig
-from listener.errors import BrokerConfigError, PermanentPublishError, PublishError
-from listener.publishers.base import Message, make_publisher
-from listener.publishers.rabbitmq import _UNSET, RabbitMQPublisher, broker_url
-from listener.sandbox import TcpProxy, free_port
-from tests.harness import metric, publish_until_acked, wait_until
+from listener.config import PublisherConfig, parse_publisher
+from listener.delivery import Acks
+from listener.errors import (
+    AckTimeout,
+    BrokerConfigError,
+    BrokerUnavailable,
+    MessageRejected,
+    MessageTooLarge,
+    PublishError,
+)
+from listener.message import Message
+from listener.publishers import make_publisher
+from listener.publishers.rabbitmq import RabbitMQPublisher, broker_url
+from tests.support.harness import metric, publish_until_acked, wait_until
+from tests.support.proxy import TcpProxy
+from tests.support.services import free_port
+from tests.support.tls import Certificates, TlsForwarder
 
 pytestmark = pytest.mark.service
 
@@ -33,7 +41,7 @@ pytestmark = pytest.mark.service
 def config(address: str, exchange: str, **overrides: Any) -> PublisherConfig:
     values: dict[str, Any] = {"type": "rabbitmq", "address": address, "topic": exchange}
     values.update(overrides)
-    return PublisherConfig.model_validate(values)
+    return parse_publisher(values)
 
 
 def unique_exchange() -> str:
@@ -248,7 +256,8 @@ async def test_stalled_connection_fails_the_batch_then_recovers(
             proxy.pause()  # bytes stop flowing, the connection stays open: no confirms come
             started = time.monotonic()
             results = await (await publisher.send([message(exchange, n) for n in range(50)]))
-            assert all(isinstance(r, PublishError) and "no confirm" in str(r) for r in results), results[:2]
+            timed_out = [isinstance(r, AckTimeout) and "no acknowledgement within 2s" in str(r) for r in results]
+            assert all(timed_out), results[:2]
             assert 1.5 < time.monotonic() - started < 6
             proxy.resume()
             await publish_until_acked(publisher, [message(exchange, n) for n in range(50)])
@@ -269,7 +278,7 @@ async def test_oversized_event_is_refused_permanently_and_counted(rabbitmq_url: 
         before = metric("oversized_events_total", {"table": "blobs"})
         results = await (await publisher.send([message(exchange, 1), big, message(exchange, 3)]))
         assert results[0] is None and results[2] is None
-        assert isinstance(results[1], PermanentPublishError) and "max_message_size (1000 bytes)" in str(results[1])
+        assert isinstance(results[1], MessageTooLarge) and "max_message_size of 1000 bytes" in str(results[1])
         assert metric("oversized_events_total", {"table": "blobs"}) == before + 1
     finally:
         await publisher.close()
@@ -285,8 +294,8 @@ def test_broker_limit_is_learnt_from_the_channel_close() -> None:
     closed = aiormq.exceptions.ChannelPreconditionFailed(
         "PRECONDITION_FAILED - message size 5000 is larger than configured max size 4096"
     )
-    assert isinstance(publisher._failure(big, closed), PermanentPublishError)
-    assert isinstance(publisher._failure(message("x", 2), closed), PublishError)
+    assert isinstance(publisher._failure(big, closed), MessageTooLarge)
+    assert isinstance(publisher._failure(message("x", 2), closed), BrokerUnavailable)  # the channel closed under it
     assert publisher._max_message == 4096
 
 
@@ -325,32 +334,43 @@ def test_frames_are_the_bytes_aiormq_would_write() -> None:
 
 async def test_confirms_settle_by_delivery_tag() -> None:
     """basic.ack with multiple settles everything up to its tag; single acks and nacks may come in any
-    order; a closed channel fails what is still waiting."""
+    order; a closed channel fails what is still waiting; a batch failed by its ack timeout ignores the
+    confirms that come later."""
     from listener.publishers.rabbitmq import _Confirms, _Sent
 
     publisher = RabbitMQPublisher(config("127.0.0.1:5672", "x"))
     confirms = _Confirms(publisher, cast(aiormq.Channel, object()))
     first = [message("x", n) for n in range(4)]
     second = [message("x", n) for n in range(4, 7)]
+    acks1, acks2 = Acks(4, "rabbitmq"), Acks(3, "rabbitmq")
     # message 1 of the first batch was refused before sending: tags 1..3 are messages 0, 2, 3
-    sent1 = _Sent(first, [_UNSET, PermanentPublishError("too big"), _UNSET, _UNSET], [0, 2, 3], 1)
-    sent2 = _Sent(second, [_UNSET] * 3, [0, 1, 2], 4)
-    confirms.add(sent1)
-    confirms.add(sent2)
+    acks1.settle(1, MessageTooLarge("too big"))
+    confirms.add(_Sent(acks1, first, [0, 2, 3], 1))
+    confirms.add(_Sent(acks2, second, [0, 1, 2], 4))
     confirms.confirm(5, multiple=False, ack=False)  # a nack, out of order
     confirms.confirm(2, multiple=True, ack=True)
-    assert not sent1.future.done() and sent1.results[:3] == [None, sent1.results[1], None]
+    assert not acks1.done and acks1.results[0] is None and acks1.results[2] is None and acks1.waiting(3)
     confirms.confirm(4, multiple=True, ack=True)
-    assert sent1.future.done() and sent1.results[3] is None and len(confirms.sent) == 1
-    assert sent2.results[0] is None
-    assert isinstance(sent2.results[1], PublishError) and "nack" in str(sent2.results[1])
+    assert acks1.done and acks1.results[3] is None and len(confirms.sent) == 1
+    assert isinstance(acks1.results[1], MessageTooLarge)
+    assert acks2.results[0] is None
+    assert isinstance(acks2.results[1], MessageRejected) and "nack" in str(acks2.results[1])
     confirms.fail(aiormq.exceptions.ChannelPreconditionFailed(
         "PRECONDITION_FAILED - message size 5000 is larger than configured max size 4096"))
-    assert sent2.future.done() and isinstance(sent2.results[2], PublishError)
+    assert acks2.done and isinstance(acks2.results[2], BrokerUnavailable)
     assert publisher._max_message == 4096
-    late = _Sent([message("x", 9)], [_UNSET], [0], 7)
-    confirms.add(late)  # on a closed channel: failed at once
-    assert late.future.done() and isinstance(late.results[0], PublishError)
+    late = Acks(1, "rabbitmq")
+    confirms.add(_Sent(late, [message("x", 9)], [0], 7))  # on a closed channel: failed at once
+    assert late.done and isinstance(late.results[0], PublishError)
+
+    confirms = _Confirms(publisher, cast(aiormq.Channel, object()))
+    slow, next_one = Acks(2, "rabbitmq"), Acks(1, "rabbitmq")
+    confirms.add(_Sent(slow, first[:2], [0, 1], 1))
+    confirms.add(_Sent(next_one, first[2:3], [0], 3))
+    slow.fail_rest(AckTimeout("rabbitmq: no acknowledgement within 1s"))  # what the deadline does
+    confirms.confirm(3, multiple=True, ack=True)
+    assert all(isinstance(r, AckTimeout) for r in slow.results) and next_one.results == [None]
+    assert not confirms.sent
 
 
 async def test_many_batches_in_flight_confirmed_in_order(rabbitmq_url: str) -> None:
@@ -422,123 +442,6 @@ async def test_routing_key_too_long_is_a_config_error(rabbitmq_url: str) -> None
 
 
 # -- TLS ----------------------------------------------------------------------------------------------
-
-
-class Certificates:
-    """A throwaway CA with a server certificate for 127.0.0.1 and a client certificate, as PEM files."""
-
-    def __init__(self, directory: Path) -> None:
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-        now = datetime.datetime.now(datetime.UTC)
-
-        def name(common: str) -> x509.Name:
-            return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
-
-        def write(stem: str, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> tuple[Path, Path]:
-            cert_path, key_path = directory / f"{stem}.crt", directory / f"{stem}.key"
-            cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-            key_path.write_bytes(
-                key.private_bytes(
-                    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-                )
-            )
-            return cert_path, key_path
-
-        ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca = (
-            x509.CertificateBuilder()
-            .subject_name(name("wal-listener test CA"))
-            .issuer_name(name("wal-listener test CA"))
-            .public_key(ca_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True, content_commitment=False, key_encipherment=False,
-                    data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                    encipher_only=False, decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA256())
-        )  # fmt: skip
-        self.ca, _ = write("ca", ca_key, ca)
-
-        def leaf(stem: str, usage: x509.ObjectIdentifier, san: list[x509.GeneralName]) -> tuple[Path, Path]:
-            key = ec.generate_private_key(ec.SECP256R1())
-            builder = (
-                x509.CertificateBuilder()
-                .subject_name(name(stem))
-                .issuer_name(ca.subject)
-                .public_key(key.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(minutes=5))
-                .not_valid_after(now + datetime.timedelta(days=1))
-                .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-            )
-            if san:
-                builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
-            return write(stem, key, builder.sign(ca_key, hashes.SHA256()))
-
-        localhost = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
-        self.server_cert, self.server_key = leaf("server", ExtendedKeyUsageOID.SERVER_AUTH, localhost)
-        self.client_cert, self.client_key = leaf("client", ExtendedKeyUsageOID.CLIENT_AUTH, [])
-
-    def server_context(self) -> ssl.SSLContext:
-        """The broker side: our server certificate; client certificates signed by our CA required."""
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(self.server_cert, self.server_key)
-        context.load_verify_locations(self.ca)
-        context.verify_mode = ssl.CERT_REQUIRED
-        return context
-
-
-class TlsForwarder:
-    """A TLS endpoint on 127.0.0.1:``port`` that forwards the decrypted stream to a plaintext server:
-    a broker with (mutual) TLS, for brokers that have it switched off here."""
-
-    def __init__(self, target_port: int, context: ssl.SSLContext, port: int | None = None) -> None:
-        self.target_port = target_port
-        self.context = context
-        self.port = port or free_port()
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.handshakes = 0
-
-    async def __aenter__(self) -> TlsForwarder:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port, ssl=self.context)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.handshakes += 1
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(ConnectionError, asyncio.CancelledError, ssl.SSLError):
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            dst.close()
-
-        tasks = [asyncio.create_task(pipe(reader, up_writer)), asyncio.create_task(pipe(up_reader, writer))]
-        self._tasks.update(tasks)
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._tasks.difference_update(tasks)
 
 
 async def test_mutual_tls_with_ca_and_client_certificate(rabbitmq_url: str, tmp_path: Path) -> None:

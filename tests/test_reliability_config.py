@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.harness import run_cli
+from tests.support.harness import run_cli
 
 GOOD: dict[str, dict[str, Any]] = {
     "listener": {"slotName": "slot_1", "serverPort": 0},

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from listener.sandbox import NatsServer, PostgresServer, free_port
-from tests.checker import WireTap, Workload, check, read_jetstream, table_truth
-from tests.harness import (
+from tests.support.checker import WireTap, Workload, check, read_jetstream, table_truth
+from tests.support.harness import (
     ListenerProcess,
     confirmed_lsn,
     current_lsn,
@@ -30,6 +29,7 @@ from tests.harness import (
     unique,
     wait_until,
 )
+from tests.support.services import NatsServer, PostgresServer, free_port
 
 pytestmark = pytest.mark.service
 

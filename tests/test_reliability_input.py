@@ -18,8 +18,7 @@ import psycopg
 import pytest
 
 from listener.replication import SESSION_OPTIONS
-from listener.sandbox import Database, NatsServer, PostgresServer, free_port
-from tests.harness import (
+from tests.support.harness import (
     ListenerProcess,
     confirmed_lsn,
     current_lsn,
@@ -32,6 +31,7 @@ from tests.harness import (
     unique,
     wait_until,
 )
+from tests.support.services import Database, NatsServer, PostgresServer, free_port
 
 pytestmark = pytest.mark.service
 
@@ -232,7 +232,7 @@ async def test_oversized_event_halts_with_one_error_and_a_metric_and_is_never_co
     errors = [e for e in proc.logs() if e.get("level") == "error"]
     assert len(errors) == 1 and "exceeds the server's max_payload" in errors[0]["error"], errors
     assert not any("nats connection error" in e.get("msg", "") for e in proc.logs())  # the connection held
-    assert await _prom(port, 'publish_errors_total{reason="PermanentPublishError"}') >= 3
+    assert await _prom(port, 'publish_errors_total{reason="message_too_large"}') >= 3
     status, body = await http_get(port, "/ready")
     assert status == 503 and '"broker":false' in body
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from listener.sandbox import Database, NatsServer
-from tests.harness import metric, nats_config, read_stream, running, sql, unique
+from tests.support.harness import metric, nats_config, read_stream, running, sql, unique
+from tests.support.services import Database, NatsServer
 
 pytestmark = pytest.mark.service
 

@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
-from listener.sandbox import NatsServer, PostgresServer, TcpProxy, free_port
-from tests.harness import ListenerProcess, http_get, nats_config, read_stream, run_cli, sql, unique, wait_until
+from tests.support.harness import ListenerProcess, http_get, nats_config, read_stream, run_cli, sql, unique, wait_until
+from tests.support.proxy import TcpProxy
+from tests.support.services import NatsServer, PostgresServer, free_port
 
 pytestmark = pytest.mark.service
 

@@ -17,8 +17,18 @@ from typing import Any
 
 import pytest
 
-from listener.sandbox import Database, NatsServer, PostgresServer, free_port
-from tests.harness import ListenerProcess, http_get, nats_config, query, read_stream, running, sql, unique, wait_until
+from tests.support.harness import (
+    ListenerProcess,
+    http_get,
+    nats_config,
+    query,
+    read_stream,
+    running,
+    sql,
+    unique,
+    wait_until,
+)
+from tests.support.services import Database, NatsServer, PostgresServer, free_port
 
 pytestmark = pytest.mark.service
 

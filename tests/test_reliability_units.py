@@ -5,17 +5,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
 
 import orjson
 import pytest
 
 from listener.app import wal_at_risk
-from listener.config import Config, redact_url, url_passwords
+from listener.config import Config, parse_publisher, redact_url, url_passwords
+from listener.errors import (
+    AckTimeout,
+    BrokerUnavailable,
+    ConfigError,
+    DatabaseError,
+    DatabaseSetupError,
+    MessageRejected,
+    MessageTooLarge,
+    PublishError,
+    SlotLostError,
+)
 from listener.event import event_id, slot_hash
 from listener.observability import JsonFormatter, Redactor
 from listener.replication import ReplicationStream, one_line
-from tests.checker import check, id_lsn
-from tests.harness import nats_config
+from tests.support.checker import check, id_lsn
+from tests.support.harness import nats_config
 
 
 def _event(k: int, seq: int, ident: str | None = None) -> dict[str, object]:
@@ -137,3 +150,52 @@ async def test_status_wait_never_swallows_a_cancellation() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(task, 5)
+
+
+# -- errors and the broker registry ------------------------------------------------------------------------
+
+
+def test_publish_errors_carry_broker_retryable_and_a_public_reason() -> None:
+    kinds = (PublishError, BrokerUnavailable, AckTimeout, MessageTooLarge, MessageRejected)
+    assert all(issubclass(kind, PublishError) for kind in kinds)
+    # the values of the publish_errors_total{reason} label, documented in README's metrics section
+    assert [kind.reason for kind in kinds] == [
+        "publish_failed", "broker_unavailable", "ack_timeout", "message_too_large", "message_rejected"
+    ]
+    too_large = MessageTooLarge("kafka: event x is too large", broker="kafka")
+    assert (too_large.broker, too_large.retryable, too_large.reason) == ("kafka", False, "message_too_large")
+    assert MessageRejected("nack").retryable and not MessageRejected("bad", retryable=False).retryable
+    assert AckTimeout("late").retryable and str(AckTimeout("nats: late")) == "nats: late"
+    # a database that is set up wrong is retried (slowly) like any database error
+    assert issubclass(DatabaseSetupError, DatabaseError) and issubclass(SlotLostError, DatabaseSetupError)
+
+
+def test_broker_library_not_installed_is_one_line_naming_the_pip_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    from listener.publishers import REGISTRY, make_publisher
+
+    assert sorted(broker.extra for broker in REGISTRY.values()) == ["kafka", "nats", "pubsub", "rabbitmq"]
+    monkeypatch.delitem(sys.modules, "listener.publishers.kafka", raising=False)
+    monkeypatch.setitem(sys.modules, "aiokafka", None)  # as if it were not installed
+    cfg = parse_publisher({"type": "kafka", "address": "h:9092", "topic": "t"})
+    with pytest.raises(ConfigError) as info:
+        make_publisher(cfg)
+    text = str(info.value)
+    assert "'aiokafka'" in text and "pip install 'wal-listener[kafka]'" in text and "\n" not in text
+
+
+def test_only_the_configured_brokers_library_is_imported() -> None:
+    code = (
+        "import sys\n"
+        "import listener.event, listener.delivery\n"
+        "stages = sorted(m for m in sys.modules if m.startswith('listener.publishers'))\n"
+        "import listener.app\n"
+        "from listener.config import parse_publisher\n"
+        "from listener.publishers import make_publisher\n"
+        "before = sorted(m for m in sys.modules if m.startswith('listener.publishers.'))\n"
+        "make_publisher(parse_publisher({'type': 'nats', 'address': 'h:4222', 'topic': 't'}))\n"
+        "sdks = ('nats', 'aiokafka', 'aio_pika', 'aiormq', 'google.cloud', 'grpc')\n"
+        "print(stages, before, sorted(m for m in sdks if m in sys.modules))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # the event and delivery stages do not import the broker package; the app imports the interface only
+    assert run.stdout.strip() == "[] ['listener.publishers.base'] ['nats']", run.stdout + run.stderr

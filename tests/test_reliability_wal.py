@@ -8,9 +8,8 @@ from __future__ import annotations
 import pytest
 
 from listener.pgoutput import parse_lsn
-from listener.sandbox import NatsServer, PostgresServer
-from tests.checker import Workload
-from tests.harness import (
+from tests.support.checker import Workload
+from tests.support.harness import (
     confirmed_lsn,
     current_lsn,
     nats_config,
@@ -21,6 +20,7 @@ from tests.harness import (
     unique,
     wait_until,
 )
+from tests.support.services import NatsServer, PostgresServer
 
 pytestmark = pytest.mark.service
 

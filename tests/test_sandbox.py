@@ -1,8 +1,11 @@
-"""The throwaway services start, answer real clients, and survive what outage tests do to them."""
+"""The throwaway services (tests/support/services.py on listener/throwaway.py, tests/support/proxy.py) start,
+answer real clients, and survive what outage tests do to them; the fixtures plugin
+(tests/support/fixtures.py) skips or, under CI=true, fails when a service is missing."""
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import subprocess
 import sys
@@ -16,12 +19,23 @@ from typing import Any
 import psycopg
 import pytest
 
-from listener import sandbox
-from listener.sandbox import Database, NatsServer, PostgresServer, PubSubEmulator, TansuServer, TcpProxy
+from listener import throwaway
+from tests.support.proxy import TcpProxy
+from tests.support.services import (
+    Database,
+    NatsServer,
+    PostgresServer,
+    PubSubEmulator,
+    TansuServer,
+    ThrowawayError,
+    free_port,
+    port_is_free,
+    rabbitmq_available,
+)
 
 pytestmark = pytest.mark.service
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[1]
 
 
 # -- PostgreSQL --------------------------------------------------------------------------------------
@@ -120,7 +134,7 @@ def test_postgres_cleanup_removes_everything(pg: PostgresServer) -> None:
 def test_start_refuses_a_busy_port(pg: PostgresServer) -> None:
     server = PostgresServer(pg.bin_dir, port=pg.port)
     try:
-        with pytest.raises(sandbox.SandboxError, match="already in use"):
+        with pytest.raises(ThrowawayError, match="already in use"):
             server.start()
         assert not server.running
     finally:
@@ -130,7 +144,7 @@ def test_start_refuses_a_busy_port(pg: PostgresServer) -> None:
 def test_start_failure_shows_the_log(pg: PostgresServer) -> None:
     server = PostgresServer(pg.bin_dir, settings={"shared_buffers": "no-such-size"})
     try:
-        with pytest.raises(sandbox.SandboxError, match=r"(?s)exited with code.*last lines of.*shared_buffers"):
+        with pytest.raises(ThrowawayError, match=r"(?s)exited with code.*last lines of.*shared_buffers"):
             server.start()
         assert not server.running
     finally:
@@ -298,13 +312,13 @@ async def test_rabbitmq_through_proxy(rabbitmq_url: str, make_proxy: Callable[..
     url = rabbitmq_url.replace("127.0.0.1:5672", proxy.address)
     assert await _rabbit_round_trip(url) == b"hello"
     proxy.stop()
-    assert not await asyncio.to_thread(sandbox.rabbitmq_available, url, 3.0)
+    assert not await asyncio.to_thread(rabbitmq_available, url, 3.0)
     proxy.start()
-    assert await asyncio.to_thread(sandbox.rabbitmq_available, url, 5.0)
+    assert await asyncio.to_thread(rabbitmq_available, url, 5.0)
 
 
 def test_rabbitmq_available_false_on_closed_port() -> None:
-    assert not sandbox.rabbitmq_available(f"amqp://guest:guest@127.0.0.1:{sandbox.free_port()}/", 2.0)
+    assert not rabbitmq_available(f"amqp://guest:guest@127.0.0.1:{free_port()}/", 2.0)
 
 
 # -- TcpProxy ----------------------------------------------------------------------------------------
@@ -331,11 +345,21 @@ def test_tcp_proxy_cut_and_restore(pg: PostgresServer, make_proxy: Callable[...,
         assert conn.execute("SELECT 44").fetchone() == (44,)
 
 
+def test_the_package_keeps_only_what_the_demo_needs() -> None:
+    """listener/throwaway.py ships in the wheel: the demo's PostgreSQL and nats-server, nothing for tests."""
+    assert importlib.util.find_spec("listener.sandbox") is None
+    assert {"NatsServer", "PostgresServer"} <= set(throwaway.__all__)
+    assert not {"TansuServer", "PubSubEmulator", "TcpProxy", "rabbitmq_available"} & set(throwaway.__all__)
+    for name in ("restart", "pause", "resume"):
+        assert not hasattr(throwaway.Server, name), name
+    assert issubclass(PostgresServer, throwaway.PostgresServer) and issubclass(NatsServer, throwaway.NatsServer)
+
+
 def test_free_port_is_free_and_unique() -> None:
-    ports = {sandbox.free_port() for _ in range(50)}
+    ports = {free_port() for _ in range(50)}
     assert len(ports) == 50
     for port in list(ports)[:5]:
-        assert sandbox._port_is_free(port, "127.0.0.1")
+        assert port_is_free(port, "127.0.0.1")
 
 
 # -- the skip / CI=true rule -------------------------------------------------------------------------
@@ -360,7 +384,9 @@ def test_missing_service_skips_or_fails_in_ci(ci: str, tmp_path: Path) -> None:
             """
         )
     )
-    env = {**os.environ, "CI": ci, "NATS_SERVER_BIN": str(tmp_path / "missing-nats-server")}
+    # the copied conftest registers the plugins in tests/support/: importable from the repository root
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "CI": ci, "NATS_SERVER_BIN": str(tmp_path / "missing-nats-server"), "PYTHONPATH": pythonpath}
     cmd = [sys.executable, "-m", "pytest", "-q", "-ra", "-p", "no:cacheprovider"]
     cmd += ["-c", str(REPO / "pyproject.toml"), "--rootdir", str(tmp_path), str(tmp_path)]
     res = subprocess.run(

@@ -1,60 +1,64 @@
-"""The publisher interface every broker implements, and the message it carries.
+"""The publisher interface every broker implements, and the helpers they share.
 
 Lifecycle (one client class per broker, explicit, like aiokafka and nats.py)::
 
-    pub = NatsPublisher(cfg.publisher, metrics)
-    await pub.connect()                  # BrokerConfigError: permanent; PublishError: retry later
-    acks = await pub.send(batch)         # hands the batch to the client, in order
-    results = await acks                 # one entry per message: None (acked) or the exception
+    pub = make_publisher(cfg.publisher, ack_timeout)   # listener.publishers: the class of publisher.type
+    await pub.connect()                   # BrokerConfigError: permanent; PublishError: retry later
+    acks = await pub.send(batch)          # hands the batch over, in order, with a tracker (listener.delivery.Acks)
+    results = await acks                  # one entry per message: None (acked) or the PublishError
     await pub.close()
 
-``send`` returns as soon as the batch is handed over, so the delivery stage can have several batches
-in flight while keeping the order in which they were sent; awaiting the returned object waits for
-the broker's acknowledgements. A message whose entry is an exception was not acknowledged and is
-sent again by the delivery stage (a :class:`PermanentPublishError` goes to the ``onError`` policy).
+A broker implements :meth:`Publisher.publish`: hand the batch to its client in order, return as soon as
+it is handed over (so the delivery stage can have several batches in flight while keeping their order),
+and report each message's outcome on the tracker as the client learns it. How long a batch may wait is
+not the publisher's business: the delivery stage's tracker fails what is unacknowledged after
+``listener.ackTimeout`` with :class:`~listener.errors.AckTimeout`. A failed message is sent again by the
+delivery stage (one whose error is not ``retryable`` goes to the ``onError`` policy).
+
+Errors: each publisher lists, in :attr:`Publisher.errors`, which exception classes of its client mean
+which of our :class:`~listener.errors.PublishError` types (:meth:`Publisher.error` applies it);
+:meth:`Publisher.too_large` is the one way to refuse an oversized message; :class:`Readiness` is the
+reachability state of clients that reconnect on their own without saying so (Kafka, Pub/Sub).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import ssl
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
+from typing import ClassVar, Generic, TypeVar
 
-from listener.config import PublisherConfig
-from listener.errors import BrokerConfigError
+from listener import metrics
+from listener.config import PublisherSettings, TLSPublisherConfig
+from listener.delivery import Acks, publish
+from listener.errors import BrokerConfigError, MessageTooLarge, PublishError
+from listener.message import Message
 
-AckResults = list[BaseException | None]
-
-
-@dataclass(slots=True)
-class Message:
-    """One event ready for the wire."""
-
-    id: str
-    subject: str  # the topic name: NATS subject, Kafka topic, RabbitMQ routing key, Pub/Sub topic
-    body: bytes  # the event as JSON
-    schema: str
-    table: str
-    action: str  # INSERT | UPDATE | DELETE | TRUNCATE
-    key: bytes | None = None  # the row's replica-identity key (Kafka key, Pub/Sub ordering key)
-    headers: dict[str, str] = field(default_factory=dict)
-
-    def attributes(self) -> dict[str, str]:
-        """Metadata every broker carries beside the body (headers / attributes / properties)."""
-        return {"id": self.id, "schema": self.schema, "table": self.table, "action": self.action, **self.headers}
+#: client exception class(es) -> our error type; the first row that matches wins (like ``except`` clauses)
+ErrorTable = Sequence[tuple[type[BaseException] | tuple[type[BaseException], ...], type[PublishError]]]
 
 
-class Publisher(ABC):
-    """One broker client. Subclasses implement connect/send/close and report readiness."""
+#: the ``publisher`` section of the broker a publisher class serves
+ConfigT = TypeVar("ConfigT", bound=PublisherSettings)
 
+
+class Publisher(ABC, Generic[ConfigT]):
+    """One broker client. Subclasses implement connect/publish/close and report readiness."""
+
+    #: the broker's name, first word of its error messages and ``PublishError.broker``
+    broker: ClassVar[str] = ""
+    #: the client's exceptions as our error types (anything else is a plain :class:`PublishError`)
+    errors: ClassVar[ErrorTable] = ()
     #: True when the broker uses :attr:`Message.key` (the event stage only computes it then).
     needs_key: bool = False
 
-    def __init__(self, cfg: PublisherConfig, ack_timeout: float = 10.0) -> None:
+    def __init__(self, cfg: ConfigT, ack_timeout: float = 10.0) -> None:
         self.cfg = cfg
-        #: seconds one publish may wait for its acknowledgement (``listener.ackTimeout``)
+        #: ``listener.ackTimeout``: the delivery stage's deadline per batch; publishers size their client's
+        #: own request timeouts and shutdown waits by it
         self.ack_timeout = ack_timeout
 
     @abstractmethod
@@ -62,8 +66,10 @@ class Publisher(ABC):
         """Connect and make sure the destination exists (stream, exchange, topics)."""
 
     @abstractmethod
-    async def send(self, batch: Sequence[Message]) -> Awaitable[AckResults]:
-        """Hand ``batch`` to the broker in order; the returned awaitable yields one result per message."""
+    async def publish(self, batch: Sequence[Message], acks: Acks) -> None:
+        """Hand ``batch`` to the broker in order and report the outcome of message ``i`` as
+        ``acks.settle(i, None | error)`` when it is known (now or later). Raising fails the whole batch;
+        :class:`BrokerConfigError` stops the listener."""
 
     @abstractmethod
     async def close(self) -> None:
@@ -74,8 +80,97 @@ class Publisher(ABC):
     def ready(self) -> bool:
         """True while the broker connection is up."""
 
+    async def send(self, batch: Sequence[Message]) -> Acks:
+        """:meth:`publish` with a new tracker whose deadline is :attr:`ack_timeout`, as the delivery stage
+        sends a batch; await the tracker for the results."""
+        return await publish(self, batch, self.ack_timeout)
 
-def tls_context(cfg: PublisherConfig, broker: str) -> ssl.SSLContext | None:
+    # -- shared helpers ---------------------------------------------------------------------------
+
+    def error(self, exc: BaseException, text: str) -> PublishError:
+        """``exc`` of the client as our error type (by :attr:`errors`), with the message
+        ``"<broker>: <text>"``; our own errors pass through."""
+        if isinstance(exc, PublishError):
+            return exc
+        return self.error_type(exc)(f"{self.broker}: {text}", broker=self.broker)
+
+    def error_type(self, exc: BaseException) -> type[PublishError]:
+        for classes, kind in self.errors:
+            if isinstance(exc, classes):
+                return kind
+        return PublishError
+
+    def too_large(self, message: Message, size: int, limit: int, what: str, detail: str = "") -> MessageTooLarge:
+        """Refuse ``message`` for good: ``size`` bytes (as the broker counts them) is more than ``limit``,
+        named ``what`` (e.g. "the server's max_payload"). Counted in ``oversized_events_total``."""
+        metrics.OVERSIZED.labels(message.table).inc()
+        return MessageTooLarge(
+            f"{self.broker}: event {message.id} of {message.schema}.{message.table} is {size} bytes and exceeds "
+            f"{what} of {limit} bytes" + (f" ({detail})" if detail else ""),
+            broker=self.broker,
+        )
+
+
+class Readiness:
+    """Whether the broker answers, for a client that reconnects on its own without saying so.
+
+    :meth:`down` on a connection-type failure (logged once; the publisher then refuses new batches at
+    once instead of piling them up in the client), :meth:`up` on an acknowledgement. A probe run every
+    ``interval`` seconds (:meth:`start`) notices an idle broker going away and coming back; ``back`` is
+    called when it does come back (before the publisher is ready again).
+    """
+
+    def __init__(self, broker: str, where: str, log: logging.Logger) -> None:
+        self.broker = broker
+        self.where = where
+        self.log = log
+        self.is_up = False
+        self._probe: asyncio.Task[None] | None = None
+
+    def up(self) -> None:
+        self.is_up = True
+
+    def down(self, why: object) -> None:
+        if self.is_up:
+            self.log.warning("%s: %s is not answering (%s); new batches are refused until it answers again",
+                             self.broker, self.where, why)
+            self.is_up = False
+
+    def start(self, check: Callable[[], Awaitable[object]], interval: float,
+              back: Callable[[], None] | None = None) -> None:
+        """Up, and probing with ``check`` (which raises when the broker cannot be reached)."""
+        self.is_up = True
+        if self._probe is None:
+            self._probe = asyncio.create_task(self._run(check, interval, back), name=f"{self.broker}-probe")
+
+    async def stop(self) -> None:
+        self.is_up = False
+        probe, self._probe = self._probe, None
+        if probe is not None:
+            probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await probe
+
+    async def _run(self, check: Callable[[], Awaitable[object]], interval: float,
+                   back: Callable[[], None] | None) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await asyncio.wait_for(check(), interval * 2)
+            except Exception as exc:
+                if self.is_up:
+                    self.log.warning("%s: %s is unreachable: %s", self.broker, self.where,
+                                     str(exc) or type(exc).__name__)
+                self.is_up = False
+            else:
+                if not self.is_up:
+                    self.log.info("%s: %s is reachable again", self.broker, self.where)
+                    if back is not None:
+                        back()
+                self.is_up = True
+
+
+def tls_context(cfg: TLSPublisherConfig, broker: str) -> ssl.SSLContext | None:
     """The TLS context from ``enableTLS``/``caCert``/``clientCert``/``clientKey`` (file paths), or None
     when none of them is set; files that cannot be loaded are a :class:`BrokerConfigError` naming the key."""
     if cfg.client_key and not cfg.client_cert:
@@ -95,30 +190,3 @@ def tls_context(cfg: PublisherConfig, broker: str) -> ssl.SSLContext | None:
                 f"cannot be loaded: {exc}"
             ) from None
     return context
-
-
-async def collect(futures: Iterable[Awaitable[object]]) -> AckResults:
-    """Await every acknowledgement; map each to None (acked) or its exception."""
-    results = await asyncio.gather(*futures, return_exceptions=True)
-    return [r if isinstance(r, BaseException) else None for r in results]
-
-
-def make_publisher(cfg: PublisherConfig, ack_timeout: float = 10.0) -> Publisher:
-    """The publisher for ``cfg.type``; broker libraries are imported only when used."""
-    from listener.config import PublisherType
-
-    if cfg.type is PublisherType.NATS:
-        from listener.publishers.nats import NatsPublisher
-
-        return NatsPublisher(cfg, ack_timeout)
-    if cfg.type is PublisherType.KAFKA:
-        from listener.publishers.kafka import KafkaPublisher
-
-        return KafkaPublisher(cfg, ack_timeout)
-    if cfg.type is PublisherType.RABBITMQ:
-        from listener.publishers.rabbitmq import RabbitMQPublisher
-
-        return RabbitMQPublisher(cfg, ack_timeout)
-    from listener.publishers.pubsub import PubSubPublisher
-
-    return PubSubPublisher(cfg, ack_timeout)

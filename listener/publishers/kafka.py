@@ -1,13 +1,13 @@
 """Kafka publisher (aiokafka): one producer, acks=all, every event keyed by its row.
 
-How acknowledgements are collected: ``send`` appends the records of the batch, in order, to record
+How acknowledgements are collected: ``publish`` appends the records of the batch, in order, to record
 batches of their partition (aiokafka's ``create_batch``; the partition chosen as ``producer.send``
 chooses it: murmur2 of the key) and hands those to aiokafka's accumulator with ``send_batch``, one
 future per record batch rather than one ``producer.send`` call, metadata lookup and future per
-record. It returns a task that gathers those futures. A future resolves when the partition leader
-answered the produce request with acks=all, so ``None`` in the results means "written to every
-in-sync replica". (Where aiokafka has no batch interface, each record goes through
-``producer.send``.)
+record. When a record batch's future resolves, its records are settled on the batch's tracker. It
+resolves when the partition leader answered the produce request with acks=all, so ``None`` in the
+results means "written to every in-sync replica". (Where aiokafka has no batch interface, each
+record goes through ``producer.send``.)
 
 Ordering: aiokafka keeps at most one produce request in flight per partition and re-queues a failed
 batch at the head of its partition's queue, so records of one key (one partition) are written in the
@@ -15,17 +15,17 @@ order they were handed over. With ``publisher.idempotent: true`` (the default) t
 never expires a batch: it retries until the broker is back, and sequence numbers stop the retries
 from writing duplicates. With ``idempotent: false`` a batch that cannot be delivered within the
 request timeout (``listener.ackTimeout``) fails. Either way the results of a batch are in after
-``ackTimeout``: what is not acknowledged by then is a :class:`PublishError` and the delivery stage
-sends it again, which can write duplicates (same ``id`` header) and, after an outage, a re-sent record
-lands after records that were already queued behind it.
+``ackTimeout``: what is not acknowledged by then fails with the delivery stage's :class:`AckTimeout`
+(which also marks the broker not ready) and is sent again, which can write duplicates (same ``id``
+header) and, after an outage, a re-sent record lands after records that were already queued behind it.
 
 Reconnects are aiokafka's own: it re-opens broker connections and refreshes metadata by itself. A
 connection-type failure marks the publisher not ready; until a metadata probe (every few seconds)
-reaches the cluster again, ``send`` fails new batches at once instead of piling them up in the
+reaches the cluster again, ``publish`` fails new batches at once instead of piling them up in the
 client, and after the outage every topic is looked up (or created) again before it is used. A
 transient failure in the middle of a batch stops handing over the rest of the batch (each remaining
-message, and each record batch not handed over yet, gets a :class:`PublishError` without being
-sent) so that nothing is written ahead of a message that the delivery stage will have to re-send.
+message, and each record batch not handed over yet, fails without being sent) so that nothing is
+written ahead of a message that the delivery stage will have to re-send.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Awaitable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -52,10 +52,11 @@ from aiokafka.errors import (
 )
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
-from listener.config import PublisherConfig
-from listener.errors import BrokerConfigError, PermanentPublishError, PublishError
-from listener.metrics import OVERSIZED
-from listener.publishers.base import AckResults, Message, Publisher, tls_context
+from listener.config import KafkaPublisherConfig
+from listener.delivery import Acks
+from listener.errors import BrokerConfigError, BrokerUnavailable, MessageTooLarge, PublishError
+from listener.message import Message
+from listener.publishers.base import Publisher, Readiness, tls_context
 
 log = logging.getLogger(__name__)
 
@@ -65,20 +66,9 @@ _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 _TOPIC_ALREADY_EXISTS = 36
 # Kafka's default max.message.bytes; a record above max(this, maxBatchBytes) is refused client-side
 _DEFAULT_MAX_REQUEST = 1048576
-_OVERSIZE_ERRORS = (MessageSizeTooLargeError, RecordListTooLargeError)
-# failures that mean "the broker is not reachable right now"
-_CONNECTION_ERRORS = (
-    KafkaConnectionError,
-    NodeNotReadyError,
-    RequestTimedOutError,
-    KafkaTimeoutError,
-    TimeoutError,
-    OSError,
-)
 
 
-
-def security_options(cfg: PublisherConfig) -> dict[str, Any]:
+def security_options(cfg: KafkaPublisherConfig) -> dict[str, Any]:
     """aiokafka's connection keywords for TLS and SASL (shared by the producer and the admin client)."""
     context = tls_context(cfg, "kafka")
     mechanism = cfg.sasl_mechanism or ("PLAIN" if cfg.username else "")
@@ -114,24 +104,21 @@ def check_topic_name(topic: str) -> None:
         )
 
 
-def _failed(exc: BaseException, count: int) -> list[asyncio.Future[Any]]:
-    futures: list[asyncio.Future[Any]] = []
-    loop = asyncio.get_running_loop()
-    for _ in range(count):
-        fut: asyncio.Future[Any] = loop.create_future()
-        fut.set_exception(exc)
-        futures.append(fut)
-    return futures
-
-
-class KafkaPublisher(Publisher):
+class KafkaPublisher(Publisher[KafkaPublisherConfig]):
     """Publishes each event to the Kafka topic named by its subject, keyed by the row's key."""
 
+    broker = "kafka"
+    errors = (
+        ((MessageSizeTooLargeError, RecordListTooLargeError), MessageTooLarge),
+        # the broker is not reachable right now
+        ((KafkaConnectionError, NodeNotReadyError, RequestTimedOutError, KafkaTimeoutError, TimeoutError, OSError),
+         BrokerUnavailable),
+    )
     needs_key = True
 
     def __init__(
         self,
-        cfg: PublisherConfig,
+        cfg: KafkaPublisherConfig,
         ack_timeout: float = 10.0,
         *,
         request_timeout_ms: int | None = None,
@@ -144,8 +131,7 @@ class KafkaPublisher(Publisher):
         self._producer: Any = None
         self._admin: Any = None
         self._known_topics: set[str] = set()
-        self._ready = False
-        self._probe: asyncio.Task[None] | None = None
+        self._readiness = Readiness(self.broker, f"broker {cfg.address}", log)
         self._max_request = max(_DEFAULT_MAX_REQUEST, cfg.max_batch_bytes)
         self._header_tails: dict[tuple[str, str, str], tuple[tuple[str, bytes], ...]] = {}
 
@@ -177,7 +163,7 @@ class KafkaPublisher(Publisher):
             await producer.start()
         except (TimeoutError, KafkaConnectionError, OSError) as exc:
             await self._stop_quietly(producer)
-            raise PublishError(f"kafka: cannot reach {cfg.address}: {exc}") from exc
+            raise BrokerUnavailable(f"kafka: cannot reach {cfg.address}: {exc}", broker=self.broker) from exc
         except KafkaError as exc:
             await self._stop_quietly(producer)
             if cfg.idempotent:
@@ -196,10 +182,9 @@ class KafkaPublisher(Publisher):
                 await admin.start()
             except (TimeoutError, KafkaError, OSError) as exc:
                 await self.close()
-                raise PublishError(f"kafka: cannot reach {cfg.address}: {exc}") from exc
+                raise BrokerUnavailable(f"kafka: cannot reach {cfg.address}: {exc}", broker=self.broker) from exc
             self._admin = admin
-        self._ready = True
-        self._probe = asyncio.create_task(self._probe_loop(), name="kafka-probe")
+        self._readiness.start(self._probe, self._probe_interval, self._known_topics.clear)
         log.info("kafka: connected to %s", cfg.address)
 
     @staticmethod
@@ -208,12 +193,7 @@ class KafkaPublisher(Publisher):
             await producer.stop()
 
     async def close(self) -> None:
-        self._ready = False
-        if self._probe is not None:
-            self._probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._probe
-            self._probe = None
+        await self._readiness.stop()
         if self._admin is not None:
             admin, self._admin = self._admin, None
             with contextlib.suppress(Exception):
@@ -232,27 +212,14 @@ class KafkaPublisher(Publisher):
 
     @property
     def ready(self) -> bool:
-        return self._producer is not None and self._ready
+        return self._producer is not None and self._readiness.is_up
 
-    async def _probe_loop(self) -> None:
-        """Ask the cluster for metadata now and then, so ``ready`` also notices an idle broker going away."""
-        while True:
-            await asyncio.sleep(self._probe_interval)
-            producer = self._producer
-            if producer is None:
-                return
-            try:
-                await asyncio.wait_for(producer.client.fetch_all_metadata(), self._probe_interval * 2)
-            except (TimeoutError, KafkaError, OSError):
-                if self._ready:
-                    log.warning("kafka: broker %s is unreachable", self.cfg.address)
-                self._ready = False
-            else:
-                if not self._ready:
-                    log.info("kafka: broker %s is reachable again", self.cfg.address)
-                    # It may have come back without our topics (a new or wiped broker): check them again.
-                    self._known_topics.clear()
-                self._ready = True
+    async def _probe(self) -> None:
+        """Metadata from the cluster (the readiness probe: it also notices an idle broker going away; when
+        the broker comes back, every topic is looked up, or created, again: it may be a new or wiped one)."""
+        producer = self._producer
+        if producer is not None:
+            await producer.client.fetch_all_metadata()
 
     # ------------------------------------------------------------------ topics
 
@@ -269,7 +236,7 @@ class KafkaPublisher(Publisher):
                     [NewTopic(topic, self.cfg.partitions, self.cfg.replication_factor)]
                 )
             except (TimeoutError, KafkaError, OSError) as exc:
-                raise PublishError(f"kafka: cannot create topic {topic!r}: {exc!r}") from exc
+                raise self.error(exc, f"cannot create topic {topic!r}: {exc!r}") from exc
             for name, code, *rest in response.topic_errors:
                 if code not in (0, _TOPIC_ALREADY_EXISTS):
                     detail = rest[0] if rest and rest[0] else f"error code {code}"
@@ -286,51 +253,76 @@ class KafkaPublisher(Publisher):
             try:
                 metadata = await self._producer.client.fetch_all_metadata()
             except (TimeoutError, KafkaError, OSError) as exc:
-                raise PublishError(f"kafka: cannot look up topic {topic!r}: {exc!r}") from exc
+                raise self.error(exc, f"cannot look up topic {topic!r}: {exc!r}") from exc
             if topic not in metadata.topics():
                 raise BrokerConfigError(
                     f"kafka: topic {topic!r} does not exist and the broker does not create topics; "
                     "create it or set publisher.createTopics: true"
                 ) from None
-            raise PublishError(f"kafka: topic {topic!r} has no partition leader yet") from None
+            raise BrokerUnavailable(f"kafka: topic {topic!r} has no partition leader yet", broker=self.broker) from None
         except TopicAuthorizationFailedError:
             raise BrokerConfigError(
                 f"kafka: user {self.cfg.username or '(anonymous)'!r} may not write to topic {topic!r}"
             ) from None
         except (TimeoutError, KafkaError, OSError) as exc:
-            raise PublishError(f"kafka: cannot look up topic {topic!r}: {exc!r}") from exc
+            raise self.error(exc, f"cannot look up topic {topic!r}: {exc!r}") from exc
         self._known_topics.add(topic)
 
     # ------------------------------------------------------------------ publishing
 
     def _down(self, exc: BaseException) -> None:
         """A connection-type failure: refuse new batches until the probe reaches the broker again."""
-        if isinstance(exc, _CONNECTION_ERRORS) and self._ready:
-            log.warning("kafka: broker %s not answering: %r", self.cfg.address, exc)
-            self._ready = False
+        if self.error_type(exc) is BrokerUnavailable:
+            self._readiness.down(repr(exc))
 
-    async def send(self, batch: Sequence[Message]) -> Awaitable[AckResults]:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.ack_timeout
+    async def publish(self, batch: Sequence[Message], acks: Acks) -> None:
         producer = self._producer
-        if producer is None or not self._ready:
+        if producer is None or not self._readiness.is_up:
             # Nothing is handed over while the broker is away: records queued now would only pile up
             # in the client (the delivery stage re-sends them anyway) and come out as duplicates.
             reason = "not connected" if producer is None else f"broker {self.cfg.address} unreachable"
-            return asyncio.ensure_future(self._gather(_failed(PublishError(f"kafka: {reason}"), len(batch)), batch, 0))
+            raise BrokerUnavailable(f"kafka: {reason}", broker=self.broker)
         try:
             for topic in dict.fromkeys(m.subject for m in batch):
                 if topic not in self._known_topics:
                     await self._ensure_topic(topic)
         except PublishError as exc:
-            self._ready = False
-            return asyncio.ensure_future(self._gather(_failed(exc, len(batch)), batch, 0))
-
+            self._readiness.down(exc)
+            raise
+        acks.on_timeout(self._timed_out)
         if all(hasattr(producer, name) for name in ("create_batch", "send_batch", "_partitioner")):
-            futures = await self._send_bulk(producer, batch)
+            await self._send_bulk(producer, batch, acks)
         else:
-            futures = await self._send_each(producer, batch)
-        return asyncio.ensure_future(self._gather(futures, batch, deadline))
+            await self._send_each(producer, batch, acks)
+
+    def _timed_out(self) -> None:
+        self._readiness.down(f"no acknowledgement within {self.ack_timeout:g}s")
+
+    def _settle_on(self, acks: Acks, batch: Sequence[Message], indices: list[int]) -> Callable[[Any], None]:
+        """The done-callback of a record batch's future: settles the events it holds."""
+
+        def done(future: Any) -> None:
+            if future.cancelled():
+                exc: BaseException | None = asyncio.CancelledError()
+            else:
+                exc = future.exception()
+            if exc is None:
+                self._readiness.up()
+                for index in indices:
+                    acks.settle(index)
+                return
+            for index in indices:
+                acks.settle(index, self._failure(batch[index], exc))
+
+        return done
+
+    def _failure(self, message: Message, exc: BaseException) -> PublishError:
+        if isinstance(exc, PublishError):
+            return exc
+        if self.error_type(exc) is MessageTooLarge:
+            return self._oversized(message, exc)
+        self._down(exc)
+        return self.error(exc, f"{message.subject!r} not acknowledged: {exc!r}")
 
     def _headers(self, message: Message) -> list[tuple[str, bytes]]:
         """The record headers: :meth:`Message.attributes`, encoded (the repeating part cached)."""
@@ -345,7 +337,7 @@ class KafkaPublisher(Publisher):
                 self._header_tails[key] = tail
         return [("id", message.id.encode()), *tail]
 
-    async def _send_bulk(self, producer: Any, batch: Sequence[Message]) -> list[asyncio.Future[Any]]:
+    async def _send_bulk(self, producer: Any, batch: Sequence[Message], acks: Acks) -> None:
         """Append the batch's records, in order, to record batches of their partition (``create_batch``)
         and hand those over with ``send_batch``: one future per record batch instead of one per event,
         no per-event metadata lookups. Partitions are chosen as ``producer.send`` chooses them."""
@@ -366,7 +358,6 @@ class KafkaPublisher(Publisher):
                 break
             layouts[topic] = (list(partitions), list(cluster.available_partitions_for_topic(topic) or ()))
 
-        futures: list[asyncio.Future[Any] | None] = [None] * len(batch)
         open_batches: dict[tuple[str, int], _Records] = {}
         in_order: list[_Records] = []
         for index in range(stop):
@@ -379,9 +370,9 @@ class KafkaPublisher(Publisher):
             if len(body) > self._max_request // 2:
                 size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, body, headers)
                 if size > self._max_request:
-                    futures[index] = _failed(self._oversized(message, MessageSizeTooLargeError(
+                    acks.settle(index, self._oversized(message, MessageSizeTooLargeError(
                         f"The message is {size} bytes when serialized which is larger than the maximum request "
-                        "size you have configured with the max_request_size configuration")), 1)[0]
+                        "size you have configured with the max_request_size configuration")))
                     continue
             records = open_batches.get((topic, partition))
             if records is None or records.builder.append(timestamp=None, key=key, value=body, headers=headers) is None:
@@ -399,81 +390,40 @@ class KafkaPublisher(Publisher):
                 except (TimeoutError, KafkaError, OSError) as exc:
                     # Do not hand over anything after a record batch that was not taken: it would overtake it.
                     error = self._not_queued(records.topic, exc)
-            if error is not None:
-                future = _failed(error, 1)[0]
-            future.add_done_callback(_consume)
+                else:
+                    future.add_done_callback(self._settle_on(acks, batch, records.indices))
+                    continue
             for index in records.indices:
-                futures[index] = future
-        if stop < len(batch):
-            assert error is not None
-            futures[stop:] = _failed(error, len(batch) - stop)
-        return [f if f is not None else _failed(PublishError("kafka: not handed over"), 1)[0] for f in futures]
+                acks.settle(index, error)
+        for index in range(stop, len(batch)):
+            acks.settle(index, error)
 
     def _not_queued(self, topic: str, exc: BaseException) -> PublishError:
         self._down(exc)
         if isinstance(exc, UnknownTopicOrPartitionError):
             self._known_topics.discard(topic)  # look it up (or create it) again
-        return PublishError(f"kafka: could not queue the event for {topic!r}: {exc!r}")
+        return self.error(exc, f"could not queue the event for {topic!r}: {exc!r}")
 
-    async def _send_each(self, producer: Any, batch: Sequence[Message]) -> list[asyncio.Future[Any]]:
+    async def _send_each(self, producer: Any, batch: Sequence[Message], acks: Acks) -> None:
         """One ``producer.send`` per event: for an aiokafka without the batch interface."""
-        futures: list[asyncio.Future[Any]] = []
         for index, message in enumerate(batch):
             headers = self._headers(message)
             try:
                 future = await producer.send(message.subject, message.body, key=message.key, headers=headers)
-            except _OVERSIZE_ERRORS as exc:
-                futures.extend(_failed(self._oversized(message, exc), 1))
-                continue
             except (TimeoutError, KafkaError, OSError) as exc:
+                if self.error_type(exc) is MessageTooLarge:
+                    acks.settle(index, self._oversized(message, exc))
+                    continue
                 # Do not hand over anything after a message that was not taken: it would overtake it.
-                self._down(exc)
-                if isinstance(exc, UnknownTopicOrPartitionError):
-                    self._known_topics.discard(message.subject)  # look it up (or create it) again
-                error = PublishError(f"kafka: could not queue the event for {message.subject!r}: {exc!r}")
-                futures.extend(_failed(error, len(batch) - index))
-                break
-            future.add_done_callback(_consume)
-            futures.append(future)
-        return futures
+                error = self._not_queued(message.subject, exc)
+                for rest in range(index, len(batch)):
+                    acks.settle(rest, error)
+                return
+            future.add_done_callback(self._settle_on(acks, batch, [index]))
 
-    def _oversized(self, message: Message, exc: BaseException) -> PermanentPublishError:
-        OVERSIZED.labels(message.table).inc()
-        return PermanentPublishError(
-            f"kafka: event {message.id} of {message.schema}.{message.table} is {len(message.body)} bytes, "
-            f"more than the broker or max request size ({self._max_request} bytes) accepts: {exc}"
-        )
-
-    async def _gather(
-        self, futures: list[asyncio.Future[Any]], batch: Sequence[Message], deadline: float
-    ) -> AckResults:
-        """Wait for every ack, but not past ``deadline`` (loop time; 0: the futures are all done)."""
-        pending: set[asyncio.Future[Any]] = set()
-        if futures and deadline:
-            timeout = max(0.0, deadline - asyncio.get_running_loop().time())
-            _, pending = await asyncio.wait(futures, timeout=timeout)
-        results: AckResults = []
-        ok = False
-        for message, future in zip(batch, futures, strict=True):
-            if future in pending:
-                error = PublishError(f"kafka: no ack for event {message.id} within {self.ack_timeout:g}s")
-                self._down(TimeoutError())
-                results.append(error)
-                continue
-            outcome = _outcome(future)
-            if outcome is None:
-                ok = True
-                results.append(None)
-            elif isinstance(outcome, PublishError):
-                results.append(outcome)
-            elif isinstance(outcome, _OVERSIZE_ERRORS):
-                results.append(self._oversized(message, outcome))
-            else:
-                self._down(outcome)
-                results.append(PublishError(f"kafka: {message.subject!r} not acknowledged: {outcome!r}"))
-        if ok:
-            self._ready = True
-        return results
+    def _oversized(self, message: Message, exc: BaseException) -> PublishError:
+        return self.too_large(message, len(message.body), self._max_request,
+                              "what the broker or the max request size accepts", str(exc))
 
 
 class _Records:
@@ -486,15 +436,3 @@ class _Records:
         self.partition = partition
         self.builder = builder
         self.indices: list[int] = []
-
-
-def _outcome(future: asyncio.Future[Any]) -> BaseException | None:
-    if future.cancelled():
-        return asyncio.CancelledError()
-    return future.exception()
-
-
-def _consume(future: Any) -> None:
-    """Retrieve a late outcome, so asyncio does not log "exception was never retrieved"."""
-    if not future.cancelled():
-        future.exception()

@@ -2,17 +2,20 @@
 
 Each event is published with a reply subject ``<inbox>.<seq>`` and the header ``Nats-Msg-Id`` set to
 the event id; JetStream answers every publish on its reply subject, so one wildcard subscription
-collects all acks and a batch resolves when its last ack arrived (or ``ackTimeout`` passed, which
-fails the rest of it for a retry). Replays inside the stream's duplicate window are dropped by the
-server (the ack says ``duplicate``). The stream ``publisher.topic`` with subjects ``<topic>.>`` is
-created when missing. Events of one subject keep their commit order: one connection, sent in order.
+collects all acks and settles each message on the batch's tracker (the delivery stage fails what is
+still unacknowledged after ``ackTimeout``; an ack arriving after that is ignored). Replays inside
+the stream's duplicate window are dropped by the server (the ack says ``duplicate``). The stream
+``publisher.topic`` with subjects ``<topic>.>`` is created when missing. Events of one subject keep
+their commit order: one connection, sent in order.
 
-The hot path works in bulk. ``send`` writes the ``HPUB`` frames of a whole batch itself (the same
+The hot path works in bulk. ``publish`` writes the ``HPUB`` frames of a whole batch itself (the same
 bytes nats-py's ``publish`` writes for a message with one header) as one command into the client's
 pending buffer and kicks its flusher once, instead of one ``publish`` call per event. nats-py's
 buffering rules still hold: while the client is reconnecting the frames wait in its pending buffer
-(up to ``pending_size``; what does not fit fails with a :class:`PublishError`, and so does everything
-after it in the batch, so nothing overtakes a message that has to be sent again). Acks are taken from
+(up to ``pending_size``; what does not fit fails with :class:`BrokerUnavailable`, and so does everything
+after it in the batch, so nothing overtakes a message that has to be sent again). When the connection
+breaks, the frames of every batch not fully acknowledged are put at the front of the buffer again, so
+that after the reconnect nothing written later is stored before them. Acks are taken from
 the protocol parser directly for our reply subscription (no ``Msg`` object, queue hop or callback
 task per ack), and runs of complete ack frames at the start of a read are cut off before nats-py's
 regex parser sees them; every other frame, and other subscriptions of the client, go nats-py's way.
@@ -26,8 +29,7 @@ import asyncio
 import contextlib
 import logging
 import re
-import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import nats
@@ -38,9 +40,11 @@ from nats.js.errors import NotFoundError
 from nats.protocol import parser as nats_parser
 
 from listener import hotpath
-from listener.config import PublisherConfig, redact_url
-from listener.errors import BrokerConfigError, PermanentPublishError, PublishError
-from listener.publishers.base import AckResults, Message, Publisher, tls_context
+from listener.config import NatsPublisherConfig, redact_url
+from listener.delivery import Acks
+from listener.errors import BrokerConfigError, BrokerUnavailable, MessageRejected, PublishError
+from listener.message import Message
+from listener.publishers.base import Publisher, tls_context
 
 log = logging.getLogger("listener.publishers.nats")
 
@@ -55,37 +59,35 @@ _BULK_ATTRIBUTES = ("_send_command", "_flush_pending", "_flush_queue", "_max_pen
                     "stats")
 
 
-class _Pending:
-    """The acks one batch still waits for, and its frames (sent again first after a reconnect)."""
+class _Written:
+    """The sequence numbers a batch's publishes got, and its frames (sent again first after a reconnect)."""
 
-    __slots__ = ("deadline", "first_seq", "frames", "future", "remaining", "results")
+    __slots__ = ("first", "frames", "last")
 
-    def __init__(self, size: int, deadline: float) -> None:
-        self.results: AckResults = [None] * size
-        self.remaining = size
-        self.deadline = deadline
-        self.future: asyncio.Future[AckResults] = asyncio.get_running_loop().create_future()
-        self.frames = b""  # the HPUB frames as written (bulk path)
-        self.first_seq = 0
-
-    def resolve(self, index: int, result: BaseException | None) -> None:
-        self.results[index] = result
-        self.remaining -= 1
-        if self.remaining == 0 and not self.future.done():
-            self.future.set_result(self.results)
+    def __init__(self, first: int, last: int, frames: bytes) -> None:
+        self.first = first
+        self.last = last
+        self.frames = frames  # the HPUB frames as written (bulk path)
 
 
-class NatsPublisher(Publisher):
+class NatsPublisher(Publisher[NatsPublisherConfig]):
     """Publishes events to the JetStream stream ``publisher.topic``."""
 
-    def __init__(self, cfg: PublisherConfig, ack_timeout: float = 10.0) -> None:
+    broker = "nats"
+    errors = (
+        (nats.errors.BadSubjectError, MessageRejected),
+        ((nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError,
+          nats.errors.ConnectionReconnectingError, nats.errors.OutboundBufferLimitError, nats.errors.NoServersError,
+          nats.errors.StaleConnectionError, TimeoutError, OSError), BrokerUnavailable),
+    )
+
+    def __init__(self, cfg: NatsPublisherConfig, ack_timeout: float = 10.0) -> None:
         super().__init__(cfg, ack_timeout)
         self._nc: Client | None = None
         self._inbox = ""
         self._seq = 0
-        self._waiting: dict[int, tuple[_Pending, int]] = {}
-        self._batches: set[_Pending] = set()
-        self._sweeper: asyncio.Task[None] | None = None
+        self._waiting: dict[int, tuple[Acks, int]] = {}  # sequence number -> (its batch, index in it)
+        self._batches: dict[Acks, _Written] = {}  # batches with publishes on the wire
         self._max_payload = 1024 * 1024
         self._closing = False  # close() was called: a closed client is not re-opened
         self._reopening: asyncio.Task[None] | None = None
@@ -160,8 +162,9 @@ class NatsPublisher(Publisher):
             reason = nc.last_error or exc
             with contextlib.suppress(Exception):
                 await nc.close()
-            raise PublishError(
-                f"nats: cannot connect to {redact_url(self.cfg.address)}: {reason or type(reason).__name__}"
+            raise BrokerUnavailable(
+                f"nats: cannot connect to {redact_url(self.cfg.address)}: {reason or type(reason).__name__}",
+                broker=self.broker,
             ) from None
         self._nc = nc
         self._max_payload = nc.max_payload or self._max_payload
@@ -176,8 +179,6 @@ class NatsPublisher(Publisher):
         sub = await nc.subscribe(self._inbox + ".*", cb=self._on_ack, pending_msgs_limit=-1, pending_bytes_limit=-1)
         self._bulk = all(hasattr(nc, name) for name in _BULK_ATTRIBUTES)
         self._take_acks_from_parser(nc, getattr(sub, "_id", None))
-        if self._sweeper is None:
-            self._sweeper = asyncio.create_task(self._sweep(), name="nats-ack-timeouts")
 
     def _reopen(self, closed: Client) -> None:
         if self._reopening is not None and not self._reopening.done():
@@ -188,7 +189,7 @@ class NatsPublisher(Publisher):
 
     async def _reconnect(self) -> None:
         """Connect a new client after the old one was closed (publishes waiting for an ack on the old
-        one time out and are retried by the delivery stage)."""
+        one fail by the delivery stage's ack timeout and are retried)."""
         delay = 0.5
         while not self._closing:
             try:
@@ -292,7 +293,7 @@ class NatsPublisher(Publisher):
                         if answer.__class__ is int:  # a plain ack
                             entry = pop(answer, None)
                             if entry is not None:  # else: a late ack of a publish already timed out
-                                entry[0].resolve(entry[1], None)
+                                entry[0].settle(entry[1])
                         else:
                             ack(answer[0], b"", answer[1])  # type: ignore[index]
                 while data.startswith(b"MSG ", at):
@@ -329,16 +330,18 @@ class NatsPublisher(Publisher):
         entry = self._waiting.pop(seq, None)
         if entry is None:
             return  # late ack of a publish already timed out and retried
-        pending, index = entry
-        result: BaseException | None = None
+        acks, index = entry
+        result: PublishError | None = None
         if status == b"503":
-            result = PublishError(f"nats: no JetStream stream listens on this subject (stream {self.cfg.topic!r})")
+            result = MessageRejected(
+                f"nats: no JetStream stream listens on this subject (stream {self.cfg.topic!r})", broker="nats"
+            )
         elif b'"error"' in data[:20]:
             result = self._rejection(data)
-        pending.resolve(index, result)
+        acks.settle(index, result)
 
     @staticmethod
-    def _rejection(data: bytes) -> PublishError | None:
+    def _rejection(data: bytes) -> MessageRejected | None:
         """The error of a JetStream answer that carries one (it runs inside the client's protocol
         parser, so it never raises)."""
         try:
@@ -349,17 +352,10 @@ class NatsPublisher(Publisher):
         if not err:
             return None  # e.g. {"stream":"error","seq":1}: an ack from a stream named "error"
         if not isinstance(err, dict):
-            return PublishError(f"nats: JetStream rejected the message: {err}")
+            return MessageRejected(f"nats: JetStream rejected the message: {err}", broker="nats")
         text = f"nats: JetStream rejected the message: {err.get('description', err)}"
         code = err.get("err_code") or err.get("code")
-        return PermanentPublishError(text) if code in (10054, 400) else PublishError(text)
-
-    async def _sweep(self) -> None:
-        while True:
-            await asyncio.sleep(0.25)
-            now = time.monotonic()
-            for pending in [p for p in self._batches if p.deadline <= now]:
-                self._fail(pending, PublishError(f"nats: no ack within {self.ack_timeout:g}s"))
+        return MessageRejected(text, broker="nats", retryable=code not in (10054, 400))
 
     async def _resend_unacked(self, nc: Client) -> None:
         """The connection broke: frames of batches not fully acked may have died with it, while frames
@@ -367,44 +363,50 @@ class NatsPublisher(Publisher):
         a later change of a row landing before an earlier one. So every unacked batch's frames go to the
         front of the buffer, in the order they were first sent; JetStream drops the copies it already
         stored (Nats-Msg-Id) and the acks that come back settle the batches."""
-        unacked = sorted((p for p in self._batches if p.remaining and p.frames), key=lambda p: p.first_seq)
+        unacked = sorted((w for acks, w in self._batches.items() if not acks.done and w.frames), key=lambda w: w.first)
         if unacked:
             try:
                 await nc._send_command(b"".join(p.frames for p in unacked), priority=True)
             except Exception as exc:  # the batches then fail by their ack timeout and are retried
                 log.warning("nats: cannot queue unacked events again", extra={"fields": {"error": str(exc)}})
 
-    def _fail(self, pending: _Pending, error: BaseException) -> None:
-        for seq in [s for s, (p, _) in self._waiting.items() if p is pending]:
-            _, index = self._waiting.pop(seq)
-            pending.resolve(index, error)
-        self._batches.discard(pending)
+    def _written(self, acks: Acks, first: int, last: int, frames: bytes) -> None:
+        """Publishes ``first``..``last`` of ``acks``'s batch are on their way: remember them until settled."""
+        if last >= first and not acks.done:
+            self._batches[acks] = _Written(first, last, frames)
+            acks.add_done_callback(self._forget)
 
-    async def send(self, batch: Sequence[Message]) -> Awaitable[AckResults]:
+    def _forget(self, acks: Acks) -> None:
+        """The batch is settled; when by its ack timeout, acks still to come for it are ignored."""
+        written = self._batches.pop(acks, None)
+        if written is not None and acks.timed_out:
+            waiting = self._waiting
+            for seq in range(written.first, written.last + 1):
+                entry = waiting.get(seq)
+                if entry is not None and entry[0] is acks:
+                    del waiting[seq]
+
+    async def publish(self, batch: Sequence[Message], acks: Acks) -> None:
         nc = self._nc
         if nc is None:
-            raise PublishError("nats: not connected")
-        pending = _Pending(len(batch), time.monotonic() + self.ack_timeout)
-        self._batches.add(pending)
-        pending.future.add_done_callback(lambda _: self._batches.discard(pending))
+            raise BrokerUnavailable("nats: not connected", broker=self.broker)
         if self._bulk:
-            await self._send_bulk(nc, batch, pending)
+            await self._send_bulk(nc, batch, acks)
         else:
-            await self._send_each(nc, batch, pending)
-        return pending.future
+            await self._send_each(nc, batch, acks)
 
-    def _too_large(self, message: Message) -> PermanentPublishError | None:
+    def _too_large(self, message: Message) -> PublishError | None:
         # the header counts: a message over max_payload makes the server close the connection
-        if len(message.body) + _HEADER_BYTES + len(message.id) <= self._max_payload:
+        size = len(message.body) + _HEADER_BYTES + len(message.id)
+        if size <= self._max_payload:
             return None
-        from listener import metrics
+        return self.too_large(message, size, self._max_payload, "the server's max_payload",
+                              "its Nats-Msg-Id header counted")
 
-        metrics.OVERSIZED.labels(message.table).inc()
-        return PermanentPublishError(
-            f"nats: event of {len(message.body)} bytes (with its header) exceeds the server's "
-            f"max_payload of {self._max_payload} bytes")
+    def _refused(self, exc: BaseException) -> PublishError:
+        return self.error(exc, f"publish failed: {exc or type(exc).__name__}")
 
-    async def _send_bulk(self, nc: Client, batch: Sequence[Message], pending: _Pending) -> None:
+    async def _send_bulk(self, nc: Client, batch: Sequence[Message], acks: Acks) -> None:
         """Write the batch's HPUB frames as one command into the client's pending buffer."""
         refused: nats.errors.Error | None = None
         if nc.is_closed:
@@ -416,7 +418,7 @@ class NatsPublisher(Publisher):
         limit = self._max_payload - _HEADER_BYTES
         subjects = self._subjects
         waiting = self._waiting
-        resolve = pending.resolve
+        settle = acks.settle
         seq = first = self._seq
         parts: list[bytes] = []
         extend = parts.extend
@@ -430,7 +432,7 @@ class NatsPublisher(Publisher):
             payload = built[1]
             for index in range(len(batch)):
                 seq += 1
-                waiting[seq] = (pending, index)
+                waiting[seq] = (acks, index)
             batch = ()
         for message in batch:
             index += 1
@@ -438,15 +440,15 @@ class NatsPublisher(Publisher):
             value = message.id
             subject = message.subject
             if len(body) + len(value) > limit:
-                resolve(index, self._too_large(message))
+                settle(index, self._too_large(message))
                 continue
             if subject not in subjects:
                 prefix = self._prefix(subject)
                 if prefix is None:
-                    resolve(index, PublishError(f"nats: publish failed: {nats.errors.BadSubjectError()}"))
+                    settle(index, self._refused(nats.errors.BadSubjectError()))
                     continue
             if refused is not None:
-                resolve(index, PublishError(f"nats: publish failed: {refused}"))
+                settle(index, self._refused(refused))
                 continue
             value = value.strip()
             if "\r" in value or "\n" in value:
@@ -460,26 +462,26 @@ class NatsPublisher(Publisher):
                 # the buffer is full: this message and the rest of the batch fail, none overtakes it
                 refused = nats.errors.OutboundBufferLimitError()
                 seq -= 1
-                resolve(index, PublishError(f"nats: publish failed: {refused}"))
+                settle(index, self._refused(refused))
                 continue
-            waiting[seq] = (pending, index)
+            waiting[seq] = (acks, index)
             extend((head, body, b"\r\n"))
             payload += len(body)
         self._seq = seq
         if not parts:
             return
-        pending.frames = b"".join(parts)
-        pending.first_seq = first + 1
+        frames = b"".join(parts)
+        self._written(acks, first + 1, seq, frames)
         try:
-            await nc._send_command(pending.frames)
+            await nc._send_command(frames)
             if nc._flush_queue is not None and nc._flush_queue.empty():
                 await nc._flush_pending()
         except Exception as exc:
-            error = PublishError(f"nats: publish failed: {exc or type(exc).__name__}")
+            error = self._refused(exc)
             for number in range(first + 1, seq + 1):
                 entry = waiting.pop(number, None)
                 if entry is not None:
-                    resolve(entry[1], error)
+                    settle(entry[1], error)
             return
         nc.stats["out_msgs"] += seq - first
         nc.stats["out_bytes"] += payload
@@ -493,32 +495,32 @@ class NatsPublisher(Publisher):
         prefix = self._subjects[subject] = f"HPUB {subject} {self._inbox}."
         return prefix
 
-    async def _send_each(self, nc: Client, batch: Sequence[Message], pending: _Pending) -> None:
+    async def _send_each(self, nc: Client, batch: Sequence[Message], acks: Acks) -> None:
         """One ``publish`` per message: for a client without the internals of the bulk path."""
         inbox = self._inbox
         publish = nc.publish
+        first = self._seq + 1
         for index, message in enumerate(batch):
             too_large = self._too_large(message)
             if too_large is not None:
-                pending.resolve(index, too_large)
+                acks.settle(index, too_large)
                 continue
             self._seq += 1
             seq = self._seq
-            self._waiting[seq] = (pending, index)
+            self._waiting[seq] = (acks, index)
+            if seq == first:
+                self._written(acks, first, first + len(batch) - 1, b"")
             try:
                 await publish(message.subject, message.body, reply=f"{inbox}.{seq}",
                               headers={"Nats-Msg-Id": message.id})
             except Exception as exc:
                 self._waiting.pop(seq, None)
-                pending.resolve(index, PublishError(f"nats: publish failed: {exc or type(exc).__name__}"))
+                acks.settle(index, self._refused(exc))
 
     async def close(self) -> None:
         self._closing = True
         if self._reopening is not None:
             self._reopening.cancel()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
         if self._nc is not None:
             try:
                 await self._nc.drain()

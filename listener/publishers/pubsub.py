@@ -1,17 +1,18 @@
 """Google Cloud Pub/Sub publisher (google-cloud-pubsub), also against the emulator.
 
-How acknowledgements are collected: the client is thread based. ``send`` calls
+How acknowledgements are collected: the client is thread based. ``publish`` calls
 ``PublisherClient.publish`` for every message of the batch, in order, from the event loop (the call
 only appends to the client's in-memory batch; the RPCs run in the client's own threads). Each
 returned ``concurrent.futures`` future gets a done-callback that stores its outcome in one
-per-batch record; when the last one is in, the record wakes the event loop once with
-``loop.call_soon_threadsafe``. So the loop is never blocked and there is one cross-thread wake-up
-per batch, not one per message. ``None`` in the results means Pub/Sub returned a message id for it.
-A batch's results are in after ``listener.ackTimeout`` at the latest (the client's own retries stop
-then too); what has no result by then is a :class:`PublishError`, sent again by the delivery stage.
+per-batch relay; when the last one is in, the relay wakes the event loop once with
+``loop.call_soon_threadsafe`` and the outcomes are settled on the batch's tracker there. So the loop
+is never blocked and there is one cross-thread wake-up per batch, not one per message. ``None`` in
+the results means Pub/Sub returned a message id for it. The client's own retries stop after
+``listener.ackTimeout``; what has no result when the delivery stage's deadline passes fails with
+:class:`AckTimeout` (the outcomes in by then are handed over first) and is sent again.
 
 Reconnects are gRPC's own. A failure that means "unreachable" marks the publisher not ready; until a
-cheap probe RPC (every few seconds) answers again, ``send`` fails new batches at once instead of
+cheap probe RPC (every few seconds) answers again, ``publish`` fails new batches at once instead of
 queueing them in the client.
 
 Ordering (``publisher.enableOrdering``): the row key becomes the ordering key, so Pub/Sub delivers
@@ -25,7 +26,7 @@ Pub/Sub out of order, whatever order the delivery stage re-sends them in.
 
 Topics: each subject maps to a topic id (see :func:`topic_id`). A topic is checked once, when the
 first event for it is sent: missing and ``createTopics: true`` → created; missing otherwise →
-:class:`BrokerConfigError` naming it (raised by ``send`` before anything of the batch is sent).
+:class:`BrokerConfigError` naming it (raised by ``publish`` before anything of the batch is sent).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Awaitable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from google.api_core import exceptions as gexc
@@ -48,10 +49,11 @@ from google.cloud.pubsub_v1.publisher.exceptions import (
     PublishToPausedOrderingKeyException,
 )
 
-from listener.config import PublisherConfig
-from listener.errors import BrokerConfigError, PermanentPublishError, PublishError
-from listener.metrics import OVERSIZED
-from listener.publishers.base import AckResults, Message, Publisher
+from listener.config import GooglePubSubPublisherConfig
+from listener.delivery import Acks
+from listener.errors import BrokerConfigError, BrokerUnavailable, MessageRejected, MessageTooLarge, PublishError
+from listener.message import Message
+from listener.publishers.base import Publisher, Readiness
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +70,6 @@ _RETRYABLE = (
     gexc.ServiceUnavailable,
     gexc.Unknown,
 )
-
-
-class _AckTimeout(PublishError):
-    """No result within ``listener.ackTimeout``."""
-
-
-# outcomes that mean "Pub/Sub cannot be reached right now"
-_TRANSIENT = (*_RETRYABLE, gexc.RetryError, _AckTimeout)
 
 
 def topic_id(subject: str) -> str:
@@ -115,51 +109,51 @@ def ordering_key(key: bytes | None) -> str:
     return "sha256:" + hashlib.sha256(key).hexdigest()
 
 
-class _BatchAcks:
-    """Outcomes of one batch, filled from the client's threads; resolves one asyncio future."""
+Outcomes = list[tuple[int, BaseException | None]]
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, size: int) -> None:
+
+class _Relay:
+    """Outcomes of one batch's messages, put from the client's threads (or the event loop) and handed
+    to ``hand_over`` on the event loop: all in one go when the last one is in, or what is in so far
+    when :meth:`flush` is called (the delivery stage's deadline passed)."""
+
+    __slots__ = ("hand_over", "items", "left", "lock", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, size: int, hand_over: Callable[[Outcomes], None]) -> None:
         self.loop = loop
-        self.outcomes: list[BaseException | None] = [None] * size
-        self.settled = [False] * size
-        self.remaining = size
-        self.closed = False
+        self.hand_over = hand_over
+        self.items: Outcomes = []
+        self.left = size
         self.lock = threading.Lock()
-        self.future: asyncio.Future[None] = loop.create_future()
-        if size == 0:
-            self.future.set_result(None)
 
-    def settle(self, index: int, outcome: BaseException | None) -> None:
+    def put(self, index: int, outcome: BaseException | None) -> None:
         with self.lock:
-            if self.closed or self.settled[index]:
-                return
-            self.outcomes[index] = outcome
-            self.settled[index] = True
-            self.remaining -= 1
-            last = self.remaining == 0
+            self.items.append((index, outcome))
+            self.left -= 1
+            last = self.left == 0
         if last:
-            self.loop.call_soon_threadsafe(self._finish)
+            self.loop.call_soon_threadsafe(self.flush)
 
-    def expire(self, error: BaseException) -> None:
-        """The deadline passed: every message still waiting gets ``error``; later outcomes are ignored."""
+    def flush(self) -> None:
         with self.lock:
-            self.closed = True
-            for index, settled in enumerate(self.settled):
-                if not settled:
-                    self.outcomes[index] = error
-                    self.settled[index] = True
-
-    def _finish(self) -> None:
-        if not self.future.done():
-            self.future.set_result(None)
+            items, self.items = self.items, []
+        if items:
+            self.hand_over(items)
 
 
-class PubSubPublisher(Publisher):
+class PubSubPublisher(Publisher[GooglePubSubPublisherConfig]):
     """Publishes each event to the Pub/Sub topic of its subject in ``publisher.pubSubProjectID``."""
+
+    broker = "pubsub"
+    errors = (
+        (MessageTooLargeError, MessageTooLarge),
+        ((*_RETRYABLE, gexc.RetryError, OSError), BrokerUnavailable),  # Pub/Sub cannot be reached right now
+        ((gexc.NotFound, gexc.PermissionDenied, gexc.InvalidArgument, gexc.FailedPrecondition), MessageRejected),
+    )
 
     def __init__(
         self,
-        cfg: PublisherConfig,
+        cfg: GooglePubSubPublisherConfig,
         ack_timeout: float = 10.0,
         *,
         rpc_timeout: float = 10.0,
@@ -174,9 +168,8 @@ class PubSubPublisher(Publisher):
         self._probe_interval = probe_interval
         self._client: Any = None
         self._known_topics: set[str] = set()
-        self._ready = False
-        self._probe: asyncio.Task[None] | None = None
-        self._pending: set[asyncio.Future[None]] = set()
+        self._readiness = Readiness(self.broker, "Pub/Sub", log)
+        self._pending: set[asyncio.Future[Any]] = set()  # the batches (trackers) waiting for results
         # ordering: (topic path, ordering key) -> (sequence number, event id) of the first failed message
         self._paused: dict[tuple[str, str], tuple[int, str]] = {}
         self._paused_lock = threading.Lock()
@@ -194,6 +187,7 @@ class PubSubPublisher(Publisher):
             timeout=max(self.ack_timeout, 1.0),  # give up about when the delivery stage stops waiting
         )
         return pubsub_v1.PublisherClient(
+            client_options={"api_endpoint": cfg.address} if cfg.address else None,
             batch_settings=pubsub_v1.types.BatchSettings(
                 max_bytes=9_000_000,  # below the 10 MB request limit, few large requests
                 max_latency=max(cfg.linger_ms, 1) / 1000,
@@ -222,9 +216,9 @@ class PubSubPublisher(Publisher):
             await asyncio.to_thread(self._shutdown, client)
             raise
         self._client = client
-        self._ready = True
-        self._probe = asyncio.create_task(self._probe_loop(), name="pubsub-probe")
-        where = os.environ.get("PUBSUB_EMULATOR_HOST") or "pubsub.googleapis.com"
+        where = os.environ.get("PUBSUB_EMULATOR_HOST") or self.cfg.address or "pubsub.googleapis.com"
+        self._readiness.where = where
+        self._readiness.start(self._probe, self._probe_interval)
         log.info("pubsub: connected to %s, project %s", where, self._project)
 
     async def _check_project(self, client: Any) -> None:
@@ -249,29 +243,15 @@ class PubSubPublisher(Publisher):
             raise BrokerConfigError(
                 f"pubsub: project {self._project!r} refused: {exc.message or type(exc).__name__}"
             ) from exc
-        except (gexc.GoogleAPICallError, gexc.RetryError, OSError) as exc:
-            raise PublishError(f"pubsub: cannot reach {where}: {type(exc).__name__}: {exc}") from exc
         except Exception as exc:
-            raise PublishError(f"pubsub: cannot reach {where}: {type(exc).__name__}: {exc}") from exc
+            raise BrokerUnavailable(f"pubsub: cannot reach {where}: {type(exc).__name__}: {exc}",
+                                    broker=self.broker) from exc
 
-    async def _probe_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._probe_interval)
-            client = self._client
-            if client is None:
-                return
-            try:
-                await self._check_project(client)
-            except PublishError:
-                if self._ready:
-                    log.warning("pubsub: unreachable")
-                self._ready = False
-            except BrokerConfigError:
-                self._ready = False
-            else:
-                if not self._ready:
-                    log.info("pubsub: reachable again")
-                self._ready = True
+    async def _probe(self) -> None:
+        """The readiness probe: the project check again."""
+        client = self._client
+        if client is not None:
+            await self._check_project(client)
 
     @staticmethod
     def _shutdown(client: Any) -> None:
@@ -283,12 +263,7 @@ class PubSubPublisher(Publisher):
                 transport.close()
 
     async def close(self) -> None:
-        self._ready = False
-        if self._probe is not None:
-            self._probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._probe
-            self._probe = None
+        await self._readiness.stop()
         client, self._client = self._client, None
         if client is None:
             return
@@ -300,7 +275,7 @@ class PubSubPublisher(Publisher):
 
     @property
     def ready(self) -> bool:
-        return self._client is not None and self._ready
+        return self._client is not None and self._readiness.is_up
 
     # ------------------------------------------------------------------ topics
 
@@ -328,7 +303,7 @@ class PubSubPublisher(Publisher):
         except (gexc.PermissionDenied, gexc.InvalidArgument) as exc:
             raise BrokerConfigError(f"pubsub: cannot create topic {path}: {exc.message or exc}") from exc
         except Exception as exc:
-            raise PublishError(f"pubsub: cannot look up topic {path}: {type(exc).__name__}: {exc}") from exc
+            raise self.error(exc, f"cannot look up topic {path}: {type(exc).__name__}: {exc}") from exc
         if state == "missing":
             raise BrokerConfigError(
                 f"pubsub: topic {path} does not exist; create it or set publisher.createTopics: true"
@@ -342,55 +317,81 @@ class PubSubPublisher(Publisher):
 
     # ------------------------------------------------------------------ publishing
 
-    async def send(self, batch: Sequence[Message]) -> Awaitable[AckResults]:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.ack_timeout
-        acks = _BatchAcks(loop, len(batch))
-        no_keys = [""] * len(batch)
+    async def publish(self, batch: Sequence[Message], acks: Acks) -> None:
         client = self._client
-        if client is None or not self._ready:
+        if client is None or not self._readiness.is_up:
             # Nothing is handed over while Pub/Sub is away: the client would keep retrying it and the
             # delivery stage re-sends it anyway, so it would only come out twice.
-            reason = "not connected" if client is None else "unreachable"
-            for index in range(len(batch)):
-                acks.settle(index, PublishError(f"pubsub: {reason}"))
-            return asyncio.ensure_future(self._results(acks, batch, no_keys, deadline))
+            raise BrokerUnavailable(f"pubsub: {'not connected' if client is None else 'unreachable'}",
+                                    broker=self.broker)
         paths = {subject: self.topic_path(subject) for subject in dict.fromkeys(m.subject for m in batch)}
         try:
             for path in paths.values():
                 if path not in self._known_topics:
                     await self._ensure_topic(path)
         except PublishError as exc:
-            self._ready = False
-            for index in range(len(batch)):
-                acks.settle(index, exc)
-            return asyncio.ensure_future(self._results(acks, batch, no_keys, deadline))
+            self._readiness.down(exc)
+            raise
 
         keys: list[str] = []
+        relay = _Relay(asyncio.get_running_loop(), len(batch),
+                       lambda outcomes: self._hand_over(acks, batch, keys, outcomes))
+        self._pending.add(acks.future)  # close() lets the results of what is handed over arrive
+        acks.add_done_callback(lambda done: self._pending.discard(done.future))
+        acks.on_timeout(lambda: self._timed_out(acks, relay))
         for index, message in enumerate(batch):
             path = paths[message.subject]
             key = ordering_key(message.key) if self.cfg.enable_ordering else ""
             keys.append(key)
             if len(message.body) > MAX_MESSAGE_BYTES:
-                acks.settle(index, self._oversized(message))
+                relay.put(index, self._oversized(message))
                 continue
             self._seq += 1
             seq = self._seq
             if key:
                 refused = self._gate(path, key, message.id)
                 if refused is not None:
-                    acks.settle(index, refused)
+                    relay.put(index, refused)
                     continue
             try:
                 future = client.publish(path, message.body, ordering_key=key, **message.attributes())
-            except MessageTooLargeError:
-                acks.settle(index, self._oversized(message))
-                continue
             except Exception as exc:
-                acks.settle(index, PublishError(f"pubsub: cannot publish event {message.id}: {exc!r}"))
+                relay.put(index, exc)
                 continue
-            future.add_done_callback(self._callback(acks, index, path, key, seq, message.id))
-        return asyncio.ensure_future(self._results(acks, batch, keys, deadline))
+            future.add_done_callback(self._callback(relay, index, path, key, seq, message.id))
+
+    def _hand_over(self, acks: Acks, batch: Sequence[Message], keys: list[str], outcomes: Outcomes) -> None:
+        """Settle what the relay collected (on the event loop)."""
+        ok = False
+        for index, outcome in outcomes:
+            if outcome is None:
+                ok = True
+                acks.settle(index)
+            else:
+                acks.settle(index, self._failure(batch[index], keys[index], outcome))
+        if ok:
+            self._readiness.up()
+
+    def _timed_out(self, acks: Acks, relay: _Relay) -> None:
+        relay.flush()  # what is in by now counts
+        if not acks.done:
+            self._readiness.down(f"no publish result within {self.ack_timeout:g}s")
+
+    def _failure(self, message: Message, key: str, outcome: BaseException) -> PublishError:
+        if isinstance(outcome, PublishError):
+            return outcome
+        if isinstance(outcome, PublishToPausedOrderingKeyException):
+            return PublishError(f"pubsub: ordering key {key!r} is paused after an earlier failure; event {message.id}",
+                                broker=self.broker)
+        kind = self.error_type(outcome)
+        if kind is MessageTooLarge:
+            return self._oversized(message)
+        if kind is BrokerUnavailable:
+            self._readiness.down(f"publish failed: {type(outcome).__name__}")
+        if isinstance(outcome, gexc.NotFound):
+            self._known_topics.discard(self.topic_path(message.subject))  # check it again next time
+        detail = getattr(outcome, "message", None) or str(outcome) or type(outcome).__name__
+        return self.error(outcome, f"event {message.id} not published: {type(outcome).__name__}: {detail}")
 
     def _gate(self, path: str, key: str, event_id: str) -> PublishError | None:
         """None: send it (resuming the key when this is the message the key waits for); else refuse."""
@@ -400,14 +401,15 @@ class PubSubPublisher(Publisher):
                 return None
             if paused[1] != event_id:
                 return PublishError(
-                    f"pubsub: ordering key {key!r} of {path} is paused until event {paused[1]} is sent again"
+                    f"pubsub: ordering key {key!r} of {path} is paused until event {paused[1]} is sent again",
+                    broker=self.broker,
                 )
             del self._paused[(path, key)]
         self._client.resume_publish(path, key)
         log.info("pubsub: resumed ordering key %r of %s", key, path)
         return None
 
-    def _callback(self, acks: _BatchAcks, index: int, path: str, key: str, seq: int, event_id: str) -> Any:
+    def _callback(self, relay: _Relay, index: int, path: str, key: str, seq: int, event_id: str) -> Any:
         def done(future: Any) -> None:  # runs in a client thread (or right away when already done)
             try:
                 exc = future.exception()
@@ -418,56 +420,9 @@ class PubSubPublisher(Publisher):
                     paused = self._paused.get((path, key))
                     if paused is None or seq < paused[0]:
                         self._paused[(path, key)] = (seq, event_id)
-            acks.settle(index, exc)
+            relay.put(index, exc)
 
         return done
 
-    def _unreachable(self, outcome: BaseException) -> None:
-        if self._ready:
-            log.warning("pubsub: publish failed (%s); holding new batches until Pub/Sub answers again", outcome)
-            self._ready = False
-
-    def _oversized(self, message: Message) -> PermanentPublishError:
-        OVERSIZED.labels(message.table).inc()
-        return PermanentPublishError(
-            f"pubsub: event {message.id} of {message.schema}.{message.table} is {len(message.body)} bytes; "
-            f"Pub/Sub accepts at most {MAX_MESSAGE_BYTES} bytes per message"
-        )
-
-    async def _results(
-        self, acks: _BatchAcks, batch: Sequence[Message], keys: list[str], deadline: float
-    ) -> AckResults:
-        self._pending.add(acks.future)
-        try:
-            timeout = max(0.0, deadline - asyncio.get_running_loop().time())
-            await asyncio.wait_for(asyncio.shield(acks.future), timeout)
-        except TimeoutError:
-            acks.expire(_AckTimeout(f"pubsub: no publish result within {self.ack_timeout:g}s"))
-        finally:
-            self._pending.discard(acks.future)
-        results: AckResults = []
-        ok = False
-        for message, key, outcome in zip(batch, keys, acks.outcomes, strict=True):
-            if outcome is None:
-                ok = True
-                results.append(None)
-            elif isinstance(outcome, PublishError):
-                if isinstance(outcome, _AckTimeout):
-                    self._unreachable(outcome)
-                results.append(outcome)
-            elif isinstance(outcome, PublishToPausedOrderingKeyException):
-                results.append(
-                    PublishError(f"pubsub: ordering key {key!r} is paused after an earlier failure; event {message.id}")
-                )
-            else:
-                if isinstance(outcome, _TRANSIENT):
-                    self._unreachable(outcome)
-                if isinstance(outcome, gexc.NotFound):
-                    self._known_topics.discard(self.topic_path(message.subject))  # check it again next time
-                detail = getattr(outcome, "message", None) or str(outcome) or type(outcome).__name__
-                results.append(
-                    PublishError(f"pubsub: event {message.id} not published: {type(outcome).__name__}: {detail}")
-                )
-        if ok:
-            self._ready = True
-        return results
+    def _oversized(self, message: Message) -> PublishError:
+        return self.too_large(message, len(message.body), MAX_MESSAGE_BYTES, "Pub/Sub's limit per message")

@@ -1,20 +1,21 @@
 """RabbitMQ publisher (aio-pika): durable exchange, persistent messages, publisher confirms.
 
-How acknowledgements are collected: the channel is opened in confirm mode. ``send`` encodes the AMQP
+How acknowledgements are collected: the channel is opened in confirm mode. ``publish`` encodes the AMQP
 frames of the whole batch (``basic.publish`` + content header + body for each message, the same
 bytes aiormq's ``basic_publish`` writes) and hands them to the connection's writer in one piece under
 the channel lock, so frames leave in the order of the batch, and batch after batch. Publishes on a
 channel in confirm mode are numbered 1, 2, 3, …; the batch remembers which delivery tags its messages
-got, and the broker's ``basic.ack`` (usually ``multiple``: everything up to a tag) settles them in
-bulk, without a future or a task per message. ``None`` means RabbitMQ confirmed the message, which
-for a persistent message routed to durable queues means it is on disk. A ``basic.nack``, a lost
-connection or channel, or a confirm that does not come within ``listener.ackTimeout`` is a
-:class:`PublishError`; the delivery stage sends the message again (same ``message_id``, so consumers
-can drop the duplicate).
+got, and the broker's ``basic.ack`` (usually ``multiple``: everything up to a tag) settles them on
+the batch's tracker in bulk, without a future or a task per message. ``None`` means RabbitMQ
+confirmed the message, which for a persistent message routed to durable queues means it is on disk.
+A ``basic.nack`` (:class:`MessageRejected`), a lost connection or channel (:class:`BrokerUnavailable`),
+or a confirm that does not come within ``listener.ackTimeout`` (the delivery stage's
+:class:`AckTimeout`) fails the message; the delivery stage sends it again (same ``message_id``, so
+consumers can drop the duplicate).
 
 Reconnects: the connection is aio-pika's robust connection; after a lost connection it reconnects
 every ``reconnect_interval`` seconds, re-opens the channel in confirm mode and re-declares the
-exchange. While it is down ``ready`` is false and ``send`` waits up to ``ready_timeout`` for it, then
+exchange. While it is down ``ready`` is false and ``publish`` waits up to ``ready_timeout`` for it, then
 fails the batch without sending anything, so that the delivery stage backs off and retries.
 
 A message nobody has bound a queue for is published ``mandatory``; RabbitMQ returns it and then
@@ -34,7 +35,7 @@ import re
 import struct
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import aio_pika
@@ -46,10 +47,12 @@ from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 from yarl import URL
 
-from listener.config import PublisherConfig
-from listener.errors import BrokerConfigError, PermanentPublishError, PublishError
-from listener.metrics import OVERSIZED, RECONNECTS
-from listener.publishers.base import AckResults, Message, Publisher, tls_context
+from listener.config import RabbitMQPublisherConfig
+from listener.delivery import Acks
+from listener.errors import AckTimeout, BrokerConfigError, BrokerUnavailable, MessageRejected, PublishError
+from listener.message import Message
+from listener.metrics import RECONNECTS
+from listener.publishers.base import Publisher, tls_context
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +72,20 @@ _BASIC_PUBLISH = b"\x00\x3c\x00\x28\x00\x00"  # class 60, method 40, reserved sh
 _PROPERTY_FLAGS = 0x8000 | 0x2000 | 0x1000 | 0x0080 | 0x0008
 _CONTENT_TYPE = b"\x10application/json"
 _APP_ID = b"\x0cwal-listener"
-_UNSET: Any = object()  # a message whose confirm has not come yet
 # the aiormq channel internals the bulk path uses (aiormq 6 and 7)
 _CHANNEL_ATTRIBUTES = ("number", "max_content_size", "write_queue", "delivery_tag", "lock", "closing",
                        "_on_confirm_frame", "_on_return_frame", "_get_frame")
+# connecting: the broker's refusals that are the publisher's settings (BrokerConfigError, exit 2); any
+# other connection failure means "unreachable" and is retried
+_REFUSALS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str], ...] = (
+    ((aiormq.exceptions.ProbableAuthenticationError, aiormq.exceptions.AuthenticationError),
+     "{where} refused user {user!r}; check publisher.username/password or the address"),
+    (aiormq.exceptions.ConnectionNotAllowed, "{where} refused access to virtual host {vhost!r}"),
+    (aiormq.exceptions.ChannelPreconditionFailed,
+     "exchange {exchange!r} already exists with other settings than publisher.exchangeKind={kind!r}, durable; "
+     "delete it or change the setting"),
+    (aiormq.exceptions.ChannelAccessRefused, "user {user!r} may not declare exchange {exchange!r} on {where}"),
+)
 
 
 def _short(text: str) -> bytes:
@@ -147,29 +160,30 @@ class _Wire:
 
 
 class _Sent:
-    """One batch on the wire: the delivery tags its messages got and their outcomes so far."""
+    """One batch on the wire: the delivery tags its messages got, and its tracker."""
 
-    __slots__ = ("batch", "first", "future", "indices", "last", "left", "next", "results")
+    __slots__ = ("acks", "batch", "first", "indices", "last", "next")
 
-    def __init__(self, batch: Sequence[Message], results: list[Any], indices: list[int], first: int) -> None:
+    def __init__(self, acks: Acks, batch: Sequence[Message], indices: list[int], first: int) -> None:
+        self.acks = acks
         self.batch = batch
-        self.results = results
         self.indices = indices  # the batch index of delivery tag first + i
         self.first = first
         self.last = first + len(indices) - 1
         self.next = first  # every tag before this one is settled
-        self.left = len(indices)
-        self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    def settle(self, tag: int, outcome: Callable[[Message], BaseException | None]) -> None:
+    def ack(self, start: int, stop: int) -> None:
+        """Tags ``start``..``stop`` were confirmed."""
+        settle, indices, first = self.acks.settle, self.indices, self.first
+        for tag in range(start, stop + 1):
+            settle(indices[tag - first])
+
+    def settle(self, tag: int, outcome: Callable[[Message], PublishError | None]) -> None:
         index = self.indices[tag - self.first]
-        if self.results[index] is _UNSET:
-            self.results[index] = outcome(self.batch[index])
-            self.left -= 1
-            if not self.left and not self.future.done():
-                self.future.set_result(None)
+        if self.acks.waiting(index):  # the outcome is made only when it counts (a failure may count a metric)
+            self.acks.settle(index, outcome(self.batch[index]))
 
-    def settle_all(self, outcome: Callable[[Message], BaseException | None]) -> None:
+    def settle_all(self, outcome: Callable[[Message], PublishError | None]) -> None:
         for tag in range(self.first, self.last + 1):
             self.settle(tag, outcome)
 
@@ -208,10 +222,13 @@ class _Confirms:
             while sent and sent[0].first <= tag:
                 head = sent[0]
                 upto = min(tag, head.last)
-                for each in range(head.next, upto + 1):
-                    head.settle(each, outcome)
+                if ack:
+                    head.ack(head.next, upto)
+                else:
+                    for each in range(head.next, upto + 1):
+                        head.settle(each, outcome)
                 head.next = max(head.next, upto + 1)
-                if head.left:
+                if upto < head.last:
                     break
                 sent.popleft()
         else:
@@ -219,7 +236,7 @@ class _Confirms:
                 if item.first <= tag <= item.last:
                     item.settle(tag, outcome)
                     break
-            while sent and not sent[0].left:
+            while sent and sent[0].acks.done:  # settled, or failed by its ack timeout
                 sent.popleft()
 
     async def on_return(self, frame: Basic.Return) -> None:
@@ -250,7 +267,7 @@ class _Confirms:
         while self.sent:
             self.sent.popleft().settle_all(outcome)
 
-    def _failure(self, reason: BaseException) -> Callable[[Message], BaseException]:
+    def _failure(self, reason: BaseException) -> Callable[[Message], PublishError]:
         return lambda message: self.publisher._failure(message, reason)
 
 
@@ -259,11 +276,10 @@ def _acked(_: Message) -> None:
 
 
 def _nacked(message: Message) -> PublishError:
-    return PublishError(f"rabbitmq: broker refused (nack) event {message.id}")
+    return MessageRejected(f"rabbitmq: broker refused (nack) event {message.id}", broker="rabbitmq")
 
 
-
-def broker_url(cfg: PublisherConfig, tls: bool) -> URL:
+def broker_url(cfg: RabbitMQPublisherConfig, tls: bool) -> URL:
     """The AMQP URL from ``publisher.address`` (``host:port`` or a full ``amqp://`` URL) and the credentials."""
     address = cfg.address.strip()
     try:
@@ -291,28 +307,37 @@ def _safe(url: URL) -> str:
     return str(url.with_password(None).with_query(None)) if url.password else str(url.with_query(None))
 
 
-class RabbitMQPublisher(Publisher):
+class RabbitMQPublisher(Publisher[RabbitMQPublisherConfig]):
     """Publishes every event to exchange ``publisher.topic`` with the topic name as routing key."""
 
+    broker = "rabbitmq"
+    errors = (
+        (aiormq.exceptions.DeliveryError, MessageRejected),  # a nack, or returned
+        (TimeoutError, AckTimeout),  # the client's own wait for a confirm (one-by-one path)
+        # a lost connection, or a closed channel (which fails every message on it; when the broker closed
+        # it over a too-large message, that message is told apart by the reply text: see _failure)
+        ((ConnectionError, OSError, aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError),
+         BrokerUnavailable),
+    )
     needs_key = False
 
     def __init__(
         self,
-        cfg: PublisherConfig,
+        cfg: RabbitMQPublisherConfig,
         ack_timeout: float = 10.0,
         *,
         ready_timeout: float = 5.0,
         connect_timeout: float = 10.0,
     ) -> None:
         super().__init__(cfg, ack_timeout)
-        self._confirm_timeout = ack_timeout
         self._ready_timeout = ready_timeout
         self._connect_timeout = connect_timeout
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
         self._max_message = _DEFAULT_MAX_MESSAGE
         self._unrouted: dict[str, float] = {}
-        self._pending: set[asyncio.Future[Any]] = set()  # the awaitables send() returned, until settled
+        self._pending: set[asyncio.Future[Any]] = set()  # the batches (trackers) on the wire, until settled
+        self._tasks: set[asyncio.Task[Any]] = set()  # basic_publish tasks of the one-by-one path
         self._confirms: _Confirms | None = None  # the channel the bulk path is wired to
         self._wire: _Wire | None = None
 
@@ -333,29 +358,15 @@ class RabbitMQPublisher(Publisher):
             await channel.declare_exchange(
                 cfg.topic, ExchangeType(cfg.exchange_kind), durable=True, timeout=self._connect_timeout
             )
-        except (aiormq.exceptions.ProbableAuthenticationError, aiormq.exceptions.AuthenticationError) as exc:
-            await self._close_quietly(connection)
-            user = url.user or "guest"
-            raise BrokerConfigError(
-                f"rabbitmq: {where} refused user {user!r}; check publisher.username/password or the address"
-            ) from exc
-        except aiormq.exceptions.ConnectionNotAllowed as exc:
-            await self._close_quietly(connection)
-            raise BrokerConfigError(f"rabbitmq: {where} refused access to virtual host {url.path!r}") from exc
-        except aiormq.exceptions.ChannelPreconditionFailed as exc:
-            await self._close_quietly(connection)
-            raise BrokerConfigError(
-                f"rabbitmq: exchange {cfg.topic!r} already exists with other settings than "
-                f"publisher.exchangeKind={cfg.exchange_kind!r}, durable; delete it or change the setting"
-            ) from exc
-        except aiormq.exceptions.ChannelAccessRefused as exc:
-            await self._close_quietly(connection)
-            raise BrokerConfigError(
-                f"rabbitmq: user {url.user or 'guest'!r} may not declare exchange {cfg.topic!r} on {where}"
-            ) from exc
         except (TimeoutError, *aio_pika.exceptions.CONNECTION_EXCEPTIONS) as exc:
             await self._close_quietly(connection)
-            raise PublishError(f"rabbitmq: cannot reach {where}: {exc!r}") from exc
+            for classes, text in _REFUSALS:
+                if isinstance(exc, classes):
+                    raise BrokerConfigError("rabbitmq: " + text.format(
+                        where=where, user=url.user or "guest", vhost=url.path, exchange=cfg.topic,
+                        kind=cfg.exchange_kind)) from exc
+            raise BrokerUnavailable(f"rabbitmq: cannot reach {where}: {exc!r}", broker=self.broker) from exc
+        assert connection is not None
         connection.reconnect_callbacks.add(self._on_reconnect)
         self._connection = connection
         self._channel = channel
@@ -373,7 +384,7 @@ class RabbitMQPublisher(Publisher):
 
     async def close(self) -> None:
         if self._pending:  # let confirms of what is already written arrive
-            await asyncio.wait(set(self._pending), timeout=self._confirm_timeout)
+            await asyncio.wait(set(self._pending), timeout=self.ack_timeout)
         self._confirms = self._wire = None
         channel, self._channel = self._channel, None
         connection, self._connection = self._connection, None
@@ -398,7 +409,7 @@ class RabbitMQPublisher(Publisher):
     async def _underlay(self) -> aiormq.Channel:
         channel = self._channel
         if channel is None:
-            raise PublishError("rabbitmq: not connected")
+            raise BrokerUnavailable("rabbitmq: not connected", broker=self.broker)
         deadline = time.monotonic() + self._ready_timeout
         while True:
             try:
@@ -407,28 +418,29 @@ class RabbitMQPublisher(Publisher):
                 )
                 return cast(aiormq.Channel, underlay)
             except TimeoutError:
-                raise PublishError(f"rabbitmq: no connection to the broker for {self._ready_timeout:g}s") from None
+                raise BrokerUnavailable(f"rabbitmq: no connection to the broker for {self._ready_timeout:g}s",
+                                        broker=self.broker) from None
             except (aiormq.exceptions.ChannelInvalidStateError, aiormq.exceptions.AMQPError) as exc:
                 # the channel is being re-opened after the broker closed it
                 if time.monotonic() >= deadline:
-                    raise PublishError(f"rabbitmq: channel not available: {exc!r}") from exc
+                    raise BrokerUnavailable(f"rabbitmq: channel not available: {exc!r}", broker=self.broker) from exc
                 await asyncio.sleep(0.1)
 
-    async def send(self, batch: Sequence[Message]) -> Awaitable[AckResults]:
+    async def publish(self, batch: Sequence[Message], acks: Acks) -> None:
         for message in batch:
             if len(message.subject.encode()) > _MAX_ROUTING_KEY:
                 raise BrokerConfigError(
                     f"rabbitmq: routing key {message.subject!r} is longer than {_MAX_ROUTING_KEY} bytes; "
                     "shorten publisher.topic/topicPrefix or map the table with listener.topicsMap"
                 )
-        try:
-            channel = await self._underlay()
-        except PublishError as exc:
-            return asyncio.ensure_future(_settled([exc] * len(batch)))
+        channel = await self._underlay()
+        self._pending.add(acks.future)  # close() lets confirms of what is written arrive
+        acks.add_done_callback(lambda done: self._pending.discard(done.future))
         confirms = self._wired(channel)
         if confirms is None:
-            return await self._send_each(channel, batch)
-        return self._track(await self._send_bulk(channel, confirms, batch))
+            await self._send_each(channel, batch, acks)
+        else:
+            await self._send_bulk(channel, confirms, batch, acks)
 
     def _wired(self, channel: aiormq.Channel) -> _Confirms | None:
         """The confirm tracking of ``channel``, set up the first time it is used (a reconnect or a
@@ -449,33 +461,33 @@ class RabbitMQPublisher(Publisher):
         self._wire = _Wire(self.cfg.topic, channel.number, channel.max_content_size)
         return confirms
 
-    async def _send_bulk(self, channel: aiormq.Channel, confirms: _Confirms, batch: Sequence[Message]) -> _Sent:
+    async def _send_bulk(
+        self, channel: aiormq.Channel, confirms: _Confirms, batch: Sequence[Message], acks: Acks
+    ) -> None:
         wire = self._wire
         assert wire is not None
-        results: list[Any] = [_UNSET] * len(batch)
         indices: list[int] = []
         frames: list[bytes] = []
         for index, message in enumerate(batch):
             if len(message.body) > self._max_message:
-                results[index] = self._oversized(message)
+                acks.settle(index, self._oversized(message))
                 continue
             try:
                 wire.encode(message, frames)
             except ValueError as exc:  # an id or header name longer than an AMQP short string
-                results[index] = PermanentPublishError(f"rabbitmq: event {message.id} cannot be encoded: {exc}")
+                acks.settle(index, MessageRejected(f"rabbitmq: event {message.id} cannot be encoded: {exc}",
+                                                   broker=self.broker, retryable=False))
                 continue
             indices.append(index)
-        deadline = time.monotonic() + self._confirm_timeout
         if not indices:
-            sent = _Sent(batch, results, indices, 0)
-            sent.future.set_result(None)
-            return sent
+            return
+        deadline = time.monotonic() + self.ack_timeout
         frame = ChannelFrame(payload=b"".join(frames), should_close=False)
         try:
             async with channel.lock:
                 # the broker numbers the publishes of a channel in confirm mode 1, 2, 3, ...: the batch
                 # takes the next tags and is waiting for them before its frames can reach the broker
-                sent = _Sent(batch, results, indices, channel.delivery_tag + 1)
+                sent = _Sent(acks, batch, indices, channel.delivery_tag + 1)
                 channel.delivery_tag = sent.last
                 confirms.add(sent)
                 try:
@@ -489,44 +501,15 @@ class RabbitMQPublisher(Publisher):
         except (TimeoutError, aiormq.exceptions.AMQPError, ConnectionError) as exc:
             # nothing of the batch was handed to the connection
             error: BaseException = exc
-            sent = _Sent(batch, results, indices, 0)
-            sent.settle_all(lambda message: self._failure(message, error))
-        self._expire_at(sent, deadline)
-        return sent
+            _Sent(acks, batch, indices, 0).settle_all(lambda message: self._failure(message, error))
 
-    def _expire_at(self, sent: _Sent, deadline: float) -> None:
-        """Fail what is not confirmed by ``deadline``."""
-        if sent.future.done():
-            return
-
-        def expire() -> None:
-            if not sent.future.done():
-                sent.settle_all(lambda message: PublishError(
-                    f"rabbitmq: no confirm for event {message.id} within {self._confirm_timeout:g}s"))
-
-        handle = asyncio.get_running_loop().call_later(max(0.0, deadline - time.monotonic()), expire)
-        sent.future.add_done_callback(lambda _: handle.cancel())
-
-    def _track(self, sent: _Sent) -> Awaitable[AckResults]:
-        async def results() -> AckResults:
-            await sent.future
-            return [None if r is _UNSET else r for r in sent.results]
-
-        future = asyncio.ensure_future(results())
-        self._pending.add(future)
-        future.add_done_callback(self._pending.discard)
-        return future
-
-    async def _send_each(self, channel: aiormq.Channel, batch: Sequence[Message]) -> Awaitable[AckResults]:
+    async def _send_each(self, channel: aiormq.Channel, batch: Sequence[Message], acks: Acks) -> None:
         """One ``basic_publish`` task per message: for an aiormq without the internals of the bulk path."""
         exchange = self.cfg.topic
         loop = asyncio.get_running_loop()
-        items: list[asyncio.Future[Any]] = []
-        for message in batch:
+        for index, message in enumerate(batch):
             if len(message.body) > self._max_message:
-                fut: asyncio.Future[Any] = loop.create_future()
-                fut.set_result(self._oversized(message))
-                items.append(fut)
+                acks.settle(index, self._oversized(message))
                 continue
             properties = Basic.Properties(
                 content_type="application/json",
@@ -544,36 +527,32 @@ class RabbitMQPublisher(Publisher):
                     routing_key=message.subject,
                     properties=properties,
                     mandatory=True,
-                    timeout=self._confirm_timeout,
+                    timeout=self.ack_timeout,  # a bound for the task; the delivery stage's deadline is the same
                     wait=False,  # do not hold the channel lock until the socket drained
                 )
             )
-            self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
-            items.append(task)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(self._settle_on(acks, index, message))
         await asyncio.sleep(0)  # let the tasks write their frames before the caller goes on
-        return asyncio.ensure_future(self._gather(items, batch))
 
-    def _oversized(self, message: Message) -> PermanentPublishError:
-        OVERSIZED.labels(message.table).inc()
-        return PermanentPublishError(
-            f"rabbitmq: event {message.id} of {message.schema}.{message.table} is {len(message.body)} bytes, "
-            f"more than the broker's max_message_size ({self._max_message} bytes)"
-        )
+    def _settle_on(self, acks: Acks, index: int, message: Message) -> Callable[[asyncio.Task[Any]], None]:
+        def done(task: asyncio.Task[Any]) -> None:
+            if task.cancelled():
+                acks.settle(index, self._failure(message, asyncio.CancelledError()))
+                return
+            exc = task.exception()
+            if exc is not None:
+                acks.settle(index, self._failure(message, exc))
+                return
+            if isinstance(task.result(), DeliveredMessage):
+                self._unroutable(message.subject)
+            acks.settle(index)
 
-    async def _gather(self, items: list[asyncio.Future[Any]], batch: Sequence[Message]) -> AckResults:
-        outcomes = await asyncio.gather(*items, return_exceptions=True)
-        results: AckResults = []
-        for message, outcome in zip(batch, outcomes, strict=True):
-            if isinstance(outcome, PublishError):
-                results.append(outcome)
-            elif isinstance(outcome, BaseException):
-                results.append(self._failure(message, outcome))
-            else:
-                if isinstance(outcome, DeliveredMessage):
-                    self._unroutable(message.subject)
-                results.append(None)
-        return results
+        return done
+
+    def _oversized(self, message: Message) -> PublishError:
+        return self.too_large(message, len(message.body), self._max_message, "the broker's max_message_size")
 
     def _failure(self, message: Message, exc: BaseException) -> PublishError:
         match = _TOO_LARGE.search(str(exc))
@@ -584,10 +563,10 @@ class RabbitMQPublisher(Publisher):
             if len(message.body) > self._max_message:
                 return self._oversized(message)
         if isinstance(exc, aiormq.exceptions.DeliveryError):
-            return PublishError(f"rabbitmq: broker refused (nack) event {message.id}")
+            return self.error(exc, f"broker refused (nack) event {message.id}")
         if isinstance(exc, TimeoutError):
-            return PublishError(f"rabbitmq: no confirm for event {message.id} within {self._confirm_timeout:g}s")
-        return PublishError(f"rabbitmq: event {message.id} not confirmed: {exc!r}")
+            return self.error(exc, f"no confirm for event {message.id} within {self.ack_timeout:g}s")
+        return self.error(exc, f"event {message.id} not confirmed: {exc!r}")
 
     def _unroutable(self, routing_key: str) -> None:
         now = time.monotonic()
@@ -599,7 +578,3 @@ class RabbitMQPublisher(Publisher):
                 self.cfg.topic,
                 routing_key,
             )
-
-
-async def _settled(results: list[BaseException | None]) -> AckResults:
-    return list(results)

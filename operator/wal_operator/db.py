@@ -3,7 +3,8 @@
 Every function reads what exists and changes only what differs, so a reconcile can run any number
 of times. A publication the operator creates carries a comment naming the resource that owns it
 (``COMMENT ON PUBLICATION``): another resource finding that comment gets a conflict instead of
-altering it, and a delete drops only what its own resource created.
+altering it, and a delete drops only what its own resource created. The SQL itself — builders,
+catalog queries, the slot's state — is the listener's (:mod:`listener.catalog`), shared by both programs.
 """
 
 from __future__ import annotations
@@ -15,30 +16,27 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
 
 from listener import catalog
-from listener.catalog import PublicationDefinition, PublishedTable, execute_one
+from listener.catalog import PublicationDefinition, PublishedTable, SlotState, execute_one, fetch_all, fetch_one
 from listener.config import Action, DatabaseConfig
+from listener.errors import DatabaseError, DatabaseSetupError
 from wal_operator.render import Owner
 from wal_operator.spec import PublicationTable, SpecError, WalListenerSpec
 
 _OWNER = re.compile(r"wal-listener-operator uid=(?P<uid>\S+) resource=(?P<resource>\S+) spec=(?P<spec>\S+)")
+Connection = psycopg.AsyncConnection[Any]
 
 
-class DatabaseUnreachable(Exception):
-    """The database cannot be reached right now; try again later."""
+# The listener's error types: DatabaseError = unreachable right now, try again soon; DatabaseSetupError =
+# reachable but set up so it cannot work (privileges, wal_level, version): a person must act.
 
 
-class DatabaseRefused(Exception):
-    """The database is reachable but refuses (privileges, wal_level, version); a person must act."""
-
-
-class Conflict(Exception):
+class Conflict(DatabaseSetupError):
     """Another resource (or something else) owns this slot or publication."""
 
 
-class MissingTables(Exception):
+class MissingTables(DatabaseSetupError):
     """Tables the spec names do not exist (yet)."""
 
 
@@ -55,52 +53,27 @@ class PublicationState:
     changed: bool = False
 
 
-@dataclass
-class SlotState:
-    name: str
-    exists: bool
-    active: bool = False
-    active_pid: int | None = None
-    confirmed_lsn: str = ""
-    restart_lsn: str = ""
-    wal_status: str = ""
-    retained_wal_bytes: int = 0
-    lag_bytes: int = 0
-    lag_seconds: float | None = None
-    created: bool = False
-
-
-async def connect(db: DatabaseConfig) -> psycopg.AsyncConnection[dict[str, Any]]:
+async def connect(db: DatabaseConfig) -> Connection:
     try:
         conn = await psycopg.AsyncConnection.connect(
-            db.conninfo(application_name="wal-listener-operator", connect_timeout="5"),
-            autocommit=True,
-            row_factory=dict_row,
+            db.conninfo(application_name="wal-listener-operator", connect_timeout="5"), autocommit=True
         )
     except psycopg.OperationalError as exc:
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = first_line(exc)
         if "password authentication failed" in text or "no pg_hba.conf entry" in text:
-            raise DatabaseRefused(f"PostgreSQL {db.host}:{db.port} refused the login: {text}") from None
+            raise DatabaseSetupError(f"PostgreSQL {db.host}:{db.port} refused the login: {text}") from None
         if "does not exist" in text:
-            raise DatabaseRefused(f"PostgreSQL {db.host}:{db.port}: {text}") from None
-        raise DatabaseUnreachable(f"cannot connect to PostgreSQL at {db.host}:{db.port}: {text}") from None
+            raise DatabaseSetupError(f"PostgreSQL {db.host}:{db.port}: {text}") from None
+        raise DatabaseError(f"cannot connect to PostgreSQL at {db.host}:{db.port}: {text}") from None
     return conn
 
 
-async def check_server(conn: psycopg.AsyncConnection[dict[str, Any]]) -> int:
+async def check_server(conn: Connection) -> int:
     """The server version number; refuses a server that cannot do logical replication."""
-    row = await (
-        await conn.execute(
-            "SELECT current_setting('wal_level') AS wal_level, current_setting('server_version_num')::int AS version"
-        )
-    ).fetchone()
-    assert row is not None
-    if row["wal_level"] != "logical":
-        raise DatabaseRefused(
-            f"wal_level is {row['wal_level']}; set wal_level = logical in postgresql.conf and restart PostgreSQL"
-        )
-    version: int = row["version"]
-    return version
+    info = await catalog.server_info(conn)
+    if info.wal_level_problem():
+        raise DatabaseSetupError(info.wal_level_problem())
+    return info.version
 
 
 # --------------------------------------------------------------------------------------------------
@@ -127,33 +100,30 @@ def desired_actions(spec: WalListenerSpec) -> list[str]:
 
 
 async def resolve_tables(
-    conn: psycopg.AsyncConnection[dict[str, Any]], tables: list[PublicationTable]
+    conn: Connection, tables: list[PublicationTable]
 ) -> list[PublishedTable]:
     """Schema-qualify every table ('users' means every schema's users); MissingTables if one is absent."""
     resolved: list[PublishedTable] = []
     missing: list[str] = []
     for table in tables:
         schema, name = catalog.split_table_name(table.name)
-        cur = await conn.execute(catalog.RESOLVE_TABLE_QUERY, {"name": name, "schema": schema})
-        rows = await cur.fetchall()
+        rows = await fetch_all(conn, catalog.RESOLVE_TABLE_QUERY, {"name": name, "schema": schema})
         if not rows:
             missing.append(table.name)
-        resolved.extend(
-            PublishedTable(row["nspname"], row["relname"], tuple(table.columns), table.where) for row in rows
-        )
+        resolved.extend(PublishedTable(found, relname, tuple(table.columns), table.where) for found, relname in rows)
     if missing:
         raise MissingTables(f"tables not found in the database: {', '.join(missing)}")
     return resolved
 
 
 async def ensure_publication(
-    conn: psycopg.AsyncConnection[dict[str, Any]], spec: WalListenerSpec, owner: Owner, server_version: int
+    conn: Connection, spec: WalListenerSpec, owner: Owner, server_version: int
 ) -> PublicationState:
     name = spec.listener.publication_name
     wanted = desired_tables(spec)
     actions = desired_actions(spec)
     if wanted and server_version < 150000 and any(t.where or t.columns for t in wanted):
-        raise DatabaseRefused(
+        raise DatabaseSetupError(
             f"publication row filters and column lists need PostgreSQL 15 or later; the server is "
             f"{server_version // 10000}; remove where/columns from spec.publication.tables"
         )
@@ -167,13 +137,7 @@ async def ensure_publication(
     spec_hash = hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:16]
     comment = owner_comment(owner, spec_hash)
 
-    row = await (
-        await conn.execute(
-            "SELECT p.puballtables AS all_tables, obj_description(p.oid, 'pg_publication') AS comment "
-            "FROM pg_publication p WHERE p.pubname = %s",
-            (name,),
-        )
-    ).fetchone()
+    row = await fetch_one(conn, catalog.PUBLICATION_QUERY, (name,))
     state = PublicationState(name=name, all_tables=resolved is None, tables=[t.qualified for t in resolved or []])
 
     try:
@@ -184,7 +148,8 @@ async def ensure_publication(
             state.created_by_operator = state.changed = True
             return state
 
-        found = _OWNER.match(row["comment"] or "")
+        all_tables, current_comment = row
+        found = _OWNER.match(current_comment or "")
         if found and found["uid"] != owner.uid:
             raise Conflict(
                 f"publication {name} belongs to WalListener {found['resource']} (uid {found['uid']}); "
@@ -194,13 +159,13 @@ async def ensure_publication(
         current_tables = await _current_tables(conn, name)
         same = (
             (found is None or found["spec"] == spec_hash)
-            and bool(row["all_tables"]) == (resolved is None)
+            and bool(all_tables) == (resolved is None)
             and (resolved is None or sorted(current_tables) == sorted(state.tables))
         )
         if same:
             return state
         async with conn.transaction():
-            if bool(row["all_tables"]) != (resolved is None):
+            if bool(all_tables) != (resolved is None):
                 # FOR ALL TABLES cannot be altered into a table list (or back): replace it
                 await execute_one(conn, catalog.drop_publication(name))
                 await execute_one(conn, catalog.create_publication(target))
@@ -213,7 +178,7 @@ async def ensure_publication(
         state.changed = True
         return state
     except psycopg.errors.InsufficientPrivilege as exc:
-        raise DatabaseRefused(f"cannot manage publication {name}: {first_line(exc)}") from None
+        raise DatabaseSetupError(f"cannot manage publication {name}: {first_line(exc)}") from None
     except (
         psycopg.errors.SyntaxError,
         psycopg.errors.UndefinedColumn,
@@ -227,26 +192,16 @@ async def ensure_publication(
         raise SpecError(f"spec.publication: PostgreSQL refuses publication {name}: {first_line(exc)}") from None
 
 
-async def _current_tables(conn: psycopg.AsyncConnection[dict[str, Any]], name: str) -> list[str]:
-    rows = await (
-        await conn.execute(
-            "SELECT schemaname || '.' || tablename AS t FROM pg_publication_tables WHERE pubname = %s", (name,)
-        )
-    ).fetchall()
-    return [row["t"] for row in rows]
+async def _current_tables(conn: Connection, name: str) -> list[str]:
+    return [row[0] for row in await fetch_all(conn, catalog.PUBLICATION_TABLES_QUERY, (name,))]
 
 
-async def drop_publication(conn: psycopg.AsyncConnection[dict[str, Any]], name: str, owner: Owner) -> bool:
+async def drop_publication(conn: Connection, name: str, owner: Owner) -> bool:
     """Drop the publication if this resource created it; True if dropped."""
-    row = await (
-        await conn.execute(
-            "SELECT obj_description(p.oid, 'pg_publication') AS comment FROM pg_publication p WHERE p.pubname = %s",
-            (name,),
-        )
-    ).fetchone()
+    row = await fetch_one(conn, catalog.PUBLICATION_QUERY, (name,))
     if row is None:
         return False
-    found = _OWNER.match(row["comment"] or "")
+    found = _OWNER.match(row[1] or "")
     if not found or found["uid"] != owner.uid:
         return False
     await execute_one(conn, catalog.drop_publication(name))
@@ -257,100 +212,53 @@ async def drop_publication(conn: psycopg.AsyncConnection[dict[str, Any]], name: 
 # slot
 
 
-_SLOT_QUERY = """
-SELECT slot_name, plugin, slot_type, database, active, active_pid,
-       confirmed_flush_lsn::text AS confirmed_lsn, restart_lsn::text AS restart_lsn,
-       coalesce(wal_status, '') AS wal_status,
-       coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn), 0)::bigint AS retained,
-       coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), 0)::bigint AS lag,
-       (SELECT extract(epoch FROM coalesce(r.flush_lag, r.write_lag))::float8
-          FROM pg_stat_replication r WHERE r.pid = s.active_pid) AS lag_seconds
-FROM pg_replication_slots s WHERE slot_name = %s
-"""
+async def slot_status(conn: Connection, name: str) -> SlotState | None:
+    return await catalog.read_slot(conn, name)
 
 
-def _slot_state(name: str, row: dict[str, Any] | None) -> SlotState:
-    if row is None:
-        return SlotState(name=name, exists=False)
-    return SlotState(
-        name=name,
-        exists=True,
-        active=bool(row["active"]),
-        active_pid=row["active_pid"],
-        confirmed_lsn=row["confirmed_lsn"] or "",
-        restart_lsn=row["restart_lsn"] or "",
-        wal_status=row["wal_status"],
-        retained_wal_bytes=max(int(row["retained"]), 0),
-        lag_bytes=max(int(row["lag"]), 0),
-        lag_seconds=_lag_seconds(row),
-    )
-
-
-def _lag_seconds(row: dict[str, Any]) -> float | None:
-    """pg_stat_replication's flush lag of the slot's reader; None without a reader.
-
-    PostgreSQL clears the lag columns a while after the reader has caught up and nothing new is
-    decoded for it, so a reader without a measured lag is 0 seconds behind.
-    """
-    if row["active_pid"] is None:
-        return None
-    return round(float(row["lag_seconds"] or 0.0), 3)
-
-
-async def slot_status(conn: psycopg.AsyncConnection[dict[str, Any]], name: str) -> SlotState:
-    row = await (await conn.execute(_SLOT_QUERY, (name,))).fetchone()
-    return _slot_state(name, row)
-
-
-async def ensure_slot(conn: psycopg.AsyncConnection[dict[str, Any]], name: str, dbname: str) -> SlotState:
-    row = await (await conn.execute(_SLOT_QUERY, (name,))).fetchone()
-    if row is not None:
-        if row["slot_type"] != "logical" or row["plugin"] != "pgoutput" or row["database"] != dbname:
-            raise Conflict(
-                f"replication slot {name} already exists as a {row['slot_type']} slot "
-                f"(plugin {row['plugin'] or '-'}, database {row['database'] or '-'}); it is not a pgoutput "
-                f"slot of database {dbname}; choose another listener.slotName or drop that slot"
-            )
-        if row["wal_status"] == "lost":
-            raise DatabaseRefused(
+async def ensure_slot(conn: Connection, name: str, dbname: str) -> tuple[SlotState, bool]:
+    """The slot (created when missing) and whether it was created now."""
+    state = await catalog.read_slot(conn, name)
+    if state is not None:
+        if state.mismatch(dbname):
+            raise Conflict(state.mismatch(dbname))
+        if state.wal_status == "lost":
+            raise DatabaseSetupError(
                 f"replication slot {name} is invalidated (wal_status lost): changes were lost; drop the slot "
                 "(SELECT pg_drop_replication_slot(...)) so the operator creates it anew, then resync consumers"
             )
-        return _slot_state(name, row)
+        return state, False
     try:
         await conn.execute("SET statement_timeout = '60s'")
-        await conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (name,))
+        await conn.execute(catalog.CREATE_SLOT_QUERY, (name,))
     except psycopg.errors.DuplicateObject:
         pass  # created concurrently (the listener itself); read it below
-    except psycopg.errors.InsufficientPrivilege as exc:
-        raise DatabaseRefused(f"cannot create replication slot {name}: {first_line(exc)}") from None
-    except psycopg.errors.ConfigurationLimitExceeded as exc:
-        raise DatabaseRefused(f"cannot create replication slot {name}: {first_line(exc)}") from None
+    except (psycopg.errors.InsufficientPrivilege, psycopg.errors.ConfigurationLimitExceeded) as exc:
+        raise DatabaseSetupError(f"cannot create replication slot {name}: {first_line(exc)}") from None
     except psycopg.errors.QueryCanceled:
-        raise DatabaseUnreachable(
+        raise DatabaseError(
             f"creating replication slot {name} waited 60s for running transactions to finish; retrying"
         ) from None
     finally:
         await conn.execute("RESET statement_timeout")
-    state = await slot_status(conn, name)
-    state.created = True
-    return state
+    state = await catalog.read_slot(conn, name)
+    if state is None:
+        raise DatabaseError(f"replication slot {name} vanished right after it was created; retrying")
+    return state, True
 
 
-async def drop_slot(conn: psycopg.AsyncConnection[dict[str, Any]], name: str) -> SlotState:
-    """Drop the slot if it is inactive; returns its state (``active`` means: not dropped, wait)."""
-    state = await slot_status(conn, name)
-    if not state.exists or state.active:
+async def drop_slot(conn: Connection, name: str) -> SlotState | None:
+    """Drop the slot if it is inactive; returns it as it was (``active``: not dropped, wait), None if gone."""
+    state = await catalog.read_slot(conn, name)
+    if state is None or state.active:
         return state
     try:
-        await conn.execute("SELECT pg_drop_replication_slot(%s)", (name,))
+        await conn.execute(catalog.DROP_SLOT_QUERY, (name,))
     except psycopg.errors.UndefinedObject:
-        pass
+        return None
     except psycopg.errors.ObjectInUse:
-        state.active = True
-        return state
-    state.exists = False
-    return state
+        return await catalog.read_slot(conn, name)
+    return None
 
 
 def first_line(exc: BaseException) -> str:

@@ -1,4 +1,5 @@
-"""Helpers for end-to-end tests: configs, the listener in-process or as a real process, consumers."""
+"""Helpers for end-to-end tests: configs, the listener in-process or as a real process, consumers, a
+background writer."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,7 @@ from listener.config import Config
 from listener.metrics import REGISTRY
 from listener.pgoutput import parse_lsn
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def unique(prefix: str) -> str:
@@ -261,3 +264,55 @@ async def publish_until_acked(publisher: Any, batch: list[Any], timeout: float =
             assert time.monotonic() < deadline, f"still not acknowledged after {timeout}s: {results[:3]}"
             await asyncio.sleep(0.5)
     return attempts
+
+
+class Writer:
+    """Commits numbered rows in small transactions from a thread, until told to stop or done."""
+
+    def __init__(self, dsn: str, transactions: int, rows_per_txn: int, pace: float = 0.01) -> None:
+        self.dsn, self.transactions, self.rows, self.pace = dsn, transactions, rows_per_txn, pace
+        self.committed = 0  # rows whose transaction committed
+        self.errors = 0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> Writer:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        next_id = 1
+        done = 0
+        while done < self.transactions:
+            try:
+                with psycopg.connect(self.dsn, autocommit=False, connect_timeout=5) as conn:
+                    while done < self.transactions:
+                        with conn.transaction():
+                            conn.execute(
+                                "INSERT INTO items (id, payload)"
+                                " SELECT g, md5(g::text) FROM generate_series(%s::int, %s::int) g",
+                                (next_id, next_id + self.rows - 1),
+                            )
+                        next_id += self.rows
+                        done += 1
+                        self.committed = next_id - 1
+                        threading.Event().wait(self.pace)
+            except psycopg.OperationalError:
+                self.errors += 1  # PostgreSQL is restarting: try again
+                threading.Event().wait(0.2)
+
+    def join(self, timeout: float = 120) -> None:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "writer did not finish"
+
+
+def assert_complete(events: list[Received], rows: int) -> dict[int, set[str]]:
+    ids: dict[int, set[str]] = defaultdict(set)
+    for r in events:
+        ids[r.event["data"]["id"]].add(r.id)
+    missing = sorted(set(range(1, rows + 1)) - set(ids))
+    assert not missing, (
+        f"{len(missing)} of {rows} committed rows never published ({len(events)} events read), e.g. {missing[:10]}"
+    )
+    changed = {k: v for k, v in ids.items() if len(v) != 1}
+    assert not changed, f"replayed events got new ids: {list(changed.items())[:3]}"
+    return ids

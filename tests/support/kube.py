@@ -1,4 +1,10 @@
-"""The operator running in-process (kopf) against kmock, the Kubernetes API emulator.
+"""The pytest plugin running the operator in-process (kopf) against kmock, the Kubernetes API emulator;
+registered by ``pytest_plugins`` in tests/conftest.py.
+
+Fixtures: ``cluster`` (kmock + the operator, one per test module: a :class:`Cluster`) and
+``clean_listeners`` (deletes the WalListeners a test created once it is done; operator test modules
+apply it to every test with ``pytestmark = pytest.mark.usefixtures("clean_listeners")``). Helpers:
+:class:`Cluster`, :func:`listener_spec`, the resource names ``WL``, ``CONFIGMAPS``, ``SECRETS``, ...
 
 kmock keeps objects, serves watch streams and honours finalizers, but sets no resourceVersion, uid or
 generation and runs no controllers (no garbage collection, no Deployment status): the helpers here
@@ -21,7 +27,8 @@ import pytest
 import pytest_asyncio
 import yaml
 
-# the operator's timings, short for tests (read when wal_operator.settings is first imported)
+# the operator's timings, short for tests (read when wal_operator.settings is first imported; this plugin
+# is imported when the test session starts, before any test module)
 os.environ.setdefault("WAL_OPERATOR_STATUS_INTERVAL", "1")
 os.environ.setdefault("WAL_OPERATOR_DELETE_POLL", "0.3")
 os.environ.setdefault("WAL_OPERATOR_SLOW_RETRY", "2")

@@ -35,7 +35,7 @@ import nats
 import psycopg
 from nats.js.api import DeliverPolicy
 
-from tests.harness import Received
+from tests.support.harness import Received
 
 Change = tuple[int, int]  # (row key, sequence number)
 

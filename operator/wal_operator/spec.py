@@ -3,26 +3,26 @@
 The spec mirrors ``config.yml`` section by section so a user who knows the listener knows the
 resource; only secrets change shape: wherever the config holds a secret (``database.password``,
 ``publisher.password``, ``monitoring.sentryDSN``) the spec holds a reference to a Kubernetes Secret,
-which reaches the pod as the ``WAL_*`` environment variable the listener already reads.
+which reaches the pod as the ``WAL_*`` environment variable the listener already reads, and TLS files
+come from Secrets mounted into the pod.
 
 Nothing here re-declares a listener setting: ``spec.listener`` *is* :class:`ListenerConfig`,
 ``spec.logger`` *is* :class:`LoggerConfig`, ``spec.database`` and ``spec.monitoring`` extend the
-listener's models, and the broker blocks under ``spec.publisher`` are cut out of
-:class:`PublisherConfig` field by field (same types, defaults, limits and descriptions). The final
+listener's models, and ``spec.publisher`` extends the listener's :class:`PublisherSettings` with one
+block per broker, each the listener's settings class of that broker (:class:`NatsSettings`, ...) plus
+the Secret references. The final
 word is always the listener's :class:`Config`: :meth:`WalListenerSpec.to_config` builds one and
 whatever it refuses is reported on the resource with the listener's own message.
 """
 
 from __future__ import annotations
 
-import copy
 import re
 from enum import StrEnum
-from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
-from pydantic.fields import FieldInfo
 from pydantic.json_schema import SkipJsonSchema
 
 from listener.catalog import (
@@ -37,11 +37,15 @@ from listener.catalog import (
 from listener.config import (
     Config,
     DatabaseConfig,
+    GooglePubSubSettings,
+    KafkaSettings,
     ListenerConfig,
     LoggerConfig,
     MonitoringConfig,
-    PublisherConfig,
+    NatsSettings,
+    PublisherSettings,
     PublisherType,
+    RabbitMQSettings,
     env_names,
 )
 
@@ -164,86 +168,42 @@ class MonitoringSpec(MonitoringConfig):
 
 
 # --------------------------------------------------------------------------------------------------
-# publisher: type + topic settings, and exactly one broker block cut out of PublisherConfig
+# publisher: type + topic settings, and exactly one broker block: the listener's broker settings with
+# the secrets (password, TLS files, Google key) as Secret references
 
 
-def _subset(
-    source: type[BaseModel],
-    name: str,
-    fields: list[str],
-    *,
-    defaults: dict[str, Any] | None = None,
-    extra: dict[str, Any] | None = None,
-    doc: str = "",
-) -> type[BaseModel]:
-    """A model holding some fields of ``source``, with their own types, limits and aliases."""
-    definitions: dict[str, Any] = {}
-    for field_name in fields:
-        info: FieldInfo = copy.copy(source.model_fields[field_name])
-        if defaults and field_name in defaults:
-            info = FieldInfo.merge_field_infos(info, default=defaults[field_name])
-        definitions[field_name] = (info.annotation, info)
-    definitions.update(extra or {})
-    model = create_model(name, __base__=_Spec, __doc__=doc or None, **definitions)
-    return model
+_PASSWORD_REF = Field(None, description="Secret key holding the broker password.")
+_TLS = Field(None, description="CA and client certificate for TLS to the broker (turns TLS on).")
 
 
-_PASSWORD_REF = (SecretKeyRef | None, Field(None, description="Secret key holding the broker password."))
-_TLS = (TLSSpec | None, Field(None, description="CA and client certificate for TLS to the broker (turns TLS on)."))
-_COMMON_BROKER = ["address", "enable_tls", "username"]
+class NatsSpec(_Spec, NatsSettings):
+    """NATS JetStream: the stream is publisher.topic."""
 
-if TYPE_CHECKING:  # generated below; to the type checker they are plain models
-    NatsSpec: TypeAlias = BaseModel
-    KafkaSpec: TypeAlias = BaseModel
-    RabbitMQSpec: TypeAlias = BaseModel
-    GooglePubSubSpec: TypeAlias = BaseModel
-    _PublisherBase: TypeAlias = BaseModel
-else:
-    NatsSpec = _subset(
-        PublisherConfig,
-        "NatsSpec",
-        [*_COMMON_BROKER, "duplicate_window"],
-        extra={"password_secret_ref": _PASSWORD_REF, "tls": _TLS},
-        doc="NATS JetStream: the stream is publisher.topic.",
+    password_secret_ref: SecretKeyRef | None = _PASSWORD_REF
+    tls: TLSSpec | None = _TLS
+
+
+class KafkaSpec(_Spec, KafkaSettings):
+    """Kafka: address is the bootstrap server list."""
+
+    password_secret_ref: SecretKeyRef | None = _PASSWORD_REF
+    tls: TLSSpec | None = _TLS
+
+
+class RabbitMQSpec(_Spec, RabbitMQSettings):
+    """RabbitMQ: the exchange is publisher.topic; keep credentials out of the address."""
+
+    password_secret_ref: SecretKeyRef | None = _PASSWORD_REF
+    tls: TLSSpec | None = _TLS
+
+
+class GooglePubSubSpec(_Spec, GooglePubSubSettings):
+    """Google Pub/Sub."""
+
+    credentials_secret_ref: SecretKeyRef | None = Field(
+        None, description="Secret key holding a service-account JSON key (else workload identity)."
     )
-    KafkaSpec = _subset(
-        PublisherConfig,
-        "KafkaSpec",
-        [
-            *_COMMON_BROKER,
-            "sasl_mechanism",
-            "compression",
-            "linger_ms",
-            "max_batch_bytes",
-            "idempotent",
-            "partitions",
-            "replication_factor",
-            "create_topics",
-        ],
-        extra={"password_secret_ref": _PASSWORD_REF, "tls": _TLS},
-        doc="Kafka: address is the bootstrap server list.",
-    )
-    RabbitMQSpec = _subset(
-        PublisherConfig,
-        "RabbitMQSpec",
-        [*_COMMON_BROKER, "exchange_kind"],
-        extra={"password_secret_ref": _PASSWORD_REF, "tls": _TLS},
-        doc="RabbitMQ: the exchange is publisher.topic; keep credentials out of the address.",
-    )
-    GooglePubSubSpec = _subset(
-        PublisherConfig,
-        "GooglePubSubSpec",
-        ["address", "pub_sub_project_id", "enable_ordering", "create_topics"],
-        defaults={"address": "pubsub.googleapis.com:443"},
-        extra={
-            "credentials_secret_ref": (
-                SecretKeyRef | None,
-                Field(None, description="Secret key holding a service-account JSON key (else workload identity)."),
-            )
-        },
-        doc="Google Pub/Sub.",
-    )
-    _PublisherBase = _subset(PublisherConfig, "_PublisherBase", ["type", "topic", "topic_prefix", "message_key_from"])
+
 
 #: publisher.type -> the name of the block that must be set for it
 BROKER_BLOCKS: dict[PublisherType, str] = {
@@ -252,39 +212,35 @@ BROKER_BLOCKS: dict[PublisherType, str] = {
     PublisherType.RABBITMQ: "rabbitmq",
     PublisherType.GOOGLE_PUBSUB: "googlePubSub",
 }
+_FIELD_OF_BLOCK = {"nats": "nats", "kafka": "kafka", "rabbitmq": "rabbitmq", "googlePubSub": "google_pub_sub"}
+BrokerSpec = NatsSpec | KafkaSpec | RabbitMQSpec | GooglePubSubSpec
 
 
-class PublisherSpec(_PublisherBase):
+class PublisherSpec(_Spec, PublisherSettings):
     """``publisher`` of config.yml: type and topic settings, plus the one block of that broker."""
 
-    nats: NatsSpec | None = None
-    kafka: KafkaSpec | None = None
-    rabbitmq: RabbitMQSpec | None = None
-    google_pub_sub: GooglePubSubSpec | None = Field(None, alias="googlePubSub")
+    nats: NatsSpec | None = Field(None, description="Settings when type is nats.")
+    kafka: KafkaSpec | None = Field(None, description="Settings when type is kafka.")
+    rabbitmq: RabbitMQSpec | None = Field(None, description="Settings when type is rabbitmq.")
+    google_pub_sub: GooglePubSubSpec | None = Field(
+        None, alias="googlePubSub", description="Settings when type is google_pubsub."
+    )
 
-    @property
-    def publisher_type(self) -> PublisherType:
-        value: PublisherType = getattr(self, "type")  # noqa: B009 - declared on the generated base
-        return value
-
-    def broker(self) -> BaseModel:
-        block: BaseModel | None = getattr(self, _FIELD_OF_BLOCK[BROKER_BLOCKS[self.publisher_type]])
+    def broker(self) -> BrokerSpec:
+        block: BrokerSpec | None = getattr(self, _FIELD_OF_BLOCK[BROKER_BLOCKS[self.type]])
         assert block is not None  # checked by _one_block
         return block
 
     @model_validator(mode="after")
     def _one_block(self) -> PublisherSpec:
-        wanted = BROKER_BLOCKS[self.publisher_type]
+        wanted = BROKER_BLOCKS[self.type]
         present = [alias for alias, field in _FIELD_OF_BLOCK.items() if getattr(self, field) is not None]
         if present != [wanted]:
             raise ValueError(
-                f"publisher.type is {self.publisher_type.value}, so set publisher.{wanted} and no other "
+                f"publisher.type is {self.type.value}, so set publisher.{wanted} and no other "
                 f"broker block (found: {', '.join(present) or 'none'})"
             )
         return self
-
-
-_FIELD_OF_BLOCK = {"nats": "nats", "kafka": "kafka", "rabbitmq": "rabbitmq", "googlePubSub": "google_pub_sub"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -428,7 +384,7 @@ class WalListenerSpec(_Spec):
         if self.database.user_secret_ref:
             refs[("database", "user")] = self.database.user_secret_ref
         ref = getattr(self.publisher.broker(), "password_secret_ref", None)
-        if isinstance(ref, SecretKeyRef):
+        if ref is not None:
             refs[("publisher", "password")] = ref
         if self.monitoring.sentry_dsn_secret_ref:
             refs[("monitoring", "sentryDSN")] = self.monitoring.sentry_dsn_secret_ref
@@ -475,7 +431,7 @@ class WalListenerSpec(_Spec):
     @property
     def publisher_block(self) -> str:
         """The name of the broker block in use (``nats``, ``kafka``, ``rabbitmq``, ``googlePubSub``)."""
-        return BROKER_BLOCKS[self.publisher.publisher_type]
+        return BROKER_BLOCKS[self.publisher.type]
 
     def to_config(self, secrets: dict[tuple[str, ...], str] | None = None, tls_dir: str = TLS_DIR) -> Config:
         """The listener's config for this resource, validated by the listener's own model.

@@ -27,7 +27,10 @@ from typing import Any
 import kopf
 import psycopg
 
+from listener.catalog import SlotState
 from listener.config import DatabaseConfig
+from listener.errors import DatabaseError, DatabaseSetupError
+from listener.pgoutput import format_lsn
 from wal_operator import db, render
 from wal_operator import status as st
 from wal_operator.kube import KubeClient, KubeError, relogin_service_account
@@ -192,14 +195,16 @@ def _write(
         patch.status[key] = value
 
 
-def _slot_status(slot: db.SlotState) -> dict[str, Any]:
+def _slot_status(name: str, slot: SlotState | None) -> dict[str, Any]:
+    if slot is None:
+        return {"name": name, "exists": False, "active": False, "checkedAt": st.now()}
     return {
         "name": slot.name,
-        "exists": slot.exists,
+        "exists": True,
         "active": slot.active,
-        "confirmedLSN": slot.confirmed_lsn,
-        "restartLSN": slot.restart_lsn,
-        "walStatus": slot.wal_status,
+        "confirmedLSN": format_lsn(slot.confirmed_flush_lsn) if slot.confirmed_flush_lsn else "",
+        "restartLSN": format_lsn(slot.restart_lsn) if slot.restart_lsn else "",
+        "walStatus": slot.wal_status or "",
         "retainedWALBytes": slot.retained_wal_bytes,
         "lagBytes": slot.lag_bytes,
         "lag": st.human_bytes(slot.lag_bytes),
@@ -423,14 +428,14 @@ async def reconcile(
     except _NeedsPerson as exc:
         fail([spec_ok, no_conflict, st.Condition(st.DATABASE_REACHABLE, "Unknown", exc.reason, exc.message)])
         raise kopf.TemporaryError(exc.message, delay=min(30.0, SETTINGS.slow_retry)) from None
-    except db.DatabaseUnreachable as exc:
+    except DatabaseSetupError as exc:  # before DatabaseError: a person must act, no fast retries
+        fail([spec_ok, no_conflict, st.Condition(st.DATABASE_REACHABLE, "False", "LoginRefused", str(exc))])
+        raise kopf.TemporaryError(str(exc), delay=SETTINGS.slow_retry) from None
+    except DatabaseError as exc:
         delay = _retry_delay(retry)
         message = f"{exc}; retrying in {delay:.0f}s"
         fail([spec_ok, no_conflict, st.Condition(st.DATABASE_REACHABLE, "False", "Unreachable", message)])
         raise kopf.TemporaryError(str(exc), delay=delay) from None
-    except db.DatabaseRefused as exc:
-        fail([spec_ok, no_conflict, st.Condition(st.DATABASE_REACHABLE, "False", "LoginRefused", str(exc))])
-        raise kopf.TemporaryError(str(exc), delay=SETTINGS.slow_retry) from None
 
     reachable = st.Condition(st.DATABASE_REACHABLE, "True", "Connected", "")
     done = [spec_ok, no_conflict, reachable]
@@ -450,12 +455,12 @@ async def reconcile(
                     f"publication {pub.name}: " + ("all tables" if pub.all_tables else ", ".join(pub.tables)),
                 )
             )
-            slot = await db.ensure_slot(conn, model.listener.slot_name, model.database.name)
+            slot, created = await db.ensure_slot(conn, model.listener.slot_name, model.database.name)
             done.append(
                 st.Condition(
                     st.SLOT_READY,
                     "True",
-                    "Created" if slot.created else "Exists",
+                    "Created" if created else "Exists",
                     f"logical slot {slot.name} (pgoutput), wal_status {slot.wal_status or '-'}",
                 )
             )
@@ -466,11 +471,11 @@ async def reconcile(
     except db.Conflict as exc:
         fail([*done, st.Condition(st.CONFLICT, "True", "ClaimedInDatabase", str(exc))])
         raise kopf.TemporaryError(str(exc), delay=SETTINGS.slow_retry) from None
-    except db.DatabaseRefused as exc:
+    except DatabaseSetupError as exc:
         step = st.SLOT_READY if any(c.type == st.PUBLICATION_READY for c in done) else st.PUBLICATION_READY
         fail([*done, st.Condition(step, "False", "Refused", str(exc))])
         raise kopf.TemporaryError(str(exc), delay=SETTINGS.slow_retry) from None
-    except db.DatabaseUnreachable as exc:
+    except DatabaseError as exc:
         fail([*done, st.Condition(st.DATABASE_REACHABLE, "False", "Unreachable", str(exc))])
         raise kopf.TemporaryError(str(exc), delay=_retry_delay(retry)) from None
     except psycopg.OperationalError as exc:
@@ -493,7 +498,7 @@ async def reconcile(
         done,
         {
             "configHash": render.config_hash(model),
-            "slot": _slot_status(slot),
+            "slot": _slot_status(slot.name, slot),
             "publication": {
                 "name": pub.name,
                 "allTables": pub.all_tables,
@@ -594,21 +599,23 @@ async def watch_slot(
         return
     updates: list[st.Condition] = []
     extra: dict[str, Any] = {}
-    slot: db.SlotState | None = None
+    slot: SlotState | None = None
+    read = False
     secrets: Secrets | None = None
     try:
         secrets = await _read_secrets(model, namespace)
         conn = await db.connect(_database_config(model, secrets))
         async with conn:
             slot = await db.slot_status(conn, model.listener.slot_name)
+            read = True
     except _NeedsPerson as exc:
         updates.append(st.Condition(st.DATABASE_REACHABLE, "Unknown", exc.reason, exc.message))
-    except (db.DatabaseUnreachable, db.DatabaseRefused, psycopg.OperationalError) as exc:
+    except (DatabaseError, psycopg.OperationalError) as exc:
         updates.append(st.Condition(st.DATABASE_REACHABLE, "False", "Unreachable", db.first_line(exc)))
-    if slot is not None:
-        extra["slot"] = _slot_status(slot)
+    if read:
+        extra["slot"] = _slot_status(model.listener.slot_name, slot)
         updates.append(st.Condition(st.DATABASE_REACHABLE, "True", "Connected", ""))
-        updates.append(_slot_condition(body, slot))
+        updates.append(_slot_condition(body, model.listener.slot_name, slot))
         _warn_retained(body, slot, model.alerts.retained_wal_bytes, memo)
 
     if secrets is not None:
@@ -660,14 +667,14 @@ async def _keep_children(
         logger.warning("%s", exc)
 
 
-def _slot_condition(body: kopf.Body, slot: db.SlotState) -> st.Condition:
-    if not slot.exists:
-        kopf.warn(body, reason="SlotMissing", message=f"replication slot {slot.name} disappeared")
+def _slot_condition(body: kopf.Body, name: str, slot: SlotState | None) -> st.Condition:
+    if slot is None:
+        kopf.warn(body, reason="SlotMissing", message=f"replication slot {name} disappeared")
         return st.Condition(
             st.SLOT_READY,
             "False",
             "SlotMissing",
-            f"replication slot {slot.name} does not exist (dropped outside the operator); a new one starts at the "
+            f"replication slot {name} does not exist (dropped outside the operator); a new one starts at the "
             "current WAL position, so changes made meanwhile are not delivered",
         )
     if slot.wal_status == "lost":
@@ -679,9 +686,9 @@ def _slot_condition(body: kopf.Body, slot: db.SlotState) -> st.Condition:
     )
 
 
-def _warn_retained(body: kopf.Body, slot: db.SlotState, threshold: int, memo: kopf.Memo) -> None:
+def _warn_retained(body: kopf.Body, slot: SlotState | None, threshold: int, memo: kopf.Memo) -> None:
     """A Warning event while the slot pins more WAL than the threshold (at most every 5 minutes)."""
-    if not (slot.exists and threshold and slot.retained_wal_bytes > threshold):
+    if slot is None or not (threshold and slot.retained_wal_bytes > threshold):
         memo["wal_warned_at"] = 0.0
         return
     last = float(memo.get("wal_warned_at", 0.0))
@@ -755,12 +762,12 @@ async def delete(
         conn = await db.connect(_database_config(model, secrets))
         async with conn:
             slot = await db.drop_slot(conn, model.listener.slot_name)
-            if slot.active:
+            if slot is not None and slot.active:
                 msg = f"waiting for replication slot {slot.name} to become inactive (pid {slot.active_pid})"
                 _write(patch, status, meta.get("generation"), [st.Condition(st.SLOT_READY, "False", "Deleting", msg)])
                 raise kopf.TemporaryError(msg, delay=SETTINGS.delete_poll)
             dropped = await db.drop_publication(conn, model.listener.publication_name, owner)
-    except (_NeedsPerson, db.DatabaseUnreachable, db.DatabaseRefused, psycopg.OperationalError) as exc:
+    except (_NeedsPerson, DatabaseError, psycopg.OperationalError) as exc:
         msg = f"cannot drop slot/publication yet: {db.first_line(exc)}; set reclaimPolicy: Retain to skip"
         raise kopf.TemporaryError(msg, delay=min(5.0 * 2**retry, 60.0)) from None
     logger.info(

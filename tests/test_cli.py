@@ -1,0 +1,111 @@
+"""What a new user types: the config from the environment alone, options after the subcommand, the example."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from listener.config import load_config
+
+REPO = Path(__file__).resolve().parent.parent
+ENV_ONLY = {
+    "WAL_LISTENER_SLOTNAME": "s1",
+    "WAL_DATABASE_NAME": "shop",
+    "WAL_DATABASE_USER": "wal",
+    "WAL_PUBLISHER_TYPE": "nats",
+    "WAL_PUBLISHER_ADDRESS": "nats://nats:4222",
+    "WAL_PUBLISHER_TOPIC": "events",
+}
+
+
+def _cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("WAL_")}
+    return subprocess.run(
+        [sys.executable, "-m", "listener", *args], cwd=cwd, env={**base, **(env or {})}, capture_output=True, text=True
+    )
+
+
+def test_no_file_at_all_runs_from_the_environment(tmp_path: Path) -> None:
+    run = _cli("check-config", cwd=tmp_path, env=ENV_ONLY)
+    assert run.returncode == 0, run.stderr
+    shown = yaml.safe_load(run.stdout)
+    assert shown["listener"]["slotName"] == "s1" and shown["publisher"]["topic"] == "events"
+
+
+def test_no_file_and_no_environment_says_where_it_looked(tmp_path: Path) -> None:
+    run = _cli("check-config", cwd=tmp_path)
+    assert run.returncode == 2
+    assert len(run.stderr.strip().splitlines()) == 1
+    assert "no --config given and no config.yml here" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_config_yml_in_the_current_directory_is_the_default(tmp_path: Path) -> None:
+    data = load_config(None, ENV_ONLY).to_yaml_dict()
+    data["listener"]["slotName"] = "from_file"
+    (tmp_path / "config.yml").write_text(yaml.safe_dump(data))
+    run = _cli("check-config", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert yaml.safe_load(run.stdout)["listener"]["slotName"] == "from_file"
+
+
+def test_global_options_go_before_or_after_the_subcommand(tmp_path: Path) -> None:
+    example = str(REPO / "config_example.yml")
+    before = _cli("--config", example, "check-config", cwd=tmp_path)
+    after = _cli("check-config", "--config", example, cwd=tmp_path)
+    short = _cli("check-config", "-c", example, cwd=tmp_path)
+    assert before.returncode == after.returncode == short.returncode == 0, after.stderr
+    assert before.stdout == after.stdout == short.stdout
+    missing = _cli("check-config", "--config", str(tmp_path / "nope.yml"), cwd=tmp_path)
+    assert missing.returncode == 2 and "nope.yml" in missing.stderr and "not found" in missing.stderr
+
+
+def test_the_example_publishes_every_table_on_the_documented_subjects() -> None:
+    """cp config_example.yml config.yml + editing database and publisher: everything is published."""
+    cfg = load_config(REPO / "config_example.yml", {})
+    assert cfg.listener.filter.tables is None
+    assert cfg.listener.topics_map == {}
+
+
+def test_config_yml_is_never_committed() -> None:
+    assert "config.yml" in (REPO / ".gitignore").read_text().splitlines()
+
+
+PUBSUB_ONLY = {
+    "WAL_LISTENER_SLOTNAME": "s1",
+    "WAL_DATABASE_NAME": "shop",
+    "WAL_DATABASE_USER": "wal",
+    "WAL_PUBLISHER_TYPE": "google_pubsub",
+    "WAL_PUBLISHER_PUBSUBPROJECTID": "my-project",
+    "WAL_PUBLISHER_TOPIC": "events",
+}
+
+
+def test_a_key_a_broker_does_not_use_is_not_required(tmp_path: Path) -> None:
+    """google_pubsub needs no address (it was "publisher.address is required but missing")."""
+    run = _cli("check-config", cwd=tmp_path, env=PUBSUB_ONLY)
+    assert run.returncode == 0, run.stderr
+    publisher = yaml.safe_load(run.stdout)["publisher"]
+    assert publisher["pubSubProjectID"] == "my-project"
+    # only the chosen broker's keys are shown
+    assert not {"duplicateWindow", "exchangeKind", "saslMechanism", "partitions", "enableTLS"} & set(publisher)
+
+
+def test_another_brokers_key_is_dropped_with_a_warning(tmp_path: Path) -> None:
+    run = _cli("check-config", cwd=tmp_path, env={**PUBSUB_ONLY, "WAL_PUBLISHER_EXCHANGEKIND": "fanout"})
+    assert run.returncode == 0, run.stderr
+    assert "publisher.exchangeKind does nothing for publisher.type google_pubsub" in run.stderr
+    assert "exchangeKind" not in yaml.safe_load(run.stdout)["publisher"]
+
+
+def test_the_brokers_own_required_keys_are_named(tmp_path: Path) -> None:
+    env = {**ENV_ONLY, "WAL_PUBLISHER_TYPE": "kafka"}
+    del env["WAL_PUBLISHER_ADDRESS"]
+    run = _cli("check-config", cwd=tmp_path, env=env)
+    assert run.returncode == 2
+    assert "publisher.address is required but missing" in run.stderr and "WAL_PUBLISHER_ADDRESS" in run.stderr
+    bad = _cli("check-config", cwd=tmp_path, env={**ENV_ONLY, "WAL_PUBLISHER_TYPE": "redis"})
+    assert "publisher.type = 'redis' is not allowed; use one of nats, kafka, rabbitmq, google_pubsub" in bad.stderr
