@@ -34,7 +34,7 @@ _COLUMNS = """
     tags        text[] NOT NULL,
     payload     jsonb NOT NULL"""
 
-_VALUES = """i, 'name-' || i, (i * 1.01)::numeric(14, 2), i %% 2 = 0,
+VALUES = """i, 'name-' || i, (i * 1.01)::numeric(14, 2), i %% 2 = 0,
        '2026-01-01 00:00:00+00'::timestamptz + i * interval '1 second',
        ARRAY['tag-' || (i %% 10), 'group-' || (i %% 7)],
        jsonb_build_object('i', i, 'label', 'item ' || i,
@@ -79,7 +79,7 @@ def _in_transactions(conn: psycopg.Connection, statement: str, total: int) -> No
 
 def write_reference(rows: int) -> Callable[[psycopg.Connection], None]:
     def write(conn: psycopg.Connection) -> None:
-        _in_transactions(conn, f"INSERT INTO bench_ref SELECT {_VALUES} FROM generate_series(%s::int, %s::int) i",
+        _in_transactions(conn, f"INSERT INTO bench_ref SELECT {VALUES} FROM generate_series(%s::int, %s::int) i",
                          rows)
         _in_transactions(
             conn,
@@ -96,7 +96,7 @@ def write_wide(rows: int) -> Callable[[psycopg.Connection], None]:
     def write(conn: psycopg.Connection) -> None:
         _in_transactions(
             conn,
-            f"INSERT INTO bench_wide SELECT {_VALUES}, repeat(md5(i::text), 128)"  # 4096 characters
+            f"INSERT INTO bench_wide SELECT {VALUES}, repeat(md5(i::text), 128)"  # 4096 characters
             " FROM generate_series(%s::int, %s::int) i",
             rows,
         )
@@ -110,7 +110,7 @@ def write_wide(rows: int) -> Callable[[psycopg.Connection], None]:
 def write_big_transaction(rows: int) -> Callable[[psycopg.Connection], None]:
     def write(conn: psycopg.Connection) -> None:
         with conn.transaction():
-            conn.execute(f"INSERT INTO bench_big SELECT {_VALUES} FROM generate_series(1, %s::int) i", (rows,))
+            conn.execute(f"INSERT INTO bench_big SELECT {VALUES} FROM generate_series(1, %s::int) i", (rows,))
 
     return write
 
@@ -162,4 +162,4 @@ def reset_table(dsn: str, table: str) -> None:
 
 
 def latency_insert_sql() -> str:
-    return f"INSERT INTO bench_lat SELECT {_VALUES} FROM generate_series(%s::int, %s::int) i"
+    return f"INSERT INTO bench_lat SELECT {VALUES} FROM generate_series(%s::int, %s::int) i"

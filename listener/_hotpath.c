@@ -10,6 +10,9 @@
  *
  * event(msg, plan, ident, commit_time, want_key) -> (body: bytes, key: bytes | None) | None
  *
+ * read_row(values, plan, ident, read_time, want_key) takes a backfilled row (each column's text form as
+ * bytes, as an Insert would carry it) and writes the same body with action READ.
+ *
  * It also serves the NATS publisher's hot loop (listener/publishers/nats.py), checked against nats-py:
  * nats_frames(batch, prefixes, seq, limit, header_bytes) -> (frames, payload) | None builds the HPUB
  * frames of a batch (Nats-Msg-Id header, reply subject per message), and nats_acks(data, sid) scans
@@ -464,51 +467,127 @@ static int put_ascii_field(Buf *b, PyObject *text) {
     return put_escaped(b, (const unsigned char *)s, n);
 }
 
+/* The plan of a relation, checked: (schema_table: bytes, columns: tuple of 4-tuples, key_index: tuple). */
+typedef struct {
+    PyObject *schema_table, *columns, *key_index;
+    Py_ssize_t ncolumns;
+} Plan;
+
+static int read_plan(const char *name, PyObject *const *args, Plan *plan) {
+    PyObject *tuple = args[1];
+    if (!PyTuple_Check(tuple) || PyTuple_GET_SIZE(tuple) != 3 || !PyUnicode_Check(args[2]) ||
+        !PyUnicode_Check(args[3])) {
+        PyErr_Format(PyExc_TypeError, "%s: plan must be a 3-tuple, ident and commit_time str", name);
+        return -1;
+    }
+    plan->schema_table = PyTuple_GET_ITEM(tuple, 0);
+    plan->columns = PyTuple_GET_ITEM(tuple, 1);
+    plan->key_index = PyTuple_GET_ITEM(tuple, 2);
+    if (!PyBytes_Check(plan->schema_table) || !PyTuple_Check(plan->columns) || !PyTuple_Check(plan->key_index)) {
+        PyErr_Format(PyExc_TypeError, "%s: plan is (bytes, tuple, tuple)", name);
+        return -1;
+    }
+    plan->ncolumns = PyTuple_GET_SIZE(plan->columns);
+    for (Py_ssize_t i = 0; i < plan->ncolumns; i++) {
+        PyObject *entry = PyTuple_GET_ITEM(plan->columns, i);
+        if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 4 || !PyBytes_Check(PyTuple_GET_ITEM(entry, 0)) ||
+            !PyLong_Check(PyTuple_GET_ITEM(entry, 1))) {
+            PyErr_Format(PyExc_TypeError, "%s: a column is (bytes, int, converter, bool)", name);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* The event body and key of one change whose tuples are decoded: (body, key) | None (the Python path
+ * takes it) | NULL (an error). ``args`` are the caller's (ident at 2, commit time at 3). */
+static PyObject *build_event(PyObject *const *args, const Plan *plan, const char *action, const Col *new_cols,
+                             Py_ssize_t nnew, const Col *old_cols, Py_ssize_t nold, char old_kind, int want_key,
+                             Py_ssize_t size_hint) {
+    PyObject *result = NULL;
+    Buf b = {NULL, 0, 0};
+    int rc;
+    b.cap = size_hint * 2 + 256;
+    b.data = PyMem_Malloc((size_t)b.cap);
+    if (b.data == NULL)
+        return PyErr_NoMemory();
+    if (PUTS(&b, "{\"id\":\"") < 0 || put_ascii_field(&b, args[2]) < 0 || PUTS(&b, "\",") < 0 ||
+        put(&b, PyBytes_AS_STRING(plan->schema_table), PyBytes_GET_SIZE(plan->schema_table)) < 0 ||
+        PUTS(&b, ",\"action\":\"") < 0 || put(&b, action, (Py_ssize_t)strlen(action)) < 0 ||
+        PUTS(&b, "\",\"data\":") < 0)
+        goto done;
+    if (new_cols != NULL) {
+        rc = put_row(&b, plan->columns, new_cols, nnew, 0, old_cols, nold, old_kind);
+    } else {
+        rc = PUTS(&b, "{}");
+    }
+    if (rc != 0)
+        goto check;
+    if ((rc = PUTS(&b, ",\"dataOld\":")) != 0)
+        goto check;
+    if (old_cols != NULL) {
+        rc = put_row(&b, plan->columns, old_cols, nold, old_kind == 'K', NULL, 0, 0);
+    } else {
+        rc = PUTS(&b, "{}");
+    }
+    if (rc != 0)
+        goto check;
+    if (PUTS(&b, ",\"commitTime\":\"") < 0 || put_ascii_field(&b, args[3]) < 0 || PUTS(&b, "\"}") < 0)
+        goto done;
+
+    PyObject *key;
+    if (!want_key) {
+        key = Py_NewRef(Py_None);
+    } else if (new_cols == NULL) {
+        key = make_key(plan->key_index, old_cols, nold, NULL, 0);
+    } else {
+        key = make_key(plan->key_index, new_cols, nnew, old_cols, nold);
+    }
+    if (key == NULL)
+        goto done;
+    PyObject *body = PyBytes_FromStringAndSize(b.data, b.len);
+    if (body == NULL) {
+        Py_DECREF(key);
+        goto done;
+    }
+    result = PyTuple_Pack(2, body, key);
+    Py_DECREF(body);
+    Py_DECREF(key);
+    goto done;
+
+check:
+    if (rc < 0)
+        goto done;
+    result = Py_NewRef(Py_None);
+done:
+    PyMem_Free(b.data);
+    return result;
+}
+
 static PyObject *hot_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     if (nargs != 5) {
         PyErr_SetString(PyExc_TypeError, "event(msg, plan, ident, commit_time, want_key)");
         return NULL;
     }
-    PyObject *plan = args[1];
-    if (!PyTuple_Check(plan) || PyTuple_GET_SIZE(plan) != 3 || !PyUnicode_Check(args[2]) ||
-        !PyUnicode_Check(args[3])) {
-        PyErr_SetString(PyExc_TypeError, "event: plan must be a 3-tuple, ident and commit_time str");
+    Plan plan;
+    if (read_plan("event", args, &plan) < 0)
         return NULL;
-    }
-    PyObject *schema_table = PyTuple_GET_ITEM(plan, 0);
-    PyObject *columns = PyTuple_GET_ITEM(plan, 1);
-    PyObject *key_index = PyTuple_GET_ITEM(plan, 2);
-    if (!PyBytes_Check(schema_table) || !PyTuple_Check(columns) || !PyTuple_Check(key_index)) {
-        PyErr_SetString(PyExc_TypeError, "event: plan is (bytes, tuple, tuple)");
-        return NULL;
-    }
-    Py_ssize_t ncolumns = PyTuple_GET_SIZE(columns);
-    for (Py_ssize_t i = 0; i < ncolumns; i++) {
-        PyObject *entry = PyTuple_GET_ITEM(columns, i);
-        if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 4 || !PyBytes_Check(PyTuple_GET_ITEM(entry, 0)) ||
-            !PyLong_Check(PyTuple_GET_ITEM(entry, 1))) {
-            PyErr_SetString(PyExc_TypeError, "event: a column is (bytes, int, converter, bool)");
-            return NULL;
-        }
-    }
+    Py_ssize_t ncolumns = plan.ncolumns;
     int want_key = PyObject_IsTrue(args[4]);
     if (want_key < 0)
         return NULL;
-
     Py_buffer view;
     if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
         return NULL;
     const unsigned char *s = view.buf;
     Py_ssize_t n = view.len;
     PyObject *result = NULL;
-    Buf b = {NULL, 0, 0};
     Col stack_new[STACK_COLUMNS], stack_old[STACK_COLUMNS];
     Col *heap = NULL, *new_cols = NULL, *old_cols = NULL, *spare_new = stack_new, *spare_old = stack_old;
     Py_ssize_t nnew = 0, nold = 0;
     char old_kind = 0;
     const char *action;
-    int rc = FALLBACK;
 
     if (ncolumns > STACK_COLUMNS) {
         heap = PyMem_Malloc(sizeof(Col) * (size_t)ncolumns * 2);
@@ -557,66 +636,76 @@ static PyObject *hot_event(PyObject *self, PyObject *const *args, Py_ssize_t nar
         if (nnew < 0)
             goto fallback;
     }
-
-    b.cap = n * 2 + 256;
-    b.data = PyMem_Malloc((size_t)b.cap);
-    if (b.data == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    if (PUTS(&b, "{\"id\":\"") < 0 || put_ascii_field(&b, args[2]) < 0 || PUTS(&b, "\",") < 0 ||
-        put(&b, PyBytes_AS_STRING(schema_table), PyBytes_GET_SIZE(schema_table)) < 0 ||
-        PUTS(&b, ",\"action\":\"") < 0 || put(&b, action, (Py_ssize_t)strlen(action)) < 0 ||
-        PUTS(&b, "\",\"data\":") < 0)
-        goto done;
-    if (new_cols != NULL) {
-        rc = put_row(&b, columns, new_cols, nnew, 0, old_cols, nold, old_kind);
-    } else {
-        rc = PUTS(&b, "{}");
-    }
-    if (rc != 0)
-        goto check;
-    if ((rc = PUTS(&b, ",\"dataOld\":")) != 0)
-        goto check;
-    if (old_cols != NULL) {
-        rc = put_row(&b, columns, old_cols, nold, old_kind == 'K', NULL, 0, 0);
-    } else {
-        rc = PUTS(&b, "{}");
-    }
-    if (rc != 0)
-        goto check;
-    if (PUTS(&b, ",\"commitTime\":\"") < 0 || put_ascii_field(&b, args[3]) < 0 || PUTS(&b, "\"}") < 0)
-        goto done;
-
-    PyObject *key;
-    if (!want_key) {
-        key = Py_NewRef(Py_None);
-    } else if (tag == 'D') {
-        key = make_key(key_index, old_cols, nold, NULL, 0);
-    } else {
-        key = make_key(key_index, new_cols, nnew, old_cols, nold);
-    }
-    if (key == NULL)
-        goto done;
-    PyObject *body = PyBytes_FromStringAndSize(b.data, b.len);
-    if (body == NULL) {
-        Py_DECREF(key);
-        goto done;
-    }
-    result = PyTuple_Pack(2, body, key);
-    Py_DECREF(body);
-    Py_DECREF(key);
+    result = build_event(args, &plan, action, new_cols, nnew, old_cols, nold, old_kind, want_key, n);
     goto done;
-
-check:
-    if (rc < 0)
-        goto done;
 fallback:
     result = Py_NewRef(Py_None);
 done:
-    PyMem_Free(b.data);
     PyMem_Free(heap);
     PyBuffer_Release(&view);
+    return result;
+}
+
+/* read_row(values, plan, ident, read_time, want_key) -> (body, key) | None
+ *
+ * A backfilled row: ``values`` holds each column's text form as bytes (None for NULL), in the plan's
+ * column order, as pgoutput would send them in an Insert. The body is the INSERT's but for the action,
+ * READ, so its data is byte for byte what the row's INSERT event carries. */
+static PyObject *hot_read_row(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "read_row(values, plan, ident, read_time, want_key)");
+        return NULL;
+    }
+    Plan plan;
+    if (read_plan("read_row", args, &plan) < 0)
+        return NULL;
+    int want_key = PyObject_IsTrue(args[4]);
+    if (want_key < 0)
+        return NULL;
+    PyObject *values = args[0];
+    if (!PyList_Check(values)) {
+        PyErr_SetString(PyExc_TypeError, "read_row: values must be a list");
+        return NULL;
+    }
+    Py_ssize_t count = PyList_GET_SIZE(values);
+    if (count > plan.ncolumns)
+        return Py_NewRef(Py_None);
+    Col stack[STACK_COLUMNS];
+    Col *cols = stack;
+    if (count > STACK_COLUMNS) {
+        cols = PyMem_Malloc(sizeof(Col) * (size_t)count);
+        if (cols == NULL)
+            return PyErr_NoMemory();
+    }
+    PyObject *result = NULL;
+    Py_ssize_t size = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *item = PyList_GET_ITEM(values, i);
+        if (item == Py_None) {
+            cols[i].kind = 'n';
+            cols[i].p = NULL;
+            cols[i].len = 0;
+        } else if (PyBytes_Check(item)) {
+            const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(item);
+            Py_ssize_t len = PyBytes_GET_SIZE(item);
+            if (!valid_utf8(p, len)) {
+                result = Py_NewRef(Py_None);
+                goto done;
+            }
+            cols[i].kind = 't';
+            cols[i].p = p;
+            cols[i].len = len;
+            size += len + 8;
+        } else {
+            PyErr_SetString(PyExc_TypeError, "read_row: a value is bytes or None");
+            goto done;
+        }
+    }
+    result = build_event(args, &plan, "READ", cols, count, NULL, 0, 0, want_key, size);
+done:
+    if (cols != stack)
+        PyMem_Free(cols);
     return result;
 }
 
@@ -824,6 +913,8 @@ static PyObject *hot_set_encoder(PyObject *self, PyObject *dumps) {
 static PyMethodDef methods[] = {
     {"event", (PyCFunction)(void (*)(void))hot_event, METH_FASTCALL,
      "event(msg, plan, ident, commit_time, want_key) -> (body, key) | None"},
+    {"read_row", (PyCFunction)(void (*)(void))hot_read_row, METH_FASTCALL,
+     "read_row(values, plan, ident, read_time, want_key) -> (body, key) | None"},
     {"nats_frames", (PyCFunction)(void (*)(void))hot_nats_frames, METH_FASTCALL,
      "nats_frames(batch, prefixes, seq, limit, header_bytes) -> (frames, payload) | None"},
     {"nats_acks", (PyCFunction)(void (*)(void))hot_nats_acks, METH_FASTCALL,

@@ -16,6 +16,8 @@ import time
 from typing import Any
 
 from listener import metrics, pgoutput
+from listener.backfill import Backfiller, published_tables, request_backfill
+from listener.catalog import WATERMARK_PREFIX
 from listener.config import Config, redact_url
 from listener.delivery import Backoff, Delivery
 from listener.errors import (
@@ -98,6 +100,9 @@ class Listener:
         self._problem_reasons: set[str] = set()
         self._streaming_since: float | None = None
         self._drain_until: float | None = None
+        self.backfiller = Backfiller(cfg, self.builder)
+        #: the slot was lost and listener.onSlotLost is resnapshot: create it again, then backfill everything
+        self._resnapshot = False
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -163,8 +168,11 @@ class Listener:
                 except SlotInUseError as exc:
                     self._report(exc, logging.WARNING)
                 except SlotLostError as exc:
-                    self._report(exc, logging.ERROR)
-                    backoff.attempt = max(backoff.attempt, 30)  # no tight crash loop: retry slowly
+                    if self.cfg.listener.on_slot_lost == "resnapshot":
+                        await self._lost_slot(exc)
+                    else:
+                        self._report(exc, logging.ERROR)
+                        backoff.attempt = max(backoff.attempt, 30)  # no tight crash loop: retry slowly
                 except DatabaseSetupError as exc:
                     self._report(exc, logging.ERROR)
                     backoff.attempt = max(backoff.attempt, 30)
@@ -209,6 +217,19 @@ class Listener:
                 level = logging.DEBUG
             self._problem_reason = reason
         log.log(level, str(exc), extra={"fields": fields})
+
+    async def _lost_slot(self, exc: SlotLostError) -> None:
+        """listener.onSlotLost: resnapshot — a new slot, and every published table backfilled."""
+        log.error(
+            "replication slot lost: creating it again and backfilling every published table (onSlotLost: resnapshot)",
+            extra={"fields": {"slot": self.cfg.listener.slot_name, "error": str(exc)}},
+        )
+        metrics.SLOT_RESNAPSHOTS.inc()
+        self.health.problem = str(exc)
+        if self._db is not None:
+            with contextlib.suppress(Exception):
+                await self._db.drop_slot()  # an invalidated slot is in the way of the new one
+        self._resnapshot = True
 
     def _problem_solved(self) -> None:
         if self._problem_reason:
@@ -263,7 +284,9 @@ class Listener:
         await db.connect()
         await db.check_server()
         await db.ensure_publication(create=not self._streamed)
-        slot = await db.ensure_slot(create=not self._streamed)
+        slot = await db.ensure_slot(create=not self._streamed or self._resnapshot)
+        if db.slot_created:
+            await self._snapshot_on_new_slot(db, slot.confirmed_flush_lsn)
         if slot.active:
             raise SlotInUseError(
                 f"postgres: slot {slot.name!r} is in use by another process (pid {slot.active_pid}); "
@@ -282,7 +305,15 @@ class Listener:
         metrics.UP.labels("postgres").set(1)
         self.delivery.on_confirmable = stream.wake_status
         watcher = asyncio.create_task(self._watch_slot(db), name="slot-health")
-        tasks = [asyncio.create_task(self._feedback(stream), name="feedback"), watcher]
+        backfills = asyncio.create_task(
+            self.backfiller.run(
+                lambda: self.delivery.confirmed_lsn,
+                self._stopping,
+                lambda oids: db.load_types(self.registry, oids),
+            ),
+            name="backfills",
+        )
+        tasks = [asyncio.create_task(self._feedback(stream), name="feedback"), watcher, backfills]
         reader = asyncio.create_task(self._read(stream, db), name="reader")
         try:
             # the slot watcher ends the session when the slot or the publication is gone (PostgreSQL 18
@@ -305,6 +336,21 @@ class Listener:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             self._send_status(stream)
+
+    async def _snapshot_on_new_slot(self, db: Database, lsn: int) -> None:
+        """A slot just created: with snapshot.mode initial (or after a lost slot, onSlotLost resnapshot),
+        ask for a backfill of every published table, ordered with the stream from the slot's start."""
+        resnapshot, self._resnapshot = self._resnapshot, False
+        if not resnapshot and self.cfg.listener.snapshot.mode != "initial":
+            return
+        kind = "resnapshot" if resnapshot else "initial"
+        tables = await published_tables(db.conn, self.cfg)
+        if not tables:
+            log.warning(f"{kind} snapshot: the publication has no table the filter covers; nothing to backfill")
+            return
+        name = f"{kind}-{format_lsn(lsn)}"
+        await request_backfill(db.conn, self.cfg.listener.slot_name, name, tables)
+        log.info(f"{kind} snapshot requested", extra={"fields": {"backfill": name, "tables": tables}})
 
     def _send_status(self, stream: ReplicationStream, reply: bool = False) -> None:
         lsn = self.delivery.confirmed_lsn
@@ -377,6 +423,8 @@ class Listener:
         txn: Transaction | None = None
         commit_unix = 0.0
         received = 0
+        backfiller = self.backfiller
+        watching = backfiller.watching  # relations with an open backfill window (usually none)
         while not self.stopping:
             size, data = read()
             if size > 0:
@@ -386,6 +434,8 @@ class Listener:
                     buf = bytes(data[25:])
                     out = None
                     if buf and buf[0] in CHANGE_ACTIONS:  # Insert, Update, Delete: the hot path
+                        if watching:
+                            backfiller.note_change(buf)
                         out = change(buf, txn)  # type: ignore[arg-type]
                     else:
                         msg = decode(buf)
@@ -398,8 +448,13 @@ class Listener:
                             txn = None
                         elif kind is pgoutput.Relation:
                             await self._relation(msg, db)  # type: ignore[arg-type]
+                        elif kind is pgoutput.LogicalMessage:
+                            if msg.prefix == WATERMARK_PREFIX:  # type: ignore[union-attr]
+                                await self._watermark(msg)  # type: ignore[arg-type]
                         elif kind is pgoutput.Truncate:
                             for oid in msg.relation_oids:  # type: ignore[union-attr]
+                                if watching:
+                                    backfiller.note_truncate(oid)
                                 truncated = builder.truncate(relations[oid], txn)  # type: ignore[arg-type]
                                 if truncated is not None:
                                     delivery.add(truncated)
@@ -426,6 +481,20 @@ class Listener:
                 stream.fill()
                 continue
             raise await stream.stream_error()
+
+    async def _watermark(self, msg: pgoutput.LogicalMessage) -> None:
+        """A backfill watermark: at a chunk's high one, its READ events go out here, in stream order."""
+        chunk = self.backfiller.watermark(msg.content)
+        if chunk is None:
+            return
+        delivery = self.delivery
+        for event in self.backfiller.events(chunk):
+            delivery.add(event)
+            if delivery.full:
+                await delivery.wait_for_space(self._stopping)
+        delivery.commit(msg.lsn, time.time())
+        if not chunk.published.done():
+            chunk.published.set_result(msg.lsn)
 
     async def _relation(self, rel: pgoutput.Relation, db: Database) -> None:
         oids = [c.type_oid for c in rel.columns]

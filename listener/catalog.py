@@ -329,17 +329,184 @@ def slot_state(row: Sequence[Any]) -> SlotState:
 
 
 # --------------------------------------------------------------------------------------------------
+# backfills: the state table, a table's shape, chunks, watermarks
+
+#: the schema the listener keeps its backfill state in (never published)
+STATE_SCHEMA = "wal_listener"
+STATE_TABLE = "backfills"
+BACKFILL_STATES = ("requested", "running", "done", "failed")
+#: the prefix of the logical messages that delimit a chunk in the WAL
+WATERMARK_PREFIX = "wal_listener.watermark"
+
+
+def state_table_ddl() -> list[sql.Composed]:
+    """The statements that create the backfill state table (each runs on its own; idempotent)."""
+    schema = sql.Identifier(STATE_SCHEMA)
+    table = sql.Identifier(STATE_SCHEMA, STATE_TABLE)
+    states = sql.SQL(", ").join(sql.Literal(s) for s in BACKFILL_STATES)
+    return [
+        sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema),
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {} ("
+            "id bigserial PRIMARY KEY, "
+            "slot text NOT NULL, "
+            "name text NOT NULL, "
+            "tables text[] NOT NULL, "
+            "where_clause text NOT NULL DEFAULT '', "
+            "state text NOT NULL DEFAULT 'requested' CHECK (state IN ({})), "
+            "current_table text, "
+            "last_key text[], "
+            "tables_done text[] NOT NULL DEFAULT '{{}}', "
+            "rows_done bigint NOT NULL DEFAULT 0, "
+            "rows_estimated bigint NOT NULL DEFAULT 0, "
+            "chunks bigint NOT NULL DEFAULT 0, "
+            "error text NOT NULL DEFAULT '', "
+            "requested_at timestamptz NOT NULL DEFAULT now(), "
+            "started_at timestamptz, "
+            "finished_at timestamptz, "
+            "updated_at timestamptz NOT NULL DEFAULT now(), "
+            "UNIQUE (slot, name))"
+        ).format(table, states),
+    ]
+
+
+def state_table_grants(role: str) -> list[sql.Composed]:
+    """What a DBA grants a listener role that may not create the state table itself."""
+    table = sql.Identifier(STATE_SCHEMA, STATE_TABLE)
+    who = sql.Identifier(role)
+    return [
+        sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(STATE_SCHEMA), who),
+        sql.SQL("GRANT SELECT, INSERT, UPDATE ON {} TO {}").format(table, who),
+        sql.SQL("GRANT USAGE ON SEQUENCE {} TO {}").format(
+            sql.Identifier(STATE_SCHEMA, f"{STATE_TABLE}_id_seq"), who
+        ),
+    ]
+
+
+STATE_TABLE_EXISTS_QUERY = "SELECT pg_catalog.to_regclass(%s) IS NOT NULL"
+STATE_TABLE_NAME = f"{STATE_SCHEMA}.{STATE_TABLE}"
+
+#: a backfill request (what `wal-listener backfill`, the operator and plain SQL do); nothing if the name
+#: was requested before for this slot
+REQUEST_BACKFILL_QUERY = (
+    f"INSERT INTO {STATE_TABLE_NAME} (slot, name, tables, where_clause) VALUES (%s, %s, %s, %s)"
+    " ON CONFLICT (slot, name) DO NOTHING RETURNING id"
+)
+BACKFILL_COLUMNS = (
+    "id, name, tables, where_clause, state, current_table, last_key, tables_done, rows_done, rows_estimated,"
+    " chunks, error, requested_at, started_at, finished_at"
+)
+#: the next backfill of a slot to run (a running one first: resumed after a restart)
+NEXT_BACKFILL_QUERY = (
+    f"SELECT {BACKFILL_COLUMNS} FROM {STATE_TABLE_NAME} WHERE slot = %s AND state IN ('running', 'requested')"
+    " ORDER BY state = 'requested', id LIMIT 1"
+)
+BACKFILLS_QUERY = f"SELECT {BACKFILL_COLUMNS} FROM {STATE_TABLE_NAME} WHERE slot = %s ORDER BY id"
+BACKFILL_QUERY = f"SELECT {BACKFILL_COLUMNS} FROM {STATE_TABLE_NAME} WHERE slot = %s AND name = %s"
+START_BACKFILL_QUERY = (
+    f"UPDATE {STATE_TABLE_NAME} SET state = 'running', started_at = coalesce(started_at, now()),"
+    " rows_estimated = %s, updated_at = now() WHERE id = %s"
+)
+BACKFILL_PROGRESS_QUERY = (
+    f"UPDATE {STATE_TABLE_NAME} SET current_table = %s, last_key = %s, rows_done = rows_done + %s,"
+    " chunks = chunks + 1, updated_at = now() WHERE id = %s"
+)
+BACKFILL_TABLE_DONE_QUERY = (
+    f"UPDATE {STATE_TABLE_NAME} SET tables_done = array_append(tables_done, %s), current_table = NULL,"
+    " last_key = NULL, updated_at = now() WHERE id = %s"
+)
+FINISH_BACKFILL_QUERY = (
+    f"UPDATE {STATE_TABLE_NAME} SET state = %s, error = %s, finished_at = now(), updated_at = now() WHERE id = %s"
+)
+
+#: the tables of a publication
+PUBLISHED_TABLES_QUERY = (
+    "SELECT schemaname, tablename FROM pg_catalog.pg_publication_tables WHERE pubname = %s ORDER BY 1, 2"
+)
+#: the watermarks: non-transactional logical messages, at their own position in the WAL
+WATERMARK_QUERY = "SELECT pg_catalog.pg_logical_emit_message(false, %s, %s)::text"
+
+#: one table as a backfill sees it: oid, replica identity, row estimate, in the publication?
+TABLE_QUERY = (
+    "SELECT c.oid, c.relreplident::text, greatest(c.reltuples, 0)::bigint,"
+    " EXISTS (SELECT FROM pg_catalog.pg_publication_tables t"
+    "  WHERE t.pubname = %(publication)s AND t.schemaname = n.nspname AND t.tablename = c.relname)"
+    " FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+    " WHERE n.nspname = %(schema)s AND c.relname = %(table)s AND c.relkind IN ('r', 'p')"
+)
+#: its columns as pgoutput sends them (no dropped or generated ones), with the replica identity flag and
+#: the position in the primary key (0: not in it) and in the replica identity index
+COLUMNS_QUERY = (
+    "SELECT a.attname, a.atttypid::int8, a.atttypmod,"
+    " coalesce((SELECT k.n FROM unnest(pk.indkey) WITH ORDINALITY AS k(att, n) WHERE k.att = a.attnum), 0),"
+    " coalesce((SELECT k.n FROM unnest(ri.indkey) WITH ORDINALITY AS k(att, n) WHERE k.att = a.attnum), 0)"
+    " FROM pg_catalog.pg_attribute a"
+    " LEFT JOIN pg_catalog.pg_index pk ON pk.indrelid = a.attrelid AND pk.indisprimary"
+    " LEFT JOIN pg_catalog.pg_index ri ON ri.indrelid = a.attrelid AND ri.indisreplident"
+    " WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''"
+    " ORDER BY a.attnum"
+)
+#: PostgreSQL 15+: the publication's column list and row filter of a table (NULL: all columns / all rows)
+PUBLICATION_TABLE_QUERY = (
+    "SELECT attnames, rowfilter FROM pg_catalog.pg_publication_tables"
+    " WHERE pubname = %s AND schemaname = %s AND tablename = %s"
+)
+
+
+def chunk_query(
+    schema: str, table: str, columns: Sequence[str], key: Sequence[str], *, after: bool, where: Sequence[str] = ()
+) -> sql.Composed:
+    """One keyset page of ``columns`` in key order: ``WHERE (key) > (%s, ...)`` when ``after``, each
+    expression of ``where`` (a checked ``--where``, the publication's row filter) in its own parentheses,
+    ``LIMIT %s``. Values come back in their text form, as pgoutput sends them."""
+    keys = sql.SQL(", ").join(sql.Identifier(k) for k in key)
+    conditions: list[sql.Composable] = []
+    if after:
+        conditions.append(
+            sql.SQL("({}) > ({})").format(keys, sql.SQL(", ").join(sql.Placeholder() for _ in key))
+        )
+    conditions.extend(sql.SQL("({})").format(sql.SQL(check_expression(w))) for w in where)
+    filters = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("")
+    return sql.SQL("SELECT {} FROM {}{} ORDER BY {} LIMIT {}").format(
+        sql.SQL(", ").join(sql.Identifier(c) for c in columns),
+        sql.Identifier(schema, table),
+        filters,
+        keys,
+        sql.Placeholder(),
+    )
+
+
+def estimate_query(schema: str, table: str, where: Sequence[str]) -> sql.Composed:
+    """``EXPLAIN (FORMAT JSON)`` of the rows a backfill with ``where`` reads: the planner's estimate."""
+    conditions = sql.SQL(" AND ").join(sql.SQL("({})").format(sql.SQL(check_expression(w))) for w in where)
+    return sql.SQL("EXPLAIN (FORMAT JSON) SELECT 1 FROM {} WHERE {}").format(
+        sql.Identifier(schema, table), conditions
+    )
+
+
+def check_where_query(schema: str, table: str, where: str) -> sql.Composed:
+    """A query that fails when ``where`` is not a valid boolean expression over the table (reads no row)."""
+    return sql.SQL("SELECT 1 FROM {} WHERE ({}) LIMIT 0").format(
+        sql.Identifier(schema, table), sql.SQL(check_expression(where))
+    )
+
+
+# --------------------------------------------------------------------------------------------------
 # reads (any row factory) and execution
 
 
-async def fetch_one(conn: AsyncConnection[Any], query: str, params: Any = None) -> tuple[Any, ...] | None:
+async def fetch_one(
+    conn: AsyncConnection[Any], query: str | sql.Composed, params: Any = None
+) -> tuple[Any, ...] | None:
     """One row as a tuple, whatever the connection's row factory."""
     async with conn.cursor(row_factory=tuple_row) as cur:
         await cur.execute(query, params)
         return await cur.fetchone()
 
 
-async def fetch_all(conn: AsyncConnection[Any], query: str, params: Any = None) -> list[tuple[Any, ...]]:
+async def fetch_all(
+    conn: AsyncConnection[Any], query: str | sql.Composed, params: Any = None
+) -> list[tuple[Any, ...]]:
     """Every row as a tuple, whatever the connection's row factory."""
     async with conn.cursor(row_factory=tuple_row) as cur:
         await cur.execute(query, params)

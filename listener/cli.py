@@ -43,6 +43,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--changes", type=int, default=5, help="rows to insert (then update and delete)")
     sub.add_parser("check-config", parents=[common], help="validate the config and print it (secrets left out)")
+    backfill = sub.add_parser(
+        "backfill",
+        parents=[common],
+        help="ask the running listener to publish the rows tables already have (READ events), and follow it",
+        description="Queue a backfill in the database (the listener of listener.slotName runs it while it "
+        "streams) and show its progress until it is done. Exit 0 when done, 1 when it failed.",
+    )
+    backfill.add_argument("tables", nargs="*", metavar="TABLE", help="'table' (every schema) or 'schema.table'")
+    backfill.add_argument("--where", default="", help="only rows matching this SQL expression")
+    backfill.add_argument("--name", default="", help="the backfill's name (default: cli-<time>); asked once per slot")
+    backfill.add_argument("--no-wait", action="store_true", help="queue it and return at once")
+    backfill.add_argument("--status", action="store_true", help="list the backfills of this slot and exit")
+    backfill.add_argument(
+        "--print-ddl",
+        metavar="ROLE",
+        nargs="?",
+        const="",
+        default=None,
+        help="print the SQL that creates the state table (and grants ROLE what the listener needs) and exit",
+    )
     return parser
 
 
@@ -105,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
             shown["publisher"]["address"] = redact_url(cfg.publisher.address)  # a password in the URL too
             print(yaml.safe_dump(shown, sort_keys=False), end="")
             return 0
+        if args.command == "backfill":
+            from listener.backfill_cli import run_backfill_command
+
+            return asyncio.run(run_backfill_command(load(args.config, []), args))
         _event_loop_policy()
         return asyncio.run(_serve(args.config))
     except (ConfigError, BrokerConfigError) as exc:

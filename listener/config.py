@@ -128,6 +128,17 @@ class FilterConfig(_Model):
         return tables
 
 
+class SnapshotConfig(_Model):
+    """Backfills: existing rows published as READ events while streaming (see README "Snapshots and backfills")."""
+
+    mode: Literal["never", "initial"] = Field(
+        "never", description="initial: when the listener creates its slot, backfill every published table."
+    )
+    chunk_size: int = Field(
+        10000, ge=1, le=1_000_000, description="Rows per chunk (keyset pages over the primary key)."
+    )
+
+
 class ListenerConfig(_Model):
     slot_name: str = Field(description="Logical replication slot the listener owns (created if missing).")
     server_port: int = Field(8080, ge=0, le=65535, description="Port of /healthz and /ready; 0 turns it off.")
@@ -153,6 +164,12 @@ class ListenerConfig(_Model):
         "halt", description="A change that cannot be published: halt (retry forever) or skip to deadLetterTopic."
     )
     dead_letter_topic: str = Field("", description="Topic for changes that cannot be published (onError: skip).")
+    snapshot: SnapshotConfig = Field(default_factory=SnapshotConfig, description="Initial snapshot and backfills.")
+    on_slot_lost: Literal["halt", "resnapshot"] = Field(
+        "halt",
+        description="A dropped or invalidated slot: halt (report it, retry slowly) or resnapshot (create the slot "
+        "again and backfill every published table).",
+    )
 
     @field_validator("slot_name")
     @classmethod

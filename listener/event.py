@@ -13,11 +13,13 @@ REPLICA IDENTITY FULL) — it is never published as null.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import struct
 import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -49,6 +51,35 @@ def event_id(slot_hash: int, commit_lsn: int, ordinal: int) -> str:
     """A UUID (version 8, RFC 9562) that packs a 32-bit slot hash, the 64-bit LSN and a 26-bit ordinal."""
     prefix, base = event_id_parts(slot_hash, commit_lsn)
     return f"{prefix}{base | (ordinal & 0x3FFFFFF):012x}"
+
+
+def read_event_ids(slot: str, backfill: int, schema: str, table: str) -> Callable[[Sequence[str | None]], str]:
+    """The ids of the rows a backfill reads from one table (READ events): row key -> a UUID (version 8)
+    hashed (BLAKE2b) from the slot, the backfill, the table and the key, so a chunk sent again after a
+    crash has the ids it had."""
+    base = hashlib.blake2b("\x00".join([slot, str(backfill), schema, table]).encode(), digest_size=16)
+
+    def ident(key: Sequence[str | None]) -> str:
+        h = base.copy()
+        if len(key) == 1 and key[0] is not None:
+            h.update(f"\x00{key[0]}".encode())
+        else:
+            h.update("".join("\x00\x01" if k is None else f"\x00{k}" for k in key).encode())
+        hexed = h.hexdigest()
+        # version 8, RFC 9562 variant
+        return f"{hexed[:8]}-{hexed[8:12]}-8{hexed[13:16]}-{_VARIANT[hexed[16]]}{hexed[17:20]}-{hexed[20:]}"
+
+    return ident
+
+
+#: the first hex digit of the variant group: its top two bits set to 10
+_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
+
+
+def now_text() -> str:
+    """Now as an event's ``commitTime`` is written (RFC 3339, UTC, microseconds)."""
+    moment = datetime.now(UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond:06d}Z"
 
 
 def slot_hash(slot_name: str) -> int:
@@ -112,8 +143,14 @@ class EventBuilder:
         return f"{self._topic}.{self._prefix}{self._topics_map.get(name, name)}"
 
     def add_relation(self, rel: Relation, primary_key: tuple[str, ...] = ()) -> RelationInfo:
-        """Register a table. ``primary_key`` keys messages of REPLICA IDENTITY FULL tables, where every
-        column is flagged as identity and the whole row would otherwise be the key."""
+        """Register a table of the stream (see :meth:`relation_info`)."""
+        info = self.relation_info(rel, primary_key)
+        self.relations[rel.oid] = info
+        return info
+
+    def relation_info(self, rel: Relation, primary_key: tuple[str, ...] = ()) -> RelationInfo:
+        """What building events of ``rel`` takes. ``primary_key`` keys messages of REPLICA IDENTITY FULL
+        tables, where every column is flagged as identity and the whole row would otherwise be the key."""
         names = tuple(c.name for c in rel.columns)
         converters = tuple(self._registry.converter(c.type_oid) for c in rel.columns)
         identity_index = tuple(i for i, c in enumerate(rel.columns) if c.is_key)
@@ -139,7 +176,6 @@ class EventBuilder:
         if self.hot is not None:
             info.plan = hotpath.plan(rel.schema, rel.name, names, converters,
                                      [c.is_key for c in rel.columns], key_index)
-        self.relations[rel.oid] = info
         return info
 
     # -- rows -------------------------------------------------------------------------------------
@@ -217,12 +253,30 @@ class EventBuilder:
         self, info: RelationInfo, txn: Transaction, action: str, data: dict[str, Any],
         old: dict[str, Any], key: bytes | None,
     ) -> Message:
-        ident = self._ident(txn, txn.ordinal)
+        return self._event(info, self._ident(txn, txn.ordinal), txn.commit_time, action, data, old, key)
+
+    @staticmethod
+    def _event(
+        info: RelationInfo, ident: str, commit_time: str, action: str, data: dict[str, Any],
+        old: dict[str, Any], key: bytes | None,
+    ) -> Message:
         body = orjson.dumps(
             {"id": ident, "schema": info.schema, "table": info.table, "action": action, "data": data,
-             "dataOld": old, "commitTime": txn.commit_time}
+             "dataOld": old, "commitTime": commit_time}
         )
         return Message(ident, info.subject, body, info.schema, info.table, action, key)
+
+    def read(self, info: RelationInfo, raw: list[bytes | None], ident: str, read_time: str) -> Message:
+        """A backfilled row (each column's text form, as pgoutput would send it) as a READ event: ``data``
+        built exactly as an INSERT's, ``dataOld`` empty, ``commitTime`` the time the row was read."""
+        hot = self.hot
+        if hot is not None and info.plan is not None:
+            done = hot.read_row(raw, info.plan, ident, read_time, self._needs_key)
+            if done is not None:
+                return Message(ident, info.subject, done[0], info.schema, info.table, "READ", done[1])
+        values: Tuple = [None if v is None else v.decode() for v in raw]
+        key = self._key(info, values, None) if self._needs_key else None
+        return self._event(info, ident, read_time, "READ", self.row(info, values), {}, key)
 
     def change(self, buf: bytes, txn: Transaction) -> Message | None:
         """An Insert, Update or Delete message -> its event (None: filtered out). The compiled path

@@ -36,6 +36,10 @@ class Module(Protocol):
         self, msg: bytes, plan: Plan, ident: str, commit_time: str, want_key: bool, /
     ) -> tuple[bytes, bytes | None] | None: ...
 
+    def read_row(
+        self, values: list[bytes | None], plan: Plan, ident: str, read_time: str, want_key: bool, /
+    ) -> tuple[bytes, bytes | None] | None: ...
+
     def set_encoder(self, dumps: Any, /) -> None: ...
 
     def nats_frames(

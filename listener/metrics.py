@@ -70,6 +70,10 @@ SNAPSHOT_CHUNKS = Counter(
     "snapshot_chunks", "Chunks of rows read and published by snapshots and backfills.", ["table"], registry=REGISTRY
 )
 BACKFILL_RUNNING = Gauge("backfill_running", "1 while a backfill of the table runs.", ["table"], registry=REGISTRY)
+SLOT_RESNAPSHOTS = Counter(
+    "slot_resnapshots", "Lost slots created again and followed by a backfill of every published table "
+    "(listener.onSlotLost: resnapshot).", registry=REGISTRY,
+)
 
 #: every wal_status PostgreSQL reports for a slot
 WAL_STATUSES = ("reserved", "extended", "unreserved", "lost")

@@ -10,6 +10,7 @@ calls: XLogData and keepalives in, standby status updates (the confirmed flush L
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import struct
 import time
@@ -67,6 +68,8 @@ class Database:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self._conn: psycopg.AsyncConnection[Any] | None = None
+        #: whether the last :meth:`ensure_slot` created the slot
+        self.slot_created = False
 
     async def connect(self) -> None:
         try:
@@ -126,11 +129,13 @@ class Database:
         changes made in between, so report it instead (a restart creates it again, knowingly)."""
         name = self.cfg.listener.slot_name
         state = await self.slot()
+        self.slot_created = False
         if state is None and not create:
             raise slot_dropped(name)
         if state is None:
             try:
                 await self.conn.execute(catalog.CREATE_SLOT_QUERY, (name,))
+                self.slot_created = True
             except psycopg.errors.DuplicateObject:
                 pass
             except psycopg.errors.ObjectNotInPrerequisiteState as exc:
@@ -151,6 +156,11 @@ class Database:
         if state.wal_status == "lost":
             raise slot_invalidated(name)
         return state
+
+    async def drop_slot(self) -> None:
+        """Drop the (inactive) slot; nothing when it is gone already."""
+        with contextlib.suppress(psycopg.errors.UndefinedObject):
+            await self.conn.execute(catalog.DROP_SLOT_QUERY, (self.cfg.listener.slot_name,))
 
     async def load_types(self, registry: TypeRegistry, oids: list[int]) -> None:
         """Describe user-defined types (and the types they are built on) to the registry."""

@@ -16,9 +16,10 @@ import pytest
 import yaml
 
 from listener.config import load_config
+from tests.support.harness import read_stream, running
 from tests.support.kube import CONFIGMAPS, DEPLOYMENTS, SECRETS, SERVICES, WL, Cluster, listener_spec
 from tests.support.pod_security import restricted_violations
-from tests.support.services import PostgresServer
+from tests.support.services import NatsServer, PostgresServer
 from wal_operator.render import CONFIG_HASH_ANNOTATION, SECRETS_HASH_ANNOTATION, child_name
 
 pytestmark = [
@@ -568,3 +569,77 @@ async def test_readiness_follows_the_deployment(
     await cluster.wait_condition(name, "Ready", "False", "PodNotReady")
     await cluster.set_deployment_available(name)
     await cluster.wait_condition(name, "Ready", "True")
+
+
+# -- backfills ----------------------------------------------------------------------------------------
+
+
+async def test_a_backfill_entry_runs_once_and_reports_progress(
+    cluster: Cluster, _secret: None, pg: PostgresServer, db_with_tables: str, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    _q(pg, db_with_tables, "INSERT INTO users SELECT g, 'u' || g FROM generate_series(1, 300) g")
+    _q(pg, db_with_tables, "INSERT INTO shop.users VALUES (1)")
+    name, slot, topic = _name("bf"), _slot("bf"), f"t_{uuid.uuid4().hex[:6]}"
+    spec = listener_spec(pg.port, db_with_tables, slot=slot)
+    spec["publisher"] = {"type": "nats", "topic": topic, "nats": {"address": nats_server.url}}
+    spec["listener"]["snapshot"] = {"chunkSize": 50}
+    spec["backfills"] = [{"name": "users-reload", "tables": ["public.users"]}]
+    await cluster.create_listener(name, spec)
+    await cluster.wait_condition(name, "SlotReady", "True")
+    await cluster.wait(lambda: cluster.events(name, "BackfillQueued"), what="a BackfillQueued event")
+    queued = _q(pg, db_with_tables, "SELECT name, state, tables FROM wal_listener.backfills WHERE slot = %s", (slot,))
+    assert queued == [("users-reload", "requested", ["public.users"])]
+
+    # the pod: the config the operator rendered, run by a listener
+    cfg_path = tmp_path / "config.yml"
+    cfg_path.write_text(cluster.child(CONFIGMAPS, name)["data"]["config.yml"])  # type: ignore[index]
+    async with running(load_config(cfg_path, {"WAL_DATABASE_PASSWORD": "unused-with-trust"})):
+
+        def done() -> bool:
+            items = cluster.status(name).get("backfills") or []
+            return bool(items) and items[0]["state"] == "done"
+
+        await cluster.wait(done, timeout=60, what="status.backfills: users-reload done")
+        status = cluster.status(name)
+        (item,) = status["backfills"]
+        assert item["name"] == "users-reload" and item["rowsDone"] == 300 and item["startedAt"] and item["finishedAt"]
+        assert status["backfill"] == "users-reload: done"
+
+        # a name runs once: a later reconcile does not queue it again
+        await cluster.update_spec(name, {"logger": {"level": "debug"}})
+        await cluster.wait(lambda: cluster.status(name).get("observedGeneration") == 2, what="observedGeneration 2")
+        assert _q(pg, db_with_tables, "SELECT count(*), max(chunks) FROM wal_listener.backfills WHERE slot = %s",
+                  (slot,)) == [(1, 7)]
+        # a new entry starts a new one
+        await cluster.update_spec(name, {"backfills": [*spec["backfills"], {"name": "one", "tables": ["users"],
+                                                                            "where": "id = 1"}]})
+
+        def second() -> bool:
+            items = cluster.status(name).get("backfills") or []
+            return len(items) == 2 and items[1]["state"] == "done" and items[1]["rowsDone"] == 2  # both schemas
+
+        await cluster.wait(second, timeout=60, what="the second backfill done")
+    events = await read_stream(nats_server.url, topic, 302, timeout=30)
+    assert len([r for r in events if r.event["action"] == "READ"]) == 302
+
+
+@pytest.mark.parametrize(
+    ("entry", "field"),
+    [
+        ({"name": "x", "tables": ["users"], "where": "true) , TABLE secrets WHERE (true"}, "backfills.0.where"),
+        ({"name": "x", "tables": ['users"; DROP TABLE users; --']}, "backfills.0.tables"),
+        ({"name": "Not_A_Name", "tables": ["users"]}, "backfills.0.name"),
+    ],
+    ids=["where", "table", "name"],
+)
+async def test_a_bad_backfill_entry_is_refused_with_the_field(
+    cluster: Cluster, _secret: None, pg: PostgresServer, db_with_tables: str, entry: dict[str, Any], field: str
+) -> None:
+    name, slot = _name("bfbad"), _slot("bfbad")
+    spec = listener_spec(pg.port, db_with_tables, slot=slot)
+    spec["backfills"] = [entry]
+    await cluster.create_listener(name, spec)
+    cond = await cluster.wait_condition(name, "SpecValid", "False", "InvalidSpec")
+    assert f"spec.{field}" in cond["message"]
+    _db_untouched(pg, db_with_tables, slot)
+    assert _q(pg, db_with_tables, "SELECT to_regclass('wal_listener.backfills') IS NULL") == [(True,)]

@@ -63,6 +63,12 @@ VALIDATIONS: dict[str, list[dict[str, str]]] = {
             "message": "a row filter must not contain SQL comments (-- or /*)",
         }
     ],
+    "spec.backfills[].where": [
+        {
+            "rule": "!self.contains('--') && !self.contains('/*')",
+            "message": "a backfill filter must not contain SQL comments (-- or /*)",
+        }
+    ],
     "spec.database": [
         {
             "rule": "(has(self.user) && self.user != '') != has(self.userSecretRef)",
@@ -209,6 +215,26 @@ def status_schema() -> dict[str, Any]:
                     "checkedAt": _field("string", "When the slot was last read.", format="date-time"),
                 },
             },
+            "backfill": _field("string", "The latest backfill: name, state and progress (printer column)."),
+            "backfills": {
+                "type": "array",
+                "description": "The backfills of the slot (spec.backfills, the initial snapshot, resnapshots).",
+                "items": {
+                    "type": "object",
+                    "description": "One backfill as the listener reports it in wal_listener.backfills.",
+                    "properties": {
+                        "name": _field("string", "The backfill's name."),
+                        "state": _field("string", "requested, running, done or failed."),
+                        "tables": {"type": "array", "description": "The tables asked for.",
+                                   "items": {"type": "string"}},
+                        "rowsDone": _field("integer", "Rows published and acknowledged.", format="int64"),
+                        "rowsEstimated": _field("integer", "The planner's estimate of the rows.", format="int64"),
+                        "startedAt": _field("string", "When the listener started it.", format="date-time"),
+                        "finishedAt": _field("string", "When it ended.", format="date-time"),
+                        "error": _field("string", "Why it failed."),
+                    },
+                },
+            },
             "publication": {
                 "type": "object",
                 "description": "The publication the listener streams.",
@@ -265,6 +291,7 @@ def build_crd() -> dict[str, Any]:
                             "priority": 1,
                         },
                         {"name": "WAL", "type": "string", "jsonPath": ".status.slot.walStatus", "priority": 1},
+                        {"name": "Backfill", "type": "string", "jsonPath": ".status.backfill", "priority": 1},
                         {"name": "Reason", "type": "string", "jsonPath": f"{ready}.reason", "priority": 1},
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                     ],

@@ -18,6 +18,7 @@ from typing import Any
 import psycopg
 
 from listener import catalog
+from listener.backfill import Request, backfills, request_backfill
 from listener.catalog import PublicationDefinition, PublishedTable, SlotState, execute_one, fetch_all, fetch_one
 from listener.config import Action, DatabaseConfig
 from listener.errors import DatabaseError, DatabaseSetupError
@@ -264,3 +265,20 @@ async def drop_slot(conn: Connection, name: str) -> SlotState | None:
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------------------------------
+# backfills
+
+
+async def queue_backfills(conn: Connection, spec: WalListenerSpec) -> list[str]:
+    """Ask for every ``spec.backfills`` entry not asked for before (a name runs once); the names queued now."""
+    queued = []
+    for entry in spec.backfills:
+        if await request_backfill(conn, spec.listener.slot_name, entry.name, entry.tables, entry.where) is not None:
+            queued.append(entry.name)
+    return queued
+
+
+async def backfill_states(conn: Connection, slot: str) -> list[Request]:
+    return await backfills(conn, slot)

@@ -22,11 +22,13 @@ import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC
 from typing import Any
 
 import kopf
 import psycopg
 
+from listener.backfill import BackfillError, Request
 from listener.catalog import SlotState
 from listener.config import DatabaseConfig
 from listener.errors import DatabaseError, DatabaseSetupError
@@ -464,6 +466,7 @@ async def reconcile(
                     f"logical slot {slot.name} (pgoutput), wal_status {slot.wal_status or '-'}",
                 )
             )
+            await _queue_backfills(body, conn, model, logger)
     except SpecError as exc:
         fail([st.Condition(st.SPEC_VALID, "False", "InvalidSpec", str(exc)), no_conflict, reachable])
         kopf.warn(body, reason="InvalidSpec", message=str(exc))
@@ -507,6 +510,49 @@ async def reconcile(
             },
         },
     )
+
+
+async def _queue_backfills(body: kopf.Body, conn: db.Connection, model: WalListenerSpec, logger: Logger) -> None:
+    """spec.backfills: a new entry is queued for the listener (once: a name never runs twice)."""
+    if not model.backfills:
+        return
+    try:
+        queued = await db.queue_backfills(conn, model)
+    except BackfillError as exc:
+        kopf.warn(body, reason="BackfillNotQueued", message=str(exc))
+        return
+    for name in queued:
+        kopf.event(body, type="Normal", reason="BackfillQueued", message=f"backfill {name} queued for the listener")
+        logger.info("backfill %s queued", name)
+
+
+def _backfill_status(items: list[Request]) -> dict[str, Any]:
+    """status.backfills (each with its progress) and status.backfill, one line for the printer column."""
+    rows = [
+        {
+            "name": item.name,
+            "state": item.state,
+            "tables": list(item.tables),
+            "rowsDone": item.rows_done,
+            "rowsEstimated": item.rows_estimated,
+            "startedAt": _stamp(item.started_at),
+            "finishedAt": _stamp(item.finished_at),
+            "error": item.error or None,
+        }
+        for item in items[-20:]
+    ]
+    summary = None
+    if items:
+        last = next((i for i in reversed(items) if i.state in ("running", "requested")), items[-1])
+        share = ""
+        if last.state == "running" and last.rows_estimated:
+            share = f" {min(last.rows_done / last.rows_estimated, 1.0):.0%}"
+        summary = f"{last.name}: {last.state}{share}"
+    return {"backfills": rows, "backfill": summary}
+
+
+def _stamp(value: Any) -> str | None:
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if value is not None else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -608,6 +654,7 @@ async def watch_slot(
         async with conn:
             slot = await db.slot_status(conn, model.listener.slot_name)
             read = True
+            extra.update(_backfill_status(await db.backfill_states(conn, model.listener.slot_name)))
     except _NeedsPerson as exc:
         updates.append(st.Condition(st.DATABASE_REACHABLE, "Unknown", exc.reason, exc.message))
     except (DatabaseError, psycopg.OperationalError) as exc:

@@ -252,6 +252,24 @@ _TABLE_NAME_HELP = (
 )
 
 
+def _table_name(value: Any) -> Any:
+    if isinstance(value, str) and not is_table_name(value):
+        raise ValueError(f"{value!r} is not a table name: use {_TABLE_NAME_HELP}")
+    return value
+
+
+def _expression(value: Any, what: str) -> Any:
+    if isinstance(value, str) and value:
+        try:
+            check_expression(value)
+        except ExpressionError as exc:
+            raise ValueError(f"{what} {exc}") from None
+    return value
+
+
+_WHERE_PATTERN = r"^[^;$\\]*$"
+
+
 class PublicationTable(_Spec):
     """A table of the publication with an optional row filter and column list (PostgreSQL 15+)."""
 
@@ -263,7 +281,7 @@ class PublicationTable(_Spec):
     where: str = Field(
         "",
         max_length=MAX_EXPRESSION_LENGTH,
-        pattern=r"^[^;$\\]*$",
+        pattern=_WHERE_PATTERN,
         description="Row filter: one boolean SQL expression over the table's columns (PostgreSQL 15+); "
         "no ';', comments, '$' or backslashes.",
     )
@@ -274,19 +292,12 @@ class PublicationTable(_Spec):
     @field_validator("name", mode="before")
     @classmethod
     def _check_name(cls, value: Any) -> Any:
-        if isinstance(value, str) and not is_table_name(value):
-            raise ValueError(f"{value!r} is not a table name: use {_TABLE_NAME_HELP}")
-        return value
+        return _table_name(value)
 
     @field_validator("where", mode="before")
     @classmethod
     def _check_where(cls, value: Any) -> Any:
-        if isinstance(value, str) and value:
-            try:
-                check_expression(value)
-            except ExpressionError as exc:
-                raise ValueError(f"the row filter {exc}") from None
-        return value
+        return _expression(value, "the row filter")
 
 
 class PublicationSpec(_Spec):
@@ -325,6 +336,35 @@ class AlertSpec(_Spec):
     )
 
 
+class BackfillSpec(_Spec):
+    """A backfill: the rows the tables have now, published as READ events (runs once per name)."""
+
+    name: str = Field(
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        max_length=63,
+        description="Unique name of this backfill; a new name starts a new one, a name is never run twice.",
+    )
+    tables: list[Annotated[str, Field(pattern=TABLE_NAME_PATTERN, max_length=127)]] = Field(
+        min_length=1, max_length=1000, description="'table' (every schema) or 'schema.table', published tables only."
+    )
+    where: str = Field(
+        "",
+        max_length=MAX_EXPRESSION_LENGTH,
+        pattern=_WHERE_PATTERN,
+        description="Only rows matching one boolean SQL expression; no ';', comments, '$' or backslashes.",
+    )
+
+    @field_validator("tables", mode="before")
+    @classmethod
+    def _check_tables(cls, value: Any) -> Any:
+        return [_table_name(v) for v in value] if isinstance(value, list) else value
+
+    @field_validator("where", mode="before")
+    @classmethod
+    def _check_where(cls, value: Any) -> Any:
+        return _expression(value, "the backfill filter")
+
+
 class WalListenerSpec(_Spec):
     """``spec`` of a WalListener."""
 
@@ -342,6 +382,18 @@ class WalListenerSpec(_Spec):
         ReclaimPolicy.RETAIN, description="On delete: Retain keeps slot and publication, Delete drops them."
     )
     suspend: bool = Field(False, description="Scale the listener to zero; the slot keeps its position.")
+    backfills: list[BackfillSpec] = Field(
+        default_factory=list,
+        max_length=100,
+        description="On-demand backfills: each new entry runs once (progress in status.backfills).",
+    )
+
+    @model_validator(mode="after")
+    def _backfill_names_unique(self) -> WalListenerSpec:
+        names = [b.name for b in self.backfills]
+        if len(names) != len(set(names)):
+            raise ValueError("backfills: every entry needs its own name")
+        return self
 
     @model_validator(mode="after")
     def _probes_need_port(self) -> WalListenerSpec:

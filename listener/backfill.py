@@ -1,0 +1,691 @@
+"""Snapshots and backfills: the rows a table already has, published as READ events while streaming.
+
+A chunk is read with the watermark algorithm of Netflix's DBLog (Andreas & Mehta, 2019):
+
+1. a *low watermark* goes into the WAL (a non-transactional logical message, at its own position);
+2. the next keyset page of the table is read (``SELECT ... WHERE (key) > (last key) ORDER BY key
+   LIMIT chunkSize``, its own snapshot, taken after the low watermark);
+3. a *high watermark* goes into the WAL.
+
+The reader meets both watermarks in the stream. Between them it notes the key of every change of the
+table; at the high watermark it drops from the chunk every row whose key changed (the stream carries a
+state at least as new) and publishes the rest as READ events right there, in stream order. A change
+committed after the high watermark comes after the READ events; one committed before the low watermark
+is in the chunk already. So for every key the last event is the row's latest state, and streaming never
+stops: the chunk is read on its own connection while the reader goes on.
+
+Progress is a row of ``wal_listener.backfills`` per backfill (see :mod:`listener.catalog`): the last key
+of the last chunk whose events the broker acknowledged. A restarted listener resumes a running backfill
+from there; a chunk it had published before the crash is published again with the same ids (built from
+the slot, the backfill, the table and the row's key), which brokers de-duplicate. Requests are rows too:
+``wal-listener backfill`` inserts one, the operator inserts one per ``spec.backfills`` entry, and so can
+plain SQL (README "Snapshots and backfills").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import struct
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import psycopg
+from psycopg.rows import tuple_row
+
+from listener import catalog, metrics, pgoutput
+from listener.catalog import execute_one, fetch_all, fetch_one
+from listener.config import Config
+from listener.errors import ListenerError
+from listener.event import EventBuilder, now_text, read_event_ids
+from listener.filter import TableFilter
+from listener.message import Message
+from listener.replication import SESSION_OPTIONS, describe_pg_error
+
+log = logging.getLogger("listener.backfill")
+
+#: how often the state table is checked for new requests (seconds)
+POLL_INTERVAL = 0.5
+#: chunks of one table published and not yet acknowledged, at most (memory: about this many chunks of
+#: events, plus two pages of rows being read)
+PIPELINE = 2
+#: how often progress is logged while a backfill runs (seconds)
+PROGRESS_INTERVAL = 5.0
+
+_U32 = struct.Struct(">I").unpack_from
+
+
+class BackfillError(ListenerError):
+    """A backfill request cannot run as asked (unknown table, no key, a bad ``where``); the message says why."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """A row of the state table."""
+
+    id: int
+    name: str
+    tables: tuple[str, ...]
+    where: str
+    state: str
+    current_table: str | None
+    last_key: tuple[str, ...] | None
+    tables_done: tuple[str, ...]
+    rows_done: int
+    rows_estimated: int
+    chunks: int
+    error: str
+    requested_at: Any = None
+    started_at: Any = None
+    finished_at: Any = None
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> Request:
+        return cls(
+            id=int(row[0]),
+            name=row[1],
+            tables=tuple(row[2] or ()),
+            where=row[3] or "",
+            state=row[4],
+            current_table=row[5],
+            last_key=tuple(row[6]) if row[6] is not None else None,
+            tables_done=tuple(row[7] or ()),
+            rows_done=int(row[8]),
+            rows_estimated=int(row[9]),
+            chunks=int(row[10]),
+            error=row[11] or "",
+            requested_at=row[12],
+            started_at=row[13],
+            finished_at=row[14],
+        )
+
+
+@dataclass(frozen=True)
+class Table:
+    """A table as a backfill reads it: its columns as pgoutput sends them and the key to page over."""
+
+    oid: int
+    schema: str
+    name: str
+    relation: pgoutput.Relation
+    key: tuple[str, ...]  # primary key, else the replica identity index
+    estimate: int
+    row_filter: str  # the publication's row filter (PostgreSQL 15+), applied to READ events as to changes
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+
+# --------------------------------------------------------------------------------------------------
+# what requests and the listener both need: the state table and a table's shape
+
+
+async def ensure_state_table(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Create ``wal_listener.backfills`` if it is not there; one line naming the DDL if not allowed."""
+    if (await fetch_one(conn, catalog.STATE_TABLE_EXISTS_QUERY, (catalog.STATE_TABLE_NAME,)) or (False,))[0]:
+        return
+    try:
+        for statement in catalog.state_table_ddl():
+            await execute_one(conn, statement)
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise BackfillError(
+            f"postgres: cannot create the backfill state table {catalog.STATE_TABLE_NAME} "
+            f"({describe_pg_error(exc)}); have it created once (wal-listener backfill --print-ddl) "
+            "or grant CREATE on the database"
+        ) from None
+
+
+def split_name(name: str) -> tuple[str, str]:
+    schema, _, table = name.rpartition(".")
+    return schema, table
+
+
+async def resolve(conn: psycopg.AsyncConnection[Any], name: str) -> list[tuple[str, str]]:
+    """``'users'`` -> every schema's users; ``'shop.users'`` -> that one (empty: no such table)."""
+    schema, table = split_name(name)
+    rows = await fetch_all(conn, catalog.RESOLVE_TABLE_QUERY, {"name": table, "schema": schema})
+    return [(str(r[0]), str(r[1])) for r in rows]
+
+
+async def describe(
+    conn: psycopg.AsyncConnection[Any], publication: str, schema: str, name: str, server_version: int
+) -> Table:
+    """The table as a backfill reads it; :class:`BackfillError` when it cannot be backfilled."""
+    row = await fetch_one(conn, catalog.TABLE_QUERY, {"publication": publication, "schema": schema, "table": name})
+    if row is None:
+        raise BackfillError(f"backfill: table {schema}.{name} does not exist")
+    oid, identity, estimate, published = int(row[0]), str(row[1]), int(row[2]), bool(row[3])
+    if not published:
+        raise BackfillError(
+            f"backfill: table {schema}.{name} is not in publication {publication!r}: its changes are not streamed, "
+            "so its rows cannot be kept consistent; add it to the publication first"
+        )
+    columns = await fetch_all(conn, catalog.COLUMNS_QUERY, (oid,))
+    attnames: list[str] | None = None
+    row_filter = ""
+    if server_version >= 150000:
+        pub = await fetch_one(conn, catalog.PUBLICATION_TABLE_QUERY, (publication, schema, name))
+        if pub is not None:
+            attnames = list(pub[0]) if pub[0] is not None else None
+            row_filter = str(pub[1] or "")
+    if attnames is not None:
+        columns = [c for c in columns if c[0] in attnames]
+    primary = sorted((int(c[3]), str(c[0])) for c in columns if int(c[3]))
+    index = sorted((int(c[4]), str(c[0])) for c in columns if int(c[4]))
+    key = tuple(n for _, n in primary) or tuple(n for _, n in index)
+    if not key:
+        raise BackfillError(
+            f"backfill: table {schema}.{name} has no primary key or replica identity index to read it in order; "
+            f"add one (ALTER TABLE {schema}.{name} ADD PRIMARY KEY (...), or REPLICA IDENTITY USING INDEX ...)"
+        )
+    relation = pgoutput.Relation(
+        oid,
+        schema,
+        name,
+        identity,
+        tuple(pgoutput.Column(str(c[0]), int(c[1]), int(c[2]), _in_identity(identity, c)) for c in columns),
+    )
+    return Table(oid, schema, name, relation, key, estimate, row_filter)
+
+
+def _in_identity(identity: str, column: Sequence[Any]) -> bool:
+    """Whether pgoutput flags the column as part of the replica identity (COLUMNS_QUERY row)."""
+    if identity == "f":
+        return True
+    if identity == "d":
+        return int(column[3]) > 0
+    return identity == "i" and int(column[4]) > 0
+
+
+async def check_where(conn: psycopg.AsyncConnection[Any], schema: str, name: str, where: str) -> None:
+    """Refuse a ``where`` that is not one valid boolean expression over the table, before anything runs."""
+    try:
+        query = catalog.check_where_query(schema, name, where)
+    except catalog.ExpressionError as exc:
+        raise BackfillError(f"backfill: --where {exc}") from None
+    try:
+        async with conn.transaction():
+            await conn.execute("SET TRANSACTION READ ONLY")
+            await conn.execute(query)
+    except psycopg.errors.Error as exc:
+        if isinstance(exc, psycopg.OperationalError):
+            raise
+        raise BackfillError(f"backfill: --where is not valid for {schema}.{name}: {describe_pg_error(exc)}") from None
+
+
+async def estimate(conn: psycopg.AsyncConnection[Any], table: Table, where: Sequence[str]) -> int:
+    """Rows the backfill of ``table`` reads: the planner's estimate with a filter, else reltuples."""
+    if not where:
+        return table.estimate
+    row = await fetch_one(conn, catalog.estimate_query(table.schema, table.name, where))
+    try:
+        return int(row[0][0]["Plan"]["Plan Rows"]) if row else 0
+    except (KeyError, IndexError, TypeError, ValueError):
+        return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# the chunk between its watermarks
+
+
+@dataclass
+class Chunk:
+    """One keyset page, from its low watermark to its high watermark."""
+
+    backfill: int
+    number: int
+    table: Table
+    oid: int
+    key_names: tuple[str, ...]
+    rows: list[tuple[tuple[str | None, ...], Message]] = field(default_factory=list)  # (key, READ event)
+    last_key: tuple[str, ...] | None = None
+    count: int = 0  # rows the SELECT returned (the page is the last one when fewer than chunkSize)
+    open: bool = False  # the reader has passed the low watermark
+    truncated: bool = False
+    changed: set[tuple[str | None, ...]] = field(default_factory=set)
+    published: asyncio.Future[int] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class Backfiller:
+    """Runs the backfills of one slot; the reader calls :meth:`note_change`, :meth:`note_truncate` and
+    :meth:`watermark` for what it meets in the stream."""
+
+    def __init__(self, cfg: Config, builder: EventBuilder) -> None:
+        self.cfg = cfg
+        self.builder = builder
+        self._filter = TableFilter(cfg.listener.filter)
+        self._slot = cfg.listener.slot_name
+        self._run = f"{time.time_ns():x}"  # watermarks of an earlier process are not this one's
+        self._chunks: dict[tuple[int, int], Chunk] = {}
+        #: relation oid -> its chunks with an open window (two at most: one is read while the one before it is
+        #: built); the reader notes the keys of the relation's changes for them
+        self.watching: dict[int, list[Chunk]] = {}
+        self.running: Request | None = None
+
+    # -- the reader's side -------------------------------------------------------------------------
+
+    def note_change(self, buf: bytes) -> None:
+        """An Insert/Update/Delete of a table with an open window: note the key(s) it touches."""
+        chunks = self.watching.get(_U32(buf, 1)[0])
+        if not chunks:
+            return
+        chunk = chunks[0]
+        info = self.builder.relations.get(chunk.oid)
+        if info is None:
+            return
+        positions = [info.names.index(n) for n in chunk.key_names if n in info.names]
+        if len(positions) != len(chunk.key_names):
+            for open_chunk in chunks:
+                open_chunk.truncated = True  # the key columns changed under the chunk: it is not published
+            return
+        msg = pgoutput.decode(buf)
+        tuples: list[pgoutput.Tuple] = []
+        if isinstance(msg, pgoutput.Insert):
+            tuples.append(msg.new)
+        elif isinstance(msg, pgoutput.Update):
+            tuples.append(msg.new)
+            if msg.old is not None:
+                tuples.append(msg.old)
+        elif isinstance(msg, pgoutput.Delete):
+            tuples.append(msg.old)
+        for values in tuples:
+            key = tuple(_text(values[i]) for i in positions)
+            for open_chunk in chunks:
+                open_chunk.changed.add(key)
+
+    def note_truncate(self, oid: int) -> None:
+        for chunk in self.watching.get(oid, ()):
+            chunk.truncated = True
+
+    def watermark(self, content: bytes) -> Chunk | None:
+        """A watermark of this listener: at a low one the window opens; at a high one the chunk is
+        returned with its rows filtered, for the reader to publish."""
+        try:
+            mark = orjson.loads(content)
+            key = (int(mark["backfill"]), int(mark["chunk"]))
+            if mark["slot"] != self._slot or mark["run"] != self._run:
+                return None
+        except (ValueError, KeyError, TypeError):
+            return None
+        chunk = self._chunks.get(key)
+        if chunk is None:
+            return None
+        if mark.get("kind") == "low":
+            chunk.open = True
+            self.watching.setdefault(chunk.oid, []).append(chunk)
+            return None
+        self._chunks.pop(key, None)
+        chunks = self.watching.get(chunk.oid, [])
+        if chunk in chunks:
+            chunks.remove(chunk)
+        if not chunks:
+            self.watching.pop(chunk.oid, None)
+        if not chunk.open:
+            chunk.truncated = True  # never saw its low watermark: nothing can be said about its rows
+        return chunk
+
+    def events(self, chunk: Chunk) -> list[Message]:
+        """The chunk's READ events whose keys did not change between its watermarks."""
+        if chunk.truncated:
+            return []
+        changed = chunk.changed
+        return [message for key, message in chunk.rows if key not in changed]
+
+    # -- the backfill task -------------------------------------------------------------------------
+
+    async def run(
+        self, confirmed: Callable[[], int], stopping: asyncio.Event, load_types: Callable[[list[int]], Awaitable[None]]
+    ) -> None:
+        """Poll for requests and run them, one at a time, until cancelled (the session ends). ``confirmed``
+        is the LSN delivery may confirm; ``load_types`` describes user-defined types to the converters."""
+        self._load_types = load_types
+        conn = await self._connect()
+        try:
+            version = (await catalog.server_info(conn)).version
+            while not stopping.is_set():
+                request = await self._next(conn)
+                if request is None:
+                    await _sleep(stopping, POLL_INTERVAL)
+                    continue
+                try:
+                    await self._run_one(conn, version, request, confirmed, stopping)
+                except psycopg.OperationalError:
+                    raise  # the connection is gone: the next session resumes the backfill
+                except (psycopg.Error, ValueError) as exc:  # this backfill cannot go on; others may
+                    error = f"backfill {request.name}: {describe_pg_error(exc)}"
+                    log.error("backfill failed", extra={"fields": {"backfill": request.name, "error": error}})
+                    await conn.execute(catalog.FINISH_BACKFILL_QUERY, ("failed", error, request.id))
+        except psycopg.OperationalError as exc:
+            log.warning("backfills paused: the database connection was lost; they resume with the next session",
+                        extra={"fields": {"error": describe_pg_error(exc)}})
+        finally:
+            self.running = None
+            self._chunks.clear()
+            self.watching.clear()
+            await conn.close()
+
+    async def _next(self, conn: psycopg.AsyncConnection[Any]) -> Request | None:
+        exists = await fetch_one(conn, catalog.STATE_TABLE_EXISTS_QUERY, (catalog.STATE_TABLE_NAME,))
+        if not exists or not exists[0]:
+            return None
+        row = await fetch_one(conn, catalog.NEXT_BACKFILL_QUERY, (self._slot,))
+        return Request.from_row(row) if row is not None else None
+
+    async def _run_one(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        version: int,
+        request: Request,
+        confirmed: Callable[[], int],
+        stopping: asyncio.Event,
+    ) -> None:
+        try:
+            tables = await self._plan(conn, version, request)
+        except BackfillError as exc:
+            await conn.execute(catalog.FINISH_BACKFILL_QUERY, ("failed", str(exc), request.id))
+            log.error("backfill refused", extra={"fields": {"backfill": request.name, "error": str(exc)}})
+            return
+        where = [request.where] if request.where else []
+        if request.state == "requested":
+            total = 0
+            for table in tables:
+                total += await estimate(conn, table, [*where, *([table.row_filter] if table.row_filter else [])])
+            await conn.execute(catalog.START_BACKFILL_QUERY, (total, request.id))
+            row = await fetch_one(conn, catalog.BACKFILL_QUERY, (self._slot, request.name))
+            request = Request.from_row(row) if row is not None else request
+            fields: dict[str, Any] = {"backfill": request.name, "tables": [t.qualified for t in tables],
+                                      "rows_estimated": total}
+            log.info("backfill started", extra={"fields": fields})
+        else:
+            fields = {"backfill": request.name, "table": request.current_table,
+                      "after_key": list(request.last_key or ()), "rows_done": request.rows_done}
+            log.info("backfill resumed from its last acknowledged chunk", extra={"fields": fields})
+        self.running = request
+        progress = _Progress(request)
+        for table in tables:
+            if table.qualified in request.tables_done:
+                continue
+            after = request.last_key if request.current_table == table.qualified else None
+            metrics.BACKFILL_RUNNING.labels(table.name).set(1)
+            try:
+                await self._table(conn, request, table, after, where, confirmed, stopping, progress)
+            finally:
+                metrics.BACKFILL_RUNNING.labels(table.name).set(0)
+            if stopping.is_set():
+                return
+            await conn.execute(catalog.BACKFILL_TABLE_DONE_QUERY, (table.qualified, request.id))
+        await conn.execute(catalog.FINISH_BACKFILL_QUERY, ("done", "", request.id))
+        self.running = None
+        log.info("backfill done", extra={"fields": {"backfill": request.name, "rows": progress.rows,
+                                                    "seconds": round(progress.elapsed, 1)}})
+
+    async def _plan(self, conn: psycopg.AsyncConnection[Any], version: int, request: Request) -> list[Table]:
+        tables: list[Table] = []
+        for name in request.tables:
+            found = await resolve(conn, name)
+            if not found:
+                raise BackfillError(f"backfill: table {name} does not exist")
+            for schema, table in found:
+                described = await describe(conn, self.cfg.listener.publication_name, schema, table, version)
+                if request.where:
+                    await check_where(conn, schema, table, request.where)
+                tables.append(described)
+        return tables
+
+    async def _table(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        request: Request,
+        table: Table,
+        after: tuple[str, ...] | None,
+        where: list[str],
+        confirmed: Callable[[], int],
+        stopping: asyncio.Event,
+        progress: _Progress,
+    ) -> None:
+        size = self.cfg.listener.snapshot.chunk_size
+        filters = [*where, *([table.row_filter] if table.row_filter else [])]
+        names = tuple(c.name for c in table.relation.columns)
+        key_positions = [names.index(k) for k in table.key]
+        await self._load_types([c.type_oid for c in table.relation.columns])
+        info = self.builder.relation_info(table.relation, table.key)
+        ident_of = read_event_ids(self._slot, request.id, table.schema, table.name)
+        key_of = _key_reader(key_positions)
+        # A pipeline: pages are read (low watermark, SELECT) on one connection while the page before is
+        # turned into events (high watermark) on another, and the one before that is acknowledged. Key
+        # ranges of pages do not overlap, so neither does what their windows decide.
+        pages: asyncio.Queue[tuple[Chunk, list[list[bytes | None]]] | None] = asyncio.Queue(maxsize=1)
+
+        async def read_pages() -> None:
+            nonlocal after
+            number = request.chunks
+            while not stopping.is_set():
+                number += 1
+                chunk = Chunk(request.id, number, table, table.oid, table.key)
+                self._chunks[(request.id, number)] = chunk
+                await self._mark(read_conn, chunk, "low")
+                rows = await self._select(read_conn, table, names, after, filters, size)
+                chunk.count = len(rows)
+                if rows:
+                    after = tuple(k or "" for k in key_of(rows[-1]))
+                chunk.last_key = after
+                await pages.put((chunk, rows))
+                if chunk.count < size:
+                    break
+            await pages.put(None)
+
+        read_conn = await self._connect()
+        reader = asyncio.create_task(read_pages(), name="backfill-pages")
+        published: deque[Chunk] = deque()  # handed to the reader, not yet acknowledged (in order)
+        try:
+            while (page := await pages.get()) is not None:
+                chunk, rows = page
+                read_time = now_text()
+                build = self.builder.read
+                add = chunk.rows.append
+                for raw in rows:
+                    key = key_of(raw)
+                    add((key, build(info, raw, ident_of(key), read_time)))
+                del rows, page
+                await self._mark(conn, chunk, "high")
+                published.append(chunk)
+                # record what is acknowledged; wait only when more than PIPELINE chunks are not
+                while published and (len(published) > PIPELINE or self._settled(published[0], confirmed)):
+                    if not await self._acknowledged(conn, request, published.popleft(), confirmed, stopping,
+                                                    progress):
+                        return
+            while published:
+                if not await self._acknowledged(conn, request, published.popleft(), confirmed, stopping, progress):
+                    return
+            await reader  # its errors, if any
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+            await read_conn.close()
+
+    @staticmethod
+    def _settled(chunk: Chunk, confirmed: Callable[[], int]) -> bool:
+        return chunk.published.done() and confirmed() >= chunk.published.result()
+
+    async def _acknowledged(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        request: Request,
+        chunk: Chunk,
+        confirmed: Callable[[], int],
+        stopping: asyncio.Event,
+        progress: _Progress,
+    ) -> bool:
+        """Wait until the chunk's READ events (and everything before them) are acknowledged, then record
+        its last key as the backfill's progress; False when stopping first."""
+        lsn = await chunk.published  # the reader handed its events to delivery at this position
+        while confirmed() < lsn:
+            if stopping.is_set():
+                return False
+            await _sleep(stopping, 0.01)
+        published = len(self.events(chunk))
+        table = chunk.table
+        await conn.execute(catalog.BACKFILL_PROGRESS_QUERY,
+                           (table.qualified, list(chunk.last_key or ()), published, request.id))
+        metrics.SNAPSHOT_ROWS.labels(table.name).inc(published)
+        metrics.SNAPSHOT_CHUNKS.labels(table.name).inc()
+        progress.add(published, table.qualified)
+        chunk.rows.clear()
+        return True
+
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        """A connection whose text values look like pgoutput's (the replication session's settings)."""
+        return await psycopg.AsyncConnection.connect(
+            self.cfg.database.conninfo(application_name="wal-listener-backfill", options=SESSION_OPTIONS),
+            autocommit=True,
+        )
+
+    async def _mark(self, conn: psycopg.AsyncConnection[Any], chunk: Chunk, kind: str) -> None:
+        content = orjson.dumps(
+            {"slot": self._slot, "run": self._run, "backfill": chunk.backfill, "chunk": chunk.number, "kind": kind}
+        ).decode()
+        await conn.execute(catalog.WATERMARK_QUERY, (catalog.WATERMARK_PREFIX, content))
+
+    async def _select(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        table: Table,
+        names: tuple[str, ...],
+        after: tuple[str, ...] | None,
+        filters: list[str],
+        size: int,
+    ) -> list[list[bytes | None]]:
+        """The rows of one page, each column in its text form (NULL as None)."""
+        query = catalog.chunk_query(table.schema, table.name, names, table.key, after=after is not None,
+                                    where=filters)
+        params: list[Any] = [*(after or ()), size]
+        async with conn.cursor(row_factory=tuple_row) as cur:
+            await cur.execute(query, params, binary=False)  # parameters: extended protocol, one statement
+            result = cur.pgresult
+            assert result is not None
+            columns = range(result.nfields)
+            value = result.get_value
+            return [[value(r, c) for c in columns] for r in range(result.ntuples)]
+
+
+class _Progress:
+    """Rows, rate and ETA of a running backfill, logged every few seconds."""
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.rows = 0
+        self.done_before = request.rows_done
+        self.started = time.monotonic()
+        self.logged = self.started
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def add(self, rows: int, table: str) -> None:
+        self.rows += rows
+        now = time.monotonic()
+        if now - self.logged < PROGRESS_INTERVAL:
+            return
+        self.logged = now
+        rate = self.rows / max(self.elapsed, 1e-6)
+        done = self.done_before + self.rows
+        left = max(0, self.request.rows_estimated - done)
+        log.info("backfill progress", extra={"fields": {
+            "backfill": self.request.name, "table": table, "rows": done,
+            "rows_estimated": self.request.rows_estimated, "rows_per_s": round(rate),
+            "eta_s": round(left / rate) if rate > 0 else None}})
+
+
+def _key_reader(positions: Sequence[int]) -> Callable[[list[bytes | None]], tuple[str | None, ...]]:
+    """Row (text values as bytes) -> its key as the stream's decoded tuples give it (str; None for NULL)."""
+    if len(positions) == 1:  # the common case, once per row: kept short
+        (at,) = positions
+
+        def one(raw: list[bytes | None]) -> tuple[str | None, ...]:
+            value = raw[at]
+            return (None if value is None else value.decode(),)
+
+        return one
+
+    def several(raw: list[bytes | None]) -> tuple[str | None, ...]:
+        return tuple(None if (value := raw[i]) is None else value.decode() for i in positions)
+
+    return several
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+async def _sleep(stopping: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stopping.wait(), seconds)
+    except TimeoutError:
+        pass
+
+
+# --------------------------------------------------------------------------------------------------
+# asking for a backfill (the CLI, the operator, the listener's initial snapshot and resnapshot)
+
+
+async def request_backfill(
+    conn: psycopg.AsyncConnection[Any], slot: str, name: str, tables: Sequence[str], where: str = ""
+) -> int | None:
+    """Queue a backfill; its id, or None when ``name`` was requested for this slot before."""
+    await ensure_state_table(conn)
+    row = await fetch_one(conn, catalog.REQUEST_BACKFILL_QUERY, (slot, name, list(tables), where))
+    return int(row[0]) if row is not None else None
+
+
+async def validate_request(
+    conn: psycopg.AsyncConnection[Any], cfg: Config, tables: Sequence[str], where: str = ""
+) -> list[str]:
+    """Check an explicit backfill before it is asked for: every table exists, is published and not excluded
+    by ``listener.filter``, has a key to page over, and ``where`` is one valid expression over it. Returns the
+    schema-qualified names ('users' is every schema's users); :class:`BackfillError` says what is wrong."""
+    if not tables:
+        raise BackfillError("backfill: name at least one table")
+    version = (await catalog.server_info(conn)).version
+    wanted = TableFilter(cfg.listener.filter)
+    out: list[str] = []
+    for name in tables:
+        if not catalog.is_table_name(name):
+            raise BackfillError(f"backfill: {name!r} is not a table name: use 'table' or 'schema.table'")
+        found = await resolve(conn, name)
+        if not found:
+            raise BackfillError(f"backfill: table {name} does not exist")
+        for schema, table in found:
+            if not wanted.covers(schema, table):
+                raise BackfillError(
+                    f"backfill: table {schema}.{table} is excluded by listener.filter.tables, so its rows would "
+                    "not be published; add it to the filter first"
+                )
+            await describe(conn, cfg.listener.publication_name, schema, table, version)
+            if where:
+                await check_where(conn, schema, table, where)
+            out.append(f"{schema}.{table}")
+    return out
+
+
+async def published_tables(conn: psycopg.AsyncConnection[Any], cfg: Config) -> list[str]:
+    """The tables an initial snapshot reads: the publication's, as far as ``listener.filter`` covers them."""
+    rows = await fetch_all(conn, catalog.PUBLISHED_TABLES_QUERY, (cfg.listener.publication_name,))
+    wanted = TableFilter(cfg.listener.filter)
+    return [f"{s}.{t}" for s, t in rows if wanted.covers(s, t)]
+
+
+async def backfills(conn: psycopg.AsyncConnection[Any], slot: str) -> list[Request]:
+    """Every backfill of ``slot`` (none when the state table does not exist)."""
+    exists = await fetch_one(conn, catalog.STATE_TABLE_EXISTS_QUERY, (catalog.STATE_TABLE_NAME,))
+    if not exists or not exists[0]:
+        return []
+    return [Request.from_row(r) for r in await fetch_all(conn, catalog.BACKFILLS_QUERY, (slot,))]
+
