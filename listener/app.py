@@ -17,7 +17,7 @@ from typing import Any
 
 from listener import metrics, pgoutput
 from listener.backfill import Backfiller, published_tables, request_backfill
-from listener.catalog import WATERMARK_PREFIX
+from listener.catalog import WATERMARK_PREFIX, SlotState
 from listener.config import Config, redact_url
 from listener.delivery import Backoff, Delivery
 from listener.errors import (
@@ -39,6 +39,7 @@ from listener.replication import (
     parse_keepalive,
     publication_dropped,
     slot_dropped,
+    slot_missing_after_failover,
 )
 from listener.types import TypeRegistry
 
@@ -101,6 +102,8 @@ class Listener:
         self._streaming_since: float | None = None
         self._drain_until: float | None = None
         self.backfiller = Backfiller(cfg, self.builder)
+        self._server = ""  # host:port of the server the last session streamed from
+        self._warned_unsynced = False
         #: the slot was lost and listener.onSlotLost is resnapshot: create it again, then backfill everything
         self._resnapshot = False
 
@@ -284,7 +287,12 @@ class Listener:
         await db.connect()
         await db.check_server()
         await db.ensure_publication(create=not self._streamed)
-        slot = await db.ensure_slot(create=not self._streamed or self._resnapshot)
+        try:
+            slot = await db.ensure_slot(create=not self._streamed or self._resnapshot)
+        except SlotLostError as exc:
+            if exc.reason == "slot_dropped" and self._server and db.server != self._server:
+                raise slot_missing_after_failover(self.cfg.listener.slot_name, db.server, self._server) from None
+            raise
         if db.slot_created:
             await self._snapshot_on_new_slot(db, slot.confirmed_flush_lsn)
         if slot.active:
@@ -295,10 +303,17 @@ class Listener:
             )
         stream = self._stream = ReplicationStream(self.cfg)
         await stream.connect()
+        if slot.failover is False and db.failover_wanted():
+            await stream.enable_failover()
+            log.info("failover turned on for the slot: standbys with sync_replication_slots keep a copy",
+                     extra={"fields": {"slot": slot.name}})
+            slot = await db.ensure_slot(create=False)
+        await self._check_failover(db, slot)
         start = max(slot.confirmed_flush_lsn, self.delivery.confirmed_lsn)
         await stream.start(start)
         self._sent_lsn = max(self._sent_lsn, slot.confirmed_flush_lsn)
         self._streamed = True
+        self._server = db.server
         self._problem_solved()
         self.health.postgres = True
         self.health.problem = ""
@@ -336,6 +351,22 @@ class Listener:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             self._send_status(stream)
+
+    async def _check_failover(self, db: Database, slot: SlotState) -> None:
+        """The slot's failover state into metrics and /ready; a failover slot whose changes may reach the
+        listener before any standby (synchronized_standby_slots empty) is warned about once."""
+        standby_slots, synced = await db.synchronized_standbys()
+        metrics.SLOT_FAILOVER.set(1 if slot.failover else 0)
+        metrics.SLOT_SYNCED_STANDBYS.set(synced)
+        self.health.details = {"server": db.server, "slot_failover": bool(slot.failover), "synced_standbys": synced}
+        if slot.failover and not standby_slots and not self._warned_unsynced:
+            self._warned_unsynced = True
+            log.warning(
+                "the slot has failover on but the primary's synchronized_standby_slots is empty: the listener may "
+                "publish changes no standby has received yet, which a new primary after a failover never had "
+                "(phantom events); set synchronized_standby_slots to the standbys' physical slots",
+                extra={"fields": {"slot": slot.name, "server": db.server}},
+            )
 
     async def _snapshot_on_new_slot(self, db: Database, lsn: int) -> None:
         """A slot just created: with snapshot.mode initial (or after a lost slot, onSlotLost resnapshot),
@@ -400,6 +431,7 @@ class Listener:
             safe = state.safe_wal_size
             metrics.SLOT_SAFE_WAL_BYTES.set(-1 if safe is None else safe)
             metrics.SLOT_WAL_KEEP_BYTES.set(state.wal_keep_size)
+            await self._check_failover(db, state)
             for status in metrics.WAL_STATUSES:
                 metrics.SLOT_WAL_STATUS.labels(status).set(1 if state.wal_status == status else 0)
             at_risk = wal_at_risk(state.wal_status, safe, state.wal_keep_size)

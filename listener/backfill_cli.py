@@ -39,7 +39,7 @@ async def run_backfill_command(cfg: Config, args: argparse.Namespace) -> int:
         )
     except psycopg.OperationalError as exc:
         db = cfg.database
-        where = f"{db.host}:{db.port}/{db.name}"
+        where = f"{db.where}/{db.name}"
         raise DatabaseError(f"postgres: cannot connect to {where}: {describe_pg_error(exc)}") from None
     async with conn:
         slot = cfg.listener.slot_name

@@ -256,6 +256,10 @@ class SlotState:
     publication_exists: bool = True
     #: how far behind the reader is in time (pg_stat_replication flush lag); None without a reader
     lag_seconds: float | None = None
+    #: PostgreSQL 17+: created with FAILOVER (standbys with sync_replication_slots keep a copy); None before
+    failover: bool | None = None
+    #: PostgreSQL 17+: this server is a standby and the slot is its synchronized copy
+    synced: bool | None = None
 
     @property
     def retained_wal_bytes(self) -> int:
@@ -278,17 +282,52 @@ class SlotState:
         return ""
 
 
-SLOT_QUERY = (
-    "SELECT s.slot_name, s.plugin, s.slot_type, s.database, s.active, s.active_pid,"
-    " s.confirmed_flush_lsn::text, s.restart_lsn::text, s.wal_status, s.safe_wal_size,"
-    " pg_catalog.pg_current_wal_lsn()::text,"
-    " pg_catalog.pg_size_bytes(pg_catalog.current_setting('max_slot_wal_keep_size')),"
-    " EXISTS (SELECT FROM pg_catalog.pg_publication WHERE pubname = %(publication)s),"
-    " (SELECT extract(epoch FROM coalesce(r.flush_lag, r.write_lag))::float8"
-    "  FROM pg_catalog.pg_stat_replication r WHERE r.pid = s.active_pid)"
-    " FROM pg_catalog.pg_replication_slots s WHERE s.slot_name = %(slot)s"
-)
+def slot_query(server_version: int) -> str:
+    """The slot's state (:func:`slot_state` reads a row); PostgreSQL 17+ also says failover and synced."""
+    failover = "s.failover, s.synced" if server_version >= 170000 else "NULL::bool, NULL::bool"
+    return (
+        "SELECT s.slot_name, s.plugin, s.slot_type, s.database, s.active, s.active_pid,"
+        " s.confirmed_flush_lsn::text, s.restart_lsn::text, s.wal_status, s.safe_wal_size,"
+        " pg_catalog.pg_current_wal_lsn()::text,"
+        " pg_catalog.pg_size_bytes(pg_catalog.current_setting('max_slot_wal_keep_size')),"
+        " EXISTS (SELECT FROM pg_catalog.pg_publication WHERE pubname = %(publication)s),"
+        " (SELECT extract(epoch FROM coalesce(r.flush_lag, r.write_lag))::float8"
+        "  FROM pg_catalog.pg_stat_replication r WHERE r.pid = s.active_pid),"
+        f" {failover}"
+        " FROM pg_catalog.pg_replication_slots s WHERE s.slot_name = %(slot)s"
+    )
+
+
 CREATE_SLOT_QUERY = "SELECT pg_catalog.pg_create_logical_replication_slot(%s, 'pgoutput')"
+#: PostgreSQL 17+: a slot standbys with sync_replication_slots keep a copy of
+CREATE_FAILOVER_SLOT_QUERY = "SELECT pg_catalog.pg_create_logical_replication_slot(%s, 'pgoutput', false, false, true)"
+#: PostgreSQL 17+: synchronized_standby_slots, and how many of the physical slots it names are being read
+SYNCHRONIZED_STANDBYS_QUERY = (
+    "SELECT pg_catalog.current_setting('synchronized_standby_slots'),"
+    " (SELECT count(*) FROM pg_catalog.pg_replication_slots WHERE slot_type = 'physical' AND active"
+    "  AND slot_name = ANY (string_to_array(replace(pg_catalog.current_setting('synchronized_standby_slots'),"
+    " ' ', ''), ',')))::int"
+)
+
+
+def failover_wanted(setting: str, server_version: int) -> bool:
+    """listener.failover (auto, true, false) on a server: auto is on for PostgreSQL 17+, the first with
+    failover slots; true before 17 is a ValueError saying what to do instead."""
+    if setting == "auto":
+        return server_version >= 170000
+    if setting == "true" and server_version < 170000:
+        raise ValueError(
+            f"listener.failover is true but the server is PostgreSQL {server_version // 10000}; failover slots "
+            "need 17+: set it to auto or false (and keep the slot as a Patroni permanent slot to survive a failover)"
+        )
+    return setting == "true"
+
+
+def alter_slot_failover(slot: str) -> bytes:
+    """The replication command that turns FAILOVER on for an existing slot (PostgreSQL 17+)."""
+    return b'ALTER_REPLICATION_SLOT "' + slot.replace('"', '""').encode() + b'" (FAILOVER true)'
+
+
 DROP_SLOT_QUERY = "SELECT pg_catalog.pg_drop_replication_slot(%s)"
 ADVANCE_SLOT_QUERY = "SELECT pg_catalog.pg_replication_slot_advance(%s, %s::pg_lsn)"
 HEARTBEAT_QUERY = "SELECT pg_catalog.pg_logical_emit_message(false, 'wal-listener-heartbeat', '')"
@@ -325,6 +364,8 @@ def slot_state(row: Sequence[Any]) -> SlotState:
         publication_exists=bool(row[12]),
         # PostgreSQL clears the lag columns a while after the reader caught up: then it is 0 behind
         lag_seconds=None if active_pid is None else round(float(row[13] or 0.0), 3),
+        failover=row[14],
+        synced=row[15],
     )
 
 
@@ -519,9 +560,13 @@ async def server_info(conn: AsyncConnection[Any]) -> ServerInfo:
     return ServerInfo(str(row[0]), int(row[1]))
 
 
-async def read_slot(conn: AsyncConnection[Any], slot: str, publication: str = "") -> SlotState | None:
+async def read_slot(
+    conn: AsyncConnection[Any], slot: str, publication: str = "", server_version: int | None = None
+) -> SlotState | None:
     """The slot, or None when it does not exist."""
-    row = await fetch_one(conn, SLOT_QUERY, {"slot": slot, "publication": publication})
+    if server_version is None:
+        server_version = conn.info.server_version
+    row = await fetch_one(conn, slot_query(server_version), {"slot": slot, "publication": publication})
     return None if row is None else slot_state(row)
 
 

@@ -165,6 +165,18 @@ class ListenerConfig(_Model):
     )
     dead_letter_topic: str = Field("", description="Topic for changes that cannot be published (onError: skip).")
     snapshot: SnapshotConfig = Field(default_factory=SnapshotConfig, description="Initial snapshot and backfills.")
+    failover: Literal["auto", "true", "false"] = Field(
+        "auto",
+        description="Create the slot with FAILOVER so standbys with sync_replication_slots keep a copy "
+        "(PostgreSQL 17+): auto (on for 17+), true or false.",
+    )
+
+    @field_validator("failover", mode="before")
+    @classmethod
+    def _failover_words(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        return value.lower() if isinstance(value, str) else value
     on_slot_lost: Literal["halt", "resnapshot"] = Field(
         "halt",
         description="A dropped or invalidated slot: halt (report it, retry slowly) or resnapshot (create the slot "
@@ -192,9 +204,19 @@ class ListenerConfig(_Model):
         return value
 
 
+_ENDPOINT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^\s,:\[\]]+))(?::(?P<port>\d{1,5}))?$")
+
+
 class DatabaseConfig(_Model):
-    host: str = Field("localhost", description="PostgreSQL host name or address.")
-    port: int = Field(5432, ge=1, le=65535, description="PostgreSQL port.")
+    host: str = Field(
+        "localhost",
+        description="PostgreSQL host, or several comma-separated host[:port] entries (the primary among them is "
+        "found by targetSessionAttrs); an entry without a port uses database.port.",
+    )
+    port: int = Field(5432, ge=1, le=65535, description="PostgreSQL port (of every host entry without its own).")
+    target_session_attrs: Literal["", "any", "read-write", "read-only", "primary", "standby", "prefer-standby"] = (
+        Field("", description="libpq target_session_attrs; default read-write when several hosts are given.")
+    )
     name: str = Field(min_length=1, description="Database whose changes are streamed.")
     user: str = Field(min_length=1, description="User with the REPLICATION attribute (or superuser).")
     password: SecretStr = SecretStr("")
@@ -207,19 +229,48 @@ class DatabaseConfig(_Model):
     ssl_key: str = Field("", description="Private key file of sslCert (libpq sslkey).")
     debug: bool = Field(False, description="Log every decoded message (verbose).")
 
+    @field_validator("host")
+    @classmethod
+    def _check_hosts(cls, value: str) -> str:
+        for entry in value.split(","):
+            found = _ENDPOINT.fullmatch(entry.strip())
+            if found is None or (found["port"] is not None and not 0 < int(found["port"]) < 65536):
+                raise ValueError(f"{entry.strip()!r} is not host or host:port (entries separated by commas)")
+        return value
+
     @model_validator(mode="after")
     def _tls_means_require(self) -> DatabaseConfig:
         if self.enable_tls and self.ssl_mode in ("disable", "allow", "prefer"):
             return self.model_copy(update={"ssl_mode": "require"})
         return self
 
+    def endpoints(self) -> list[tuple[str, int]]:
+        """(host, port) of every entry of ``host``, in order."""
+        out = []
+        for entry in self.host.split(","):
+            found = _ENDPOINT.fullmatch(entry.strip())
+            assert found is not None  # checked by _check_hosts
+            out.append((found["v6"] or found["host"], int(found["port"] or self.port)))
+        return out
+
+    @property
+    def where(self) -> str:
+        """The server(s) for messages: ``pg-a:5432`` or ``pg-a:5432,pg-b:5433``."""
+        return ",".join(f"{h}:{p}" for h, p in self.endpoints())
+
+    @property
+    def session_attrs(self) -> str:
+        """target_session_attrs as sent: as set, else read-write with several hosts (always the primary)."""
+        return self.target_session_attrs or ("read-write" if len(self.endpoints()) > 1 else "")
+
     def conninfo(self, **extra: str) -> str:
         """The libpq connection string; the password is included, so never log it."""
         from psycopg.conninfo import make_conninfo
 
+        endpoints = self.endpoints()
         params: dict[str, Any] = {
-            "host": self.host,
-            "port": self.port,
+            "host": ",".join(h for h, _ in endpoints),
+            "port": ",".join(str(p) for _, p in endpoints),
             "dbname": self.name,
             "user": self.user,
             "sslmode": self.ssl_mode,
@@ -231,6 +282,8 @@ class DatabaseConfig(_Model):
         for key, path in (("sslrootcert", self.ssl_root_cert), ("sslcert", self.ssl_cert), ("sslkey", self.ssl_key)):
             if path:
                 params[key] = path
+        if self.session_attrs:
+            params["target_session_attrs"] = self.session_attrs
         params.update(extra)
         return make_conninfo(**params)
 
@@ -537,7 +590,22 @@ def env_names(path: tuple[str, ...]) -> list[str]:
     return [plain] if plain == snake else [plain, snake]
 
 
+def _is_text(path: tuple[str, ...]) -> bool:
+    """Whether the key at ``path`` holds plain text (an IPv6 ``[::1]:5432`` host is no YAML list)."""
+    models: Section = (Config,)
+    for part in path[:-1]:
+        sub = _submodel(models, part)
+        if sub is None:
+            return False
+        models = sub
+    return any(
+        (f.alias or n) == path[-1] and f.annotation is str for m in models for n, f in m.model_fields.items()
+    )
+
+
 def _env_value(text: str, path: tuple[str, ...]) -> Any:
+    if _is_text(path):
+        return text
     if path[-1] in _FREE_FORM or path[-1] in ("filter", "tables") or text.lstrip().startswith(("{", "[")):
         try:
             return yaml.safe_load(text)

@@ -77,3 +77,13 @@ SLOT_RESNAPSHOTS = Counter(
 
 #: every wal_status PostgreSQL reports for a slot
 WAL_STATUSES = ("reserved", "extended", "unreserved", "lost")
+SLOT_FAILOVER = Gauge(
+    "slot_failover", "1 when the slot has FAILOVER on (PostgreSQL 17+: standbys keep a synchronized copy).",
+    registry=REGISTRY,
+)
+SLOT_SYNCED_STANDBYS = Gauge(
+    "slot_synced_standbys",
+    "Standbys named in the primary's synchronized_standby_slots that are connected (0: a failover may lose "
+    "changes the listener already published).",
+    registry=REGISTRY,
+)

@@ -185,6 +185,8 @@ class Health:
         self.postgres = False
         self.broker: Callable[[], bool] = lambda: False
         self.problem = ""
+        #: shown in /ready: the server streamed from, the slot's failover state
+        self.details: dict[str, Any] = {}
 
     def healthz(self) -> tuple[int, str, bytes]:
         return 200, "text/plain", b"ok\n"
@@ -194,9 +196,9 @@ class Health:
 
     def ready(self) -> tuple[int, str, bytes]:
         broker = self.broker()
-        body = {"postgres": self.postgres, "broker": broker}
+        body: dict[str, Any] = {"postgres": self.postgres, "broker": broker, **self.details}
         if self.problem:
-            body["problem"] = REDACT(self.problem)  # type: ignore[assignment]
+            body["problem"] = REDACT(self.problem)
         status = 200 if self.postgres and broker else 503
         return status, "application/json", orjson.dumps(body) + b"\n"
 

@@ -70,6 +70,8 @@ class Database:
         self._conn: psycopg.AsyncConnection[Any] | None = None
         #: whether the last :meth:`ensure_slot` created the slot
         self.slot_created = False
+        #: server_version_num, once :meth:`check_server` ran
+        self.version = 0
 
     async def connect(self) -> None:
         try:
@@ -79,7 +81,7 @@ class Database:
         except psycopg.OperationalError as exc:
             db = self.cfg.database
             raise DatabaseError(
-                f"postgres: cannot connect to {db.host}:{db.port}/{db.name} as {db.user}: {describe_pg_error(exc)}"
+                f"postgres: cannot connect to {db.where}/{db.name} as {db.user}: {describe_pg_error(exc)}"
             ) from None
 
     async def close(self) -> None:
@@ -94,9 +96,29 @@ class Database:
         return self._conn
 
     async def check_server(self) -> None:
-        problem = (await catalog.server_info(self.conn)).wal_level_problem()
-        if problem:
-            raise DatabaseSetupError(f"postgres: {problem}", reason="wal_level")
+        info = await catalog.server_info(self.conn)
+        self.version = info.version
+        if info.wal_level_problem():
+            raise DatabaseSetupError(f"postgres: {info.wal_level_problem()}", reason="wal_level")
+
+    @property
+    def server(self) -> str:
+        """host:port of the server this connection reached (of several hosts: the one libpq chose)."""
+        info = self.conn.info
+        return f"{info.host}:{info.port}"
+
+    def failover_wanted(self) -> bool:
+        try:
+            return catalog.failover_wanted(self.cfg.listener.failover, self.version)
+        except ValueError as exc:
+            raise DatabaseSetupError(f"postgres: {exc}", reason="setup") from None
+
+    async def synchronized_standbys(self) -> tuple[str, int]:
+        """PostgreSQL 17+: synchronized_standby_slots, and how many standbys it names are connected."""
+        if self.version < 170000:
+            return "", 0
+        row = await catalog.fetch_one(self.conn, catalog.SYNCHRONIZED_STANDBYS_QUERY)
+        return (str(row[0] or ""), int(row[1] or 0)) if row else ("", 0)
 
     async def ensure_publication(self, create: bool = True) -> None:
         """Create the publication when missing. ``create=False`` (the listener streamed with it
@@ -121,7 +143,9 @@ class Database:
         log.info("created publication", extra={"fields": {"publication": name}})
 
     async def slot(self) -> SlotState | None:
-        return await catalog.read_slot(self.conn, self.cfg.listener.slot_name, self.cfg.listener.publication_name)
+        return await catalog.read_slot(
+            self.conn, self.cfg.listener.slot_name, self.cfg.listener.publication_name, self.version or None
+        )
 
     async def ensure_slot(self, create: bool = True) -> SlotState:
         """Create the slot when missing. ``create=False`` (the listener streamed from it before): a
@@ -133,8 +157,9 @@ class Database:
         if state is None and not create:
             raise slot_dropped(name)
         if state is None:
+            query = catalog.CREATE_FAILOVER_SLOT_QUERY if self.failover_wanted() else catalog.CREATE_SLOT_QUERY
             try:
-                await self.conn.execute(catalog.CREATE_SLOT_QUERY, (name,))
+                await self.conn.execute(query, (name,))
                 self.slot_created = True
             except psycopg.errors.DuplicateObject:
                 pass
@@ -211,10 +236,25 @@ class ReplicationStream:
             )
         except psycopg.OperationalError as exc:
             raise DatabaseError(
-                f"postgres: cannot open a replication connection to {db.host}:{db.port}/{db.name} as {db.user}: "
+                f"postgres: cannot open a replication connection to {db.where}/{db.name} as {db.user}: "
                 f"{describe_pg_error(exc)}"
             ) from None
         self.pgconn = self._conn.pgconn
+
+    async def enable_failover(self) -> None:
+        """ALTER_REPLICATION_SLOT ... (FAILOVER true): a replication command, so on this connection,
+        before streaming (PostgreSQL 17+; the slot must not be in use)."""
+        assert self._conn is not None
+        try:
+            await self._conn.execute(catalog.alter_slot_failover(self.cfg.listener.slot_name))
+        except psycopg.Error as exc:
+            raise DatabaseSetupError(
+                f"postgres: cannot turn failover on for slot {self.cfg.listener.slot_name!r}: "
+                f"{describe_pg_error(exc)}; run ALTER_REPLICATION_SLOT {self.cfg.listener.slot_name} (FAILOVER true) "
+                "on a replication connection (psql \"dbname=... replication=database\") as a user with REPLICATION, or "
+                "set listener.failover: false",
+                reason="setup",
+            ) from None
 
     async def start(self, start_lsn: int) -> None:
         assert self.pgconn is not None
@@ -374,6 +414,17 @@ def slot_dropped(slot: str, server_message: str = "") -> SlotLostError:
         f"postgres: slot {slot!r} was dropped while the listener ran{said}: changes made since then are not "
         "captured; re-snapshot what you need, then restart the listener to create the slot again",
         reason="slot_dropped",
+    )
+
+
+def slot_missing_after_failover(slot: str, now: str, before: str) -> SlotLostError:
+    return SlotLostError(
+        f"postgres: slot {slot!r} does not exist on {now}, the server the listener reached after {before} "
+        "(a failover): the slot did not follow, so changes made since are not streamed. Keep it on standbys: on "
+        "PostgreSQL 17+ with listener.failover on and sync_replication_slots = on (with hot_standby_feedback) on "
+        "each standby; before 17 as a Patroni permanent slot. With listener.onSlotLost: resnapshot the listener "
+        "creates it again and backfills every published table",
+        reason="slot_missing_after_failover",
     )
 
 

@@ -584,6 +584,9 @@ class PostgresServer(Server):
         """The major version, e.g. 15 or 18."""
         return _pg_version(self.bin_dir / "postgres")
 
+    #: libpq sslmode of :meth:`dsn` (a server with TLS switched on may refuse anything else)
+    sslmode = "disable"
+
     def dsn(self, dbname: str = "postgres", **kw: str | int) -> str:
         """libpq conninfo, e.g. ``dsn("app", replication="database")``."""
         params: dict[str, str | int] = {
@@ -591,7 +594,7 @@ class PostgresServer(Server):
             "port": self.port,
             "user": self.user,
             "dbname": dbname,
-            "sslmode": "disable",
+            "sslmode": self.sslmode,
         }
         params.update(kw)
         return make_conninfo("", **params)

@@ -568,3 +568,65 @@ def test_bad_on_error_lists_allowed_values(write: Callable[[str], Path]) -> None
     message = error_of(write(MINIMAL), {"WAL_LISTENER_ON_ERROR": "ignore"})
     assert "listener.onError" in message
     assert "'halt'" in message and "'skip'" in message
+
+
+# -- several hosts, TLS files, failover ----------------------------------------------------------------
+
+
+def test_several_hosts_become_a_libpq_multi_host_string_that_finds_the_primary() -> None:
+    from psycopg.conninfo import conninfo_to_dict
+
+    cfg = load_config(None, {**_ENV_MIN, "WAL_DATABASE_HOST": "pg-a,pg-b:5433,[::1]:6000", "WAL_DATABASE_PORT": "5444"})
+    params = conninfo_to_dict(cfg.database.conninfo())
+    assert (params["host"], params["port"]) == ("pg-a,pg-b,::1", "5444,5433,6000")
+    assert params["target_session_attrs"] == "read-write"
+    assert cfg.database.where == "pg-a:5444,pg-b:5433,::1:6000"
+    one = conninfo_to_dict(load_config(None, _ENV_MIN).database.conninfo())
+    assert "target_session_attrs" not in one
+    chosen = load_config(None, {**_ENV_MIN, "WAL_DATABASE_HOST": "a,b", "WAL_DATABASE_TARGETSESSIONATTRS": "primary"})
+    assert conninfo_to_dict(chosen.database.conninfo())["target_session_attrs"] == "primary"
+
+
+@pytest.mark.parametrize("hosts", ["a,,b", "a:99999", "a:b", "a b", "[::1"])
+def test_a_bad_host_entry_is_named(hosts: str) -> None:
+    with pytest.raises(ConfigError, match=r"database\.host") as caught:
+        load_config(None, {**_ENV_MIN, "WAL_DATABASE_HOST": hosts})
+    assert "host:port" in str(caught.value)
+
+
+def test_tls_files_reach_libpq() -> None:
+    from psycopg.conninfo import conninfo_to_dict
+
+    env = {**_ENV_MIN, "WAL_DATABASE_SSLMODE": "verify-full", "WAL_DATABASE_SSLROOTCERT": "/ca.crt",
+           "WAL_DATABASE_SSLCERT": "/c.crt", "WAL_DATABASE_SSLKEY": "/c.key"}
+    params = conninfo_to_dict(load_config(None, env).database.conninfo())
+    assert (params["sslrootcert"], params["sslcert"], params["sslkey"]) == ("/ca.crt", "/c.crt", "/c.key")
+
+
+@pytest.mark.parametrize(("value", "expected"), [("auto", "auto"), ("true", "true"), ("False", "false"), ("1", None)])
+def test_failover_is_auto_true_or_false(value: str, expected: str | None) -> None:
+    env = {**_ENV_MIN, "WAL_LISTENER_FAILOVER": value}
+    if expected is None:
+        with pytest.raises(ConfigError, match=r"listener\.failover"):
+            load_config(None, env)
+    else:
+        assert load_config(None, env).listener.failover == expected
+
+
+def test_failover_auto_is_on_from_postgresql_17() -> None:
+    from listener.catalog import failover_wanted
+
+    assert not failover_wanted("auto", 150007) and failover_wanted("auto", 170000)
+    assert not failover_wanted("false", 180000)
+    with pytest.raises(ValueError, match="failover slots need 17"):
+        failover_wanted("true", 160000)
+
+
+_ENV_MIN = {
+    "WAL_LISTENER_SLOTNAME": "s1",
+    "WAL_DATABASE_NAME": "db",
+    "WAL_DATABASE_USER": "u",
+    "WAL_PUBLISHER_TYPE": "nats",
+    "WAL_PUBLISHER_ADDRESS": "nats://n:4222",
+    "WAL_PUBLISHER_TOPIC": "t",
+}

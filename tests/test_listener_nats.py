@@ -230,7 +230,10 @@ async def test_metrics_and_probes_over_http(fresh_db: str, pg: PostgresServer, n
     async with running(cfg):
         assert await http_get(port, "/healthz") == (200, "ok\n")
         status, body = await http_get(port, "/ready")
-        assert status == 200 and orjson.loads(body) == {"postgres": True, "broker": True}
+        assert status == 200 and orjson.loads(body) == {
+            "postgres": True, "broker": True, "server": f"127.0.0.1:{pg.port}", "slot_failover": False,
+            "synced_standbys": 0,  # PostgreSQL 15: no failover slots
+        }
         await sql(dsn, "INSERT INTO m VALUES (1)", "INSERT INTO m VALUES (2)")
         await read_stream(nats_server.url, topic, 2)
         end = await current_lsn(dsn)

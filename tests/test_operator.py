@@ -643,3 +643,22 @@ async def test_a_bad_backfill_entry_is_refused_with_the_field(
     assert f"spec.{field}" in cond["message"]
     _db_untouched(pg, db_with_tables, slot)
     assert _q(pg, db_with_tables, "SELECT to_regclass('wal_listener.backfills') IS NULL") == [(True,)]
+
+
+async def test_a_slot_on_postgresql_18_is_created_with_failover_and_status_says_so(
+    cluster: Cluster, _secret: None, pg18: PostgresServer
+) -> None:
+    db = pg18.create_database(f"op_{uuid.uuid4().hex[:8]}")
+    name, slot = _name("ha"), _slot("ha")
+    spec = listener_spec(pg18.port, db, slot=slot)
+    spec["database"]["host"] = f"127.0.0.1:{pg18.port},127.0.0.1:{pg18.port}"  # a host list, as for a cluster
+    await cluster.create_listener(name, spec)
+    await cluster.wait_condition(name, "SlotReady", "True")
+    assert _q(pg18, db, "SELECT failover FROM pg_replication_slots WHERE slot_name = %s", (slot,)) == [(True,)]
+    await cluster.wait(lambda: (cluster.status(name).get("slot") or {}).get("failover") is True,
+                       what="status.slot.failover")
+    config = yaml.safe_load(cluster.child(CONFIGMAPS, name)["data"]["config.yml"])  # type: ignore[index]
+    assert config["database"]["host"] == spec["database"]["host"] and config["listener"]["failover"] == "auto"
+    await cluster.delete_listener(name)
+    await cluster.wait_gone(WL, name)
+    _q(pg18, db, "SELECT pg_drop_replication_slot(%s)", (slot,))  # the shared server keeps no WAL for it

@@ -212,6 +212,11 @@ def status_schema() -> dict[str, Any]:
                         "How far behind the listener is in time (pg_stat_replication flush_lag); absent while "
                         "nobody reads the slot.",
                     ),
+                    "failover": _field(
+                        "boolean",
+                        "PostgreSQL 17+: the slot has FAILOVER on, so standbys with sync_replication_slots keep "
+                        "a copy that a promoted standby resumes from.",
+                    ),
                     "checkedAt": _field("string", "When the slot was last read.", format="date-time"),
                 },
             },

@@ -62,10 +62,10 @@ async def connect(db: DatabaseConfig) -> Connection:
     except psycopg.OperationalError as exc:
         text = first_line(exc)
         if "password authentication failed" in text or "no pg_hba.conf entry" in text:
-            raise DatabaseSetupError(f"PostgreSQL {db.host}:{db.port} refused the login: {text}") from None
+            raise DatabaseSetupError(f"PostgreSQL {db.where} refused the login: {text}") from None
         if "does not exist" in text:
-            raise DatabaseSetupError(f"PostgreSQL {db.host}:{db.port}: {text}") from None
-        raise DatabaseError(f"cannot connect to PostgreSQL at {db.host}:{db.port}: {text}") from None
+            raise DatabaseSetupError(f"PostgreSQL {db.where}: {text}") from None
+        raise DatabaseError(f"cannot connect to PostgreSQL at {db.where}: {text}") from None
     return conn
 
 
@@ -217,8 +217,15 @@ async def slot_status(conn: Connection, name: str) -> SlotState | None:
     return await catalog.read_slot(conn, name)
 
 
-async def ensure_slot(conn: Connection, name: str, dbname: str) -> tuple[SlotState, bool]:
-    """The slot (created when missing) and whether it was created now."""
+def failover_wanted(spec: WalListenerSpec, server_version: int) -> bool:
+    try:
+        return catalog.failover_wanted(spec.listener.failover, server_version)
+    except ValueError as exc:
+        raise SpecError(f"spec.{exc}") from None
+
+
+async def ensure_slot(conn: Connection, name: str, dbname: str, failover: bool = False) -> tuple[SlotState, bool]:
+    """The slot (created when missing, with FAILOVER when asked) and whether it was created now."""
     state = await catalog.read_slot(conn, name)
     if state is not None:
         if state.mismatch(dbname):
@@ -231,7 +238,7 @@ async def ensure_slot(conn: Connection, name: str, dbname: str) -> tuple[SlotSta
         return state, False
     try:
         await conn.execute("SET statement_timeout = '60s'")
-        await conn.execute(catalog.CREATE_SLOT_QUERY, (name,))
+        await conn.execute(catalog.CREATE_FAILOVER_SLOT_QUERY if failover else catalog.CREATE_SLOT_QUERY, (name,))
     except psycopg.errors.DuplicateObject:
         pass  # created concurrently (the listener itself); read it below
     except (psycopg.errors.InsufficientPrivilege, psycopg.errors.ConfigurationLimitExceeded) as exc:

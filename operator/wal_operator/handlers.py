@@ -211,6 +211,7 @@ def _slot_status(name: str, slot: SlotState | None) -> dict[str, Any]:
         "lagBytes": slot.lag_bytes,
         "lag": st.human_bytes(slot.lag_bytes),
         "lagSeconds": slot.lag_seconds,  # None (unknown: no reader) removes the field
+        "failover": slot.failover,  # PostgreSQL 17+ only (None removes the field)
         "checkedAt": st.now(),
     }
 
@@ -457,7 +458,9 @@ async def reconcile(
                     f"publication {pub.name}: " + ("all tables" if pub.all_tables else ", ".join(pub.tables)),
                 )
             )
-            slot, created = await db.ensure_slot(conn, model.listener.slot_name, model.database.name)
+            slot, created = await db.ensure_slot(
+                conn, model.listener.slot_name, model.database.name, db.failover_wanted(model, version)
+            )
             done.append(
                 st.Condition(
                     st.SLOT_READY,

@@ -13,8 +13,9 @@ wheel), ``any_pg`` (both, parametrized "pg15"/"pg18"), ``nats_server``, ``tansu`
 Per test: ``fresh_db`` (a new database in ``pg``, its name), ``fresh_any_db`` (a new database in
 ``any_pg``, a :class:`tests.support.services.Database`), ``pubsub_env`` (sets PUBSUB_EMULATOR_HOST),
 ``procs`` (listener processes killed after the test), and factories for private servers a test may kill
-or restart: ``make_pg``, ``make_nats``, ``make_tansu``, ``make_pubsub``, ``make_proxy`` (all cleaned up
-after the test).
+or restart: ``make_pg``, ``make_nats``, ``make_tansu``, ``make_pubsub``, ``make_proxy``,
+``make_primary_standby`` (a PostgreSQL 18 primary and a physical standby with failover slots),
+``make_patroni`` (a Patroni cluster: etcd and two PostgreSQL 15 nodes); all cleaned up after the test.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any, Literal, NoReturn, TypeVar
 import pytest
 
 from tests.support.ci import in_ci
+from tests.support.patroni import PatroniCluster
 from tests.support.proxy import TcpProxy
 from tests.support.services import (
     Database,
@@ -39,6 +41,7 @@ from tests.support.services import (
     find_pg_bin,
     rabbitmq_available,
 )
+from tests.support.standby import PrimaryStandby
 
 RABBITMQ_URL = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
@@ -59,6 +62,8 @@ SERVICE_FIXTURES = frozenset(
         "make_nats",
         "make_tansu",
         "make_pubsub",
+        "make_patroni",
+        "make_primary_standby",
     }
 )
 
@@ -240,6 +245,31 @@ def make_pubsub(_factory: _Factory) -> Callable[..., PubSubEmulator]:
 
     def make(**kwargs: Any) -> PubSubEmulator:
         return _factory.add(_start(lambda: PubSubEmulator(**kwargs))).start()
+
+    return make
+
+
+@pytest.fixture
+def make_primary_standby(_factory: _Factory) -> Callable[..., PrimaryStandby]:
+    """``make_primary_standby(**PrimaryStandby kwargs)``: a started PostgreSQL 18 primary and physical
+    standby with failover slot synchronization (tests/support/standby.py), streaming; the test may kill
+    the primary and promote the standby."""
+
+    def make(**kwargs: Any) -> PrimaryStandby:
+        return _factory.add(_start(lambda: PrimaryStandby(**kwargs))).start()
+
+    return make
+
+
+@pytest.fixture
+def make_patroni(_factory: _Factory) -> Callable[..., PatroniCluster]:
+    """``make_patroni(**PatroniCluster kwargs)``: a started Patroni cluster (etcd and two PostgreSQL 15
+    nodes, tests/support/patroni.py): a leader and a streaming replica holding copies of the permanent
+    slots, e.g. ``make_patroni(slots={"ha_slot": logical_slot("app")})``; the test may fail over or kill
+    the leader."""
+
+    def make(**kwargs: Any) -> PatroniCluster:
+        return _factory.add(_start(lambda: PatroniCluster(**kwargs))).start()
 
     return make
 

@@ -9,16 +9,18 @@ import datetime
 import ipaddress
 import ssl
 from pathlib import Path
+from typing import Any
 
 from listener.throwaway import free_port
 
-__all__ = ["Certificates", "TlsForwarder"]
+__all__ = ["Certificates", "TlsForwarder", "enable_postgres_tls"]
 
 
 class Certificates:
-    """A throwaway CA with a server certificate for 127.0.0.1 and a client certificate, as PEM files."""
+    """A throwaway CA with a server certificate (for 127.0.0.1 and localhost unless ``server_names`` says
+    otherwise) and a client certificate whose common name is ``client``, as PEM files."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, server_names: tuple[str, ...] = ("127.0.0.1", "localhost")) -> None:
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes, serialization
         from cryptography.hazmat.primitives.asymmetric import ec
@@ -37,6 +39,7 @@ class Certificates:
                     serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
                 )
             )
+            key_path.chmod(0o600)  # libpq refuses a key others can read
             return cert_path, key_path
 
         ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -79,8 +82,15 @@ class Certificates:
                 builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
             return write(stem, key, builder.sign(ca_key, hashes.SHA256()))
 
-        localhost = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
-        self.server_cert, self.server_key = leaf("server", ExtendedKeyUsageOID.SERVER_AUTH, localhost)
+        def san(text: str) -> x509.GeneralName:
+            try:
+                return x509.IPAddress(ipaddress.ip_address(text))
+            except ValueError:
+                return x509.DNSName(text)
+
+        self.server_cert, self.server_key = leaf(
+            "server", ExtendedKeyUsageOID.SERVER_AUTH, [san(n) for n in server_names]
+        )
         self.client_cert, self.client_key = leaf("client", ExtendedKeyUsageOID.CLIENT_AUTH, [])
 
     def server_context(self) -> ssl.SSLContext:
@@ -130,3 +140,29 @@ class TlsForwarder:
         self._tasks.update(tasks)
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.difference_update(tasks)
+
+
+def enable_postgres_tls(server: Any, certs: Certificates, *, client_cert_users: tuple[str, ...] = ()) -> None:
+    """Restart ``server`` (a stopped-or-running test PostgreSQL) with ``ssl = on`` and ``certs``' server
+    certificate; TCP connections must use TLS (``hostssl`` only), and ``client_cert_users`` log in with a
+    client certificate signed by the CA (``cert`` method; the certificate's CN is the user name)."""
+    import os
+    import shutil
+
+    server.stop()
+    data = Path(server.data_dir)
+    for source, target in ((certs.server_cert, "server.crt"), (certs.server_key, "server.key"), (certs.ca, "ca.crt")):
+        shutil.copyfile(source, data / target)
+        os.chmod(data / target, 0o600)
+        if os.geteuid() == 0:
+            stat = data.stat()
+            os.chown(data / target, stat.st_uid, stat.st_gid)
+    with (data / "postgresql.conf").open("a") as conf:
+        conf.write("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\nssl_ca_file = 'ca.crt'\n")
+    lines = ["local all all trust", "local replication all trust"]
+    for user in client_cert_users:
+        lines += [f"hostssl all {user} 127.0.0.1/32 cert", f"hostssl replication {user} 127.0.0.1/32 cert"]
+    lines += ["hostssl all all 127.0.0.1/32 trust", "hostssl replication all 127.0.0.1/32 trust"]
+    (data / "pg_hba.conf").write_text("\n".join(lines) + "\n")
+    server.sslmode = "require"
+    server.start()
