@@ -5,8 +5,10 @@ pgoutput sends it, through ``EventBuilder.change`` with the compiled fast path a
 
     python -m bench.hotpath                 # 200k messages of each kind, best of 3
     python -m bench.hotpath --messages 50000 --runs 5
+    python -m bench.hotpath --formats wal-listener,cloudevents,cloudevents-structured,debezium
 
-Prints µs per event and events/s for Insert, Update and Delete on one core.
+Prints µs per event and events/s for Insert, Update and Delete on one core, per event format
+(``publisher.format``; the Debezium format has no compiled path).
 """
 
 from __future__ import annotations
@@ -49,20 +51,27 @@ def messages(i: int) -> dict[str, bytes]:
             "delete": b"D" + head + b"K" + _tuple(key)}
 
 
-def builder(compiled: bool) -> EventBuilder:
+FORMATS = ("wal-listener", "cloudevents", "cloudevents-structured", "debezium")
+
+
+def builder(compiled: bool, fmt: str = "wal-listener") -> EventBuilder:
+    publisher: dict[str, object] = {"type": "nats", "address": "localhost:4222", "topic": "bench",
+                                    "format": fmt.split("-structured")[0]}
+    if fmt == "cloudevents-structured":
+        publisher["cloudEvents"] = {"mode": "structured"}
     cfg = Config.model_validate({"listener": {"slotName": "bench"}, "database": {"name": "db", "user": "u"},
-                                 "publisher": {"type": "nats", "address": "localhost:4222", "topic": "bench"}})
+                                 "publisher": publisher})
     built = EventBuilder(cfg, types.TypeRegistry(), needs_key=False, compiled=compiled)
-    if compiled and built.hot is None:
+    if compiled and built.hot is None and fmt != "debezium":
         raise SystemExit("bench.hotpath: listener._hotpath is not built (pip install -e . with a C compiler)")
     built.add_relation(Relation(OID, "public", "bench_ref", "d",
                                 tuple(Column(n, oid, -1, key) for n, oid, key in COLUMNS)))
     return built
 
 
-def measure(compiled: bool, kind: str, count: int, runs: int) -> float:
+def measure(compiled: bool, kind: str, count: int, runs: int, fmt: str = "wal-listener") -> float:
     """Best µs per event over ``runs`` runs of ``count`` messages."""
-    built = builder(compiled)
+    built = builder(compiled, fmt)
     msgs = [messages(i)[kind] for i in range(count)]
     best = float("inf")
     for _ in range(runs):
@@ -79,12 +88,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.hotpath", description=__doc__.split("\n")[0])
     p.add_argument("--messages", type=int, default=200_000)
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--formats", default="wal-listener", help=f"comma-separated, of {', '.join(FORMATS)}")
     args = p.parse_args(argv)
-    print(f"{'kind':8} {'path':9} {'µs/event':>9} {'events/s':>10}")
-    for kind in ("insert", "update", "delete"):
-        for compiled in (False, True):
-            us = measure(compiled, kind, args.messages, args.runs)
-            print(f"{kind:8} {'compiled' if compiled else 'python':9} {us:9.2f} {1e6 / us:10,.0f}")
+    chosen = [f.strip() for f in args.formats.split(",") if f.strip()]
+    if any(f not in FORMATS for f in chosen):
+        p.error(f"--formats: choose from {', '.join(FORMATS)}")
+    print(f"{'format':23} {'kind':8} {'path':9} {'µs/event':>9} {'events/s':>10}")
+    for fmt in chosen:
+        for kind in ("insert", "update", "delete"):
+            for compiled in (False, True) if fmt != "debezium" else (False,):
+                us = measure(compiled, kind, args.messages, args.runs, fmt)
+                print(f"{fmt:23} {kind:8} {'compiled' if compiled else 'python':9} {us:9.2f} {1e6 / us:10,.0f}")
     return 0
 
 

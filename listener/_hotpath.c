@@ -713,7 +713,7 @@ done:
  * NATS wire frames: the HPUB frames of a batch, and the JetStream acks that come back.
  */
 
-static PyObject *str_body, *str_id, *str_subject;
+static PyObject *str_body, *str_id, *str_subject, *str_headers, *str_content_type;
 
 /* An id nats-py would send unchanged in a header: printable ASCII, no spaces (so strip() and the
  * CR/LF replacement of the Python path leave it as it is). */
@@ -724,11 +724,67 @@ static int plain_header_value(const char *s, Py_ssize_t n) {
     return 1;
 }
 
+/* A header line "name: value\r\n" as the Python path writes it, when both are plain: a name of printable
+ * ASCII without ':', a value of printable ASCII or spaces, not starting or ending with a space. 0: not plain. */
+static int put_header(Buf *b, PyObject *name, PyObject *value) {
+    Py_ssize_t name_len, value_len;
+    if (!PyUnicode_Check(name) || !PyUnicode_Check(value) || !PyUnicode_IS_ASCII(name) || !PyUnicode_IS_ASCII(value))
+        return 0;
+    const char *name_text = PyUnicode_AsUTF8AndSize(name, &name_len);
+    const char *value_text = PyUnicode_AsUTF8AndSize(value, &value_len);
+    if (name_text == NULL || value_text == NULL || name_len == 0 || !plain_header_value(name_text, name_len) ||
+        memchr(name_text, ':', name_len) != NULL)
+        return 0;
+    for (Py_ssize_t i = 0; i < value_len; i++)
+        if ((unsigned char)value_text[i] < 0x20 || (unsigned char)value_text[i] > 0x7E)
+            return 0;
+    if (value_len && (value_text[0] == ' ' || value_text[value_len - 1] == ' '))
+        return 0;
+    if (put(b, name_text, name_len) < 0 || PUTS(b, ": ") < 0 || put(b, value_text, value_len) < 0 ||
+        PUTS(b, "\r\n") < 0)
+        return -1;
+    return 1;
+}
+
+/* The header lines of message.headers and message.content_type into b (emptied first).
+ * 1: written, 0: something needs the Python path, -1: error. */
+static int extra_headers(Buf *b, PyObject *message) {
+    b->len = 0;
+    PyObject *headers = PyObject_GetAttr(message, str_headers);
+    if (headers == NULL)
+        return -1;
+    int rc = 1;
+    if (!PyDict_Check(headers)) {
+        rc = 0;
+    } else {
+        Py_ssize_t pos = 0;
+        PyObject *name, *value;
+        while (rc == 1 && PyDict_Next(headers, &pos, &name, &value))
+            rc = put_header(b, name, value);
+    }
+    Py_DECREF(headers);
+    if (rc != 1)
+        return rc;
+    PyObject *content_type = PyObject_GetAttr(message, str_content_type);
+    if (content_type == NULL)
+        return -1;
+    if (PyUnicode_Check(content_type) && PyUnicode_GET_LENGTH(content_type) > 0) {
+        PyObject *name = PyUnicode_FromString("content-type");
+        rc = name == NULL ? -1 : put_header(b, name, content_type);
+        Py_XDECREF(name);
+    } else if (!PyUnicode_Check(content_type)) {
+        rc = 0;
+    }
+    Py_DECREF(content_type);
+    return rc;
+}
+
 /* nats_frames(batch, prefixes, seq, limit, header_bytes) -> (frames: bytes, payload: int) | None
  *
- * One "HPUB <subject> <inbox>.<seq> <hdr> <total>\r\nNATS/1.0\r\nNats-Msg-Id: <id>\r\n\r\n<body>\r\n" per
- * message, seq counting up from seq + 1. prefixes maps a subject to "HPUB <subject> <inbox>.". None when
- * a message needs the Python path's checks (unknown subject, too large, an id with odd characters). */
+ * One "HPUB <subject> <inbox>.<seq> <hdr> <total>\r\nNATS/1.0\r\nNats-Msg-Id: <id>\r\n<extra>\r\n<body>\r\n"
+ * per message, seq counting up from seq + 1; extra: the lines of message.headers and message.content_type.
+ * prefixes maps a subject to "HPUB <subject> <inbox>.". None when a message needs the Python path's checks
+ * (unknown subject, too large, an id or header with odd characters). */
 static PyObject *hot_nats_frames(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     if (nargs != 5 || !PyList_Check(args[0]) || !PyDict_Check(args[1])) {
@@ -743,6 +799,7 @@ static PyObject *hot_nats_frames(PyObject *self, PyObject *const *args, Py_ssize
     PyObject *batch = args[0], *prefixes = args[1];
     Py_ssize_t count = PyList_GET_SIZE(batch);
     Buf b = {NULL, 0, 0};
+    Buf extra = {NULL, 0, 0};
     long long payload = 0;
     PyObject *result = NULL;
     for (Py_ssize_t i = 0; i < count; i++) {
@@ -769,16 +826,24 @@ static PyObject *hot_nats_frames(PyObject *self, PyObject *const *args, Py_ssize
             goto next;
         }
         Py_ssize_t body_len = PyBytes_GET_SIZE(body);
-        if (id_len == 0 || !plain_header_value(id_text, id_len) || body_len + id_len > limit)
+        int extra_rc = extra_headers(&extra, message);
+        if (extra_rc <= 0) {
+            rc = extra_rc < 0 ? -1 : FALLBACK;
             goto next;
-        Py_ssize_t header = header_bytes + id_len;
+        }
+        if (id_len == 0 || !plain_header_value(id_text, id_len) || body_len + id_len + extra.len > limit)
+            goto next;
+        Py_ssize_t header = header_bytes + id_len + extra.len;
         char numbers[96];
         seq++;
         int written = snprintf(numbers, sizeof numbers, "%lld %zd %zd\r\nNATS/1.0\r\nNats-Msg-Id: ", seq, header,
                                header + body_len);
         if (put(&b, prefix_text, prefix_len) < 0 || put(&b, numbers, written) < 0 || put(&b, id_text, id_len) < 0 ||
-            PUTS(&b, "\r\n\r\n") < 0 || put(&b, PyBytes_AS_STRING(body), body_len) < 0 || PUTS(&b, "\r\n") < 0)
+            PUTS(&b, "\r\n") < 0 || (extra.len && put(&b, extra.data, extra.len) < 0) || PUTS(&b, "\r\n") < 0 ||
+            put(&b, PyBytes_AS_STRING(body), body_len) < 0 || PUTS(&b, "\r\n") < 0) {
+            rc = -1;
             goto next;
+        }
         payload += body_len;
         rc = 0;
     next:
@@ -800,6 +865,7 @@ static PyObject *hot_nats_frames(PyObject *self, PyObject *const *args, Py_ssize
     }
 done:
     PyMem_Free(b.data);
+    PyMem_Free(extra.data);
     return result;
 }
 
@@ -934,7 +1000,9 @@ PyMODINIT_FUNC PyInit__hotpath(void) {
     str_body = PyUnicode_InternFromString("body");
     str_id = PyUnicode_InternFromString("id");
     str_subject = PyUnicode_InternFromString("subject");
-    if (str_body == NULL || str_id == NULL || str_subject == NULL)
+    str_headers = PyUnicode_InternFromString("headers");
+    str_content_type = PyUnicode_InternFromString("content_type");
+    if (str_body == NULL || str_id == NULL || str_subject == NULL || str_headers == NULL || str_content_type == NULL)
         return NULL;
     return PyModule_Create(&module);
 }

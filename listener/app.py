@@ -46,7 +46,7 @@ from listener.types import TypeRegistry
 log = logging.getLogger("listener.app")
 
 _PG_EPOCH_UNIX = PG_EPOCH.timestamp()
-_XLOG_END = __import__("struct").Struct(">Q").unpack_from
+_XLOG_END = __import__("struct").Struct(">Q").unpack_from  # at 9: the server's WAL end; at 1: the data's start
 
 # a slot with less than this share of max_slot_wal_keep_size left before it is invalidated gets a warning
 # (a fixed number of bytes warned all the time under a small limit and too late under a large one)
@@ -71,7 +71,8 @@ class Listener:
         ack_timeout = cfg.listener.ack_timeout.total_seconds()
         self.publisher = publisher or make_publisher(cfg.publisher, ack_timeout)
         self.registry = TypeRegistry()
-        self.builder = EventBuilder(cfg, self.registry, needs_key=self.publisher.needs_key)
+        self.builder = EventBuilder(cfg, self.registry, needs_key=self.publisher.needs_key,
+                                    binding=self.publisher.cloudevents)
         dead_letter = (
             f"{cfg.publisher.topic}.{cfg.listener.dead_letter_topic}" if cfg.listener.dead_letter_topic else ""
         )
@@ -457,6 +458,7 @@ class Listener:
         received = 0
         backfiller = self.backfiller
         watching = backfiller.watching  # relations with an open backfill window (usually none)
+        wants_lsn = builder.wants_lsn
         while not self.stopping:
             size, data = read()
             if size > 0:
@@ -465,6 +467,8 @@ class Listener:
                     received = _XLOG_END(data, 9)[0] or received
                     buf = bytes(data[25:])
                     out = None
+                    if wants_lsn and txn is not None:
+                        txn.lsn = _XLOG_END(data, 1)[0]
                     if buf and buf[0] in CHANGE_ACTIONS:  # Insert, Update, Delete: the hot path
                         if watching:
                             backfiller.note_change(buf)
@@ -473,16 +477,21 @@ class Listener:
                         msg = decode(buf)
                         kind = type(msg)
                         if kind is pgoutput.Begin:
-                            txn = builder.begin(msg.final_lsn, msg.commit_time)  # type: ignore[union-attr]
+                            txn = builder.begin(msg.final_lsn, msg.commit_time, msg.xid)  # type: ignore[union-attr]
                             commit_unix = msg.commit_time / 1e6 + _PG_EPOCH_UNIX  # type: ignore[union-attr]
                         elif kind is pgoutput.Commit:
                             delivery.commit(msg.end_lsn, commit_unix)  # type: ignore[union-attr]
+                            builder.commit(msg.commit_lsn)  # type: ignore[union-attr]
                             txn = None
                         elif kind is pgoutput.Relation:
                             await self._relation(msg, db)  # type: ignore[arg-type]
                         elif kind is pgoutput.LogicalMessage:
                             if msg.prefix == WATERMARK_PREFIX:  # type: ignore[union-attr]
                                 await self._watermark(msg)  # type: ignore[arg-type]
+                            elif msg.transactional and txn is not None:  # type: ignore[union-attr]
+                                out = builder.message(msg, txn)  # type: ignore[arg-type]
+                            else:
+                                await self._message(msg)  # type: ignore[arg-type]
                         elif kind is pgoutput.Truncate:
                             for oid in msg.relation_oids:  # type: ignore[union-attr]
                                 if watching:
@@ -527,6 +536,17 @@ class Listener:
         delivery.commit(msg.lsn, time.time())
         if not chunk.published.done():
             chunk.published.set_result(msg.lsn)
+
+    async def _message(self, msg: pgoutput.LogicalMessage) -> None:
+        """A non-transactional logical message: published at once, confirmed on its own."""
+        event = self.builder.message(msg, None)
+        if event is None:
+            return
+        self.delivery.add(event)
+        # confirmed past its own position (restarting there would decode it again)
+        self.delivery.commit(msg.lsn + 1, time.time())
+        if self.delivery.full:
+            await self.delivery.wait_for_space(self._stopping)
 
     async def _relation(self, rel: pgoutput.Relation, db: Database) -> None:
         oids = [c.type_oid for c in rel.columns]

@@ -139,6 +139,35 @@ class SnapshotConfig(_Model):
     )
 
 
+#: logical message prefixes the listener itself writes: never published as MESSAGE events
+INTERNAL_MESSAGE_PREFIXES = ("wal_listener.watermark", "wal-listener-heartbeat")
+
+
+class MessagesConfig(_Model):
+    """Logical decoding messages (``pg_logical_emit_message``) published as MESSAGE events: the outbox."""
+
+    prefixes: list[str] = Field(
+        default_factory=list,
+        description="Prefixes whose messages become MESSAGE events (topic: topic.topicPrefix + topicsMap[prefix] or "
+        "prefix); messages with any other prefix are skipped and counted. PostgreSQL 14+.",
+    )
+
+    @field_validator("prefixes")
+    @classmethod
+    def _check_prefixes(cls, prefixes: list[str]) -> list[str]:
+        for prefix in prefixes:
+            if not prefix or any(c.isspace() or c in "*>" for c in prefix) or prefix[0] == "." or prefix[-1] == ".":
+                raise ValueError(
+                    f"prefix {prefix!r} must be a non-empty name without spaces, '*' or '>' and without a leading or "
+                    "trailing dot (it becomes part of a topic name)"
+                )
+            if prefix in INTERNAL_MESSAGE_PREFIXES:
+                raise ValueError(f"prefix {prefix!r} is the listener's own (backfill watermarks, heartbeats)")
+        if len(set(prefixes)) != len(prefixes):
+            raise ValueError("a prefix is listed twice")
+        return prefixes
+
+
 class ListenerConfig(_Model):
     slot_name: str = Field(description="Logical replication slot the listener owns (created if missing).")
     server_port: int = Field(8080, ge=0, le=65535, description="Port of /healthz and /ready; 0 turns it off.")
@@ -165,6 +194,10 @@ class ListenerConfig(_Model):
     )
     dead_letter_topic: str = Field("", description="Topic for changes that cannot be published (onError: skip).")
     snapshot: SnapshotConfig = Field(default_factory=SnapshotConfig, description="Initial snapshot and backfills.")
+    messages: MessagesConfig = Field(
+        default_factory=MessagesConfig,
+        description="Logical decoding messages published as events (the transactional outbox).",
+    )
     failover: Literal["auto", "true", "false"] = Field(
         "auto",
         description="Create the slot with FAILOVER so standbys with sync_replication_slots keep a copy "
@@ -288,15 +321,51 @@ class DatabaseConfig(_Model):
         return make_conninfo(**params)
 
 
+class CloudEventsConfig(_Model):
+    """How events are written when publisher.format is cloudevents (CloudEvents 1.0, JSON)."""
+
+    mode: Literal["binary", "structured"] = Field(
+        "binary",
+        description="binary: the event as the body, CloudEvents attributes in headers (ce- on NATS, Pub/Sub; ce_ on "
+        "Kafka; cloudEvents_ on RabbitMQ); structured: one application/cloudevents+json body.",
+    )
+    source: str = Field(
+        "", description="The CloudEvents source attribute; empty: //<first database host>/<database name>."
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _check_source(cls, value: str) -> str:
+        if any(c in value for c in "\r\n"):
+            raise ValueError("must be one line (a URI reference such as //pg-a/shop)")
+        return value
+
+
+#: publisher.format: the shape of the published events
+EventFormat = Literal["wal-listener", "cloudevents", "debezium"]
+
+
 class PublisherSettings(_Model):
-    """What every broker shares: the type, and how topic names are made."""
+    """What every broker shares: the type, how topic names are made, and the format of the events."""
 
     type: PublisherType = Field(description="The broker: nats, kafka, rabbitmq or google_pubsub.")
     topic: str = Field(
         min_length=1, description="NATS stream / RabbitMQ exchange, and the first part of every topic name."
     )
     topic_prefix: str = Field("", description="Put before schema_table in every topic name.")
-    message_key_from: str = Field("", description="Column whose value is the message key (default: the row key).")
+    message_key_from: str = Field(
+        "",
+        description="Column whose value is the message key (default: the row key); for MESSAGE events, a field of "
+        "the JSON content (default: the prefix).",
+    )
+    format: EventFormat = Field(
+        "wal-listener",
+        description="Event format: wal-listener (the Go original's event), cloudevents (CloudEvents 1.0 around it) "
+        "or debezium (Debezium's JSON envelope, schemas disabled).",
+    )
+    cloud_events: CloudEventsConfig = Field(
+        default_factory=CloudEventsConfig, description="CloudEvents mode and source (publisher.format cloudevents)."
+    )
 
     @field_validator("topic")
     @classmethod

@@ -9,6 +9,9 @@ change's ordinal in the transaction (counting every change, filtered or not), so
 after a crash carries the id it had the first time and brokers can drop the duplicate.
 An unchanged TOASTed column is left out of ``data`` (or taken from ``dataOld`` when the table has
 REPLICA IDENTITY FULL) — it is never published as null.
+
+Logical decoding messages with a listed prefix become MESSAGE events. ``publisher.format`` other than the
+default reshapes every event through :mod:`listener.formats`.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import struct
+import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,8 +29,20 @@ from typing import Any
 import orjson
 
 from listener import hotpath, metrics, pgoutput
-from listener.config import Config
+from listener.config import INTERNAL_MESSAGE_PREFIXES, Config
 from listener.filter import TableFilter
+from listener.formats import (
+    CE_HEADERS,
+    Binding,
+    Change,
+    CloudEvents,
+    Debezium,
+    debezium_converter,
+    default_source,
+    message_body,
+    message_key,
+    moment_micros,
+)
 from listener.message import Message
 from listener.pgoutput import PG_EPOCH, UNCHANGED, Relation, Tuple
 from listener.types import Converter, TypeRegistry
@@ -119,12 +135,19 @@ class Transaction:
     ordinal: int = 0
     id_prefix: str = ""  # filled by EventBuilder.begin: see event_id_parts
     id_base: int = 0
+    xid: int | None = None
+    commit_micros: int = 0  # protocol commit time (microseconds since 2000-01-01)
+    lsn: int | None = None  # the current change's own LSN, kept only when EventBuilder.wants_lsn
 
 
 class EventBuilder:
     """Builds :class:`Message` objects from decoded changes, applying the filter and topic naming."""
 
-    def __init__(self, cfg: Config, registry: TypeRegistry, *, needs_key: bool, compiled: bool = True) -> None:
+    def __init__(
+        self, cfg: Config, registry: TypeRegistry, *, needs_key: bool, compiled: bool = True,
+        binding: Binding = CE_HEADERS,
+    ) -> None:
+        """``binding``: how the broker carries CloudEvents attributes (publisher.format cloudevents)."""
         self._slot_hash = slot_hash(cfg.listener.slot_name)
         self._filter = TableFilter(cfg.listener.filter)
         self._topics_map = cfg.listener.topics_map
@@ -133,13 +156,26 @@ class EventBuilder:
         self._key_from = cfg.publisher.message_key_from
         self._needs_key = needs_key
         self._registry = registry
+        self._message_prefixes = frozenset(cfg.listener.messages.prefixes)
         self.relations: dict[int, RelationInfo] = {}
         self._bad_columns: set[tuple[str, str]] = set()
+        fmt = cfg.publisher.format
+        #: Debezium's envelope and conversions (publisher.format debezium): built in Python from the values
+        self._debezium = Debezium(cfg) if fmt == "debezium" else None
+        #: applied to every finished message (publisher.format cloudevents)
+        self._finish: CloudEvents | None = None
+        if fmt == "cloudevents":
+            ce = cfg.publisher.cloud_events
+            self._finish = CloudEvents(ce, ce.source or default_source(cfg), binding)
+        #: the reader sets Transaction.lsn before each change (Debezium's source.lsn)
+        self.wants_lsn = self._debezium is not None
         #: the compiled fast path (None: pure Python)
-        self.hot = hotpath.load() if compiled else None
+        self.hot = hotpath.load() if compiled and self._debezium is None else None
 
     def subject(self, schema: str, table: str) -> str:
-        name = f"{schema}_{table}"
+        return self._subject(f"{schema}_{table}")
+
+    def _subject(self, name: str) -> str:
         return f"{self._topic}.{self._prefix}{self._topics_map.get(name, name)}"
 
     def add_relation(self, rel: Relation, primary_key: tuple[str, ...] = ()) -> RelationInfo:
@@ -152,7 +188,10 @@ class EventBuilder:
         """What building events of ``rel`` takes. ``primary_key`` keys messages of REPLICA IDENTITY FULL
         tables, where every column is flagged as identity and the whole row would otherwise be the key."""
         names = tuple(c.name for c in rel.columns)
-        converters = tuple(self._registry.converter(c.type_oid) for c in rel.columns)
+        if self._debezium is not None:
+            converters = tuple(debezium_converter(self._registry, c.type_oid, c.type_modifier) for c in rel.columns)
+        else:
+            converters = tuple(self._registry.converter(c.type_oid) for c in rel.columns)
         identity_index = tuple(i for i, c in enumerate(rel.columns) if c.is_key)
         if self._key_from and self._key_from in names:
             key_index: tuple[int, ...] = (names.index(self._key_from),)
@@ -238,10 +277,15 @@ class EventBuilder:
 
     # -- changes -> messages ----------------------------------------------------------------------
 
-    def begin(self, final_lsn: int, commit_micros: int) -> Transaction:
+    def begin(self, final_lsn: int, commit_micros: int, xid: int | None = None) -> Transaction:
         """A transaction starts: everything its events share is computed once."""
         prefix, base = event_id_parts(self._slot_hash, final_lsn)
-        return Transaction(final_lsn, commit_time_text(commit_micros), 0, prefix, base)
+        return Transaction(final_lsn, commit_time_text(commit_micros), 0, prefix, base, xid, commit_micros)
+
+    def commit(self, commit_lsn: int) -> None:
+        """A transaction ended."""
+        if self._debezium is not None:
+            self._debezium.committed(commit_lsn)
 
     def _ident(self, txn: Transaction, ordinal: int) -> str:
         """The id of the change number ``ordinal`` of ``txn`` (see :func:`event_id`)."""
@@ -253,7 +297,8 @@ class EventBuilder:
         self, info: RelationInfo, txn: Transaction, action: str, data: dict[str, Any],
         old: dict[str, Any], key: bytes | None,
     ) -> Message:
-        return self._event(info, self._ident(txn, txn.ordinal), txn.commit_time, action, data, old, key)
+        message = self._event(info, self._ident(txn, txn.ordinal), txn.commit_time, action, data, old, key)
+        return message if self._finish is None else self._finish(message, txn.commit_time)
 
     @staticmethod
     def _event(
@@ -270,13 +315,19 @@ class EventBuilder:
         """A backfilled row (each column's text form, as pgoutput would send it) as a READ event: ``data``
         built exactly as an INSERT's, ``dataOld`` empty, ``commitTime`` the time the row was read."""
         hot = self.hot
+        finish = self._finish
         if hot is not None and info.plan is not None:
             done = hot.read_row(raw, info.plan, ident, read_time, self._needs_key)
             if done is not None:
-                return Message(ident, info.subject, done[0], info.schema, info.table, "READ", done[1])
+                message = Message(ident, info.subject, done[0], info.schema, info.table, "READ", done[1])
+                return message if finish is None else finish(message, read_time)
         values: Tuple = [None if v is None else v.decode() for v in raw]
+        if self._debezium is not None:
+            change = Change(moment_micros(read_time), None, None, "incremental")
+            return self._debezium_change(info, ident, "READ", None, values, change)
         key = self._key(info, values, None) if self._needs_key else None
-        return self._event(info, ident, read_time, "READ", self.row(info, values), {}, key)
+        message = self._event(info, ident, read_time, "READ", self.row(info, values), {}, key)
+        return message if finish is None else finish(message, read_time)
 
     def change(self, buf: bytes, txn: Transaction) -> Message | None:
         """An Insert, Update or Delete message -> its event (None: filtered out). The compiled path
@@ -294,7 +345,8 @@ class EventBuilder:
             done = hot.event(buf, info.plan, ident, txn.commit_time, self._needs_key)
             if done is not None:
                 txn.ordinal = ordinal
-                return Message(ident, info.subject, done[0], info.schema, info.table, action, done[1])
+                message = Message(ident, info.subject, done[0], info.schema, info.table, action, done[1])
+                return message if self._finish is None else self._finish(message, txn.commit_time)
         msg = pgoutput.decode(buf)
         if isinstance(msg, pgoutput.Insert):
             return self.insert(info, txn, msg.new)
@@ -312,6 +364,8 @@ class EventBuilder:
         if "INSERT" not in info.actions:
             self.skipped(info)
             return None
+        if self._debezium is not None:
+            return self._debezium_change(info, self._ident(txn, txn.ordinal), "INSERT", None, new, _change(txn))
         key = self._key(info, new, None) if self._needs_key else None
         return self._message(info, txn, "INSERT", self.row(info, new), {}, key)
 
@@ -322,6 +376,9 @@ class EventBuilder:
         if "UPDATE" not in info.actions:
             self.skipped(info)
             return None
+        if self._debezium is not None:
+            before = old if old is not None and old_kind == "O" else None
+            return self._debezium_change(info, self._ident(txn, txn.ordinal), "UPDATE", before, new, _change(txn))
         data = self.row(info, new)
         data_old = self.old_row(info, old, old_kind) if old is not None else {}
         if len(data) < len(info.names) and old is not None:
@@ -339,6 +396,8 @@ class EventBuilder:
         if "DELETE" not in info.actions:
             self.skipped(info)
             return None
+        if self._debezium is not None:
+            return self._debezium_change(info, self._ident(txn, txn.ordinal), "DELETE", old, None, _change(txn))
         key = self._key(info, old, None) if self._needs_key else None
         return self._message(info, txn, "DELETE", {}, self.old_row(info, old, old_kind), key)
 
@@ -347,4 +406,55 @@ class EventBuilder:
         if "TRUNCATE" not in info.actions:
             self.skipped(info)
             return None
+        if self._debezium is not None:
+            return self._debezium_change(info, self._ident(txn, txn.ordinal), "TRUNCATE", None, None, _change(txn))
         return self._message(info, txn, "TRUNCATE", {}, {}, None)
+
+    # -- Debezium ---------------------------------------------------------------------------------
+
+    def _debezium_change(
+        self, info: RelationInfo, ident: str, action: str, before: Tuple | None, after: Tuple | None,
+        change: Change,
+    ) -> Message:
+        dbz = self._debezium
+        assert dbz is not None
+        before_row = dbz.row(info.names, info.converters, before) if before is not None else None
+        after_row = dbz.row(info.names, info.converters, after) if after is not None else None
+        key = None
+        if self._needs_key and action != "TRUNCATE":
+            key = dbz.key(info.names, info.key_index, after_row if after_row is not None else before_row or {})
+        body = dbz.envelope(info.schema, info.table, _DEBEZIUM_OPS[action], before_row, after_row, change)
+        return Message(ident, info.subject, body, info.schema, info.table, action, key)
+
+    # -- logical decoding messages ----------------------------------------------------------------
+
+    def message(self, msg: pgoutput.LogicalMessage, txn: Transaction | None) -> Message | None:
+        """A logical decoding message -> its MESSAGE event (None: its prefix is not listed). A transactional
+        message counts as a change of its transaction; any other gets the id of its own LSN."""
+        if txn is not None and msg.transactional:
+            txn.ordinal += 1
+            ident, moment, change = self._ident(txn, txn.ordinal), txn.commit_time, _change(txn)
+        else:
+            micros = time.time_ns() // 1000 - _PG_EPOCH_UNIX_US
+            ident, moment = event_id(self._slot_hash, msg.lsn, 0), commit_time_text(micros)
+            change = Change(micros, None, msg.lsn)
+        if msg.prefix not in self._message_prefixes:
+            if msg.prefix not in INTERNAL_MESSAGE_PREFIXES:
+                metrics.MESSAGES_SKIPPED.labels(msg.prefix).inc()
+            return None
+        if self._debezium is not None:
+            body, key = self._debezium.message(msg.prefix, msg.content, change)
+        else:
+            body, parsed = message_body(ident, msg.prefix, msg.content, moment)
+            key = message_key(parsed, self._key_from, msg.prefix)
+        message = Message(ident, self._subject(msg.prefix), body, "", msg.prefix, "MESSAGE",
+                          key if self._needs_key else None)
+        return message if self._finish is None else self._finish(message, moment)
+
+
+_DEBEZIUM_OPS = {"INSERT": "c", "UPDATE": "u", "DELETE": "d", "TRUNCATE": "t", "READ": "r"}
+_PG_EPOCH_UNIX_US = int(PG_EPOCH.timestamp()) * 1_000_000
+
+
+def _change(txn: Transaction) -> Change:
+    return Change(txn.commit_micros, txn.xid, txn.lsn)

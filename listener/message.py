@@ -13,11 +13,17 @@ class Message:
     subject: str  # the topic name: NATS subject, Kafka topic, RabbitMQ routing key, Pub/Sub topic
     body: bytes  # the event as JSON
     schema: str
-    table: str
-    action: str  # INSERT | UPDATE | DELETE | TRUNCATE
+    table: str  # the table; for a MESSAGE event, the logical message's prefix
+    action: str  # INSERT | UPDATE | DELETE | TRUNCATE | READ | MESSAGE
     key: bytes | None = None  # the row's replica-identity key (Kafka key, Pub/Sub ordering key)
-    headers: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)  # more headers (CloudEvents binary mode attributes)
+    #: the body's media type when a format sets one: a ``content-type`` header, or RabbitMQ's content-type
+    #: property (which is application/json when this is empty)
+    content_type: str = ""
 
     def attributes(self) -> dict[str, str]:
         """Metadata every broker carries beside the body (headers / attributes / properties)."""
-        return {"id": self.id, "schema": self.schema, "table": self.table, "action": self.action, **self.headers}
+        found = {"id": self.id, "schema": self.schema, "table": self.table, "action": self.action, **self.headers}
+        if self.content_type:
+            found["content-type"] = self.content_type
+        return found

@@ -12,6 +12,10 @@ PUBLISHED = Counter(
 FILTER_SKIPPED = Counter(
     "filter_skipped_events", "Changes not published because of listener.filter.", ["table"], registry=REGISTRY
 )
+MESSAGES_SKIPPED = Counter(
+    "messages_skipped", "Logical decoding messages not published: their prefix is not in listener.messages.prefixes.",
+    ["prefix"], registry=REGISTRY,
+)
 PUBLISH_ERRORS = Counter(
     "publish_errors", "Publish attempts that were not acknowledged (each is retried).", ["reason"],
     registry=REGISTRY,

@@ -31,7 +31,7 @@ The replication connection sets ``DateStyle=ISO``, ``TimeZone=UTC``, ``IntervalS
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -269,18 +269,20 @@ class TypeRegistry:
         """OIDs (and, transitively, their element or base types) that must be looked up first."""
         return [oid for oid in oids if not self.known(oid)]
 
-    def converter(self, oid: int) -> Converter | None:
-        if oid in SCALARS:
-            return SCALARS[oid]
+    def converter(self, oid: int, scalars: Mapping[int, Converter | None] = SCALARS) -> Converter | None:
+        """The converter of type ``oid``: from ``scalars`` (another event format may bring its own), arrays
+        of them, domains as their base type; None: the text itself."""
+        if oid in scalars:
+            return scalars[oid]
         if oid in ARRAYS:
-            return array_of(self.converter(ARRAYS[oid]))
+            return array_of(self.converter(ARRAYS[oid], scalars))
         info = self._user.get(oid)
         if info is None:
             return None  # unknown: its text form
         if info.kind == "d" and info.base_oid:
-            return self.converter(info.base_oid)
+            return self.converter(info.base_oid, scalars)
         if info.category == "A" and info.element_oid:
-            return array_of(self.converter(info.element_oid), info.delimiter or ",")
+            return array_of(self.converter(info.element_oid, scalars), info.delimiter or ",")
         return None  # enums, composites, ranges, extension types: text
 
 

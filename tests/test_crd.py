@@ -257,6 +257,20 @@ def test_google_credentials_are_mounted() -> None:
     assert any(v.get("secret", {}).get("secretName") == "pubsub-sa" for v in dep["spec"]["template"]["spec"]["volumes"])
 
 
+def test_event_format_and_messages_reach_the_listener_config() -> None:
+    """publisher.format, publisher.cloudEvents and listener.messages of a resource are the listener's own."""
+    listeners = dict(_listeners())
+    debezium = parse_spec(listeners["kafka-debezium-outbox.yaml:shop-debezium"]["spec"]).config_file()
+    assert debezium["publisher"]["format"] == "debezium" and debezium["publisher"]["messageKeyFrom"] == "orderId"
+    assert debezium["listener"]["messages"] == {"prefixes": ["orders.events"]}
+    cloudevents = parse_spec(listeners["kafka-debezium-outbox.yaml:shop-cloudevents"]["spec"]).config_file()
+    assert cloudevents["publisher"]["format"] == "cloudevents"
+    assert cloudevents["publisher"]["cloudEvents"] == {"mode": "binary", "source": "//shop-db/shop"}
+    with pytest.raises(SpecError, match=r"spec\.listener\.messages\.prefixes"):
+        parse_spec({**listeners["kafka-debezium-outbox.yaml:shop-debezium"]["spec"],
+                    "listener": {"slotName": "s", "messages": {"prefixes": ["a b"]}}})
+
+
 def test_rendered_children_are_valid_kubernetes_objects() -> None:
     from wal_operator.render import Owner, configmap, deployment, service
 

@@ -410,6 +410,62 @@ def test_compiled_frames_are_what_nats_py_would_send() -> None:
     assert hot.nats_frames([], prefixes, 0, 90, header) == (b"", 0)
 
 
+def _nats_py_headers(message: Message) -> dict[str, str]:
+    """The headers the listener sends with a message, as given to nats-py's publish()."""
+    headers = {"Nats-Msg-Id": message.id, **message.headers}
+    if message.content_type:
+        headers["content-type"] = message.content_type
+    return headers
+
+
+def _nats_py_header_block(headers: dict[str, str]) -> bytes:
+    return b"NATS/1.0\r\n" + b"".join(f"{k}: {v}\r\n".encode() for k, v in headers.items()) + b"\r\n"
+
+
+def test_compiled_frames_carry_a_formats_headers_as_nats_py_would() -> None:
+    """CloudEvents binary mode: ce- headers and a content type beside Nats-Msg-Id, in the compiled frames."""
+    hot = compiled_hot_path()
+    inbox = "_INBOX.xyz"
+    prefixes = {"s.a": f"HPUB s.a {inbox}."}
+    batch = [Message(f"id-{n}", "s.a", b'{"n": %d}' % n, "public", "t", "INSERT",
+                     headers={"ce-id": f"id-{n}", "ce-subject": "public.t", "ce-time": "2026-01-02T03:04:05Z"},
+                     content_type="application/json" if n % 2 else "") for n in range(6)]
+    header = len(b"NATS/1.0\r\nNats-Msg-Id: \r\n\r\n")
+    frames, _ = hot.nats_frames(batch, prefixes, 0, 1024 * 1024, header)
+    expected = b"".join(command.hpub_cmd(m.subject, f"{inbox}.{1 + n}", _nats_py_header_block(_nats_py_headers(m)),
+                                         m.body) for n, m in enumerate(batch))
+    assert frames == expected
+    for odd in ({"ce-subject": "schéma.t"}, {"ce-subject": " padded"}, {"bad:name": "x"}, {"ce-x": "a\r\nb"}):
+        message = Message("id-9", "s.a", b"{}", "public", "t", "INSERT", headers=odd)
+        assert hot.nats_frames([message], prefixes, 0, 1024, header) is None, odd  # the Python path takes it
+
+
+async def test_a_formats_headers_arrive_with_each_message(nats_server: NatsServer) -> None:
+    """Headers (CloudEvents attributes) reach a subscriber on the compiled and on the Python path alike."""
+    stream = unique_stream()
+    seen: list[Msg] = []
+
+    async def see(msg: Msg) -> None:
+        seen.append(msg)
+
+    watcher = await nats.connect(nats_server.url)
+    await watcher.subscribe(f"{stream}.>", cb=see)
+    await watcher.flush()
+    publisher = make_publisher(config(nats_server.address, stream), 5.0)
+    await publisher.connect()
+    try:
+        batch = [message(stream, n) for n in range(4)]
+        for n, m in enumerate(batch):
+            m.headers = {"ce-id": m.id, "ce-subject": "schéma.t" if n == 3 else "public.t"}  # 3: Python path
+            m.content_type = "application/json"
+        assert await (await publisher.send(batch)) == [None] * 4
+        await wait_until(lambda: len(seen) >= 4, 10, "every publish")
+    finally:
+        await publisher.close()
+        await watcher.close()
+    assert [m.headers for m in seen] == [_nats_py_headers(m) for m in batch]
+
+
 async def test_frames_lost_with_the_connection_are_sent_again_before_later_ones(
     nats_server: NatsServer, make_proxy: Callable[..., TcpProxy]
 ) -> None:

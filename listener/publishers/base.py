@@ -35,6 +35,7 @@ from listener import metrics
 from listener.config import PublisherSettings, TLSPublisherConfig
 from listener.delivery import Acks, publish
 from listener.errors import BrokerConfigError, MessageTooLarge, PublishError
+from listener.formats import CE_HEADERS, Binding
 from listener.message import Message
 
 #: client exception class(es) -> our error type; the first row that matches wins (like ``except`` clauses)
@@ -54,6 +55,8 @@ class Publisher(ABC, Generic[ConfigT]):
     errors: ClassVar[ErrorTable] = ()
     #: True when the broker uses :attr:`Message.key` (the event stage only computes it then).
     needs_key: bool = False
+    #: how CloudEvents attributes travel as headers in binary mode: ce- as in the HTTP binding (NATS, Pub/Sub)
+    cloudevents: ClassVar[Binding] = CE_HEADERS
 
     def __init__(self, cfg: ConfigT, ack_timeout: float = 10.0) -> None:
         self.cfg = cfg

@@ -55,6 +55,7 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from listener.config import KafkaPublisherConfig
 from listener.delivery import Acks
 from listener.errors import BrokerConfigError, BrokerUnavailable, MessageTooLarge, PublishError
+from listener.formats import Binding
 from listener.message import Message
 from listener.publishers.base import Publisher, Readiness, tls_context
 
@@ -115,6 +116,7 @@ class KafkaPublisher(Publisher[KafkaPublisherConfig]):
          BrokerUnavailable),
     )
     needs_key = True
+    cloudevents = Binding("ce_", percent_encoded=False)  # the Kafka protocol binding
 
     def __init__(
         self,
@@ -326,7 +328,7 @@ class KafkaPublisher(Publisher[KafkaPublisherConfig]):
 
     def _headers(self, message: Message) -> list[tuple[str, bytes]]:
         """The record headers: :meth:`Message.attributes`, encoded (the repeating part cached)."""
-        if message.headers:
+        if message.headers or message.content_type:
             return [(k, v.encode()) for k, v in message.attributes().items()]
         key = (message.schema, message.table, message.action)
         tail = self._header_tails.get(key)

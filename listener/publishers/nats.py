@@ -54,6 +54,16 @@ _HEADER_BYTES = len(b"NATS/1.0\r\nNats-Msg-Id: \r\n\r\n")
 _BAD_SUBJECT = re.compile(r"[ \t\r\n]")
 # a header value is one line: nats-py turns CR and LF into spaces
 _ONE_LINE = str.maketrans({"\r": " ", "\n": " "})
+
+
+def extra_headers(message: Message) -> str:
+    """The header lines a message carries beside Nats-Msg-Id (CloudEvents attributes, its content type)."""
+    lines = [f"{name}: {value.translate(_ONE_LINE).strip()}\r\n" for name, value in message.headers.items()]
+    if message.content_type:
+        lines.append(f"content-type: {message.content_type}\r\n")
+    return "".join(lines)
+
+
 # the client internals the bulk path writes through (nats-py 2.x)
 _BULK_ATTRIBUTES = ("_send_command", "_flush_pending", "_flush_queue", "_max_pending_size", "pending_data_size",
                     "stats")
@@ -398,6 +408,8 @@ class NatsPublisher(Publisher[NatsPublisherConfig]):
     def _too_large(self, message: Message) -> PublishError | None:
         # the header counts: a message over max_payload makes the server close the connection
         size = len(message.body) + _HEADER_BYTES + len(message.id)
+        if message.headers or message.content_type:
+            size += len(extra_headers(message).encode())
         if size <= self._max_payload:
             return None
         return self.too_large(message, size, self._max_payload, "the server's max_payload",
@@ -439,9 +451,12 @@ class NatsPublisher(Publisher[NatsPublisherConfig]):
             body = message.body
             value = message.id
             subject = message.subject
-            if len(body) + len(value) > limit:
-                settle(index, self._too_large(message))
-                continue
+            extra = extra_headers(message) if message.headers or message.content_type else ""
+            if len(body) + len(value) + len(extra) > limit:
+                too_large = self._too_large(message)  # counts bytes, not characters
+                if too_large is not None:
+                    settle(index, too_large)
+                    continue
             if subject not in subjects:
                 prefix = self._prefix(subject)
                 if prefix is None:
@@ -453,10 +468,10 @@ class NatsPublisher(Publisher[NatsPublisherConfig]):
             value = value.strip()
             if "\r" in value or "\n" in value:
                 value = value.translate(_ONE_LINE)
-            header = _HEADER_BYTES + (len(value) if value.isascii() else len(value.encode()))
+            head_text = f"NATS/1.0\r\nNats-Msg-Id: {value}\r\n{extra}\r\n"
+            header = len(head_text) if head_text.isascii() else len(head_text.encode())
             seq += 1
-            head = (f"{subjects[subject]}{seq} {header} {header + len(body)}\r\n"
-                    f"NATS/1.0\r\nNats-Msg-Id: {value}\r\n\r\n").encode()
+            head = f"{subjects[subject]}{seq} {header} {header + len(body)}\r\n{head_text}".encode()
             size += len(head) + len(body) + 2
             if 0 <= room < size:
                 # the buffer is full: this message and the rest of the batch fail, none overtakes it
@@ -510,9 +525,11 @@ class NatsPublisher(Publisher[NatsPublisherConfig]):
             self._waiting[seq] = (acks, index)
             if seq == first:
                 self._written(acks, first, first + len(batch) - 1, b"")
+            headers = {"Nats-Msg-Id": message.id, **message.headers}
+            if message.content_type:
+                headers["content-type"] = message.content_type
             try:
-                await publish(message.subject, message.body, reply=f"{inbox}.{seq}",
-                              headers={"Nats-Msg-Id": message.id})
+                await publish(message.subject, message.body, reply=f"{inbox}.{seq}", headers=headers)
             except Exception as exc:
                 self._waiting.pop(seq, None)
                 acks.settle(index, self._refused(exc))

@@ -50,6 +50,7 @@ from yarl import URL
 from listener.config import RabbitMQPublisherConfig
 from listener.delivery import Acks
 from listener.errors import AckTimeout, BrokerConfigError, BrokerUnavailable, MessageRejected, PublishError
+from listener.formats import Binding
 from listener.message import Message
 from listener.metrics import RECONNECTS
 from listener.publishers.base import Publisher, tls_context
@@ -128,7 +129,7 @@ class _Wire:
         """Append the frames of ``message`` to ``out``."""
         message_id = _short(message.id)
         if message.headers:
-            table = _table(message.attributes())
+            table = _table({k: v for k, v in message.attributes().items() if k != "content-type"})
         else:
             # sorted keys: action, id, schema, table
             key = (message.schema, message.table, message.action)
@@ -144,7 +145,8 @@ class _Wire:
         size = len(body)
         header = b"".join((
             _CONTENT_HEADER.pack(60, 0, size, _PROPERTY_FLAGS),
-            _CONTENT_TYPE, _LONG.pack(len(table)), table, b"\x02", message_id, _APP_ID,
+            _short(message.content_type) if message.content_type else _CONTENT_TYPE,
+            _LONG.pack(len(table)), table, b"\x02", message_id, _APP_ID,
         ))
         channel = self.channel
         out += (self.publish_frame(message.subject),
@@ -320,6 +322,7 @@ class RabbitMQPublisher(Publisher[RabbitMQPublisherConfig]):
          BrokerUnavailable),
     )
     needs_key = False
+    cloudevents = Binding("cloudEvents_", percent_encoded=False)  # the AMQP binding's application properties
 
     def __init__(
         self,
@@ -511,12 +514,13 @@ class RabbitMQPublisher(Publisher[RabbitMQPublisherConfig]):
             if len(message.body) > self._max_message:
                 acks.settle(index, self._oversized(message))
                 continue
+            headers: dict[str, Any] = message.attributes()
             properties = Basic.Properties(
-                content_type="application/json",
+                content_type=headers.pop("content-type", "application/json"),
                 delivery_mode=_PERSISTENT,
                 message_id=message.id,
                 app_id="wal-listener",
-                headers=dict(message.attributes()),
+                headers=headers,
             )
             # Each task reaches the channel lock without suspending first, so tasks (and batches)
             # write their frames in the order they were created.

@@ -494,7 +494,7 @@ class WalListenerSpec(_Spec):
         """
         values = secrets or {}
         publisher: dict[str, Any] = self.publisher.model_dump(
-            mode="json", by_alias=True, include={"type", "topic", "topic_prefix", "message_key_from"}
+            mode="json", by_alias=True, include=set(PublisherSettings.model_fields)  # what every broker shares
         )
         block = self.publisher.broker().model_dump(
             mode="json", by_alias=True, exclude={"password_secret_ref", "credentials_secret_ref"}

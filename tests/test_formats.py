@@ -1,0 +1,251 @@
+"""The event formats as pure functions: CloudEvents attributes and bodies, the MESSAGE event, Debezium's
+value conversions, and their config (no services)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from cloudevents.core.bindings import http, kafka
+from cloudevents.core.formats.json import JSONFormat
+
+from listener import formats
+from listener.config import Config, load_config
+from listener.errors import ConfigError
+from listener.event import EventBuilder
+from listener.formats import Binding, CloudEvents
+from listener.message import Message
+from listener.pgoutput import Column, Relation
+from listener.types import TypeRegistry
+from tests.support.events import make_config
+
+KAFKA = Binding("ce_", percent_encoded=False)
+BODY = b'{"id":"e1","schema":"public","table":"items","action":"INSERT","data":{"id":1},"dataOld":{},' \
+       b'"commitTime":"2026-01-02T03:04:05.123456Z"}'
+TIME = "2026-01-02T03:04:05.123456Z"
+
+
+def item(**kw: Any) -> Message:
+    return Message(**{"id": "e1", "subject": "t.public_items", "body": BODY, "schema": "public", "table": "items",
+                      "action": "INSERT", **kw})
+
+
+def cloudevents(mode: str = "binary", binding: Binding = formats.CE_HEADERS) -> CloudEvents:
+    return CloudEvents(formats.CloudEventsConfig(mode=mode), "//pg-a/shop", binding)  # type: ignore[arg-type]
+
+
+# -- CloudEvents -------------------------------------------------------------------------------------
+
+
+def test_binary_mode_puts_the_attributes_in_headers_and_leaves_the_body() -> None:
+    message = cloudevents()(item(), TIME)
+    assert message.body == BODY
+    assert message.headers == {
+        "ce-specversion": "1.0", "ce-type": "io.wal-listener.insert", "ce-source": "//pg-a/shop",
+        "ce-subject": "public.items", "ce-id": "e1", "ce-time": TIME,
+    }
+    assert message.content_type == "application/json"
+    event = http.from_binary(http.HTTPMessage({**message.headers, "content-type": message.content_type},
+                                              message.body), JSONFormat())
+    assert event.get_data() == orjson.loads(BODY) and event.get_id() == "e1"
+
+
+def test_kafka_binding_names_and_the_sdk_reads_them() -> None:
+    message = cloudevents(binding=KAFKA)(item(), TIME)
+    assert set(message.headers) == {"ce_specversion", "ce_type", "ce_source", "ce_subject", "ce_id", "ce_time"}
+    headers = {k: v.encode() for k, v in message.attributes().items()}
+    event = kafka.from_kafka(kafka.KafkaMessage(headers, b"1", message.body), JSONFormat())
+    assert (event.get_type(), event.get_subject(), event.get_datacontenttype()) == (
+        "io.wal-listener.insert", "public.items", "application/json")
+
+
+def test_header_values_outside_printable_ascii_are_percent_encoded_where_the_binding_says() -> None:
+    odd = item(schema="schéma", table="a b")
+    assert cloudevents()(odd, TIME).headers["ce-subject"] == "sch%C3%A9ma.a%20b"
+    assert cloudevents(binding=KAFKA)(item(schema="schéma", table="a b"), TIME).headers["ce_subject"] == "schéma.a b"
+    event = http.from_binary(http.HTTPMessage(odd.headers, odd.body), JSONFormat())
+    assert event.get_subject() == "schéma.a b"
+
+
+def test_structured_mode_is_one_cloudevents_json_body() -> None:
+    message = cloudevents("structured")(item(), TIME)
+    assert message.headers == {} and message.content_type == "application/cloudevents+json"
+    envelope = json.loads(message.body)
+    assert envelope == {
+        "specversion": "1.0", "type": "io.wal-listener.insert", "source": "//pg-a/shop", "subject": "public.items",
+        "datacontenttype": "application/json", "id": "e1", "time": TIME, "data": orjson.loads(BODY),
+    }
+    event = http.from_structured(http.HTTPMessage({"content-type": message.content_type}, message.body), JSONFormat())
+    assert event.get_id() == "e1" and event.get_data() == orjson.loads(BODY)
+
+
+@pytest.mark.parametrize(("host", "name", "source"), [
+    ("pg-a", "shop", "//pg-a/shop"),
+    ("pg-a:5433,pg-b:5434", "shop", "//pg-a/shop"),
+    ("[::1]:5432", "my db", "//[::1]/my%20db"),
+])
+def test_default_source_is_the_first_host_and_the_database(host: str, name: str, source: str) -> None:
+    cfg = Config.model_validate({"listener": {"slotName": "s"}, "database": {"host": host, "name": name, "user": "u"},
+                                 "publisher": {"type": "nats", "address": "nats://x", "topic": "t"}})
+    assert formats.default_source(cfg) == source
+
+
+def test_the_default_format_is_not_touched() -> None:
+    """format: wal-listener (set or not) builds exactly the Go original's event."""
+    rel = Relation(1, "public", "items", "d", (Column("id", 23, -1, True), Column("v", 25, -1, False)))
+    bodies = []
+    for fmt in (None, "wal-listener"):
+        cfg = make_config()
+        if fmt is not None:
+            cfg = cfg.model_copy(update={"publisher": cfg.publisher.model_copy(update={"format": fmt})})
+        builder = EventBuilder(cfg, TypeRegistry(), needs_key=True, compiled=False)
+        info = builder.add_relation(rel)
+        txn = builder.begin(0x16B3748, 0)
+        message = builder.insert(info, txn, ["1", "x"])
+        assert message is not None and message.headers == {} and message.content_type == ""
+        bodies.append(message.body)
+    assert bodies[0] == bodies[1]
+    assert orjson.loads(bodies[0])["data"] == {"id": 1, "v": "x"}
+
+
+# -- logical messages ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("content", "expected", "encoding"), [
+    (b'{"order": 1}', {"order": 1}, None),
+    (b'"text"', "text", None),
+    (b"12", 12, None),
+    (b"not json", "not json", None),
+    (b"", "", None),
+    (b"\xff\x00", base64.b64encode(b"\xff\x00").decode(), "base64"),
+])
+def test_message_event_content(content: bytes, expected: Any, encoding: str | None) -> None:
+    body, _ = formats.message_body("e1", "outbox", content, TIME)
+    event = json.loads(body)
+    assert event["content"] == expected and event.get("contentEncoding") == encoding
+    assert list(event) == ["id", "action", "prefix", "content", *(["contentEncoding"] if encoding else []),
+                           "commitTime"]
+
+
+@pytest.mark.parametrize(("content", "field", "key"), [
+    (b'{"orderId": "o-1"}', "orderId", b"o-1"),
+    (b'{"orderId": 7}', "orderId", b"7"),
+    (b'{"other": 7}', "orderId", b"outbox"),
+    (b"[1]", "orderId", b"outbox"),
+    (b'{"orderId": 7}', "", b"outbox"),
+])
+def test_message_key_from_a_field_of_the_content_else_the_prefix(content: bytes, field: str, key: bytes) -> None:
+    _, parsed = formats.message_content(content)
+    assert formats.message_key(parsed, field, "outbox") == key
+
+
+# -- Debezium's conversions ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("convert", "text", "expected"), [
+    (formats.dbz_date, "1970-01-01", 0),
+    (formats.dbz_date, "1969-12-31", -1),
+    (formats.dbz_date, "2026-01-02", 20455),
+    (formats.dbz_time, "03:04:05.123456", 11045123456),
+    (formats.dbz_time, "03:04:05.1", 11045100000),
+    (formats.dbz_time, "24:00:00", 86400000000),
+    (formats.dbz_timetz, "03:04:05.123456+02", "01:04:05.123456Z"),
+    (formats.dbz_timetz, "23:30:00-01:30", "01:00:00Z"),
+    (formats.dbz_timetz, "00:00:00+00", "00:00:00Z"),
+    (formats.dbz_interval, "P1Y2M3DT4H5M6.789S", 37091106789000),  # as recorded from Debezium
+    (formats.dbz_interval, "P-1DT-2H", -93600000000),
+    (formats.dbz_interval, "PT0S", 0),
+    (formats.dbz_micro_timestamp, "2026-01-02 03:04:05.123456", 1767323045123456),
+    (formats.dbz_micro_timestamp, "1969-12-31 23:59:59.999999", -1),
+    (formats.dbz_micro_timestamp, "infinity", 9223372036825200000),
+    (formats.dbz_micro_timestamp, "-infinity", -9223372036832400000),
+    (formats.dbz_milli_timestamp, "2026-01-02 03:04:05.123", 1767323045123),
+    (formats.dbz_numeric, "NaN", "NAN"),
+    (formats.dbz_numeric, "-0.000100", "-0.000100"),
+    (formats.dbz_money, "$12.34", "12.34"),
+    (formats.dbz_money, "-$1,234.50", "-1234.50"),
+    (formats.dbz_bits, "1010", "Cg=="),
+    (formats.dbz_bits, "101", "BQ=="),
+    (formats.dbz_bits, "1", "AQ=="),
+    (formats.dbz_point, "(1.5,2.5)", {"x": 1.5, "y": 2.5, "wkb": "AQEAAAAAAAAAAAD4PwAAAAAAAARA", "srid": None}),
+])
+def test_debezium_conversions(convert: Any, text: str, expected: Any) -> None:
+    assert convert(text) == expected
+
+
+def test_debezium_types_row_matches_the_recording() -> None:
+    """The built-in types' columns of the recorded row, converted from their text forms in Python."""
+    recorded = json.loads((Path(__file__).parent / "data" / "debezium" / "recorded.json").read_text())
+    after = recorded["steps"]["insert_types"][0]["value"]["after"]
+    texts = {  # the text forms pgoutput sends for the workload's values (DateStyle ISO, TimeZone UTC, ISO intervals)
+        "c_int8": (20, "9223372036854775807"), "c_numeric_nan": (1700, "NaN"), "c_float8_nan": (701, "NaN"),
+        "c_json": (114, '{"a": [1, 2, {"b": null}]}'), "c_jsonb": (3802, '{"a": "x", "z": 1}'),
+        "c_int_array": (1007, "{1,2,3}"), "c_text_array": (1009, '{"a b",c}'),
+        "c_timestamptz": (1184, "2026-01-02 01:04:05.123456+00"), "c_timestamp": (1114, "2026-01-02 03:04:05.123456"),
+        "c_timestamp_inf": (1114, "infinity"), "c_date": (1082, "2026-01-02"), "c_time3": (1083, "03:04:05.123"),
+        "c_timetz": (1266, "03:04:05.123456+02"), "c_interval": (1186, "P1Y2M3DT4H5M6.789S"),
+        "c_bytea": (17, "\\x00ff10"), "c_money": (790, "$12.34"), "c_point": (600, "(1.5,2.5)"),
+        "c_bit": (1560, "1010"), "c_varbit": (1562, "101"), "c_char": (1042, "ab "),
+    }
+    registry = TypeRegistry()
+    for column, (oid, text) in texts.items():
+        convert = formats.debezium_converter(registry, oid, -1)
+        assert (convert(text) if convert else text) == after[column], column
+    assert formats.debezium_converter(registry, 1114, 3) is formats.dbz_milli_timestamp  # timestamp(3)
+    bit1 = formats.debezium_converter(registry, 1560, 1)  # bit(1): a boolean
+    assert bit1 is not None and bit1("1") is True and bit1("0") is False
+
+
+# -- config ----------------------------------------------------------------------------------------
+
+BASE = """\
+listener:
+  slotName: s1
+{listener}
+database:
+  name: db
+  user: postgres
+publisher:
+  type: nats
+  address: nats://localhost:4222
+  topic: t
+{publisher}
+"""
+
+
+def load(tmp_path: Path, listener: str = "", publisher: str = "") -> Config:
+    path = tmp_path / "config.yml"
+    path.write_text(BASE.format(listener=listener, publisher=publisher))
+    return load_config(path, {})
+
+
+def test_format_settings_load_with_their_defaults(tmp_path: Path) -> None:
+    cfg = load(tmp_path)
+    assert cfg.publisher.format == "wal-listener" and cfg.listener.messages.prefixes == []
+    assert (cfg.publisher.cloud_events.mode, cfg.publisher.cloud_events.source) == ("binary", "")
+    cfg = load(tmp_path, "  messages:\n    prefixes: [outbox]",
+               "  format: cloudevents\n  cloudEvents:\n    mode: structured\n    source: //pg/shop")
+    assert cfg.publisher.format == "cloudevents" and cfg.publisher.cloud_events.mode == "structured"
+    assert cfg.listener.messages.prefixes == ["outbox"]
+
+
+@pytest.mark.parametrize(("listener", "publisher", "words"), [
+    ("", "  format: avro", ["publisher.format", "'wal-listener', 'cloudevents' or 'debezium'"]),
+    ("", "  cloudEvents:\n    mode: batch", ["publisher.cloudEvents.mode", "'binary' or 'structured'"]),
+    ("  messages:\n    prefixes: ['a b']", "", ["listener.messages.prefixes", "without spaces"]),
+    ("  messages:\n    prefixes: ['wal_listener.watermark']", "", ["listener.messages.prefixes", "listener's own"]),
+    ("  messages:\n    prefixes: [x, x]", "", ["listener.messages.prefixes", "twice"]),
+])
+def test_bad_format_settings_are_one_line_naming_the_key(
+    tmp_path: Path, listener: str, publisher: str, words: list[str]
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, listener, publisher)
+    message = str(info.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message, message
