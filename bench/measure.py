@@ -234,6 +234,8 @@ class RunResult:
     broker_cpu_s: float | None = None  # the broker's server processes over the same time
     machine_busy_s: float | None = None  # CPU seconds the whole machine was busy (all CPUs) over the run
     bench_cpu_s: float | None = None  # this benchmark process over the run
+    #: the listener's CPU from the moment it was streaming (startup -- imports, connecting -- left out)
+    streaming_cpu_s: float | None = None
 
     @property
     def other_cpu_s(self) -> float | None:
@@ -268,6 +270,7 @@ async def run_until_confirmed(
         t0 = lp.started_at
         last_lsn, last_progress, last_rss = start_lsn, t0, 0.0
         startup: float | None = None
+        cpu_at_streaming: float | None = None
         walsender: psutil.Process | None = None
         progress: list[tuple[float, int]] = []
         while True:
@@ -275,6 +278,7 @@ async def run_until_confirmed(
             now = time.monotonic()
             if active_pid is not None and startup is None:
                 startup = now - t0
+                cpu_at_streaming = lp.cpu_seconds()
                 with contextlib.suppress(psutil.Error):
                     walsender = psutil.Process(active_pid)
                 if on_streaming is not None:
@@ -298,9 +302,11 @@ async def run_until_confirmed(
                 lp.sample_rss()
                 last_rss = now
             await asyncio.sleep(0.02)
-    return RunResult(elapsed, startup if startup is not None else elapsed, lp.peak_rss_mb(), lp.cpu_seconds(),
+    cpu = lp.cpu_seconds()
+    return RunResult(elapsed, startup if startup is not None else elapsed, lp.peak_rss_mb(), cpu,
                      walsender_cpu, None if broker0 is None or broker1 is None else broker1 - broker0,
-                     machine1 - machine0, None if me0 is None or me1 is None else me1 - me0, progress)
+                     machine1 - machine0, None if me0 is None or me1 is None else me1 - me0,
+                     None if cpu_at_streaming is None else cpu - cpu_at_streaming, progress)
 
 
 async def wait_streaming(lp: ListenerProcess, dsn: str, slot: str, timeout: float = 60.0) -> float:

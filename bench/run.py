@@ -54,7 +54,18 @@ from bench.measure import (
     summarize_profile,
     wait_streaming,
 )
-from bench.report import CEILING, Row, format_profile, format_table, percentile, write_chart, write_json
+from bench.report import (
+    CEILING,
+    Row,
+    distribution,
+    format_histogram,
+    format_profile,
+    format_table,
+    percentile,
+    write_chart,
+    write_json,
+    write_latency_chart,
+)
 from listener import __version__
 from listener.pgoutput import format_lsn
 from tests.support.services import PostgresServer, find_pg_bin, free_port
@@ -85,7 +96,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rabbitmq-queue", choices=("quorum", "classic"), default="quorum",
                    help="type of the queue bound to the RabbitMQ exchange (quorum)")
     p.add_argument("--profile", action="store_true",
-                   help="also run the listener once more on the reference workload under py-spy and summarize")
+                   help="also run the listener once more on the reference and wide workloads under py-spy")
     p.add_argument("--stall-timeout", type=float, default=60.0,
                    help="skip a broker whose listener makes no progress for this many seconds (60)")
     p.add_argument("--out", default=str(REPO / "bench" / "results"), help="where results go (bench/results)")
@@ -148,6 +159,7 @@ class Bench:
         self.rows: list[Row] = []
         self.skipped: dict[str, str] = {}
         self.latency_series: dict[str, list[dict[str, float]]] = {}
+        self.latency_distributions: dict[str, dict[str, Any]] = {}  # broker -> percentiles + histogram
         self.profiles: dict[str, Any] = {}
         self.brokers: list[Broker] = []
         self.pg: PostgresServer | None = None
@@ -195,7 +207,7 @@ class Bench:
             if "reference" in a.phases:
                 await self.throughput(wl.reference(a.rows), profile=a.profile)
             if "wide" in a.phases:
-                await self.throughput(wl.wide(a.wide_rows))
+                await self.throughput(wl.wide(a.wide_rows), profile=a.profile)
             if "txn" in a.phases:
                 for n in a.txn_rows:
                     await self.throughput(wl.big_transaction(n))
@@ -393,7 +405,12 @@ class Bench:
                              "broker_cpu_s": None if res.broker_cpu_s is None else round(res.broker_cpu_s, 2),
                              "bench_cpu_s": None if res.bench_cpu_s is None else round(res.bench_cpu_s, 2),
                              "other_cpu_s": None if other is None else round(other, 2),
-                             "cpu_per_event_us": round(1e6 * res.cpu_s / work.events, 1),
+                             "cpu_per_event_us": round(1e6 * res.cpu_s / work.events, 2),
+                             "streaming_cpu_s": None if res.streaming_cpu_s is None else round(res.streaming_cpu_s, 2),
+                             "streaming_cpu_per_event_us": None if res.streaming_cpu_s is None
+                             else round(1e6 * res.streaming_cpu_s / work.events, 2),
+                             "walsender_cpu_per_change_us": None if res.walsender_cpu_s is None
+                             else round(1e6 * res.walsender_cpu_s / work.events, 2),
                              "rss_samples_mb": [(round(t, 2), round(r, 1)) for t, r in lp.rss_samples[::5]]})
             self.rows.append(row)
             ok = ("all on the broker" if count.unique == work.events and count.total == count.unique
@@ -404,6 +421,11 @@ class Bench:
             say(f"      CPU s: listener {res.cpu_s:.1f}, its walsender {_fmt(res.walsender_cpu_s)}, "
                 f"{broker.name} server {_fmt(res.broker_cpu_s)}, bench {_fmt(res.bench_cpu_s)}, "
                 f"anything else {_fmt(other)}; wall {res.seconds:.1f}s on {os.cpu_count()} CPUs")
+            if res.walsender_cpu_s:
+                streaming = ("" if res.streaming_cpu_s is None else
+                             f" ({1e6 * res.streaming_cpu_s / work.events:.2f} once streaming, startup left out)")
+                say(f"      CPU per event: listener {1e6 * res.cpu_s / work.events:.2f} µs{streaming}, "
+                    f"walsender {1e6 * res.walsender_cpu_s / work.events:.2f} µs per change")
         except Exception as exc:
             self.skip(broker.name, f"{work.name}: {type(exc).__name__}: {exc}")
         finally:
@@ -436,7 +458,8 @@ class Bench:
             summary = summarize_profile(raw)
             summary.update({"raw": str(raw), "seconds_under_py_spy": round(res.seconds, 2),
                             "events_per_s_under_py_spy": round(work.events / res.seconds)})
-            self.profiles[broker.name] = summary
+            summary["workload"] = work.label
+            self.profiles[f"{broker.name} {work.name}"] = summary
             say(f"   {broker.name} under py-spy: {res.seconds:.2f}s ({work.events / res.seconds:,.0f} events/s); "
                 f"raw stacks in {raw}")
         except Exception as exc:
@@ -599,7 +622,8 @@ class Bench:
                 to_broker_ms.append((stamp - commit) * 1000)
                 from_broker_ms.append((now - stamp) * 1000)
         ordered = sorted(lat_ms)
-        p50, p99 = percentile(ordered, 50), percentile(ordered, 99)
+        dist = self.latency_distributions[broker.name] = distribution(ordered)
+        p50, p90, p99 = dist["p50_ms"], dist["p90_ms"], dist["p99_ms"]
         self.latency_series[broker.name] = [
             {"t": float(sec), "n": len(v), "p50_ms": round(percentile(sorted(v), 50), 2),
              "p99_ms": round(percentile(sorted(v), 99), 2), "max_ms": round(max(v), 2), **samples.get(sec, {})}
@@ -625,16 +649,16 @@ class Bench:
             notes.append(f"commit -> {broker.broker_time_label}: p50/p99 {split['commit_to_broker_p50_ms']:.1f} / "
                          f"{split['commit_to_broker_p99_ms']:.1f} ms; then -> consumer: "
                          f"{split['broker_to_consumer_p50_ms']:.1f} / {split['broker_to_consumer_p99_ms']:.1f} ms")
-        self.rows.append(Row(broker.name, "steady", label, n, out.get("seconds"), out.get("rate"), None, p50, p99,
-                             lp.peak_rss_mb(), cpu,
+        self.rows.append(Row(broker.name, "steady", label, n, out.get("seconds"), out.get("rate"),
+                             p50_ms=p50, p90_ms=p90, p99_ms=p99, peak_rss_mb=lp.peak_rss_mb(), cpu_s=cpu,
                              note="; ".join(notes),
-                             extra={"writer": out, "max_ms": round(ordered[-1], 2),
-                                    "p90_ms": round(percentile(ordered, 90), 2),
-                                    "p999_ms": round(percentile(ordered, 99.9), 2), "startup_s": round(startup, 2),
+                             extra={"writer": out, "max_ms": dist["max_ms"], "p999_ms": dist["p999_ms"],
+                                    "startup_s": round(startup, 2),
                                     "cpu_pct": round(100 * cpu / max(out.get("seconds", 1), 1e-9), 1),
                                     **split, "cpu": contention}))
-        say(f"   {n:,} events at {out.get('rate', 0):,.0f} rows/s: latency p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
-            f"max {ordered[-1]:.1f} ms" + (f" ({notes[-1]})" if split else ""))
+        say(f"   {n:,} events at {out.get('rate', 0):,.0f} rows/s: latency p50 {p50:.1f} ms, p90 {p90:.1f} ms, "
+            f"p99 {p99:.1f} ms, max {ordered[-1]:.1f} ms" + (f" ({notes[-1]})" if split else ""))
+        say(format_histogram(broker.name, dist))
         say("   CPU s during the phase: " + ", ".join(f"{k.removesuffix('_cpu_s')} {v}" for k, v in contention.items()
                                                      if k.endswith("_cpu_s") and v is not None)
             + f"; machine {contention['machine_busy_pct_of_all_cpus']}% busy")
@@ -648,9 +672,10 @@ class Bench:
             say("\nskipped:")
             for name, reason in self.skipped.items():
                 say(f"  {name}: {reason}")
-        for broker, summary in self.profiles.items():
-            say("\n" + format_profile(broker, summary))
-        write_json(self.out / "results.json", self.meta, self.rows, self.skipped, self.latency_series, self.profiles)
+        for name, summary in self.profiles.items():
+            say("\n" + format_profile(name.split()[0], summary))
+        write_json(self.out / "results.json", self.meta, self.rows, self.skipped, self.latency_series, self.profiles,
+                   self.latency_distributions)
         chart = self.out / "bench.png"
         title = (f"wal-listener {__version__} on {self.meta.get('cpus')} CPUs ({self.meta.get('cpu_model', '')}), "
                  f"PostgreSQL {self.meta.get('postgresql', '')}, {self.meta.get('date', '')}")
@@ -659,6 +684,10 @@ class Bench:
         except Exception as exc:
             say(f"(no chart: {type(exc).__name__}: {exc}; pip install -e '.[bench]')")
             chart = None  # type: ignore[assignment]
+        if chart and self.latency_distributions:
+            latency_chart = self.out / "latency.png"
+            write_latency_chart(latency_chart, self.latency_distributions, title)
+            say(f"latency histogram: {latency_chart}")
         say(f"\nresults: {self.out / 'results.json'}" + (f", chart: {chart}" if chart else "")
             + f", logs: {self.logs}; total {self.meta.get('total_seconds')}s")
 

@@ -8,7 +8,9 @@
  * value a Python converter refuses, a short tuple, a malformed message -- makes it return None,
  * and the caller takes the Python path, which also owns every error message and metric.
  *
- * event(msg, plan, ident, commit_time, want_key) -> (body: bytes, key: bytes | None) | None
+ * event(msg, plan, prefix, number, commit_time, want_key) -> (ident: str, body: bytes, key: bytes | None) | None
+ *   the event id is prefix + number as 12 hex digits (the transaction's shared part and the change's
+ *   bits, see listener.event.event_id_parts); with number None it is prefix as given
  *
  * read_row(values, plan, ident, read_time, want_key) takes a backfilled row (each column's text form as
  * bytes, as an Insert would carry it) and writes the same body with action READ.
@@ -17,6 +19,10 @@
  * nats_frames(batch, prefixes, seq, limit, header_bytes) -> (frames, payload) | None builds the HPUB
  * frames of a batch (Nats-Msg-Id header, reply subject per message), and nats_acks(data, sid) scans
  * JetStream's answers on the reply subscription (acks by sequence, errors with their payload).
+ *
+ * And the replication reader's: copy_batch(pgconn_ptr, limit, starts) takes up to limit buffered
+ * CopyData messages off libpq at once (PQgetCopyData through the connection pointer psycopg exposes,
+ * with the function pointers of the libpq psycopg loaded, given once by set_libpq).
  *
  * plan = (schema_table: bytes, columns: tuple, key_index: tuple[int, ...])
  *   schema_table: '"schema":"...","table":"..."' already JSON-encoded
@@ -473,11 +479,10 @@ typedef struct {
     Py_ssize_t ncolumns;
 } Plan;
 
-static int read_plan(const char *name, PyObject *const *args, Plan *plan) {
+static int read_plan(const char *name, PyObject *const *args, PyObject *ident, PyObject *time, Plan *plan) {
     PyObject *tuple = args[1];
-    if (!PyTuple_Check(tuple) || PyTuple_GET_SIZE(tuple) != 3 || !PyUnicode_Check(args[2]) ||
-        !PyUnicode_Check(args[3])) {
-        PyErr_Format(PyExc_TypeError, "%s: plan must be a 3-tuple, ident and commit_time str", name);
+    if (!PyTuple_Check(tuple) || PyTuple_GET_SIZE(tuple) != 3 || !PyUnicode_Check(ident) || !PyUnicode_Check(time)) {
+        PyErr_Format(PyExc_TypeError, "%s: plan must be a 3-tuple, the id (prefix) and time str", name);
         return -1;
     }
     plan->schema_table = PyTuple_GET_ITEM(tuple, 0);
@@ -499,11 +504,11 @@ static int read_plan(const char *name, PyObject *const *args, Plan *plan) {
     return 0;
 }
 
-/* The event body and key of one change whose tuples are decoded: (body, key) | None (the Python path
- * takes it) | NULL (an error). ``args`` are the caller's (ident at 2, commit time at 3). */
-static PyObject *build_event(PyObject *const *args, const Plan *plan, const char *action, const Col *new_cols,
-                             Py_ssize_t nnew, const Col *old_cols, Py_ssize_t nold, char old_kind, int want_key,
-                             Py_ssize_t size_hint) {
+/* The event body and key of one change whose tuples are decoded: (body, key), or (ident, body, key) when
+ * with_ident | None (the Python path takes it) | NULL (an error). */
+static PyObject *build_event(PyObject *ident, int with_ident, PyObject *commit_time, const Plan *plan,
+                             const char *action, const Col *new_cols, Py_ssize_t nnew, const Col *old_cols,
+                             Py_ssize_t nold, char old_kind, int want_key, Py_ssize_t size_hint) {
     PyObject *result = NULL;
     Buf b = {NULL, 0, 0};
     int rc;
@@ -511,7 +516,7 @@ static PyObject *build_event(PyObject *const *args, const Plan *plan, const char
     b.data = PyMem_Malloc((size_t)b.cap);
     if (b.data == NULL)
         return PyErr_NoMemory();
-    if (PUTS(&b, "{\"id\":\"") < 0 || put_ascii_field(&b, args[2]) < 0 || PUTS(&b, "\",") < 0 ||
+    if (PUTS(&b, "{\"id\":\"") < 0 || put_ascii_field(&b, ident) < 0 || PUTS(&b, "\",") < 0 ||
         put(&b, PyBytes_AS_STRING(plan->schema_table), PyBytes_GET_SIZE(plan->schema_table)) < 0 ||
         PUTS(&b, ",\"action\":\"") < 0 || put(&b, action, (Py_ssize_t)strlen(action)) < 0 ||
         PUTS(&b, "\",\"data\":") < 0)
@@ -532,7 +537,7 @@ static PyObject *build_event(PyObject *const *args, const Plan *plan, const char
     }
     if (rc != 0)
         goto check;
-    if (PUTS(&b, ",\"commitTime\":\"") < 0 || put_ascii_field(&b, args[3]) < 0 || PUTS(&b, "\"}") < 0)
+    if (PUTS(&b, ",\"commitTime\":\"") < 0 || put_ascii_field(&b, commit_time) < 0 || PUTS(&b, "\"}") < 0)
         goto done;
 
     PyObject *key;
@@ -550,7 +555,7 @@ static PyObject *build_event(PyObject *const *args, const Plan *plan, const char
         Py_DECREF(key);
         goto done;
     }
-    result = PyTuple_Pack(2, body, key);
+    result = with_ident ? PyTuple_Pack(3, ident, body, key) : PyTuple_Pack(2, body, key);
     Py_DECREF(body);
     Py_DECREF(key);
     goto done;
@@ -564,22 +569,49 @@ done:
     return result;
 }
 
+/* prefix (a str) + number as 12 lower-case hex digits (an event id), or prefix itself when number is None. */
+static PyObject *make_ident(PyObject *prefix, PyObject *number) {
+    if (number == Py_None)
+        return Py_NewRef(prefix);
+    unsigned long long n = PyLong_AsUnsignedLongLong(number);
+    if (n == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    if (!PyUnicode_IS_ASCII(prefix) || n >> 48) {
+        PyErr_SetString(PyExc_ValueError, "event: the id prefix must be ASCII and the number below 2**48");
+        return NULL;
+    }
+    Py_ssize_t len = PyUnicode_GET_LENGTH(prefix);
+    PyObject *ident = PyUnicode_New(len + 12, 127);
+    if (ident == NULL)
+        return NULL;
+    Py_UCS1 *out = PyUnicode_1BYTE_DATA(ident);
+    memcpy(out, PyUnicode_1BYTE_DATA(prefix), (size_t)len);
+    for (int i = 11; i >= 0; i--, n >>= 4)
+        out[len + i] = (Py_UCS1)"0123456789abcdef"[n & 0xF];
+    return ident;
+}
+
 static PyObject *hot_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "event(msg, plan, ident, commit_time, want_key)");
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "event(msg, plan, prefix, number, commit_time, want_key)");
         return NULL;
     }
     Plan plan;
-    if (read_plan("event", args, &plan) < 0)
+    if (read_plan("event", args, args[2], args[4], &plan) < 0)
         return NULL;
     Py_ssize_t ncolumns = plan.ncolumns;
-    int want_key = PyObject_IsTrue(args[4]);
+    int want_key = PyObject_IsTrue(args[5]);
     if (want_key < 0)
         return NULL;
-    Py_buffer view;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+    PyObject *ident = make_ident(args[2], args[3]);
+    if (ident == NULL)
         return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
+        Py_DECREF(ident);
+        return NULL;
+    }
     const unsigned char *s = view.buf;
     Py_ssize_t n = view.len;
     PyObject *result = NULL;
@@ -636,11 +668,12 @@ static PyObject *hot_event(PyObject *self, PyObject *const *args, Py_ssize_t nar
         if (nnew < 0)
             goto fallback;
     }
-    result = build_event(args, &plan, action, new_cols, nnew, old_cols, nold, old_kind, want_key, n);
+    result = build_event(ident, 1, args[4], &plan, action, new_cols, nnew, old_cols, nold, old_kind, want_key, n);
     goto done;
 fallback:
     result = Py_NewRef(Py_None);
 done:
+    Py_DECREF(ident);
     PyMem_Free(heap);
     PyBuffer_Release(&view);
     return result;
@@ -658,7 +691,7 @@ static PyObject *hot_read_row(PyObject *self, PyObject *const *args, Py_ssize_t 
         return NULL;
     }
     Plan plan;
-    if (read_plan("read_row", args, &plan) < 0)
+    if (read_plan("read_row", args, args[2], args[3], &plan) < 0)
         return NULL;
     int want_key = PyObject_IsTrue(args[4]);
     if (want_key < 0)
@@ -702,7 +735,7 @@ static PyObject *hot_read_row(PyObject *self, PyObject *const *args, Py_ssize_t 
             goto done;
         }
     }
-    result = build_event(args, &plan, "READ", cols, count, NULL, 0, 0, want_key, size);
+    result = build_event(args[2], 0, args[3], &plan, "READ", cols, count, NULL, 0, 0, want_key, size);
 done:
     if (cols != stack)
         PyMem_Free(cols);
@@ -754,7 +787,9 @@ static int extra_headers(Buf *b, PyObject *message) {
     if (headers == NULL)
         return -1;
     int rc = 1;
-    if (!PyDict_Check(headers)) {
+    if (headers == Py_None) {
+        /* none */
+    } else if (!PyDict_Check(headers)) {
         rc = 0;
     } else {
         Py_ssize_t pos = 0;
@@ -869,12 +904,26 @@ done:
     return result;
 }
 
-/* nats_acks(data, sid) -> (answers: list[int | tuple[bytes, bytes]], consumed: int)
+/* Append the run of plain acks first..stop - 1 as (first, stop), if there is one. */
+static int flush_run(PyObject *answers, long long first, long long stop) {
+    if (stop <= first)
+        return 0;
+    PyObject *run = Py_BuildValue("(LL)", first, stop);
+    if (run == NULL || PyList_Append(answers, run) < 0) {
+        Py_XDECREF(run);
+        return -1;
+    }
+    Py_DECREF(run);
+    return 0;
+}
+
+/* nats_acks(data, sid) -> (answers: list[tuple[int, int] | tuple[bytes, bytes]], consumed: int)
  *
  * The run of complete "MSG <inbox>.<seq> <sid> <size>\r\n<payload>\r\n" frames of subscription sid at
- * the start of data, in order. A plain ack (a numeric seq, no "error" in its first 20 bytes) is its seq;
- * any other answer is (last subject token, payload) for the Python code to judge. consumed: the bytes
- * taken; the first frame that is not ours or not complete stays for the client's parser. */
+ * the start of data, in order. Plain acks (a numeric seq, no "error" in the first 20 bytes) of consecutive
+ * seqs come as one (first seq, last seq + 1); any other answer is (last subject token, payload) for the
+ * Python code to judge. consumed: the bytes taken; the first frame that is not ours or not complete stays
+ * for the client's parser. */
 static PyObject *hot_nats_acks(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     if (nargs != 2 || !PyBytes_Check(args[0]) || !PyBytes_Check(args[1])) {
@@ -889,6 +938,7 @@ static PyObject *hot_nats_acks(PyObject *self, PyObject *const *args, Py_ssize_t
     if (answers == NULL)
         return NULL;
     Py_ssize_t at = 0;
+    long long run_first = 0, run_stop = 0; /* plain acks run_first..run_stop - 1, not appended yet */
     while (n - at >= 4 && memcmp(s + at, "MSG ", 4) == 0) {
         const char *line = s + at + 4;
         const char *line_end = NULL;
@@ -944,13 +994,18 @@ static PyObject *hot_nats_acks(PyObject *self, PyObject *const *args, Py_ssize_t
             }
         }
         if (numeric && !has_error) {
-            PyObject *number = PyLong_FromLongLong(seq);
-            if (number == NULL || PyList_Append(answers, number) < 0) {
-                Py_XDECREF(number);
-                goto error;
+            if (run_stop > run_first && seq == run_stop) {
+                run_stop++;
+            } else {
+                if (flush_run(answers, run_first, run_stop) < 0)
+                    goto error;
+                run_first = seq;
+                run_stop = seq + 1;
             }
-            Py_DECREF(number);
         } else {
+            if (flush_run(answers, run_first, run_stop) < 0)
+                goto error;
+            run_first = run_stop = 0;
             PyObject *pair = Py_BuildValue("(y#y#)", token, token_len, s + start, size);
             if (pair == NULL || PyList_Append(answers, pair) < 0) {
                 Py_XDECREF(pair);
@@ -960,9 +1015,121 @@ static PyObject *hot_nats_acks(PyObject *self, PyObject *const *args, Py_ssize_t
         }
         at = stop + 2;
     }
+    if (flush_run(answers, run_first, run_stop) < 0)
+        goto error;
     return Py_BuildValue("(Nn)", answers, at);
 error:
     Py_DECREF(answers);
+    return NULL;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * The replication stream: many CopyData messages per call.
+ */
+
+typedef int (*getcopydata_fn)(void *conn, char **buffer, int async);
+typedef void (*freemem_fn)(void *ptr);
+static getcopydata_fn pq_getcopydata = NULL;
+static freemem_fn pq_freemem = NULL;
+
+static PyObject *hot_set_libpq(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "set_libpq(PQgetCopyData address, PQfreemem address)");
+        return NULL;
+    }
+    void *getcopydata = PyLong_AsVoidPtr(args[0]);
+    void *freemem = PyLong_AsVoidPtr(args[1]);
+    if (PyErr_Occurred())
+        return NULL;
+    pq_getcopydata = (getcopydata_fn)getcopydata;
+    pq_freemem = (freemem_fn)freemem;
+    Py_RETURN_NONE;
+}
+
+static inline unsigned long long be64(const unsigned char *p) {
+    unsigned long long v = 0;
+    for (int i = 0; i < 8; i++)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+/* copy_batch(pgconn_ptr, limit, starts) -> (payloads: list[bytes], wal_end: int, other: bytes | None, status)
+ *
+ * Up to limit XLogData ('w') messages already buffered by libpq: their payloads (the pgoutput message,
+ * after the 25-byte header), the last non-zero WAL end they carried, and, when starts is a list, each
+ * one's start LSN appended to it. It stops early at any other message (a keepalive), returned whole as
+ * other, and when libpq has nothing more buffered. status: 1 more may be buffered, 0 nothing buffered
+ * (wait for the socket), -1 the stream ended, -2 libpq reported an error. */
+static PyObject *hot_copy_batch(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "copy_batch(pgconn_ptr, limit, starts: list | None)");
+        return NULL;
+    }
+    if (pq_getcopydata == NULL || pq_freemem == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "copy_batch: set_libpq() was not called");
+        return NULL;
+    }
+    void *conn = PyLong_AsVoidPtr(args[0]);
+    Py_ssize_t limit = PyLong_AsSsize_t(args[1]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (conn == NULL) {
+        PyErr_SetString(PyExc_ValueError, "copy_batch: no connection");
+        return NULL;
+    }
+    PyObject *starts = args[2] == Py_None ? NULL : args[2];
+    if (starts != NULL && !PyList_Check(starts)) {
+        PyErr_SetString(PyExc_TypeError, "copy_batch: starts must be a list or None");
+        return NULL;
+    }
+    PyObject *payloads = PyList_New(0);
+    if (payloads == NULL)
+        return NULL;
+    unsigned long long wal_end = 0;
+    PyObject *other = NULL;
+    int status = 1;
+    while (PyList_GET_SIZE(payloads) < limit) {
+        char *buffer = NULL;
+        int size = pq_getcopydata(conn, &buffer, 1);
+        if (size <= 0) {
+            if (buffer != NULL)
+                pq_freemem(buffer);
+            status = size == 0 ? 0 : (size == -1 ? -1 : -2);
+            break;
+        }
+        const unsigned char *data = (const unsigned char *)buffer;
+        if (data[0] != 'w' || size < 25) {
+            other = PyBytes_FromStringAndSize(buffer, size);
+            pq_freemem(buffer);
+            if (other == NULL)
+                goto error;
+            break;
+        }
+        unsigned long long end = be64(data + 9);
+        if (end)
+            wal_end = end;
+        int failed = 0;
+        if (size > 25) {
+            PyObject *payload = PyBytes_FromStringAndSize(buffer + 25, size - 25);
+            failed = payload == NULL || PyList_Append(payloads, payload) < 0;
+            Py_XDECREF(payload);
+            if (!failed && starts != NULL) {
+                PyObject *start = PyLong_FromUnsignedLongLong(be64(data + 1));
+                failed = start == NULL || PyList_Append(starts, start) < 0;
+                Py_XDECREF(start);
+            }
+        }
+        pq_freemem(buffer);
+        if (failed)
+            goto error;
+    }
+    if (other == NULL)
+        other = Py_NewRef(Py_None);
+    return Py_BuildValue("(NKNi)", payloads, wal_end, other, status);
+error:
+    Py_DECREF(payloads);
     return NULL;
 }
 
@@ -978,7 +1145,7 @@ static PyObject *hot_set_encoder(PyObject *self, PyObject *dumps) {
 
 static PyMethodDef methods[] = {
     {"event", (PyCFunction)(void (*)(void))hot_event, METH_FASTCALL,
-     "event(msg, plan, ident, commit_time, want_key) -> (body, key) | None"},
+     "event(msg, plan, prefix, number, commit_time, want_key) -> (ident, body, key) | None"},
     {"read_row", (PyCFunction)(void (*)(void))hot_read_row, METH_FASTCALL,
      "read_row(values, plan, ident, read_time, want_key) -> (body, key) | None"},
     {"nats_frames", (PyCFunction)(void (*)(void))hot_nats_frames, METH_FASTCALL,
@@ -986,6 +1153,10 @@ static PyMethodDef methods[] = {
     {"nats_acks", (PyCFunction)(void (*)(void))hot_nats_acks, METH_FASTCALL,
      "nats_acks(data, sid) -> (answers: seq or (seq text, payload), bytes consumed)"},
     {"set_encoder", hot_set_encoder, METH_O, "set_encoder(dumps): the JSON encoder for converted values"},
+    {"set_libpq", (PyCFunction)(void (*)(void))hot_set_libpq, METH_FASTCALL,
+     "set_libpq(getcopydata, freemem): addresses of PQgetCopyData and PQfreemem of psycopg's libpq"},
+    {"copy_batch", (PyCFunction)(void (*)(void))hot_copy_batch, METH_FASTCALL,
+     "copy_batch(pgconn_ptr, limit, starts) -> (payloads, wal_end, other, status)"},
     {NULL, NULL, 0, NULL},
 };
 

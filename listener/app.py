@@ -46,7 +46,8 @@ from listener.types import TypeRegistry
 log = logging.getLogger("listener.app")
 
 _PG_EPOCH_UNIX = PG_EPOCH.timestamp()
-_XLOG_END = __import__("struct").Struct(">Q").unpack_from  # at 9: the server's WAL end; at 1: the data's start
+#: replication messages the reader takes off the connection per call (then it looks at stop and keepalives)
+READ_BATCH = 256
 
 # a slot with less than this share of max_slot_wal_keep_size left before it is invalidated gets a warning
 # (a fixed number of bytes warned all the time under a small limit and too late under a large one)
@@ -446,75 +447,81 @@ class Listener:
             warned = at_risk
 
     async def _read(self, stream: ReplicationStream, db: Database) -> None:
-        """The hot loop: copy data -> pgoutput -> events -> delivery."""
+        """The hot loop: copy data (a batch of buffered messages at a time) -> pgoutput -> events -> delivery."""
         delivery = self.delivery
         builder = self.builder
         relations = builder.relations
         decode = pgoutput.decode
         change = builder.change
-        read = stream.read
+        read_batch = stream.read_batch
+        add = delivery.add
         txn: Transaction | None = None
         commit_unix = 0.0
         received = 0
         backfiller = self.backfiller
         watching = backfiller.watching  # relations with an open backfill window (usually none)
-        wants_lsn = builder.wants_lsn
-        while not self.stopping:
-            size, data = read()
-            if size > 0:
-                tag = data[0]
-                if tag == 0x77:  # 'w' XLogData
-                    received = _XLOG_END(data, 9)[0] or received
-                    buf = bytes(data[25:])
-                    out = None
-                    if wants_lsn and txn is not None:
-                        txn.lsn = _XLOG_END(data, 1)[0]
-                    if buf and buf[0] in CHANGE_ACTIONS:  # Insert, Update, Delete: the hot path
-                        if watching:
-                            backfiller.note_change(buf)
-                        out = change(buf, txn)  # type: ignore[arg-type]
-                    else:
-                        msg = decode(buf)
-                        kind = type(msg)
-                        if kind is pgoutput.Begin:
-                            txn = builder.begin(msg.final_lsn, msg.commit_time, msg.xid)  # type: ignore[union-attr]
-                            commit_unix = msg.commit_time / 1e6 + _PG_EPOCH_UNIX  # type: ignore[union-attr]
-                        elif kind is pgoutput.Commit:
-                            delivery.commit(msg.end_lsn, commit_unix)  # type: ignore[union-attr]
-                            builder.commit(msg.commit_lsn)  # type: ignore[union-attr]
-                            txn = None
-                        elif kind is pgoutput.Relation:
-                            await self._relation(msg, db)  # type: ignore[arg-type]
-                        elif kind is pgoutput.LogicalMessage:
-                            if msg.prefix == WATERMARK_PREFIX:  # type: ignore[union-attr]
-                                await self._watermark(msg)  # type: ignore[arg-type]
-                            elif msg.transactional and txn is not None:  # type: ignore[union-attr]
-                                out = builder.message(msg, txn)  # type: ignore[arg-type]
-                            else:
-                                await self._message(msg)  # type: ignore[arg-type]
-                        elif kind is pgoutput.Truncate:
-                            for oid in msg.relation_oids:  # type: ignore[union-attr]
-                                if watching:
-                                    backfiller.note_truncate(oid)
-                                truncated = builder.truncate(relations[oid], txn)  # type: ignore[arg-type]
-                                if truncated is not None:
-                                    delivery.add(truncated)
-                    if out is not None:
-                        delivery.add(out)
-                        if delivery.full:
-                            await delivery.wait_for_space(self._stopping)
-                elif tag == 0x6B:  # 'k' keepalive
-                    end, reply = parse_keepalive(data)
-                    self.server_wal_end = end
-                    metrics.SERVER_WAL_END.set(end)
-                    if txn is None:
-                        delivery.seal()
-                        delivery.idle_confirm(end)
-                    if reply:
-                        self._send_status(stream)
+        starts: list[int] | None = [] if builder.wants_lsn else None  # each change's own LSN (Debezium)
+        stopping = self._stopping
+        while not stopping.is_set():
+            payloads, wal_end, other, status = read_batch(READ_BATCH, starts)
+            if wal_end:
+                received = wal_end
+            position = 0
+            for buf in payloads:
+                out = None
+                if starts is not None:
+                    if txn is not None:
+                        txn.lsn = starts[position]
+                    position += 1
+                if buf[0] in CHANGE_ACTIONS:  # Insert, Update, Delete: the hot path
+                    if watching:
+                        backfiller.note_change(buf)
+                    out = change(buf, txn)  # type: ignore[arg-type]
+                else:
+                    msg = decode(buf)
+                    kind = type(msg)
+                    if kind is pgoutput.Begin:
+                        txn = builder.begin(msg.final_lsn, msg.commit_time, msg.xid)  # type: ignore[union-attr]
+                        commit_unix = msg.commit_time / 1e6 + _PG_EPOCH_UNIX  # type: ignore[union-attr]
+                    elif kind is pgoutput.Commit:
+                        delivery.commit(msg.end_lsn, commit_unix)  # type: ignore[union-attr]
+                        builder.commit(msg.commit_lsn)  # type: ignore[union-attr]
+                        txn = None
+                    elif kind is pgoutput.Relation:
+                        await self._relation(msg, db)  # type: ignore[arg-type]
+                    elif kind is pgoutput.LogicalMessage:
+                        if msg.prefix == WATERMARK_PREFIX:  # type: ignore[union-attr]
+                            await self._watermark(msg)  # type: ignore[arg-type]
+                        elif msg.transactional and txn is not None:  # type: ignore[union-attr]
+                            out = builder.message(msg, txn)  # type: ignore[arg-type]
+                        else:
+                            await self._message(msg)  # type: ignore[arg-type]
+                    elif kind is pgoutput.Truncate:
+                        for oid in msg.relation_oids:  # type: ignore[union-attr]
+                            if watching:
+                                backfiller.note_truncate(oid)
+                            truncated = builder.truncate(relations[oid], txn)  # type: ignore[arg-type]
+                            if truncated is not None:
+                                delivery.add(truncated)
+                if add(out) if out is not None else delivery.full:
+                    await delivery.wait_for_space(stopping)
+                    if stopping.is_set():
+                        return  # the rest stays unconfirmed: read again after a restart
+            if starts is not None:
+                starts.clear()
+            if other is not None and other[0] == 0x6B:  # 'k' keepalive
+                end, reply = parse_keepalive(other)
+                self.server_wal_end = end
+                metrics.SERVER_WAL_END.set(end)
+                if txn is None:
+                    delivery.seal()
+                    delivery.idle_confirm(end)
+                if reply:
+                    self._send_status(stream)
+            if status > 0:
                 continue
-            if size == 0:
-                delivery.seal()
+            if status == 0:
+                delivery.caught_up()
                 if received:
                     stream.received_lsn = max(stream.received_lsn, received)
                     metrics.RECEIVED_LSN.set(stream.received_lsn)

@@ -435,7 +435,9 @@ class GooglePubSubSettings(_Model):
     )
     pub_sub_project_id: str = Field(min_length=1, alias="pubSubProjectID", description="Google Cloud project id.")
     enable_ordering: bool = Field(False, description="Pub/Sub ordering keys (one per table and row key).")
-    linger_ms: int = Field(5, ge=0, description="How long a batch may wait to fill up, ms.")
+    linger_ms: int = Field(
+        5, ge=0, description="Accepted for older configs, not used: each batch goes out at once."
+    )
     create_topics: bool = Field(False, description="Create missing topics.")
 
 

@@ -78,6 +78,22 @@ class Acks:
         if not self.left:
             self._finish()
 
+    def settle_run(self, start: int, stop: int) -> None:
+        """Messages ``start``..``stop - 1`` were acknowledged (one with an outcome already keeps it)."""
+        results = self.results
+        waiting = results[start:stop].count(_WAITING)
+        if not waiting:
+            return
+        if waiting == stop - start:
+            results[start:stop] = [None] * waiting
+        else:
+            for index in range(start, stop):
+                if results[index] is _WAITING:
+                    results[index] = None
+        self.left -= waiting
+        if not self.left:
+            self._finish()
+
     def fail_rest(self, error: PublishError) -> None:
         """Every message still without an outcome fails with ``error``."""
         if not self.left:
@@ -211,6 +227,8 @@ class Delivery:
         # to a handful of events for good (each its own broker request) while the broker was the slower.
         self._resume_at = max_in_flight - max(1, min(batch_size, max_in_flight // 2))
         self._retrying = 0  # batches with events being retried
+        self._sending = 0  # sealed batches not yet settled (acked, or given up on)
+        self._lingering = False  # the open batch waits for the batch on the wire (see caught_up)
         self._open = Batch()
         self._pending: deque[Batch] = deque()  # sealed, in order, not yet retired
         self._queue: asyncio.Queue[Batch] = asyncio.Queue()
@@ -227,14 +245,18 @@ class Delivery:
         if self._sender is None:
             self._sender = asyncio.create_task(self._send_loop(), name="delivery-sender")
 
-    def add(self, message: Message) -> None:
-        """Queue one event (the caller checks :attr:`full` and awaits :meth:`wait_for_space`)."""
-        self._open.messages.append(message)
+    def add(self, message: Message) -> bool:
+        """Queue one event; True when that made the stage :attr:`full` (the caller then awaits
+        :meth:`wait_for_space`)."""
+        messages = self._open.messages
+        messages.append(message)
         self.in_flight += 1
+        if len(messages) >= self.batch_size:
+            self.seal()
         if self.in_flight >= self.max_in_flight:
             self._space.clear()
-        if len(self._open.messages) >= self.batch_size:
-            self.seal()
+            return True
+        return False
 
     @property
     def full(self) -> bool:
@@ -258,8 +280,21 @@ class Delivery:
         self._open.lsn = end_lsn
         self._open.commit_time = commit_time
 
+    def caught_up(self) -> None:
+        """The reader has nothing more buffered: send the open batch now -- unless an earlier batch is
+        still waiting for its acknowledgements; then the open one goes out as soon as one is settled
+        (Nagle's rule). Under a steady trickle each batch goes out at once (nothing is waiting); when the
+        reader catches up with PostgreSQL again and again at full speed, what it read meanwhile goes out
+        together instead of one tiny batch (a socket write and a wake-up of the broker) per wake-up of
+        the reader. While events are being retried nothing lingers."""
+        if self._sending and self._open.messages and not self._retrying:
+            self._lingering = True
+        else:
+            self.seal()
+
     def seal(self) -> None:
         """Hand the open batch to the sender (also an empty one that carries a commit LSN)."""
+        self._lingering = False
         batch = self._open
         if not batch.messages:
             if not batch.lsn:
@@ -272,6 +307,7 @@ class Delivery:
         self._pending.append(batch)
         self._settled.clear()
         if batch.messages:
+            self._sending += 1
             self._queue.put_nowait(batch)
         else:
             batch.done = True
@@ -372,6 +408,9 @@ class Delivery:
             self._retrying -= 1
             log.info("publish recovered", extra={"fields": {"attempts": backoff.attempt + 1}})
         batch.done = True
+        self._sending -= 1
+        if self._lingering:
+            self.seal()
         self._retire()
 
     async def _dead_letter(self, message: Message, error: PublishError) -> bool:

@@ -341,11 +341,14 @@ class EventBuilder:
                 self.skipped(info)
                 return None
             ordinal = txn.ordinal + 1
-            ident = self._ident(txn, ordinal)
-            done = hot.event(buf, info.plan, ident, txn.commit_time, self._needs_key)
+            if txn.id_prefix:  # the compiled call writes the id: the prefix and the change's bits
+                done = hot.event(buf, info.plan, txn.id_prefix, txn.id_base | (ordinal & 0x3FFFFFF), txn.commit_time,
+                                 self._needs_key)
+            else:
+                done = hot.event(buf, info.plan, self._ident(txn, ordinal), None, txn.commit_time, self._needs_key)
             if done is not None:
                 txn.ordinal = ordinal
-                message = Message(ident, info.subject, done[0], info.schema, info.table, action, done[1])
+                message = Message(done[0], info.subject, done[1], info.schema, info.table, action, done[2])
                 return message if self._finish is None else self._finish(message, txn.commit_time)
         msg = pgoutput.decode(buf)
         if isinstance(msg, pgoutput.Insert):

@@ -5,7 +5,8 @@ one pass (decode, convert, encode), byte for byte what the pure-Python stages pr
 TOASTed values included. It handles the common types itself and calls the Python converter for the
 others; anything unusual (text that is not UTF-8, a value a converter refuses, a short tuple, a
 malformed message) makes it answer ``None`` and the Python stages take that message, with their
-error handling and metrics. It also builds the NATS publisher's HPUB frames and scans its acks.
+error handling and metrics. It also builds the NATS publisher's HPUB frames and scans its acks, and
+takes many replication messages off libpq per call (:func:`copy_reader`).
 
 The module is built by ``pip install`` when a C compiler is present (it is optional: without it the
 listener runs the pure-Python path). ``LISTENER_PURE_PYTHON=1`` turns it off at run time.
@@ -13,8 +14,10 @@ listener runs the pure-Python path). ``LISTENER_PURE_PYTHON=1`` turns it off at 
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import re
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -33,8 +36,8 @@ Plan = tuple[bytes, tuple[tuple[bytes, int, Converter | None, bool], ...], tuple
 
 class Module(Protocol):
     def event(
-        self, msg: bytes, plan: Plan, ident: str, commit_time: str, want_key: bool, /
-    ) -> tuple[bytes, bytes | None] | None: ...
+        self, msg: bytes, plan: Plan, prefix: str, number: int | None, commit_time: str, want_key: bool, /
+    ) -> tuple[str, bytes, bytes | None] | None: ...
 
     def read_row(
         self, values: list[bytes | None], plan: Plan, ident: str, read_time: str, want_key: bool, /
@@ -46,7 +49,13 @@ class Module(Protocol):
         self, batch: list[Any], prefixes: dict[str, str], seq: int, limit: int, header_bytes: int, /
     ) -> tuple[bytes, int] | None: ...
 
-    def nats_acks(self, data: bytes, sid: bytes, /) -> tuple[list[int | tuple[bytes, bytes]], int]: ...
+    def nats_acks(self, data: bytes, sid: bytes, /) -> tuple[list[tuple[int, int] | tuple[bytes, bytes]], int]: ...
+
+    def set_libpq(self, getcopydata: int, freemem: int, /) -> None: ...
+
+    def copy_batch(
+        self, pgconn_ptr: int, limit: int, starts: list[int] | None, /
+    ) -> tuple[list[bytes], int, bytes | None, int]: ...
 
 
 def load() -> Module | None:
@@ -60,6 +69,50 @@ def load() -> Module | None:
     _hotpath.set_encoder(orjson.dumps)
     module: Module = _hotpath
     return module
+
+
+_LIBPQ_FILE = re.compile(r"\s(/\S*/libpq[^/\s]*\.so[.\d]*)$")
+
+
+def _psycopg_libpq() -> ctypes.CDLL | None:
+    """The libpq psycopg runs on (its own copy for psycopg-binary), opened again to look up functions."""
+    from psycopg import pq
+
+    if pq.__impl__ == "python":
+        from psycopg.pq import _pq_ctypes
+
+        lib = getattr(_pq_ctypes, "pq", None)
+        return lib if isinstance(lib, ctypes.CDLL) else None
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as maps:  # Linux: the files mapped into this process
+            paths = {m[1] for m in map(_LIBPQ_FILE.search, maps) if m is not None}
+    except OSError:
+        return None
+    if pq.__impl__ == "binary":
+        paths = {p for p in paths if "psycopg_binary" in p}
+    if len(paths) != 1:
+        return None  # none, or more than one libpq loaded: which one psycopg uses is not known
+    return ctypes.CDLL(paths.pop())  # the library already loaded: the same handle, nothing loaded twice
+
+
+def copy_reader(module: Module | None) -> bool:
+    """Point ``module.copy_batch`` at the libpq psycopg uses; False (use psycopg's per-message read) when
+    there is no compiled module or that libpq cannot be found."""
+    if module is None:
+        return False
+    try:
+        lib = _psycopg_libpq()
+        if lib is None:
+            return False
+        getcopydata = ctypes.cast(lib.PQgetCopyData, ctypes.c_void_p).value
+        freemem = ctypes.cast(lib.PQfreemem, ctypes.c_void_p).value
+    except (OSError, AttributeError, ImportError) as exc:
+        log.debug("compiled replication reader off", extra={"fields": {"error": str(exc)}})
+        return False
+    if not getcopydata or not freemem:
+        return False
+    module.set_libpq(getcopydata, freemem)
+    return True
 
 
 _SCALAR_CODES: dict[Any, int] = {

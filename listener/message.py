@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(slots=True)
@@ -16,14 +16,16 @@ class Message:
     table: str  # the table; for a MESSAGE event, the logical message's prefix
     action: str  # INSERT | UPDATE | DELETE | TRUNCATE | READ | MESSAGE
     key: bytes | None = None  # the row's replica-identity key (Kafka key, Pub/Sub ordering key)
-    headers: dict[str, str] = field(default_factory=dict)  # more headers (CloudEvents binary mode attributes)
+    headers: dict[str, str] | None = None  # more headers (CloudEvents binary mode attributes)
     #: the body's media type when a format sets one: a ``content-type`` header, or RabbitMQ's content-type
     #: property (which is application/json when this is empty)
     content_type: str = ""
 
     def attributes(self) -> dict[str, str]:
         """Metadata every broker carries beside the body (headers / attributes / properties)."""
-        found = {"id": self.id, "schema": self.schema, "table": self.table, "action": self.action, **self.headers}
+        found = {"id": self.id, "schema": self.schema, "table": self.table, "action": self.action}
+        if self.headers:
+            found.update(self.headers)
         if self.content_type:
             found["content-type"] = self.content_type
         return found

@@ -19,7 +19,7 @@ from typing import Any
 import psycopg
 from psycopg import pq
 
-from listener import catalog
+from listener import catalog, hotpath
 from listener.catalog import SlotState
 from listener.config import Config
 from listener.errors import DatabaseError, DatabaseSetupError, SlotInUseError, SlotLostError
@@ -35,6 +35,7 @@ SESSION_OPTIONS = (
 
 _XLOG_HEADER = struct.Struct(">QQq")  # wal start, wal end, send time
 _KEEPALIVE = struct.Struct(">QqB")  # wal end, send time, reply requested
+_U64 = struct.Struct(">Q").unpack_from
 _STATUS = struct.Struct(">cQQQqB")  # 'r', write, flush, apply, client time, reply requested
 
 _UNIX_TO_PG = (PG_EPOCH.timestamp()) * 1_000_000
@@ -227,6 +228,9 @@ class ReplicationStream:
         self.last_status = 0.0
         self._readable: asyncio.Future[None] | None = None
         self._status_event = asyncio.Event()
+        module = hotpath.load()
+        #: the compiled reader (many messages per call), when psycopg's libpq could be found
+        self._copy_batch = module.copy_batch if module is not None and hotpath.copy_reader(module) else None
 
     async def connect(self) -> None:
         db = self.cfg.database
@@ -339,10 +343,33 @@ class ReplicationStream:
             waiter.cancel()
         self._status_event.clear()
 
-    def read(self) -> tuple[int, memoryview]:
-        """One copy-data message without blocking: (0, _) when nothing is buffered, (-1, _) at the end."""
+    def read_batch(self, limit: int, starts: list[int] | None = None) -> tuple[list[bytes], int, bytes | None, int]:
+        """Up to ``limit`` buffered XLogData messages without blocking: (their pgoutput payloads, the last
+        WAL end they carried, another message that stopped the batch (a keepalive) or None, status: 1 more may
+        be buffered, 0 nothing is (wait for the socket), -1 the stream ended, -2 the connection failed).
+        ``starts`` gets each payload's start LSN. The compiled reader takes them off libpq in one call."""
         assert self.pgconn is not None
-        return self.pgconn.get_copy_data(1)
+        pointer = getattr(self.pgconn, "pgconn_ptr", None)  # every psycopg implementation has it; the abc not
+        if self._copy_batch is not None and pointer:
+            return self._copy_batch(pointer, limit, starts)
+        payloads: list[bytes] = []
+        wal_end = 0
+        get = self.pgconn.get_copy_data
+        while len(payloads) < limit:
+            try:
+                size, data = get(1)
+            except psycopg.OperationalError:
+                return payloads, wal_end, None, -2
+            if size <= 0:
+                return payloads, wal_end, None, size
+            if data[0] != 0x77 or size < 25:  # not 'w' XLogData
+                return payloads, wal_end, bytes(data), 1
+            wal_end = _U64(data, 9)[0] or wal_end
+            if size > 25:
+                payloads.append(bytes(data[25:]))
+                if starts is not None:
+                    starts.append(_U64(data, 1)[0])
+        return payloads, wal_end, None, 1
 
     def fill(self) -> None:
         """Move what the socket has into libpq's buffer (after :meth:`wait_readable`)."""
@@ -448,7 +475,7 @@ def publication_dropped(publication: str, server_message: str = "") -> DatabaseS
     )
 
 
-def parse_keepalive(data: memoryview) -> tuple[int, bool]:
+def parse_keepalive(data: bytes | memoryview) -> tuple[int, bool]:
     """``k`` message: (server WAL end, reply requested)."""
     end, _, reply = _KEEPALIVE.unpack_from(data, 1)
     return end, bool(reply)

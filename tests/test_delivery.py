@@ -506,6 +506,48 @@ async def test_sending_order_equals_add_order(make_delivery: Factory) -> None:
     assert d.confirmed_lsn == 1000
 
 
+
+async def test_caught_up_sends_at_once_when_nothing_waits_for_acks(make_delivery: Factory) -> None:
+    pub = FakePublisher(hold=True)
+    d = make_delivery(pub)
+    d.add(msg("a"))
+    d.caught_up()
+    await pub.wait_sends(1)
+    assert pub.sent_ids() == ["a"]
+
+
+async def test_caught_up_again_while_a_batch_waits_sends_what_was_read_meanwhile_together(
+    make_delivery: Factory,
+) -> None:
+    pub = FakePublisher(hold=True)
+    d = make_delivery(pub)
+    d.add(msg("a"))
+    d.caught_up()
+    await pub.wait_sends(1)
+    for ident in ("b", "c", "d"):  # the reader wakes up three times with one event each
+        d.add(msg(ident))
+        d.caught_up()
+    d.commit(40, 4.0)
+    await settle()
+    assert len(pub.sends) == 1  # the three wait for the first batch's acks
+    pub.release(0)
+    await pub.wait_sends(2)
+    assert [m.id for m in pub.sends[1]] == ["b", "c", "d"]
+    pub.release(1)
+    await drained(d)
+    assert d.confirmed_lsn == 40
+
+
+async def test_caught_up_does_not_hold_events_back_while_others_are_retried(make_delivery: Factory) -> None:
+    pub = FakePublisher()
+    pub.script("a", MessageRejected("nack"), MessageRejected("nack"), MessageRejected("nack"))
+    d = make_delivery(pub, retry_cap=5.0)
+    d.add(msg("a"))
+    d.caught_up()
+    await until(lambda: d.failing)
+    d.add(msg("b"))
+    d.caught_up()
+    await until(lambda: "b" in pub.sent_ids())
 async def test_published_events_metric_counts_acks(make_delivery: Factory) -> None:
     pub = FakePublisher()
     pub.script("p2", PublishError("once"))
@@ -673,6 +715,18 @@ async def test_ack_timeout_fails_only_what_is_still_waiting() -> None:
     assert acks.timed_out and acks.done
     acks.settle(0, None)  # late
     assert isinstance(acks.results[0], AckTimeout)
+
+
+async def test_a_run_of_acks_settles_what_still_waits_and_keeps_earlier_outcomes() -> None:
+    acks = Acks(6, "fake")
+    acks.settle(2, MessageRejected("nack"))
+    acks.settle_run(0, 4)  # index 2 had its outcome already
+    assert not acks.done and acks.left == 2
+    acks.settle_run(0, 2)  # late duplicates: nothing changes
+    assert acks.left == 2
+    acks.settle_run(4, 6)
+    results = await acks
+    assert results[:2] == [None, None] and isinstance(results[2], MessageRejected) and results[3:] == [None] * 3
 
 
 async def test_tracker_takes_the_first_outcome_and_calls_back_when_done() -> None:

@@ -171,7 +171,7 @@ def test_random_changes_match_the_python_path(
         assert outcome(fast, msg, fast_txn) == expected, msg
         plan = fast.relations[OID].plan
         assert plan is not None
-        if before(msg, plan, "x", "y", needs_key) is not None:
+        if before(msg, plan, "x", None, "y", needs_key) is not None:
             taken += 1
     assert taken > 50  # the compiled path wrote some itself (odd values are common here by design)
 
@@ -185,10 +185,12 @@ def test_a_typical_row_is_written_by_the_compiled_path(action: str) -> None:
     msg = {"insert": insert_msg(OID, row), "update": update_msg(OID, row), "delete": delete_msg(OID, b"K", key)}[action]
     plan = fast.relations[OID].plan
     assert plan is not None and fast.hot is not None
-    result = fast.hot.event(msg, plan, "id-1", "2026-01-01T00:00:00.000000Z", True)
+    result = fast.hot.event(msg, plan, "id-", 0x1234, "2026-01-01T00:00:00.000000Z", True)
     assert result is not None
-    body = orjson.loads(result[0])
-    assert result[1] == b"42"
+    assert result[0] == "id-000000001234"
+    body = orjson.loads(result[1])
+    assert body["id"] == result[0]
+    assert result[2] == b"42"
     if action == "delete":
         assert body["data"] == {} and body["dataOld"] == {"id": 42}
     else:
@@ -202,9 +204,17 @@ def test_bad_arguments_raise_type_errors() -> None:
     fast, _ = builders(relation("d", (0,)), needs_key=False)
     assert fast.hot is not None
     with pytest.raises(TypeError):
-        fast.hot.event(b"I", ("x", (), ()), "id", "t", False)  # type: ignore[arg-type]
+        fast.hot.event(b"I", ("x", (), ()), "id", None, "t", False)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
-        fast.hot.event(b"I", (b"", ((b"", "not an int", None, False),), ()), "id", "t", False)  # type: ignore[arg-type]
+        fast.hot.event(b"I", (b"", ((b"", "not an int", None, False),), ()), "id", None, "t", False)  # type: ignore[arg-type]
+    plan = fast.relations[OID].plan
+    assert plan is not None
+    with pytest.raises(TypeError):
+        fast.hot.event(b"I", plan, b"id", 1, "t", False)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="below 2\\*\\*48"):
+        fast.hot.event(b"I", plan, "id-", 1 << 48, "t", False)
+    with pytest.raises(ValueError, match="ASCII"):
+        fast.hot.event(b"I", plan, "id-é", 1, "t", False)
     with pytest.raises(TypeError):
         fast.hot.set_encoder(42)
 
@@ -221,9 +231,9 @@ def test_unchanged_toast_update_is_written_by_the_compiled_path(identity: str, o
     msg = update_msg(OID, new, old, old_kind or b"K")
     plan = fast.relations[OID].plan
     assert plan is not None and fast.hot is not None
-    assert fast.hot.event(msg, plan, "id-1", "t", True) is not None
+    assert fast.hot.event(msg, plan, "id-1", None, "t", True) is not None
     assert outcome(fast, msg, fast.begin(0x10, 0)) == outcome(slow, msg, slow.begin(0x10, 0))
-    data = orjson.loads(fast.hot.event(msg, plan, "id-1", "t", True)[0])["data"]  # type: ignore[index]
+    data = orjson.loads(fast.hot.event(msg, plan, "id-1", None, "t", True)[1])["data"]  # type: ignore[index]
     assert ("name" in data) == (old_kind is not None)  # an identity column: the old key has it
     assert ("payload" in data) == (old_kind == b"O")
 

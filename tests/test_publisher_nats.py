@@ -21,7 +21,7 @@ from listener.config import PublisherConfig, parse_publisher
 from listener.errors import AckTimeout, BrokerUnavailable, MessageRejected, MessageTooLarge, PublishError
 from listener.message import Message
 from listener.publishers import make_publisher
-from listener.publishers.nats import NatsPublisher
+from listener.publishers.nats import NatsPublisher, _Written
 from tests.support.events import compiled_hot_path
 from tests.support.harness import metric, wait_until
 from tests.support.proxy import TcpProxy
@@ -303,11 +303,17 @@ def _protocol(rng: random.Random, count: int) -> bytes:
 class _Resolved:
     """Stands for a batch waiting for acks: records what each ack settled."""
 
+    done = False
+
     def __init__(self, events: list[tuple[Any, ...]]) -> None:
         self.events = events
 
     def settle(self, index: int, result: PublishError | None = None) -> None:
         self.events.append(("resolved", index, None if result is None else str(result)))
+
+    def settle_run(self, start: int, stop: int) -> None:
+        for index in range(start, stop):
+            self.settle(index)
 
 
 async def _parse(data: bytes, cuts: list[int], fast: bool, compiled: bool | None = None) -> list[tuple[Any, ...]]:
@@ -325,8 +331,8 @@ async def _parse(data: bytes, cuts: list[int], fast: bool, compiled: bool | None
 
             publisher._ack = ack  # type: ignore[method-assign,assignment]
         else:
-            waiting = _Resolved(client.events)
-            publisher._waiting = {seq: (waiting, seq) for seq in range(1000)}  # type: ignore[misc]
+            waiting = _Resolved(client.events)  # publishes 0..999 of one batch: seq n is index n
+            publisher._windows.append(_Written(waiting, 0, 999, b""))  # type: ignore[arg-type]
         publisher._read_acks_first(client, 7)  # type: ignore[arg-type]
     start = 0
     for cut in [*cuts, len(data)]:
@@ -511,11 +517,11 @@ async def test_unacknowledged_batch_fails_by_ack_timeout_and_late_acks_are_ignor
         results = await (await publisher.send(batch))
         assert all(isinstance(r, AckTimeout) and "no acknowledgement within 0.5s" in str(r) for r in results)
         await asyncio.sleep(0)
-        assert publisher._waiting == {} and publisher._batches == {}
+        assert not publisher._windows and publisher._batches == {}
         proxy.resume()  # the publishes reach the stream now, and their acks come back to nobody
         await wait_until(lambda: publisher.ready, 10, "the connection to carry bytes again")
         assert await (await publisher.send(batch)) == [None] * 10  # the retry; JetStream drops the copies
-        assert publisher._waiting == {} and publisher._batches == {}
+        assert not publisher._windows and publisher._batches == {}
     finally:
         await publisher.close()
     assert await stream_messages(nats_server.url, stream) == 10

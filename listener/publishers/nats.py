@@ -22,6 +22,7 @@ regex parser sees them; every other frame, and other subscriptions of the client
 Where the client does not have the internals this relies on, it falls back to ``publish`` and the
 subscription callback.
 """
+# ruff: noqa: E402  (nats-py is imported after _import_nats_without_aiohttp)
 
 from __future__ import annotations
 
@@ -29,8 +30,25 @@ import asyncio
 import contextlib
 import logging
 import re
+import sys
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
+
+
+def _import_nats_without_aiohttp() -> None:
+    """nats-py imports aiohttp when it is installed, only for ``ws://`` servers (not a publisher.address
+    this listener takes): a fifth of the listener's start-up time. Keep it from nats-py's import."""
+    if "nats" in sys.modules or "aiohttp" in sys.modules:
+        return
+    sys.modules["aiohttp"] = None  # type: ignore[assignment]  # "import aiohttp" raises ImportError
+    try:
+        import nats.aio.transport  # noqa: F401
+    finally:
+        del sys.modules["aiohttp"]
+
+
+_import_nats_without_aiohttp()
 
 import nats
 import orjson
@@ -58,7 +76,7 @@ _ONE_LINE = str.maketrans({"\r": " ", "\n": " "})
 
 def extra_headers(message: Message) -> str:
     """The header lines a message carries beside Nats-Msg-Id (CloudEvents attributes, its content type)."""
-    lines = [f"{name}: {value.translate(_ONE_LINE).strip()}\r\n" for name, value in message.headers.items()]
+    lines = [f"{name}: {value.translate(_ONE_LINE).strip()}\r\n" for name, value in (message.headers or {}).items()]
     if message.content_type:
         lines.append(f"content-type: {message.content_type}\r\n")
     return "".join(lines)
@@ -70,14 +88,31 @@ _BULK_ATTRIBUTES = ("_send_command", "_flush_pending", "_flush_queue", "_max_pen
 
 
 class _Written:
-    """The sequence numbers a batch's publishes got, and its frames (sent again first after a reconnect)."""
+    """The publishes of one batch on the wire: the sequence numbers ``first``..``last`` their reply subjects
+    carry, the batch index of each (``indices[seq - first]``; None: ``seq - first`` itself) and the frames
+    (sent again first after a reconnect)."""
 
-    __slots__ = ("first", "frames", "last")
+    __slots__ = ("acks", "first", "frames", "indices", "last")
 
-    def __init__(self, first: int, last: int, frames: bytes) -> None:
+    def __init__(self, acks: Acks, first: int, last: int, frames: bytes, indices: list[int] | None = None) -> None:
+        self.acks = acks
         self.first = first
         self.last = last
         self.frames = frames  # the HPUB frames as written (bulk path)
+        self.indices = indices
+
+    def settle(self, seq: int, stop: int, outcome: PublishError | None) -> None:
+        """The publishes ``seq``..``stop - 1`` (within this batch) got ``outcome``."""
+        indices = self.indices
+        if indices is None:
+            if outcome is None:
+                self.acks.settle_run(seq - self.first, stop - self.first)
+                return
+            for index in range(seq - self.first, stop - self.first):
+                self.acks.settle(index, outcome)
+            return
+        for offset in range(seq - self.first, stop - self.first):
+            self.acks.settle(indices[offset], outcome)
 
 
 class NatsPublisher(Publisher[NatsPublisherConfig]):
@@ -96,8 +131,8 @@ class NatsPublisher(Publisher[NatsPublisherConfig]):
         self._nc: Client | None = None
         self._inbox = ""
         self._seq = 0
-        self._waiting: dict[int, tuple[Acks, int]] = {}  # sequence number -> (its batch, index in it)
-        self._batches: dict[Acks, _Written] = {}  # batches with publishes on the wire
+        self._windows: deque[_Written] = deque()  # batches with publishes on the wire, in sequence order
+        self._batches: dict[Acks, _Written] = {}  # the same, by tracker
         self._max_payload = 1024 * 1024
         self._closing = False  # close() was called: a closed client is not re-opened
         self._reopening: asyncio.Task[None] | None = None
@@ -278,7 +313,7 @@ class NatsPublisher(Publisher[NatsPublisherConfig]):
         our_sid = str(sid).encode()
         ack = self._ack
         scan = self._hot.nats_acks if self._hot is not None else None
-        pop = self._waiting.pop
+        settle = self._settle
 
         async def parse(data: bytes = b"") -> None:
             if parser.state != control_line:
@@ -299,13 +334,11 @@ class NatsPublisher(Publisher[NatsPublisherConfig]):
             try:
                 if scan is not None:  # compiled: the same walk as the loop below, which then has nothing left
                     answers, at = scan(data, our_sid)
-                    for answer in answers:
-                        if answer.__class__ is int:  # a plain ack
-                            entry = pop(answer, None)
-                            if entry is not None:  # else: a late ack of a publish already timed out
-                                entry[0].settle(entry[1])
+                    for first, second in answers:
+                        if first.__class__ is int:  # plain acks of the publishes first..second - 1
+                            settle(first, second, None)  # type: ignore[arg-type]
                         else:
-                            ack(answer[0], b"", answer[1])  # type: ignore[index]
+                            ack(first, b"", second)  # type: ignore[arg-type]
                 while data.startswith(b"MSG ", at):
                     line_end = data.find(b"\r\n", at)
                     if line_end < 0:
@@ -337,10 +370,6 @@ class NatsPublisher(Publisher[NatsPublisherConfig]):
             seq = int(seq_text)
         except ValueError:
             return
-        entry = self._waiting.pop(seq, None)
-        if entry is None:
-            return  # late ack of a publish already timed out and retried
-        acks, index = entry
         result: PublishError | None = None
         if status == b"503":
             result = MessageRejected(
@@ -348,7 +377,25 @@ class NatsPublisher(Publisher[NatsPublisherConfig]):
             )
         elif b'"error"' in data[:20]:
             result = self._rejection(data)
-        acks.settle(index, result)
+        self._settle(seq, seq + 1, result)
+
+    def _settle(self, seq: int, stop: int, outcome: PublishError | None) -> None:
+        """The publishes with sequence numbers ``seq``..``stop - 1`` got ``outcome`` (an ack of a publish
+        whose batch is settled already -- it timed out and was retried -- settles nothing)."""
+        windows = self._windows
+        while windows and windows[0].acks.done:
+            windows.popleft()
+        for window in windows:
+            if seq > window.last:
+                continue
+            if stop <= window.first:
+                return
+            start = max(seq, window.first)
+            end = min(stop, window.last + 1)
+            window.settle(start, end, outcome)
+            if stop <= window.last + 1:
+                return
+            seq = end
 
     @staticmethod
     def _rejection(data: bytes) -> MessageRejected | None:
@@ -380,21 +427,19 @@ class NatsPublisher(Publisher[NatsPublisherConfig]):
             except Exception as exc:  # the batches then fail by their ack timeout and are retried
                 log.warning("nats: cannot queue unacked events again", extra={"fields": {"error": str(exc)}})
 
-    def _written(self, acks: Acks, first: int, last: int, frames: bytes) -> None:
+    def _written(self, acks: Acks, first: int, last: int, frames: bytes, indices: list[int] | None = None) -> None:
         """Publishes ``first``..``last`` of ``acks``'s batch are on their way: remember them until settled."""
         if last >= first and not acks.done:
-            self._batches[acks] = _Written(first, last, frames)
+            window = self._batches[acks] = _Written(acks, first, last, frames, indices)
+            self._windows.append(window)
             acks.add_done_callback(self._forget)
 
     def _forget(self, acks: Acks) -> None:
-        """The batch is settled; when by its ack timeout, acks still to come for it are ignored."""
-        written = self._batches.pop(acks, None)
-        if written is not None and acks.timed_out:
-            waiting = self._waiting
-            for seq in range(written.first, written.last + 1):
-                entry = waiting.get(seq)
-                if entry is not None and entry[0] is acks:
-                    del waiting[seq]
+        """The batch is settled (acks still to come for it, after its ack timeout, settle nothing)."""
+        window = self._batches.pop(acks, None)
+        if window is not None:
+            with contextlib.suppress(ValueError):
+                self._windows.remove(window)
 
     async def publish(self, batch: Sequence[Message], acks: Acks) -> None:
         nc = self._nc
@@ -429,8 +474,8 @@ class NatsPublisher(Publisher[NatsPublisherConfig]):
         room = -1 if nc.is_connected else max(0, nc._max_pending_size - nc.pending_data_size)
         limit = self._max_payload - _HEADER_BYTES
         subjects = self._subjects
-        waiting = self._waiting
         settle = acks.settle
+        indices: list[int] = []  # the batch index of each publish written (Python path)
         seq = first = self._seq
         parts: list[bytes] = []
         extend = parts.extend
@@ -442,9 +487,7 @@ class NatsPublisher(Publisher[NatsPublisherConfig]):
         if built is not None:  # every message was plain: frames written in one go, seq numbers in order
             parts.append(built[0])
             payload = built[1]
-            for index in range(len(batch)):
-                seq += 1
-                waiting[seq] = (acks, index)
+            seq += len(batch)
             batch = ()
         for message in batch:
             index += 1
@@ -479,24 +522,22 @@ class NatsPublisher(Publisher[NatsPublisherConfig]):
                 seq -= 1
                 settle(index, self._refused(refused))
                 continue
-            waiting[seq] = (acks, index)
+            indices.append(index)
             extend((head, body, b"\r\n"))
             payload += len(body)
         self._seq = seq
         if not parts:
             return
         frames = b"".join(parts)
-        self._written(acks, first + 1, seq, frames)
+        self._written(acks, first + 1, seq, frames, None if built is not None else indices)
         try:
             await nc._send_command(frames)
             if nc._flush_queue is not None and nc._flush_queue.empty():
                 await nc._flush_pending()
         except Exception as exc:
-            error = self._refused(exc)
-            for number in range(first + 1, seq + 1):
-                entry = waiting.pop(number, None)
-                if entry is not None:
-                    settle(entry[1], error)
+            window = self._batches.get(acks)
+            if window is not None:
+                window.settle(first + 1, seq + 1, self._refused(exc))
             return
         nc.stats["out_msgs"] += seq - first
         nc.stats["out_bytes"] += payload
@@ -514,7 +555,8 @@ class NatsPublisher(Publisher[NatsPublisherConfig]):
         """One ``publish`` per message: for a client without the internals of the bulk path."""
         inbox = self._inbox
         publish = nc.publish
-        first = self._seq + 1
+        indices: list[int] = []
+        window: _Written | None = None
         for index, message in enumerate(batch):
             too_large = self._too_large(message)
             if too_large is not None:
@@ -522,16 +564,18 @@ class NatsPublisher(Publisher[NatsPublisherConfig]):
                 continue
             self._seq += 1
             seq = self._seq
-            self._waiting[seq] = (acks, index)
-            if seq == first:
-                self._written(acks, first, first + len(batch) - 1, b"")
-            headers = {"Nats-Msg-Id": message.id, **message.headers}
+            indices.append(index)
+            if window is None:
+                self._written(acks, seq, seq, b"", indices)
+                window = self._batches.get(acks)
+            else:
+                window.last = seq
+            headers = {"Nats-Msg-Id": message.id, **(message.headers or {})}
             if message.content_type:
                 headers["content-type"] = message.content_type
             try:
                 await publish(message.subject, message.body, reply=f"{inbox}.{seq}", headers=headers)
             except Exception as exc:
-                self._waiting.pop(seq, None)
                 acks.settle(index, self._refused(exc))
 
     async def close(self) -> None:
