@@ -185,7 +185,10 @@ class ListenerConfig(_Model):
         description="Publication the slot streams (created FOR ALL TABLES if missing).",
     )
     max_in_flight: int = Field(20000, ge=1, description="Events read but not yet acknowledged, at most.")
-    batch_size: int = Field(2000, ge=1, description="Events handed to the broker in one pipelined batch.")
+    batch_size: int = Field(
+        2000, ge=1, description="Most events handed to the broker in one pipelined batch (a smaller one goes "
+        "out when the reader has caught up and no earlier batch waits for acks, or when one is acked)."
+    )
     emit_heartbeat: bool = Field(
         False, description="Write pg_logical_emit_message heartbeats so a quiet database still advances."
     )
