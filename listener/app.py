@@ -503,7 +503,8 @@ class Listener:
                             truncated = builder.truncate(relations[oid], txn)  # type: ignore[arg-type]
                             if truncated is not None:
                                 delivery.add(truncated)
-                if add(out) if out is not None else delivery.full:
+                full = add(out) if out is not None else delivery.full
+                if full:
                     await delivery.wait_for_space(stopping)
                     if stopping.is_set():
                         return  # the rest stays unconfirmed: read again after a restart

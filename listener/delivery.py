@@ -227,8 +227,7 @@ class Delivery:
         # to a handful of events for good (each its own broker request) while the broker was the slower.
         self._resume_at = max_in_flight - max(1, min(batch_size, max_in_flight // 2))
         self._retrying = 0  # batches with events being retried
-        self._sending = 0  # sealed batches not yet settled (acked, or given up on)
-        self._lingering = False  # the open batch waits for the batch on the wire (see caught_up)
+        self._lingering = False  # the open batch waits for an earlier batch's acks (see caught_up)
         self._open = Batch()
         self._pending: deque[Batch] = deque()  # sealed, in order, not yet retired
         self._queue: asyncio.Queue[Batch] = asyncio.Queue()
@@ -287,7 +286,7 @@ class Delivery:
         reader catches up with PostgreSQL again and again at full speed, what it read meanwhile goes out
         together instead of one tiny batch (a socket write and a wake-up of the broker) per wake-up of
         the reader. While events are being retried nothing lingers."""
-        if self._sending and self._open.messages and not self._retrying:
+        if self._open.messages and not self._retrying and any(not batch.done for batch in self._pending):
             self._lingering = True
         else:
             self.seal()
@@ -307,7 +306,6 @@ class Delivery:
         self._pending.append(batch)
         self._settled.clear()
         if batch.messages:
-            self._sending += 1
             self._queue.put_nowait(batch)
         else:
             batch.done = True
@@ -408,7 +406,6 @@ class Delivery:
             self._retrying -= 1
             log.info("publish recovered", extra={"fields": {"attempts": backoff.attempt + 1}})
         batch.done = True
-        self._sending -= 1
         if self._lingering:
             self.seal()
         self._retire()
