@@ -394,6 +394,7 @@ class Listener:
             return
         self._sent_lsn = max(self._sent_lsn, lsn)
         metrics.CONFIRMED_LSN.set(lsn)
+        metrics.RECEIVED_LSN.set(stream.received_lsn)
         if self.server_wal_end:
             metrics.LAG_BYTES.set(max(0, self.server_wal_end - lsn))
 
@@ -523,9 +524,8 @@ class Listener:
                 continue
             if status == 0:
                 delivery.caught_up()
-                if received:
-                    stream.received_lsn = max(stream.received_lsn, received)
-                    metrics.RECEIVED_LSN.set(stream.received_lsn)
+                if received > stream.received_lsn:
+                    stream.received_lsn = received  # the gauge follows with the next status update
                 await stream.wait_readable()
                 stream.fill()
                 continue
