@@ -633,33 +633,13 @@ class PostgresServer(Server):
             "--no-locale",
             "--no-sync",
         ]  # fmt: skip
-        t0 = time.monotonic()
-        res = subprocess.run(
-            cmd,
-            cwd=self._dir,
-            env=self._env(),
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            check=False,
-            **self._as_postgres(),
-        )
-        (self._dir / "initdb.log").write_text(res.stdout + res.stderr)
-        if res.returncode != 0:
-            raise ThrowawayError(f"initdb failed (exit {res.returncode}):\n{res.stdout}{res.stderr}")
-        log.debug("initdb took %.2fs", time.monotonic() - t0)
-        settings = {
+        self._run_program(cmd, "initdb.log")
+        self._append_settings("postgresql.conf", "wal-listener throwaway cluster", {
             **self._settings,
             "listen_addresses": LOCALHOST,
             "port": self._port,
             "unix_socket_directories": str(self.socket_dir),
-        }
-        lines = ["", "# --- wal-listener throwaway cluster ---"]
-        for key, value in settings.items():
-            text = str(value) if isinstance(value, int) else "'" + str(value).replace("'", "''") + "'"
-            lines.append(f"{key} = {text}")
-        with (self.data_dir / "postgresql.conf").open("a") as f:
-            f.write("\n".join(lines) + "\n")
+        })  # fmt: skip
         (self.data_dir / "pg_hba.conf").write_text(
             "# TYPE  DATABASE     USER  ADDRESS        METHOD\n"
             "local   all          all                  trust\n"
@@ -669,6 +649,38 @@ class PostgresServer(Server):
             "host    replication  all   127.0.0.1/32   trust\n"
             "host    replication  all   ::1/128        trust\n"
         )
+
+    def _run_program(self, cmd: list[str], log_name: str, timeout: float | None = None) -> float:
+        """Run a program of this installation (initdb, pg_basebackup) as the cluster's owner, its output
+        kept in ``log_name`` beside the cluster; :class:`ThrowawayError` when it fails. Returns its seconds."""
+        program = Path(cmd[0]).name
+        t0 = time.monotonic()
+        res = subprocess.run(
+            cmd,
+            cwd=self._dir,
+            env=self._env(),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=timeout,
+            **self._as_postgres(),
+        )
+        (self._dir / log_name).write_text(res.stdout + res.stderr)
+        if res.returncode != 0:
+            raise ThrowawayError(f"{program} failed (exit {res.returncode}):\n{res.stdout}{res.stderr}")
+        took = time.monotonic() - t0
+        log.debug("%s took %.2fs", program, took)
+        return took
+
+    def _append_settings(self, conf: str, title: str, settings: dict[str, Any]) -> None:
+        """Add ``settings`` (name = value lines, strings quoted) to ``conf`` in the data directory."""
+        lines = ["", f"# --- {title} ---"]
+        for key, value in settings.items():
+            text = str(value) if isinstance(value, int) else "'" + str(value).replace("'", "''") + "'"
+            lines.append(f"{key} = {text}")
+        with (self.data_dir / conf).open("a") as f:
+            f.write("\n".join(lines) + "\n")
 
     def _command(self) -> list[str]:
         return [str(self.bin_dir / "postgres"), "-D", str(self.data_dir)]

@@ -37,7 +37,6 @@ import contextlib
 import logging
 import os
 import shutil
-import subprocess
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -78,10 +77,6 @@ _FAILOVER_SLOT_SETTINGS = ("sync_replication_slots", "synchronized_standby_slots
 
 _POLL = 0.05  # seconds between two checks of a condition
 _NUDGE = 0.5  # seconds between two wake-ups of the slot sync worker
-
-
-def _literal(value: str | int) -> str:
-    return str(value) if isinstance(value, int) else "'" + str(value).replace("'", "''") + "'"
 
 
 def _lsn(text: str) -> int:
@@ -144,34 +139,14 @@ class StandbyServer(PostgresServer):
             "--no-sync",
             "-w",
         ]  # fmt: skip
-        t0 = time.monotonic()
-        res = subprocess.run(
-            cmd,
-            cwd=self._dir,
-            env=self._env(),
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=self.start_timeout,
-            **self._as_postgres(),
-        )
-        self.basebackup_log_path.write_text(res.stdout + res.stderr)
-        if res.returncode != 0:
-            raise ThrowawayError(f"pg_basebackup failed (exit {res.returncode}):\n{res.stdout}{res.stderr}")
-        self.cloned_in = time.monotonic() - t0
-        log.debug("pg_basebackup took %.2fs", self.cloned_in)
-        settings = {
+        self.cloned_in = self._run_program(cmd, self.basebackup_log_path.name, timeout=self.start_timeout)
+        self._append_settings("postgresql.auto.conf", "wal-listener throwaway standby", {
             **self._settings,
             "listen_addresses": LOCALHOST,
             "port": self._port,
             "unix_socket_directories": str(self.socket_dir),
             "primary_slot_name": self.slot,
-        }
-        lines = ["", "# --- wal-listener throwaway standby ---"]
-        lines += [f"{key} = {_literal(value)}" for key, value in settings.items()]
-        with (self.data_dir / "postgresql.auto.conf").open("a") as f:
-            f.write("\n".join(lines) + "\n")
+        })  # fmt: skip
 
 
 class PrimaryStandby:
