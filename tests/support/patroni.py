@@ -60,7 +60,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import psycopg
@@ -70,7 +69,7 @@ from psycopg.conninfo import make_conninfo
 
 from listener import throwaway
 from listener.throwaway import LOCALHOST, ServiceUnavailable, ThrowawayError, clean_env, free_port
-from tests.support.services import Controllable, find_pg_bin
+from tests.support.services import Controllable, StartedGroup, find_pg_bin
 
 __all__ = [
     "EtcdServer",
@@ -510,7 +509,7 @@ class PatroniNode(throwaway.Server):
 # the cluster
 
 
-class PatroniCluster:
+class PatroniCluster(StartedGroup):
     """etcd and ``nodes`` Patroni nodes (two by default) forming one cluster named ``scope``.
 
     ``slots``: permanent replication slots, e.g. ``{"ha_slot": logical_slot("app")}``; their databases
@@ -659,18 +658,6 @@ class PatroniCluster:
                 node.cleanup()
             self.etcd.cleanup()
             self._cleaned = True
-
-    def __enter__(self) -> Self:
-        try:
-            return self.start()
-        except BaseException:
-            self.cleanup()
-            raise
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.cleanup()
 
     # -- who is who
 

@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
 
 import psycopg
@@ -101,6 +102,34 @@ def run_async(factory: Callable[[], Awaitable[_T]], timeout: float) -> _T:
         raise box["error"]
     result: _T = box["result"]
     return result
+
+
+# --------------------------------------------------------------------------------------------------
+# servers started together
+
+
+class StartedGroup:
+    """``with`` for a group of servers started together (a primary and standby, a Patroni cluster):
+    ``start()`` on entry, ``cleanup()`` on exit, and also when starting failed half-way (the servers already
+    running are stopped)."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def cleanup(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:
+            self.cleanup()
+            raise
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.cleanup()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -40,14 +40,13 @@ import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
 import psycopg
 from psycopg.conninfo import make_conninfo
 
 from listener.throwaway import LOCALHOST, ServiceUnavailable, ThrowawayError
-from tests.support.services import PostgresServer, find_pg_bin
+from tests.support.services import PostgresServer, StartedGroup, find_pg_bin
 
 __all__ = ["PrimaryStandby", "StandbyServer"]
 
@@ -149,7 +148,7 @@ class StandbyServer(PostgresServer):
         })  # fmt: skip
 
 
-class PrimaryStandby:
+class PrimaryStandby(StartedGroup):
     """A PostgreSQL 18 primary and its physical standby with failover slot synchronization.
 
     ``start()`` (or the ``with`` statement) starts the primary, creates the physical slot and the
@@ -240,18 +239,6 @@ class PrimaryStandby:
             self.standby.cleanup()
         finally:
             self.primary.cleanup()
-
-    def __enter__(self) -> Self:
-        try:
-            return self.start()
-        except BaseException:
-            self.cleanup()
-            raise
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.cleanup()
 
     def __repr__(self) -> str:
         return f"<PrimaryStandby primary={self.primary!r} standby={self.standby!r} promoted={self.promoted}>"
