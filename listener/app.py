@@ -31,13 +31,13 @@ from listener.errors import (
 from listener.event import CHANGE_ACTIONS, EventBuilder, Transaction
 from listener.observability import Health, HttpServer, metrics_route, register_secrets, split_addr
 from listener.pgoutput import PG_EPOCH, format_lsn
+from listener.publication import publication_dropped
 from listener.publishers import make_publisher
 from listener.publishers.base import Publisher
 from listener.replication import (
     Database,
     ReplicationStream,
     parse_keepalive,
-    publication_dropped,
     slot_dropped,
     slot_missing_after_failover,
 )
@@ -288,7 +288,7 @@ class Listener:
         db = self._db = Database(self.cfg)
         await db.connect()
         await db.check_server()
-        await db.ensure_publication(create=not self._streamed)
+        publications = await db.ensure_publication(create=not self._streamed)
         try:
             slot = await db.ensure_slot(create=not self._streamed or self._resnapshot)
         except SlotLostError as exc:
@@ -312,7 +312,7 @@ class Listener:
             slot = await db.ensure_slot(create=False)
         await self._check_failover(db, slot)
         start = max(slot.confirmed_flush_lsn, self.delivery.confirmed_lsn)
-        await stream.start(start)
+        await stream.start(start, publications)
         self._sent_lsn = max(self._sent_lsn, slot.confirmed_flush_lsn)
         self._streamed = True
         self._server = db.server
@@ -435,6 +435,10 @@ class Listener:
             metrics.SLOT_SAFE_WAL_BYTES.set(-1 if safe is None else safe)
             metrics.SLOT_WAL_KEEP_BYTES.set(state.wal_keep_size)
             await self._check_failover(db, state)
+            try:
+                await db.publications.watch(db.conn)
+            except Exception as exc:
+                log.warning("publication check failed", extra={"fields": {"error": str(exc).strip()}})
             for status in metrics.WAL_STATUSES:
                 metrics.SLOT_WAL_STATUS.labels(status).set(1 if state.wal_status == status else 0)
             at_risk = wal_at_risk(state.wal_status, safe, state.wal_keep_size)

@@ -14,9 +14,9 @@ The builders return ``sql.Composed`` and touch no connection, so they are tested
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from psycopg import AsyncConnection, sql
 from psycopg.rows import tuple_row
@@ -114,6 +114,16 @@ def _skip_quoted(text: str, start: int) -> int:
 # --------------------------------------------------------------------------------------------------
 # publications
 
+#: the actions a publication can publish, in the order PostgreSQL writes them
+ALL_ACTIONS = ("insert", "update", "delete", "truncate")
+#: what may be published for a table without a replica identity: once any publication publishes UPDATE or
+#: DELETE for such a table, PostgreSQL refuses the application's UPDATE and DELETE on it
+SAFE_WITHOUT_IDENTITY = frozenset({"insert", "truncate"})
+#: the companion publication of ``<name>``: tables without a replica identity that publish only inserts
+INSERTS_SUFFIX = "_inserts"
+#: the longest identifier PostgreSQL keeps (NAMEDATALEN - 1 bytes; longer ones are cut with a notice)
+MAX_NAME_BYTES = 63
+
 
 @dataclass(frozen=True)
 class PublishedTable:
@@ -131,11 +141,13 @@ class PublishedTable:
 
 @dataclass(frozen=True)
 class PublicationDefinition:
-    """What a publication should hold: ``tables`` None means FOR ALL TABLES."""
+    """What a publication should hold: ``tables`` None means FOR ALL TABLES, ``()`` no table (yet)."""
 
     name: str
     tables: tuple[PublishedTable, ...] | None
-    publish: tuple[str, ...] = ("insert", "update", "delete", "truncate")
+    publish: tuple[str, ...] = ALL_ACTIONS
+    #: publish_via_partition_root: changes of partitions as their root table (None: the server's default)
+    via_root: bool | None = None
 
 
 def table_clause(table: PublishedTable) -> sql.Composed:
@@ -150,17 +162,22 @@ def table_clause(table: PublishedTable) -> sql.Composed:
 
 def _target(tables: Sequence[PublishedTable] | None) -> sql.Composable:
     if tables is None:
-        return sql.SQL("FOR ALL TABLES")
-    return sql.SQL("FOR ") + sql.SQL(", ").join(table_clause(t) for t in tables)
+        return sql.SQL(" FOR ALL TABLES")
+    if not tables:
+        return sql.SQL("")  # a publication without tables: they are added when they exist
+    return sql.SQL(" FOR ") + sql.SQL(", ").join(table_clause(t) for t in tables)
 
 
-def _publish_option(publish: Sequence[str]) -> sql.Composed:
-    return sql.SQL("publish = {}").format(sql.Literal(", ".join(publish)))
+def _options(publish: Sequence[str], via_root: bool | None) -> sql.Composed:
+    options = [sql.SQL("publish = {}").format(sql.Literal(", ".join(publish)))]
+    if via_root is not None:
+        options.append(sql.SQL("publish_via_partition_root = {}").format(sql.SQL("true" if via_root else "false")))
+    return sql.SQL(", ").join(options)
 
 
 def create_publication(definition: PublicationDefinition) -> sql.Composed:
-    return sql.SQL("CREATE PUBLICATION {} {} WITH ({})").format(
-        sql.Identifier(definition.name), _target(definition.tables), _publish_option(definition.publish)
+    return sql.SQL("CREATE PUBLICATION {}{} WITH ({})").format(
+        sql.Identifier(definition.name), _target(definition.tables), _options(definition.publish, definition.via_root)
     )
 
 
@@ -170,8 +187,16 @@ def set_publication_tables(name: str, tables: Sequence[PublishedTable]) -> sql.C
     )
 
 
-def set_publication_publish(name: str, publish: Sequence[str]) -> sql.Composed:
-    return sql.SQL("ALTER PUBLICATION {} SET ({})").format(sql.Identifier(name), _publish_option(publish))
+def set_publication_publish(name: str, publish: Sequence[str], via_root: bool | None = None) -> sql.Composed:
+    return sql.SQL("ALTER PUBLICATION {} SET ({})").format(sql.Identifier(name), _options(publish, via_root))
+
+
+def add_publication_table(name: str, table: PublishedTable) -> sql.Composed:
+    return sql.SQL("ALTER PUBLICATION {} ADD {}").format(sql.Identifier(name), table_clause(table))
+
+
+def drop_publication_table(name: str, schema: str, table: str) -> sql.Composed:
+    return sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(sql.Identifier(name), sql.Identifier(schema, table))
 
 
 def comment_on_publication(name: str, comment: str) -> sql.Composed:
@@ -180,6 +205,180 @@ def comment_on_publication(name: str, comment: str) -> sql.Composed:
 
 def drop_publication(name: str) -> sql.Composed:
     return sql.SQL("DROP PUBLICATION IF EXISTS {}").format(sql.Identifier(name))
+
+
+def inserts_publication(name: str) -> str:
+    """The companion of publication ``name`` for tables without a replica identity (inserts only)."""
+    head = name.encode()[: MAX_NAME_BYTES - len(INSERTS_SUFFIX)].decode(errors="ignore")
+    return head + INSERTS_SUFFIX
+
+
+# -- who made a publication: the mark in its comment ------------------------------------------------
+
+_LISTENER_MARK = re.compile(r"^wal-listener slot=(?P<slot>[a-z0-9_]+)")
+_OPERATOR_MARK = re.compile(r"^wal-listener-operator uid=(?P<uid>\S+) resource=(?P<resource>\S+) spec=(?P<spec>\S+)")
+
+
+@dataclass(frozen=True)
+class PublicationOwner:
+    """Who made a publication, read from its comment. ``kind`` '' : someone else (used as it is, never altered)."""
+
+    kind: Literal["", "listener", "operator"] = ""
+    #: the listener's slot, or the operator's resource uid
+    ident: str = ""
+    resource: str = ""  # operator: namespace/name of the WalListener
+    spec: str = ""  # operator: hash of what it made the publication from
+
+
+def publication_owner(comment: str | None) -> PublicationOwner:
+    if found := _LISTENER_MARK.match(comment or ""):
+        return PublicationOwner("listener", found["slot"])
+    if found := _OPERATOR_MARK.match(comment or ""):
+        return PublicationOwner("operator", found["uid"], found["resource"], found["spec"])
+    return PublicationOwner()
+
+
+def listener_mark(slot: str) -> str:
+    """The comment of a publication the listener of ``slot`` made (and keeps to its listener.filter)."""
+    return f"wal-listener slot={slot}: made by the listener of this slot, which keeps it to its listener.filter"
+
+
+# -- the rule: which publications, with which tables and actions (both programs) --------------------
+
+
+@dataclass(frozen=True)
+class WantedTable:
+    """A table to publish (schema-qualified) and the actions asked for it (lower case)."""
+
+    table: PublishedTable
+    actions: frozenset[str]
+
+
+@dataclass(frozen=True)
+class PublicationPlan:
+    """The publications behind one listener: ``main`` holds every table with a replica identity (publishing
+    the union of the actions asked), ``inserts`` the tables without one, which may only publish inserts
+    and truncates (a publication's actions apply to all its tables)."""
+
+    main: PublicationDefinition
+    inserts: PublicationDefinition
+
+    @property
+    def names(self) -> list[str]:
+        return [self.main.name, self.inserts.name]
+
+
+class UnsafePublication(ValueError):
+    """Publishing as asked would make the application's UPDATE or DELETE fail on tables without a replica
+    identity; the message names them, what would break and the fixes."""
+
+    def __init__(self, message: str, tables: Sequence[str]) -> None:
+        super().__init__(message)
+        self.tables = tuple(tables)
+
+
+def unsafe_publication(publication: str, tables: Sequence[str], *, all_tables: bool = False) -> UnsafePublication:
+    """The one line refusing to publish updates/deletes of ``tables`` (no replica identity)."""
+    names = ", ".join(tables)
+    where = (
+        "or list the tables to publish in listener.filter.tables (FOR ALL TABLES would publish updates of every "
+        "table)"
+        if all_tables
+        else "or leave them out of listener.filter.tables, or publish only insert (and truncate) for them"
+    )
+    return UnsafePublication(
+        f"postgres: refusing to make publication {publication!r} publish updates/deletes of {names}: they have no "
+        "replica identity, so the application's UPDATE and DELETE on them would fail (\"cannot update table ... "
+        "because it does not have a replica identity and publishes updates\"); give each a primary key, or run "
+        "ALTER TABLE ... REPLICA IDENTITY FULL (or REPLICA IDENTITY USING INDEX ...), " + where,
+        tables,
+    )
+
+
+def plan_publications(
+    name: str,
+    wanted: Sequence[WantedTable] | None,
+    without_identity: Mapping[str, str],
+    *,
+    via_root: bool | None = None,
+    asked: frozenset[str] | None = None,
+) -> PublicationPlan:
+    """The publications for ``wanted`` (None: every table, FOR ALL TABLES).
+
+    ``without_identity``: the schema-qualified tables among ``wanted`` (for FOR ALL TABLES: in the whole
+    database) with no usable replica identity (themselves or one of their partitions), each with its
+    description for a message (:func:`identity_problems`). Such a table goes into the ``inserts``
+    publication when only inserts (and truncates) are asked for it; asked for updates or deletes, or present
+    at all under FOR ALL TABLES, it is refused (:class:`UnsafePublication`). ``main`` publishes ``asked``
+    (the actions of every table named, also of those that do not exist yet), by default those of ``wanted``.
+    """
+    inserts_name = inserts_publication(name)
+    inserts_only = tuple(a for a in ALL_ACTIONS if a in SAFE_WITHOUT_IDENTITY)
+    if wanted is None:
+        if without_identity:
+            raise unsafe_publication(name, [without_identity[t] for t in sorted(without_identity)], all_tables=True)
+        return PublicationPlan(
+            PublicationDefinition(name, None, ALL_ACTIONS, via_root),
+            PublicationDefinition(inserts_name, (), inserts_only, via_root),
+        )
+    keyed: list[PublishedTable] = []
+    keyless: list[PublishedTable] = []
+    refused: list[str] = []
+    for item in wanted:
+        if item.table.qualified not in without_identity:
+            keyed.append(item.table)
+        elif item.actions <= SAFE_WITHOUT_IDENTITY:
+            keyless.append(item.table)
+        else:
+            refused.append(item.table.qualified)
+    if refused:
+        raise unsafe_publication(name, [without_identity[t] for t in sorted(set(refused))])
+    if asked is None:
+        asked = frozenset().union(*(item.actions for item in wanted))
+    publish = tuple(a for a in ALL_ACTIONS if a in asked) or ALL_ACTIONS
+    return PublicationPlan(
+        PublicationDefinition(name, tuple(_unique(keyed)), publish, via_root),
+        PublicationDefinition(inserts_name, tuple(_unique(keyless)), inserts_only, via_root),
+    )
+
+
+def _unique(tables: Sequence[PublishedTable]) -> list[PublishedTable]:
+    """Each table once, in name order (a bare name and a qualified one may resolve to the same table)."""
+    return sorted({t.qualified: t for t in tables}.values(), key=lambda t: t.qualified)
+
+
+@dataclass(frozen=True)
+class PublicationState:
+    """A publication as the catalog has it (see :data:`PUBLICATION_QUERY`)."""
+
+    name: str
+    all_tables: bool
+    comment: str
+    publish: tuple[str, ...]
+    via_root: bool
+    tables: frozenset[str] = frozenset()  # schema-qualified members (FOR TABLE), not the partitions under them
+
+    @property
+    def owner(self) -> PublicationOwner:
+        return publication_owner(self.comment)
+
+
+def publication_changes(current: PublicationState, target: PublicationDefinition) -> list[sql.Composed]:
+    """The statements that make ``current`` what ``target`` describes (tables without row filters or column
+    lists: the listener's own publications). Empty when nothing differs."""
+    if current.all_tables != (target.tables is None):
+        # FOR ALL TABLES cannot be altered into a table list (or back): replace it
+        return [drop_publication(target.name), create_publication(target)]
+    out: list[sql.Composed] = []
+    if target.tables is not None:
+        wanted = {t.qualified: t for t in target.tables}
+        out += [add_publication_table(target.name, wanted[q]) for q in sorted(wanted.keys() - current.tables)]
+        gone = sorted(current.tables - wanted.keys())
+        out += [drop_publication_table(target.name, *split_table_name(q)) for q in gone]
+    via_root = current.via_root if target.via_root is None else target.via_root
+    if tuple(target.publish) != current.publish or via_root != current.via_root:
+        out.append(set_publication_publish(target.name, target.publish, target.via_root))
+    return out
 
 
 #: the tables a name resolves to: 'users' is every schema's users, 'shop.users' only that one
@@ -198,19 +397,102 @@ def split_table_name(name: str) -> tuple[str, str]:
     return schema, table
 
 
-#: the publication as the catalog has it: FOR ALL TABLES?, its comment (who owns it)
+#: the publication as the catalog has it: FOR ALL TABLES?, its comment (who made it), what it publishes,
+#: publish_via_partition_root
 PUBLICATION_QUERY = (
-    "SELECT p.puballtables, pg_catalog.obj_description(p.oid, 'pg_publication')"
+    "SELECT p.puballtables, pg_catalog.obj_description(p.oid, 'pg_publication'),"
+    " array_remove(ARRAY[CASE WHEN p.pubinsert THEN 'insert' END, CASE WHEN p.pubupdate THEN 'update' END,"
+    " CASE WHEN p.pubdelete THEN 'delete' END, CASE WHEN p.pubtruncate THEN 'truncate' END], NULL),"
+    " p.pubviaroot,"
+    " ARRAY(SELECT n.nspname || '.' || c.relname FROM pg_catalog.pg_publication_rel r"
+    "  JOIN pg_catalog.pg_class c ON c.oid = r.prrelid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+    "  WHERE r.prpubid = p.oid)"
     " FROM pg_catalog.pg_publication p WHERE p.pubname = %s"
 )
-#: the schema-qualified tables of a publication
+
+
+def publication_state(name: str, row: Sequence[Any]) -> PublicationState:
+    """A :data:`PUBLICATION_QUERY` row."""
+    return PublicationState(name, bool(row[0]), str(row[1] or ""), tuple(row[2]), bool(row[3]), frozenset(row[4]))
+
+
+async def read_publication(conn: AsyncConnection[Any], name: str) -> PublicationState | None:
+    row = await fetch_one(conn, PUBLICATION_QUERY, (name,))
+    return None if row is None else publication_state(name, row)
+
+
+#: the schema-qualified tables a publication publishes (FOR ALL TABLES: every table; partitions as their
+#: root when it publishes via the root)
 PUBLICATION_TABLES_QUERY = (
     "SELECT schemaname || '.' || tablename FROM pg_catalog.pg_publication_tables WHERE pubname = %s"
 )
 
+# -- tables without a replica identity ---------------------------------------------------------------
 
-def create_all_tables_publication(name: str) -> sql.Composed:
-    return create_publication(PublicationDefinition(name, None))
+#: a leaf table ``l`` on which UPDATE and DELETE fail once a publication publishes them: REPLICA IDENTITY
+#: NOTHING, DEFAULT without a usable primary key, or USING INDEX whose index is gone (an index that is not
+#: valid and immediate cannot serve, as PostgreSQL's relcache decides)
+_NO_IDENTITY = (
+    "(l.relreplident = 'n'"
+    " OR (l.relreplident = 'd' AND NOT EXISTS (SELECT FROM pg_catalog.pg_index i"
+    "  WHERE i.indrelid = l.oid AND i.indisprimary AND i.indisvalid AND i.indimmediate))"
+    " OR (l.relreplident = 'i' AND NOT EXISTS (SELECT FROM pg_catalog.pg_index i"
+    "  WHERE i.indrelid = l.oid AND i.indisreplident AND i.indisvalid AND i.indimmediate)))"
+)
+#: each leaf of the candidate tables ``c`` (a table is its own only leaf; a partitioned table has its
+#: partitions, which pg_partition_tree lists), permanent (unlogged tables are never published), with the
+#: schema-qualified candidate and leaf
+_LEAVES = (
+    " CROSS JOIN LATERAL (SELECT c.oid AS relid, true AS isleaf WHERE c.relkind = 'r' UNION ALL"
+    "  SELECT pt.relid, pt.isleaf FROM pg_catalog.pg_partition_tree(c.oid) pt WHERE c.relkind = 'p') AS t"
+    " JOIN pg_catalog.pg_class l ON l.oid = t.relid JOIN pg_catalog.pg_namespace ln ON ln.oid = l.relnamespace"
+    f" WHERE t.isleaf AND l.relkind = 'r' AND l.relpersistence = 'p' AND {_NO_IDENTITY}"
+)
+_QUALIFIED = "SELECT DISTINCT n.nspname || '.' || c.relname, ln.nspname || '.' || l.relname"
+#: (table, leaf) of the tables named (schemas[i].names[i]) whose leaves lack a replica identity
+WITHOUT_IDENTITY_QUERY = (
+    f"{_QUALIFIED} FROM unnest(%(schemas)s::text[], %(names)s::text[]) AS w(schema, name)"
+    " JOIN pg_catalog.pg_namespace n ON n.nspname = w.schema"
+    " JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = w.name"
+    f"{_LEAVES} ORDER BY 1, 2"
+)
+#: the same for every table FOR ALL TABLES would publish (user tables: oid >= FirstNormalObjectId)
+ALL_WITHOUT_IDENTITY_QUERY = (
+    f"{_QUALIFIED} FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+    f"{_LEAVES} AND c.oid >= 16384 AND c.relkind IN ('r', 'p') AND NOT c.relispartition ORDER BY 1, 2"
+)
+#: the same for the tables of the publications named (%(publications)s) that publish updates or deletes
+PUBLISHED_WITHOUT_IDENTITY_QUERY = (
+    f"{_QUALIFIED} FROM pg_catalog.pg_publication p"
+    " JOIN pg_catalog.pg_publication_tables w ON w.pubname = p.pubname"
+    " JOIN pg_catalog.pg_namespace n ON n.nspname = w.schemaname"
+    " JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = w.tablename"
+    f"{_LEAVES} AND p.pubname = ANY(%(publications)s) AND (p.pubupdate OR p.pubdelete) ORDER BY 1, 2"
+)
+
+
+def identity_problems(rows: Sequence[Sequence[Any]]) -> dict[str, str]:
+    """(table, leaf) rows of the queries above -> table: its description for a message, ``public.t`` or
+    ``public.ev (partitions public.ev_1, public.ev_2)``."""
+    leaves: dict[str, list[str]] = {}
+    for table, leaf in rows:
+        leaves.setdefault(str(table), []).extend([] if leaf == table else [str(leaf)])
+    return {
+        table: table if not parts else f"{table} (partition{'s' if len(parts) > 1 else ''} {', '.join(parts)})"
+        for table, parts in leaves.items()
+    }
+
+
+#: partitioned tables a publication holds whose changes it publishes as their partitions' (no
+#: publish_via_partition_root): each partition then has a topic of its own
+PARTITIONED_WITHOUT_ROOT_QUERY = (
+    "SELECT n.nspname || '.' || c.relname FROM pg_catalog.pg_publication p"
+    " JOIN pg_catalog.pg_class c ON c.relkind = 'p' AND NOT c.relispartition"
+    " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+    " WHERE p.pubname = %s AND NOT p.pubviaroot AND (p.puballtables OR EXISTS (SELECT FROM"
+    "  pg_catalog.pg_publication_rel r WHERE r.prpubid = p.oid AND r.prrelid = c.oid)) AND c.oid >= 16384"
+    " ORDER BY 1"
+)
 
 
 # --------------------------------------------------------------------------------------------------

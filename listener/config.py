@@ -182,7 +182,15 @@ class ListenerConfig(_Model):
         "wal-listener",
         min_length=1,
         max_length=63,
-        description="Publication the slot streams (created FOR ALL TABLES if missing).",
+        description="Publication the slot streams. When missing, the listener creates it (with a companion "
+        "<name>_inserts for tables without a replica identity that publish only inserts): FOR TABLE the tables "
+        "of filter.tables publishing only the actions asked for, FOR ALL TABLES without a filter; it keeps the "
+        "publications it made to the filter at every start. A publication made by someone else is used as it is.",
+    )
+    partition_root: bool = Field(
+        True,
+        description="Publish changes of a partitioned table's partitions as the partitioned (root) table: its "
+        "name, its topic, its filter entry (publish_via_partition_root on the publications the listener makes).",
     )
     max_in_flight: int = Field(20000, ge=1, description="Events read but not yet acknowledged, at most.")
     batch_size: int = Field(

@@ -4,6 +4,8 @@ The whole tree (nothing else in the listener raises its own exception types)::
 
     ListenerError
     ├── ConfigError                  the configuration is invalid (or names a broker whose library is missing); exit 2
+    │   └── PublicationRefused       the config would need a publication that breaks the application's writes,
+    │                                or one another listener made; exit 2
     ├── BrokerConfigError            the broker refuses the publisher's settings; exit 2
     ├── DatabaseError                PostgreSQL unreachable or refusing; retried with backoff
     │   ├── DatabaseSetupError       reachable, but set up so streaming cannot work until someone acts; retried slowly
@@ -34,6 +36,11 @@ class ListenerError(Exception):
 
 class ConfigError(ListenerError):
     """The configuration is invalid; the process exits with code 2."""
+
+
+class PublicationRefused(ConfigError):
+    """Streaming this config would need a publication that makes the application's UPDATE or DELETE fail (a
+    table without a replica identity), or one that the listener of another slot made; exit 2."""
 
 
 class BrokerConfigError(ListenerError):

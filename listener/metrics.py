@@ -32,6 +32,12 @@ OVERSIZED = Counter(
     "oversized_events", "Events larger than the broker accepts.", ["table"], registry=REGISTRY
 )
 RECONNECTS = Counter("reconnects", "Reconnections after a lost connection.", ["target"], registry=REGISTRY)
+PUBLICATION_TABLES_WITHOUT_IDENTITY = Gauge(
+    "publication_tables_without_identity",
+    "Tables the streamed publications publish updates or deletes of that have no replica identity: the "
+    "application's UPDATE and DELETE on them fail until each gets a primary key or a replica identity.",
+    registry=REGISTRY,
+)
 IN_FLIGHT = Gauge("in_flight_events", "Events read from PostgreSQL and not yet acknowledged.", registry=REGISTRY)
 CONFIRMED_LSN = Gauge("confirmed_lsn", "The LSN last confirmed to PostgreSQL (flush position).", registry=REGISTRY)
 RECEIVED_LSN = Gauge("received_lsn", "The highest WAL position received from PostgreSQL.", registry=REGISTRY)

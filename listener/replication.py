@@ -1,8 +1,8 @@
 """Stage 2 — replication: the publication, the slot, the stream and the LSN feedback.
 
-:class:`Database` runs the SQL side over a normal psycopg connection: checks ``wal_level``, creates
-the publication (FOR ALL TABLES, only when missing) and the pgoutput slot, reads slot health, and
-looks up user-defined types. :class:`ReplicationStream` owns a ``replication=database`` connection,
+:class:`Database` runs the SQL side over a normal psycopg connection: checks ``wal_level``, makes the
+publications (:mod:`listener.publication`) and the pgoutput slot, reads slot health, and looks up
+user-defined types. :class:`ReplicationStream` owns a ``replication=database`` connection,
 issues ``START_REPLICATION`` and speaks the streaming protocol through psycopg's ``pgconn`` copy-both
 calls: XLogData and keepalives in, standby status updates (the confirmed flush LSN) out.
 """
@@ -24,6 +24,7 @@ from listener.catalog import SlotState
 from listener.config import Config
 from listener.errors import DatabaseError, DatabaseSetupError, SlotInUseError, SlotLostError
 from listener.pgoutput import PG_EPOCH, format_lsn
+from listener.publication import Publications, publication_dropped
 from listener.types import PgType, TypeRegistry
 
 log = logging.getLogger("listener.replication")
@@ -73,6 +74,7 @@ class Database:
         self.slot_created = False
         #: server_version_num, once :meth:`check_server` ran
         self.version = 0
+        self.publications = Publications(cfg)
 
     async def connect(self) -> None:
         try:
@@ -121,27 +123,12 @@ class Database:
         row = await catalog.fetch_one(self.conn, catalog.SYNCHRONIZED_STANDBYS_QUERY)
         return (str(row[0] or ""), int(row[1] or 0)) if row else ("", 0)
 
-    async def ensure_publication(self, create: bool = True) -> None:
-        """Create the publication when missing. ``create=False`` (the listener streamed with it
-        before): a missing publication was dropped underneath the listener; re-creating it silently
-        would hide that the changes made without it are not captured (PostgreSQL 18 skips them,
-        15-17 cannot decode past them), so report it instead."""
-        name = self.cfg.listener.publication_name
-        if await catalog.fetch_one(self.conn, catalog.PUBLICATION_QUERY, (name,)) is not None:
-            return
-        if not create:
-            raise publication_dropped(name)
-        try:
-            await catalog.execute_one(self.conn, catalog.create_all_tables_publication(name))
-        except psycopg.errors.DuplicateObject:
-            return
-        except psycopg.errors.InsufficientPrivilege:
-            raise DatabaseSetupError(
-                f"postgres: user {self.cfg.database.user!r} may not create publication {name!r} FOR ALL TABLES; "
-                f"create it as a superuser (CREATE PUBLICATION \"{name}\" FOR ALL TABLES) or grant the right",
-                reason="setup",
-            ) from None
-        log.info("created publication", extra={"fields": {"publication": name}})
+    async def ensure_publication(self, create: bool = True) -> list[str]:
+        """Make the publications when missing, keep the listener's own to its config (see
+        :mod:`listener.publication`); the names to stream. ``create=False`` (the listener streamed with them
+        before): a missing publication was dropped underneath the listener; re-creating it silently would hide
+        that the changes made without it are not captured, so it is reported instead."""
+        return await self.publications.ensure(self.conn, create=create)
 
     async def slot(self) -> SlotState | None:
         return await catalog.read_slot(
@@ -260,17 +247,13 @@ class ReplicationStream:
                 reason="setup",
             ) from None
 
-    async def start(self, start_lsn: int) -> None:
+    async def start(self, start_lsn: int, publications: list[str]) -> None:
         assert self.pgconn is not None
         pgconn = self.pgconn
         slot = self.cfg.listener.slot_name
-        # publication_names is a string literal ('' escapes a quote) holding a list of identifiers
-        # ("" escapes a double quote); a name with a single quote broke the command before
-        publication = '"' + self.cfg.listener.publication_name.replace('"', '""') + '"'
-        publication = publication.replace("'", "''")
         command = (
             f'START_REPLICATION SLOT "{slot}" LOGICAL {format_lsn(start_lsn)} '
-            f"(proto_version '1', publication_names '{publication}', messages 'true')"
+            f"(proto_version '1', publication_names '{publication_names(publications)}', messages 'true')"
         )
         pgconn.send_query(command.encode())
         while True:
@@ -464,15 +447,10 @@ def slot_invalidated(slot: str, server_message: str = "") -> SlotLostError:
     )
 
 
-def publication_dropped(publication: str, server_message: str = "") -> DatabaseSetupError:
-    said = f" ({server_message})" if server_message else ""
-    return DatabaseSetupError(
-        f"postgres: publication {publication!r} was dropped while the listener ran{said}: changes made without "
-        "it are not captured (PostgreSQL 18 skips them, 15-17 cannot decode past them); create it again "
-        f"(CREATE PUBLICATION \"{publication}\" FOR ALL TABLES), and if the stream stays stuck drop the slot, "
-        "re-snapshot and restart the listener",
-        reason="publication_missing",
-    )
+def publication_names(names: list[str]) -> str:
+    """The ``publication_names`` option's value inside its string literal: a comma-separated list of quoted
+    identifiers (``""`` escapes a double quote), with each ``'`` doubled for the literal around it."""
+    return ",".join('"' + name.replace('"', '""') + '"' for name in names).replace("'", "''")
 
 
 def parse_keepalive(data: bytes | memoryview) -> tuple[int, bool]:

@@ -95,3 +95,112 @@ async def test_execute_one_runs_exactly_one_statement(pg: PostgresServer, fresh_
             await catalog.execute_one(conn, psycopg.sql.SQL("CREATE TABLE two (x int); CREATE TABLE three (x int)"))
         cur = await conn.execute("SELECT relname FROM pg_class WHERE relname IN ('one', 'two', 'three')")
         assert [r[0] for r in await cur.fetchall()] == ["one"]
+
+
+# -- the publication rule (listener and operator) -------------------------------------------------------
+
+
+def _wanted(name: str, *actions: str) -> catalog.WantedTable:
+    schema, table = name.split(".")
+    return catalog.WantedTable(PublishedTable(schema, table), frozenset(actions))
+
+
+def test_filtered_tables_are_published_with_only_the_actions_asked() -> None:
+    plan = catalog.plan_publications(
+        "wal-listener", [_wanted("public.users", "insert", "update"), _wanted("shop.users", "insert")], {}
+    )
+    assert plan.main == PublicationDefinition(
+        "wal-listener", (PublishedTable("public", "users"), PublishedTable("shop", "users")), ("insert", "update")
+    )
+    assert plan.inserts == PublicationDefinition("wal-listener_inserts", (), ("insert", "truncate"))
+    assert plan.names == ["wal-listener", "wal-listener_inserts"]
+
+
+def test_a_table_without_identity_asked_only_for_inserts_goes_to_the_inserts_publication() -> None:
+    plan = catalog.plan_publications(
+        "p",
+        [_wanted("public.orders", "insert", "update", "delete"), _wanted("public.audit_log", "insert")],
+        {"public.audit_log": "public.audit_log"},
+        via_root=True,
+    )
+    assert plan.main.tables == (PublishedTable("public", "orders"),)
+    assert plan.main.publish == ("insert", "update", "delete") and plan.main.via_root is True
+    assert plan.inserts.tables == (PublishedTable("public", "audit_log"),)
+    assert plan.inserts.publish == ("insert", "truncate")
+
+
+def test_updates_of_a_table_without_identity_are_refused_in_one_line_naming_table_and_fixes() -> None:
+    with pytest.raises(catalog.UnsafePublication) as caught:
+        catalog.plan_publications(
+            "wal-listener",
+            [_wanted("public.users", "insert", "update"), _wanted("public.nopk", "insert", "update")],
+            {"public.nopk": "public.nopk", "public.ev": "public.ev (partition public.ev_1)"},
+        )
+    text = str(caught.value)
+    assert "\n" not in text and caught.value.tables == ("public.nopk",)
+    assert "public.nopk" in text and "public.users" not in text and "ev_1" not in text
+    for fix in ("primary key", "REPLICA IDENTITY FULL", "USING INDEX", "listener.filter.tables", "only insert"):
+        assert fix in text, fix
+    assert "UPDATE and DELETE on them would fail" in text
+
+
+def test_all_tables_is_refused_while_the_database_has_a_table_without_identity() -> None:
+    problems = catalog.identity_problems([("public.ev", "public.ev_2026a"), ("public.ev", "public.ev_2026b"),
+                                          ("public.nopk", "public.nopk")])
+    assert problems == {"public.ev": "public.ev (partitions public.ev_2026a, public.ev_2026b)",
+                        "public.nopk": "public.nopk"}
+    with pytest.raises(catalog.UnsafePublication, match=r"public\.ev \(partitions public\.ev_2026a, public\.ev_2026b"
+                       r"\), public\.nopk.*list the tables to publish in listener\.filter\.tables"):
+        catalog.plan_publications("p", None, problems)
+    plan = catalog.plan_publications("p", None, {}, via_root=False)
+    assert plan.main == PublicationDefinition("p", None, catalog.ALL_ACTIONS, False)
+    assert plan.inserts.tables == ()
+
+
+def test_the_actions_of_tables_that_do_not_exist_yet_are_published_too() -> None:
+    plan = catalog.plan_publications("p", [_wanted("public.a", "insert")], {}, asked=frozenset({"insert", "delete"}))
+    assert plan.main.publish == ("insert", "delete")
+
+
+def test_publication_sql_for_no_tables_and_via_root() -> None:
+    empty = catalog.create_publication(PublicationDefinition("p_inserts", (), ("insert", "truncate"), True))
+    assert empty.as_string(None) == (
+        "CREATE PUBLICATION \"p_inserts\" WITH (publish = 'insert, truncate', publish_via_partition_root = true)"
+    )
+    assert catalog.add_publication_table("p", PublishedTable("s", 'x"y')).as_string(None) == (
+        'ALTER PUBLICATION "p" ADD TABLE "s"."x""y"'
+    )
+    assert catalog.drop_publication_table("p", "s", "t").as_string(None) == 'ALTER PUBLICATION "p" DROP TABLE "s"."t"'
+
+
+def test_changes_that_keep_a_publication_to_its_definition() -> None:
+    current = catalog.PublicationState("p", False, "", ("insert", "update"), False,
+                                       frozenset({"public.a", "public.gone"}))
+    target = PublicationDefinition("p", (PublishedTable("public", "a"), PublishedTable("public", "b")),
+                                   ("insert",), True)
+    assert [s.as_string(None) for s in catalog.publication_changes(current, target)] == [
+        'ALTER PUBLICATION "p" ADD TABLE "public"."b"',
+        'ALTER PUBLICATION "p" DROP TABLE "public"."gone"',
+        "ALTER PUBLICATION \"p\" SET (publish = 'insert', publish_via_partition_root = true)",
+    ]
+    same = catalog.PublicationState("p", False, "", ("insert",), True, frozenset({"public.a", "public.b"}))
+    assert catalog.publication_changes(same, target) == []
+    all_tables = catalog.PublicationState("p", True, "", catalog.ALL_ACTIONS, True)
+    assert catalog.publication_changes(all_tables, target)[0].as_string(None) == (
+        'DROP PUBLICATION IF EXISTS "p"'
+    )
+
+
+def test_who_made_a_publication_is_read_from_its_comment() -> None:
+    assert catalog.publication_owner(catalog.listener_mark("slot_a")) == catalog.PublicationOwner("listener", "slot_a")
+    operator = catalog.publication_owner("wal-listener-operator uid=u-1 resource=ns/x spec=abc")
+    assert (operator.kind, operator.ident, operator.resource, operator.spec) == ("operator", "u-1", "ns/x", "abc")
+    for other in (None, "", "made by the DBA", "see wal-listener slot=x"):
+        assert catalog.publication_owner(other).kind == ""
+
+
+def test_the_inserts_publication_name_fits_postgres_identifiers() -> None:
+    assert catalog.inserts_publication("wal-listener") == "wal-listener_inserts"
+    long = catalog.inserts_publication("p" * 63)
+    assert len(long.encode()) == 63 and long.endswith("_inserts")
+    assert len(catalog.inserts_publication("é" * 31).encode()) <= 63

@@ -45,6 +45,7 @@ ALERTS = {
     "WalListenerConnectionDown",
     "WalListenerPublishErrors",
     "WalListenerBackfillStuck",
+    "WalListenerTableWithoutIdentity",
 }
 
 

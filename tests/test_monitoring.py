@@ -43,6 +43,7 @@ MUST_BE_READ = {
     "reconnects_total",
     "slot_retained_wal_bytes",
     "up",
+    "publication_tables_without_identity",
 }
 
 
@@ -98,7 +99,7 @@ def test_exposed_metrics_reads_type_lines_and_counter_samples() -> None:
 
 def test_every_chart_expression_parses_and_reads_the_key_metrics() -> None:
     promql = chart_promql()
-    assert sum(where.startswith("rule ") for where in promql) == len(RULE_VARIANTS) * 9
+    assert sum(where.startswith("rule ") for where in promql) == len(RULE_VARIANTS) * 10
     assert sum(where.startswith("panel ") for where in promql) >= len(RULE_VARIANTS) * 10
     used = {where: metric_names(expr) for where, expr in promql.items()}
     assert all(used.values()), [where for where, names in used.items() if not names]

@@ -662,3 +662,57 @@ async def test_a_slot_on_postgresql_18_is_created_with_failover_and_status_says_
     await cluster.delete_listener(name)
     await cluster.wait_gone(WL, name)
     _q(pg18, db, "SELECT pg_drop_replication_slot(%s)", (slot,))  # the shared server keeps no WAL for it
+
+
+# -- never breaking the application's database (tables without a replica identity) ------------------------
+
+
+async def test_a_keyless_table_asked_for_updates_gets_a_condition_and_nothing_is_made(
+    cluster: Cluster, _secret: None, pg: PostgresServer, db_with_tables: str
+) -> None:
+    _q(pg, db_with_tables, "CREATE TABLE public.nopk (a int)")
+    name, slot = _name("keyless"), _slot("keyless")
+    spec = listener_spec(pg.port, db_with_tables, slot=slot, tables={"users": ["insert"], "nopk": ["insert", "update"]})
+    await cluster.create_listener(name, spec)
+    ready = await cluster.wait_condition(name, "Ready", "False", "TableWithoutReplicaIdentity")
+    assert "public.nopk" in ready["message"] and "REPLICA IDENTITY FULL" in ready["message"]
+    events = await cluster.wait(lambda: cluster.events(name, "TableWithoutReplicaIdentity"), what="a Warning event")
+    assert events[0]["type"] == "Warning"
+    assert _q(pg, db_with_tables, "SELECT pubname FROM pg_publication") == []
+    assert _q(pg, db_with_tables, "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (slot,)) == []
+    assert cluster.child(DEPLOYMENTS, name) is None
+    _q(pg, db_with_tables, "UPDATE public.nopk SET a = 1")  # the application's writes still work
+
+    # asked only for inserts, the table goes into the companion publication that publishes nothing else
+    await cluster.update_spec(name, {"listener": {"filter": {"tables": {"users": ["insert"], "nopk": ["insert"]}}}})
+    await cluster.wait_condition(name, "SlotReady", "True")
+    pub = spec["listener"]["publicationName"]
+    rows = _q(pg, db_with_tables, "SELECT p.pubname, p.pubupdate, p.pubviaroot, t.tablename FROM pg_publication p"
+              " JOIN pg_publication_tables t USING (pubname) ORDER BY 1, 4")
+    assert rows == [(pub, False, True, "users"), (pub, False, True, "users"), (f"{pub}_inserts", False, True, "nopk")]
+    assert cluster.status(name)["publication"]["tables"] == ["public.nopk", "public.users", "shop.users"]
+    _q(pg, db_with_tables, "UPDATE public.nopk SET a = 2")
+
+
+async def test_without_a_table_list_all_tables_is_refused_while_a_table_has_no_identity(
+    cluster: Cluster, _secret: None, pg: PostgresServer, db_with_tables: str
+) -> None:
+    _q(pg, db_with_tables, "CREATE TABLE public.nopk (a int)")
+    name, slot = _name("alltables"), _slot("alltables")
+    await cluster.create_listener(name, listener_spec(pg.port, db_with_tables, slot=slot))
+    ready = await cluster.wait_condition(name, "Ready", "False", "TableWithoutReplicaIdentity")
+    assert "public.nopk" in ready["message"] and "superuser" in ready["message"]
+    assert _q(pg, db_with_tables, "SELECT pubname FROM pg_publication") == []
+    assert cluster.child(DEPLOYMENTS, name) is None
+
+    # the table gets a key: FOR ALL TABLES is made; a keyless table created later is reported
+    _q(pg, db_with_tables, "ALTER TABLE public.nopk ADD PRIMARY KEY (a)")
+    await cluster.wait_condition(name, "SlotReady", "True", timeout=30)
+    assert cluster.status(name)["publication"]["allTables"] is True
+    _q(pg, db_with_tables, "CREATE TABLE public.later (a int)")
+    await cluster.wait(
+        lambda: cluster.status(name)["publication"].get("tablesWithoutIdentity") == ["public.later"],
+        timeout=30, what="status.publication.tablesWithoutIdentity",
+    )
+    events = await cluster.wait(lambda: cluster.events(name, "TableWithoutReplicaIdentity"), what="a Warning event")
+    assert "public.later" in events[-1]["message"]

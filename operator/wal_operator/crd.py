@@ -254,6 +254,12 @@ def status_schema() -> dict[str, Any]:
                     "createdByOperator": _field(
                         "boolean", "Created by this resource (then altered and dropped by it only)."
                     ),
+                    "tablesWithoutIdentity": {
+                        "type": "array",
+                        "description": "Tables the publication publishes updates or deletes of that have no replica "
+                        "identity: the application's UPDATE and DELETE on them fail (checked by the status timer).",
+                        "items": {"type": "string"},
+                    },
                 },
             },
         },

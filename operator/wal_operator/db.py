@@ -11,21 +11,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from listener import catalog
 from listener.backfill import Request, backfills, request_backfill
-from listener.catalog import PublicationDefinition, PublishedTable, SlotState, execute_one, fetch_all, fetch_one
-from listener.config import Action, DatabaseConfig
+from listener.catalog import PublishedTable, SlotState, execute_one, fetch_all
+from listener.config import DatabaseConfig
 from listener.errors import DatabaseError, DatabaseSetupError
 from wal_operator.render import Owner
 from wal_operator.spec import PublicationTable, SpecError, WalListenerSpec
 
-_OWNER = re.compile(r"wal-listener-operator uid=(?P<uid>\S+) resource=(?P<resource>\S+) spec=(?P<spec>\S+)")
 Connection = psycopg.AsyncConnection[Any]
 
 
@@ -39,6 +38,11 @@ class Conflict(DatabaseSetupError):
 
 class MissingTables(DatabaseSetupError):
     """Tables the spec names do not exist (yet)."""
+
+
+class TableWithoutReplicaIdentity(DatabaseSetupError):
+    """The publication would publish updates/deletes of tables without a replica identity: the
+    application's UPDATE and DELETE on them would fail. Nothing is created."""
 
 
 def owner_comment(owner: Owner, spec_hash: str) -> str:
@@ -91,13 +95,16 @@ def desired_tables(spec: WalListenerSpec) -> list[PublicationTable] | None:
     return None
 
 
-def desired_actions(spec: WalListenerSpec) -> list[str]:
-    """The publish option: only the actions the filter asks for, when it lists tables."""
-    tables = spec.listener.filter.tables
-    if not tables or spec.publication.tables:
-        return [a.value for a in Action]
-    wanted = {action for actions in tables.values() for action in actions}
-    return [a.value for a in Action if a in wanted] or [a.value for a in Action]
+def _asked(spec: WalListenerSpec, table: PublishedTable) -> frozenset[str]:
+    """The actions listener.filter asks for ``table`` (every action when the filter does not name it)."""
+    tables = spec.listener.filter.tables or {}
+    asked = {
+        action.value
+        for key, actions in tables.items()
+        for action in actions
+        if catalog.split_table_name(key)[1] == table.name and catalog.split_table_name(key)[0] in ("", table.schema)
+    }
+    return frozenset(asked) if asked else frozenset(catalog.ALL_ACTIONS)
 
 
 async def resolve_tables(
@@ -117,65 +124,122 @@ async def resolve_tables(
     return resolved
 
 
+async def plan(
+    conn: Connection, spec: WalListenerSpec, current: catalog.PublicationState | None
+) -> catalog.PublicationPlan:
+    """The publications the spec asks for (:func:`listener.catalog.plan_publications`, the listener's rule);
+    :class:`TableWithoutReplicaIdentity` when they would break the application's UPDATE/DELETE. Tables the
+    publication holds already are not refused again (the listener reports them)."""
+    name = spec.listener.publication_name
+    via_root = spec.listener.partition_root
+    wanted = desired_tables(spec)
+    try:
+        if wanted is None:
+            rows = await fetch_all(conn, catalog.ALL_WITHOUT_IDENTITY_QUERY)
+            problems = {} if current is not None and current.all_tables else catalog.identity_problems(rows)
+            return catalog.plan_publications(name, None, problems, via_root=via_root)
+        resolved = await resolve_tables(conn, wanted)
+        params = {"schemas": [t.schema for t in resolved], "names": [t.name for t in resolved]}
+        problems = catalog.identity_problems(await fetch_all(conn, catalog.WITHOUT_IDENTITY_QUERY, params))
+        held = current.tables if current is not None else frozenset()
+        items = [catalog.WantedTable(t, _asked(spec, t)) for t in resolved]
+        return catalog.plan_publications(
+            name, items, {t: d for t, d in problems.items() if t not in held}, via_root=via_root
+        )
+    except catalog.UnsafePublication as exc:
+        text = str(exc).removeprefix("postgres: ")
+        if wanted is None:
+            text += "; FOR ALL TABLES also needs a superuser: list the tables in spec.listener.filter.tables instead"
+        raise TableWithoutReplicaIdentity(text) from None
+
+
+def _definition_hash(target: catalog.PublicationPlan) -> str:
+    """A short hash of what the operator makes: a publication whose mark carries it needs no change."""
+    definition = [
+        {
+            "all": each.tables is None,
+            "tables": [[t.schema, t.name, t.where, list(t.columns)] for t in each.tables or ()],
+            "publish": list(each.publish),
+            "viaRoot": each.via_root,
+        }
+        for each in (target.main, target.inserts)
+    ]
+    return hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _alter(current: catalog.PublicationState, target: catalog.PublicationDefinition) -> list[sql.Composed]:
+    """What makes ``current`` ``target`` (row filters and column lists included: tables are SET)."""
+    if current.all_tables != (target.tables is None):
+        # FOR ALL TABLES cannot be altered into a table list (or back): replace it
+        return [catalog.drop_publication(target.name), catalog.create_publication(target)]
+    out: list[sql.Composed] = []
+    if target.tables:
+        out.append(catalog.set_publication_tables(target.name, target.tables))
+    elif target.tables is not None:
+        out += [catalog.drop_publication_table(target.name, *catalog.split_table_name(q))
+                for q in sorted(current.tables)]
+    out.append(catalog.set_publication_publish(target.name, target.publish, target.via_root))
+    return out
+
+
 async def ensure_publication(
     conn: Connection, spec: WalListenerSpec, owner: Owner, server_version: int
 ) -> PublicationState:
+    """The publication and its companion for tables without a replica identity (``<name>_inserts``), made
+    or altered to the spec by the listener's rule (:func:`plan`); a publication someone else made is used
+    as it is, never altered (the operator then makes no companion)."""
     name = spec.listener.publication_name
     wanted = desired_tables(spec)
-    actions = desired_actions(spec)
     if wanted and server_version < 150000 and any(t.where or t.columns for t in wanted):
         raise DatabaseSetupError(
             f"publication row filters and column lists need PostgreSQL 15 or later; the server is "
             f"{server_version // 10000}; remove where/columns from spec.publication.tables"
         )
-    resolved = await resolve_tables(conn, wanted) if wanted else None
-    target = PublicationDefinition(name, None if resolved is None else tuple(resolved), tuple(actions))
-    definition = {
-        "all": resolved is None,
-        "tables": [[t.schema, t.name, t.where, list(t.columns)] for t in resolved or []],
-        "publish": actions,
-    }
-    spec_hash = hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:16]
-    comment = owner_comment(owner, spec_hash)
-
-    row = await fetch_one(conn, catalog.PUBLICATION_QUERY, (name,))
-    state = PublicationState(name=name, all_tables=resolved is None, tables=[t.qualified for t in resolved or []])
-
-    try:
-        if row is None:
-            async with conn.transaction():
-                await execute_one(conn, catalog.create_publication(target))
-                await execute_one(conn, catalog.comment_on_publication(name, comment))
-            state.created_by_operator = state.changed = True
-            return state
-
-        all_tables, current_comment = row
-        found = _OWNER.match(current_comment or "")
-        if found and found["uid"] != owner.uid:
-            raise Conflict(
-                f"publication {name} belongs to WalListener {found['resource']} (uid {found['uid']}); "
-                "choose another listener.publicationName"
-            )
-        state.created_by_operator = bool(found)
-        current_tables = await _current_tables(conn, name)
-        same = (
-            (found is None or found["spec"] == spec_hash)
-            and bool(all_tables) == (resolved is None)
-            and (resolved is None or sorted(current_tables) == sorted(state.tables))
+    current = await catalog.read_publication(conn, name)
+    if current is not None and current.owner.kind == "operator" and current.owner.ident != owner.uid:
+        raise Conflict(
+            f"publication {name} belongs to WalListener {current.owner.resource} (uid {current.owner.ident}); "
+            "choose another listener.publicationName"
         )
-        if same:
-            return state
+    if current is not None and current.owner.kind == "listener":
+        raise Conflict(
+            f"publication {name} was made by the listener of slot {current.owner.ident} (not by the operator); "
+            "choose another listener.publicationName"
+        )
+    mine = current is None or current.owner.kind == "operator"
+    if not mine and current is not None:  # someone else's: used as it is, never altered
+        tables = [] if current.all_tables else sorted(current.tables)
+        return PublicationState(name=name, all_tables=current.all_tables, tables=tables)
+    target = await plan(conn, spec, current)
+    spec_hash = _definition_hash(target)
+    comment = owner_comment(owner, spec_hash)
+    state = PublicationState(
+        name=name,
+        all_tables=target.main.tables is None,
+        tables=sorted(t.qualified for t in (*(target.main.tables or ()), *(target.inserts.tables or ()))),
+        created_by_operator=True,
+    )
+    statements: list[sql.Composed] = []
+    inserts = await catalog.read_publication(conn, target.inserts.name)
+    if inserts is not None and (inserts.owner.kind, inserts.owner.ident) != ("operator", owner.uid):
+        raise Conflict(
+            f"publication {inserts.name} (the companion of {name} for tables without a replica identity) exists "
+            "and was not made for this resource; drop it or choose another listener.publicationName"
+        )
+    for definition, existing in ((target.main, current), (target.inserts, inserts)):
+        if existing is None:
+            statements.append(catalog.create_publication(definition))
+        elif existing.owner.spec != spec_hash:
+            statements += _alter(existing, definition)
+        else:
+            continue
+        statements.append(catalog.comment_on_publication(definition.name, comment))
+    if not statements:
+        return state
+    try:
         async with conn.transaction():
-            if bool(all_tables) != (resolved is None):
-                # FOR ALL TABLES cannot be altered into a table list (or back): replace it
-                await execute_one(conn, catalog.drop_publication(name))
-                await execute_one(conn, catalog.create_publication(target))
-            else:
-                if resolved is not None:
-                    await execute_one(conn, catalog.set_publication_tables(name, resolved))
-                await execute_one(conn, catalog.set_publication_publish(name, actions))
-            if found is not None:  # a publication someone else created stays theirs
-                await execute_one(conn, catalog.comment_on_publication(name, comment))
+            for statement in statements:
+                await execute_one(conn, statement)
         state.changed = True
         return state
     except psycopg.errors.InsufficientPrivilege as exc:
@@ -193,20 +257,23 @@ async def ensure_publication(
         raise SpecError(f"spec.publication: PostgreSQL refuses publication {name}: {first_line(exc)}") from None
 
 
-async def _current_tables(conn: Connection, name: str) -> list[str]:
-    return [row[0] for row in await fetch_all(conn, catalog.PUBLICATION_TABLES_QUERY, (name,))]
+async def tables_without_identity(conn: Connection, name: str) -> list[str]:
+    """Tables the publication (and its companion) publish updates/deletes of without a replica identity."""
+    names = [name, catalog.inserts_publication(name)]
+    rows = await fetch_all(conn, catalog.PUBLISHED_WITHOUT_IDENTITY_QUERY, {"publications": names})
+    problems = catalog.identity_problems(rows)
+    return [problems[t] for t in sorted(problems)]
 
 
 async def drop_publication(conn: Connection, name: str, owner: Owner) -> bool:
-    """Drop the publication if this resource created it; True if dropped."""
-    row = await fetch_one(conn, catalog.PUBLICATION_QUERY, (name,))
-    if row is None:
-        return False
-    found = _OWNER.match(row[1] or "")
-    if not found or found["uid"] != owner.uid:
-        return False
-    await execute_one(conn, catalog.drop_publication(name))
-    return True
+    """Drop the publication (and its companion ``<name>_inserts``) if this resource created it; True if dropped."""
+    dropped = False
+    for each in (name, catalog.inserts_publication(name)):
+        current = await catalog.read_publication(conn, each)
+        if current is not None and current.owner.kind == "operator" and current.owner.ident == owner.uid:
+            await execute_one(conn, catalog.drop_publication(each))
+            dropped = dropped or each == name
+    return dropped
 
 
 # --------------------------------------------------------------------------------------------------

@@ -450,6 +450,10 @@ async def reconcile(
             except db.MissingTables as exc:
                 fail([*done, st.Condition(st.PUBLICATION_READY, "False", "TablesMissing", str(exc))])
                 raise kopf.TemporaryError(str(exc), delay=60) from None
+            except db.TableWithoutReplicaIdentity as exc:
+                fail([*done, st.Condition(st.PUBLICATION_READY, "False", "TableWithoutReplicaIdentity", str(exc))])
+                kopf.warn(body, reason="TableWithoutReplicaIdentity", message=str(exc))
+                raise kopf.TemporaryError(str(exc), delay=SETTINGS.slow_retry) from None
             done.append(
                 st.Condition(
                     st.PUBLICATION_READY,
@@ -650,12 +654,14 @@ async def watch_slot(
     extra: dict[str, Any] = {}
     slot: SlotState | None = None
     read = False
+    keyless: list[str] = []
     secrets: Secrets | None = None
     try:
         secrets = await _read_secrets(model, namespace)
         conn = await db.connect(_database_config(model, secrets))
         async with conn:
             slot = await db.slot_status(conn, model.listener.slot_name)
+            keyless = await db.tables_without_identity(conn, model.listener.publication_name)
             read = True
             extra.update(_backfill_status(await db.backfill_states(conn, model.listener.slot_name)))
     except _NeedsPerson as exc:
@@ -667,6 +673,9 @@ async def watch_slot(
         updates.append(st.Condition(st.DATABASE_REACHABLE, "True", "Connected", ""))
         updates.append(_slot_condition(body, model.listener.slot_name, slot))
         _warn_retained(body, slot, model.alerts.retained_wal_bytes, memo)
+        if status.get("publication"):
+            extra["publication"] = {**status["publication"], "tablesWithoutIdentity": keyless}
+        _warn_without_identity(body, model.listener.publication_name, keyless, memo)
 
     if secrets is not None:
         await _keep_children(body, model, render.Owner(name, namespace, uid or ""), secrets, logger)
@@ -752,6 +761,27 @@ def _warn_retained(body: kopf.Body, slot: SlotState | None, threshold: int, memo
             f"slot {slot.name} holds back {st.human_bytes(slot.retained_wal_bytes)} of WAL "
             f"(threshold {st.human_bytes(threshold)}, wal_status {slot.wal_status}, active {slot.active}); "
             "the listener is behind or stopped"
+        ),
+    )
+
+
+def _warn_without_identity(body: kopf.Body, publication: str, tables: list[str], memo: kopf.Memo) -> None:
+    """A Warning event while the publication publishes updates of tables without a replica identity (at most
+    every 5 minutes): the application's UPDATE and DELETE on them fail."""
+    if not tables:
+        memo["identity_warned_at"] = 0.0
+        return
+    last = float(memo.get("identity_warned_at", 0.0))
+    if last and time.monotonic() - last < max(300.0, SETTINGS.status_interval):
+        return
+    memo["identity_warned_at"] = time.monotonic()
+    kopf.warn(
+        body,
+        reason="TableWithoutReplicaIdentity",
+        message=(
+            f"publication {publication} publishes updates/deletes of {', '.join(tables)}, which have no replica "
+            "identity: the application's UPDATE and DELETE on them fail; give each a primary key or REPLICA "
+            "IDENTITY FULL, or take them out of the publication"
         ),
     )
 

@@ -86,3 +86,64 @@ def dashboard_expressions(dashboard: dict[str, Any]) -> dict[str, str]:
             raise ValueError(f"variable {variable.get('name')}: not a label_values(...) query: {text!r}")
         out[f"variable {variable['name']}"] = match["query"]
     return out
+
+
+# -- evaluating an alert on scraped metrics ---------------------------------------------------------------
+
+Sample = tuple[dict[str, str], float]
+
+_COMPARE = {
+    ">": lambda a, b: a > b,
+    "<": lambda a, b: a < b,
+    ">=": lambda a, b: a >= b,
+    "<=": lambda a, b: a <= b,
+    "==": lambda a, b: a == b,
+    "!=": lambda a, b: a != b,
+}
+_AGGREGATE = {"max": max, "min": min, "sum": sum, "count": len}
+
+
+def scraped_samples(text: str) -> list[tuple[str, dict[str, str], float]]:
+    """Every sample of a ``/metrics`` page: (name, labels, value)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return [(s.name, dict(s.labels), float(s.value)) for f in text_string_to_metric_families(text) for s in f.samples]
+
+
+def evaluate(expr: str, text: str) -> list[Sample]:
+    """The instant value of an alert expression over one scrape of ``/metrics`` (Prometheus' own target labels
+    such as namespace and pod absent): the alert fires when this is not empty. Covers what the chart's rules
+    use: selectors, max/min/sum/count by/without, and comparisons with a number."""
+    samples = scraped_samples(text)
+
+    def vector(node: Any) -> list[Sample]:
+        if isinstance(node, promql_parser.ParenExpr):
+            return vector(node.expr)
+        if isinstance(node, promql_parser.VectorSelector):
+            return [(labels, value) for name, labels, value in samples
+                    if name == node.name and all(_matches(m, labels) for m in node.matchers.matchers)]
+        if isinstance(node, promql_parser.AggregateExpr):
+            groups: dict[tuple[tuple[str, str], ...], list[float]] = {}
+            keep = set(node.modifier.labels) if node.modifier is not None else set()
+            by = node.modifier is None or node.modifier.type == promql_parser.AggModifierType.By
+            for labels, value in vector(node.expr):
+                key = tuple(sorted((k, v) for k, v in labels.items() if (k in keep) == by))
+                groups.setdefault(key, []).append(value)
+            return [(dict(key), float(_AGGREGATE[str(node.op)](values))) for key, values in groups.items()]
+        if isinstance(node, promql_parser.BinaryExpr) and isinstance(node.rhs, promql_parser.NumberLiteral):
+            compare = _COMPARE[str(node.op)]
+            return [(labels, value) for labels, value in vector(node.lhs) if compare(value, node.rhs.val)]
+        raise ValueError(f"cannot evaluate {node!r} of {expr!r}")
+
+    return vector(promql_parser.parse(expr))
+
+
+def _matches(matcher: Any, labels: dict[str, str]) -> bool:
+    value = labels.get(matcher.name, "")
+    op = matcher.op
+    if op == promql_parser.MatchOp.Equal:
+        return value == matcher.value
+    if op == promql_parser.MatchOp.NotEqual:
+        return value != matcher.value
+    found = re.fullmatch(matcher.value, value) is not None
+    return found if op == promql_parser.MatchOp.Re else not found
