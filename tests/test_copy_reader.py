@@ -29,7 +29,7 @@ async def read_stream(cfg: Config, compiled: bool, limit: int) -> tuple[list[byt
     starts: list[int] = []
     wal_end = 0
     try:
-        await stream.start(0)
+        await stream.start(0, [cfg.listener.publication_name])
         while not any(END in payload for payload in payloads[-limit:]):
             got, end, other, status = stream.read_batch(limit, starts)
             assert len(got) <= limit
