@@ -745,45 +745,43 @@ def _slot_condition(body: kopf.Body, name: str, slot: SlotState | None) -> st.Co
     )
 
 
-def _warn_retained(body: kopf.Body, slot: SlotState | None, threshold: int, memo: kopf.Memo) -> None:
-    """A Warning event while the slot pins more WAL than the threshold (at most every 5 minutes)."""
-    if slot is None or not (threshold and slot.retained_wal_bytes > threshold):
-        memo["wal_warned_at"] = 0.0
+def _warn_while(body: kopf.Body, memo: kopf.Memo, reason: str, message: str | None) -> None:
+    """A Warning event ``reason`` while ``message`` says a problem lasts (None: it is over), at most every 5
+    minutes (the status timer runs every few seconds)."""
+    key = f"warned_at_{reason}"
+    if message is None:
+        memo[key] = 0.0
         return
-    last = float(memo.get("wal_warned_at", 0.0))
+    last = float(memo.get(key, 0.0))
     if last and time.monotonic() - last < max(300.0, SETTINGS.status_interval):
         return
-    memo["wal_warned_at"] = time.monotonic()
-    kopf.warn(
-        body,
-        reason="WALRetained",
-        message=(
+    memo[key] = time.monotonic()
+    kopf.warn(body, reason=reason, message=message)
+
+
+def _warn_retained(body: kopf.Body, slot: SlotState | None, threshold: int, memo: kopf.Memo) -> None:
+    """A Warning event while the slot pins more WAL than the threshold."""
+    message = None
+    if slot is not None and threshold and slot.retained_wal_bytes > threshold:
+        message = (
             f"slot {slot.name} holds back {st.human_bytes(slot.retained_wal_bytes)} of WAL "
             f"(threshold {st.human_bytes(threshold)}, wal_status {slot.wal_status}, active {slot.active}); "
             "the listener is behind or stopped"
-        ),
-    )
+        )
+    _warn_while(body, memo, "WALRetained", message)
 
 
 def _warn_without_identity(body: kopf.Body, publication: str, tables: list[str], memo: kopf.Memo) -> None:
-    """A Warning event while the publication publishes updates of tables without a replica identity (at most
-    every 5 minutes): the application's UPDATE and DELETE on them fail."""
-    if not tables:
-        memo["identity_warned_at"] = 0.0
-        return
-    last = float(memo.get("identity_warned_at", 0.0))
-    if last and time.monotonic() - last < max(300.0, SETTINGS.status_interval):
-        return
-    memo["identity_warned_at"] = time.monotonic()
-    kopf.warn(
-        body,
-        reason="TableWithoutReplicaIdentity",
-        message=(
+    """A Warning event while the publication publishes updates of tables without a replica identity: the
+    application's UPDATE and DELETE on them fail."""
+    message = None
+    if tables:
+        message = (
             f"publication {publication} publishes updates/deletes of {', '.join(tables)}, which have no replica "
             "identity: the application's UPDATE and DELETE on them fail; give each a primary key or REPLICA "
             "IDENTITY FULL, or take them out of the publication"
-        ),
-    )
+        )
+    _warn_while(body, memo, "TableWithoutReplicaIdentity", message)
 
 
 # --------------------------------------------------------------------------------------------------
