@@ -10,7 +10,11 @@ PUBLISHED = Counter(
     "published_events", "Events acknowledged by the broker.", ["subject", "table"], registry=REGISTRY
 )
 FILTER_SKIPPED = Counter(
-    "filter_skipped_events", "Changes not published because of listener.filter.", ["table"], registry=REGISTRY
+    "filter_skipped_events",
+    "Changes decoded but not published because of listener.filter (an action not asked for a table of the "
+    "publication; tables outside the filter are not in the listener's own publication and never decoded).",
+    ["table"],
+    registry=REGISTRY,
 )
 MESSAGES_SKIPPED = Counter(
     "messages_skipped", "Logical decoding messages not published: their prefix is not in listener.messages.prefixes.",

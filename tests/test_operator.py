@@ -685,7 +685,7 @@ async def test_a_keyless_table_asked_for_updates_gets_a_condition_and_nothing_is
 
     # asked only for inserts, the table goes into the companion publication that publishes nothing else
     await cluster.update_spec(name, {"listener": {"filter": {"tables": {"users": ["insert"], "nopk": ["insert"]}}}})
-    await cluster.wait_condition(name, "SlotReady", "True")
+    await cluster.wait_condition(name, "SlotReady", "True", timeout=60)
     pub = spec["listener"]["publicationName"]
     rows = _q(pg, db_with_tables, "SELECT p.pubname, p.pubupdate, p.pubviaroot, t.tablename FROM pg_publication p"
               " JOIN pg_publication_tables t USING (pubname) ORDER BY 1, 4")
@@ -707,12 +707,12 @@ async def test_without_a_table_list_all_tables_is_refused_while_a_table_has_no_i
 
     # the table gets a key: FOR ALL TABLES is made; a keyless table created later is reported
     _q(pg, db_with_tables, "ALTER TABLE public.nopk ADD PRIMARY KEY (a)")
-    await cluster.wait_condition(name, "SlotReady", "True", timeout=30)
+    await cluster.wait_condition(name, "SlotReady", "True", timeout=60)
     assert cluster.status(name)["publication"]["allTables"] is True
     _q(pg, db_with_tables, "CREATE TABLE public.later (a int)")
     await cluster.wait(
         lambda: cluster.status(name)["publication"].get("tablesWithoutIdentity") == ["public.later"],
-        timeout=30, what="status.publication.tablesWithoutIdentity",
+        timeout=60, what="status.publication.tablesWithoutIdentity",
     )
     events = await cluster.wait(lambda: cluster.events(name, "TableWithoutReplicaIdentity"), what="a Warning event")
     assert "public.later" in events[-1]["message"]
