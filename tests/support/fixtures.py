@@ -125,10 +125,33 @@ def tansu() -> Iterator[TansuServer]:
 
 
 @pytest.fixture(scope="session")
-def pubsub_emulator() -> Iterator[PubSubEmulator]:
-    """The Pub/Sub emulator; ``.host`` is the value for PUBSUB_EMULATOR_HOST."""
+def _pubsub_emulator() -> Iterator[PubSubEmulator]:
     with _start(PubSubEmulator) as server:
         yield server
+
+
+#: threads of the session's Pub/Sub emulator above which it is restarted before the next test
+PUBSUB_EMULATOR_MAX_THREADS = 400
+
+
+@pytest.fixture
+def pubsub_emulator(_pubsub_emulator: PubSubEmulator) -> PubSubEmulator:
+    """The Pub/Sub emulator; ``.host`` is the value for PUBSUB_EMULATOR_HOST.
+
+    The emulator (0.8.20) starts a thread for every ordering key it ever sees and never ends it; each wakes
+    up every few milliseconds, so after a few thousand rows published with ordering it keeps both cores
+    busy and every test slows down. It is started once per session and restarted (same port, empty state:
+    every test uses a project of its own) between tests once it holds too many threads."""
+    if _pubsub_emulator.running and _thread_count(_pubsub_emulator.pid) > PUBSUB_EMULATOR_MAX_THREADS:
+        _pubsub_emulator.restart()
+    return _pubsub_emulator
+
+
+def _thread_count(pid: int | None) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/task")) if pid else 0
+    except OSError:
+        return 0
 
 
 @pytest.fixture(scope="session")
