@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import subprocess
@@ -11,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from listener.backfill import Request
+from listener.backfill_cli import _Bar
 from listener.config import Config, _leaf_paths, load_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -147,3 +150,19 @@ def test_the_brokers_own_required_keys_are_named(tmp_path: Path) -> None:
     assert "publisher.address is required but missing" in run.stderr and "WAL_PUBLISHER_ADDRESS" in run.stderr
     bad = _cli("check-config", cwd=tmp_path, env={**ENV_ONLY, "WAL_PUBLISHER_TYPE": "redis"})
     assert "publisher.type = 'redis' is not allowed; use one of nats, kafka, rabbitmq, google_pubsub" in bad.stderr
+
+
+def test_backfill_progress_is_shown_only_when_rows_move() -> None:
+    bar = _Bar(io.StringIO())
+    bar.EVERY = 0.0
+
+    def running(rows: int) -> Request:
+        return Request(1, "n", ("public.t",), "", "running", "public.t", None, (), rows, 0, 0, "")
+
+    for _ in range(4):
+        bar.update(running(0))
+    assert bar.out.getvalue() == ""  # was "0 rows 0 rows/s public.t", four times for a one-chunk backfill
+    bar.update(running(500))
+    bar.update(running(500))
+    (line,) = bar.out.getvalue().splitlines()
+    assert re.fullmatch(r"500 rows [\d,]+ rows/s public\.t", line), line
