@@ -54,6 +54,19 @@ def test_binary_mode_puts_the_attributes_in_headers_and_leaves_the_body() -> Non
     assert event.get_data() == orjson.loads(BODY) and event.get_id() == "e1"
 
 
+def test_nats_binary_mode_carries_datacontenttype_as_a_ce_header() -> None:
+    """The NATS protocol binding (1.0.3, 3.1.3.1): every attribute a ce- header, ce-datacontenttype too;
+    no content-type header (on NATS that header with application/cloudevents marks structured mode)."""
+    message = cloudevents(binding=formats.NATS_HEADERS)(item(), TIME)
+    assert message.headers is not None
+    assert message.headers["ce-datacontenttype"] == "application/json"
+    assert message.content_type == "" and "content-type" not in message.attributes()
+    # the SDK's HTTP-style parser (what NATS consumers in Python use) reads the attribute from the ce- header
+    event = http.from_http(http.HTTPMessage(message.attributes(), message.body), JSONFormat())
+    assert event.get_datacontenttype() == "application/json"
+    assert event.get_data() == orjson.loads(BODY) and event.get_id() == "e1"
+
+
 def test_kafka_binding_names_and_the_sdk_reads_them() -> None:
     message = cloudevents(binding=KAFKA)(item(), TIME)
     assert set(message.headers) == {"ce_specversion", "ce_type", "ce_source", "ce_subject", "ce_id", "ce_time"}
