@@ -665,7 +665,9 @@ async def watch_slot(
     if read:
         extra["slot"] = _slot_status(model.listener.slot_name, slot)
         updates.append(st.Condition(st.DATABASE_REACHABLE, "True", "Connected", ""))
-        updates.append(_slot_condition(body, model.listener.slot_name, slot))
+        slot_ready = _slot_condition(body, model.listener.slot_name, slot, st.get(conditions, st.SLOT_READY))
+        if slot_ready is not None:
+            updates.append(slot_ready)
         _warn_retained(body, slot, model.alerts.retained_wal_bytes, memo)
 
     if secrets is not None:
@@ -717,8 +719,17 @@ async def _keep_children(
         logger.warning("%s", exc)
 
 
-def _slot_condition(body: kopf.Body, name: str, slot: SlotState | None) -> st.Condition:
+def _slot_condition(
+    body: kopf.Body, name: str, slot: SlotState | None, reported: Mapping[str, Any] | None
+) -> st.Condition | None:
+    """SlotReady from the slot as read; None (leave it as the reconcile wrote it) while a slot that was
+    never there is still to be created: the reconcile's own condition says why it is not yet."""
     if slot is None:
+        existed = reported is not None and (
+            reported.get("status") == "True" or reported.get("reason") in ("SlotMissing", "SlotLost")
+        )
+        if not existed:
+            return None
         kopf.warn(body, reason="SlotMissing", message=f"replication slot {name} disappeared")
         return st.Condition(
             st.SLOT_READY,
