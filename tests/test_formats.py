@@ -262,3 +262,15 @@ def test_bad_format_settings_are_one_line_naming_the_key(
     assert "\n" not in message
     for word in words:
         assert word in message, message
+
+
+def test_debezium_sequence_has_no_previous_commit_for_the_first_transaction_after_a_start() -> None:
+    """As docs/formats.md says: the first part is the previous commit this process saw; null right after a
+    (re)start, for READ events before any commit too."""
+    debezium = formats.Debezium(make_config())
+    first = debezium.source("public", "t", formats.Change(commit_micros=0, xid=7, lsn=200))
+    read = debezium.source("public", "t", formats.Change(commit_micros=0, xid=None, lsn=None, snapshot="incremental"))
+    assert json.loads(first["sequence"]) == [None, "200"] and json.loads(read["sequence"]) == [None, None]
+    debezium.committed(150)
+    later = debezium.source("public", "t", formats.Change(commit_micros=0, xid=8, lsn=300))
+    assert json.loads(later["sequence"]) == ["150", "300"]
