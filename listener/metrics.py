@@ -31,7 +31,9 @@ CONVERSION_ERRORS = Counter(
 OVERSIZED = Counter(
     "oversized_events", "Events larger than the broker accepts.", ["table"], registry=REGISTRY
 )
-RECONNECTS = Counter("reconnects", "Reconnections after a lost connection.", ["target"], registry=REGISTRY)
+RECONNECTS = Counter(
+    "reconnects", "Reconnections after a lost connection (target: postgres or broker).", ["target"], registry=REGISTRY
+)
 IN_FLIGHT = Gauge("in_flight_events", "Events read from PostgreSQL and not yet acknowledged.", registry=REGISTRY)
 CONFIRMED_LSN = Gauge("confirmed_lsn", "The LSN last confirmed to PostgreSQL (flush position).", registry=REGISTRY)
 RECEIVED_LSN = Gauge("received_lsn", "The highest WAL position received from PostgreSQL.", registry=REGISTRY)
@@ -40,7 +42,8 @@ LAG_BYTES = Gauge(
     "replication_lag_bytes", "Server WAL end minus the confirmed LSN: WAL the slot retains.", registry=REGISTRY
 )
 LAG_SECONDS = Gauge(
-    "replication_lag_seconds", "Now minus the commit time of the last acknowledged transaction.",
+    "replication_lag_seconds",
+    "Now minus the commit time of the last acknowledged transaction (0 while nothing is in flight).",
     registry=REGISTRY,
 )
 SLOT_RETAINED_BYTES = Gauge(
@@ -50,7 +53,7 @@ SLOT_SAFE_WAL_BYTES = Gauge(
     "slot_safe_wal_size_bytes", "Bytes left before max_slot_wal_keep_size invalidates the slot (-1: no limit).",
     registry=REGISTRY,
 )
-UP = Gauge("up", "1 while the named connection is up.", ["target"], registry=REGISTRY)
+UP = Gauge("up", "1 while the named connection is up (target: postgres or broker).", ["target"], registry=REGISTRY)
 SLOT_PROBLEM = Gauge(
     "slot_problem",
     "1 while the slot cannot be streamed for the named reason (slot_dropped, slot_invalidated, slot_in_use, "
