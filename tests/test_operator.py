@@ -387,8 +387,15 @@ async def test_slot_missing_is_said_of_a_slot_that_disappeared_not_of_one_still_
     gone, slot = _name("gone"), _slot("gone")
     await cluster.create_listener(gone, listener_spec(pg.port, db_with_tables, slot=slot))
     await cluster.wait_condition(gone, "SlotReady", "True")
-    _q(pg, db_with_tables, "SELECT pg_drop_replication_slot(%s)", (slot,))
-    cond = await cluster.wait_condition(gone, "SlotReady", "False", "SlotMissing")
+
+    # dropped (again, should a late retry of the creation have made it anew) until the operator says so
+    def dropped_and_reported() -> dict[str, Any] | None:
+        _q(pg, db_with_tables, "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
+           " WHERE slot_name = %s AND NOT active", (slot,))
+        found = cluster.condition(gone, "SlotReady")
+        return found if found and found["reason"] == "SlotMissing" else None
+
+    cond = await cluster.wait(dropped_and_reported, timeout=60, what="SlotReady False SlotMissing")
     assert "dropped outside the operator" in cond["message"]
     events = await cluster.wait(lambda: cluster.events(gone, "SlotMissing"), what="a SlotMissing event")
     assert events[0]["type"] == "Warning" and f"replication slot {slot} disappeared" in events[0]["message"]
