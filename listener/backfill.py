@@ -19,7 +19,7 @@ of the last chunk whose events the broker acknowledged. A restarted listener res
 from there; a chunk it had published before the crash is published again with the same ids (built from
 the slot, the backfill, the table and the row's key), which brokers de-duplicate. Requests are rows too:
 ``wal-listener backfill`` inserts one, the operator inserts one per ``spec.backfills`` entry, and so can
-plain SQL (README "Snapshots and backfills").
+plain SQL (docs/snapshots.md).
 """
 
 from __future__ import annotations

@@ -129,7 +129,7 @@ class FilterConfig(_Model):
 
 
 class SnapshotConfig(_Model):
-    """Backfills: existing rows published as READ events while streaming (see README "Snapshots and backfills")."""
+    """Backfills: existing rows published as READ events while streaming (see docs/snapshots.md)."""
 
     mode: Literal["never", "initial"] = Field(
         "never", description="initial: when the listener creates its slot, backfill every published table."
