@@ -19,7 +19,7 @@ of the last chunk whose events the broker acknowledged. A restarted listener res
 from there; a chunk it had published before the crash is published again with the same ids (built from
 the slot, the backfill, the table and the row's key), which brokers de-duplicate. Requests are rows too:
 ``wal-listener backfill`` inserts one, the operator inserts one per ``spec.backfills`` entry, and so can
-plain SQL (README "Snapshots and backfills").
+plain SQL (docs/snapshots.md).
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ class Table:
     name: str
     relation: pgoutput.Relation
     key: tuple[str, ...]  # primary key, else the replica identity index
-    estimate: int
+    estimate: int  # rows, -1: unknown (never analyzed, no statistics yet)
     row_filter: str  # the publication's row filter (PostgreSQL 15+), applied to READ events as to changes
 
     @property
@@ -160,7 +160,8 @@ async def describe(
     row = await fetch_one(conn, catalog.TABLE_QUERY, {"publication": publication, "schema": schema, "table": name})
     if row is None:
         raise BackfillError(f"backfill: table {schema}.{name} does not exist")
-    oid, identity, estimate, published = int(row[0]), str(row[1]), int(row[2]), bool(row[3])
+    oid, identity, published = int(row[0]), str(row[1]), bool(row[2])
+    reltuples, live = int(row[3]), int(row[4])
     if not published:
         raise BackfillError(
             f"backfill: table {schema}.{name} is not in publication {publication!r}: its changes are not streamed, "
@@ -191,7 +192,10 @@ async def describe(
         identity,
         tuple(pgoutput.Column(str(c[0]), int(c[1]), int(c[2]), _in_identity(identity, c)) for c in columns),
     )
-    return Table(oid, schema, name, relation, key, estimate, row_filter)
+    # reltuples is -1 until the first VACUUM or ANALYZE; the statistics' live rows (then the planner's
+    # guess from the table's size, see estimate()) still give a total for the progress bar
+    rows = reltuples if reltuples >= 0 else live if live > 0 else -1
+    return Table(oid, schema, name, relation, key, rows, row_filter)
 
 
 def _in_identity(identity: str, column: Sequence[Any]) -> bool:
@@ -220,8 +224,9 @@ async def check_where(conn: psycopg.AsyncConnection[Any], schema: str, name: str
 
 
 async def estimate(conn: psycopg.AsyncConnection[Any], table: Table, where: Sequence[str]) -> int:
-    """Rows the backfill of ``table`` reads: the planner's estimate with a filter, else reltuples."""
-    if not where:
+    """Rows the backfill of ``table`` reads: the planner's estimate with a filter or when the catalog has
+    no count yet (the planner then goes by the table's size), else the catalog's count."""
+    if not where and table.estimate >= 0:
         return table.estimate
     row = await fetch_one(conn, catalog.estimate_query(table.schema, table.name, where))
     try:

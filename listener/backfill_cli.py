@@ -53,15 +53,18 @@ async def run_backfill_command(cfg: Config, args: argparse.Namespace) -> int:
         name = args.name or datetime.now(UTC).strftime("cli-%Y%m%dT%H%M%S")
         if await request_backfill(conn, slot, name, tables, args.where) is None:
             raise ConfigError(f"backfill: {name!r} was asked for before on slot {slot}; see --status or pick --name")
-        print(f"backfill {name} queued for slot {slot}: {', '.join(tables)}", file=sys.stderr)
+        print(f"backfill {name} queued for slot {slot}: {', '.join(tables)}", flush=True)
         if args.no_wait:
             return 0
-        return await follow(conn, slot, name, sys.stderr)
+        return await follow(conn, slot, name, sys.stderr, sys.stdout)
 
 
-async def follow(conn: psycopg.AsyncConnection[Any], slot: str, name: str, out: TextIO) -> int:
-    """Show the progress of backfill ``name`` until it ends: 0 when done, 1 when it failed."""
-    bar = _Bar(out)
+async def follow(
+    conn: psycopg.AsyncConnection[Any], slot: str, name: str, progress: TextIO, result: TextIO
+) -> int:
+    """Show the progress of backfill ``name`` on ``progress`` until it ends, then its result on ``result``:
+    0 when done, 1 when it failed."""
+    bar = _Bar(progress)
     asked = time.monotonic()
     hinted = False
     while True:
@@ -69,22 +72,23 @@ async def follow(conn: psycopg.AsyncConnection[Any], slot: str, name: str, out: 
         if row is None:
             raise BackfillError(f"backfill {name} disappeared from {catalog.STATE_TABLE_NAME}")
         request = Request.from_row(row)
-        if request.state == "done":
-            bar.finish(f"backfill {name} done: {request.rows_done:,} rows")
-            return 0
-        if request.state == "failed":
-            bar.finish(f"backfill {name} failed: {request.error}")
-            return 1
+        if request.state in ("done", "failed"):
+            bar.close()
+            ok = request.state == "done"
+            outcome = f"done: {request.rows_done:,} rows" if ok else f"failed: {request.error}"
+            print(f"backfill {name} {outcome}", file=result, flush=True)
+            return 0 if ok else 1
         if request.state == "requested" and not hinted and time.monotonic() - asked > PICKUP_HINT_AFTER:
             hinted = True
-            bar.finish(f"waiting for the listener of slot {slot} to start it (is it running?)")
+            bar.say(f"waiting for the listener of slot {slot} to start it (is it running?)")
         if request.state == "running":
             bar.update(request)
         await asyncio.sleep(FOLLOW_INTERVAL)
 
 
 class _Bar:
-    """One progress line: redrawn in place on a terminal, a line every few seconds otherwise."""
+    """The progress line: redrawn in place on a terminal, else a line every few seconds; both only when the
+    rows done changed (nothing is printed for a backfill that finishes in one chunk)."""
 
     WIDTH = 30
     EVERY = 2.0
@@ -93,38 +97,49 @@ class _Bar:
         self.out = out
         self.tty = out.isatty()
         self.first: tuple[float, int] | None = None
+        self.shown = 0  # rows done in the line last shown
         self.printed = 0.0
+        self.drawn = False  # a line is drawn in place, not yet ended
 
     def update(self, request: Request) -> None:
         now = time.monotonic()
         if self.first is None:
             self.first = (now, request.rows_done)
         since, rows_then = self.first
-        rate = (request.rows_done - rows_then) / (now - since) if now > since else 0.0
-        line = progress_line(request, rate)
+        if request.rows_done == self.shown or (not self.tty and now - self.printed < self.EVERY):
+            return
+        self.shown, self.printed = request.rows_done, now
+        line = progress_line(request, (request.rows_done - rows_then) / (now - since) if now > since else 0.0)
         if self.tty:
             self.out.write("\r" + line.ljust(100))
             self.out.flush()
-        elif now - self.printed >= self.EVERY:
-            self.printed = now
+            self.drawn = True
+        else:
             print(line, file=self.out, flush=True)
 
-    def finish(self, text: str) -> None:
-        if self.tty and self.first is not None:
-            self.out.write("\n")
+    def say(self, text: str) -> None:
+        self.close()
         print(text, file=self.out, flush=True)
+
+    def close(self) -> None:
+        if self.drawn:
+            self.out.write("\n")
+            self.out.flush()
+            self.drawn = False
 
 
 def progress_line(request: Request, rate: float) -> str:
-    """``[######......] 12,000/50,000 rows (24%) 8,000 rows/s ETA 5s`` (estimate and ETA when known)."""
+    """``[######......] 12,000/50,000 rows (24%) 8,000 rows/s ETA 5s`` (estimate, rate and ETA when known)."""
     done, total = request.rows_done, request.rows_estimated
+    speed = f" {rate:,.0f} rows/s" if rate > 0 else ""
+    table = f" {request.current_table}" if request.current_table else ""
     if total > 0:
         share = min(done / total, 1.0)
         filled = int(share * _Bar.WIDTH)
         bar = "[" + "#" * filled + "." * (_Bar.WIDTH - filled) + "]"
         eta = f" ETA {max(total - done, 0) / rate:.0f}s" if rate > 0 else ""
-        return f"{bar} {done:,}/{total:,} rows ({share:.0%}) {rate:,.0f} rows/s{eta} {request.current_table or ''}"
-    return f"{done:,} rows {rate:,.0f} rows/s {request.current_table or ''}"
+        return f"{bar} {done:,}/{total:,} rows ({share:.0%}){speed}{eta}{table}"
+    return f"{done:,} rows{speed}{table}"
 
 
 def show_status(items: list[Request], out: TextIO) -> None:

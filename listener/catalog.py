@@ -749,12 +749,15 @@ PUBLISHED_TABLES_QUERY = (
 #: the watermarks: non-transactional logical messages, at their own position in the WAL
 WATERMARK_QUERY = "SELECT pg_catalog.pg_logical_emit_message(false, %s, %s)::text"
 
-#: one table as a backfill sees it: oid, replica identity, row estimate, in the publication?
+#: one table as a backfill sees it: oid, replica identity, in the publication?, and two row counts:
+#: reltuples (-1: never vacuumed or analyzed) and the statistics' live tuples (kept without ANALYZE)
 TABLE_QUERY = (
-    "SELECT c.oid, c.relreplident::text, greatest(c.reltuples, 0)::bigint,"
+    "SELECT c.oid, c.relreplident::text,"
     " EXISTS (SELECT FROM pg_catalog.pg_publication_tables t"
-    "  WHERE t.pubname = %(publication)s AND t.schemaname = n.nspname AND t.tablename = c.relname)"
+    "  WHERE t.pubname = %(publication)s AND t.schemaname = n.nspname AND t.tablename = c.relname),"
+    " c.reltuples::bigint, coalesce(s.n_live_tup, 0)"
     " FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+    " LEFT JOIN pg_catalog.pg_stat_all_tables s ON s.relid = c.oid"
     " WHERE n.nspname = %(schema)s AND c.relname = %(table)s AND c.relkind IN ('r', 'p')"
 )
 #: its columns as pgoutput sends them (no dropped or generated ones), with the replica identity flag and
@@ -800,11 +803,11 @@ def chunk_query(
 
 
 def estimate_query(schema: str, table: str, where: Sequence[str]) -> sql.Composed:
-    """``EXPLAIN (FORMAT JSON)`` of the rows a backfill with ``where`` reads: the planner's estimate."""
+    """``EXPLAIN (FORMAT JSON)`` of the rows a backfill with ``where`` reads: the planner's estimate (from
+    the table's current size when it was never analyzed)."""
     conditions = sql.SQL(" AND ").join(sql.SQL("({})").format(sql.SQL(check_expression(w))) for w in where)
-    return sql.SQL("EXPLAIN (FORMAT JSON) SELECT 1 FROM {} WHERE {}").format(
-        sql.Identifier(schema, table), conditions
-    )
+    filters = sql.SQL(" WHERE ") + conditions if where else sql.SQL("")
+    return sql.SQL("EXPLAIN (FORMAT JSON) SELECT 1 FROM {}{}").format(sql.Identifier(schema, table), filters)
 
 
 def check_where_query(schema: str, table: str, where: str) -> sql.Composed:

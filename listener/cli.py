@@ -1,7 +1,8 @@
 """Command line: ``wal-listener [--config FILE]``, ``wal-listener demo``, ``wal-listener --version``.
 
 Exit codes: 0 stopped cleanly (SIGTERM/SIGINT), 2 invalid configuration, 1 anything else fatal.
-Every error is one line on stderr; no tracebacks for problems a user can fix.
+Every error is one line on stderr (a config with several problems: one line each); no tracebacks for
+problems a user can fix.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import signal
 import sys
 
 from listener import __version__
-from listener.config import Config, load_config, redact_url
+from listener.config import ENV_PREFIX, Config, load_config, redact_url
 from listener.errors import BrokerConfigError, ConfigError, ListenerError
 
 log = logging.getLogger("listener")
@@ -72,11 +73,16 @@ def load(given: str | None, warnings: list[str]) -> Config:
         return load_config(given, warnings=warnings)
     if os.path.exists(DEFAULT_CONFIG):
         return load_config(DEFAULT_CONFIG, warnings=warnings)
+    if not any(name.startswith(ENV_PREFIX) for name in os.environ):
+        raise ConfigError(
+            f"config: no --config given, no {DEFAULT_CONFIG} here and no {ENV_PREFIX}* variables set; "
+            "pass --config FILE (see config_example.yml)"
+        )
     try:
         return load_config(None, warnings=warnings)
     except ConfigError as exc:
-        hint = f"no --config given and no {DEFAULT_CONFIG} here: the WAL_* variables alone"
-        raise ConfigError(f"{exc} ({hint})") from None
+        hint = f"config: no --config given and no {DEFAULT_CONFIG} here: the {ENV_PREFIX}* variables alone"
+        raise ConfigError(f"{hint}\n{exc}") from None
 
 
 async def _serve(path: str | None) -> int:
@@ -132,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         _event_loop_policy()
         return asyncio.run(_serve(args.config))
     except (ConfigError, BrokerConfigError) as exc:
-        print(f"wal-listener: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines():  # a config with several problems: one line each
+            print(f"wal-listener: {line}", file=sys.stderr)
         return 2
     except ListenerError as exc:
         print(f"wal-listener: {exc}", file=sys.stderr)

@@ -129,7 +129,7 @@ class FilterConfig(_Model):
 
 
 class SnapshotConfig(_Model):
-    """Backfills: existing rows published as READ events while streaming (see README "Snapshots and backfills")."""
+    """Backfills: existing rows published as READ events while streaming (see docs/snapshots.md)."""
 
     mode: Literal["never", "initial"] = Field(
         "never", description="initial: when the listener creates its slot, backfill every published table."
@@ -263,7 +263,11 @@ class DatabaseConfig(_Model):
     )
     name: str = Field(min_length=1, description="Database whose changes are streamed.")
     user: str = Field(min_length=1, description="User with the REPLICATION attribute (or superuser).")
-    password: SecretStr = SecretStr("")
+    password: SecretStr = Field(
+        SecretStr(""),
+        description="The user's password; better set as WAL_DATABASE_PASSWORD. Never shown: its text is "
+        "written as *** wherever it appears in a log line.",
+    )
     ssl_mode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = Field(
         "prefer", description="libpq sslmode; verify-ca/verify-full check the server against sslRootCert."
     )
@@ -401,7 +405,9 @@ class BrokerConnection(_Model):
 class BrokerSecrets(_Model):
     """The password and the TLS files of NATS, Kafka and RabbitMQ (a WalListener takes them from Secrets)."""
 
-    password: SecretStr = SecretStr("")
+    password: SecretStr = Field(
+        SecretStr(""), description="Broker password (NATS, Kafka SASL, RabbitMQ); better set as WAL_PUBLISHER_PASSWORD."
+    )
     client_cert: str = Field("", description="Client certificate file (TLS client authentication).")
     client_key: str = Field("", description="Private key file of clientCert.")
     ca_cert: str = Field("", description="File of CA certificates to verify the broker.")
@@ -509,7 +515,9 @@ class LoggerConfig(_Model):
 
 
 class MonitoringConfig(_Model):
-    sentry_dsn: SecretStr = Field(SecretStr(""), alias="sentryDSN")
+    sentry_dsn: SecretStr = Field(
+        SecretStr(""), alias="sentryDSN", description="Sentry DSN: error-level logs and crashes go to Sentry when set."
+    )
     prom_addr: str = Field(":2112", description="host:port of /metrics; empty turns it off.")
 
     @field_validator("prom_addr")
@@ -727,11 +735,18 @@ def _describe(value: Any, key: str) -> str:
     return text if len(text) <= 80 else text[:77] + "...'"
 
 
-def _format_error(exc: ValidationError) -> str:
-    err = exc.errors(include_url=False)[0]
-    loc = [str(p) for p in err["loc"]]
-    if loc[:1] == ["publisher"] and len(loc) > 1 and loc[1] in PublisherType._value2member_map_:
-        del loc[1]  # the union's tag
+def _format_errors(exc: ValidationError) -> list[str]:
+    """One line per key that is wrong (pydantic may report several errors for one key: the first counts)."""
+    lines: dict[tuple[str, ...], str] = {}
+    for err in exc.errors(include_url=False):
+        loc = tuple(str(p) for p in err["loc"])
+        if loc[:1] == ("publisher",) and len(loc) > 1 and loc[1] in PublisherType._value2member_map_:
+            loc = loc[:1] + loc[2:]  # the union's tag
+        lines.setdefault(loc, _format_error(err, loc))
+    return list(dict.fromkeys(lines.values()))
+
+
+def _format_error(err: Any, loc: tuple[str, ...]) -> str:
     if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
         allowed = ", ".join(t.value for t in PublisherType)
         if err["type"] == "union_tag_not_found":
@@ -742,7 +757,7 @@ def _format_error(exc: ValidationError) -> str:
     msg = str(err["msg"]).removeprefix("Value error, ")
     etype = err["type"]
     if etype == "missing":
-        return f"config: {key} is required but missing; set it in the file or as {env_names(tuple(loc))[0]}"
+        return f"config: {key} is required but missing; set it in the file or as {env_names(loc)[0]}"
     if etype == "value_error" and msg.startswith(("listener.", "database.", "publisher.", "logger.", "monitoring.")):
         return f"config: {msg}"  # a rule over several keys; the message names them
     value = _describe(err.get("input"), key)
@@ -761,7 +776,8 @@ def load_config(
 ) -> Config:
     """Read ``path`` (may be ``None`` for environment-only config), apply overrides, validate.
 
-    Raises :class:`ConfigError` with a one-line message; unknown keys are appended to ``warnings``.
+    Raises :class:`ConfigError` with one line per problem (every wrong key, not only the first); unknown
+    keys are appended to ``warnings``.
     """
     env = os.environ if environ is None else environ
     raw: Any = {}
@@ -791,11 +807,13 @@ def load_config(
         if not isinstance(raw, dict):
             raise ConfigError(f"config: {str(file)!r} must hold a mapping of sections (listener, database, ...)")
     data, unknown = canonicalize(raw)
-    for section in ("listener", "database", "publisher", "logger", "monitoring"):
-        if section in data and data[section] is not None and not isinstance(data[section], dict):
-            raise ConfigError(
-                f"config: {section} = {_describe(data[section], section)} is invalid: must be a mapping of keys"
-            )
+    not_mappings = [
+        f"config: {section} = {_describe(data[section], section)} is invalid: must be a mapping of keys"
+        for section in ("listener", "database", "publisher", "logger", "monitoring")
+        if section in data and data[section] is not None and not isinstance(data[section], dict)
+    ]
+    if not_mappings:
+        raise ConfigError("\n".join(not_mappings))
     data, _ = canonicalize(apply_env(data, env))
     unknown.extend(_only_the_brokers_keys(data))
     if warnings is not None:
@@ -803,13 +821,14 @@ def load_config(
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        message = _format_error(exc)
-        # the error is one line; a misspelt key behind it would otherwise only be in the warnings, which
-        # a failed start never shows (listener.slotNme -> "listener.slotName is required")
+        lines = _format_errors(exc)
+        # a misspelt key behind an error would otherwise only be in the warnings, which a failed start
+        # never shows (listener.slotNme -> "listener.slotName is required")
         for found in (_DID_YOU_MEAN.fullmatch(w) for w in unknown):
-            if found and f" {found['meant']} " in f" {message} ":
-                message += f" (the file has {found['key']}: did you mean {found['meant']}?)"
-        raise ConfigError(message) from None
+            for i, line in enumerate(lines):
+                if found and f" {found['meant']} " in f" {line} ":
+                    lines[i] = f"{line} (the file has {found['key']}: did you mean {found['meant']}?)"
+        raise ConfigError("\n".join(lines)) from None
 
 
 _DID_YOU_MEAN = re.compile(r"config: unknown key (?P<key>\S+) is ignored; did you mean (?P<meant>\S+)\?")

@@ -1,4 +1,5 @@
-"""Error types. Each carries a message a user can act on; the CLI prints it as one line.
+"""Error types. Each carries a message a user can act on; the CLI prints it as one line (a ConfigError for a
+config with several problems holds one line per problem).
 
 The whole tree (nothing else in the listener raises its own exception types)::
 

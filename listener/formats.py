@@ -47,10 +47,16 @@ class Binding:
 
     prefix: str  # of every attribute's header: ce- (HTTP-like: NATS, Pub/Sub), ce_ (Kafka), cloudEvents_ (AMQP)
     percent_encoded: bool  # header values percent-encoded as the HTTP binding says (section 3.1.3.2)
+    #: binary mode: ``datacontenttype`` as a header of its own (<prefix>datacontenttype) like every other
+    #: attribute (NATS), instead of the protocol's content type (HTTP, Pub/Sub, Kafka, AMQP)
+    datacontenttype_header: bool = False
 
 
-#: the binding of NATS and Pub/Sub: ce- headers (attributes), values percent-encoded as in HTTP
+#: the binding of Pub/Sub: ce- attributes, values percent-encoded as in HTTP, the content-type attribute
 CE_HEADERS: Final = Binding("ce-", percent_encoded=True)
+#: the NATS protocol binding (1.0.3, section 3.1.3.1): every attribute a ce- header, datacontenttype too
+#: (ce-datacontenttype); a content-type header of application/cloudevents marks structured mode only
+NATS_HEADERS: Final = Binding("ce-", percent_encoded=True, datacontenttype_header=True)
 #: printable ASCII but space, '"' and '%': what a ce- header value may hold unencoded
 _HEADER_SAFE: Final = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '"%')
 _PLAIN_HEADER: Final = re.compile(r'[!#-$&-~]*')
@@ -103,7 +109,7 @@ class CloudEvents:
         headers[prefix + "id"] = header_value(message.id, self.binding)
         headers[prefix + "time"] = moment
         message.headers = headers
-        message.content_type = DATA_CONTENT_TYPE
+        message.content_type = "" if self.binding.datacontenttype_header else DATA_CONTENT_TYPE
         return message
 
     def _head(self, message: Message) -> Any:
@@ -113,8 +119,9 @@ class CloudEvents:
             "source": self.source,
             "subject": self.subject(message),
         }
-        if self.structured:
+        if self.structured or self.binding.datacontenttype_header:
             attributes["datacontenttype"] = DATA_CONTENT_TYPE
+        if self.structured:
             return orjson.dumps(attributes)[:-1]  # the object left open for id, time and data
         return {self.binding.prefix + name: header_value(value, self.binding) for name, value in attributes.items()}
 

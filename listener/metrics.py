@@ -35,7 +35,9 @@ CONVERSION_ERRORS = Counter(
 OVERSIZED = Counter(
     "oversized_events", "Events larger than the broker accepts.", ["table"], registry=REGISTRY
 )
-RECONNECTS = Counter("reconnects", "Reconnections after a lost connection.", ["target"], registry=REGISTRY)
+RECONNECTS = Counter(
+    "reconnects", "Reconnections after a lost connection (target: postgres or broker).", ["target"], registry=REGISTRY
+)
 PUBLICATION_TABLES_WITHOUT_IDENTITY = Gauge(
     "publication_tables_without_identity",
     "Tables the streamed publications publish updates or deletes of that have no replica identity: the "
@@ -50,7 +52,8 @@ LAG_BYTES = Gauge(
     "replication_lag_bytes", "Server WAL end minus the confirmed LSN: WAL the slot retains.", registry=REGISTRY
 )
 LAG_SECONDS = Gauge(
-    "replication_lag_seconds", "Now minus the commit time of the last acknowledged transaction.",
+    "replication_lag_seconds",
+    "Now minus the commit time of the last acknowledged transaction (0 while nothing is in flight).",
     registry=REGISTRY,
 )
 SLOT_RETAINED_BYTES = Gauge(
@@ -60,7 +63,7 @@ SLOT_SAFE_WAL_BYTES = Gauge(
     "slot_safe_wal_size_bytes", "Bytes left before max_slot_wal_keep_size invalidates the slot (-1: no limit).",
     registry=REGISTRY,
 )
-UP = Gauge("up", "1 while the named connection is up.", ["target"], registry=REGISTRY)
+UP = Gauge("up", "1 while the named connection is up (target: postgres or broker).", ["target"], registry=REGISTRY)
 SLOT_PROBLEM = Gauge(
     "slot_problem",
     "1 while the slot cannot be streamed for the named reason (slot_dropped, slot_invalidated, slot_in_use, "

@@ -269,14 +269,36 @@ async def test_cli_backfill_with_where_shows_progress_and_exits_0(
         )
         status = await asyncio.to_thread(run_cli, ["backfill", "--status", "--config", str(config_file)])
     assert run.returncode == 0, run.stderr
+    # the results on stdout, the progress on stderr
+    assert run.stdout.splitlines() == ["backfill v3 queued for slot " + cfg["listener"]["slotName"] + ": "
+                                       "public.counters", "backfill v3 done: 20,000 rows"]
     lines = run.stderr.strip().splitlines()
-    assert lines[0].startswith("backfill v3 queued") and lines[-1] == "backfill v3 done: 20,000 rows"
     progress = [line for line in lines if "rows/s" in line]  # rows done / the planner's estimate, rate, ETA
     assert progress and all(re.search(r"\] [\d,]+/(19|20|21),\d{3} rows \(\d+%\)", line) for line in progress), lines
     assert any("ETA" in line for line in progress), lines
+    assert len(set(lines)) == len(lines), lines  # no line repeated while nothing moved
     assert "v3" in status.stdout and "done" in status.stdout and "public.counters" in status.stdout
     events = await read_stream(nats_server.url, topic, 20000, timeout=30)
     assert sorted(r.event["data"]["id"] for r in events) == list(range(3, 200001, 10))
+
+
+async def test_a_table_never_analyzed_gets_an_estimate_and_one_chunk_prints_no_progress(
+    fresh_db: str, pg: PostgresServer, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """No ANALYZE (reltuples -1): the estimate comes from the statistics or the table's size; a backfill done
+    in one chunk prints its two result lines and no "0 rows" progress."""
+    dsn = pg.dsn(fresh_db)
+    await sql(dsn, COUNTERS, "INSERT INTO counters SELECT g, g % 10, 'p' FROM generate_series(1, 3000) g")
+    cfg = nats_config(pg.port, fresh_db, nats_server.url, unique("bfn"))
+    config_file = tmp_path / "config.yml"
+    config_file.write_text(yaml.safe_dump(cfg))
+    async with running(cfg):
+        run = await asyncio.to_thread(run_cli, ["--config", str(config_file), "backfill", "counters", "--name", "n"])
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1] == "backfill n done: 3,000 rows", run.stdout
+    assert len(run.stdout.splitlines()) == 2 and run.stderr.strip() == "", (run.stdout, run.stderr)
+    state = await _state(dsn, cfg["listener"]["slotName"], "n")
+    assert 1000 <= state.rows_estimated <= 10000, state.rows_estimated
 
 
 @pytest.mark.parametrize(

@@ -35,6 +35,8 @@ OPERATOR_PERMISSIONS: dict[tuple[str, str], set[str]] = {
     ("", "secrets"): {"get"},
     ("", "events"): {"create"},
 }
+#: the docs' operations page, where each alert's runbook is (monitoring.prometheusRule.runbookBaseURL)
+RUNBOOKS = "https://wal-listener.github.io/wal-listener/operations/"
 ALERTS = {
     "WalListenerReplicationLagBytes",
     "WalListenerReplicationLagSeconds",
@@ -278,11 +280,22 @@ def test_prometheus_rule_alerts_name_the_pod_and_carry_a_severity() -> None:
         assert alert["expr"] and alert["for"], name
         for text in (alert["annotations"]["summary"], alert["annotations"]["description"]):
             assert "{{ $labels.namespace }}/{{ $labels.pod }}" in text, (name, text)
+    for name, alert in alerts.items():  # the anchors exist in the built docs: tests/test_docs.py
+        assert alert["annotations"]["runbook_url"] == f"{RUNBOOKS}#{name.lower()}", name
     assert alerts["WalListenerSlotLost"]["labels"]["severity"] == "critical"
     assert alerts["WalListenerWalAtRisk"]["labels"]["severity"] == "critical"
     assert 'slot_wal_status{status=~"unreserved|lost"}' in alerts["WalListenerWalAtRisk"]["expr"]
     assert 'slot_problem{reason=~"slot_dropped|slot_invalidated"}' in alerts["WalListenerSlotLost"]["expr"]
     assert "rate(publish_errors_total[5m])" in alerts["WalListenerPublishErrors"]["expr"]
+
+
+def test_runbook_urls_follow_the_base_url_value() -> None:
+    own = _alerts(_with({}, prometheusRule={"runbookBaseURL": "https://wiki.example.com/cdc/runbooks"}))
+    assert own["WalListenerNotReady"]["annotations"]["runbook_url"] == (
+        "https://wiki.example.com/cdc/runbooks#wallistenernotready"
+    )
+    assert all("runbook_url" not in a["annotations"] for a in _alerts(_with({}, prometheusRule={
+        "runbookBaseURL": ""})).values())
 
 
 def test_prometheus_rule_thresholds_and_switches_come_from_values() -> None:
@@ -378,6 +391,7 @@ def test_grafana_dashboard_configmap_carries_the_dashboard_for_the_sidecar() -> 
         {"monitoring": {"grafanaDashboard": {"enabled": "on"}}},
         {"monitoring": {"grafanaDashboard": {"namespace": "Grafana!"}}},
         {"monitoring": {"alertmanager": {"enabled": True}}},
+        {"monitoring": {"prometheusRule": {"runbookBaseURL": "not a url"}}},
     ],
     ids=[
         "interval-zero",
@@ -400,6 +414,7 @@ def test_grafana_dashboard_configmap_carries_the_dashboard_for_the_sidecar() -> 
         "dashboard-enabled-string",
         "bad-dashboard-namespace",
         "unknown-monitoring-key",
+        "runbook-not-a-url",
     ],
 )
 def test_values_schema_rejects_bad_values(values: dict[str, Any]) -> None:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from listener.config import load_config
+from listener.backfill import Request
+from listener.backfill_cli import _Bar
+from listener.config import Config, _leaf_paths, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 ENV_ONLY = {
@@ -40,7 +45,16 @@ def test_no_file_and_no_environment_says_where_it_looked(tmp_path: Path) -> None
     run = _cli("check-config", cwd=tmp_path)
     assert run.returncode == 2
     assert len(run.stderr.strip().splitlines()) == 1
-    assert "no --config given and no config.yml here" in run.stderr and "Traceback" not in run.stderr
+    assert "no --config given, no config.yml here and no WAL_* variables set" in run.stderr
+    assert "Traceback" not in run.stderr
+    # some WAL_* variables, but not enough: what is missing, each on its line, after where it looked
+    partial = _cli("check-config", cwd=tmp_path, env={"WAL_DATABASE_NAME": "shop"})
+    lines = partial.stderr.strip().splitlines()
+    assert partial.returncode == 2
+    assert lines[0] == "wal-listener: config: no --config given and no config.yml here: the WAL_* variables alone"
+    assert [line.split(" ")[2] for line in lines[1:]] == [
+        "listener", "database.user", "publisher"
+    ], lines
 
 
 def test_config_yml_in_the_current_directory_is_the_default(tmp_path: Path) -> None:
@@ -65,9 +79,36 @@ def test_global_options_go_before_or_after_the_subcommand(tmp_path: Path) -> Non
 
 def test_the_example_publishes_every_table_on_the_documented_subjects() -> None:
     """cp config_example.yml config.yml + editing database and publisher: everything is published."""
-    cfg = load_config(REPO / "config_example.yml", {})
+    warnings: list[str] = []
+    cfg = load_config(REPO / "config_example.yml", {}, warnings)
     assert cfg.listener.filter.tables is None
     assert cfg.listener.topics_map == {}
+    assert warnings == []
+    assert cfg.database.password.get_secret_value() != cfg.database.user  # never taught: see the comment there
+
+
+#: a commented-out key in config_example.yml: "  # key: value", the key indented as it would be
+_COMMENTED_KEY = re.compile(r"^(\s*)# (\s*[A-Za-z][\w-]*:(?:\s|$))", re.MULTILINE)
+
+
+def _key_paths(data: dict[str, Any], prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
+    paths = set()
+    for key, value in data.items():
+        path = (*prefix, str(key))
+        paths.add(path)
+        if isinstance(value, dict) and key not in ("tables", "topicsMap"):  # their keys are table names
+            paths |= _key_paths(value, path)
+    return paths
+
+
+def test_the_example_holds_every_key_of_the_model() -> None:
+    """Each key of the config model is in config_example.yml, set or commented out, and nothing else is."""
+    text = (REPO / "config_example.yml").read_text()
+    every = yaml.safe_load(_COMMENTED_KEY.sub(r"\1\2", text))
+    model = set(_leaf_paths((Config,)))
+    in_file = _key_paths(every)
+    assert sorted(".".join(p) for p in model - in_file) == []
+    assert sorted(".".join(p) for p in in_file - model) == []
 
 
 def test_config_yml_is_never_committed() -> None:
@@ -109,3 +150,19 @@ def test_the_brokers_own_required_keys_are_named(tmp_path: Path) -> None:
     assert "publisher.address is required but missing" in run.stderr and "WAL_PUBLISHER_ADDRESS" in run.stderr
     bad = _cli("check-config", cwd=tmp_path, env={**ENV_ONLY, "WAL_PUBLISHER_TYPE": "redis"})
     assert "publisher.type = 'redis' is not allowed; use one of nats, kafka, rabbitmq, google_pubsub" in bad.stderr
+
+
+def test_backfill_progress_is_shown_only_when_rows_move() -> None:
+    bar = _Bar(io.StringIO())
+    bar.EVERY = 0.0
+
+    def running(rows: int) -> Request:
+        return Request(1, "n", ("public.t",), "", "running", "public.t", None, (), rows, 0, 0, "")
+
+    for _ in range(4):
+        bar.update(running(0))
+    assert bar.out.getvalue() == ""  # was "0 rows 0 rows/s public.t", four times for a one-chunk backfill
+    bar.update(running(500))
+    bar.update(running(500))
+    (line,) = bar.out.getvalue().splitlines()
+    assert re.fullmatch(r"500 rows [\d,]+ rows/s public\.t", line), line

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from listener.config import env_names
-from wal_operator.crd import VALIDATIONS, build_crd, crd_yaml
+from wal_operator.crd import VALIDATIONS, build_crd, crd_yaml, json_schema, to_json_schema
 from wal_operator.spec import KIND, SpecError, parse_spec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,20 +38,6 @@ def _walk(node: Any, path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
             yield from _walk(node["items"], f"{path}[]")
         if isinstance(node.get("additionalProperties"), dict):
             yield from _walk(node["additionalProperties"], f"{path}{{}}")
-
-
-def _to_jsonschema(node: Any) -> Any:
-    """OpenAPI v3 (structural) -> JSON Schema, enough to validate resources as the API server would."""
-    if isinstance(node, list):
-        return [_to_jsonschema(n) for n in node]
-    if not isinstance(node, dict):
-        return node
-    out = {k: _to_jsonschema(v) for k, v in node.items() if not k.startswith("x-kubernetes")}
-    if node.get("x-kubernetes-int-or-string"):
-        out["type"] = ["integer", "string"]
-    if out.get("type") == "object" and "properties" in out and not node.get("x-kubernetes-preserve-unknown-fields"):
-        out["additionalProperties"] = False  # the API server prunes (and warns about) unknown fields
-    return out
 
 
 def _documents(path: Path) -> list[dict[str, Any]]:
@@ -86,7 +72,7 @@ def test_schema_is_structural() -> None:
         assert typed, f"{path} has no type"
         assert not ("properties" in node and "additionalProperties" in node), path
         if "default" in node:
-            jsonschema.validate(node["default"], _to_jsonschema({k: v for k, v in node.items() if k != "default"}))
+            jsonschema.validate(node["default"], to_json_schema({k: v for k, v in node.items() if k != "default"}))
 
 
 def test_crd_has_what_kubectl_shows() -> None:
@@ -124,7 +110,7 @@ def test_listener_settings_come_from_the_listener_model() -> None:
 
 @pytest.mark.parametrize(("label", "resource"), _listeners(), ids=[label for label, _ in _listeners()])
 def test_examples_are_valid(label: str, resource: dict[str, Any]) -> None:
-    jsonschema.validate(resource, _to_jsonschema(_schema()))
+    jsonschema.validate(resource, json_schema())
     parse_spec(resource["spec"])
     for rule_path, rules in VALIDATIONS.items():
         node = _at(resource, rule_path)
@@ -140,7 +126,7 @@ def test_every_example_file_is_covered() -> None:
 
 
 def test_schema_rejects_bad_resources() -> None:
-    schema = _to_jsonschema(_schema())
+    schema = json_schema()
     good = _listeners()[0][1]
     for mutate in (
         lambda r: r["spec"]["database"].update(password="inline"),
@@ -340,7 +326,7 @@ def test_sql_injection_is_refused(table: dict[str, Any], field: str, crd_refuses
     where = table.get("where", "")
     by_schema = True
     try:
-        jsonschema.validate(resource, _to_jsonschema(_schema()))
+        jsonschema.validate(resource, json_schema())
     except jsonschema.ValidationError:
         by_schema = False
     by_cel = not where or _cel(_rule("spec.publication.tables[].where"), where, where)

@@ -54,6 +54,19 @@ def test_binary_mode_puts_the_attributes_in_headers_and_leaves_the_body() -> Non
     assert event.get_data() == orjson.loads(BODY) and event.get_id() == "e1"
 
 
+def test_nats_binary_mode_carries_datacontenttype_as_a_ce_header() -> None:
+    """The NATS protocol binding (1.0.3, 3.1.3.1): every attribute a ce- header, ce-datacontenttype too;
+    no content-type header (on NATS that header with application/cloudevents marks structured mode)."""
+    message = cloudevents(binding=formats.NATS_HEADERS)(item(), TIME)
+    assert message.headers is not None
+    assert message.headers["ce-datacontenttype"] == "application/json"
+    assert message.content_type == "" and "content-type" not in message.attributes()
+    # the SDK's HTTP-style parser (what NATS consumers in Python use) reads the attribute from the ce- header
+    event = http.from_http(http.HTTPMessage(message.attributes(), message.body), JSONFormat())
+    assert event.get_datacontenttype() == "application/json"
+    assert event.get_data() == orjson.loads(BODY) and event.get_id() == "e1"
+
+
 def test_kafka_binding_names_and_the_sdk_reads_them() -> None:
     message = cloudevents(binding=KAFKA)(item(), TIME)
     assert set(message.headers) == {"ce_specversion", "ce_type", "ce_source", "ce_subject", "ce_id", "ce_time"}
@@ -249,3 +262,15 @@ def test_bad_format_settings_are_one_line_naming_the_key(
     assert "\n" not in message
     for word in words:
         assert word in message, message
+
+
+def test_debezium_sequence_has_no_previous_commit_for_the_first_transaction_after_a_start() -> None:
+    """As docs/formats.md says: the first part is the previous commit this process saw; null right after a
+    (re)start, for READ events before any commit too."""
+    debezium = formats.Debezium(make_config())
+    first = debezium.source("public", "t", formats.Change(commit_micros=0, xid=7, lsn=200))
+    read = debezium.source("public", "t", formats.Change(commit_micros=0, xid=None, lsn=None, snapshot="incremental"))
+    assert json.loads(first["sequence"]) == [None, "200"] and json.loads(read["sequence"]) == [None, None]
+    debezium.committed(150)
+    later = debezium.source("public", "t", formats.Change(commit_micros=0, xid=8, lsn=300))
+    assert json.loads(later["sequence"]) == ["150", "300"]

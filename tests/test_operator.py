@@ -365,6 +365,25 @@ async def test_slot_lag_reaches_status_and_warns(
     assert slot in events[0]["message"]
 
 
+async def test_no_slot_missing_warning_for_a_slot_still_to_be_created(
+    cluster: Cluster, _secret: None, pg: PostgresServer, db_with_tables: str
+) -> None:
+    # the publication cannot be made yet (a table is missing): the slot was never created, which is no
+    # "SlotMissing ... disappeared" warning; the reconcile's own condition says what is wrong
+    waiting, slot = _name("later"), _slot("later")
+    await cluster.create_listener(waiting, listener_spec(pg.port, db_with_tables, slot=slot,
+                                                         tables={"public.not_yet": ["insert"]}))
+    await cluster.wait_condition(waiting, "PublicationReady", "False", "TablesMissing")
+    # the timer's status write: the slot as read, and (before the fix) SlotMissing in the same patch
+    await cluster.wait(lambda: (cluster.status(waiting).get("slot") or {}).get("checkedAt"),
+                       what="the status timer reading the slot")
+    assert cluster.status(waiting)["slot"]["exists"] is False
+    assert cluster.events(waiting, "SlotMissing") == []
+    assert cluster.condition(waiting, "SlotReady") is None
+    ready = cluster.condition(waiting, "Ready")
+    assert ready is not None and ready["reason"] == "TablesMissing"
+
+
 # -- many teams on one cluster ----------------------------------------------------------------------
 
 

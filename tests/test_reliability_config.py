@@ -34,7 +34,6 @@ CASES: list[tuple[str, str | bytes, str]] = [
     ("not-utf8", b"listener:\n  slotName: a\n\xff\xfe\x00\n", "is not UTF-8 text"),
     ("nested-too-deeply", "listener: " + "[" * 3000 + "]" * 3000 + "\n", "nested too deeply"),
     ("top-level-list", "- listener\n- database\n", "must hold a mapping of sections"),
-    ("empty-file", "", "config: listener is required but missing"),
     ("section-is-a-string", yaml.safe_dump({**GOOD, "listener": "slot_1"}), "listener = 'slot_1' is invalid"),
     ("int-as-words", _with("listener", "maxInFlight", "lots"), "listener.maxInFlight = 'lots' is invalid"),
     ("port-out-of-range", _with("listener", "serverPort", 70000), "listener.serverPort = 70000 is invalid"),
@@ -90,3 +89,27 @@ def test_unknown_keys_are_warned_with_did_you_mean_and_the_listener_starts(tmp_p
         "config: unknown key publsher is ignored; did you mean publisher?",
     ]
     assert "refreshConnection: 30s" in result.stdout  # the typo did not change anything
+
+
+def test_a_config_with_several_problems_names_each_on_its_own_line(tmp_path: Path) -> None:
+    """Every problem at once, one line each, instead of one per attempt."""
+    data = {k: dict(v) for k, v in GOOD.items()}
+    data["listener"].update(serverPort=70000, slotName="Bad-Slot")
+    data["database"]["port"] = "abc"
+    del data["publisher"]["topic"]
+    path = tmp_path / "config.yml"
+    path.write_text(yaml.safe_dump(data))
+    result = run_cli(["--config", str(path)], timeout=30)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert [line.split(" ")[2] for line in lines] == [
+        "listener.slotName", "listener.serverPort", "database.port", "publisher.topic"
+    ], lines
+    assert all(line.startswith("wal-listener: config: ") for line in lines), lines
+    empty = tmp_path / "empty.yml"
+    empty.write_text("")
+    result = run_cli(["--config", str(empty)], timeout=30)
+    assert result.returncode == 2
+    assert [line.split(" ")[2] for line in result.stderr.strip().splitlines()] == [
+        "listener", "database", "publisher"
+    ], result.stderr

@@ -158,7 +158,7 @@ async def test_status_wait_never_swallows_a_cancellation() -> None:
 def test_publish_errors_carry_broker_retryable_and_a_public_reason() -> None:
     kinds = (PublishError, BrokerUnavailable, AckTimeout, MessageTooLarge, MessageRejected)
     assert all(issubclass(kind, PublishError) for kind in kinds)
-    # the values of the publish_errors_total{reason} label, documented in README's metrics section
+    # the values of the publish_errors_total{reason} label, documented in docs/observability.md
     assert [kind.reason for kind in kinds] == [
         "publish_failed", "broker_unavailable", "ack_timeout", "message_too_large", "message_rejected"
     ]

@@ -61,6 +61,7 @@ from listener import hotpath
 from listener.config import NatsPublisherConfig, redact_url
 from listener.delivery import Acks
 from listener.errors import BrokerConfigError, BrokerUnavailable, MessageRejected, PublishError
+from listener.formats import NATS_HEADERS
 from listener.message import Message
 from listener.publishers.base import Publisher, tls_context
 
@@ -119,6 +120,7 @@ class NatsPublisher(Publisher[NatsPublisherConfig]):
     """Publishes events to the JetStream stream ``publisher.topic``."""
 
     broker = "nats"
+    cloudevents = NATS_HEADERS  # the NATS protocol binding: datacontenttype as ce-datacontenttype
     errors = (
         (nats.errors.BadSubjectError, MessageRejected),
         ((nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError,

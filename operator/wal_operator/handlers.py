@@ -671,7 +671,11 @@ async def watch_slot(
     if read:
         extra["slot"] = _slot_status(model.listener.slot_name, slot)
         updates.append(st.Condition(st.DATABASE_REACHABLE, "True", "Connected", ""))
-        updates.append(_slot_condition(body, model.listener.slot_name, slot))
+        slot_ready, warning = _slot_condition(model.listener.slot_name, slot, st.get(conditions, st.SLOT_READY))
+        if slot_ready is not None:
+            updates.append(slot_ready)
+        if warning:
+            kopf.warn(body, reason="SlotMissing" if slot is None else "SlotLost", message=warning)
         _warn_retained(body, slot, model.alerts.retained_wal_bytes, memo)
         if status.get("publication"):
             extra["publication"] = {**status["publication"], "tablesWithoutIdentity": keyless}
@@ -726,23 +730,28 @@ async def _keep_children(
         logger.warning("%s", exc)
 
 
-def _slot_condition(body: kopf.Body, name: str, slot: SlotState | None) -> st.Condition:
+def _slot_condition(
+    name: str, slot: SlotState | None, reported: Mapping[str, Any] | None
+) -> tuple[st.Condition | None, str]:
+    """SlotReady from the slot as read, and the message of the Warning event to post ('': none). None
+    (leave SlotReady as the reconcile wrote it) while a slot that was never there is still to be created:
+    the reconcile's own condition says why it is not yet; "disappeared" is said of a slot that existed."""
     if slot is None:
-        kopf.warn(body, reason="SlotMissing", message=f"replication slot {name} disappeared")
-        return st.Condition(
-            st.SLOT_READY,
-            "False",
-            "SlotMissing",
-            f"replication slot {name} does not exist (dropped outside the operator); a new one starts at the "
-            "current WAL position, so changes made meanwhile are not delivered",
+        existed = reported is not None and (
+            reported.get("status") == "True" or reported.get("reason") in ("SlotMissing", "SlotLost")
         )
+        if not existed:
+            return None, ""
+        missing = (
+            f"replication slot {name} does not exist (dropped outside the operator); a new one starts at the "
+            "current WAL position, so changes made meanwhile are not delivered"
+        )
+        return st.Condition(st.SLOT_READY, "False", "SlotMissing", missing), f"replication slot {name} disappeared"
     if slot.wal_status == "lost":
         msg = f"replication slot {slot.name} was invalidated (wal_status lost): changes were lost"
-        kopf.warn(body, reason="SlotLost", message=msg)
-        return st.Condition(st.SLOT_READY, "False", "SlotLost", msg)
-    return st.Condition(
-        st.SLOT_READY, "True", "Exists", f"logical slot {slot.name} (pgoutput), wal_status {slot.wal_status or '-'}"
-    )
+        return st.Condition(st.SLOT_READY, "False", "SlotLost", msg), msg
+    exists = f"logical slot {slot.name} (pgoutput), wal_status {slot.wal_status or '-'}"
+    return st.Condition(st.SLOT_READY, "True", "Exists", exists), ""
 
 
 def _warn_while(body: kopf.Body, memo: kopf.Memo, reason: str, message: str | None) -> None:

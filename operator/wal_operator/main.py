@@ -1,7 +1,8 @@
 """``wal-operator``: run the operator, or print the CRD it serves.
 
 wal-operator run [--namespace NS ...] [--standalone]    # the operator (default: all namespaces)
-wal-operator crd                                        # the CustomResourceDefinition as YAML
+wal-operator crd [--json-schema]                        # the CustomResourceDefinition as YAML (or JSON Schema)
+wal-operator validate FILE...                           # check WalListener manifests offline (exit 1: problems)
 """
 
 from __future__ import annotations
@@ -46,14 +47,29 @@ def main(argv: list[str] | None = None) -> int:
         "--liveness", default="http://0.0.0.0:8080/healthz", help="kopf's liveness endpoint ('' to turn off)"
     )
     run.add_argument("--verbose", "-v", action="store_true")
-    sub.add_parser("crd", help="print the WalListener CustomResourceDefinition")
+    crd = sub.add_parser("crd", help="print the WalListener CustomResourceDefinition")
+    crd.add_argument(
+        "--json-schema", action="store_true",
+        help="print the resource's JSON Schema instead (kubeconform, the YAML language server)",
+    )
+    validate = sub.add_parser(
+        "validate",
+        help="check WalListener manifests offline: the CRD's schema and CEL rules, then the operator's checks",
+        description="One line per problem and exit 1; exit 0 when every WalListener is valid. Other kinds "
+        "are skipped.",
+    )
+    validate.add_argument("files", nargs="+", metavar="FILE")
     args = parser.parse_args(argv)
 
     if args.command == "crd":
-        from wal_operator.crd import crd_yaml
+        from wal_operator.crd import crd_yaml, json_schema_text
 
-        sys.stdout.write(crd_yaml())
+        sys.stdout.write(json_schema_text() if args.json_schema else crd_yaml())
         return 0
+    if args.command == "validate":
+        from wal_operator.validate import main as validate_main
+
+        return validate_main(args.files)
     if args.command is None:
         args = parser.parse_args(["run", *(argv or sys.argv[1:])])
     try:

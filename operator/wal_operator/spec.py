@@ -66,7 +66,12 @@ TLS_FILES = {"ca": "ca.crt", "cert": "tls.crt", "key": "tls.key"}
 
 
 class SpecError(ValueError):
-    """The resource can never work as written; the message tells the user what to change."""
+    """The resource can never work as written; the message tells the user what to change (``problems``:
+    the same, one entry per problem)."""
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or [message]
 
 
 class _Spec(BaseModel):
@@ -533,7 +538,8 @@ class WalListenerSpec(_Spec):
         try:
             return Config.model_validate(data)
         except ValidationError as exc:
-            raise SpecError(describe_validation_error(exc, prefix="spec")) from None
+            problems = validation_problems(exc)
+            raise SpecError("; ".join(problems), problems) from None
 
     def config_file(self) -> dict[str, Any]:
         """The config.yml the pod gets: no secrets, and no user when the user comes from a Secret."""
@@ -546,8 +552,8 @@ class WalListenerSpec(_Spec):
 _KEY_FIRST = re.compile(r"[a-z][A-Za-z0-9]*(\.[a-z][A-Za-z0-9]*)*: ")
 
 
-def describe_validation_error(exc: ValidationError, prefix: str = "spec") -> str:
-    """One line per problem, naming the key as the user wrote it."""
+def validation_problems(exc: ValidationError, prefix: str = "spec") -> list[str]:
+    """One entry per problem, naming the key as the user wrote it."""
     lines = []
     for err in exc.errors(include_url=False):
         loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
@@ -558,7 +564,7 @@ def describe_validation_error(exc: ValidationError, prefix: str = "spec") -> str
             lines.append(f"{prefix}.{msg}")
         else:
             lines.append(f"{prefix}: {msg}")
-    return "; ".join(lines)
+    return lines
 
 
 def parse_spec(spec: dict[str, Any]) -> WalListenerSpec:
@@ -566,7 +572,8 @@ def parse_spec(spec: dict[str, Any]) -> WalListenerSpec:
     try:
         model = WalListenerSpec.model_validate(spec)
     except ValidationError as exc:
-        raise SpecError(describe_validation_error(exc)) from None
+        problems = validation_problems(exc)
+        raise SpecError("; ".join(problems), problems) from None
     model.to_config()  # the listener's model has the last word on every value
     return model
 

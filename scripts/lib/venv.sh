@@ -1,16 +1,25 @@
 # Sourced by scripts/test and scripts/demo: make .venv and install the project into it (editable) with
-# the extras given, again only when pyproject.toml, setup.py, the C source or the extras changed.
+# the extras given, again only when pyproject.toml, setup.py or the C source changed, or when the extras
+# installed last are not among those that will do.
+#   ensure_venv EXTRAS WHO [ALSO_FINE...]   e.g. ensure_venv demo scripts/demo dev  (dev includes demo)
 ensure_venv() {
     local extras="$1" who="$2"
+    shift 2
     if [[ ! -x .venv/bin/python ]]; then
         echo "$who: creating .venv" >&2
         python3 -m venv .venv
     fi
-    local stamp=".venv/.wal-listener-installed" want
-    want="$( (cat pyproject.toml setup.py listener/_hotpath.c; echo "$extras") | sha256sum | cut -d' ' -f1)"
-    if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
-        echo "$who: installing the project into .venv" >&2
-        .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[$extras]"
-        echo "$want" > "$stamp"
+    local stamp=".venv/.wal-listener-installed" sources installed="" fine
+    sources="$(cat pyproject.toml setup.py listener/_hotpath.c | sha256sum | cut -d' ' -f1)"
+    if [[ -f "$stamp" ]]; then
+        read -r stamped installed < "$stamp" || true
+        if [[ "$stamped" == "$sources" ]]; then
+            for fine in "$extras" "$@"; do
+                [[ "$installed" == "$fine" ]] && return 0
+            done
+        fi
     fi
+    echo "$who: installing the project into .venv (extras: $extras)" >&2
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[$extras]"
+    echo "$sources $extras" > "$stamp"
 }

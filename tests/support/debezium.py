@@ -8,7 +8,7 @@ Debezium's real output for exactly this workload is recorded in ``tests/data/deb
 
 from __future__ import annotations
 
-#: every type of the README's type table, plus the ones Debezium treats specially
+#: every type of the type table in docs/formats.md, plus the ones Debezium treats specially
 SCHEMA = """
 CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
 CREATE DOMAIN posint AS integer CHECK (VALUE > 0);
