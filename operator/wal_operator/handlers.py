@@ -754,43 +754,47 @@ def _slot_condition(
     return st.Condition(st.SLOT_READY, "True", "Exists", exists), ""
 
 
-def _warn_while(body: kopf.Body, memo: kopf.Memo, reason: str, message: str | None) -> None:
-    """A Warning event ``reason`` while ``message`` says a problem lasts (None: it is over), at most every 5
-    minutes (the status timer runs every few seconds)."""
-    key = f"warned_at_{reason}"
-    if message is None:
+def _warning_due(memo: kopf.Memo, key: str, lasting: bool) -> bool:
+    """Whether to post the Warning event ``key`` again for a problem that lasts (``lasting``): at once, then at
+    most every 5 minutes while it lasts (the status timer runs every few seconds); reset when it is over."""
+    if not lasting:
         memo[key] = 0.0
-        return
+        return False
     last = float(memo.get(key, 0.0))
     if last and time.monotonic() - last < max(300.0, SETTINGS.status_interval):
-        return
+        return False
     memo[key] = time.monotonic()
-    kopf.warn(body, reason=reason, message=message)
+    return True
 
 
 def _warn_retained(body: kopf.Body, slot: SlotState | None, threshold: int, memo: kopf.Memo) -> None:
     """A Warning event while the slot pins more WAL than the threshold."""
-    message = None
-    if slot is not None and threshold and slot.retained_wal_bytes > threshold:
-        message = (
-            f"slot {slot.name} holds back {st.human_bytes(slot.retained_wal_bytes)} of WAL "
-            f"(threshold {st.human_bytes(threshold)}, wal_status {slot.wal_status}, active {slot.active}); "
-            "the listener is behind or stopped"
+    lasting = slot is not None and bool(threshold) and slot.retained_wal_bytes > threshold
+    if slot is not None and _warning_due(memo, "wal_warned_at", lasting):
+        kopf.warn(
+            body,
+            reason="WALRetained",
+            message=(
+                f"slot {slot.name} holds back {st.human_bytes(slot.retained_wal_bytes)} of WAL "
+                f"(threshold {st.human_bytes(threshold)}, wal_status {slot.wal_status}, active {slot.active}); "
+                "the listener is behind or stopped"
+            ),
         )
-    _warn_while(body, memo, "WALRetained", message)
 
 
 def _warn_without_identity(body: kopf.Body, publication: str, tables: list[str], memo: kopf.Memo) -> None:
     """A Warning event while the publication publishes updates of tables without a replica identity: the
     application's UPDATE and DELETE on them fail."""
-    message = None
-    if tables:
-        message = (
-            f"publication {publication} publishes updates/deletes of {', '.join(tables)}, which have no replica "
-            "identity: the application's UPDATE and DELETE on them fail; give each a primary key or REPLICA "
-            "IDENTITY FULL, or take them out of the publication"
+    if _warning_due(memo, "identity_warned_at", bool(tables)):
+        kopf.warn(
+            body,
+            reason="TableWithoutReplicaIdentity",
+            message=(
+                f"publication {publication} publishes updates/deletes of {', '.join(tables)}, which have no "
+                "replica identity: the application's UPDATE and DELETE on them fail; give each a primary key or "
+                "REPLICA IDENTITY FULL, or take them out of the publication"
+            ),
         )
-    _warn_while(body, memo, "TableWithoutReplicaIdentity", message)
 
 
 # --------------------------------------------------------------------------------------------------
