@@ -393,45 +393,32 @@ def debezium_schema(
     return connect_schema(kind, optional=optional, name=name, version=1 if name else None)
 
 
+def _plain(*fields: tuple[str, str, bool]) -> list[dict[str, Any]]:
+    """Fields of types without a logical name: (name, type, optional)."""
+    return [_field(name, connect_schema(kind, optional=optional)) for name, kind, optional in fields]
+
+
 #: the ``source`` block's schema (the PostgreSQL connector's, version 1)
 _SOURCE_SCHEMA: Final = connect_schema(
-    "struct",
-    optional=False,
-    name="io.debezium.connector.postgresql.Source",
-    version=1,
+    "struct", optional=False, name="io.debezium.connector.postgresql.Source", version=1,
     fields=[
-        _field("version", connect_schema("string", optional=False)),
-        _field("connector", connect_schema("string", optional=False)),
-        _field("name", connect_schema("string", optional=False)),
-        _field("ts_ms", connect_schema("int64", optional=False)),
+        *_plain(("version", "string", False), ("connector", "string", False), ("name", "string", False),
+                ("ts_ms", "int64", False)),
         _field("snapshot", connect_schema(
             "string", name="io.debezium.data.Enum", version=1, default="false",
             parameters={"allowed": "true,first,first_in_data_collection,last_in_data_collection,last,false,"
                                    "incremental"},
         )),
-        _field("db", connect_schema("string", optional=False)),
-        _field("sequence", connect_schema("string")),
-        _field("ts_us", connect_schema("int64")),
-        _field("ts_ns", connect_schema("int64")),
-        _field("schema", connect_schema("string", optional=False)),
-        _field("table", connect_schema("string", optional=False)),
-        _field("txId", connect_schema("int64")),
-        _field("lsn", connect_schema("int64")),
-        _field("xmin", connect_schema("int64")),
-        _field("origin", connect_schema("string")),
-        _field("origin_lsn", connect_schema("int64")),
+        *_plain(("db", "string", False), ("sequence", "string", True), ("ts_us", "int64", True),
+                ("ts_ns", "int64", True), ("schema", "string", False), ("table", "string", False),
+                ("txId", "int64", True), ("lsn", "int64", True), ("xmin", "int64", True), ("origin", "string", True),
+                ("origin_lsn", "int64", True)),
     ],
 )
 #: the ``transaction`` block's schema (always null here: no transaction metadata)
 _TRANSACTION_SCHEMA: Final = connect_schema(
-    "struct",
-    name="event.block",
-    version=1,
-    fields=[
-        _field("id", connect_schema("string", optional=False)),
-        _field("total_order", connect_schema("int64", optional=False)),
-        _field("data_collection_order", connect_schema("int64", optional=False)),
-    ],
+    "struct", name="event.block", version=1,
+    fields=_plain(("id", "string", False), ("total_order", "int64", False), ("data_collection_order", "int64", False)),
 )
 _TIMES: Final = [_field(name, connect_schema("int64")) for name in ("ts_ms", "ts_us", "ts_ns")]
 #: a logical message's key and value schemas
