@@ -56,7 +56,7 @@ FORMATS = ("wal-listener", "cloudevents", "cloudevents-structured", "debezium", 
 
 def builder(compiled: bool, fmt: str = "wal-listener") -> EventBuilder:
     publisher: dict[str, object] = {"type": "nats", "address": "localhost:4222", "topic": "bench",
-                                    "format": fmt.split("-")[0]}
+                                    "format": fmt.removesuffix("-structured").removesuffix("-schemas")}
     if fmt == "cloudevents-structured":
         publisher["cloudEvents"] = {"mode": "structured"}
     if fmt == "debezium-schemas":
