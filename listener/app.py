@@ -17,7 +17,7 @@ from typing import Any
 
 from listener import metrics, pgoutput
 from listener.backfill import Backfiller, published_tables, request_backfill
-from listener.catalog import WATERMARK_PREFIX, SlotState
+from listener.catalog import WATERMARK_PREFIX, SlotState, column_facts
 from listener.config import Config, redact_url
 from listener.delivery import Backoff, Delivery
 from listener.errors import (
@@ -567,4 +567,5 @@ class Listener:
         primary_key: tuple[str, ...] = ()
         if rel.replica_identity == "f" and self.publisher.needs_key:
             primary_key = await db.primary_key(rel.oid)
-        self.builder.add_relation(rel, primary_key)
+        facts = await column_facts(db.conn, rel.oid) if self.builder.wants_column_facts else None
+        self.builder.add_relation(rel, primary_key, facts)

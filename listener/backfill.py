@@ -459,7 +459,8 @@ class Backfiller:
         names = tuple(c.name for c in table.relation.columns)
         key_positions = [names.index(k) for k in table.key]
         await self._load_types([c.type_oid for c in table.relation.columns])
-        info = self.builder.relation_info(table.relation, table.key)
+        facts = await catalog.column_facts(conn, table.oid) if self.builder.wants_column_facts else None
+        info = self.builder.relation_info(table.relation, table.key, facts)
         ident_of = read_event_ids(self._slot, request.id, table.schema, table.name)
         key_of = _key_reader(key_positions)
         # A pipeline: pages are read (low watermark, SELECT) on one connection while the page before is

@@ -620,6 +620,31 @@ PRIMARY_KEY_QUERY = (
     " JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum"
     " WHERE i.indrelid = %s AND i.indisprimary ORDER BY k.ord"
 )
+#: per column of a table: whether it is NOT NULL, and the labels of its enum type (or of its array's element
+#: type) in their order, joined by commas (NULL: not an enum)
+COLUMN_FACTS_QUERY = (
+    "SELECT a.attname, a.attnotnull,"
+    " (SELECT string_agg(e.enumlabel, ',' ORDER BY e.enumsortorder) FROM pg_catalog.pg_enum e"
+    " WHERE e.enumtypid IN (a.atttypid, t.typelem))"
+    " FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid"
+    " WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ColumnFacts:
+    """What the catalog says about a column beyond pgoutput's Relation message (for Debezium's schemas)."""
+
+    not_null: bool
+    enum_labels: str | None = None  # "sad,ok,happy": the labels of its enum type, or of its array's element type
+
+
+async def column_facts(conn: AsyncConnection[Any], relation_oid: int) -> dict[str, ColumnFacts]:
+    """Column name -> :class:`ColumnFacts` of a table (:data:`COLUMN_FACTS_QUERY`)."""
+    rows = await fetch_all(conn, COLUMN_FACTS_QUERY, (relation_oid,))
+    return {str(name): ColumnFacts(bool(not_null), labels) for name, not_null, labels in rows}
+
+
 #: what the type registry needs to convert values of user-defined types
 PG_TYPE_QUERY = (
     "SELECT oid::int8, typtype::text, typbasetype::int8, typelem::int8, typcategory::text, typdelim::text"

@@ -356,6 +356,18 @@ class CloudEventsConfig(_Model):
         return value
 
 
+class DebeziumConfig(_Model):
+    """How events are written when publisher.format is debezium."""
+
+    schemas: bool = Field(
+        False,
+        description="Write key and value as Debezium's JSON converter does with schemas.enable=true: "
+        '{"schema": {...}, "payload": {...}}, the schema naming each field\'s type, whether it is optional and its '
+        "logical type (io.debezium.time.MicroTimestamp, ...), for Kafka Connect sinks that need schemas (JDBC sink). "
+        "The key carries its schema on Kafka only (elsewhere the key orders messages and stays the plain key).",
+    )
+
+
 #: publisher.format: the shape of the published events
 EventFormat = Literal["wal-listener", "cloudevents", "debezium"]
 
@@ -376,10 +388,13 @@ class PublisherSettings(_Model):
     format: EventFormat = Field(
         "wal-listener",
         description="Event format: wal-listener (the Go original's event), cloudevents (CloudEvents 1.0 around it) "
-        "or debezium (Debezium's JSON envelope, schemas disabled).",
+        "or debezium (Debezium's JSON envelope; with its schemas: publisher.debezium.schemas).",
     )
     cloud_events: CloudEventsConfig = Field(
         default_factory=CloudEventsConfig, description="CloudEvents mode and source (publisher.format cloudevents)."
+    )
+    debezium: DebeziumConfig = Field(
+        default_factory=DebeziumConfig, description="Debezium's JSON converter settings (publisher.format debezium)."
     )
 
     @field_validator("topic")
@@ -388,6 +403,15 @@ class PublisherSettings(_Model):
         if any(c.isspace() for c in value) or value.startswith(".") or value.endswith("."):
             raise ValueError("must be a name without spaces and without a leading or trailing dot")
         return value
+
+    @model_validator(mode="after")
+    def _schemas_need_debezium(self) -> PublisherSettings:
+        if self.debezium.schemas and self.format != "debezium":
+            raise ValueError(
+                f"publisher.debezium.schemas is true but publisher.format is {self.format}; "
+                "set publisher.format: debezium or leave publisher.debezium out"
+            )
+        return self
 
     def secret_values(self) -> list[str]:
         """The secrets of this block (kept out of logs and /ready)."""
@@ -434,6 +458,12 @@ class KafkaSettings(BrokerConnection):
     partitions: int = Field(1, ge=1, description="Partitions of topics the listener creates (createTopics).")
     replication_factor: int = Field(1, ge=1, description="Replication factor of topics the listener creates.")
     create_topics: bool = Field(False, description="Create missing topics.")
+    tombstones: bool | None = Field(
+        None,
+        description="After each DELETE, a record with the same key and a null value on the same partition (a "
+        "tombstone: log compaction then forgets the row). Default: on with format debezium (as Debezium does), "
+        "else off.",
+    )
 
 
 class RabbitMQSettings(BrokerConnection):
@@ -469,6 +499,11 @@ class NatsPublisherConfig(_WithBrokerSecrets, NatsSettings, PublisherSettings):
 
 class KafkaPublisherConfig(_WithBrokerSecrets, KafkaSettings, PublisherSettings):
     type: Literal[PublisherType.KAFKA] = Field(description="kafka")
+
+    @property
+    def writes_tombstones(self) -> bool:
+        """``tombstones`` as set, else on for the Debezium format."""
+        return self.format == "debezium" if self.tombstones is None else self.tombstones
 
 
 class RabbitMQPublisherConfig(_WithBrokerSecrets, RabbitMQSettings, PublisherSettings):

@@ -11,7 +11,8 @@ An unchanged TOASTed column is left out of ``data`` (or taken from ``dataOld`` w
 REPLICA IDENTITY FULL) — it is never published as null.
 
 Logical decoding messages with a listed prefix become MESSAGE events. ``publisher.format`` other than the
-default reshapes every event through :mod:`listener.formats`.
+default reshapes every event through :mod:`listener.formats`. On Kafka with ``publisher.tombstones`` a DELETE's
+message is marked to be followed by a tombstone (:attr:`Message.tombstone`), whichever path built it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import logging
 import struct
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -29,7 +30,8 @@ from typing import Any
 import orjson
 
 from listener import hotpath, metrics, pgoutput
-from listener.config import INTERNAL_MESSAGE_PREFIXES, Config
+from listener.catalog import ColumnFacts
+from listener.config import INTERNAL_MESSAGE_PREFIXES, Config, KafkaPublisherConfig
 from listener.filter import TableFilter
 from listener.formats import (
     CE_HEADERS,
@@ -37,6 +39,7 @@ from listener.formats import (
     Change,
     CloudEvents,
     Debezium,
+    DebeziumTable,
     debezium_converter,
     default_source,
     message_body,
@@ -124,6 +127,7 @@ class RelationInfo:
     actions: frozenset[str]
     subject: str
     plan: hotpath.Plan | None = None  # for the compiled fast path, when it is loaded
+    debezium: DebeziumTable | None = None  # publisher.format debezium: what its events share (schemas...)
 
 
 @dataclass(slots=True)
@@ -169,6 +173,10 @@ class EventBuilder:
             self._finish = CloudEvents(ce, ce.source or default_source(cfg), binding)
         #: the reader sets Transaction.lsn before each change (Debezium's source.lsn)
         self.wants_lsn = self._debezium is not None
+        #: relation_info wants the columns' catalog facts (NOT NULL, enum labels) for Debezium's schemas
+        self.wants_column_facts = self._debezium is not None and self._debezium.schemas
+        #: a DELETE is followed by a tombstone (Kafka, publisher.tombstones)
+        self._tombstones = isinstance(cfg.publisher, KafkaPublisherConfig) and cfg.publisher.writes_tombstones
         #: the compiled fast path (None: pure Python)
         self.hot = hotpath.load() if compiled and self._debezium is None else None
 
@@ -178,15 +186,20 @@ class EventBuilder:
     def _subject(self, name: str) -> str:
         return f"{self._topic}.{self._prefix}{self._topics_map.get(name, name)}"
 
-    def add_relation(self, rel: Relation, primary_key: tuple[str, ...] = ()) -> RelationInfo:
+    def add_relation(
+        self, rel: Relation, primary_key: tuple[str, ...] = (), facts: Mapping[str, ColumnFacts] | None = None
+    ) -> RelationInfo:
         """Register a table of the stream (see :meth:`relation_info`)."""
-        info = self.relation_info(rel, primary_key)
+        info = self.relation_info(rel, primary_key, facts)
         self.relations[rel.oid] = info
         return info
 
-    def relation_info(self, rel: Relation, primary_key: tuple[str, ...] = ()) -> RelationInfo:
+    def relation_info(
+        self, rel: Relation, primary_key: tuple[str, ...] = (), facts: Mapping[str, ColumnFacts] | None = None
+    ) -> RelationInfo:
         """What building events of ``rel`` takes. ``primary_key`` keys messages of REPLICA IDENTITY FULL
-        tables, where every column is flagged as identity and the whole row would otherwise be the key."""
+        tables, where every column is flagged as identity and the whole row would otherwise be the key.
+        ``facts``: the columns' catalog facts by name, for Debezium's schemas (:attr:`wants_column_facts`)."""
         names = tuple(c.name for c in rel.columns)
         if self._debezium is not None:
             converters = tuple(debezium_converter(self._registry, c.type_oid, c.type_modifier) for c in rel.columns)
@@ -212,6 +225,8 @@ class EventBuilder:
             actions=self._filter.actions(rel.schema, rel.name),
             subject=self.subject(rel.schema, rel.name),
         )
+        if self._debezium is not None:
+            info.debezium = self._debezium.table(self._registry, rel, key_index, facts)
         if self.hot is not None:
             info.plan = hotpath.plan(rel.schema, rel.name, names, converters,
                                      [c.is_key for c in rel.columns], key_index)
@@ -349,6 +364,8 @@ class EventBuilder:
             if done is not None:
                 txn.ordinal = ordinal
                 message = Message(done[0], info.subject, done[1], info.schema, info.table, action, done[2])
+                if action == "DELETE" and self._tombstones:
+                    message.tombstone = message.key is not None
                 return message if self._finish is None else self._finish(message, txn.commit_time)
         msg = pgoutput.decode(buf)
         if isinstance(msg, pgoutput.Insert):
@@ -400,9 +417,12 @@ class EventBuilder:
             self.skipped(info)
             return None
         if self._debezium is not None:
-            return self._debezium_change(info, self._ident(txn, txn.ordinal), "DELETE", old, None, _change(txn))
-        key = self._key(info, old, None) if self._needs_key else None
-        return self._message(info, txn, "DELETE", {}, self.old_row(info, old, old_kind), key)
+            message = self._debezium_change(info, self._ident(txn, txn.ordinal), "DELETE", old, None, _change(txn))
+        else:
+            key = self._key(info, old, None) if self._needs_key else None
+            message = self._message(info, txn, "DELETE", {}, self.old_row(info, old, old_kind), key)
+        message.tombstone = self._tombstones and message.key is not None
+        return message
 
     def truncate(self, info: RelationInfo, txn: Transaction) -> Message | None:
         txn.ordinal += 1
@@ -419,14 +439,15 @@ class EventBuilder:
         self, info: RelationInfo, ident: str, action: str, before: Tuple | None, after: Tuple | None,
         change: Change,
     ) -> Message:
-        dbz = self._debezium
-        assert dbz is not None
-        before_row = dbz.row(info.names, info.converters, before) if before is not None else None
-        after_row = dbz.row(info.names, info.converters, after) if after is not None else None
+        dbz, table = self._debezium, info.debezium
+        assert dbz is not None and table is not None
+        before_row = dbz.row(info.names, info.converters, before, table) if before is not None else None
+        after_row = dbz.row(info.names, info.converters, after, table) if after is not None else None
         key = None
         if self._needs_key and action != "TRUNCATE":
-            key = dbz.key(info.names, info.key_index, after_row if after_row is not None else before_row or {})
-        body = dbz.envelope(info.schema, info.table, _DEBEZIUM_OPS[action], before_row, after_row, change)
+            key = dbz.key(info.names, info.key_index, after_row if after_row is not None else before_row or {}, table)
+        body = dbz.envelope(info.schema, info.table, _DEBEZIUM_OPS[action], before_row, after_row, change,
+                            table.envelope_schema)
         return Message(ident, info.subject, body, info.schema, info.table, action, key)
 
     # -- logical decoding messages ----------------------------------------------------------------

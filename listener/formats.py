@@ -4,9 +4,10 @@
 - ``cloudevents``: CloudEvents 1.0 around that event. *binary*: the event is the body, the attributes are
   headers named by each broker's protocol binding (:class:`Binding`); *structured*: one
   ``application/cloudevents+json`` body whose ``data`` is the event.
-- ``debezium``: Debezium's JSON change event (schemas disabled) with the values converted as Debezium's
-  PostgreSQL connector converts them (``decimal.handling.mode=string``,
-  ``time.precision.mode=adaptive_time_microseconds``).
+- ``debezium``: Debezium's JSON change event with the values converted as Debezium's PostgreSQL connector
+  converts them (``decimal.handling.mode=string``, ``time.precision.mode=adaptive_time_microseconds``);
+  schemas disabled, or (``publisher.debezium.schemas``) ``{"schema", "payload"}`` as Kafka Connect's
+  JsonConverter writes it with ``schemas.enable=true``, each table's schemas built once per Relation.
 
 And the MESSAGE event of a logical decoding message (``pg_logical_emit_message``: the outbox).
 Pure functions and small classes over values: no I/O.
@@ -27,9 +28,10 @@ from urllib.parse import quote
 import orjson
 
 from listener import __version__, types
-from listener.config import CloudEventsConfig, Config
+from listener.catalog import ColumnFacts
+from listener.config import CloudEventsConfig, Config, PublisherType
 from listener.message import Message
-from listener.pgoutput import PG_EPOCH, UNCHANGED, Tuple
+from listener.pgoutput import PG_EPOCH, UNCHANGED, Relation, Tuple
 from listener.types import Converter, TypeRegistry
 
 # ------------------------------------------------------------------------------------------------
@@ -297,13 +299,206 @@ DEBEZIUM_SCALARS: Final[dict[int, Converter | None]] = {
 
 
 def debezium_converter(registry: TypeRegistry, type_oid: int, type_modifier: int) -> Converter | None:
-    """A column's conversion as Debezium does it; timestamp(0-3) counts milliseconds (adaptive)."""
+    """A column's conversion as Debezium does it; timestamp(0-3) counts milliseconds (adaptive); bit(1) and
+    varbit(1) are booleans."""
     converter = registry.converter(type_oid, DEBEZIUM_SCALARS)
     if converter is dbz_micro_timestamp and 0 <= type_modifier <= 3:
         return dbz_milli_timestamp
-    if type_oid == BIT and type_modifier == 1:
+    if type_oid in (BIT, VARBIT) and type_modifier == 1:
         return dbz_bit1
     return converter
+
+
+# ------------------------------------------------------------------------------------------------
+# Debezium's schemas (publisher.debezium.schemas): Kafka Connect schemas as the JsonConverter writes them
+
+
+def connect_schema(
+    kind: str, *, optional: bool = True, name: str | None = None, version: int | None = None, doc: str | None = None,
+    parameters: dict[str, str] | None = None, default: Any = None, fields: list[dict[str, Any]] | None = None,
+    items: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A Connect schema with its keys in the JsonConverter's order (a field adds ``"field"`` last)."""
+    schema: dict[str, Any] = {"type": kind}
+    if fields is not None:
+        schema["fields"] = fields
+    if items is not None:
+        schema["items"] = items
+    schema["optional"] = optional
+    for key, value in (("name", name), ("version", version), ("doc", doc), ("parameters", parameters),
+                       ("default", default)):
+        if value is not None:
+            schema[key] = value
+    return schema
+
+
+def _field(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {**schema, "field": name}
+
+
+XML = 142
+#: type OID -> Connect type and logical name of Debezium's schema for it (with the conversions above);
+#: any other type is a plain string
+_DEBEZIUM_TYPES: Final[dict[int, tuple[str, str | None]]] = {
+    types.BOOL: ("boolean", None),
+    types.BYTEA: ("bytes", None),
+    types.INT2: ("int16", None),
+    types.INT4: ("int32", None),
+    types.INT8: ("int64", None),
+    types.OID: ("int64", None),
+    types.FLOAT4: ("float", None),
+    types.FLOAT8: ("double", None),
+    types.JSON: ("string", "io.debezium.data.Json"),
+    types.JSONB: ("string", "io.debezium.data.Json"),
+    types.UUID: ("string", "io.debezium.data.Uuid"),
+    XML: ("string", "io.debezium.data.Xml"),
+    types.TIMESTAMPTZ: ("string", "io.debezium.time.ZonedTimestamp"),
+    types.TIMESTAMP: ("int64", "io.debezium.time.MicroTimestamp"),
+    DATE: ("int32", "io.debezium.time.Date"),
+    TIME: ("int64", "io.debezium.time.MicroTime"),
+    TIMETZ: ("string", "io.debezium.time.ZonedTime"),
+    INTERVAL: ("int64", "io.debezium.time.MicroDuration"),
+}
+_POINT_FIELDS: Final = [
+    _field("x", connect_schema("double", optional=False)),
+    _field("y", connect_schema("double", optional=False)),
+    _field("wkb", connect_schema("bytes")),
+    _field("srid", connect_schema("int32")),
+]
+
+
+def debezium_schema(
+    registry: TypeRegistry, type_oid: int, type_modifier: int, optional: bool, enum_labels: str | None = None
+) -> dict[str, Any]:
+    """The schema Debezium writes for a column of this type (without the column's name): the type of the
+    value :func:`debezium_converter` writes, its logical name and parameters."""
+    info = registry.info(type_oid)
+    element = types.ARRAYS.get(type_oid) or (info.element_oid if info is not None and info.category == "A" else 0)
+    if element:
+        element_info = registry.info(element)
+        is_enum = element_info is not None and element_info.kind == "e" and enum_labels is not None
+        # the element converter ignores the modifier (timestamp(3)[] counts microseconds too)
+        items = debezium_schema(registry, element, -1, not is_enum, enum_labels)
+        return connect_schema("array", optional=optional, items=items)
+    if info is not None and info.kind == "d" and info.base_oid:
+        return debezium_schema(registry, info.base_oid, type_modifier, optional, enum_labels)
+    if info is not None and info.kind == "e" and enum_labels is not None:
+        return connect_schema("string", optional=optional, name="io.debezium.data.Enum", version=1,
+                              parameters={"allowed": enum_labels})
+    if type_oid == POINT:
+        return connect_schema("struct", fields=_POINT_FIELDS, optional=optional,
+                              name="io.debezium.data.geometry.Point", version=1, doc="Geometry (POINT)")
+    if type_oid in (BIT, VARBIT):
+        if type_modifier == 1:
+            return connect_schema("boolean", optional=optional)
+        length = str(type_modifier) if type_modifier > 0 else "2147483647"  # varbit without a length
+        return connect_schema("bytes", optional=optional, name="io.debezium.data.Bits", version=1,
+                              parameters={"length": length})
+    if type_oid == types.TIMESTAMP and 0 <= type_modifier <= 3:
+        return connect_schema("int64", optional=optional, name="io.debezium.time.Timestamp", version=1)
+    kind, name = _DEBEZIUM_TYPES.get(type_oid, ("string", None))
+    return connect_schema(kind, optional=optional, name=name, version=1 if name else None)
+
+
+def _plain(*fields: tuple[str, str, bool]) -> list[dict[str, Any]]:
+    """Fields of types without a logical name: (name, type, optional)."""
+    return [_field(name, connect_schema(kind, optional=optional)) for name, kind, optional in fields]
+
+
+#: the ``source`` block's schema (the PostgreSQL connector's, version 1)
+_SOURCE_SCHEMA: Final = connect_schema(
+    "struct", optional=False, name="io.debezium.connector.postgresql.Source", version=1,
+    fields=[
+        *_plain(("version", "string", False), ("connector", "string", False), ("name", "string", False),
+                ("ts_ms", "int64", False)),
+        _field("snapshot", connect_schema(
+            "string", name="io.debezium.data.Enum", version=1, default="false",
+            parameters={"allowed": "true,first,first_in_data_collection,last_in_data_collection,last,false,"
+                                   "incremental"},
+        )),
+        *_plain(("db", "string", False), ("sequence", "string", True), ("ts_us", "int64", True),
+                ("ts_ns", "int64", True), ("schema", "string", False), ("table", "string", False),
+                ("txId", "int64", True), ("lsn", "int64", True), ("xmin", "int64", True), ("origin", "string", True),
+                ("origin_lsn", "int64", True)),
+    ],
+)
+#: the ``transaction`` block's schema (always null here: no transaction metadata)
+_TRANSACTION_SCHEMA: Final = connect_schema(
+    "struct", name="event.block", version=1,
+    fields=_plain(("id", "string", False), ("total_order", "int64", False), ("data_collection_order", "int64", False)),
+)
+_TIMES: Final = [_field(name, connect_schema("int64")) for name in ("ts_ms", "ts_us", "ts_ns")]
+#: a logical message's key and value schemas
+MESSAGE_KEY_SCHEMA: Final = orjson.Fragment(orjson.dumps(connect_schema(
+    "struct", optional=False, name="io.debezium.connector.postgresql.MessageKey", version=1,
+    fields=[_field("prefix", connect_schema("string"))],
+)))
+MESSAGE_VALUE_SCHEMA: Final = orjson.Fragment(orjson.dumps(connect_schema(
+    "struct", optional=False, name="io.debezium.connector.postgresql.MessageValue", version=1,
+    fields=[
+        _field("op", connect_schema("string", optional=False)),
+        _TIMES[0],
+        _field("source", _SOURCE_SCHEMA),
+        _field("transaction", _TRANSACTION_SCHEMA),
+        _field("message", connect_schema(
+            "struct", optional=False, name="io.debezium.connector.postgresql.Message", version=1,
+            fields=[_field("prefix", connect_schema("string")), _field("content", connect_schema("bytes"))],
+        )),
+    ],
+)))
+
+
+def unavailable(type_oid: int) -> Any:
+    """What Debezium writes for an unchanged TOASTed value of a column of this type: its placeholder text, as
+    bytes for bytea, in a list for text and JSON arrays, as a list of its bytes for int4, int8 and date arrays."""
+    if type_oid == types.BYTEA:
+        return base64.b64encode(UNAVAILABLE.encode()).decode("ascii")
+    if type_oid in _TEXT_ARRAYS:
+        return [UNAVAILABLE]
+    if type_oid in _NUMBER_ARRAYS:
+        return list(UNAVAILABLE.encode())
+    return UNAVAILABLE
+
+
+_TEXT_ARRAYS: Final = frozenset({1009, 1015, 199, 3807})  # text[], varchar[], json[], jsonb[]
+_NUMBER_ARRAYS: Final = frozenset({1007, 1016, 1182})  # int4[], int8[], date[]
+
+
+@dataclass(frozen=True, slots=True)
+class DebeziumTable:
+    """What the Debezium events of one table share, computed once per Relation message."""
+
+    unavailable: tuple[Any, ...]  # per column: what an unchanged TOASTed value is written as
+    #: publisher.debezium.schemas: the key's schema (None: no key) and the envelope's, as JSON to splice in
+    key_schema: orjson.Fragment | None = None
+    envelope_schema: orjson.Fragment | None = None
+
+
+def table_schemas(
+    logical_name: str, schema: str, table: str, columns: Sequence[tuple[str, dict[str, Any]]], key_index: Sequence[int]
+) -> tuple[orjson.Fragment | None, orjson.Fragment]:
+    """The key schema (None: no key) and the envelope schema of a table's events from each column's name and
+    :func:`debezium_schema`; named ``<logical_name>.<schema>.<table>.Key`` / ``.Value`` / ``.Envelope`` as
+    Debezium names them."""
+    prefix = f"{logical_name}.{schema}.{table}"
+    value = connect_schema("struct", name=f"{prefix}.Value", fields=[_field(n, s) for n, s in columns])
+    envelope = connect_schema(
+        "struct", optional=False, name=f"{prefix}.Envelope", version=2,
+        fields=[_field("before", value), _field("after", value), _field("source", _SOURCE_SCHEMA),
+                _field("transaction", _TRANSACTION_SCHEMA), _field("op", connect_schema("string", optional=False)),
+                *_TIMES],
+    )
+    key = None
+    if key_index:
+        key = orjson.Fragment(orjson.dumps(connect_schema(
+            "struct", optional=False, name=f"{prefix}.Key", fields=[_field(*columns[i]) for i in key_index]
+        )))
+    return key, orjson.Fragment(orjson.dumps(envelope))
+
+
+def with_schema(schema: orjson.Fragment, payload: Any) -> bytes:
+    """``{"schema": ..., "payload": ...}``: the JsonConverter's record with schemas enabled."""
+    return orjson.dumps({"schema": schema, "payload": payload})
 
 
 @dataclass(slots=True)
@@ -318,7 +513,8 @@ class Change:
 
 class Debezium:
     """Builds Debezium change events: ``{"before", "after", "source", "transaction", "op", "ts_ms", ...}``
-    with the fields in Debezium's order, and its logical message events (``op: m``)."""
+    with the fields in Debezium's order, and its logical message events (``op: m``); with schemas
+    (``publisher.debezium.schemas``) each inside ``{"schema", "payload"}``."""
 
     def __init__(self, cfg: Config) -> None:
         self._source_head = {
@@ -328,14 +524,39 @@ class Debezium:
         }
         self._db = cfg.database.name
         self._last_commit: int | None = None
+        self.schemas = cfg.publisher.debezium.schemas
+        #: the key carries its schema where it is a record's key that Kafka Connect reads; elsewhere (a Pub/Sub
+        #: ordering key) a key that changed with the table's shape would break the order of a row's events
+        self._key_schemas = self.schemas and cfg.publisher.type == PublisherType.KAFKA
+
+    def table(
+        self, registry: TypeRegistry, rel: Relation, key_index: Sequence[int],
+        facts: Mapping[str, ColumnFacts] | None,
+    ) -> DebeziumTable:
+        """What the events of ``rel`` share. With ``publisher.debezium.schemas`` its schemas: a column is
+        optional unless it is NOT NULL (``facts``; without them, unless it is part of the key)."""
+        placeholders = tuple(unavailable(column.type_oid) for column in rel.columns)
+        if not self.schemas:
+            return DebeziumTable(placeholders)
+        columns = []
+        for i, column in enumerate(rel.columns):
+            fact = facts.get(column.name) if facts is not None else None
+            optional = not fact.not_null if fact is not None else i not in key_index
+            schema = debezium_schema(registry, column.type_oid, column.type_modifier, optional,
+                                     fact.enum_labels if fact is not None else None)
+            columns.append((column.name, schema))
+        key, envelope = table_schemas(self._source_head["name"], rel.schema, rel.name, columns, key_index)
+        return DebeziumTable(placeholders, key if self._key_schemas else None, envelope)
 
     @staticmethod
-    def row(names: Sequence[str], converters: Sequence[Converter | None], values: Tuple) -> dict[str, Any]:
+    def row(
+        names: Sequence[str], converters: Sequence[Converter | None], values: Tuple, table: DebeziumTable
+    ) -> dict[str, Any]:
         """Every column, converted; one not sent (an unchanged TOASTed value) as Debezium's placeholder."""
         out: dict[str, Any] = {}
-        for name, conv, value in zip(names, converters, values, strict=False):
+        for name, conv, value, placeholder in zip(names, converters, values, table.unavailable, strict=False):
             if value is UNCHANGED:
-                out[name] = UNAVAILABLE
+                out[name] = placeholder
             elif value is None or conv is None:
                 out[name] = value
             else:
@@ -343,11 +564,12 @@ class Debezium:
         return out
 
     @staticmethod
-    def key(names: Sequence[str], index: Sequence[int], row: Mapping[str, Any]) -> bytes | None:
-        """``{"id": 1}``: the key columns and their values."""
+    def key(names: Sequence[str], index: Sequence[int], row: Mapping[str, Any], table: DebeziumTable) -> bytes | None:
+        """``{"id": 1}``: the key columns and their values (with its schema on Kafka, with schemas)."""
         if not index:
             return None
-        return orjson.dumps({names[i]: row.get(names[i]) for i in index})
+        payload = {names[i]: row.get(names[i]) for i in index}
+        return orjson.dumps(payload) if table.key_schema is None else with_schema(table.key_schema, payload)
 
     def source(self, schema: str, table: str, change: Change) -> dict[str, Any]:
         commit_us = change.commit_micros + _PG_EPOCH_US
@@ -371,22 +593,25 @@ class Debezium:
 
     def envelope(
         self, schema: str, table: str, op: str, before: dict[str, Any] | None, after: dict[str, Any] | None,
-        change: Change,
+        change: Change, table_schema: orjson.Fragment | None = None,
     ) -> bytes:
         now_ns = time.time_ns()
-        return orjson.dumps({
+        event = {
             "before": before, "after": after, "source": self.source(schema, table, change), "transaction": None,
             "op": op, "ts_ms": now_ns // 1_000_000, "ts_us": now_ns // 1000, "ts_ns": now_ns,
-        })
+        }
+        return orjson.dumps(event) if table_schema is None else with_schema(table_schema, event)
 
     def message(self, prefix: str, content: bytes, change: Change) -> tuple[bytes, bytes]:
         """A logical message's event and its key (``{"prefix": ...}``)."""
-        body = orjson.dumps({
+        event = {
             "op": "m", "ts_ms": time.time_ns() // 1_000_000, "source": self.source("", "", change),
             "transaction": None,
             "message": {"prefix": prefix, "content": base64.b64encode(content).decode("ascii")},
-        })
-        return body, orjson.dumps({"prefix": prefix})
+        }
+        key = {"prefix": prefix}
+        body = with_schema(MESSAGE_VALUE_SCHEMA, event) if self.schemas else orjson.dumps(event)
+        return body, with_schema(MESSAGE_KEY_SCHEMA, key) if self._key_schemas else orjson.dumps(key)
 
     def committed(self, commit_lsn: int) -> None:
         """A transaction ended: the first part of the next change's ``sequence``."""

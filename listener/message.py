@@ -20,6 +20,9 @@ class Message:
     #: the body's media type when a format sets one: a ``content-type`` header, or RabbitMQ's content-type
     #: property (which is application/json when this is empty)
     content_type: str = ""
+    #: Kafka (publisher.tombstones): the record is followed by a tombstone, its key with a null value; the
+    #: message counts as acknowledged once both are
+    tombstone: bool = False
 
     def attributes(self) -> dict[str, str]:
         """Metadata every broker carries beside the body (headers / attributes / properties)."""

@@ -265,6 +265,10 @@ class TypeRegistry:
     def add(self, info: PgType) -> None:
         self._user[info.oid] = info
 
+    def info(self, oid: int) -> PgType | None:
+        """What pg_type said about a type that is not built in (None: built in or not looked up)."""
+        return self._user.get(oid)
+
     def missing(self, oids: list[int]) -> list[int]:
         """OIDs (and, transitively, their element or base types) that must be looked up first."""
         return [oid for oid in oids if not self.known(oid)]

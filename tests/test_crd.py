@@ -248,6 +248,7 @@ def test_event_format_and_messages_reach_the_listener_config() -> None:
     listeners = dict(_listeners())
     debezium = parse_spec(listeners["kafka-debezium-outbox.yaml:shop-debezium"]["spec"]).config_file()
     assert debezium["publisher"]["format"] == "debezium" and debezium["publisher"]["messageKeyFrom"] == "orderId"
+    assert debezium["publisher"]["debezium"] == {"schemas": True} and debezium["publisher"]["tombstones"] is True
     assert debezium["listener"]["messages"] == {"prefixes": ["orders.events"]}
     cloudevents = parse_spec(listeners["kafka-debezium-outbox.yaml:shop-cloudevents"]["spec"]).config_file()
     assert cloudevents["publisher"]["format"] == "cloudevents"

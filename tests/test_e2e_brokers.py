@@ -167,6 +167,30 @@ async def test_message_key_from_a_column(fresh_db: str, pg: Any, tansu: TansuSer
     assert sorted((g.event["data"]["id"], g.key) for g in got) == [(1, b"acme"), (2, b"globex")]
 
 
+async def test_kafka_tombstones_follow_deletes_and_are_acknowledged_before_the_lsn_moves(
+    fresh_db: str, pg: Any, tansu: TansuServer
+) -> None:
+    """publisher.tombstones with the default event: after each DELETE the row's next record (its partition) has
+    the DELETE's key and a null value; once the slot is confirmed past the DELETEs every tombstone is on the
+    topic. The events themselves are the default event (without the key: none, see test_event_formats)."""
+    dsn = pg.dsn(fresh_db)
+    await sql(dsn, "CREATE TABLE users (id int PRIMARY KEY, name text)")
+    kafka = Kafka(unique("tomb"), tansu.bootstrap)
+    cfg = config_dict(pg.port, fresh_db, kafka.publisher(tombstones=True))
+    async with running(cfg):
+        await sql(dsn, "INSERT INTO users VALUES (1, 'a'), (2, 'b'), (3, 'c')", "DELETE FROM users WHERE id = 2",
+                  "UPDATE users SET name = 'z' WHERE id = 3", "DELETE FROM users WHERE id IN (1, 3)")
+        end = await current_lsn(dsn)
+        await wait_until(lambda: _ge(confirmed_lsn(dsn, cfg["listener"]["slotName"]), end), 30, "confirmation")
+        got = await kafka.read(["users"], 10, timeout=10)
+    assert len(got) == 10
+    for row, actions in ((1, ["INSERT", "DELETE"]), (2, ["INSERT", "DELETE"]), (3, ["INSERT", "UPDATE", "DELETE"])):
+        mine = [g for g in got if g.key == str(row).encode()]
+        assert [g.event.get("action") for g in mine] == [*actions, None]
+        assert mine[-1].tombstone and mine[-1].headers == {} and mine[-1].subject == mine[-2].subject
+        assert mine[-2].event["dataOld"] == {"id": row}
+
+
 # -- outages, crashes --------------------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 import orjson
 import pytest
+from aiokafka import AIOKafkaConsumer
 from cloudevents.core.base import BaseCloudEvent
 from cloudevents.core.bindings import amqp, http, kafka
 from cloudevents.core.formats.json import JSONFormat
@@ -62,8 +64,8 @@ def format_settings(fmt: str) -> dict[str, Any]:
     return {"format": fmt}
 
 
-async def run_workload(broker: Broker, dsn: str, cfg: dict[str, Any]) -> list[Got]:
-    """The workload of this module through the listener; every event it published."""
+async def run_workload(broker: Broker, dsn: str, cfg: dict[str, Any], count: int = 6) -> list[Got]:
+    """The workload of this module through the listener; every event it published (``count`` at least)."""
     topics = ["items", PREFIX]
     await broker.prepare(topics)
     async with running(cfg):
@@ -76,7 +78,7 @@ async def run_workload(broker: Broker, dsn: str, cfg: dict[str, Any]) -> list[Go
             "DELETE FROM items WHERE id = 1",
             "TRUNCATE items",
         )
-        return await broker.read(topics, 6)
+        return await broker.read(topics, count)
 
 
 def action_of(fmt: str, broker: Broker, got: Got) -> str:
@@ -112,9 +114,17 @@ async def test_every_action_in_every_format(any_broker: Broker, fmt: str, fresh_
     )
     publisher = any_broker.publisher(messageKeyFrom="orderId", **format_settings(fmt))
     cfg = config_dict(pg.port, fresh_db, publisher, snapshot={"mode": "initial"}, messages={"prefixes": [PREFIX]})
-    got = await run_workload(any_broker, dsn, cfg)
-    by_action = {action_of(fmt, any_broker, g): g for g in got}
-    assert len(got) == 6 and set(by_action) == ACTIONS, [g.event for g in got]
+    # Kafka with the Debezium format: the DELETE is followed by a tombstone (publisher.tombstones' default)
+    tombstones = 1 if any_broker.name == "kafka" and fmt == "debezium" else 0
+    got = await run_workload(any_broker, dsn, cfg, 6 + tombstones)
+    events = [g for g in got if not g.tombstone]
+    by_action = {action_of(fmt, any_broker, g): g for g in events}
+    assert len(events) == 6 and set(by_action) == ACTIONS, [g.event for g in got]
+    assert len(got) == 6 + tombstones
+    if tombstones:  # the row's next record (one partition: in order) is the tombstone
+        delete = by_action["DELETE"]
+        after = [g for g in got[got.index(delete) + 1 :] if g.key == delete.key and g.subject == delete.subject]
+        assert [(g.tombstone, g.headers) for g in after] == [(True, {})]
     message = by_action["MESSAGE"]
     assert message.subject == f"{any_broker.topic}.{PREFIX}"
     assert {g.subject for g in got if g is not message} == {f"{any_broker.topic}.public_items"}
@@ -203,54 +213,110 @@ def check_debezium(broker: Broker, by_action: dict[str, Got], db: str) -> None:
 
 # -- Debezium's recorded output ---------------------------------------------------------------------
 
+#: what Debezium 3.6 published for the workload of tests/support/debezium.py: JSON converters without schemas,
+#: and with them (schemas.enable=true)
+RECORDINGS = {False: RECORDED, True: RECORDED.with_name("recorded-schemas.json")}
 #: source fields whose values differ by run (times, positions, versions): compared by type only
 _VOLATILE = {"version": str, "ts_ms": int, "ts_us": int, "ts_ns": int, "sequence": str, "txId": (int, type(None)),
              "lsn": (int, type(None)), "snapshot": str, "name": str, "db": str}
-#: the differences left between our envelope and Debezium's, as docs/formats.md lists them
+#: the differences left between our envelope and Debezium's, as docs/formats-debezium.md lists them
 _NOT_NULL_DEFAULTS = {("orders", "customer"): ""}  # Debezium fills a NOT NULL column missing from a key-only row
 
 
-def _comparable(record: dict[str, Any]) -> dict[str, Any]:
-    value = dict(record["value"])
+def _split(record: Any, schemas: bool) -> tuple[Any, Any]:
+    """(schema, payload) of a key or value as the JsonConverter wrote it (schema None without schemas)."""
+    if record is None or not schemas:
+        return None, record
+    assert set(record) == {"schema", "payload"}, record
+    return record["schema"], record["payload"]
+
+
+def _named(schema: Any, logical: str) -> Any:
+    """A schema with the connector's logical name in its names (``shop.public.orders.Value``) made neutral."""
+    text = json.dumps(schema)
+    return json.loads(text.replace(f'"name": "{logical}.', '"name": "LOGICAL.'))
+
+
+def _comparable(key: Any, value: Any, schemas: bool, logical: str) -> dict[str, Any]:
+    """A record without what differs by run: source fields compared by type, times, the logical name."""
+    key_schema, key = _split(key, schemas)
+    value_schema, value = _split(value, schemas)
+    out = {"key": key, "key_schema": _named(key_schema, logical), "value_schema": _named(value_schema, logical)}
+    if value is None:  # a tombstone
+        return {**out, "value": None}
+    value = json.loads(json.dumps(value))
+    if value.get("op") == "d" and value["before"] is not None:
+        for (table, column), default in _NOT_NULL_DEFAULTS.items():
+            if value["source"]["table"] == table and value["before"].get(column) == default:
+                value["before"][column] = None
+    order = list(value)
     source = value.pop("source")
     for name, kind in _VOLATILE.items():
-        assert isinstance(source.pop(name), kind), (name, record)
+        assert isinstance(source.pop(name), kind), (name, value)
     for name in ("ts_ms", "ts_us", "ts_ns"):
         if name in value:
             assert isinstance(value.pop(name), int)
-    return {"key": record["key"], "value": value, "source": source, "order": list(record["value"])}
+    return {**out, "value": value, "source": source, "order": order}
 
 
-async def test_debezium_envelope_matches_debeziums_recorded_output(fresh_db: str, pg: Any, tansu: TansuServer) -> None:
+class _Tail:
+    """One consumer of the test's topics for the whole test: what arrived since the last call."""
+
+    def __init__(self, bootstrap: str, topics: list[str]) -> None:
+        self.consumer = AIOKafkaConsumer(*topics, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                         group_id=None, metadata_max_age_ms=1000)
+
+    async def next(self, count: int, timeout: float = 60.0) -> list[tuple[Any, Any]]:
+        """The next ``count`` records as (key, value) parsed, in the order of their partition; then half a second
+        more, so a record too many is seen too."""
+        got: list[tuple[Any, Any]] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            batches = await self.consumer.getmany(timeout_ms=500)
+            for records in batches.values():
+                got += [(None if r.key is None else orjson.loads(r.key),
+                         None if r.value is None else orjson.loads(r.value)) for r in records]
+            if len(got) >= count and not batches:
+                break
+        return got
+
+
+@pytest.mark.parametrize("schemas", [False, True], ids=["schemas-disabled", "schemas-enabled"])
+async def test_debezium_envelope_matches_debeziums_recorded_output(
+    fresh_db: str, pg: Any, tansu: TansuServer, schemas: bool
+) -> None:
     """The workload of tests/support/debezium.py, whose Debezium 3.6 output is recorded, through the listener
-    on Kafka: the same keys, envelopes, values and field order, but for what docs/formats.md lists."""
-    recorded = json.loads(RECORDED.read_text())
+    on Kafka, step by step: the same records (tombstones included), keys, envelopes, values, field order and,
+    with schemas, the same schemas of keys and values, but for what docs/formats-debezium.md lists."""
+    recorded = json.loads(RECORDINGS[schemas].read_text())
+    logical = recorded["config"]["topic.prefix"]
     dsn = pg.dsn(fresh_db)
     await sql(dsn, *(s for s in debezium.SCHEMA.split(";\n") if s.strip()),
               *(s for s in debezium.SNAPSHOT.split(";\n") if s.strip()))
     broker = Kafka(unique("dbz"), tansu.bootstrap)
-    cfg = config_dict(pg.port, fresh_db, broker.publisher(format="debezium"), snapshot={"mode": "initial"},
+    publisher = broker.publisher(format="debezium", debezium={"schemas": schemas})
+    cfg = config_dict(pg.port, fresh_db, publisher, snapshot={"mode": "initial"},
                       messages={"prefixes": ["outbox"]}, topicsMap={"outbox": "app.outbox"})
-    topics = ["public_types", "public_orders", "public_full_identity", "public_docs", "app.outbox"]
-    expected = [r for r in recorded["snapshot"]] + [r for rs in recorded["steps"].values() for r in rs]
-    expected = [r for r in expected if r["value"] is not None]  # no tombstones (see docs/formats.md)
-    async with running(cfg):
-        await broker.read(topics, len(recorded["snapshot"]), settle=False)
-        for _name, statement in debezium.STEPS:
-            await sql(dsn, statement)
-        got = await broker.read(topics, len(expected))
-    records = [{"key": orjson.loads(g.key) if g.key else None, "value": g.event} for g in got]
-    # stream order: by the change's LSN (the snapshot's READ events have none and come first, by table and key)
-    records.sort(key=lambda r: (r["value"]["source"]["lsn"] or 0, r["value"]["source"]["table"], str(r["key"])))
-    expected.sort(key=lambda r: (r["value"]["op"] != "r", r["value"]["source"]["table"] if r["value"]["op"] == "r"
-                                 else "", str(r["key"]) if r["value"]["op"] == "r" else ""))
-    assert len(records) == len(expected)
-    for ours, theirs in zip(records, expected, strict=True):
-        theirs = json.loads(json.dumps(theirs))
-        value = theirs["value"]
-        if value["op"] == "d" and value["before"] is not None:
-            for (table, column), default in _NOT_NULL_DEFAULTS.items():
-                if value["source"]["table"] == table and value["before"].get(column) == default:
-                    value["before"][column] = None
-        assert _comparable(ours) == _comparable(theirs)
+    topics = [broker.topic_of(t) for t in ("public_types", "public_orders", "public_full_identity", "public_docs",
+                                           "app.outbox")]
+    tail = _Tail(tansu.bootstrap, topics)
+    await tail.consumer.start()
+    try:
+        async with running(cfg):
+            snapshot = await tail.next(len(recorded["snapshot"]))
 
+            def by_row(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+                return sorted(records, key=lambda r: (r["source"]["table"], str(r["key"])))
+
+            ours = by_row([_comparable(k, v, schemas, broker.topic) for k, v in snapshot])
+            theirs = by_row([_comparable(r["key"], r["value"], schemas, logical) for r in recorded["snapshot"]])
+            assert ours == theirs
+            for name, statement in debezium.STEPS:
+                await sql(dsn, statement)
+                expected = recorded["steps"][name]
+                got = await tail.next(len(expected))
+                assert [_comparable(k, v, schemas, broker.topic) for k, v in got] == [
+                    _comparable(r["key"], r["value"], schemas, logical) for r in expected
+                ], name
+    finally:
+        await tail.consumer.stop()

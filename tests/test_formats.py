@@ -14,13 +14,14 @@ from cloudevents.core.bindings import http, kafka
 from cloudevents.core.formats.json import JSONFormat
 
 from listener import formats
-from listener.config import Config, load_config
+from listener.catalog import ColumnFacts
+from listener.config import Config, KafkaPublisherConfig, load_config
 from listener.errors import ConfigError
 from listener.event import EventBuilder
 from listener.formats import Binding, CloudEvents
 from listener.message import Message
-from listener.pgoutput import Column, Relation
-from listener.types import TypeRegistry
+from listener.pgoutput import UNCHANGED, Column, Relation
+from listener.types import PgType, TypeRegistry
 from tests.support.events import make_config
 
 KAFKA = Binding("ce_", percent_encoded=False)
@@ -213,6 +214,133 @@ def test_debezium_types_row_matches_the_recording() -> None:
     assert bit1 is not None and bit1("1") is True and bit1("0") is False
 
 
+# -- Debezium's schemas -----------------------------------------------------------------------------
+
+RECORDED_SCHEMAS = Path(__file__).parent / "data" / "debezium" / "recorded-schemas.json"
+MOOD, POSINT = 90001, 90002  # the workload's enum and domain (tests/support/debezium.py)
+
+
+def _registry() -> TypeRegistry:
+    registry = TypeRegistry()
+    registry.add(PgType(MOOD, "e", 0, 0, "E", ","))
+    registry.add(PgType(POSINT, "d", 23, 0, "N", ","))
+    return registry
+
+
+def test_debezium_schema_of_every_recorded_column() -> None:
+    """Each column of the recorded types row: our schema is the one Debezium 3.6 wrote (type modifiers as
+    pgoutput sends them: timestamp(3) -> 3, bit(4) -> 4, varbit(8) -> 8, numeric(20,6) -> 1310730)."""
+    recorded = json.loads(RECORDED_SCHEMAS.read_text())
+    value = recorded["steps"]["insert_types"][0]["value"]["schema"]
+    fields = {f["field"]: f for f in value["fields"][1]["fields"]}  # "after"
+    columns = {  # name -> (type OID, modifier)
+        "id": (23, -1), "c_int2": (21, -1), "c_int4": (23, -1), "c_int8": (20, -1), "c_oid": (26, -1),
+        "c_numeric": (1700, 1310730), "c_numeric_free": (1700, -1), "c_numeric_nan": (1700, -1), "c_float4": (700, -1),
+        "c_float8": (701, -1), "c_float8_nan": (701, -1), "c_bool": (16, -1), "c_json": (114, -1),
+        "c_jsonb": (3802, -1), "c_int_array": (1007, -1), "c_text_array": (1009, -1), "c_timestamptz": (1184, -1),
+        "c_timestamp": (1114, -1), "c_timestamp3": (1114, 3), "c_timestamp_inf": (1114, -1), "c_date": (1082, -1),
+        "c_time": (1083, -1), "c_time3": (1083, 3), "c_timetz": (1266, -1), "c_interval": (1186, -1),
+        "c_interval_neg": (1186, -1), "c_bytea": (17, -1), "c_uuid": (2950, -1), "c_text": (25, -1),
+        "c_varchar": (1043, 24), "c_char": (1042, 7), "c_enum": (MOOD, -1), "c_domain": (POSINT, -1),
+        "c_inet": (869, -1), "c_cidr": (650, -1), "c_macaddr": (829, -1), "c_money": (790, -1),
+        "c_int4range": (3904, -1), "c_point": (600, -1), "c_bit": (1560, 4), "c_varbit": (1562, 8), "c_xml": (142, -1),
+    }
+    assert set(columns) == set(fields)
+    registry = _registry()
+    for name, (oid, modifier) in columns.items():
+        schema = formats.debezium_schema(registry, oid, modifier, name != "id", "sad,ok,happy" if oid == MOOD else None)
+        assert {**schema, "field": name} == fields[name], name
+        assert list({**schema, "field": name}) == list(fields[name]), name  # the JsonConverter's key order
+
+
+@pytest.mark.parametrize(("oid", "modifier", "labels", "expected"), [
+    # what Debezium 3.6.3 wrote for columns outside the committed workload (probed once with the recorder)
+    (1562, -1, None, {"type": "bytes", "optional": True, "name": "io.debezium.data.Bits", "version": 1,
+                      "parameters": {"length": "2147483647"}}),  # varbit without a length
+    (1562, 1, None, {"type": "boolean", "optional": True}),  # varbit(1)
+    (1560, 1, None, {"type": "boolean", "optional": True}),  # bit(1)
+    (1185, -1, None, {"type": "array", "items": {"type": "string", "optional": True,
+                                                 "name": "io.debezium.time.ZonedTimestamp", "version": 1},
+                      "optional": True}),  # timestamptz[]
+    (1182, -1, None, {"type": "array", "items": {"type": "int32", "optional": True, "name": "io.debezium.time.Date",
+                                                 "version": 1}, "optional": True}),  # date[]
+    (1231, -1, None, {"type": "array", "items": {"type": "string", "optional": True}, "optional": True}),  # numeric[]
+    (1000, -1, None, {"type": "array", "items": {"type": "boolean", "optional": True}, "optional": True}),  # bool[]
+    (90003, -1, "sad,ok,happy", {"type": "array", "items": {
+        "type": "string", "optional": False, "name": "io.debezium.data.Enum", "version": 1,
+        "parameters": {"allowed": "sad,ok,happy"}}, "optional": True}),  # mood[]: Debezium's enum item is required
+    (3908, -1, None, {"type": "string", "optional": True}),  # tsrange
+    (19, -1, None, {"type": "string", "optional": True}),  # name
+    (18, -1, None, {"type": "string", "optional": True}),  # "char"
+])
+def test_debezium_schema_beyond_the_recording(oid: int, modifier: int, labels: str | None, expected: Any) -> None:
+    registry = _registry()
+    registry.add(PgType(90003, "b", 0, MOOD, "A", ","))  # mood[]
+    schema = formats.debezium_schema(registry, oid, modifier, True, labels)
+    assert (schema, list(schema)) == (expected, list(expected))
+
+
+def test_varbit_1_is_a_boolean_value_too() -> None:
+    convert = formats.debezium_converter(TypeRegistry(), 1562, 1)
+    assert convert is not None and convert("1") is True
+
+
+def test_unchanged_toast_placeholder_has_the_columns_type() -> None:
+    """As Debezium 3.6.3 wrote them for an UPDATE that left TOASTed values unchanged (probed once)."""
+    assert formats.unavailable(25) == formats.unavailable(3802) == "__debezium_unavailable_value"
+    assert formats.unavailable(17) == "X19kZWJleml1bV91bmF2YWlsYWJsZV92YWx1ZQ=="  # bytea: the text's bytes
+    assert formats.unavailable(1009) == ["__debezium_unavailable_value"]  # text[]
+    assert formats.unavailable(1007)[:4] == [95, 95, 100, 101]  # int4[]: the text's bytes as numbers
+    rel = Relation(1, "public", "docs", "d", (Column("id", 23, -1, True), Column("blob", 17, -1, False),
+                                              Column("tags", 1009, -1, False)))
+    builder = EventBuilder(make_config(publisher={"format": "debezium"}), TypeRegistry(), needs_key=True)
+    info = builder.add_relation(rel)
+    message = builder.update(info, builder.begin(1, 0), None, None, ["1", UNCHANGED, UNCHANGED])
+    assert message is not None
+    assert orjson.loads(message.body)["after"] == {"id": 1, "blob": formats.unavailable(17),
+                                                    "tags": ["__debezium_unavailable_value"]}
+
+
+def _debezium_builder(publisher: dict[str, Any]) -> tuple[EventBuilder, Any]:
+    builder = EventBuilder(make_config(publisher={"format": "debezium", "debezium": {"schemas": True}, **publisher}),
+                           TypeRegistry(), needs_key=True)
+    rel = Relation(7, "public", "items", "d", (Column("id", 23, -1, True), Column("name", 25, -1, False),
+                                               Column("qty", 23, -1, False)))
+    facts = {"id": ColumnFacts(True), "name": ColumnFacts(True), "qty": ColumnFacts(False)}
+    return builder, builder.add_relation(rel, (), facts)
+
+
+def test_debezium_schemas_wrap_key_and_value_with_the_tables_schemas() -> None:
+    builder, info = _debezium_builder({})
+    message = builder.insert(info, builder.begin(1, 0), ["1", "a", None])
+    assert message is not None
+    value, key = orjson.loads(message.body), orjson.loads(message.key or b"")
+    assert list(value) == list(key) == ["schema", "payload"]
+    assert value["payload"]["after"] == {"id": 1, "name": "a", "qty": None}
+    assert value["schema"]["name"] == "wal_listener.public.items.Envelope" and value["schema"]["version"] == 2
+    after = value["schema"]["fields"][1]
+    assert after["name"] == "wal_listener.public.items.Value" and after["field"] == "after"
+    assert [(f["field"], f["type"], f["optional"]) for f in after["fields"]] == [
+        ("id", "int32", False), ("name", "string", False), ("qty", "int32", True)]  # NOT NULL from the catalog
+    assert key == {"schema": {"type": "struct", "fields": [{"type": "int32", "optional": False, "field": "id"}],
+                              "optional": False, "name": "wal_listener.public.items.Key"}, "payload": {"id": 1}}
+    # built once per Relation, spliced into every event
+    assert info.debezium is not None and info.debezium.envelope_schema is builder.relations[7].debezium.envelope_schema
+    body, message_key = builder._debezium.message("outbox", b"x", formats.Change(0, None, None))  # type: ignore[union-attr]
+    assert orjson.loads(body)["schema"]["name"] == "io.debezium.connector.postgresql.MessageValue"
+    assert orjson.loads(message_key)["payload"] == {"prefix": "outbox"}
+
+
+def test_debezium_schemas_leave_a_pubsub_ordering_key_plain() -> None:
+    """Off Kafka the key only orders messages: it stays Debezium's key without a schema."""
+    builder, info = _debezium_builder({"type": "google_pubsub", "pubSubProjectID": "p", "address": ""})
+    message = builder.insert(info, builder.begin(1, 0), ["1", "a", None])
+    assert message is not None and message.key == b'{"id":1}'
+    assert list(orjson.loads(message.body)) == ["schema", "payload"]
+    _, message_key = builder._debezium.message("outbox", b"x", formats.Change(0, None, None))  # type: ignore[union-attr]
+    assert message_key == b'{"prefix":"outbox"}'
+
+
 # -- config ----------------------------------------------------------------------------------------
 
 BASE = """\
@@ -246,8 +374,32 @@ def test_format_settings_load_with_their_defaults(tmp_path: Path) -> None:
     assert cfg.listener.messages.prefixes == ["outbox"]
 
 
+def test_tombstones_default_to_the_format_on_kafka(tmp_path: Path) -> None:
+    def tombstones(publisher: str) -> bool:
+        path = tmp_path / "config.yml"
+        path.write_text(BASE.format(listener="", publisher=publisher).replace("type: nats", "type: kafka"))
+        cfg = load_config(path, {})
+        assert isinstance(cfg.publisher, KafkaPublisherConfig)
+        return cfg.publisher.writes_tombstones
+
+    assert tombstones("") is False  # the default event: unchanged
+    assert tombstones("  format: debezium") is True  # as Debezium does
+    assert tombstones("  format: debezium\n  tombstones: false") is False
+    assert tombstones("  tombstones: true") is True
+
+
+def test_tombstones_on_another_broker_are_dropped_with_a_warning(tmp_path: Path) -> None:
+    path = tmp_path / "config.yml"
+    path.write_text(BASE.format(listener="", publisher="  tombstones: true"))
+    warnings: list[str] = []
+    load_config(path, {}, warnings)
+    assert warnings == ["config: publisher.tombstones does nothing for publisher.type nats; ignored"]
+
+
 @pytest.mark.parametrize(("listener", "publisher", "words"), [
     ("", "  format: avro", ["publisher.format", "'wal-listener', 'cloudevents' or 'debezium'"]),
+    ("", "  debezium:\n    schemas: true", ["publisher.debezium.schemas", "publisher.format: debezium"]),
+    ("", "  format: debezium\n  debezium:\n    schemas: 2", ["publisher.debezium.schemas", "boolean"]),
     ("", "  cloudEvents:\n    mode: batch", ["publisher.cloudEvents.mode", "'binary' or 'structured'"]),
     ("  messages:\n    prefixes: ['a b']", "", ["listener.messages.prefixes", "without spaces"]),
     ("  messages:\n    prefixes: ['wal_listener.watermark']", "", ["listener.messages.prefixes", "listener's own"]),

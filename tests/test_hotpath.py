@@ -101,7 +101,7 @@ def relation(identity: str, key_columns: tuple[int, ...]) -> Relation:
 
 def builders(rel: Relation, needs_key: bool, key_from: str | None = None) -> tuple[EventBuilder, EventBuilder]:
     compiled_hot_path()
-    cfg = make_config(key_from=key_from or "")
+    cfg = make_config(key_from=key_from or "", publisher={"tombstones": True})  # a DELETE is marked on both paths
     fast = EventBuilder(cfg, types.TypeRegistry(), needs_key=needs_key)
     slow = EventBuilder(cfg, types.TypeRegistry(), needs_key=needs_key, compiled=False)
     assert fast.hot is not None
@@ -117,7 +117,7 @@ def outcome(builder: EventBuilder, msg: bytes, txn: Transaction) -> Any:
     except DecodeError as exc:
         return ("error", str(exc), txn.ordinal)
     assert out is not None
-    return (out.id, out.subject, out.body, out.key, out.action, out.schema, out.table, txn.ordinal)
+    return (out.id, out.subject, out.body, out.key, out.action, out.schema, out.table, out.tombstone, txn.ordinal)
 
 
 def random_tuple(rng: random.Random, columns: int | None = None) -> bytes:
@@ -163,10 +163,11 @@ def test_random_changes_match_the_python_path(
     fast, slow = builders(relation(identity, key_columns), needs_key, key_from)
     fast_txn = fast.begin(0x1_6B37_4D48, 820_000_000_000_000)
     slow_txn = slow.begin(0x1_6B37_4D48, 820_000_000_000_000)
-    taken = 0
+    taken = marked = 0
     for _ in range(3000):
         msg = random_message(rng)
         expected = outcome(slow, msg, slow_txn)
+        marked += expected[-2] is True  # a DELETE to be followed by a tombstone
         before = fast.hot.event  # type: ignore[union-attr]
         assert outcome(fast, msg, fast_txn) == expected, msg
         plan = fast.relations[OID].plan
@@ -174,6 +175,7 @@ def test_random_changes_match_the_python_path(
         if before(msg, plan, "x", None, "y", needs_key) is not None:
             taken += 1
     assert taken > 50  # the compiled path wrote some itself (odd values are common here by design)
+    assert (marked > 50) == (needs_key and identity != "n")  # a DELETE without a key has no tombstone
 
 
 @pytest.mark.parametrize("action", ["insert", "update", "delete"])

@@ -231,18 +231,20 @@ async def test_record_batch_not_taken_fails_it_and_the_rest_of_the_batch(
     assert sorted(int(r.value[6:-1]) for r in records) == list(range(taken))
 
 
+class OnlySend:
+    """An aiokafka producer without the batch interface (create_batch/send_batch)."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("create_batch", "send_batch"):
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+
 async def test_without_the_batch_interface_it_sends_one_by_one(tansu: TansuServer) -> None:
     """The fallback for an aiokafka without create_batch/send_batch: producer.send per event."""
-
-    class OnlySend:
-        def __init__(self, inner: Any) -> None:
-            self._inner = inner
-
-        def __getattr__(self, name: str) -> Any:
-            if name in ("create_batch", "send_batch"):
-                raise AttributeError(name)
-            return getattr(self._inner, name)
-
     topic = unique_topic()
     publisher = KafkaPublisher(config(tansu.bootstrap, create_topics=True, partitions=2))
     await publisher.connect()
@@ -256,6 +258,78 @@ async def test_without_the_batch_interface_it_sends_one_by_one(tansu: TansuServe
         await publisher.close()
     records = await consume(tansu.bootstrap, topic, 30)
     assert sorted(int(r.value[6:-1]) for r in records) == list(range(30))
+
+
+def tombstoned(subject: str, n: int, key: int, padding: int = 0) -> Message:
+    """A DELETE marked to be followed by a tombstone (publisher.tombstones), its body ``padding`` bytes longer."""
+    deleted = message(subject, n, key=key, action="DELETE")
+    deleted.body = b'{"n": %d, "pad": "%s"}' % (n, b"x" * padding) if padding else deleted.body
+    deleted.tombstone = True
+    return deleted
+
+
+@pytest.mark.parametrize(("path", "padding"), [("bulk", 0), ("bulk", 900), ("one-by-one", 0)],
+                         ids=["one-record-batch", "tombstone-in-the-next-record-batch", "producer-send"])
+async def test_a_delete_is_followed_by_a_tombstone_on_its_partition(
+    tansu: TansuServer, path: str, padding: int
+) -> None:
+    """After a DELETE marked for it, the next record of its partition has its key, a null value and no headers.
+    With a 900-byte DELETE and 1 KB record batches the tombstone opens the partition's next record batch."""
+    topic = unique_topic()
+    publisher = KafkaPublisher(config(tansu.bootstrap, create_topics=True, partitions=2, max_batch_bytes=1024))
+    await publisher.connect()
+    real = publisher._producer
+    if path == "one-by-one":
+        publisher._producer = OnlySend(real)
+    try:
+        batch = [message(topic, n, key=n % 4) for n in range(20)]
+        deletes = [tombstoned(topic, 20 + k, key=k, padding=padding) for k in range(4)]
+        batch += [*deletes, message(topic, 24, key=0), message(topic, 25, action="TRUNCATE")]
+        assert await (await publisher.send(batch)) == [None] * len(batch)
+    finally:
+        publisher._producer = real
+        await publisher.close()
+    records = await consume(tansu.bootstrap, topic, len(batch) + len(deletes))
+    assert len(records) == len(batch) + len(deletes)
+    for deleted in deletes:
+        mine = sorted((r for r in records if r.key == deleted.key), key=lambda r: r.offset)
+        assert len({r.partition for r in mine}) == 1
+        values = [r.value for r in mine]
+        tombstone = mine[values.index(deleted.body) + 1]
+        assert (tombstone.value, tombstone.headers) == (None, ())
+        assert [r.value is None for r in mine].count(True) == 1
+    assert all(r.value is not None for r in records if r.key is None)  # TRUNCATE: no key, no tombstone
+
+
+async def test_a_delete_is_acknowledged_only_once_its_tombstone_is(
+    tansu: TansuServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The DELETE's record batch is acknowledged, then the one holding its tombstone fails: the DELETE fails
+    (the delivery stage sends it again and the LSN does not move past it)."""
+    topic = unique_topic()
+    publisher = KafkaPublisher(config(tansu.bootstrap, create_topics=True, max_batch_bytes=1024))
+    await publisher.connect()
+    try:
+        producer = publisher._producer
+        real = producer.send_batch
+        futures: list[asyncio.Future[Any]] = []
+
+        async def send_batch(*args: Any, **kwargs: Any) -> Any:
+            if len(futures) == 1:  # the tombstone's record batch: fails after the DELETE's was acknowledged
+                failing: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+                futures[0].add_done_callback(lambda _: failing.set_exception(KafkaTimeoutError()))
+                futures.append(failing)
+                return failing
+            futures.append(await real(*args, **kwargs))
+            return futures[-1]
+
+        monkeypatch.setattr(producer, "send_batch", send_batch)
+        results = await (await publisher.send([tombstoned(topic, 1, key=1, padding=900)]))
+        monkeypatch.undo()
+        assert futures[0].done() and futures[0].exception() is None  # the DELETE itself was written
+        assert isinstance(results[0], BrokerUnavailable), results
+    finally:
+        await publisher.close()
 
 
 async def test_oversized_event_is_a_permanent_error_and_counted(tansu: TansuServer) -> None:

@@ -9,6 +9,10 @@ resolves when the partition leader answered the produce request with acks=all, s
 results means "written to every in-sync replica". (Where aiokafka has no batch interface, each
 record goes through ``producer.send``.)
 
+Tombstones (``publisher.tombstones``): a message marked :attr:`Message.tombstone` (a DELETE) is written as
+two records on its partition, the event and then its key with a null value (no headers); the message is
+acknowledged when both are, so the LSN never moves past a DELETE whose tombstone is not written.
+
 Ordering: aiokafka keeps at most one produce request in flight per partition and re-queues a failed
 batch at the head of its partition's queue, so records of one key (one partition) are written in the
 order they were handed over. With ``publisher.idempotent: true`` (the default) the producer also
@@ -300,8 +304,12 @@ class KafkaPublisher(Publisher[KafkaPublisherConfig]):
     def _timed_out(self) -> None:
         self._readiness.down(f"no acknowledgement within {self.ack_timeout:g}s")
 
-    def _settle_on(self, acks: Acks, batch: Sequence[Message], indices: list[int]) -> Callable[[Any], None]:
-        """The done-callback of a record batch's future: settles the events it holds."""
+    def _settle_on(
+        self, acks: Acks, batch: Sequence[Message], indices: list[int], parts: dict[int, int]
+    ) -> Callable[[Any], None]:
+        """The done-callback of a record batch's future: settles the events it holds. ``parts``: events whose
+        records (the event and its tombstone) went out in more than one record batch -> how many are not
+        acknowledged yet; such an event is acknowledged with the last of them (and fails with the first failure)."""
 
         def done(future: Any) -> None:
             if future.cancelled():
@@ -311,6 +319,9 @@ class KafkaPublisher(Publisher[KafkaPublisherConfig]):
             if exc is None:
                 self._readiness.up()
                 for index in indices:
+                    if parts.get(index, 1) > 1:
+                        parts[index] -= 1
+                        continue
                     acks.settle(index)
                 return
             for index in indices:
@@ -362,6 +373,21 @@ class KafkaPublisher(Publisher[KafkaPublisherConfig]):
 
         open_batches: dict[tuple[str, int], _Records] = {}
         in_order: list[_Records] = []
+        parts: dict[int, int] = {}  # see _settle_on
+
+        def append(topic: str, partition: int, key: bytes | None, value: bytes | None,
+                   headers: list[tuple[str, bytes]], index: int) -> _Records:
+            """One record at the end of its partition's open record batch."""
+            records = open_batches.get((topic, partition))
+            if records is None or records.builder.append(timestamp=None, key=key, value=value, headers=headers) is None:
+                # full (or the first of its partition): a new record batch, which takes at least one record
+                records = open_batches[topic, partition] = _Records(topic, partition, producer.create_batch())
+                in_order.append(records)
+                records.builder.append(timestamp=None, key=key, value=value, headers=headers)
+            if not records.indices or records.indices[-1] != index:
+                records.indices.append(index)
+            return records
+
         for index in range(stop):
             message = batch[index]
             topic, key, body = message.subject, message.key, message.body
@@ -376,13 +402,9 @@ class KafkaPublisher(Publisher[KafkaPublisherConfig]):
                         f"The message is {size} bytes when serialized which is larger than the maximum request "
                         "size you have configured with the max_request_size configuration")))
                     continue
-            records = open_batches.get((topic, partition))
-            if records is None or records.builder.append(timestamp=None, key=key, value=body, headers=headers) is None:
-                # full (or the first of its partition): a new record batch, which takes at least one record
-                records = open_batches[topic, partition] = _Records(topic, partition, producer.create_batch())
-                in_order.append(records)
-                records.builder.append(timestamp=None, key=key, value=body, headers=headers)
-            records.indices.append(index)
+            records = append(topic, partition, key, body, headers, index)
+            if message.tombstone and append(topic, partition, key, None, [], index) is not records:
+                parts[index] = 2  # the tombstone opened the partition's next record batch
 
         for records in in_order:
             if error is None:
@@ -393,7 +415,7 @@ class KafkaPublisher(Publisher[KafkaPublisherConfig]):
                     # Do not hand over anything after a record batch that was not taken: it would overtake it.
                     error = self._not_queued(records.topic, exc)
                 else:
-                    future.add_done_callback(self._settle_on(acks, batch, records.indices))
+                    future.add_done_callback(self._settle_on(acks, batch, records.indices, parts))
                     continue
             for index in records.indices:
                 acks.settle(index, error)
@@ -407,21 +429,26 @@ class KafkaPublisher(Publisher[KafkaPublisherConfig]):
         return self.error(exc, f"could not queue the event for {topic!r}: {exc!r}")
 
     async def _send_each(self, producer: Any, batch: Sequence[Message], acks: Acks) -> None:
-        """One ``producer.send`` per event: for an aiokafka without the batch interface."""
+        """One ``producer.send`` per record: for an aiokafka without the batch interface."""
+        parts: dict[int, int] = {}  # see _settle_on
         for index, message in enumerate(batch):
-            headers = self._headers(message)
-            try:
-                future = await producer.send(message.subject, message.body, key=message.key, headers=headers)
-            except (TimeoutError, KafkaError, OSError) as exc:
-                if self.error_type(exc) is MessageTooLarge:
-                    acks.settle(index, self._oversized(message, exc))
-                    continue
-                # Do not hand over anything after a message that was not taken: it would overtake it.
-                error = self._not_queued(message.subject, exc)
-                for rest in range(index, len(batch)):
-                    acks.settle(rest, error)
-                return
-            future.add_done_callback(self._settle_on(acks, batch, [index]))
+            records: list[tuple[bytes | None, list[tuple[str, bytes]]]] = [(message.body, self._headers(message))]
+            if message.tombstone:
+                records.append((None, []))
+                parts[index] = 2
+            for value, headers in records:
+                try:
+                    future = await producer.send(message.subject, value, key=message.key, headers=headers)
+                except (TimeoutError, KafkaError, OSError) as exc:
+                    if self.error_type(exc) is MessageTooLarge:
+                        acks.settle(index, self._oversized(message, exc))
+                        break
+                    # Do not hand over anything after a message that was not taken: it would overtake it.
+                    error = self._not_queued(message.subject, exc)
+                    for rest in range(index, len(batch)):
+                        acks.settle(rest, error)
+                    return
+                future.add_done_callback(self._settle_on(acks, batch, [index], parts))
 
     def _oversized(self, message: Message, exc: BaseException) -> PublishError:
         return self.too_large(message, len(message.body), self._max_request,

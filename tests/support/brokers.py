@@ -27,7 +27,7 @@ __all__ = ["Broker", "Got", "Kafka", "Nats", "PubSub", "RabbitMQ"]
 class Got(Received):
     """An event as the broker's consumer saw it, with the broker's key / ordering key."""
 
-    def __init__(self, subject: str, data: bytes, headers: dict[str, str], key: bytes | str | None) -> None:
+    def __init__(self, subject: str, data: bytes | None, headers: dict[str, str], key: bytes | str | None) -> None:
         super().__init__(subject, data, headers)
         self.key = key
 

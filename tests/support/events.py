@@ -22,7 +22,9 @@ def make_config(
     prefix: str = "",
     key_from: str = "",
     slot: str = SLOT,
+    publisher: dict[str, Any] | None = None,
 ) -> Config:
+    """A config for building events without services (Kafka publisher); ``publisher``: more of its keys."""
     listener: dict[str, Any] = {"slotName": slot, "topicsMap": topics_map or {}}
     if tables is not None:
         listener["filter"] = {"tables": tables}
@@ -36,6 +38,7 @@ def make_config(
                 "topic": "wal_listener",
                 "topicPrefix": prefix,
                 "messageKeyFrom": key_from,
+                **(publisher or {}),
             },
         }
     )

@@ -122,11 +122,16 @@ async def current_lsn(dsn: str) -> int:
 class Received:
     """An event as a consumer sees it."""
 
-    def __init__(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
+    def __init__(self, subject: str, data: bytes | None, headers: dict[str, str] | None) -> None:
         self.subject = subject
         self.raw = data
-        self.event: dict[str, Any] = orjson.loads(data)
+        #: the event; empty for a Kafka tombstone (a record whose value is null)
+        self.event: dict[str, Any] = orjson.loads(data) if data is not None else {}
         self.headers = headers or {}
+
+    @property
+    def tombstone(self) -> bool:
+        return self.raw is None
 
     @property
     def id(self) -> str:

