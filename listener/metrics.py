@@ -28,6 +28,13 @@ CONVERSION_ERRORS = Counter(
     "conversion_errors", "Column values published as text because they could not be converted.",
     ["table", "column"], registry=REGISTRY,
 )
+TRANSFORM_FALLBACKS = Counter(
+    "transform_fallbacks",
+    "Events of a table with a topic transform that went to the table's own topic instead: reason null (the "
+    "column is NULL), missing (the event does not carry it: unchanged TOAST, a DELETE's old key without it), "
+    "empty, too_long (the topic would exceed 249 bytes).",
+    ["table", "reason"], registry=REGISTRY,
+)
 OVERSIZED = Counter(
     "oversized_events", "Events larger than the broker accepts.", ["table"], registry=REGISTRY
 )

@@ -22,8 +22,11 @@ def make_config(
     prefix: str = "",
     key_from: str = "",
     slot: str = SLOT,
+    transforms: list[dict[str, Any]] | None = None,
+    hash_key: str = "",
 ) -> Config:
-    listener: dict[str, Any] = {"slotName": slot, "topicsMap": topics_map or {}}
+    listener: dict[str, Any] = {"slotName": slot, "topicsMap": topics_map or {}, "transforms": transforms or [],
+                                "transformsHashKey": hash_key}
     if tables is not None:
         listener["filter"] = {"tables": tables}
     return Config.model_validate(
