@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -366,15 +366,20 @@ class ListenerConfig(_Model):
             raise ValueError("must be 1-63 characters of lower-case letters, digits and underscores")
         return value
 
+    #: how to give the hash key, in the error that says it is missing (the operator's spec takes a Secret)
+    _HASH_KEY_HOW: ClassVar[str] = "set it or WAL_LISTENER_TRANSFORMSHASHKEY to"
+
+    def _has_hash_key(self) -> bool:
+        return bool(self.transforms_hash_key.get_secret_value())
+
     @model_validator(mode="after")
     def _hash_key_needed(self) -> ListenerConfig:
         hashed = [f"listener.transforms.{i}.mask.{column}" for i, t in enumerate(self.transforms)
                   for column, kind in t.mask.items() if kind == "hash"]
         key = self.transforms_hash_key.get_secret_value()
-        if hashed and not key:
-            raise ValueError(f"listener.transformsHashKey is required when a mask uses hash ({hashed[0]}); set it "
-                             "or WAL_LISTENER_TRANSFORMSHASHKEY to a random secret of 16+ characters "
-                             "(openssl rand -hex 32)")
+        if hashed and not self._has_hash_key():
+            raise ValueError(f"listener.transformsHashKey is required when a mask uses hash ({hashed[0]}); "
+                             f"{self._HASH_KEY_HOW} a random secret of 16+ characters (openssl rand -hex 32)")
         if key and len(key) < 16:
             raise ValueError("listener.transformsHashKey is too short: use 16+ characters (openssl rand -hex 32)")
         return self
