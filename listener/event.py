@@ -245,7 +245,7 @@ class EventBuilder:
         )
         if self.hot is not None:
             info.plan = hotpath.plan(rel.schema, rel.name, all_names, all_converters, identity, key_index,
-                                     transform, self._hmac)
+                                     transform, None if transform is None else self._hmac)
         return info
 
     def _warn_key(self, rel: Relation, left_out: list[str]) -> None:
