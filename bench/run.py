@@ -98,6 +98,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--transform", action="store_true",
                    help="reference phase: also stream the users workload (bench_users) with and without a transform "
                         "(exclude one column, hash one, redact one, route by one) and compare (NATS)")
+    p.add_argument("--transform-runs", type=int, default=3,
+                   help="--transform: listener runs of each kind, alternating, compared by their medians (3)")
     p.add_argument("--profile", action="store_true",
                    help="also run the listener once more on the reference and wide workloads under py-spy")
     p.add_argument("--stall-timeout", type=float, default=60.0,
@@ -314,14 +316,17 @@ class Bench:
     # -- throughput -------------------------------------------------------------------------------
 
     async def throughput(self, work: wl.Workload, profile: bool = False, transform: bool = False) -> None:
-        """``transform``: each broker's listener runs twice over the WAL, without and with
-        :data:`bench.workload.USERS_TRANSFORM` (on their own slots and topics), and the two are compared."""
+        """``transform``: each broker's listener runs over the WAL without and with
+        :data:`bench.workload.USERS_TRANSFORM`, alternating, ``--transform-runs`` times each (own slots and
+        topics), and the medians are compared."""
         key = _key(work.name)
         say(f"\n== {work.label}: {work.events:,} events")
         brokers = self.live()
         slots = {CEILING: f"bench_ceiling_{key}", **{b.name: f"bench_{b.name}_{key}" for b in brokers}}
-        if transform:
-            slots.update({f"{b.name}:transform": f"bench_{b.name}_{key}_t" for b in brokers})
+        runs = [(n, shaped) for n in range(self.args.transform_runs) for shaped in (False, True)] if transform else []
+        for n, shaped in runs[1:]:
+            slots.update({f"{b.name}:{n}:{shaped}": f"bench_{b.name}_{key}_{n}{'_t' if shaped else ''}"
+                          for b in brokers})
         if profile:
             slots.update({f"{b.name}:profile": f"bench_{b.name}_{key}_prof" for b in brokers})
         for slot in slots.values():
@@ -347,9 +352,10 @@ class Bench:
 
         for broker in brokers:
             await self._listener_run(broker, work, key, slots[broker.name], end_lsn, ceiling, wal_mb)
+            for n, shaped in runs[1:]:
+                await self._listener_run(broker, work, f"{key}_{n}", slots[f"{broker.name}:{n}:{shaped}"], end_lsn,
+                                         ceiling, wal_mb, transform=shaped)
             if transform:
-                await self._listener_run(broker, work, key, slots[f"{broker.name}:transform"], end_lsn, ceiling,
-                                         wal_mb, transform=True)
                 self._compare_transform(broker, work)
         if profile:
             for broker in brokers:
@@ -369,26 +375,38 @@ class Bench:
         return parse_lsn(row[0])
 
     def _compare_transform(self, broker: Broker, work: wl.Workload) -> None:
-        """The transform's cost: CPU per event and end-to-end rate beside the same run without it."""
-        rows = {r.workload: r for r in self.rows if r.broker == broker.name}
-        plain, shaped = rows.get(work.name), rows.get(f"{work.name}+transform")
-        if plain is None or shaped is None or not plain.events_per_s or not shaped.events_per_s:
+        """The transform's cost: the medians of its runs' rate and CPU per event beside the plain runs'."""
+
+        def median(name: str, value: Any) -> float | None:
+            found = sorted(v for r in self.rows if r.broker == broker.name and r.workload == name
+                           and (v := value(r)) is not None)
+            return found[len(found) // 2] if found else None
+
+        medians = {
+            shaped: (median(name, lambda r: r.events_per_s), median(name, lambda r: r.extra.get("cpu_per_event_us")),
+                     median(name, lambda r: r.extra.get("streaming_cpu_per_event_us")))
+            for shaped, name in ((False, work.name), (True, f"{work.name}+transform"))
+        }
+        (rate, cpu, streaming), (rate_t, cpu_t, streaming_t) = medians[False], medians[True]
+        if not rate or not rate_t or cpu is None or cpu_t is None:
             return
-        cpu = {name: (row.extra.get("streaming_cpu_per_event_us"), row.extra.get("cpu_per_event_us"))
-               for name, row in (("plain", plain), ("transform", shaped))}
-        extra = {"rate_ratio": round(shaped.events_per_s / plain.events_per_s, 3),
-                 "cpu_per_event_us_delta": round(cpu["transform"][1] - cpu["plain"][1], 2)}
-        if cpu["plain"][0] is not None and cpu["transform"][0] is not None:
-            extra["streaming_cpu_per_event_us_delta"] = round(cpu["transform"][0] - cpu["plain"][0], 2)
-        shaped.extra["transform_vs_plain"] = extra
-        say(f"   transform vs plain ({broker.name}): {100 * extra['rate_ratio']:.0f}% of the plain rate; CPU per "
-            f"event {extra['cpu_per_event_us_delta']:+.2f} µs"
-            + (f" ({extra['streaming_cpu_per_event_us_delta']:+.2f} µs once streaming)"
-               if "streaming_cpu_per_event_us_delta" in extra else ""))
+        extra: dict[str, Any] = {
+            "rate_ratio": round(rate_t / rate, 3), "cpu_per_event_us_delta": round(cpu_t - cpu, 2),
+            "median_events_per_s": [round(rate), round(rate_t)], "median_cpu_per_event_us": [cpu, cpu_t],
+        }
+        if streaming is not None and streaming_t is not None:
+            extra["streaming_cpu_per_event_us_delta"] = round(streaming_t - streaming, 2)
+            extra["median_streaming_cpu_per_event_us"] = [streaming, streaming_t]
+        self.meta.setdefault("transform_vs_plain", {})[broker.name] = extra
+        say(f"   transform vs plain ({broker.name}, medians of {self.args.transform_runs} runs each): "
+            f"{rate_t:,.0f} vs {rate:,.0f} events/s = {100 * extra['rate_ratio']:.0f}% of the plain rate; CPU per "
+            f"event {cpu_t:.2f} vs {cpu:.2f} µs ({extra['cpu_per_event_us_delta']:+.2f})"
+            + (f", once streaming {streaming_t:.2f} vs {streaming:.2f} µs "
+               f"({extra['streaming_cpu_per_event_us_delta']:+.2f})" if streaming_t is not None else ""))
 
     async def _listener_run(self, broker: Broker, work: wl.Workload, key: str, slot: str, end_lsn: int,
                             ceiling: float | None, wal_mb: float, transform: bool = False) -> None:
-        topic = f"bench_{key}_t" if transform else f"bench_{key}"
+        topic = f"bench_{key}_t" if transform else f"bench_{key}"  # key: the workload's, and the run's number
         name = f"{work.name}+transform" if transform else work.name
         if broker.name in self.skipped or (transform and broker.name != "nats"):
             if transform and broker.name != "nats":

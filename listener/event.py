@@ -182,7 +182,6 @@ class EventBuilder:
         self.transforms = Transforms(cfg.listener, f"{self._topic}.{self._prefix}")
         self._hmac = self.hot.hmac_prepare(self.transforms.hash_key) if self.hot and self.transforms.hash_key else None
         self._keys_warned: set[tuple[str, str]] = set()
-        self._fallbacks: dict[tuple[str, int], Any] = {}  # (table, reason) -> its transform_fallbacks counter
 
     def subject(self, schema: str, table: str) -> str:
         return self._subject(f"{schema}_{table}")
@@ -257,15 +256,18 @@ class EventBuilder:
                 extra={"fields": {"schema": rel.schema, "table": rel.name, "columns": left_out}},
             )
 
+    def _topic_of(self, info: RelationInfo, new: Tuple | None, old: Tuple | None, old_kind: str | None) -> str:
+        """The topic of an event of ``info`` whose (transformed) rows are ``new`` and ``old``."""
+        route = info.route
+        return info.subject if route is None else self._routed(info, route.subject(new, old, old_kind))
+
     def _routed(self, info: RelationInfo, topic: str | int) -> str:
         """A route's answer -> the topic: the rendered one, or the table's (the reason counted)."""
         if isinstance(topic, str):
             return topic
-        counter = self._fallbacks.get((info.table, topic))
-        if counter is None:  # the labelled counter looked up once (a DELETE without the column falls back each time)
-            counter = metrics.TRANSFORM_FALLBACKS.labels(info.table, FALLBACK_REASONS[topic - 1])
-            self._fallbacks[(info.table, topic)] = counter
-        counter.inc()
+        labels = (info.table, FALLBACK_REASONS[topic - 1])
+        counts = metrics.TRANSFORM_FALLBACKS.counts
+        counts[labels] = counts.get(labels, 0) + 1
         return info.subject
 
     # -- rows -------------------------------------------------------------------------------------
@@ -376,7 +378,7 @@ class EventBuilder:
         values: Tuple = [None if v is None else v.decode() for v in raw]
         if info.transform is not None:
             values = info.transform.apply(values)
-        subject = info.subject if info.route is None else self._routed(info, info.route.subject(values, None, None))
+        subject = self._topic_of(info, values, None, None)
         if self._debezium is not None:
             change = Change(moment_micros(read_time), None, None, "incremental")
             return self._debezium_change(info, ident, "READ", None, values, change, subject)
@@ -403,7 +405,10 @@ class EventBuilder:
                 done = hot.event(buf, info.plan, self._ident(txn, ordinal), None, txn.commit_time, self._needs_key)
             if done is not None:
                 txn.ordinal = ordinal
-                subject = info.subject if info.route is None else self._routed(info, done[3])  # type: ignore[misc]
+                subject = info.subject
+                if info.route is not None:
+                    routed: str | int = done[3]  # type: ignore[misc]
+                    subject = routed if isinstance(routed, str) else self._routed(info, routed)
                 message = Message(done[0], subject, done[1], info.schema, info.table, action, done[2])
                 return message if self._finish is None else self._finish(message, txn.commit_time)
         msg = pgoutput.decode(buf)
@@ -425,7 +430,7 @@ class EventBuilder:
             return None
         if info.transform is not None:
             new = info.transform.apply(new)
-        subject = info.subject if info.route is None else self._routed(info, info.route.subject(new, None, None))
+        subject = self._topic_of(info, new, None, None)
         if self._debezium is not None:
             return self._debezium_change(info, self._ident(txn, txn.ordinal), "INSERT", None, new, _change(txn),
                                          subject)
@@ -442,7 +447,7 @@ class EventBuilder:
         if info.transform is not None:
             new = info.transform.apply(new)
             old = None if old is None else info.transform.apply(old)
-        subject = info.subject if info.route is None else self._routed(info, info.route.subject(new, old, old_kind))
+        subject = self._topic_of(info, new, old, old_kind)
         if self._debezium is not None:
             before = old if old is not None and old_kind == "O" else None
             return self._debezium_change(info, self._ident(txn, txn.ordinal), "UPDATE", before, new, _change(txn),
@@ -466,7 +471,7 @@ class EventBuilder:
             return None
         if info.transform is not None:
             old = info.transform.apply(old)
-        subject = info.subject if info.route is None else self._routed(info, info.route.subject(None, old, old_kind))
+        subject = self._topic_of(info, None, old, old_kind)
         if self._debezium is not None:
             return self._debezium_change(info, self._ident(txn, txn.ordinal), "DELETE", old, None, _change(txn),
                                          subject)
