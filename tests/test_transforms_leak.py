@@ -18,10 +18,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.support.brokers import Broker, Got, Kafka, Nats, PubSub, RabbitMQ
+from tests.support.brokers import BROKERS, Broker, Got, Kafka, on_shared_service
 from tests.support.harness import ListenerProcess, config_dict, sql, unique, wait_until
 from tests.support.sentry import SentryInbox
-from tests.support.services import PostgresServer, PubSubEmulator, TansuServer
+from tests.support.services import PostgresServer
 
 pytestmark = pytest.mark.service
 
@@ -37,20 +37,9 @@ def mac(text: str) -> str:
     return hmac.new(KEY.encode(), text.encode(), "sha256").hexdigest()
 
 
-@pytest.fixture(params=["nats", "kafka", "rabbitmq", "pubsub"])
+@pytest.fixture(params=BROKERS)
 async def broker(request: pytest.FixtureRequest) -> AsyncIterator[Broker]:
-    topic = unique("leak")
-    made: Broker
-    if request.param == "nats":
-        made = Nats(topic, request.getfixturevalue("nats_server").url)
-    elif request.param == "kafka":
-        tansu: TansuServer = request.getfixturevalue("tansu")
-        made = Kafka(topic, tansu.bootstrap)
-    elif request.param == "rabbitmq":
-        made = RabbitMQ(topic, request.getfixturevalue("rabbitmq_url"))
-    else:
-        emulator: PubSubEmulator = request.getfixturevalue("pubsub_emulator")
-        made = PubSub(topic, emulator.host)
+    made = on_shared_service(request, request.param, unique("leak"))
     yield made
     await made.close()
 
