@@ -24,13 +24,14 @@
  * CopyData messages off libpq at once (PQgetCopyData through the connection pointer psycopg exposes,
  * with the function pointers of the libpq psycopg loaded, given once by set_libpq).
  *
- * plan = (schema_table: bytes, columns: tuple, key_index: tuple[int, ...], hmac: bytes | None, route)
+ * plan = (schema_table: bytes, columns: tuple, key_index: tuple[int, ...], transform: None | (hmac, route))
  *   schema_table: '"schema":"...","table":"..."' already JSON-encoded
  *   columns: one (prefix: bytes, code: int, converter, is_identity: bool) per column, where prefix
  *   is '"name":' JSON-encoded and code says how the value is written (the CODE_* values below).
  *   A table's transform (listener/transforms.py) shows here as the codes CODE_DROP (left out of data,
  *   dataOld and key) and CODE_HASH / CODE_REDACT / CODE_NULLED (masks, also applied to the key and the
- *   topic); hmac: the HMAC-SHA256 key's prepared states (hmac_prepare), needed by CODE_HASH.
+ *   topic); transform is None for a table without one, else hmac: the HMAC-SHA256 key's prepared states
+ *   (hmac_prepare; needed by CODE_HASH, else None) and route.
  *   route: None, or (head: bytes, parts: tuple[bytes | int, ...]) -- the topic template, literal text and
  *   column indices; then event() answers (ident, body, key, topic) and read_row() (body, key, topic),
  *   where topic is the rendered topic name (str) or why there is none (int, listener.transforms.FALLBACK_REASONS).
@@ -780,42 +781,28 @@ static int put_ascii_field(Buf *b, PyObject *text) {
     return put_escaped(b, (const unsigned char *)s, n);
 }
 
-static int read_plan(const char *name, PyObject *const *args, PyObject *ident, PyObject *time, Plan *plan) {
-    PyObject *tuple = args[1];
-    if (!PyTuple_Check(tuple) || PyTuple_GET_SIZE(tuple) != 5 || !PyUnicode_Check(ident) || !PyUnicode_Check(time)) {
-        PyErr_Format(PyExc_TypeError, "%s: plan must be a 5-tuple, the id (prefix) and time str", name);
+/* The transform part of a plan (hmac, route), checked; every column's code is looked at only here. */
+static int read_transform(const char *name, PyObject *transform, Plan *plan) {
+    int pair = PyTuple_Check(transform) && PyTuple_GET_SIZE(transform) == 2;
+    PyObject *hmac = pair ? PyTuple_GET_ITEM(transform, 0) : NULL;
+    PyObject *route = pair ? PyTuple_GET_ITEM(transform, 1) : NULL;
+    if (!pair || (hmac != Py_None && (!PyBytes_Check(hmac) || PyBytes_GET_SIZE(hmac) != (Py_ssize_t)sizeof(Hmac))) ||
+        (route != Py_None &&
+         (!PyTuple_Check(route) || PyTuple_GET_SIZE(route) != 2 || !PyBytes_Check(PyTuple_GET_ITEM(route, 0)) ||
+          !PyTuple_Check(PyTuple_GET_ITEM(route, 1))))) {
+        PyErr_Format(PyExc_TypeError, "%s: a plan's transform is (prepared hmac | None, route | None)", name);
         return -1;
     }
-    plan->schema_table = PyTuple_GET_ITEM(tuple, 0);
-    plan->columns = PyTuple_GET_ITEM(tuple, 1);
-    plan->key_index = PyTuple_GET_ITEM(tuple, 2);
-    PyObject *hmac = PyTuple_GET_ITEM(tuple, 3);
-    plan->route = PyTuple_GET_ITEM(tuple, 4) == Py_None ? NULL : PyTuple_GET_ITEM(tuple, 4);
-    if (!PyBytes_Check(plan->schema_table) || !PyTuple_Check(plan->columns) || !PyTuple_Check(plan->key_index) ||
-        (hmac != Py_None && (!PyBytes_Check(hmac) || PyBytes_GET_SIZE(hmac) != (Py_ssize_t)sizeof(Hmac))) ||
-        (plan->route != NULL && (!PyTuple_Check(plan->route) || PyTuple_GET_SIZE(plan->route) != 2 ||
-                                 !PyBytes_Check(PyTuple_GET_ITEM(plan->route, 0)) ||
-                                 !PyTuple_Check(PyTuple_GET_ITEM(plan->route, 1))))) {
-        PyErr_Format(PyExc_TypeError, "%s: plan is (bytes, tuple, tuple, prepared hmac | None, route | None)", name);
-        return -1;
-    }
-    plan->ncolumns = PyTuple_GET_SIZE(plan->columns);
-    plan->masked = 0;
+    plan->masked = 1;
+    plan->route = route == Py_None ? NULL : route;
     for (Py_ssize_t i = 0; i < plan->ncolumns; i++) {
-        PyObject *entry = PyTuple_GET_ITEM(plan->columns, i);
-        if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 4 || !PyBytes_Check(PyTuple_GET_ITEM(entry, 0)) ||
-            !PyLong_Check(PyTuple_GET_ITEM(entry, 1))) {
-            PyErr_Format(PyExc_TypeError, "%s: a column is (bytes, int, converter, bool)", name);
-            return -1;
-        }
-        long code = PyLong_AsLong(PyTuple_GET_ITEM(entry, 1));
-        if (code >= CODE_DROP)
-            plan->masked = 1;
-        if (code == CODE_HASH && hmac == Py_None) {
+        if (column_code(plan, i) == CODE_HASH && hmac == Py_None) {
             PyErr_Format(PyExc_TypeError, "%s: a hashed column needs the prepared hmac key", name);
             return -1;
         }
     }
+    if (hmac != Py_None)
+        memcpy(&plan->hmac, PyBytes_AS_STRING(hmac), sizeof(Hmac));
     if (plan->route != NULL) {
         PyObject *parts = PyTuple_GET_ITEM(plan->route, 1);
         for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(parts); k++) {
@@ -826,9 +813,35 @@ static int read_plan(const char *name, PyObject *const *args, PyObject *ident, P
             }
         }
     }
-    if (hmac != Py_None)
-        memcpy(&plan->hmac, PyBytes_AS_STRING(hmac), sizeof(Hmac));
     return 0;
+}
+
+static int read_plan(const char *name, PyObject *const *args, PyObject *ident, PyObject *time, Plan *plan) {
+    PyObject *tuple = args[1];
+    if (!PyTuple_Check(tuple) || PyTuple_GET_SIZE(tuple) != 4 || !PyUnicode_Check(ident) || !PyUnicode_Check(time)) {
+        PyErr_Format(PyExc_TypeError, "%s: plan must be a 4-tuple, the id (prefix) and time str", name);
+        return -1;
+    }
+    plan->schema_table = PyTuple_GET_ITEM(tuple, 0);
+    plan->columns = PyTuple_GET_ITEM(tuple, 1);
+    plan->key_index = PyTuple_GET_ITEM(tuple, 2);
+    if (!PyBytes_Check(plan->schema_table) || !PyTuple_Check(plan->columns) || !PyTuple_Check(plan->key_index)) {
+        PyErr_Format(PyExc_TypeError, "%s: plan is (bytes, tuple, tuple, transform)", name);
+        return -1;
+    }
+    plan->ncolumns = PyTuple_GET_SIZE(plan->columns);
+    for (Py_ssize_t i = 0; i < plan->ncolumns; i++) {
+        PyObject *entry = PyTuple_GET_ITEM(plan->columns, i);
+        if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 4 || !PyBytes_Check(PyTuple_GET_ITEM(entry, 0)) ||
+            !PyLong_Check(PyTuple_GET_ITEM(entry, 1))) {
+            PyErr_Format(PyExc_TypeError, "%s: a column is (bytes, int, converter, bool)", name);
+            return -1;
+        }
+    }
+    plan->masked = 0;
+    plan->route = NULL;
+    PyObject *transform = PyTuple_GET_ITEM(tuple, 3);
+    return transform == Py_None ? 0 : read_transform(name, transform, plan);
 }
 
 /* The event body and key of one change whose tuples are decoded: (body, key), or (ident, body, key) when

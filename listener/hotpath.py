@@ -38,8 +38,10 @@ _TRANSFORM_CODES = {"drop": DROP, "hash": HASH, "redact": REDACT, "null": NULLED
 
 #: a topic template for the compiled path: (b"<topic>.<topicPrefix>", literal bytes and column indices)
 Route = tuple[bytes, tuple[bytes | int, ...]]
+#: (schema_table, columns, key_index, None | (prepared hmac key | None, route | None)): see _hotpath.c
 Plan = tuple[
-    bytes, tuple[tuple[bytes, int, Converter | None, bool], ...], tuple[int, ...], bytes | None, Route | None
+    bytes, tuple[tuple[bytes, int, Converter | None, bool], ...], tuple[int, ...],
+    tuple[bytes | None, Route | None] | None,
 ]
 
 
@@ -163,6 +165,7 @@ def plan(
     key prepared by the module's ``hmac_prepare``."""
     codes = [code(conv) for conv in converters]
     route: Route | None = None
+    shaped: tuple[bytes | None, Route | None] | None = None
     if transform is not None:
         codes = [_TRANSFORM_CODES[c] if c is not None else was for c, was in zip(transform.codes, codes, strict=True)]
         key_index = [transform.kept[k] for k in key_index]
@@ -171,8 +174,9 @@ def plan(
                 part.encode() if isinstance(part, str) else (transform.kept[part] if part >= 0 else -1)
                 for part in transform.route.parts
             ))
+        shaped = (hmac, route)
     columns = tuple(
         (orjson.dumps(name) + b":", how, conv, is_identity)
         for name, how, conv, is_identity in zip(names, codes, converters, identity, strict=True)
     )
-    return orjson.dumps({"schema": schema, "table": table})[1:-1], columns, tuple(key_index), hmac, route
+    return orjson.dumps({"schema": schema, "table": table})[1:-1], columns, tuple(key_index), shaped
