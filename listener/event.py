@@ -72,11 +72,15 @@ def event_id(slot_hash: int, commit_lsn: int, ordinal: int) -> str:
     return f"{prefix}{base | (ordinal & 0x3FFFFFF):012x}"
 
 
-def read_event_ids(slot: str, backfill: int, schema: str, table: str) -> Callable[[Sequence[str | None]], str]:
+def read_event_ids(
+    slot: str, backfill: int, schema: str, table: str, secret: bytes = b""
+) -> Callable[[Sequence[str | None]], str]:
     """The ids of the rows a backfill reads from one table (READ events): row key -> a UUID (version 8)
     hashed (BLAKE2b) from the slot, the backfill, the table and the key, so a chunk sent again after a
-    crash has the ids it had."""
-    base = hashlib.blake2b("\x00".join([slot, str(backfill), schema, table]).encode(), digest_size=16)
+    crash has the ids it had. ``secret`` keys the hash (a table whose transform masks or leaves out a key
+    column: its ids must not let anyone test guesses of the key)."""
+    key = hashlib.sha256(secret).digest() if secret else b""
+    base = hashlib.blake2b("\x00".join([slot, str(backfill), schema, table]).encode(), digest_size=16, key=key)
 
     def ident(key: Sequence[str | None]) -> str:
         h = base.copy()

@@ -20,7 +20,7 @@ import yaml
 
 from listener.config import ListenerConfig, load_config
 from listener.errors import ConfigError
-from listener.event import EventBuilder
+from listener.event import EventBuilder, read_event_ids
 from listener.pgoutput import UNCHANGED, Column, Relation, Tuple
 from listener.transforms import MAX_TOPIC_BYTES, MISSING, NULL, REDACTED, Transforms, escape, matches
 from listener.types import TypeRegistry
@@ -34,6 +34,7 @@ from tests.support.harness import (
     running,
     sql,
     unique,
+    wait_until,
 )
 from tests.support.services import NatsServer, PostgresServer, TansuServer
 
@@ -411,6 +412,46 @@ async def _wait_terminated(proc: ListenerProcess) -> int:
     import asyncio
 
     return await asyncio.to_thread(proc.terminate)
+
+
+@pytest.mark.service
+async def test_a_backfill_of_a_table_with_a_masked_key(
+    fresh_db: str, pg: PostgresServer, nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """READ event ids are made from the row key: with a masked key column they are keyed with the hash key
+    (nobody can test guesses of the key against them), and without a hash key such a backfill is refused."""
+    dsn = pg.dsn(fresh_db)
+    await sql(dsn, "CREATE TABLE members (email text PRIMARY KEY, plan text)",
+              "INSERT INTO members VALUES ('ann@example.com', 'pro')")  # fmt: skip
+    redacted = [{"tables": ["members"], "mask": {"email": "redact"}}]
+    cfg = config_dict(pg.port, fresh_db, Nats(unique("tf"), nats_server.url).publisher(), transforms=redacted,
+                      snapshot={"mode": "initial"})
+    with caplog.at_level(logging.ERROR, "listener.backfill"):
+        async with running(cfg):
+            await wait_until(lambda: any("backfill refused" in r.getMessage() for r in caplog.records), 30,
+                             "the refusal")
+    (refusal,) = [r for r in caplog.records if "backfill refused" in r.getMessage()]
+    assert "public.members: listener.transforms masks or leaves out its key column(s) email" in (
+        refusal.fields["error"])  # type: ignore[attr-defined]
+
+    hashed = [{"tables": ["members"], "mask": {"email": "hash"}}]
+    cfg = config_dict(pg.port, fresh_db, Nats(unique("tf"), nats_server.url).publisher(), transforms=hashed,
+                      transformsHashKey=KEY, snapshot={"mode": "initial"}, publicationName=unique("pub"))
+    async with running(cfg):
+        (read,) = await read_stream(nats_server.url, cfg["publisher"]["topic"], 1)
+    (backfill_id,) = (await _one(dsn, "SELECT id FROM wal_listener.backfills WHERE slot = %s",
+                                 cfg["listener"]["slotName"]))
+    slot = cfg["listener"]["slotName"]
+    assert read.event["data"] == {"email": mac("ann@example.com"), "plan": "pro"}
+    assert read.id == read_event_ids(slot, backfill_id, "public", "members", KEY.encode())(["ann@example.com"])
+    assert read.id != read_event_ids(slot, backfill_id, "public", "members")(["ann@example.com"])
+
+
+async def _one(dsn: str, text: str, *params: Any) -> tuple[Any, ...]:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        row = await (await conn.execute(text, params)).fetchone()
+    assert row is not None
+    return tuple(row)
 
 
 ORDERS = "CREATE TABLE orders (id int PRIMARY KEY, tenant text, note text)"
