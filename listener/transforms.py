@@ -23,15 +23,12 @@ does with the plan :func:`listener.hotpath.plan` makes of it). A table no entry 
 from __future__ import annotations
 
 import hmac
-import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
 from listener.config import ListenerConfig, MaskKind, TransformConfig, topic_template
 from listener.pgoutput import UNCHANGED, Tuple
-
-log = logging.getLogger("listener.transforms")
 
 #: what a redact mask publishes
 REDACTED: Final = "[redacted]"
