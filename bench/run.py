@@ -95,6 +95,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke test in about two minutes (NATS)")
     p.add_argument("--rabbitmq-queue", choices=("quorum", "classic"), default="quorum",
                    help="type of the queue bound to the RabbitMQ exchange (quorum)")
+    p.add_argument("--transform", action="store_true",
+                   help="reference phase: also stream the users workload (bench_users) with and without a transform "
+                        "(exclude one column, hash one, redact one, route by one) and compare (NATS)")
+    p.add_argument("--transform-runs", type=int, default=3,
+                   help="--transform: listener runs of each kind, alternating, compared by their medians (3)")
     p.add_argument("--profile", action="store_true",
                    help="also run the listener once more on the reference and wide workloads under py-spy")
     p.add_argument("--stall-timeout", type=float, default=60.0,
@@ -180,10 +185,11 @@ class Bench:
         self.skipped[broker] = reason
         say(f"   !! skipping {broker}: {reason}")
 
-    def listener_config(self, slot: str, publisher: dict[str, Any], prom_port: int) -> dict[str, Any]:
+    def listener_config(self, slot: str, publisher: dict[str, Any], prom_port: int,
+                        listener: dict[str, Any] | None = None) -> dict[str, Any]:
         assert self.pg is not None
         return {
-            "listener": {"slotName": slot, "serverPort": 0},
+            "listener": {"slotName": slot, "serverPort": 0, **(listener or {})},
             "database": {"host": "127.0.0.1", "port": self.pg.port, "name": DBNAME, "user": "postgres",
                          "sslMode": "disable"},
             "publisher": publisher,
@@ -191,9 +197,11 @@ class Bench:
             "monitoring": {"promAddr": f"127.0.0.1:{prom_port}"},
         }  # fmt: skip
 
-    def new_listener(self, broker: Broker, slot: str, topic: str, name: str) -> tuple[ListenerProcess, int]:
+    def new_listener(self, broker: Broker, slot: str, topic: str, name: str,
+                     listener: dict[str, Any] | None = None) -> tuple[ListenerProcess, int]:
         prom = free_port()
-        lp = ListenerProcess(self.listener_config(slot, broker.publisher(topic), prom), self.logs, name, broker.env)
+        lp = ListenerProcess(self.listener_config(slot, broker.publisher(topic), prom, listener), self.logs, name,
+                             broker.env)
         self._listeners.append(lp)
         return lp, prom
 
@@ -206,6 +214,8 @@ class Bench:
             await self.setup()
             if "reference" in a.phases:
                 await self.throughput(wl.reference(a.rows), profile=a.profile)
+                if a.transform:
+                    await self.throughput(wl.users(a.rows), transform=True)
             if "wide" in a.phases:
                 await self.throughput(wl.wide(a.wide_rows), profile=a.profile)
             if "txn" in a.phases:
@@ -305,11 +315,18 @@ class Bench:
 
     # -- throughput -------------------------------------------------------------------------------
 
-    async def throughput(self, work: wl.Workload, profile: bool = False) -> None:
+    async def throughput(self, work: wl.Workload, profile: bool = False, transform: bool = False) -> None:
+        """``transform``: each broker's listener runs over the WAL without and with
+        :data:`bench.workload.USERS_TRANSFORM`, alternating, ``--transform-runs`` times each (own slots and
+        topics), and the medians are compared."""
         key = _key(work.name)
         say(f"\n== {work.label}: {work.events:,} events")
         brokers = self.live()
         slots = {CEILING: f"bench_ceiling_{key}", **{b.name: f"bench_{b.name}_{key}" for b in brokers}}
+        runs = [(n, shaped) for n in range(self.args.transform_runs) for shaped in (False, True)] if transform else []
+        for n, shaped in runs[1:]:
+            slots.update({f"{b.name}:{n}:{shaped}": f"bench_{b.name}_{key}_{n}{'_t' if shaped else ''}"
+                          for b in brokers})
         if profile:
             slots.update({f"{b.name}:profile": f"bench_{b.name}_{key}_prof" for b in brokers})
         for slot in slots.values():
@@ -335,6 +352,11 @@ class Bench:
 
         for broker in brokers:
             await self._listener_run(broker, work, key, slots[broker.name], end_lsn, ceiling, wal_mb)
+            for n, shaped in runs[1:]:
+                await self._listener_run(broker, work, f"{key}_{n}", slots[f"{broker.name}:{n}:{shaped}"], end_lsn,
+                                         ceiling, wal_mb, transform=shaped)
+            if transform:
+                self._compare_transform(broker, work)
         if profile:
             for broker in brokers:
                 slot = slots[f"{broker.name}:profile"]
@@ -352,13 +374,48 @@ class Bench:
         assert row is not None
         return parse_lsn(row[0])
 
+    def _compare_transform(self, broker: Broker, work: wl.Workload) -> None:
+        """The transform's cost: the medians of its runs' rate and CPU per event beside the plain runs'."""
+
+        def median(name: str, value: Any) -> float | None:
+            found = sorted(v for r in self.rows if r.broker == broker.name and r.workload == name
+                           and (v := value(r)) is not None)
+            return found[len(found) // 2] if found else None
+
+        medians = {
+            shaped: (median(name, lambda r: r.events_per_s), median(name, lambda r: r.extra.get("cpu_per_event_us")),
+                     median(name, lambda r: r.extra.get("streaming_cpu_per_event_us")))
+            for shaped, name in ((False, work.name), (True, f"{work.name}+transform"))
+        }
+        (rate, cpu, streaming), (rate_t, cpu_t, streaming_t) = medians[False], medians[True]
+        if not rate or not rate_t or cpu is None or cpu_t is None:
+            return
+        extra: dict[str, Any] = {
+            "rate_ratio": round(rate_t / rate, 3), "cpu_per_event_us_delta": round(cpu_t - cpu, 2),
+            "median_events_per_s": [round(rate), round(rate_t)], "median_cpu_per_event_us": [cpu, cpu_t],
+        }
+        if streaming is not None and streaming_t is not None:
+            extra["streaming_cpu_per_event_us_delta"] = round(streaming_t - streaming, 2)
+            extra["median_streaming_cpu_per_event_us"] = [streaming, streaming_t]
+        self.meta.setdefault("transform_vs_plain", {})[broker.name] = extra
+        say(f"   transform vs plain ({broker.name}, medians of {self.args.transform_runs} runs each): "
+            f"{rate_t:,.0f} vs {rate:,.0f} events/s = {100 * extra['rate_ratio']:.0f}% of the plain rate; CPU per "
+            f"event {cpu_t:.2f} vs {cpu:.2f} µs ({extra['cpu_per_event_us_delta']:+.2f})"
+            + (f", once streaming {streaming_t:.2f} vs {streaming:.2f} µs "
+               f"({extra['streaming_cpu_per_event_us_delta']:+.2f})" if streaming_t is not None else ""))
+
     async def _listener_run(self, broker: Broker, work: wl.Workload, key: str, slot: str, end_lsn: int,
-                            ceiling: float | None, wal_mb: float) -> None:
-        topic = f"bench_{key}"
-        if broker.name in self.skipped:
+                            ceiling: float | None, wal_mb: float, transform: bool = False) -> None:
+        topic = f"bench_{key}_t" if transform else f"bench_{key}"  # key: the workload's, and the run's number
+        name = f"{work.name}+transform" if transform else work.name
+        if broker.name in self.skipped or (transform and broker.name != "nats"):
+            if transform and broker.name != "nats":
+                say(f"   {broker.name}: no transform run (routed topics are counted on NATS only)")
             drop_slot(self.dsn, slot)
             return
-        lp, prom = self.new_listener(broker, slot, topic, f"{broker.name}-{key}")
+        listener = {"transforms": [wl.USERS_TRANSFORM], "transformsHashKey": wl.USERS_HASH_KEY} if transform else None
+        lp, prom = self.new_listener(broker, slot, topic, f"{broker.name}-{key}" + ("-transform" if transform else ""),
+                                     listener)
         try:
             await broker.prepare(topic, work.table)
             try:
@@ -393,7 +450,8 @@ class Bench:
             other = res.other_cpu_s
             if other is not None and other > 0.25 * res.seconds:
                 notes.append(f"other processes kept {100 * other / res.seconds:.0f}% of a CPU busy during the run")
-            row = Row(broker.name, work.name, work.label, work.events, res.seconds, rate,
+            label = f"{work.label} + transform" if transform else work.label
+            row = Row(broker.name, name, label, work.events, res.seconds, rate,
                       100 * rate / ceiling if ceiling else None, peak_rss_mb=res.peak_rss_mb, cpu_s=res.cpu_s,
                       note="; ".join(notes),
                       extra={"startup_s": round(res.startup_s, 2),

@@ -11,6 +11,9 @@ client's speed does not shape the WAL.
   EXTERNAL``); inserts, updates that leave the 4 KB column alone (pgoutput sends it as "unchanged
   TOAST", which the listener leaves out), deletes; 1000 rows per transaction.
 - ``txn-N``: one transaction inserting N rows into a reference-shaped table.
+- ``users``: the reference workload on ``bench_users``, the reference columns plus personal data
+  (``tenant_id``, ``email``, ``phone``, ``password_hash``); ``bench.run --transform`` streams it with and
+  without :data:`USERS_TRANSFORM` (exclude one column, hash one, redact one, route by one).
 """
 
 from __future__ import annotations
@@ -46,6 +49,11 @@ CREATE TABLE bench_big ({_COLUMNS});
 CREATE TABLE bench_lat ({_COLUMNS});
 CREATE TABLE bench_wide ({_COLUMNS},
     body        text NOT NULL);
+CREATE TABLE bench_users ({_COLUMNS},
+    tenant_id     integer NOT NULL,
+    email         text NOT NULL,
+    phone         text NOT NULL,
+    password_hash text NOT NULL);
 ALTER TABLE bench_wide ALTER COLUMN body SET STORAGE EXTERNAL;
 """
 
@@ -92,6 +100,34 @@ def write_reference(rows: int) -> Callable[[psycopg.Connection], None]:
     return write
 
 
+USERS_VALUES = f"""{VALUES}, i %% 20, 'user-' || i || '@example.com', '+1-555-' || lpad(i::text, 7, '0'),
+       md5(i::text)"""
+#: the transform of bench_users (listener.transforms): exclude one column, hash one, redact one, route by one
+USERS_TRANSFORM = {
+    "tables": ["public.bench_users"],
+    "columns": {"exclude": ["password_hash"]},
+    "mask": {"email": "hash", "phone": "redact"},
+    "topic": "users.{tenant_id}",
+}
+USERS_HASH_KEY = "bench-hash-key-0123456789abcdef"
+
+
+def write_users(rows: int) -> Callable[[psycopg.Connection], None]:
+    def write(conn: psycopg.Connection) -> None:
+        _in_transactions(
+            conn, f"INSERT INTO bench_users SELECT {USERS_VALUES} FROM generate_series(%s::int, %s::int) i", rows
+        )
+        _in_transactions(
+            conn,
+            "UPDATE bench_users SET amount = amount + 1, active = NOT active, name = name || '-u',"
+            " payload = payload || '{\"updated\": true}' WHERE id BETWEEN %s AND %s",
+            rows,
+        )
+        _in_transactions(conn, "DELETE FROM bench_users WHERE id BETWEEN %s AND %s", rows)
+
+    return write
+
+
 def write_wide(rows: int) -> Callable[[psycopg.Connection], None]:
     def write(conn: psycopg.Connection) -> None:
         _in_transactions(
@@ -117,6 +153,10 @@ def write_big_transaction(rows: int) -> Callable[[psycopg.Connection], None]:
 
 def reference(rows: int) -> Workload:
     return Workload("reference", f"reference {_k(rows)} ins+upd+del", "bench_ref", 3 * rows, write_reference(rows))
+
+
+def users(rows: int) -> Workload:
+    return Workload("users", f"users {_k(rows)} ins+upd+del", "bench_users", 3 * rows, write_users(rows))
 
 
 def wide(rows: int) -> Workload:

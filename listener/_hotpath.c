@@ -24,10 +24,19 @@
  * CopyData messages off libpq at once (PQgetCopyData through the connection pointer psycopg exposes,
  * with the function pointers of the libpq psycopg loaded, given once by set_libpq).
  *
- * plan = (schema_table: bytes, columns: tuple, key_index: tuple[int, ...])
+ * plan = (schema_table: bytes, columns: tuple, key_index: tuple[int, ...], transform: None | (hmac, route))
  *   schema_table: '"schema":"...","table":"..."' already JSON-encoded
  *   columns: one (prefix: bytes, code: int, converter, is_identity: bool) per column, where prefix
  *   is '"name":' JSON-encoded and code says how the value is written (the CODE_* values below).
+ *   A table's transform (listener/transforms.py) shows here as the codes CODE_DROP (left out of data,
+ *   dataOld and key) and CODE_HASH / CODE_REDACT / CODE_NULLED (masks, also applied to the key and the
+ *   topic); transform is None for a table without one, else hmac: the HMAC-SHA256 key's prepared states
+ *   (hmac_prepare; needed by CODE_HASH, else None) and route.
+ *   route: None, or (head: bytes, parts: tuple[bytes | int, ...]) -- the topic template, literal text and
+ *   column indices; then event() answers (ident, body, key, topic) and read_row() (body, key, topic),
+ *   where topic is the rendered topic name (str) or why there is none (int, listener.transforms.FALLBACK_REASONS).
+ *
+ * hmac_prepare(key) -> bytes and hmac_hex(prepared, data) -> str: the hash mask on its own (tests).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -44,7 +53,15 @@ enum {
     CODE_ARRAY_TEXT = 6, /* one-dimensional, unquoted: list of strings */
     CODE_ARRAY_INT = 7,  /* one-dimensional: list of numbers */
     CODE_PYTHON = 8,     /* call the converter, encode its result with the JSON encoder */
+    CODE_DROP = 9,       /* transforms: not published */
+    CODE_HASH = 10,      /* transforms: HMAC-SHA256 of the text, lower-case hex */
+    CODE_REDACT = 11,    /* transforms: "[redacted]" */
+    CODE_NULLED = 12,    /* transforms: null */
 };
+
+/* the fallback reasons of a route (listener.transforms.FALLBACK_REASONS, counted from 1) */
+enum { ROUTE_NULL = 1, ROUTE_MISSING = 2, ROUTE_EMPTY = 3, ROUTE_TOO_LONG = 4 };
+#define MAX_TOPIC_BYTES 249
 
 #define FALLBACK 1 /* not handled here: the caller takes the Python path */
 
@@ -133,6 +150,176 @@ static int put_string(Buf *b, const unsigned char *s, Py_ssize_t n) {
     if (PUTS(b, "\"") < 0 || put_escaped(b, s, n) < 0 || PUTS(b, "\"") < 0)
         return -1;
     return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * SHA-256 (FIPS 180-4) and HMAC (RFC 2104) for the hash mask. The key's padded blocks are compressed
+ * once (hmac_prepare); a value then costs two compressions when it is shorter than 56 bytes.
+ */
+
+static const uint32_t SHA256_K[64] = {
+    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+    0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+    0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+    0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+    0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+    0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+    0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
+};
+
+static const uint32_t SHA256_IV[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
+                                      0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+
+#define ROTR(x, n) (((x) >> (n)) | ((x) << (32 - (n))))
+
+/* One 64-byte block into the state: the portable code, or the x86 SHA extensions where the CPU has them. */
+static void (*sha256_block)(uint32_t h[8], const unsigned char *p);
+
+static void sha256_block_portable(uint32_t h[8], const unsigned char *p) {
+    uint32_t w[64];
+    for (int t = 0; t < 16; t++)
+        w[t] = ((uint32_t)p[4 * t] << 24) | ((uint32_t)p[4 * t + 1] << 16) | ((uint32_t)p[4 * t + 2] << 8) |
+               (uint32_t)p[4 * t + 3];
+    for (int t = 16; t < 64; t++) {
+        uint32_t s0 = ROTR(w[t - 15], 7) ^ ROTR(w[t - 15], 18) ^ (w[t - 15] >> 3);
+        uint32_t s1 = ROTR(w[t - 2], 17) ^ ROTR(w[t - 2], 19) ^ (w[t - 2] >> 10);
+        w[t] = w[t - 16] + s0 + w[t - 7] + s1;
+    }
+    uint32_t a = h[0], b = h[1], c = h[2], d = h[3], e = h[4], f = h[5], g = h[6], k = h[7];
+    for (int t = 0; t < 64; t++) {
+        uint32_t t1 = k + (ROTR(e, 6) ^ ROTR(e, 11) ^ ROTR(e, 25)) + ((e & f) ^ (~e & g)) + SHA256_K[t] + w[t];
+        uint32_t t2 = (ROTR(a, 2) ^ ROTR(a, 13) ^ ROTR(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
+        k = g;
+        g = f;
+        f = e;
+        e = d + t1;
+        d = c;
+        c = b;
+        b = a;
+        a = t1 + t2;
+    }
+    h[0] += a;
+    h[1] += b;
+    h[2] += c;
+    h[3] += d;
+    h[4] += e;
+    h[5] += f;
+    h[6] += g;
+    h[7] += k;
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
+#include <immintrin.h>
+
+/* The same block with the SHA-NI instructions: the state kept as {A,B,E,F} and {C,D,G,H}, two rounds per
+ * sha256rnds2, the message schedule four words at a time (sha256msg1/msg2). */
+__attribute__((target("sha,sse4.1,ssse3"))) static void sha256_block_shani(uint32_t h[8], const unsigned char *p) {
+    const __m128i swap = _mm_set_epi64x(0x0c0d0e0f08090a0bULL, 0x0405060700010203ULL); /* big-endian words */
+    __m128i abcd = _mm_shuffle_epi32(_mm_loadu_si128((const __m128i *)h), 0xB1);     /* B A D C */
+    __m128i efgh = _mm_shuffle_epi32(_mm_loadu_si128((const __m128i *)(h + 4)), 0x1B); /* H G F E */
+    __m128i abef = _mm_alignr_epi8(abcd, efgh, 8);                                     /* F E B A */
+    __m128i cdgh = _mm_blend_epi16(efgh, abcd, 0xF0);                                  /* H G D C */
+    __m128i abef_in = abef, cdgh_in = cdgh, w[4];
+    for (int g = 0; g < 16; g++) {
+        __m128i words;
+        if (g < 4) {
+            words = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(p + 16 * g)), swap);
+        } else {
+            __m128i t = _mm_sha256msg1_epu32(w[g & 3], w[(g - 3) & 3]);
+            t = _mm_add_epi32(t, _mm_alignr_epi8(w[(g - 1) & 3], w[(g - 2) & 3], 4));
+            words = _mm_sha256msg2_epu32(t, w[(g - 1) & 3]);
+        }
+        w[g & 3] = words;
+        __m128i k = _mm_add_epi32(words, _mm_loadu_si128((const __m128i *)&SHA256_K[4 * g]));
+        cdgh = _mm_sha256rnds2_epu32(cdgh, abef, k);
+        abef = _mm_sha256rnds2_epu32(abef, cdgh, _mm_shuffle_epi32(k, 0x0E));
+    }
+    abef = _mm_add_epi32(abef, abef_in);
+    cdgh = _mm_add_epi32(cdgh, cdgh_in);
+    __m128i abef_ordered = _mm_shuffle_epi32(abef, 0x1B); /* A B E F */
+    __m128i ghcd = _mm_shuffle_epi32(cdgh, 0xB1);         /* G H C D */
+    _mm_storeu_si128((__m128i *)h, _mm_blend_epi16(abef_ordered, ghcd, 0xF0));      /* A B C D */
+    _mm_storeu_si128((__m128i *)(h + 4), _mm_alignr_epi8(ghcd, abef_ordered, 8)); /* E F G H */
+}
+
+static int cpu_has_sha(void) {
+    unsigned int a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & bit_SSE4_1) || !(c & bit_SSSE3))
+        return 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d))
+        return 0;
+    return (b >> 29) & 1;
+}
+#else
+static int cpu_has_sha(void) { return 0; }
+#define sha256_block_shani sha256_block_portable
+#endif
+
+/* Finish a hash whose state h has absorbed `done` bytes (a multiple of 64) with the n bytes at s. */
+static void sha256_finish(uint32_t h[8], uint64_t done, const unsigned char *s, size_t n, unsigned char out[32]) {
+    uint64_t bits = (done + n) * 8;
+    while (n >= 64) {
+        sha256_block(h, s);
+        s += 64;
+        n -= 64;
+    }
+    unsigned char last[128];
+    memcpy(last, s, n);
+    last[n] = 0x80;
+    size_t size = n < 56 ? 64 : 128;
+    memset(last + n + 1, 0, size - n - 1);
+    for (int i = 0; i < 8; i++)
+        last[size - 1 - i] = (unsigned char)(bits >> (8 * i));
+    sha256_block(h, last);
+    if (size == 128)
+        sha256_block(h, last + 64);
+    for (int i = 0; i < 8; i++) {
+        out[4 * i] = (unsigned char)(h[i] >> 24);
+        out[4 * i + 1] = (unsigned char)(h[i] >> 16);
+        out[4 * i + 2] = (unsigned char)(h[i] >> 8);
+        out[4 * i + 3] = (unsigned char)h[i];
+    }
+}
+
+/* The states after the key's inner (0x36) and outer (0x5c) padded blocks: 16 words. */
+typedef struct {
+    uint32_t inner[8], outer[8];
+} Hmac;
+
+static void hmac_prepare_key(Hmac *m, const unsigned char *key, size_t n) {
+    unsigned char block[64] = {0}, pad[64];
+    if (n > 64) {
+        uint32_t h[8];
+        memcpy(h, SHA256_IV, sizeof h);
+        sha256_finish(h, 0, key, n, block);
+    } else {
+        memcpy(block, key, n);
+    }
+    memcpy(m->inner, SHA256_IV, sizeof m->inner);
+    memcpy(m->outer, SHA256_IV, sizeof m->outer);
+    for (int i = 0; i < 64; i++)
+        pad[i] = block[i] ^ 0x36;
+    sha256_block(m->inner, pad);
+    for (int i = 0; i < 64; i++)
+        pad[i] = block[i] ^ 0x5c;
+    sha256_block(m->outer, pad);
+}
+
+/* HMAC-SHA256 of the n bytes at s as 64 lower-case hex digits. */
+static void hmac_hex(const Hmac *m, const unsigned char *s, size_t n, char hex[64]) {
+    static const char digits[] = "0123456789abcdef";
+    uint32_t h[8];
+    unsigned char inner[32], mac[32];
+    memcpy(h, m->inner, sizeof h);
+    sha256_finish(h, 64, s, n, inner);
+    memcpy(h, m->outer, sizeof h);
+    sha256_finish(h, 64, inner, 32, mac);
+    for (int i = 0; i < 32; i++) {
+        hex[2 * i] = digits[mac[i] >> 4];
+        hex[2 * i + 1] = digits[mac[i] & 15];
+    }
 }
 
 /* Strict UTF-8 as Python's decoder checks it: no overlong forms, no surrogates, nothing past U+10FFFF. */
@@ -330,7 +517,19 @@ static int put_iso_string(Buf *b, const unsigned char *s, Py_ssize_t n) {
     return 0;
 }
 
-static int put_value(Buf *b, long code, PyObject *conv, const Col *c) {
+/* The plan of a relation, checked (see the top of this file). masked: some column has a transform's code. */
+typedef struct {
+    PyObject *schema_table, *columns, *key_index, *route;
+    Py_ssize_t ncolumns;
+    int masked;
+    Hmac hmac;
+} Plan;
+
+static inline long column_code(const Plan *plan, Py_ssize_t i) {
+    return PyLong_AsLong(PyTuple_GET_ITEM(PyTuple_GET_ITEM(plan->columns, i), 1));
+}
+
+static int put_value(Buf *b, long code, PyObject *conv, const Col *c, const Plan *plan) {
     const unsigned char *s = c->p;
     Py_ssize_t n = c->len;
     switch (code) {
@@ -370,6 +569,17 @@ static int put_value(Buf *b, long code, PyObject *conv, const Col *c) {
             return put_converted(b, conv, c);
         return rc;
     }
+    case CODE_HASH: {
+        char hex[64];
+        hmac_hex(&plan->hmac, s, (size_t)n, hex);
+        if (PUTS(b, "\"") < 0 || put(b, hex, 64) < 0)
+            return -1;
+        return PUTS(b, "\"");
+    }
+    case CODE_REDACT:
+        return PUTS(b, "\"[redacted]\"");
+    case CODE_NULLED:
+        return PUTS(b, "null");
     default:
         return put_converted(b, conv, c);
     }
@@ -379,10 +589,13 @@ static inline int is_identity(PyObject *columns, Py_ssize_t i) {
     return PyTuple_GET_ITEM(PyTuple_GET_ITEM(columns, i), 3) == Py_True;
 }
 
-/* One '"name":value' member, after a comma unless it is the first. */
-static int put_member(Buf *b, PyObject *columns, Py_ssize_t i, const Col *c, int *first) {
-    PyObject *entry = PyTuple_GET_ITEM(columns, i);
+/* One '"name":value' member, after a comma unless it is the first (nothing for a column left out). */
+static int put_member(Buf *b, const Plan *plan, Py_ssize_t i, const Col *c, int *first) {
+    PyObject *entry = PyTuple_GET_ITEM(plan->columns, i);
     PyObject *prefix = PyTuple_GET_ITEM(entry, 0);
+    long code = PyLong_AsLong(PyTuple_GET_ITEM(entry, 1));
+    if (code == CODE_DROP)
+        return 0;
     if (!*first && PUTS(b, ",") < 0)
         return -1;
     *first = 0;
@@ -390,14 +603,15 @@ static int put_member(Buf *b, PyObject *columns, Py_ssize_t i, const Col *c, int
         return -1;
     if (c->kind == 'n')
         return PUTS(b, "null");
-    return put_value(b, PyLong_AsLong(PyTuple_GET_ITEM(entry, 1)), PyTuple_GET_ITEM(entry, 2), c);
+    return put_value(b, code, PyTuple_GET_ITEM(entry, 2), c, plan);
 }
 
 /* The row as a JSON object; identity_only: only the replica-identity columns (an old 'K' tuple).
  * Unchanged TOAST columns are left out; when an old row is given (old_kind 'K' or 'O'), each of them
  * that the old row holds is added at the end, from there (the Python path's dict order). */
-static int put_row(Buf *b, PyObject *columns, const Col *cols, Py_ssize_t count, int identity_only,
+static int put_row(Buf *b, const Plan *plan, const Col *cols, Py_ssize_t count, int identity_only,
                    const Col *old, Py_ssize_t nold, char old_kind) {
+    PyObject *columns = plan->columns;
     if (count != PyTuple_GET_SIZE(columns))
         return FALLBACK; /* the Python path knows what to do with a short tuple */
     if (PUTS(b, "{") < 0)
@@ -410,7 +624,7 @@ static int put_row(Buf *b, PyObject *columns, const Col *cols, Py_ssize_t count,
             unchanged = 1;
             continue;
         }
-        int rc = put_member(b, columns, i, &cols[i], &first);
+        int rc = put_member(b, plan, i, &cols[i], &first);
         if (rc != 0)
             return rc;
     }
@@ -420,7 +634,7 @@ static int put_row(Buf *b, PyObject *columns, const Col *cols, Py_ssize_t count,
         for (Py_ssize_t i = 0; i < count; i++) {
             if (cols[i].kind != 'u' || old[i].kind == 'u' || (old_kind == 'K' && !is_identity(columns, i)))
                 continue;
-            int rc = put_member(b, columns, i, &old[i], &first);
+            int rc = put_member(b, plan, i, &old[i], &first);
             if (rc != 0)
                 return rc;
         }
@@ -428,10 +642,37 @@ static int put_row(Buf *b, PyObject *columns, const Col *cols, Py_ssize_t count,
     return PUTS(b, "}");
 }
 
+/* The text column i is published as (a masked column's mask): 1 with *p and *n set, 0 when it is null. */
+static int published_text(const Plan *plan, Py_ssize_t i, const Col *c, char hex[64], const unsigned char **p,
+                          Py_ssize_t *n) {
+    if (c->kind != 't')
+        return 0;
+    *p = c->p;
+    *n = c->len;
+    if (!plan->masked)
+        return 1;
+    switch (column_code(plan, i)) {
+    case CODE_HASH:
+        hmac_hex(&plan->hmac, c->p, (size_t)c->len, hex);
+        *p = (const unsigned char *)hex;
+        *n = 64;
+        return 1;
+    case CODE_REDACT:
+        *p = (const unsigned char *)"[redacted]";
+        *n = 10;
+        return 1;
+    case CODE_NULLED:
+        return 0;
+    default:
+        return 1;
+    }
+}
+
 /* The message key: the key columns' text, from ``primary`` or, where NULL there, from ``fallback``.
  * One column: its text as bytes; several: a JSON list of strings and nulls. New reference or None. */
-static PyObject *make_key(PyObject *key_index, const Col *primary, Py_ssize_t nprimary, const Col *fallback,
+static PyObject *make_key(const Plan *plan, const Col *primary, Py_ssize_t nprimary, const Col *fallback,
                           Py_ssize_t nfallback) {
+    PyObject *key_index = plan->key_index;
     Py_ssize_t nkey = PyTuple_GET_SIZE(key_index);
     if (nkey == 0)
         Py_RETURN_NONE;
@@ -444,22 +685,89 @@ static PyObject *make_key(PyObject *key_index, const Col *primary, Py_ssize_t np
         const Col *c = (i >= 0 && i < nprimary && primary[i].kind == 't') ? &primary[i] : NULL;
         if (c == NULL && fallback != NULL && i >= 0 && i < nfallback && fallback[i].kind == 't')
             c = &fallback[i];
+        char hex[64];
+        const unsigned char *text = NULL;
+        Py_ssize_t len = 0;
+        if (c != NULL && !published_text(plan, i, c, hex, &text, &len))
+            c = NULL;
         if (nkey == 1) {
             if (c == NULL) {
                 result = Py_NewRef(Py_None);
             } else {
-                result = PyBytes_FromStringAndSize((const char *)c->p, c->len);
+                result = PyBytes_FromStringAndSize((const char *)text, len);
             }
             goto done;
         }
         if (k > 0 && PUTS(&b, ",") < 0)
             goto done;
-        if (c == NULL ? PUTS(&b, "null") < 0 : put_string(&b, c->p, c->len) < 0)
+        if (c == NULL ? PUTS(&b, "null") < 0 : put_string(&b, text, len) < 0)
             goto done;
     }
     if (PUTS(&b, "]") < 0)
         goto done;
     result = PyBytes_FromStringAndSize(b.data, b.len);
+done:
+    PyMem_Free(b.data);
+    return result;
+}
+
+/* The topic of an event from its plan's route: the rendered name (str) or the fallback reason (int).
+ * Values come from the new row, else (an unchanged TOAST value, a DELETE) from the old one where it
+ * holds them (all of a 'O' row, the identity of a 'K' key). */
+static PyObject *route_topic(const Plan *plan, const Col *new_cols, Py_ssize_t nnew, const Col *old_cols,
+                             Py_ssize_t nold, char old_kind) {
+    static const char digits[] = "0123456789abcdef";
+    PyObject *head = PyTuple_GET_ITEM(plan->route, 0), *parts = PyTuple_GET_ITEM(plan->route, 1);
+    Buf b = {NULL, 0, 0};
+    PyObject *result = NULL;
+    long reason = 0;
+    if (put(&b, PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head)) < 0)
+        goto done;
+    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(parts) && !reason; k++) {
+        PyObject *part = PyTuple_GET_ITEM(parts, k);
+        if (PyBytes_Check(part)) {
+            if (put(&b, PyBytes_AS_STRING(part), PyBytes_GET_SIZE(part)) < 0)
+                goto done;
+            continue;
+        }
+        Py_ssize_t i = PyLong_AsSsize_t(part);
+        const Col *c = NULL;
+        if (i >= 0 && i < plan->ncolumns) {
+            if (new_cols != NULL && i < nnew && new_cols[i].kind != 'u')
+                c = &new_cols[i];
+            else if (old_cols != NULL && i < nold && old_cols[i].kind != 'u' &&
+                     (old_kind == 'O' || is_identity(plan->columns, i)))
+                c = &old_cols[i];
+        }
+        char hex[64];
+        const unsigned char *text = NULL;
+        Py_ssize_t len = 0;
+        if (c == NULL) {
+            reason = ROUTE_MISSING;
+        } else if (!published_text(plan, i, c, hex, &text, &len)) {
+            reason = ROUTE_NULL;
+        } else if (len == 0) {
+            reason = ROUTE_EMPTY;
+        } else {
+            if (buf_grow(&b, len * 3) < 0)
+                goto done;
+            char *out = b.data + b.len;
+            for (Py_ssize_t j = 0; j < len; j++) {
+                unsigned char ch = text[j];
+                if ((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || is_digit(ch) || ch == '-') {
+                    *out++ = (char)ch;
+                } else {
+                    *out++ = '_';
+                    *out++ = digits[ch >> 4];
+                    *out++ = digits[ch & 15];
+                }
+            }
+            b.len = out - b.data;
+        }
+    }
+    if (!reason && b.len > MAX_TOPIC_BYTES)
+        reason = ROUTE_TOO_LONG;
+    result = reason ? PyLong_FromLong(reason) : PyUnicode_DecodeUTF8(b.data, b.len, "strict");
 done:
     PyMem_Free(b.data);
     return result;
@@ -473,23 +781,52 @@ static int put_ascii_field(Buf *b, PyObject *text) {
     return put_escaped(b, (const unsigned char *)s, n);
 }
 
-/* The plan of a relation, checked: (schema_table: bytes, columns: tuple of 4-tuples, key_index: tuple). */
-typedef struct {
-    PyObject *schema_table, *columns, *key_index;
-    Py_ssize_t ncolumns;
-} Plan;
+/* The transform part of a plan (hmac, route), checked; every column's code is looked at only here. */
+static int read_transform(const char *name, PyObject *transform, Plan *plan) {
+    int pair = PyTuple_Check(transform) && PyTuple_GET_SIZE(transform) == 2;
+    PyObject *hmac = pair ? PyTuple_GET_ITEM(transform, 0) : NULL;
+    PyObject *route = pair ? PyTuple_GET_ITEM(transform, 1) : NULL;
+    if (!pair || (hmac != Py_None && (!PyBytes_Check(hmac) || PyBytes_GET_SIZE(hmac) != (Py_ssize_t)sizeof(Hmac))) ||
+        (route != Py_None &&
+         (!PyTuple_Check(route) || PyTuple_GET_SIZE(route) != 2 || !PyBytes_Check(PyTuple_GET_ITEM(route, 0)) ||
+          !PyTuple_Check(PyTuple_GET_ITEM(route, 1))))) {
+        PyErr_Format(PyExc_TypeError, "%s: a plan's transform is (prepared hmac | None, route | None)", name);
+        return -1;
+    }
+    plan->masked = 1;
+    plan->route = route == Py_None ? NULL : route;
+    for (Py_ssize_t i = 0; i < plan->ncolumns; i++) {
+        if (column_code(plan, i) == CODE_HASH && hmac == Py_None) {
+            PyErr_Format(PyExc_TypeError, "%s: a hashed column needs the prepared hmac key", name);
+            return -1;
+        }
+    }
+    if (hmac != Py_None)
+        memcpy(&plan->hmac, PyBytes_AS_STRING(hmac), sizeof(Hmac));
+    if (plan->route != NULL) {
+        PyObject *parts = PyTuple_GET_ITEM(plan->route, 1);
+        for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(parts); k++) {
+            PyObject *part = PyTuple_GET_ITEM(parts, k);
+            if (!PyBytes_Check(part) && !PyLong_Check(part)) {
+                PyErr_Format(PyExc_TypeError, "%s: a route part is bytes or a column index", name);
+                return -1;
+            }
+        }
+    }
+    return 0;
+}
 
 static int read_plan(const char *name, PyObject *const *args, PyObject *ident, PyObject *time, Plan *plan) {
     PyObject *tuple = args[1];
-    if (!PyTuple_Check(tuple) || PyTuple_GET_SIZE(tuple) != 3 || !PyUnicode_Check(ident) || !PyUnicode_Check(time)) {
-        PyErr_Format(PyExc_TypeError, "%s: plan must be a 3-tuple, the id (prefix) and time str", name);
+    if (!PyTuple_Check(tuple) || PyTuple_GET_SIZE(tuple) != 4 || !PyUnicode_Check(ident) || !PyUnicode_Check(time)) {
+        PyErr_Format(PyExc_TypeError, "%s: plan must be a 4-tuple, the id (prefix) and time str", name);
         return -1;
     }
     plan->schema_table = PyTuple_GET_ITEM(tuple, 0);
     plan->columns = PyTuple_GET_ITEM(tuple, 1);
     plan->key_index = PyTuple_GET_ITEM(tuple, 2);
     if (!PyBytes_Check(plan->schema_table) || !PyTuple_Check(plan->columns) || !PyTuple_Check(plan->key_index)) {
-        PyErr_Format(PyExc_TypeError, "%s: plan is (bytes, tuple, tuple)", name);
+        PyErr_Format(PyExc_TypeError, "%s: plan is (bytes, tuple, tuple, transform)", name);
         return -1;
     }
     plan->ncolumns = PyTuple_GET_SIZE(plan->columns);
@@ -501,7 +838,10 @@ static int read_plan(const char *name, PyObject *const *args, PyObject *ident, P
             return -1;
         }
     }
-    return 0;
+    plan->masked = 0;
+    plan->route = NULL;
+    PyObject *transform = PyTuple_GET_ITEM(tuple, 3);
+    return transform == Py_None ? 0 : read_transform(name, transform, plan);
 }
 
 /* The event body and key of one change whose tuples are decoded: (body, key), or (ident, body, key) when
@@ -522,7 +862,7 @@ static PyObject *build_event(PyObject *ident, int with_ident, PyObject *commit_t
         PUTS(&b, "\",\"data\":") < 0)
         goto done;
     if (new_cols != NULL) {
-        rc = put_row(&b, plan->columns, new_cols, nnew, 0, old_cols, nold, old_kind);
+        rc = put_row(&b, plan, new_cols, nnew, 0, old_cols, nold, old_kind);
     } else {
         rc = PUTS(&b, "{}");
     }
@@ -531,7 +871,7 @@ static PyObject *build_event(PyObject *ident, int with_ident, PyObject *commit_t
     if ((rc = PUTS(&b, ",\"dataOld\":")) != 0)
         goto check;
     if (old_cols != NULL) {
-        rc = put_row(&b, plan->columns, old_cols, nold, old_kind == 'K', NULL, 0, 0);
+        rc = put_row(&b, plan, old_cols, nold, old_kind == 'K', NULL, 0, 0);
     } else {
         rc = PUTS(&b, "{}");
     }
@@ -544,9 +884,9 @@ static PyObject *build_event(PyObject *ident, int with_ident, PyObject *commit_t
     if (!want_key) {
         key = Py_NewRef(Py_None);
     } else if (new_cols == NULL) {
-        key = make_key(plan->key_index, old_cols, nold, NULL, 0);
+        key = make_key(plan, old_cols, nold, NULL, 0);
     } else {
-        key = make_key(plan->key_index, new_cols, nnew, old_cols, nold);
+        key = make_key(plan, new_cols, nnew, old_cols, nold);
     }
     if (key == NULL)
         goto done;
@@ -555,7 +895,15 @@ static PyObject *build_event(PyObject *ident, int with_ident, PyObject *commit_t
         Py_DECREF(key);
         goto done;
     }
-    result = with_ident ? PyTuple_Pack(3, ident, body, key) : PyTuple_Pack(2, body, key);
+    if (plan->route == NULL) {
+        result = with_ident ? PyTuple_Pack(3, ident, body, key) : PyTuple_Pack(2, body, key);
+    } else {
+        PyObject *topic = route_topic(plan, new_cols, nnew, old_cols, nold, old_kind);
+        if (topic != NULL) {
+            result = with_ident ? PyTuple_Pack(4, ident, body, key, topic) : PyTuple_Pack(3, body, key, topic);
+            Py_DECREF(topic);
+        }
+    }
     Py_DECREF(body);
     Py_DECREF(key);
     goto done;
@@ -1133,6 +1481,47 @@ error:
     return NULL;
 }
 
+/* hmac_prepare(key: bytes) -> bytes: the key's prepared states for plans (and hmac_hex). */
+static PyObject *hot_hmac_prepare(PyObject *self, PyObject *key) {
+    (void)self;
+    if (!PyBytes_Check(key)) {
+        PyErr_SetString(PyExc_TypeError, "hmac_prepare(key: bytes)");
+        return NULL;
+    }
+    Hmac m;
+    hmac_prepare_key(&m, (const unsigned char *)PyBytes_AS_STRING(key), (size_t)PyBytes_GET_SIZE(key));
+    return PyBytes_FromStringAndSize((const char *)&m, sizeof m);
+}
+
+/* hmac_hex(prepared: bytes, data: bytes, portable: bool = False) -> str: HMAC-SHA256 of data, lower-case
+ * hex; portable: with the portable block code even where the CPU's SHA extensions are used (tests). */
+static PyObject *hot_hmac_hex(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs < 2 || nargs > 3 || !PyBytes_Check(args[0]) || PyBytes_GET_SIZE(args[0]) != (Py_ssize_t)sizeof(Hmac) ||
+        !PyBytes_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "hmac_hex(prepared: bytes from hmac_prepare, data: bytes, portable=False)");
+        return NULL;
+    }
+    int portable = nargs == 3 ? PyObject_IsTrue(args[2]) : 0;
+    if (portable < 0)
+        return NULL;
+    Hmac m;
+    char hex[64];
+    memcpy(&m, PyBytes_AS_STRING(args[0]), sizeof m);
+    void (*chosen)(uint32_t *, const unsigned char *) = sha256_block;
+    if (portable)
+        sha256_block = sha256_block_portable;
+    hmac_hex(&m, (const unsigned char *)PyBytes_AS_STRING(args[1]), (size_t)PyBytes_GET_SIZE(args[1]), hex);
+    sha256_block = chosen;
+    return PyUnicode_DecodeASCII(hex, 64, "strict");
+}
+
+static PyObject *hot_sha_extensions(PyObject *self, PyObject *unused) {
+    (void)self;
+    (void)unused;
+    return PyBool_FromLong(sha256_block != sha256_block_portable);
+}
+
 static PyObject *hot_set_encoder(PyObject *self, PyObject *dumps) {
     (void)self;
     if (!PyCallable_Check(dumps)) {
@@ -1145,14 +1534,18 @@ static PyObject *hot_set_encoder(PyObject *self, PyObject *dumps) {
 
 static PyMethodDef methods[] = {
     {"event", (PyCFunction)(void (*)(void))hot_event, METH_FASTCALL,
-     "event(msg, plan, prefix, number, commit_time, want_key) -> (ident, body, key) | None"},
+     "event(msg, plan, prefix, number, commit_time, want_key) -> (ident, body, key[, topic]) | None"},
     {"read_row", (PyCFunction)(void (*)(void))hot_read_row, METH_FASTCALL,
-     "read_row(values, plan, ident, read_time, want_key) -> (body, key) | None"},
+     "read_row(values, plan, ident, read_time, want_key) -> (body, key[, topic]) | None"},
     {"nats_frames", (PyCFunction)(void (*)(void))hot_nats_frames, METH_FASTCALL,
      "nats_frames(batch, prefixes, seq, limit, header_bytes) -> (frames, payload) | None"},
     {"nats_acks", (PyCFunction)(void (*)(void))hot_nats_acks, METH_FASTCALL,
      "nats_acks(data, sid) -> (answers: seq or (seq text, payload), bytes consumed)"},
     {"set_encoder", hot_set_encoder, METH_O, "set_encoder(dumps): the JSON encoder for converted values"},
+    {"hmac_prepare", hot_hmac_prepare, METH_O, "hmac_prepare(key) -> the key's prepared HMAC-SHA256 states"},
+    {"hmac_hex", (PyCFunction)(void (*)(void))hot_hmac_hex, METH_FASTCALL,
+     "hmac_hex(prepared, data, portable=False) -> HMAC-SHA256 of data, lower-case hex"},
+    {"sha_extensions", hot_sha_extensions, METH_NOARGS, "sha_extensions() -> whether SHA-256 uses the CPU's"},
     {"set_libpq", (PyCFunction)(void (*)(void))hot_set_libpq, METH_FASTCALL,
      "set_libpq(getcopydata, freemem): addresses of PQgetCopyData and PQfreemem of psycopg's libpq"},
     {"copy_batch", (PyCFunction)(void (*)(void))hot_copy_batch, METH_FASTCALL,
@@ -1168,6 +1561,7 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__hotpath(void) {
     init_escapes();
+    sha256_block = cpu_has_sha() ? sha256_block_shani : sha256_block_portable;
     str_body = PyUnicode_InternFromString("body");
     str_id = PyUnicode_InternFromString("id");
     str_subject = PyUnicode_InternFromString("subject");

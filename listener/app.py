@@ -17,7 +17,7 @@ from typing import Any
 
 from listener import metrics, pgoutput
 from listener.backfill import Backfiller, published_tables, request_backfill
-from listener.catalog import WATERMARK_PREFIX, SlotState, column_facts
+from listener.catalog import TABLE_COLUMNS_QUERY, WATERMARK_PREFIX, SlotState, column_facts, fetch_all
 from listener.config import Config, redact_url
 from listener.delivery import Backoff, Delivery
 from listener.errors import (
@@ -29,6 +29,7 @@ from listener.errors import (
     SlotLostError,
 )
 from listener.event import CHANGE_ACTIONS, EventBuilder, Transaction
+from listener.message import Message
 from listener.observability import Health, HttpServer, metrics_route, register_secrets, split_addr
 from listener.pgoutput import PG_EPOCH, format_lsn
 from listener.publication import publication_dropped
@@ -87,6 +88,9 @@ class Listener:
             dead_letter_subject=dead_letter,
         )
         self.delivery.on_fatal = lambda _exc: self.stop()
+        #: hands an event to delivery (database.debug: logs it first, as published)
+        self._add = self._logged_add if cfg.database.debug else self.delivery.add
+        self._transforms_checked = False
         self.health = Health()
         self.health.broker = lambda: self.publisher.ready and not self.delivery.failing
         metrics.READY.set_function(lambda: 1.0 if self.health.is_ready() else 0.0)
@@ -295,6 +299,8 @@ class Listener:
             if exc.reason == "slot_dropped" and self._server and db.server != self._server:
                 raise slot_missing_after_failover(self.cfg.listener.slot_name, db.server, self._server) from None
             raise
+        if not self._transforms_checked and self.builder.transforms.entries:
+            await self._check_transforms(db)
         if db.slot_created:
             await self._snapshot_on_new_slot(db, slot.confirmed_flush_lsn)
         if slot.active:
@@ -369,6 +375,20 @@ class Listener:
                 "(phantom events); set synchronized_standby_slots to the standbys' physical slots",
                 extra={"fields": {"slot": slot.name, "server": db.server}},
             )
+
+    async def _check_transforms(self, db: Database) -> None:
+        """Once per process: warn about listener.transforms entries naming columns or tables the database
+        does not have (not fatal: they may be added later)."""
+        rows = await fetch_all(db.conn, TABLE_COLUMNS_QUERY)
+        for warning in self.builder.transforms.check({(schema, table): columns for schema, table, columns in rows}):
+            log.warning(warning)
+        self._transforms_checked = True
+
+    def _logged_add(self, message: Message) -> bool:
+        """database.debug: the event as it is published (transforms applied), then to delivery."""
+        log.debug("event", extra={"fields": {"id": message.id, "subject": message.subject, "action": message.action,
+                                             "body": message.body[:4096].decode(errors="replace")}})
+        return self.delivery.add(message)
 
     async def _snapshot_on_new_slot(self, db: Database, lsn: int) -> None:
         """A slot just created: with snapshot.mode initial (or after a lost slot, onSlotLost resnapshot),
@@ -459,7 +479,7 @@ class Listener:
         decode = pgoutput.decode
         change = builder.change
         read_batch = stream.read_batch
-        add = delivery.add
+        add = self._add
         txn: Transaction | None = None
         commit_unix = 0.0
         received = 0
@@ -507,7 +527,7 @@ class Listener:
                                 backfiller.note_truncate(oid)
                             truncated = builder.truncate(relations[oid], txn)  # type: ignore[arg-type]
                             if truncated is not None:
-                                delivery.add(truncated)
+                                add(truncated)
                 full = add(out) if out is not None else delivery.full
                 if full:
                     await delivery.wait_for_space(stopping)
@@ -542,7 +562,7 @@ class Listener:
             return
         delivery = self.delivery
         for event in self.backfiller.events(chunk):
-            delivery.add(event)
+            self._add(event)
             if delivery.full:
                 await delivery.wait_for_space(self._stopping)
         delivery.commit(msg.lsn, time.time())
@@ -554,7 +574,7 @@ class Listener:
         event = self.builder.message(msg, None)
         if event is None:
             return
-        self.delivery.add(event)
+        self._add(event)
         # confirmed past its own position (restarting there would decode it again)
         self.delivery.commit(msg.lsn + 1, time.time())
         if self.delivery.full:

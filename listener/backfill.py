@@ -408,8 +408,10 @@ class Backfiller:
                                       "rows_estimated": total}
             log.info("backfill started", extra={"fields": fields})
         else:
-            fields = {"backfill": request.name, "table": request.current_table,
-                      "after_key": list(request.last_key or ()), "rows_done": request.rows_done}
+            fields = {"backfill": request.name, "table": request.current_table, "rows_done": request.rows_done}
+            schema, _, name = (request.current_table or "").partition(".")
+            if self.builder.transforms.find(schema, name) is None:  # a transformed table's key may be masked
+                fields["after_key"] = list(request.last_key or ())
             log.info("backfill resumed from its last acknowledged chunk", extra={"fields": fields})
         self.running = request
         progress = _Progress(request)
@@ -430,6 +432,13 @@ class Backfiller:
         log.info("backfill done", extra={"fields": {"backfill": request.name, "rows": progress.rows,
                                                     "seconds": round(progress.elapsed, 1)}})
 
+    def _hidden_key(self, table: Table) -> list[str]:
+        """The key columns of ``table`` its transform masks or leaves out (its READ ids are then keyed)."""
+        entry = self.builder.transforms.find(table.schema, table.name)
+        if entry is None:
+            return []
+        return [k for k in table.key if k in entry.mask or not entry.columns.keeps(k)]
+
     async def _plan(self, conn: psycopg.AsyncConnection[Any], version: int, request: Request) -> list[Table]:
         tables: list[Table] = []
         for name in request.tables:
@@ -438,6 +447,13 @@ class Backfiller:
                 raise BackfillError(f"backfill: table {name} does not exist")
             for schema, table in found:
                 described = await describe(conn, self.cfg.listener.publication_name, schema, table, version)
+                hidden = self._hidden_key(described)
+                if hidden and not self.builder.transforms.hash_key:
+                    raise BackfillError(
+                        f"backfill: {described.qualified}: listener.transforms masks or leaves out its key column(s) "
+                        f"{', '.join(hidden)}, and READ event ids are made from the key; set "
+                        "listener.transformsHashKey so that they are keyed"
+                    )
                 if request.where:
                     await check_where(conn, schema, table, request.where)
                 tables.append(described)
@@ -461,7 +477,8 @@ class Backfiller:
         await self._load_types([c.type_oid for c in table.relation.columns])
         facts = await catalog.column_facts(conn, table.oid) if self.builder.wants_column_facts else None
         info = self.builder.relation_info(table.relation, table.key, facts)
-        ident_of = read_event_ids(self._slot, request.id, table.schema, table.name)
+        secret = self.builder.transforms.hash_key if self._hidden_key(table) else b""
+        ident_of = read_event_ids(self._slot, request.id, table.schema, table.name, secret)
         key_of = _key_reader(key_positions)
         # A pipeline: pages are read (low watermark, SELECT) on one connection while the page before is
         # turned into events (high watermark) on another, and the one before that is acknowledged. Key

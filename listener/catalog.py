@@ -645,6 +645,14 @@ async def column_facts(conn: AsyncConnection[Any], relation_oid: int) -> dict[st
     return {str(name): ColumnFacts(bool(not_null), labels) for name, not_null, labels in rows}
 
 
+#: every table's columns in order (the transforms' check at start): schema, table, column names
+TABLE_COLUMNS_QUERY = (
+    "SELECT n.nspname::text, c.relname::text, array_agg(a.attname::text ORDER BY a.attnum)"
+    " FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+    " JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped"
+    " WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema')"
+    " GROUP BY n.nspname, c.relname"
+)
 #: what the type registry needs to convert values of user-defined types
 PG_TYPE_QUERY = (
     "SELECT oid::int8, typtype::text, typbasetype::int8, typelem::int8, typcategory::text, typdelim::text"

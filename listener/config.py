@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -168,6 +168,128 @@ class MessagesConfig(_Model):
         return prefixes
 
 
+#: what a mask does to a column's value: hash (HMAC-SHA256 of its text form), redact ("[redacted]"), null
+MaskKind = Literal["hash", "redact", "null"]
+#: a name part of a topic template outside its {column} placeholders (the escaping of the values keeps to
+#: the same characters, see listener.transforms.escape)
+_TOPIC_LITERAL = re.compile(r"[A-Za-z0-9_.-]*")
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+
+
+def topic_template(template: str) -> list[str | tuple[str]]:
+    """A topic template split into literal text and ``(column,)`` placeholders; ValueError when malformed."""
+    parts: list[str | tuple[str]] = []
+    at = 0
+    for found in _PLACEHOLDER.finditer(template):
+        parts.append(template[at : found.start()])
+        if not found.group(1):
+            raise ValueError("an empty {} names no column")
+        parts.append((found.group(1),))
+        at = found.end()
+    parts.append(template[at:])
+    literals = [p for p in parts if isinstance(p, str)]
+    if not any(isinstance(p, tuple) for p in parts):
+        raise ValueError(f"{template!r} names no column: write the column in braces, e.g. users.{{tenant_id}}")
+    if any(not _TOPIC_LITERAL.fullmatch(p) for p in literals):
+        raise ValueError(f"{template!r}: outside the {{column}} parts only letters, digits, '.', '_' and '-'")
+    if template.startswith(".") or template.endswith(".") or ".." in template:
+        raise ValueError(f"{template!r} must not start or end with a dot or hold two dots in a row")
+    return [p for p in parts if p != ""]
+
+
+def _mask_kind(value: Any) -> Any:
+    if value is None:
+        raise ValueError('unquoted null is YAML\'s empty value: write the mask as "null" (in quotes)')
+    return value
+
+
+class TransformColumns(_Model):
+    """Which columns of a table's rows are published: include (only these) or exclude (all but these)."""
+
+    include: list[str] | None = Field(
+        None, description="Only these columns are published (key columns too only when listed)."
+    )
+    exclude: list[str] | None = Field(None, description="These columns are never published.")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> TransformColumns:
+        if self.include is not None and self.exclude is not None:
+            raise ValueError("set include or exclude, not both")
+        return self
+
+    def keeps(self, column: str) -> bool:
+        """Whether ``column`` is published."""
+        if self.include is not None:
+            return column in self.include
+        return column not in (self.exclude or ())
+
+
+class TransformConfig(_Model):
+    """A transform of the tables it names: columns left out, values masked, topic and key per table."""
+
+    tables: list[str] = Field(
+        min_length=1,
+        description="'schema.table', 'table' (any schema) or 'schema.*'; the first transform naming a table applies.",
+    )
+    columns: TransformColumns = Field(
+        default_factory=TransformColumns, description="columns.include or columns.exclude: which columns are published."
+    )
+    mask: dict[str, Annotated[MaskKind, BeforeValidator(_mask_kind)]] = Field(
+        default_factory=dict,
+        description="Column -> hash (HMAC-SHA256 with listener.transformsHashKey of the value's PostgreSQL text form, "
+        "lower-case hex), redact (the string \"[redacted]\") or \"null\" (null). NULL stays null.",
+    )
+    topic: str = Field(
+        "",
+        description="Topic name part instead of schema_table, from column values: users.{tenant_id}. An event without "
+        "the value (NULL, unchanged TOAST) goes to schema_table and is counted in transform_fallbacks_total.",
+    )
+    key: list[str] = Field(
+        default_factory=list,
+        description="Columns of the message key (Kafka key, Pub/Sub ordering key) of these tables' events.",
+    )
+
+    @field_validator("tables")
+    @classmethod
+    def _check_tables(cls, tables: list[str]) -> list[str]:
+        for pattern in tables:
+            parts = pattern.split(".")
+            if len(parts) > 2 or not all(parts) or "*" in parts[0] or ("*" in parts[-1] and parts[-1] != "*") or (
+                parts == ["*"]
+            ):
+                raise ValueError(f"{pattern!r} must be 'schema.table', 'table' or 'schema.*'")
+        return tables
+
+    @field_validator("topic")
+    @classmethod
+    def _check_topic(cls, topic: str) -> str:
+        if topic:
+            topic_template(topic)
+        return topic
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TransformConfig:
+        for column in self.mask:
+            if not self.columns.keeps(column):
+                raise ValueError(f"mask.{column}: the column is not published (columns); mask it or leave it out")
+        for column in self.key:
+            if not self.columns.keeps(column):
+                raise ValueError(f"key: column {column!r} is not published (columns) and cannot be the key")
+        if len(set(self.key)) != len(self.key):
+            raise ValueError("key: a column is listed twice")
+        for column in self.topic_columns():
+            if not self.columns.keeps(column):
+                raise ValueError(f"topic: column {column!r} is not published (columns) and cannot name a topic")
+            if self.mask.get(column) in ("redact", "null"):
+                raise ValueError(f"topic: column {column!r} is masked with {self.mask[column]}: every event would get "
+                                 "one topic; route by another column or mask it with hash")
+        return self
+
+    def topic_columns(self) -> list[str]:
+        """The columns the topic template names."""
+        return [p[0] for p in topic_template(self.topic) if isinstance(p, tuple)] if self.topic else []
+
+
 class ListenerConfig(_Model):
     slot_name: str = Field(description="Logical replication slot the listener owns (created if missing).")
     server_port: int = Field(8080, ge=0, le=65535, description="Port of /healthz and /ready; 0 turns it off.")
@@ -209,6 +331,16 @@ class ListenerConfig(_Model):
         default_factory=MessagesConfig,
         description="Logical decoding messages published as events (the transactional outbox).",
     )
+    transforms: list[TransformConfig] = Field(
+        default_factory=list,
+        description="Per table: columns left out, values masked, topic and message key (see docs/transforms.md); "
+        "the first entry naming a table applies.",
+    )
+    transforms_hash_key: SecretStr = Field(
+        SecretStr(""),
+        description="The HMAC key of transforms' hash masks (at least 16 characters; keep it secret and stable: "
+        "the same value hashes the same only under the same key). Required when a mask uses hash.",
+    )
     failover: Literal["auto", "true", "false"] = Field(
         "auto",
         description="Create the slot with FAILOVER so standbys with sync_replication_slots keep a copy "
@@ -233,6 +365,24 @@ class ListenerConfig(_Model):
         if not _SLOT_NAME.fullmatch(value):
             raise ValueError("must be 1-63 characters of lower-case letters, digits and underscores")
         return value
+
+    #: how to give the hash key, in the error that says it is missing (the operator's spec takes a Secret)
+    _HASH_KEY_HOW: ClassVar[str] = "set it or WAL_LISTENER_TRANSFORMSHASHKEY to"
+
+    def _has_hash_key(self) -> bool:
+        return bool(self.transforms_hash_key.get_secret_value())
+
+    @model_validator(mode="after")
+    def _hash_key_needed(self) -> ListenerConfig:
+        hashed = [f"listener.transforms.{i}.mask.{column}" for i, t in enumerate(self.transforms)
+                  for column, kind in t.mask.items() if kind == "hash"]
+        key = self.transforms_hash_key.get_secret_value()
+        if hashed and not self._has_hash_key():
+            raise ValueError(f"listener.transformsHashKey is required when a mask uses hash ({hashed[0]}); "
+                             f"{self._HASH_KEY_HOW} a random secret of 16+ characters (openssl rand -hex 32)")
+        if key and len(key) < 16:
+            raise ValueError("listener.transformsHashKey is too short: use 16+ characters (openssl rand -hex 32)")
+        return self
 
     @model_validator(mode="after")
     def _dead_letter_needed(self) -> ListenerConfig:
@@ -275,7 +425,9 @@ class DatabaseConfig(_Model):
     ssl_root_cert: str = Field("", description="File of CA certificates to verify the server (libpq sslrootcert).")
     ssl_cert: str = Field("", description="Client certificate file for certificate authentication (libpq sslcert).")
     ssl_key: str = Field("", description="Private key file of sslCert (libpq sslkey).")
-    debug: bool = Field(False, description="Log every decoded message (verbose).")
+    debug: bool = Field(
+        False, description="Log every event as it is published, transforms applied (at logger.level debug; verbose)."
+    )
 
     @field_validator("host")
     @classmethod
@@ -573,8 +725,9 @@ class Config(_Model):
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
 
     def secret_values(self) -> list[str]:
-        """Every secret of the config that is set (passwords, the Sentry DSN)."""
-        found = [self.database.password.get_secret_value(), *self.publisher.secret_values()]
+        """Every secret of the config that is set (passwords, the Sentry DSN, the transforms' hash key)."""
+        found = [self.database.password.get_secret_value(), *self.publisher.secret_values(),
+                 self.listener.transforms_hash_key.get_secret_value()]
         found.append(self.monitoring.sentry_dsn.get_secret_value())
         return [value for value in found if value]
 
@@ -582,14 +735,19 @@ class Config(_Model):
         """The config as the file would write it (camelCase keys); secrets are left out unless asked.
         ``only_set`` leaves out keys that have their default value."""
         data = self.model_dump(mode="json", by_alias=True, exclude_defaults=only_set)
-        for section in ("database", "publisher", "monitoring"):
+        for section in ("listener", "database", "publisher", "monitoring"):
             data.setdefault(section, {})
         if include_secrets:
+            if self.listener.transforms_hash_key.get_secret_value():
+                data["listener"]["transformsHashKey"] = self.listener.transforms_hash_key.get_secret_value()
+            else:
+                data["listener"].pop("transformsHashKey", None)
             data["database"]["password"] = self.database.password.get_secret_value()
             if isinstance(self.publisher, BrokerSecrets):
                 data["publisher"]["password"] = self.publisher.password.get_secret_value()
             data["monitoring"]["sentryDSN"] = self.monitoring.sentry_dsn.get_secret_value()
         else:
+            data["listener"].pop("transformsHashKey", None)
             data["database"].pop("password", None)
             data["publisher"].pop("password", None)
             data["monitoring"].pop("sentryDSN", None)
@@ -623,8 +781,8 @@ def url_passwords(text: str) -> list[str]:
 
 
 # fields whose keys are user data (table names), not config keys
-_FREE_FORM = {"tables", "topicsMap"}
-SECRET_KEYS = {"password", "sentryDSN"}
+_FREE_FORM = {"tables", "topicsMap", "transforms"}
+SECRET_KEYS = {"password", "sentryDSN", "transformsHashKey"}
 
 
 def _norm(key: str) -> str:
@@ -724,7 +882,8 @@ def _is_text(path: tuple[str, ...]) -> bool:
             return False
         models = sub
     return any(
-        (f.alias or n) == path[-1] and f.annotation is str for m in models for n, f in m.model_fields.items()
+        (f.alias or n) == path[-1] and f.annotation in (str, SecretStr)
+        for m in models for n, f in m.model_fields.items()
     )
 
 

@@ -228,6 +228,9 @@ class Delivery:
         self._resume_at = max_in_flight - max(1, min(batch_size, max_in_flight // 2))
         self._retrying = 0  # batches with events being retried
         self._lingering = False  # the open batch waits for an earlier batch's acks (see caught_up)
+        #: published_events_total's counter per (subject, table), looked up once (topics routed by column
+        #: values give a batch many subjects; a lookup costs more than the increment)
+        self._published: dict[tuple[str, str], Any] = {}
         self._open = Batch()
         self._pending: deque[Batch] = deque()  # sealed, in order, not yet retired
         self._queue: asyncio.Queue[Batch] = asyncio.Queue()
@@ -376,8 +379,13 @@ class Delivery:
                 else:
                     failed.append(message)
                     metrics.PUBLISH_ERRORS.labels(result.reason).inc()
-            for (subject, table), count in published.items():
-                metrics.PUBLISHED.labels(subject, table).inc(count)
+            for labels, count in published.items():
+                counter = self._published.get(labels)
+                if counter is None:
+                    if len(self._published) >= 10000:
+                        self._published.clear()
+                    counter = self._published[labels] = metrics.PUBLISHED.labels(*labels)
+                counter.inc(count)
             acked = len(messages) - len(failed)
             self.in_flight -= acked
             if self.in_flight <= self._resume_at:

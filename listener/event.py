@@ -12,7 +12,9 @@ REPLICA IDENTITY FULL) — it is never published as null.
 
 Logical decoding messages with a listed prefix become MESSAGE events. ``publisher.format`` other than the
 default reshapes every event through :mod:`listener.formats`. On Kafka with ``publisher.tombstones`` a DELETE's
-message is marked to be followed by a tombstone (:attr:`Message.tombstone`), whichever path built it.
+message is marked to be followed by a tombstone (:attr:`Message.tombstone`), whichever path built it. A
+table's transform (:mod:`listener.transforms`) is applied to its rows before anything is converted: the
+event stage only ever sees the kept columns, masked, and takes the topic and key the transform gives.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from listener.formats import (
 )
 from listener.message import Message
 from listener.pgoutput import PG_EPOCH, UNCHANGED, Relation, Tuple
+from listener.transforms import FALLBACK_REASONS, RelationTransform, Route, Transforms
 from listener.types import Converter, TypeRegistry
 
 log = logging.getLogger("listener.event")
@@ -72,11 +75,15 @@ def event_id(slot_hash: int, commit_lsn: int, ordinal: int) -> str:
     return f"{prefix}{base | (ordinal & 0x3FFFFFF):012x}"
 
 
-def read_event_ids(slot: str, backfill: int, schema: str, table: str) -> Callable[[Sequence[str | None]], str]:
+def read_event_ids(
+    slot: str, backfill: int, schema: str, table: str, secret: bytes = b""
+) -> Callable[[Sequence[str | None]], str]:
     """The ids of the rows a backfill reads from one table (READ events): row key -> a UUID (version 8)
     hashed (BLAKE2b) from the slot, the backfill, the table and the key, so a chunk sent again after a
-    crash has the ids it had."""
-    base = hashlib.blake2b("\x00".join([slot, str(backfill), schema, table]).encode(), digest_size=16)
+    crash has the ids it had. ``secret`` keys the hash (a table whose transform masks or leaves out a key
+    column: its ids must not let anyone test guesses of the key)."""
+    key = hashlib.sha256(secret).digest() if secret else b""
+    base = hashlib.blake2b("\x00".join([slot, str(backfill), schema, table]).encode(), digest_size=16, key=key)
 
     def ident(key: Sequence[str | None]) -> str:
         h = base.copy()
@@ -125,9 +132,13 @@ class RelationInfo:
     identity_index: tuple[int, ...]  # the replica identity's columns (an old 'K' tuple holds only these)
     full_identity: bool
     actions: frozenset[str]
-    subject: str
+    subject: str  # with a route: the topic of events the route gives none (counted)
     plan: hotpath.Plan | None = None  # for the compiled fast path, when it is loaded
     debezium: DebeziumTable | None = None  # publisher.format debezium: what its events share (schemas...)
+    #: the table's transform (None: no entry of listener.transforms names it); names, converters and the
+    #: indexes above are then those of the columns it keeps
+    transform: RelationTransform | None = None
+    route: Route | None = None  # the transform's topic template
 
 
 @dataclass(slots=True)
@@ -179,6 +190,10 @@ class EventBuilder:
         self._tombstones = isinstance(cfg.publisher, KafkaPublisherConfig) and cfg.publisher.writes_tombstones
         #: the compiled fast path (None: pure Python)
         self.hot = hotpath.load() if compiled and self._debezium is None else None
+        #: listener.transforms: columns left out, masks, topics and keys per table
+        self.transforms = Transforms(cfg.listener, f"{self._topic}.{self._prefix}")
+        self._hmac = self.hot.hmac_prepare(self.transforms.hash_key) if self.hot and self.transforms.hash_key else None
+        self._keys_warned: set[tuple[str, str]] = set()
 
     def subject(self, schema: str, table: str) -> str:
         return self._subject(f"{schema}_{table}")
@@ -200,18 +215,35 @@ class EventBuilder:
         """What building events of ``rel`` takes. ``primary_key`` keys messages of REPLICA IDENTITY FULL
         tables, where every column is flagged as identity and the whole row would otherwise be the key.
         ``facts``: the columns' catalog facts by name, for Debezium's schemas (:attr:`wants_column_facts`)."""
-        names = tuple(c.name for c in rel.columns)
+        all_names = tuple(c.name for c in rel.columns)
+        identity = [c.is_key for c in rel.columns]
         if self._debezium is not None:
-            converters = tuple(debezium_converter(self._registry, c.type_oid, c.type_modifier) for c in rel.columns)
+            all_converters = tuple(debezium_converter(self._registry, c.type_oid, c.type_modifier)
+                                   for c in rel.columns)
         else:
-            converters = tuple(self._registry.converter(c.type_oid) for c in rel.columns)
+            all_converters = tuple(self._registry.converter(c.type_oid) for c in rel.columns)
+        transform = None
+        if self.transforms.entries:
+            transform = self.transforms.relation(rel.schema, rel.name, all_names, identity)
+        names, converters, subject = all_names, all_converters, self.subject(rel.schema, rel.name)
         identity_index = tuple(i for i, c in enumerate(rel.columns) if c.is_key)
-        if self._key_from and self._key_from in names:
-            key_index: tuple[int, ...] = (names.index(self._key_from),)
+        if transform is not None:  # the kept columns; a masked value is published as text (its mask)
+            masked = {at for at, _ in transform.masks}
+            names = transform.names
+            converters = tuple(None if at in masked else all_converters[i] for at, i in enumerate(transform.kept))
+            identity_index = tuple(at for at, i in enumerate(transform.kept) if identity[i])
+            if transform.route is not None:
+                subject = f"{self._topic}.{self._prefix}{rel.schema}_{rel.name}"  # no topicsMap: the route's
+        if transform is not None and transform.key is not None:
+            key_index: tuple[int, ...] = transform.key
+        elif self._key_from and self._key_from in names:
+            key_index = (names.index(self._key_from),)
         elif rel.replica_identity == "f" and primary_key and all(n in names for n in primary_key):
             key_index = tuple(names.index(n) for n in primary_key)
         else:
             key_index = identity_index
+            if transform is not None and self._needs_key:
+                self._warn_key(rel, [n for n, key in zip(all_names, identity, strict=True) if key and n not in names])
         info = RelationInfo(
             oid=rel.oid,
             schema=rel.schema,
@@ -223,14 +255,42 @@ class EventBuilder:
             identity_index=identity_index,
             full_identity=rel.replica_identity == "f",
             actions=self._filter.actions(rel.schema, rel.name),
-            subject=self.subject(rel.schema, rel.name),
+            subject=subject,
+            transform=transform,
+            route=None if transform is None else transform.route,
         )
         if self._debezium is not None:
+            if transform is not None:  # the columns as published: kept ones, masked ones as text
+                rel = transform.relation(rel)
+                facts = facts and {n: f for n, f in facts.items() if n not in transform.nulled}
             info.debezium = self._debezium.table(self._registry, rel, key_index, facts)
         if self.hot is not None:
-            info.plan = hotpath.plan(rel.schema, rel.name, names, converters,
-                                     [c.is_key for c in rel.columns], key_index)
+            info.plan = hotpath.plan(rel.schema, rel.name, all_names, all_converters, identity, key_index,
+                                     transform, None if transform is None else self._hmac)
         return info
+
+    def _warn_key(self, rel: Relation, left_out: list[str]) -> None:
+        """Once per table: the default message key (the replica identity) lost columns the transform excludes."""
+        if left_out and (rel.schema, rel.name) not in self._keys_warned:
+            self._keys_warned.add((rel.schema, rel.name))
+            log.warning(
+                "the message key leaves out key columns the transform excludes; name the key in transforms[].key",
+                extra={"fields": {"schema": rel.schema, "table": rel.name, "columns": left_out}},
+            )
+
+    def _topic_of(self, info: RelationInfo, new: Tuple | None, old: Tuple | None, old_kind: str | None) -> str:
+        """The topic of an event of ``info`` whose (transformed) rows are ``new`` and ``old``."""
+        route = info.route
+        return info.subject if route is None else self._routed(info, route.subject(new, old, old_kind))
+
+    def _routed(self, info: RelationInfo, topic: str | int) -> str:
+        """A route's answer -> the topic: the rendered one, or the table's (the reason counted)."""
+        if isinstance(topic, str):
+            return topic
+        labels = (info.table, FALLBACK_REASONS[topic - 1])
+        counts = metrics.TRANSFORM_FALLBACKS.counts
+        counts[labels] = counts.get(labels, 0) + 1
+        return info.subject
 
     # -- rows -------------------------------------------------------------------------------------
 
@@ -310,21 +370,21 @@ class EventBuilder:
 
     def _message(
         self, info: RelationInfo, txn: Transaction, action: str, data: dict[str, Any],
-        old: dict[str, Any], key: bytes | None,
+        old: dict[str, Any], key: bytes | None, subject: str,
     ) -> Message:
-        message = self._event(info, self._ident(txn, txn.ordinal), txn.commit_time, action, data, old, key)
+        message = self._event(info, self._ident(txn, txn.ordinal), txn.commit_time, action, data, old, key, subject)
         return message if self._finish is None else self._finish(message, txn.commit_time)
 
     @staticmethod
     def _event(
         info: RelationInfo, ident: str, commit_time: str, action: str, data: dict[str, Any],
-        old: dict[str, Any], key: bytes | None,
+        old: dict[str, Any], key: bytes | None, subject: str,
     ) -> Message:
         body = orjson.dumps(
             {"id": ident, "schema": info.schema, "table": info.table, "action": action, "data": data,
              "dataOld": old, "commitTime": commit_time}
         )
-        return Message(ident, info.subject, body, info.schema, info.table, action, key)
+        return Message(ident, subject, body, info.schema, info.table, action, key)
 
     def read(self, info: RelationInfo, raw: list[bytes | None], ident: str, read_time: str) -> Message:
         """A backfilled row (each column's text form, as pgoutput would send it) as a READ event: ``data``
@@ -334,14 +394,18 @@ class EventBuilder:
         if hot is not None and info.plan is not None:
             done = hot.read_row(raw, info.plan, ident, read_time, self._needs_key)
             if done is not None:
-                message = Message(ident, info.subject, done[0], info.schema, info.table, "READ", done[1])
+                subject = info.subject if info.route is None else self._routed(info, done[2])  # type: ignore[misc]
+                message = Message(ident, subject, done[0], info.schema, info.table, "READ", done[1])
                 return message if finish is None else finish(message, read_time)
         values: Tuple = [None if v is None else v.decode() for v in raw]
+        if info.transform is not None:
+            values = info.transform.apply(values)
+        subject = self._topic_of(info, values, None, None)
         if self._debezium is not None:
             change = Change(moment_micros(read_time), None, None, "incremental")
-            return self._debezium_change(info, ident, "READ", None, values, change)
+            return self._debezium_change(info, ident, "READ", None, values, change, subject)
         key = self._key(info, values, None) if self._needs_key else None
-        message = self._event(info, ident, read_time, "READ", self.row(info, values), {}, key)
+        message = self._event(info, ident, read_time, "READ", self.row(info, values), {}, key, subject)
         return message if finish is None else finish(message, read_time)
 
     def change(self, buf: bytes, txn: Transaction) -> Message | None:
@@ -363,7 +427,11 @@ class EventBuilder:
                 done = hot.event(buf, info.plan, self._ident(txn, ordinal), None, txn.commit_time, self._needs_key)
             if done is not None:
                 txn.ordinal = ordinal
-                message = Message(done[0], info.subject, done[1], info.schema, info.table, action, done[2])
+                subject = info.subject
+                if info.route is not None:
+                    routed: str | int = done[3]  # type: ignore[misc]
+                    subject = routed if isinstance(routed, str) else self._routed(info, routed)
+                message = Message(done[0], subject, done[1], info.schema, info.table, action, done[2])
                 if action == "DELETE" and self._tombstones:
                     message.tombstone = message.key is not None
                 return message if self._finish is None else self._finish(message, txn.commit_time)
@@ -384,10 +452,14 @@ class EventBuilder:
         if "INSERT" not in info.actions:
             self.skipped(info)
             return None
+        if info.transform is not None:
+            new = info.transform.apply(new)
+        subject = self._topic_of(info, new, None, None)
         if self._debezium is not None:
-            return self._debezium_change(info, self._ident(txn, txn.ordinal), "INSERT", None, new, _change(txn))
+            return self._debezium_change(info, self._ident(txn, txn.ordinal), "INSERT", None, new, _change(txn),
+                                         subject)
         key = self._key(info, new, None) if self._needs_key else None
-        return self._message(info, txn, "INSERT", self.row(info, new), {}, key)
+        return self._message(info, txn, "INSERT", self.row(info, new), {}, key, subject)
 
     def update(
         self, info: RelationInfo, txn: Transaction, old: Tuple | None, old_kind: str | None, new: Tuple
@@ -396,9 +468,14 @@ class EventBuilder:
         if "UPDATE" not in info.actions:
             self.skipped(info)
             return None
+        if info.transform is not None:
+            new = info.transform.apply(new)
+            old = None if old is None else info.transform.apply(old)
+        subject = self._topic_of(info, new, old, old_kind)
         if self._debezium is not None:
             before = old if old is not None and old_kind == "O" else None
-            return self._debezium_change(info, self._ident(txn, txn.ordinal), "UPDATE", before, new, _change(txn))
+            return self._debezium_change(info, self._ident(txn, txn.ordinal), "UPDATE", before, new, _change(txn),
+                                         subject)
         data = self.row(info, new)
         data_old = self.old_row(info, old, old_kind) if old is not None else {}
         if len(data) < len(info.names) and old is not None:
@@ -409,18 +486,22 @@ class EventBuilder:
                     if name in data_old:
                         data[name] = data_old[name]
         key = self._key(info, new, old) if self._needs_key else None
-        return self._message(info, txn, "UPDATE", data, data_old, key)
+        return self._message(info, txn, "UPDATE", data, data_old, key, subject)
 
     def delete(self, info: RelationInfo, txn: Transaction, old: Tuple, old_kind: str) -> Message | None:
         txn.ordinal += 1
         if "DELETE" not in info.actions:
             self.skipped(info)
             return None
+        if info.transform is not None:
+            old = info.transform.apply(old)
+        subject = self._topic_of(info, None, old, old_kind)
         if self._debezium is not None:
-            message = self._debezium_change(info, self._ident(txn, txn.ordinal), "DELETE", old, None, _change(txn))
+            message = self._debezium_change(info, self._ident(txn, txn.ordinal), "DELETE", old, None, _change(txn),
+                                            subject)
         else:
             key = self._key(info, old, None) if self._needs_key else None
-            message = self._message(info, txn, "DELETE", {}, self.old_row(info, old, old_kind), key)
+            message = self._message(info, txn, "DELETE", {}, self.old_row(info, old, old_kind), key, subject)
         message.tombstone = self._tombstones and message.key is not None
         return message
 
@@ -430,14 +511,15 @@ class EventBuilder:
             self.skipped(info)
             return None
         if self._debezium is not None:
-            return self._debezium_change(info, self._ident(txn, txn.ordinal), "TRUNCATE", None, None, _change(txn))
-        return self._message(info, txn, "TRUNCATE", {}, {}, None)
+            return self._debezium_change(info, self._ident(txn, txn.ordinal), "TRUNCATE", None, None, _change(txn),
+                                         info.subject)
+        return self._message(info, txn, "TRUNCATE", {}, {}, None, info.subject)
 
     # -- Debezium ---------------------------------------------------------------------------------
 
     def _debezium_change(
         self, info: RelationInfo, ident: str, action: str, before: Tuple | None, after: Tuple | None,
-        change: Change,
+        change: Change, subject: str,
     ) -> Message:
         dbz, table = self._debezium, info.debezium
         assert dbz is not None and table is not None
@@ -448,7 +530,7 @@ class EventBuilder:
             key = dbz.key(info.names, info.key_index, after_row if after_row is not None else before_row or {}, table)
         body = dbz.envelope(info.schema, info.table, _DEBEZIUM_OPS[action], before_row, after_row, change,
                             table.envelope_schema)
-        return Message(ident, info.subject, body, info.schema, info.table, action, key)
+        return Message(ident, subject, body, info.schema, info.table, action, key)
 
     # -- logical decoding messages ----------------------------------------------------------------
 

@@ -5,8 +5,9 @@ one pass (decode, convert, encode), byte for byte what the pure-Python stages pr
 TOASTed values included. It handles the common types itself and calls the Python converter for the
 others; anything unusual (text that is not UTF-8, a value a converter refuses, a short tuple, a
 malformed message) makes it answer ``None`` and the Python stages take that message, with their
-error handling and metrics. It also builds the NATS publisher's HPUB frames and scans its acks, and
-takes many replication messages off libpq per call (:func:`copy_reader`).
+error handling and metrics. A table's transform (columns left out, masks, the topic from column values)
+is part of its plan. It also builds the NATS publisher's HPUB frames and scans its acks, and takes many
+replication messages off libpq per call (:func:`copy_reader`).
 
 The module is built by ``pip install`` when a C compiler is present (it is optional: without it the
 listener runs the pure-Python path). ``LISTENER_PURE_PYTHON=1`` turns it off at run time.
@@ -24,24 +25,38 @@ from typing import Any, Protocol
 import orjson
 
 from listener import types
+from listener.transforms import RelationTransform
 from listener.types import ArrayConverter, Converter
 
 log = logging.getLogger("listener.hotpath")
 
 # how the C code writes a column (keep in step with the CODE_* enum in _hotpath.c)
 TEXT, INT, BOOL, JSON, TIMESTAMPTZ, TIMESTAMP, ARRAY_TEXT, ARRAY_INT, PYTHON = range(9)
+# a table's transform (listener/transforms.py): left out, and the masks
+DROP, HASH, REDACT, NULLED = range(9, 13)
+_TRANSFORM_CODES = {"drop": DROP, "hash": HASH, "redact": REDACT, "null": NULLED}
 
-Plan = tuple[bytes, tuple[tuple[bytes, int, Converter | None, bool], ...], tuple[int, ...]]
+#: a topic template for the compiled path: (b"<topic>.<topicPrefix>", literal bytes and column indices)
+Route = tuple[bytes, tuple[bytes | int, ...]]
+#: (schema_table, columns, key_index, None | (prepared hmac key | None, route | None)): see _hotpath.c
+Plan = tuple[
+    bytes, tuple[tuple[bytes, int, Converter | None, bool], ...], tuple[int, ...],
+    tuple[bytes | None, Route | None] | None,
+]
 
 
 class Module(Protocol):
     def event(
         self, msg: bytes, plan: Plan, prefix: str, number: int | None, commit_time: str, want_key: bool, /
-    ) -> tuple[str, bytes, bytes | None] | None: ...
+    ) -> tuple[str, bytes, bytes | None] | tuple[str, bytes, bytes | None, str | int] | None: ...
 
     def read_row(
         self, values: list[bytes | None], plan: Plan, ident: str, read_time: str, want_key: bool, /
-    ) -> tuple[bytes, bytes | None] | None: ...
+    ) -> tuple[bytes, bytes | None] | tuple[bytes, bytes | None, str | int] | None: ...
+
+    def hmac_prepare(self, key: bytes, /) -> bytes: ...
+
+    def hmac_hex(self, prepared: bytes, data: bytes, /) -> str: ...
 
     def set_encoder(self, dumps: Any, /) -> None: ...
 
@@ -142,10 +157,26 @@ def plan(
     converters: Sequence[Converter | None],
     identity: Sequence[bool],
     key_index: Sequence[int],
+    transform: RelationTransform | None = None,
+    hmac: bytes | None = None,
 ) -> Plan:
-    """Everything the compiled path needs about one relation, JSON fragments already encoded."""
+    """Everything the compiled path needs about one relation, JSON fragments already encoded. With a
+    ``transform``, ``key_index`` counts its kept columns (as the Python stages do) and ``hmac`` is the hash
+    key prepared by the module's ``hmac_prepare``."""
+    codes = [code(conv) for conv in converters]
+    route: Route | None = None
+    shaped: tuple[bytes | None, Route | None] | None = None
+    if transform is not None:
+        codes = [_TRANSFORM_CODES[c] if c is not None else was for c, was in zip(transform.codes, codes, strict=True)]
+        key_index = [transform.kept[k] for k in key_index]
+        if transform.route is not None:
+            route = (transform.route.head.encode(), tuple(
+                part.encode() if isinstance(part, str) else (transform.kept[part] if part >= 0 else -1)
+                for part in transform.route.parts
+            ))
+        shaped = (hmac, route)
     columns = tuple(
-        (orjson.dumps(name) + b":", code(conv), conv, is_identity)
-        for name, conv, is_identity in zip(names, converters, identity, strict=True)
+        (orjson.dumps(name) + b":", how, conv, is_identity)
+        for name, how, conv, is_identity in zip(names, codes, converters, identity, strict=True)
     )
-    return orjson.dumps({"schema": schema, "table": table})[1:-1], columns, tuple(key_index)
+    return orjson.dumps({"schema": schema, "table": table})[1:-1], columns, tuple(key_index), shaped

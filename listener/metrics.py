@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -31,6 +34,31 @@ DEAD_LETTERED = Counter(
 CONVERSION_ERRORS = Counter(
     "conversion_errors", "Column values published as text because they could not be converted.",
     ["table", "column"], registry=REGISTRY,
+)
+
+
+class Tally:
+    """A counter the hot path adds to per event: a dict of label values -> count (an increment is a dict
+    update, not a lock), read by Prometheus when scraped."""
+
+    def __init__(self, name: str, documentation: str, labelnames: list[str], registry: CollectorRegistry) -> None:
+        self.name, self.documentation, self.labelnames = name, documentation, labelnames
+        self.counts: dict[tuple[str, ...], int] = {}
+        registry.register(self)
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for labels, value in list(self.counts.items()):
+            family.add_metric(labels, value)
+        yield family
+
+
+TRANSFORM_FALLBACKS = Tally(
+    "transform_fallbacks",
+    "Events of a table with a topic transform that went to the table's own topic instead: reason null (the "
+    "column is NULL), missing (the event does not carry it: unchanged TOAST, a DELETE's old key without it), "
+    "empty, too_long (the topic would exceed 249 bytes).",
+    ["table", "reason"], registry=REGISTRY,
 )
 OVERSIZED = Counter(
     "oversized_events", "Events larger than the broker accepts.", ["table"], registry=REGISTRY

@@ -126,6 +126,8 @@ def setup_sentry(cfg: Config) -> bool:
         integrations=[LoggingIntegration(level=logging.INFO, event_level=logging.ERROR)],
         before_send=scrub,
         send_default_pii=False,
+        # a frame's local variables may hold a row before its transform masked it (listener.transforms)
+        include_local_variables=not cfg.listener.transforms,
         traces_sample_rate=0.0,
     )
     return True

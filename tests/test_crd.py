@@ -91,17 +91,19 @@ def test_no_secret_can_be_written_inline() -> None:
     assert "password" not in spec["database"]["properties"]
     assert "passwordSecretRef" in spec["database"]["properties"]
     assert "sentryDSN" not in spec["monitoring"]["properties"]
+    assert "transformsHashKey" not in spec["listener"]["properties"]
     for broker in ("nats", "kafka", "rabbitmq"):
         assert "password" not in spec["publisher"]["properties"][broker]["properties"]
 
 
 def test_listener_settings_come_from_the_listener_model() -> None:
-    """spec.listener has every key of the listener's config section, with the listener's defaults."""
+    """spec.listener has every key of the listener's config section, with the listener's defaults; the one
+    secret (the transforms' hash key) as a Secret reference."""
     from listener.config import ListenerConfig
 
     props = _schema()["properties"]["spec"]["properties"]["listener"]["properties"]
     aliases = {f.alias or n for n, f in ListenerConfig.model_fields.items()}
-    assert set(props) == aliases
+    assert set(props) == aliases - {"transformsHashKey"} | {"transformsHashKeySecretRef"}
     assert props["serverPort"]["default"] == ListenerConfig.model_fields["server_port"].default
 
 

@@ -23,13 +23,12 @@ from cloudevents.core.bindings import amqp, http, kafka
 from cloudevents.core.formats.json import JSONFormat
 
 from tests.support import debezium
-from tests.support.brokers import Broker, Got, Kafka, Nats, PubSub, RabbitMQ
+from tests.support.brokers import BROKERS, Broker, Got, Kafka, PubSub, on_shared_service
 from tests.support.harness import config_dict, running, sql, unique
-from tests.support.services import NatsServer, PubSubEmulator, TansuServer
+from tests.support.services import TansuServer
 
 pytestmark = pytest.mark.service
 
-BROKERS = ["nats", "kafka", "rabbitmq", "pubsub"]
 FORMATS = ["wal-listener", "cloudevents-binary", "cloudevents-structured", "debezium"]
 PREFIX = "orders.outbox"  # a logical message prefix (its topic: <topic>.orders.outbox)
 ACTIONS = {"READ", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "MESSAGE"}
@@ -39,21 +38,10 @@ RECORDED = Path(__file__).parent / "data" / "debezium" / "recorded.json"
 @pytest.fixture(params=BROKERS)
 async def any_broker(request: pytest.FixtureRequest) -> AsyncIterator[Broker]:
     """Each broker on the shared session services."""
-    topic = unique("fmt")
-    made: Broker
-    if request.param == "nats":
-        nats: NatsServer = request.getfixturevalue("nats_server")
-        made = Nats(topic, nats.url)
-    elif request.param == "kafka":
-        tansu: TansuServer = request.getfixturevalue("tansu")
-        made = Kafka(topic, tansu.bootstrap)
-    elif request.param == "rabbitmq":
-        made = RabbitMQ(topic, request.getfixturevalue("rabbitmq_url"))
-    else:
-        emulator: PubSubEmulator = request.getfixturevalue("pubsub_emulator")
+    made = on_shared_service(request, request.param, unique("fmt"))
+    if isinstance(made, PubSub):
         monkeypatch: pytest.MonkeyPatch = request.getfixturevalue("monkeypatch")
-        monkeypatch.setenv("PUBSUB_EMULATOR_HOST", emulator.host)  # the in-process listener
-        made = PubSub(topic, emulator.host)
+        monkeypatch.setenv("PUBSUB_EMULATOR_HOST", made.emulator_host)  # the in-process listener
     yield made
     await made.close()
 

@@ -4,11 +4,13 @@ Differential tests: the same pgoutput messages go through an EventBuilder with t
 one without, and every event (id, subject, body bytes, key) must be identical, or both must fail with
 the same error. Values are generated to hit every branch of the C code: escapes and control
 characters, non-ASCII and invalid UTF-8, NULL and unchanged TOAST, odd integers, timestamps in other
-zones and BC, quoted and nested arrays, types the C code hands back to the Python converters.
+zones and BC, quoted and nested arrays, types the C code hands back to the Python converters. With
+transforms (columns left out, each mask, topics from column values, keys) the same holds.
 """
 
 from __future__ import annotations
 
+import hmac
 import random
 import struct
 from typing import Any
@@ -24,6 +26,7 @@ from tests.support.events import compiled_hot_path, make_config
 from tests.support.pgwire import COL_NULL, COL_UNCHANGED, delete_msg, insert_msg, tuple_data, update_msg
 
 OID = 16400
+HASH_KEY = "k3y-for-the-differential-test"
 
 COLUMNS: list[tuple[str, int]] = [
     ("id", types.INT4),
@@ -99,9 +102,12 @@ def relation(identity: str, key_columns: tuple[int, ...]) -> Relation:
     ))
 
 
-def builders(rel: Relation, needs_key: bool, key_from: str | None = None) -> tuple[EventBuilder, EventBuilder]:
+def builders(
+    rel: Relation, needs_key: bool, key_from: str | None = None, transforms: list[dict[str, Any]] | None = None
+) -> tuple[EventBuilder, EventBuilder]:
     compiled_hot_path()
-    cfg = make_config(key_from=key_from or "", publisher={"tombstones": True})  # a DELETE is marked on both paths
+    cfg = make_config(key_from=key_from or "", publisher={"tombstones": True},  # a DELETE is marked on both paths
+                      transforms=transforms, hash_key=HASH_KEY if transforms else "")
     fast = EventBuilder(cfg, types.TypeRegistry(), needs_key=needs_key)
     slow = EventBuilder(cfg, types.TypeRegistry(), needs_key=needs_key, compiled=False)
     assert fast.hot is not None
@@ -282,3 +288,95 @@ def test_backfilled_rows_match_the_python_path(identity: str, key_columns: tuple
             data = insert.body[insert.body.index(b'"data":') : insert.body.index(b',"dataOld"')]
             assert data in got[0]  # byte for byte the INSERT's data
     assert taken > 50  # the compiled path wrote some itself (odd values are common here by design)
+
+
+# transforms (listener/transforms.py): each shape of the table's columns, masks, topics and keys
+TRANSFORMS: dict[str, dict[str, Any]] = {
+    "exclude, every mask, topic, key": {
+        "tables": ['ev"ents'], "columns": {"exclude": ["day", "raw"]},
+        "mask": {"name": "hash", "amount": "redact", "active": "null", "tags": "hash", "payload": "redact"},
+        "topic": "by.{ref}.{name}", "key": ["ref", "id"],
+    },
+    "include without the key column, masked key": {
+        "tables": ["public.*"], "columns": {"include": ["big", "name", "created_at", "counts", 'weird "col"\n']},
+        "mask": {"big": "hash", "created_at": "null"}, "key": ["big"],
+    },
+    "topic from an identity column, default key": {
+        "tables": ["other.x", "public.ev\"ents"], "columns": {"exclude": ["payload"]},
+        "mask": {"ratio": "hash"}, "topic": "t-{id}",
+    },
+    "masks only": {"tables": ['ev"ents'], "mask": {"id": "hash", "name": "redact", "local_at": "null"}},
+}
+
+
+@pytest.mark.parametrize("name", TRANSFORMS)
+@pytest.mark.parametrize("identity,key_columns", [("d", (0,)), ("f", ()), ("d", (0, 2))])
+def test_random_changes_with_transforms_match_the_python_path(
+    name: str, identity: str, key_columns: tuple[int, ...]
+) -> None:
+    rng = random.Random(f"{name}{identity}{key_columns}")
+    fast, slow = builders(relation(identity, key_columns), True, transforms=[TRANSFORMS[name]])
+    assert fast.relations[OID].transform is not None
+    fast_txn = fast.begin(0x1_6B37_4D48, 820_000_000_000_000)
+    slow_txn = slow.begin(0x1_6B37_4D48, 820_000_000_000_000)
+    taken = 0
+    plan = fast.relations[OID].plan
+    assert plan is not None and fast.hot is not None
+    for _ in range(2000):
+        msg = random_message(rng)
+        assert outcome(fast, msg, fast_txn) == outcome(slow, msg, slow_txn), msg
+        if fast.hot.event(msg, plan, "x", None, "y", True) is not None:
+            taken += 1
+    assert taken > 50
+
+
+@pytest.mark.parametrize("name", TRANSFORMS)
+def test_backfilled_rows_with_transforms_match_the_python_path(name: str) -> None:
+    rng = random.Random(f"read{name}")
+    fast, slow = builders(relation("d", (0,)), True, transforms=[TRANSFORMS[name]])
+    fast_info, slow_info = fast.relations[OID], slow.relations[OID]
+    taken = 0
+    for n in range(1000):
+        row = random_row(rng)
+        results = []
+        for built, info in ((fast, fast_info), (slow, slow_info)):
+            try:
+                got = built.read(info, row, f"id-{n}", "2026-01-02T03:04:05Z")
+                results.append((got.subject, got.body, got.key))
+            except UnicodeDecodeError:
+                results.append(("invalid utf-8",))
+        assert results[0] == results[1], row
+        assert fast_info.plan is not None and fast.hot is not None
+        taken += fast.hot.read_row(row, fast_info.plan, "i", "t", True) is not None
+    assert taken > 50
+
+
+def test_a_typical_row_with_a_transform_stays_on_the_compiled_path() -> None:
+    """What a transform does, on the compiled path: columns left out, masks, the topic and the key."""
+    fast, _ = builders(relation("d", (0,)), True, transforms=[TRANSFORMS["exclude, every mask, topic, key"]])
+    plan = fast.relations[OID].plan
+    assert plan is not None and fast.hot is not None
+    result = fast.hot.event(insert_msg(OID, tuple_data(*TYPICAL)), plan, "id-", 1, "t", True)
+    assert result is not None and len(result) == 4
+    data = orjson.loads(result[1])["data"]
+    assert "day" not in data and "raw" not in data
+    name_hash = hmac.new(HASH_KEY.encode(), b"name-42", "sha256").hexdigest()
+    assert data["name"] == name_hash
+    assert data["tags"] == hmac.new(HASH_KEY.encode(), b"{tag-2,group-0}", "sha256").hexdigest()
+    assert (data["amount"], data["active"], data["payload"]) == ("[redacted]", None, "[redacted]")
+    assert data["id"] == 42 and data["ref"] == "a-b"
+    assert result[2] == orjson.dumps(["a-b", "42"])
+    assert result[3] == f"wal_listener.by.a-b.{name_hash}"
+
+
+@pytest.mark.parametrize("length", [*range(0, 130), 1000, 65536])
+def test_the_compiled_hmac_is_hmac_sha256(length: int) -> None:
+    """The C implementation of HMAC-SHA256 against Python's (OpenSSL's), over every padding case and keys
+    shorter and longer than a block."""
+    module = compiled_hot_path()
+    rng = random.Random(length)
+    data = rng.randbytes(length)
+    for key in (b"", b"k", HASH_KEY.encode(), rng.randbytes(64), rng.randbytes(65), rng.randbytes(200)):
+        expected = hmac.new(key, data, "sha256").hexdigest()
+        assert module.hmac_hex(module.hmac_prepare(key), data) == expected  # SHA extensions where the CPU has them
+        assert module.hmac_hex(module.hmac_prepare(key), data, True) == expected  # the portable code

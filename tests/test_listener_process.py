@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from tests.support.harness import (
     unique,
     wait_until,
 )
+from tests.support.sentry import SentryInbox
 from tests.support.services import NatsServer, PostgresServer, free_port
 
 pytestmark = pytest.mark.service
@@ -157,37 +156,15 @@ def test_missing_config_file_and_env_only_config(tmp_path: Path) -> None:
     assert "port: 6543" in result.stdout and "slotName: s1" in result.stdout
 
 
-class _SentryInbox(BaseHTTPRequestHandler):
-    received: list[bytes] = []
-
-    def do_POST(self) -> None:
-        length = int(self.headers.get("Content-Length", 0))
-        body = self.rfile.read(length)
-        if self.headers.get("Content-Encoding") == "gzip":
-            import gzip
-
-            body = gzip.decompress(body)
-        _SentryInbox.received.append(body)
-        self.send_response(200)
-        self.end_headers()
-        self.wfile.write(b"{}")
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 async def test_unreachable_database_retries_with_clear_errors_sent_to_sentry(
-    tmp_path: Path, nats_server: NatsServer, procs: list[ListenerProcess]
+    tmp_path: Path, nats_server: NatsServer, procs: list[ListenerProcess], sentry: SentryInbox
 ) -> None:
-    server = HTTPServer(("127.0.0.1", 0), _SentryInbox)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    port = server.server_address[1]
     dead_port = free_port()
     status_port = free_port()
     cfg = nats_config(dead_port, "db", nats_server.url, unique("dead"), serverPort=status_port,
                       refreshConnection="1s")
     cfg["database"]["password"] = "s3cr3t-pw"
-    cfg["monitoring"]["sentryDSN"] = f"http://publickey@127.0.0.1:{port}/1"
+    cfg["monitoring"]["sentryDSN"] = sentry.dsn("publickey")
     proc = ListenerProcess(cfg, tmp_path).start()
     procs.append(proc)
     try:
@@ -195,14 +172,13 @@ async def test_unreachable_database_retries_with_clear_errors_sent_to_sentry(
                          "repeated connection errors")
         status, body = await http_get(status_port, "/ready")
         assert status == 503 and '"postgres":false' in body and "s3cr3t-pw" not in body
-        await wait_until(lambda: any(b"cannot connect" in b for b in _SentryInbox.received), 30, "a Sentry event")
+        await wait_until(lambda: any(b"cannot connect" in b for b in sentry.bodies), 30, "a Sentry event")
     finally:
         assert await asyncio.to_thread(proc.terminate) == 0
-        server.shutdown()
     errors = [e for e in proc.logs() if e.get("level") == "error"]
     assert f"127.0.0.1:{dead_port}/db" in errors[0]["msg"]
     assert "s3cr3t-pw" not in proc.output()
-    assert not any(b"s3cr3t-pw" in b for b in _SentryInbox.received)
+    assert not any(b"s3cr3t-pw" in b for b in sentry.bodies)
 
 
 async def test_slot_in_use_is_reported_and_taken_over(

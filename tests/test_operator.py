@@ -6,6 +6,7 @@ One kmock + kopf per module; each test uses its own database, slot and resource 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import subprocess
 import uuid
 from pathlib import Path
@@ -735,3 +736,58 @@ async def test_without_a_table_list_all_tables_is_refused_while_a_table_has_no_i
     )
     events = await cluster.wait(lambda: cluster.events(name, "TableWithoutReplicaIdentity"), what="a Warning event")
     assert "public.later" in events[-1]["message"]
+
+
+async def test_transforms_and_the_secret_held_hash_key(
+    cluster: Cluster, _secret: None, pg: PostgresServer, db_with_tables: str, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """spec.listener.transforms reach the rendered config as the listener reads them; the hash key only as a
+    Secret reference (an inline one is refused), given to the pod as WAL_LISTENER_TRANSFORMSHASHKEY, and
+    rotating it rolls the pod. The rendered config with that env var publishes the masked events."""
+    name, slot = _name("masks"), _slot("masks")
+    secret = f"hash-{uuid.uuid4().hex[:6]}"
+    key = "operator-hash-key-0123456789"
+    await cluster.create_secret(secret, {"key": key})
+    transforms = [{"tables": ["public.users"], "mask": {"name": "hash"}, "topic": "users.{id}"}]
+    spec = listener_spec(pg.port, db_with_tables, slot=slot, tables={"users": ["insert"]})
+    spec["listener"]["transforms"] = transforms
+    spec["listener"]["transformsHashKey"] = key
+    await cluster.create_listener(name, spec)
+    cond = await cluster.wait_condition(name, "SpecValid", "False", "InvalidSpec")
+    assert "an inline transformsHashKey is not allowed; use listener.transformsHashKeySecretRef" in cond["message"]
+    assert key not in str(cluster.listener(name).get("status"))
+
+    await cluster.update_spec(name, {"listener": {**spec["listener"], "transformsHashKey": None,
+                                                  "transformsHashKeySecretRef": {"name": secret, "key": "key"}}})
+    await cluster.wait_condition(name, "SlotReady", "True")
+    text = cluster.child(CONFIGMAPS, name)["data"]["config.yml"]  # type: ignore[index]
+    rendered = yaml.safe_load(text)
+    assert rendered["listener"]["transforms"][0]["mask"] == {"name": "hash"}
+    assert key not in text and "transformsHashKey" not in text
+    (container,) = cluster.child(DEPLOYMENTS, name)["spec"]["template"]["spec"]["containers"]  # type: ignore[index]
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
+    assert env["WAL_LISTENER_TRANSFORMSHASHKEY"] == {"name": secret, "key": "key"}
+    assert key not in str(cluster.child(DEPLOYMENTS, name))
+
+    before = _template_annotation(cluster, name, SECRETS_HASH_ANNOTATION)
+    await cluster.update_secret(secret, {"key": "rotated-hash-key-0123456789"})
+    await cluster.wait(
+        lambda: _template_annotation(cluster, name, SECRETS_HASH_ANNOTATION) not in (None, before),
+        what="a new secrets hash after rotating the hash key",
+    )
+
+    # what the pod would run: the rendered file, the key from its env var, against the real database
+    cfg_path = tmp_path / "config.yml"
+    cfg_path.write_text(text)
+    config = load_config(cfg_path, {"WAL_DATABASE_PASSWORD": "x", "WAL_LISTENER_TRANSFORMSHASHKEY": key})
+    data = config.model_dump(mode="json", by_alias=True)
+    data["listener"].update(serverPort=0, transformsHashKey=key)
+    data["database"]["password"] = "x"
+    data["publisher"]["address"] = nats_server.url
+    data["publisher"]["topic"] = topic = f"op_{uuid.uuid4().hex[:6]}"
+    data["monitoring"] = {"promAddr": ""}
+    async with running(data):
+        _q(pg, db_with_tables, "INSERT INTO public.users VALUES (7, 'ann')")
+        (got,) = await read_stream(nats_server.url, topic, 1)
+    assert got.subject == f"{topic}.users.7"
+    assert got.event["data"] == {"id": 7, "name": hmac.new(key.encode(), b"ann", "sha256").hexdigest()}

@@ -4,17 +4,14 @@ events — also while PostgreSQL and the broker are failing and every error path
 from __future__ import annotations
 
 import asyncio
-import gzip
-import threading
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.support.harness import ListenerProcess, http_get, nats_config, read_stream, run_cli, sql, unique, wait_until
 from tests.support.proxy import TcpProxy
+from tests.support.sentry import SentryInbox
 from tests.support.services import NatsServer, PostgresServer, free_port
 
 pytestmark = pytest.mark.service
@@ -23,42 +20,15 @@ DB_PASSWORD = "db-Pa55word-Xq1"
 NATS_PASSWORD = "nats-Pa55word-Xq2"
 URL_PASSWORD = "url-Pa55word-Xq3"
 SENTRY_KEY = "sentrykey0123456789abcdef"
-SECRETS = (DB_PASSWORD, NATS_PASSWORD, URL_PASSWORD, SENTRY_KEY)
-
-
-class Inbox(BaseHTTPRequestHandler):
-    """A Sentry ingestion endpoint that keeps what it receives."""
-
-    bodies: list[bytes]
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        if self.headers.get("Content-Encoding") == "gzip":
-            body = gzip.decompress(body)
-        self.bodies.append(body)
-        self.send_response(200)
-        self.end_headers()
-        self.wfile.write(b"{}")
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-@pytest.fixture
-def sentry() -> Iterator[tuple[int, list[bytes]]]:
-    bodies: list[bytes] = []
-    handler = type("SentryInbox", (Inbox,), {"bodies": bodies})
-    server = HTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[1], bodies
-    server.shutdown()
+HASH_KEY = "transforms-Hash-Key-Xq4"
+SECRETS = (DB_PASSWORD, NATS_PASSWORD, URL_PASSWORD, SENTRY_KEY, HASH_KEY)
 
 
 async def test_credentials_never_appear_in_logs_metrics_ready_or_sentry(
     fresh_db: str, pg: PostgresServer, make_nats: Callable[..., NatsServer], make_proxy: Callable[..., TcpProxy],
-    sentry: tuple[int, list[bytes]], tmp_path: Path, procs: list[ListenerProcess],
+    sentry: SentryInbox, tmp_path: Path, procs: list[ListenerProcess],
 ) -> None:
-    sentry_port, sentry_bodies = sentry
+    sentry_bodies = sentry.bodies
     broker = make_nats()
     broker.stop()  # down at start: the "cannot connect to <address>" path
     db_path = make_proxy(pg.host, pg.port)
@@ -69,9 +39,11 @@ async def test_credentials_never_appear_in_logs_metrics_ready_or_sentry(
     cfg = nats_config(db_path.port, fresh_db, f"nats://bob:{URL_PASSWORD}@127.0.0.1:{broker.port}", topic,
                       serverPort=port, refreshConnection="1s", ackTimeout="1s")
     cfg["database"]["password"] = DB_PASSWORD
+    cfg["listener"]["transformsHashKey"] = HASH_KEY
+    cfg["listener"]["transforms"] = [{"tables": ["t"], "mask": {"secret_looking": "hash"}}]
     cfg["publisher"].update(username="alice", password=NATS_PASSWORD)
     cfg["logger"]["level"] = "debug"
-    cfg["monitoring"] = {"promAddr": f":{port}", "sentryDSN": f"http://{SENTRY_KEY}@127.0.0.1:{sentry_port}/1"}
+    cfg["monitoring"] = {"promAddr": f":{port}", "sentryDSN": sentry.dsn(SENTRY_KEY)}
     outputs: list[str] = []
     proc = ListenerProcess(cfg, tmp_path).start()
     procs.append(proc)

@@ -2,15 +2,14 @@
 
 The spec mirrors ``config.yml`` section by section so a user who knows the listener knows the
 resource; only secrets change shape: wherever the config holds a secret (``database.password``,
-``publisher.password``, ``monitoring.sentryDSN``) the spec holds a reference to a Kubernetes Secret,
-which reaches the pod as the ``WAL_*`` environment variable the listener already reads, and TLS files
-come from Secrets mounted into the pod.
+``publisher.password``, ``monitoring.sentryDSN``, ``listener.transformsHashKey``) the spec holds a
+reference to a Kubernetes Secret, which reaches the pod as the ``WAL_*`` environment variable the
+listener already reads, and TLS files come from Secrets mounted into the pod.
 
-Nothing here re-declares a listener setting: ``spec.listener`` *is* :class:`ListenerConfig`,
-``spec.logger`` *is* :class:`LoggerConfig`, ``spec.database`` and ``spec.monitoring`` extend the
-listener's models, and ``spec.publisher`` extends the listener's :class:`PublisherSettings` with one
-block per broker, each the listener's settings class of that broker (:class:`NatsSettings`, ...) plus
-the Secret references. The final
+Nothing here re-declares a listener setting: ``spec.logger`` *is* :class:`LoggerConfig`,
+``spec.listener``, ``spec.database`` and ``spec.monitoring`` extend the listener's models, and
+``spec.publisher`` extends the listener's :class:`PublisherSettings` with one block per broker, each
+the listener's settings class of that broker (:class:`NatsSettings`, ...) plus the Secret references. The final
 word is always the listener's :class:`Config`: :meth:`WalListenerSpec.to_config` builds one and
 whatever it refuses is reported on the resource with the listener's own message.
 """
@@ -19,7 +18,7 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
@@ -148,6 +147,26 @@ class DatabaseSpec(DatabaseConfig):
             raise ValueError("set exactly one of database.user and database.userSecretRef")
         if self.ssl_root_cert or self.ssl_cert or self.ssl_key:
             raise ValueError("sslRootCert/sslCert/sslKey are files inside the pod; use database.tls with Secret refs")
+        return self
+
+
+class ListenerSpec(ListenerConfig):
+    """``listener`` of config.yml; the transforms' hash key comes from a Secret."""
+
+    transforms_hash_key_secret_ref: SecretKeyRef | None = Field(
+        None,
+        description="Secret key holding listener.transformsHashKey (the HMAC key of hash masks, 16+ characters); "
+        "rotating it rolls the pod and changes every hash from then on.",
+    )
+    _HASH_KEY_HOW: ClassVar[str] = "set listener.transformsHashKeySecretRef to a Secret key holding"
+
+    def _has_hash_key(self) -> bool:  # an inline one is refused by _no_inline_secrets
+        return self.transforms_hash_key_secret_ref is not None or super()._has_hash_key()
+
+    @model_validator(mode="after")
+    def _no_inline_secrets(self) -> ListenerSpec:
+        if self.transforms_hash_key.get_secret_value():
+            raise ValueError("an inline transformsHashKey is not allowed; use listener.transformsHashKeySecretRef")
         return self
 
 
@@ -373,7 +392,9 @@ class BackfillSpec(_Spec):
 class WalListenerSpec(_Spec):
     """``spec`` of a WalListener."""
 
-    listener: ListenerConfig = Field(description="The listener section of config.yml: slot, filter, topics.")
+    listener: ListenerSpec = Field(
+        description="The listener section of config.yml: slot, filter, topics, transforms."
+    )
     publication: PublicationSpec = Field(
         default_factory=PublicationSpec, description="Row filters and column lists of the publication."
     )
@@ -443,6 +464,8 @@ class WalListenerSpec(_Spec):
         ref = getattr(self.publisher.broker(), "password_secret_ref", None)
         if ref is not None:
             refs[("publisher", "password")] = ref
+        if self.listener.transforms_hash_key_secret_ref:
+            refs[("listener", "transformsHashKey")] = self.listener.transforms_hash_key_secret_ref
         if self.monitoring.sentry_dsn_secret_ref:
             refs[("monitoring", "sentryDSN")] = self.monitoring.sentry_dsn_secret_ref
         return refs
@@ -528,8 +551,11 @@ class WalListenerSpec(_Spec):
                 publisher["enableTLS"] = True
         database.pop("tls", None)
         publisher.pop("tls", None)
+        listener = self.listener.model_dump(mode="json", by_alias=True, exclude={"transforms_hash_key_secret_ref"})
+        if self.listener.transforms_hash_key_secret_ref:
+            listener["transformsHashKey"] = values.get(("listener", "transformsHashKey"), _HASH_KEY_PLACEHOLDER)
         data = {
-            "listener": self.listener.model_dump(mode="json", by_alias=True),
+            "listener": listener,
             "database": database,
             "publisher": publisher,
             "logger": self.logger.model_dump(mode="json", by_alias=True),
@@ -548,6 +574,9 @@ class WalListenerSpec(_Spec):
             data["database"].pop("user", None)
         return data
 
+
+#: stands in for the Secret-held hash key when the config is only checked or rendered (never written out)
+_HASH_KEY_PLACEHOLDER = "placeholder-for-the-secret-hash-key"
 
 _KEY_FIRST = re.compile(r"[a-z][A-Za-z0-9]*(\.[a-z][A-Za-z0-9]*)*: ")
 

@@ -16,12 +16,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import aio_pika
+import pytest
 from aiokafka import AIOKafkaConsumer
 from google.cloud import pubsub_v1
 
 from tests.support.harness import Received, read_stream
 
-__all__ = ["Broker", "Got", "Kafka", "Nats", "PubSub", "RabbitMQ"]
+__all__ = ["BROKERS", "Broker", "Got", "Kafka", "Nats", "PubSub", "RabbitMQ", "on_shared_service"]
 
 
 class Got(Received):
@@ -236,3 +237,18 @@ class Nats(Broker):
         wanted = {self.topic_of(t) for t in tables}
         stored = await read_stream(self.url, self.topic, count, timeout=timeout, rest=settle)
         return [Got(r.subject, r.raw, dict(r.headers), None) for r in stored if r.subject in wanted]
+
+
+#: the brokers by the names tests parametrize them with
+BROKERS = ("nats", "kafka", "rabbitmq", "pubsub")
+
+
+def on_shared_service(request: pytest.FixtureRequest, name: str, topic: str) -> Broker:
+    """The broker ``name`` on the test session's shared service (its fixture is taken from ``request``)."""
+    if name == "nats":
+        return Nats(topic, request.getfixturevalue("nats_server").url)
+    if name == "kafka":
+        return Kafka(topic, request.getfixturevalue("tansu").bootstrap)
+    if name == "rabbitmq":
+        return RabbitMQ(topic, request.getfixturevalue("rabbitmq_url"))
+    return PubSub(topic, request.getfixturevalue("pubsub_emulator").host)

@@ -23,9 +23,12 @@ def make_config(
     key_from: str = "",
     slot: str = SLOT,
     publisher: dict[str, Any] | None = None,
+    transforms: list[dict[str, Any]] | None = None,
+    hash_key: str = "",
 ) -> Config:
     """A config for building events without services (Kafka publisher); ``publisher``: more of its keys."""
-    listener: dict[str, Any] = {"slotName": slot, "topicsMap": topics_map or {}}
+    listener: dict[str, Any] = {"slotName": slot, "topicsMap": topics_map or {}, "transforms": transforms or [],
+                                "transformsHashKey": hash_key}
     if tables is not None:
         listener["filter"] = {"tables": tables}
     return Config.model_validate(

@@ -12,10 +12,11 @@ wheel), ``any_pg`` (both, parametrized "pg15"/"pg18"), ``nats_server``, ``tansu`
 
 Per test: ``fresh_db`` (a new database in ``pg``, its name), ``fresh_any_db`` (a new database in
 ``any_pg``, a :class:`tests.support.services.Database`), ``pubsub_env`` (sets PUBSUB_EMULATOR_HOST),
-``procs`` (listener processes killed after the test), and factories for private servers a test may kill
-or restart: ``make_pg``, ``make_nats``, ``make_tansu``, ``make_pubsub``, ``make_proxy``,
-``make_primary_standby`` (a PostgreSQL 18 primary and a physical standby with failover slots),
-``make_patroni`` (a Patroni cluster: etcd and two PostgreSQL 15 nodes); all cleaned up after the test.
+``procs`` (listener processes killed after the test), ``sentry`` (a local Sentry endpoint), and
+factories for private servers a test may kill or restart: ``make_pg``, ``make_nats``, ``make_tansu``,
+``make_pubsub``, ``make_proxy``, ``make_primary_standby`` (a PostgreSQL 18 primary and a physical
+standby with failover slots), ``make_patroni`` (a Patroni cluster: etcd and two PostgreSQL 15 nodes);
+all cleaned up after the test.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import pytest
 from tests.support.ci import in_ci
 from tests.support.patroni import PatroniCluster
 from tests.support.proxy import TcpProxy
+from tests.support.sentry import SentryInbox
 from tests.support.services import (
     Database,
     NatsServer,
@@ -194,6 +196,14 @@ def pubsub_env(pubsub_emulator: PubSubEmulator, monkeypatch: pytest.MonkeyPatch)
     """Point Google Pub/Sub clients at the emulator for this test; returns the emulator's host."""
     monkeypatch.setenv("PUBSUB_EMULATOR_HOST", pubsub_emulator.host)
     return pubsub_emulator.host
+
+
+@pytest.fixture
+def sentry() -> Iterator[SentryInbox]:
+    """A local Sentry endpoint keeping what the SDK sends (``sentry.dsn(key)``, ``sentry.bodies``)."""
+    inbox = SentryInbox()
+    yield inbox
+    inbox.close()
 
 
 @pytest.fixture
