@@ -46,6 +46,9 @@ class Tally:
         self.counts: dict[tuple[str, ...], int] = {}
         registry.register(self)
 
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
     def collect(self) -> Iterator[CounterMetricFamily]:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
         for labels, value in list(self.counts.items()):

@@ -299,7 +299,7 @@ def metrics_page() -> str:
     labels: dict[str, tuple[str, ...]] = {}
     for collector in list(getattr(registry, "_collector_to_names", {})):
         for family in collector.describe():
-            labels[family.name] = tuple(getattr(collector, "_labelnames", ()))
+            labels[family.name] = tuple(getattr(collector, "_labelnames", None) or getattr(collector, "labelnames", ()))
     rows = []
     for family in registry.collect():
         name = f"{family.name}_total" if family.type == "counter" else family.name
