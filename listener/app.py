@@ -29,6 +29,7 @@ from listener.errors import (
     SlotLostError,
 )
 from listener.event import CHANGE_ACTIONS, EventBuilder, Transaction
+from listener.message import Message
 from listener.observability import Health, HttpServer, metrics_route, register_secrets, split_addr
 from listener.pgoutput import PG_EPOCH, format_lsn
 from listener.publication import publication_dropped
@@ -41,6 +42,7 @@ from listener.replication import (
     slot_dropped,
     slot_missing_after_failover,
 )
+from listener.schema import SchemaTracker
 from listener.types import TypeRegistry
 
 log = logging.getLogger("listener.app")
@@ -104,6 +106,8 @@ class Listener:
         self._streaming_since: float | None = None
         self._drain_until: float | None = None
         self.backfiller = Backfiller(cfg, self.builder)
+        #: SCHEMA events (listener.schemaEvents)
+        self.schemas = SchemaTracker(cfg, self.builder) if cfg.listener.schema_events else None
         self._server = ""  # host:port of the server the last session streamed from
         self._warned_unsynced = False
         #: the slot was lost and listener.onSlotLost is resnapshot: create it again, then backfill everything
@@ -312,6 +316,8 @@ class Listener:
             slot = await db.ensure_slot(create=False)
         await self._check_failover(db, slot)
         start = max(slot.confirmed_flush_lsn, self.delivery.confirmed_lsn)
+        if self.schemas is not None:
+            await self.schemas.start(db.conn, start)
         await stream.start(start, publications)
         self._sent_lsn = max(self._sent_lsn, slot.confirmed_flush_lsn)
         self._streamed = True
@@ -493,7 +499,7 @@ class Listener:
                         builder.commit(msg.commit_lsn)  # type: ignore[union-attr]
                         txn = None
                     elif kind is pgoutput.Relation:
-                        await self._relation(msg, db)  # type: ignore[arg-type]
+                        out = await self._relation(msg, db, txn)  # type: ignore[arg-type]
                     elif kind is pgoutput.LogicalMessage:
                         if msg.prefix == WATERMARK_PREFIX:  # type: ignore[union-attr]
                             await self._watermark(msg)  # type: ignore[arg-type]
@@ -560,11 +566,13 @@ class Listener:
         if self.delivery.full:
             await self.delivery.wait_for_space(self._stopping)
 
-    async def _relation(self, rel: pgoutput.Relation, db: Database) -> None:
+    async def _relation(self, rel: pgoutput.Relation, db: Database, txn: Transaction | None) -> Message | None:
+        """A table's description: registered for its changes; its SCHEMA event, if one is due."""
         oids = [c.type_oid for c in rel.columns]
         if self.registry.missing(oids):
             await db.load_types(self.registry, oids)
         primary_key: tuple[str, ...] = ()
         if rel.replica_identity == "f" and self.publisher.needs_key:
             primary_key = await db.primary_key(rel.oid)
-        self.builder.add_relation(rel, primary_key)
+        info = self.builder.add_relation(rel, primary_key)
+        return None if self.schemas is None else await self.schemas.relation(db.conn, rel, info, txn)

@@ -126,16 +126,17 @@ class Table:
 # what requests and the listener both need: the state table and a table's shape
 
 
-async def ensure_state_table(conn: psycopg.AsyncConnection[Any]) -> None:
-    """Create ``wal_listener.backfills`` if it is not there; one line naming the DDL if not allowed."""
-    if (await fetch_one(conn, catalog.STATE_TABLE_EXISTS_QUERY, (catalog.STATE_TABLE_NAME,)) or (False,))[0]:
+async def ensure_state_table(conn: psycopg.AsyncConnection[Any], name: str = catalog.STATE_TABLE_NAME) -> None:
+    """Create the state tables (``wal_listener.backfills``, ``wal_listener.schemas``) if ``name`` is not there;
+    one line naming the DDL if not allowed."""
+    if (await fetch_one(conn, catalog.STATE_TABLE_EXISTS_QUERY, (name,)) or (False,))[0]:
         return
     try:
         for statement in catalog.state_table_ddl():
             await execute_one(conn, statement)
     except psycopg.errors.InsufficientPrivilege as exc:
         raise BackfillError(
-            f"postgres: cannot create the backfill state table {catalog.STATE_TABLE_NAME} "
+            f"postgres: cannot create the state table {name} "
             f"({describe_pg_error(exc)}); have it created once (wal-listener backfill --print-ddl) "
             "or grant CREATE on the database"
         ) from None

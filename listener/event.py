@@ -81,11 +81,14 @@ def read_event_ids(slot: str, backfill: int, schema: str, table: str) -> Callabl
             h.update(f"\x00{key[0]}".encode())
         else:
             h.update("".join("\x00\x01" if k is None else f"\x00{k}" for k in key).encode())
-        hexed = h.hexdigest()
-        # version 8, RFC 9562 variant
-        return f"{hexed[:8]}-{hexed[8:12]}-8{hexed[13:16]}-{_VARIANT[hexed[16]]}{hexed[17:20]}-{hexed[20:]}"
+        return hashed_uuid(h.hexdigest())
 
     return ident
+
+
+def hashed_uuid(hexed: str) -> str:
+    """A UUID (version 8, RFC 9562 variant) made of a 128-bit hash in hex."""
+    return f"{hexed[:8]}-{hexed[8:12]}-8{hexed[13:16]}-{_VARIANT[hexed[16]]}{hexed[17:20]}-{hexed[20:]}"
 
 
 #: the first hex digit of the variant group: its top two bits set to 10
@@ -216,6 +219,16 @@ class EventBuilder:
             info.plan = hotpath.plan(rel.schema, rel.name, names, converters,
                                      [c.is_key for c in rel.columns], key_index)
         return info
+
+    def announced_columns(self, info: RelationInfo, columns: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The columns (``{"name", "type", "key"}`` in table order) a SCHEMA event of ``info``'s table announces:
+        those its events carry. The one place that decides it (listener.schemaEvents compares and publishes
+        what this returns)."""
+        return columns
+
+    def finished(self, message: Message, moment: str) -> Message:
+        """``message`` in publisher.format (CloudEvents around it; the default leaves it as it is)."""
+        return message if self._finish is None else self._finish(message, moment)
 
     # -- rows -------------------------------------------------------------------------------------
 
