@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import struct
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from listener import metrics, pgoutput
@@ -29,7 +31,6 @@ from listener.errors import (
     SlotLostError,
 )
 from listener.event import CHANGE_ACTIONS, EventBuilder, Transaction
-from listener.message import Message
 from listener.observability import Health, HttpServer, metrics_route, register_secrets, split_addr
 from listener.pgoutput import PG_EPOCH, format_lsn
 from listener.publication import publication_dropped
@@ -48,6 +49,7 @@ from listener.types import TypeRegistry
 log = logging.getLogger("listener.app")
 
 _PG_EPOCH_UNIX = PG_EPOCH.timestamp()
+_U32 = struct.Struct(">I").unpack_from
 #: replication messages the reader takes off the connection per call (then it looks at stop and keepalives)
 READ_BATCH = 256
 
@@ -473,6 +475,7 @@ class Listener:
         watching = backfiller.watching  # relations with an open backfill window (usually none)
         starts: list[int] | None = [] if builder.wants_lsn else None  # each change's own LSN (Debezium)
         stopping = self._stopping
+        announcing = False  # Relation messages were read and SCHEMA events may be due (listener.schemaEvents)
         while not stopping.is_set():
             payloads, wal_end, other, status = read_batch(READ_BATCH, starts)
             if wal_end:
@@ -487,6 +490,9 @@ class Listener:
                 if buf[0] in CHANGE_ACTIONS:  # Insert, Update, Delete: the hot path
                     if watching:
                         backfiller.note_change(buf)
+                    if announcing:
+                        announcing = False
+                        await self._announce(db, txn, (_U32(buf, 1)[0],))  # type: ignore[arg-type]
                     out = change(buf, txn)  # type: ignore[arg-type]
                 else:
                     msg = decode(buf)
@@ -499,7 +505,8 @@ class Listener:
                         builder.commit(msg.commit_lsn)  # type: ignore[union-attr]
                         txn = None
                     elif kind is pgoutput.Relation:
-                        out = await self._relation(msg, db, txn)  # type: ignore[arg-type]
+                        await self._relation(msg, db)  # type: ignore[arg-type]
+                        announcing = self.schemas is not None
                     elif kind is pgoutput.LogicalMessage:
                         if msg.prefix == WATERMARK_PREFIX:  # type: ignore[union-attr]
                             await self._watermark(msg)  # type: ignore[arg-type]
@@ -508,6 +515,9 @@ class Listener:
                         else:
                             await self._message(msg)  # type: ignore[arg-type]
                     elif kind is pgoutput.Truncate:
+                        if announcing:
+                            announcing = False
+                            await self._announce(db, txn, msg.relation_oids)  # type: ignore[arg-type,union-attr]
                         for oid in msg.relation_oids:  # type: ignore[union-attr]
                             if watching:
                                 backfiller.note_truncate(oid)
@@ -566,8 +576,8 @@ class Listener:
         if self.delivery.full:
             await self.delivery.wait_for_space(self._stopping)
 
-    async def _relation(self, rel: pgoutput.Relation, db: Database, txn: Transaction | None) -> Message | None:
-        """A table's description: registered for its changes; its SCHEMA event, if one is due."""
+    async def _relation(self, rel: pgoutput.Relation, db: Database) -> None:
+        """A table's description: registered for its changes (and for a SCHEMA event before the next one)."""
         oids = [c.type_oid for c in rel.columns]
         if self.registry.missing(oids):
             await db.load_types(self.registry, oids)
@@ -575,4 +585,13 @@ class Listener:
         if rel.replica_identity == "f" and self.publisher.needs_key:
             primary_key = await db.primary_key(rel.oid)
         info = self.builder.add_relation(rel, primary_key)
-        return None if self.schemas is None else await self.schemas.relation(db.conn, rel, info, txn)
+        if self.schemas is not None:
+            self.schemas.relation(rel, info)
+
+    async def _announce(self, db: Database, txn: Transaction, oids: Sequence[int]) -> None:
+        """Before a change of the tables ``oids``: the SCHEMA events due, in its transaction."""
+        assert self.schemas is not None
+        for event in await self.schemas.announce(db.conn, txn, oids):
+            self.delivery.add(event)
+            if self.delivery.full:
+                await self.delivery.wait_for_space(self._stopping)

@@ -167,16 +167,7 @@ async def describe(
             f"backfill: table {schema}.{name} is not in publication {publication!r}: its changes are not streamed, "
             "so its rows cannot be kept consistent; add it to the publication first"
         )
-    columns = await fetch_all(conn, catalog.COLUMNS_QUERY, (oid,))
-    attnames: list[str] | None = None
-    row_filter = ""
-    if server_version >= 150000:
-        pub = await fetch_one(conn, catalog.PUBLICATION_TABLE_QUERY, (publication, schema, name))
-        if pub is not None:
-            attnames = list(pub[0]) if pub[0] is not None else None
-            row_filter = str(pub[1] or "")
-    if attnames is not None:
-        columns = [c for c in columns if c[0] in attnames]
+    columns, row_filter = await published_columns(conn, publication, schema, name, oid, server_version)
     primary = sorted((int(c[3]), str(c[0])) for c in columns if int(c[3]))
     index = sorted((int(c[4]), str(c[0])) for c in columns if int(c[4]))
     key = tuple(n for _, n in primary) or tuple(n for _, n in index)
@@ -193,6 +184,22 @@ async def describe(
         tuple(pgoutput.Column(str(c[0]), int(c[1]), int(c[2]), _in_identity(identity, c)) for c in columns),
     )
     return Table(oid, schema, name, relation, key, estimate, row_filter)
+
+
+async def published_columns(
+    conn: psycopg.AsyncConnection[Any], publication: str, schema: str, name: str, oid: int, server_version: int
+) -> tuple[list[tuple[Any, ...]], str]:
+    """The columns of a table its events carry (:data:`catalog.COLUMNS_QUERY` rows; PostgreSQL 15+: those of
+    the publication's column list) and the publication's row filter of it ('' : none)."""
+    columns = await fetch_all(conn, catalog.COLUMNS_QUERY, (oid,))
+    row_filter = ""
+    if server_version >= 150000:
+        pub = await fetch_one(conn, catalog.PUBLICATION_TABLE_QUERY, (publication, schema, name))
+        if pub is not None:
+            if pub[0] is not None:
+                columns = [c for c in columns if c[0] in pub[0]]
+            row_filter = str(pub[1] or "")
+    return columns, row_filter
 
 
 def _in_identity(identity: str, column: Sequence[Any]) -> bool:

@@ -756,6 +756,11 @@ ANNOUNCED_SCHEMAS_QUERY = (
     f" FROM {SCHEMAS_TABLE_NAME} WHERE slot = %(slot)s AND commit_lsn < %(lsn)s::pg_lsn"
     " ORDER BY schema_name, table_name, commit_lsn DESC, ordinal DESC"
 )
+#: the labels of enum types, in their order
+ENUM_LABELS_QUERY = (
+    "SELECT enumtypid::int8, array_agg(enumlabel::text ORDER BY enumsortorder) FROM pg_catalog.pg_enum"
+    " WHERE enumtypid = ANY(%s::int8[]::oid[]) GROUP BY 1"
+)
 #: PostgreSQL's name of each (type oid, type modifier): ``numeric(10,2)``, ``character varying(20)``
 FORMAT_TYPE_QUERY = (
     "SELECT t.oid, t.mod, pg_catalog.format_type(t.oid::oid, t.mod)"
@@ -815,11 +820,13 @@ TABLE_QUERY = (
     " WHERE n.nspname = %(schema)s AND c.relname = %(table)s AND c.relkind IN ('r', 'p')"
 )
 #: its columns as pgoutput sends them (no dropped or generated ones), with the replica identity flag and
-#: the position in the primary key (0: not in it) and in the replica identity index
+#: the position in the primary key (0: not in it) and in the replica identity index; NOT NULL?, may a value
+#: be stored out of line (TOAST: left out of an UPDATE's data when unchanged)?, the type's name
 COLUMNS_QUERY = (
     "SELECT a.attname, a.atttypid::int8, a.atttypmod,"
     " coalesce((SELECT k.n FROM unnest(pk.indkey) WITH ORDINALITY AS k(att, n) WHERE k.att = a.attnum), 0),"
-    " coalesce((SELECT k.n FROM unnest(ri.indkey) WITH ORDINALITY AS k(att, n) WHERE k.att = a.attnum), 0)"
+    " coalesce((SELECT k.n FROM unnest(ri.indkey) WITH ORDINALITY AS k(att, n) WHERE k.att = a.attnum), 0),"
+    " a.attnotnull, a.attlen = -1 AND a.attstorage <> 'p', pg_catalog.format_type(a.atttypid, a.atttypmod)"
     " FROM pg_catalog.pg_attribute a"
     " LEFT JOIN pg_catalog.pg_index pk ON pk.indrelid = a.attrelid AND pk.indisprimary"
     " LEFT JOIN pg_catalog.pg_index ri ON ri.indrelid = a.attrelid AND ri.indisreplident"

@@ -1,4 +1,4 @@
-"""Command line: ``wal-listener [--config FILE]``, ``wal-listener demo``, ``wal-listener --version``.
+"""Command line: ``wal-listener [--config FILE]``, ``demo``, ``check-config``, ``backfill``, ``schema``, ``--version``.
 
 Exit codes: 0 stopped cleanly (SIGTERM/SIGINT), 2 invalid configuration, 1 anything else fatal.
 Every error is one line on stderr; no tracebacks for problems a user can fix.
@@ -63,6 +63,14 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="print the SQL that creates the state table (and grants ROLE what the listener needs) and exit",
     )
+    schema = sub.add_parser(
+        "schema",
+        parents=[common],
+        help="print the JSON Schema (draft 2020-12) of tables' events",
+        description="Print the JSON Schema of the events of the tables named (every table the publication "
+        "publishes when none is named), read from the config's database.",
+    )
+    schema.add_argument("tables", nargs="*", metavar="TABLE", help="'table' (every schema) or 'schema.table'")
     return parser
 
 
@@ -129,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
             from listener.backfill_cli import run_backfill_command
 
             return asyncio.run(run_backfill_command(load(args.config, []), args))
+        if args.command == "schema":
+            from listener.schema_cli import run_schema_command
+
+            return asyncio.run(run_schema_command(load(args.config, []), args.tables, sys.stdout))
         _event_loop_policy()
         return asyncio.run(_serve(args.config))
     except (ConfigError, BrokerConfigError) as exc:

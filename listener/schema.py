@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,6 +85,8 @@ class SchemaTracker:
         self._types: dict[tuple[int, int], str] = {}
         #: (schema, table) -> the shape last announced on this slot (as of the stream's position)
         self._announced: dict[tuple[str, str], Shape] = {}
+        #: relation oid -> the Relation message read since the last change
+        self._pending: dict[int, tuple[Relation, RelationInfo]] = {}
         self._started = False
 
     async def start(self, conn: psycopg.AsyncConnection[Any], lsn: int) -> None:
@@ -103,24 +106,37 @@ class SchemaTracker:
         except psycopg.Error as exc:
             raise _database_error(exc) from None
         self._started = True
+        self._pending = {}
         self._announced = {(str(s), str(t)): Shape(_columns(stored), str(identity)) for s, t, stored, identity in rows}
 
-    async def relation(
-        self, conn: psycopg.AsyncConnection[Any], rel: Relation, info: RelationInfo, txn: Transaction | None
+    def relation(self, rel: Relation, info: RelationInfo) -> None:
+        """A Relation message: kept until the next change, which says whether it describes the table the change
+        is published as (with publish_via_partition_root PostgreSQL also sends the partition's own, unused)."""
+        if info.actions:
+            self._pending[rel.oid] = (rel, info)
+
+    async def announce(
+        self, conn: psycopg.AsyncConnection[Any], txn: Transaction, oids: Sequence[int]
+    ) -> list[Message]:
+        """A change of the tables ``oids`` follows Relation messages: the SCHEMA events to publish before it
+        (none when each shape is the one announced last)."""
+        pending, self._pending = self._pending, {}
+        out = []
+        for oid in oids:
+            if oid in pending:
+                message = await self._announce(conn, *pending[oid], txn)
+                if message is not None:
+                    out.append(message)
+        return out
+
+    async def _announce(
+        self, conn: psycopg.AsyncConnection[Any], rel: Relation, info: RelationInfo, txn: Transaction
     ) -> Message | None:
-        """A Relation message: the SCHEMA event to publish before the change it precedes, or None (the shape
-        is the one announced last, or the table's changes are not published)."""
-        if not info.actions:
-            return None
         columns = self._builder.announced_columns(info, await self._columns(conn, rel))
         shape = Shape(columns, REPLICA_IDENTITIES.get(rel.replica_identity, rel.replica_identity))
         table = (info.schema, info.table)
         previous = self._announced.get(table)
         if shape == previous:
-            return None
-        if txn is None:  # pgoutput sends Relation messages inside transactions only
-            log.warning("a Relation message outside a transaction: no SCHEMA event",
-                        extra={"fields": {"schema": info.schema, "table": info.table}})
             return None
         ordinal = txn.ordinal + 1  # of the change it precedes
         try:
@@ -132,8 +148,8 @@ class SchemaTracker:
         self._announced[table] = shape
         metrics.SCHEMA_CHANGES.labels(info.table).inc()
         log.info("table shape announced (SCHEMA event)", extra={"fields": {
-            "schema": info.schema, "table": info.table, "first": previous is None, "commit_lsn": format_lsn(
-                txn.final_lsn)}})
+            "schema": info.schema, "table": info.table, "first": previous is None,
+            "commit_lsn": format_lsn(txn.final_lsn)}})
         ident = schema_event_id(self._slot, txn.final_lsn, ordinal, info.schema, info.table)
         body = schema_body(ident, info, shape, previous, txn.commit_time)
         message = Message(ident, info.subject, body, info.schema, info.table, "SCHEMA")
