@@ -665,22 +665,31 @@ async def validate_request(
     wanted = TableFilter(cfg.listener.filter)
     out: list[str] = []
     for name in tables:
-        if not catalog.is_table_name(name):
-            raise BackfillError(f"backfill: {name!r} is not a table name: use 'table' or 'schema.table'")
-        found = await resolve(conn, name)
-        if not found:
-            raise BackfillError(f"backfill: table {name} does not exist")
-        for schema, table in found:
-            if not wanted.covers(schema, table):
-                raise BackfillError(
-                    f"backfill: table {schema}.{table} is excluded by listener.filter.tables, so its rows would "
-                    "not be published; add it to the filter first"
-                )
+        for schema, table in await named_tables(conn, wanted, name, "backfill"):
             await describe(conn, cfg.listener.publication_name, schema, table, version)
             if where:
                 await check_where(conn, schema, table, where)
             out.append(f"{schema}.{table}")
     return out
+
+
+async def named_tables(
+    conn: psycopg.AsyncConnection[Any], wanted: TableFilter, name: str, command: str
+) -> list[tuple[str, str]]:
+    """The tables ``name`` names ('users': every schema's), each existing and covered by ``listener.filter``;
+    else :class:`BackfillError`, its message starting with ``command``."""
+    if not catalog.is_table_name(name):
+        raise BackfillError(f"{command}: {name!r} is not a table name: use 'table' or 'schema.table'")
+    found = await resolve(conn, name)
+    if not found:
+        raise BackfillError(f"{command}: table {name} does not exist")
+    for schema, table in found:
+        if not wanted.covers(schema, table):
+            raise BackfillError(
+                f"{command}: table {schema}.{table} is excluded by listener.filter.tables, so none of its rows is "
+                "published; add it to the filter first"
+            )
+    return found
 
 
 async def published_tables(conn: psycopg.AsyncConnection[Any], cfg: Config) -> list[str]:

@@ -752,7 +752,7 @@ FORGET_SUPERSEDED_SCHEMAS_QUERY = (
 )
 #: the last shape of each table announced before this position (what the stream from there is compared with)
 ANNOUNCED_SCHEMAS_QUERY = (
-    f"SELECT DISTINCT ON (schema_name, table_name) schema_name, table_name, columns, replica_identity"
+    "SELECT DISTINCT ON (schema_name, table_name) schema_name, table_name, columns, replica_identity"
     f" FROM {SCHEMAS_TABLE_NAME} WHERE slot = %(slot)s AND commit_lsn < %(lsn)s::pg_lsn"
     " ORDER BY schema_name, table_name, commit_lsn DESC, ordinal DESC"
 )

@@ -25,6 +25,8 @@ _CONFIG_HELP = (
     f"YAML config file (default: {DEFAULT_CONFIG} when it exists, else the WAL_* environment variables alone)"
 )
 
+_TABLE_HELP = "'table' (every schema) or 'schema.table'"
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -50,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Queue a backfill in the database (the listener of listener.slotName runs it while it "
         "streams) and show its progress until it is done. Exit 0 when done, 1 when it failed.",
     )
-    backfill.add_argument("tables", nargs="*", metavar="TABLE", help="'table' (every schema) or 'schema.table'")
+    backfill.add_argument("tables", nargs="*", metavar="TABLE", help=_TABLE_HELP)
     backfill.add_argument("--where", default="", help="only rows matching this SQL expression")
     backfill.add_argument("--name", default="", help="the backfill's name (default: cli-<time>); asked once per slot")
     backfill.add_argument("--no-wait", action="store_true", help="queue it and return at once")
@@ -70,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Print the JSON Schema of the events of the tables named (every table the publication "
         "publishes when none is named), read from the config's database.",
     )
-    schema.add_argument("tables", nargs="*", metavar="TABLE", help="'table' (every schema) or 'schema.table'")
+    schema.add_argument("tables", nargs="*", metavar="TABLE", help=_TABLE_HELP)
     return parser
 
 

@@ -171,14 +171,9 @@ class Document:
     def finish(self, tables: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
         """The document: one table's schema itself; several: any one of them (``$defs`` by name)."""
         if len(tables) == 1:
-            document = {"$schema": DRAFT, **next(iter(tables.values()))}
-        else:
-            return {"$schema": DRAFT, "title": "wal-listener events",
-                    "oneOf": [{"$ref": "#/$defs/" + _pointer(name)} for name in tables],
-                    "$defs": {**self._defs, **tables}}
-        if self._defs:
-            document["$defs"] = self._defs
-        return document
+            return {"$schema": DRAFT, **next(iter(tables.values())), "$defs": self._defs}
+        return {"$schema": DRAFT, "title": "wal-listener events",
+                "oneOf": [{"$ref": "#/$defs/" + _pointer(name)} for name in tables], "$defs": {**self._defs, **tables}}
 
 
 def _pointer(name: str) -> str:

@@ -6,12 +6,14 @@ invalidation (a new index, a comment) sends one too. :class:`SchemaTracker` comp
 describes — the columns' names, their types as ``format_type`` writes them (``numeric(10,2)``), which
 columns are part of the replica identity (``key``: what ``dataOld`` carries) and the replica identity
 setting — with the last shape this slot announced for the table. When it differs, or the table was never
-announced on this slot, it publishes, in the transaction and before the change::
+announced on this slot, it publishes, in the transaction and right before the change::
 
     {"id", "schema", "table", "action": "SCHEMA", "columns": [{"name", "type", "key"}, ...],
      "previous": [...] | null, "replicaIdentity": "default|index|full|nothing", "commitTime"}
 
-on the table's topic. Only tables whose changes the filter publishes are announced; the columns are those
+on the table's topic. The comparison waits for that change: a Relation message no change uses is not
+announced (with ``publish_via_partition_root`` PostgreSQL sends a partition's own after its root's, and the
+change is the root's). Only tables whose changes the filter publishes are announced; the columns are those
 :meth:`listener.event.EventBuilder.announced_columns` says the table's events carry.
 
 Once per change, across restarts: each shape announced is written to ``wal_listener.schemas`` at the
@@ -19,7 +21,7 @@ position of the change it precedes (the transaction's commit LSN and that change
 can be confirmed. A session streaming from position R compares with the last shape announced before R —
 what the consumers have — so a transaction read again announces what it announced the first time, with the
 same id: a UUID (version 8) hashed from the slot, the commit LSN, the ordinal of the change it precedes and
-the table (a change's own id counts the same ordinal, so the two never meet). When the process starts,
+the table (a change's id is not hashed, so the two kinds cannot collide). When the process starts,
 rows at or after R are forgotten: they are written again when their transactions are read again.
 """
 

@@ -16,7 +16,7 @@ import orjson
 import psycopg
 
 from listener import catalog
-from listener.backfill import published_columns, published_tables, resolve
+from listener.backfill import BackfillError, named_tables, published_columns, published_tables
 from listener.config import Config
 from listener.errors import ConfigError
 from listener.event_schema import Document, EventColumn
@@ -76,17 +76,10 @@ async def _tables(
         return published
     out: list[tuple[str, str]] = []
     for name in tables:
-        if not catalog.is_table_name(name):
-            raise ConfigError(f"schema: {name!r} is not a table name: use 'table' or 'schema.table'")
-        found = await resolve(conn, name)
-        if not found:
-            raise ConfigError(f"schema: table {name} does not exist")
-        for schema, table in found:
-            if not wanted.covers(schema, table):
-                raise ConfigError(
-                    f"schema: table {schema}.{table} is excluded by listener.filter.tables: it has no events"
-                )
-            out.append((schema, table))
+        try:
+            out += await named_tables(conn, wanted, name, "schema")
+        except BackfillError as exc:
+            raise ConfigError(str(exc)) from None
     return out
 
 
