@@ -79,11 +79,14 @@ async def test_each_real_shape_change_is_announced_once_before_its_first_event(
             "BEGIN; ALTER TABLE t ADD COLUMN never int; INSERT INTO t VALUES (8, 8, 80, 'x', 8); ROLLBACK",
             "ALTER TABLE skip ADD COLUMN z int", "INSERT INTO skip VALUES (2, 2)",
             "INSERT INTO t VALUES (9, 9, 90, 'nine')",
+            # a type made in the transaction that uses it: named as PostgreSQL names it
+            "BEGIN; CREATE TYPE mood AS ENUM ('ok'); ALTER TABLE t ADD COLUMN m mood;"
+            " INSERT INTO t VALUES (10, 10, 100, 'ten', 'ok'); COMMIT",
         )
-        got = await read_stream(nats_server.url, topic, 17)
+        got = await read_stream(nats_server.url, topic, 19)
     assert actions(got) == [
         "SCHEMA", "INSERT", "INSERT", "SCHEMA", "INSERT", "SCHEMA", "INSERT", "SCHEMA", "INSERT", "SCHEMA", "UPDATE",
-        "SCHEMA", "DELETE", "INSERT", "SCHEMA", "INSERT", "INSERT",
+        "SCHEMA", "DELETE", "INSERT", "SCHEMA", "INSERT", "INSERT", "SCHEMA", "INSERT",
     ]
     assert {(r.subject, r.event["schema"], r.event["table"]) for r in got} == {(f"{topic}.public_t", "public", "t")}
     numeric, wider = "numeric(10,2)", "numeric(12,3)"
@@ -95,11 +98,13 @@ async def test_each_real_shape_change_is_announced_once_before_its_first_event(
         [col("id", INT, True), col("n", wider), col("c", INT)],
         [col("id", INT, True), col("n", wider, True), col("c", INT, True)],
         [col("id", INT, True), col("n", wider, True), col("c", INT, True), col("d", TEXT, True)],
+        [col("id", INT, True), col("n", wider, True), col("c", INT, True), col("d", TEXT, True),
+         col("m", "mood", True)],
     ]
     announced = schemas(got)
     assert [s["columns"] for s in announced] == shapes
     assert [s["previous"] for s in announced] == [None, *shapes[:-1]]
-    assert [s["replicaIdentity"] for s in announced] == ["default"] * 5 + ["full"] * 2
+    assert [s["replicaIdentity"] for s in announced] == ["default"] * 5 + ["full"] * 3
     for event in announced:
         assert set(event) == {"id", "schema", "table", "action", "columns", "previous", "replicaIdentity",
                               "commitTime"}
@@ -110,10 +115,11 @@ async def test_each_real_shape_change_is_announced_once_before_its_first_event(
     # in commit order: the SCHEMA inside the transaction shares its commit time and sits between its changes
     assert got[13].event["commitTime"] == got[14].event["commitTime"] == got[15].event["commitTime"]
     assert len({r.id for r in got}) == len(got)
-    assert metric("schema_changes_total", {"table": "t"}) == before + 7
+    assert got[-1].event["data"]["m"] == "ok"
+    assert metric("schema_changes_total", {"table": "t"}) == before + 8
     assert metric("schema_changes_total", {"table": "skip"}) == 0
     # every shape announced is kept (the superseded ones until the next start), the filtered table's never
-    assert await query(dsn, "SELECT table_name, count(*) FROM wal_listener.schemas GROUP BY 1") == [("t", 7)]
+    assert await query(dsn, "SELECT table_name, count(*) FROM wal_listener.schemas GROUP BY 1") == [("t", 8)]
 
 
 def _slot(cfg: dict[str, Any]) -> str:
@@ -196,6 +202,24 @@ async def test_restarts_and_kill_9_announce_nothing_again_and_a_replay_has_the_s
 
 async def _at_least(value: Any, target: int) -> bool:
     return bool(await value >= target)
+
+
+@pytest.mark.service
+async def test_a_truncate_of_changed_tables_is_preceded_by_each_ones_schema_event(
+    fresh_any_db: Database, nats_server: NatsServer
+) -> None:
+    dsn = fresh_any_db.dsn()
+    await sql(dsn, "CREATE TABLE a (id int PRIMARY KEY)", "CREATE TABLE b (id int PRIMARY KEY)")
+    topic = unique("trunc")
+    cfg = nats_config(fresh_any_db.server.port, fresh_any_db.name, nats_server.url, topic, schemaEvents=True)
+    async with running(cfg):
+        await sql(dsn, "INSERT INTO a VALUES (1)", "INSERT INTO b VALUES (1)",
+                  "ALTER TABLE a ADD COLUMN x int", "ALTER TABLE b ADD COLUMN y int", "TRUNCATE a, b")
+        got = await read_stream(nats_server.url, topic, 8)
+    tail = [(r.event["table"], r.event["action"]) for r in got[4:]]
+    assert tail == [("a", "SCHEMA"), ("b", "SCHEMA"), ("a", "TRUNCATE"), ("b", "TRUNCATE")]
+    assert [c["name"] for c in got[4].event["columns"]] == ["id", "x"]
+    assert len({r.id for r in got}) == 8
 
 
 @pytest.mark.service
