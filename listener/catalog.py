@@ -807,13 +807,9 @@ PUBLISHED_TABLES_QUERY = (
 #: the watermarks: non-transactional logical messages, at their own position in the WAL
 WATERMARK_QUERY = "SELECT pg_catalog.pg_logical_emit_message(false, %s, %s)::text"
 
-#: one table as a backfill sees it: oid, replica identity, row estimate (of a partitioned table: its
-#: partitions'), in the publication?
+#: one table as a backfill sees it: oid, replica identity, row estimate, in the publication?
 TABLE_QUERY = (
-    "SELECT c.oid, c.relreplident::text,"
-    " CASE WHEN c.relkind = 'p' THEN (SELECT coalesce(sum(greatest(l.reltuples, 0)), 0)"
-    "  FROM pg_catalog.pg_partition_tree(c.oid) t JOIN pg_catalog.pg_class l ON l.oid = t.relid WHERE t.isleaf)"
-    " ELSE greatest(c.reltuples, 0) END::bigint,"
+    "SELECT c.oid, c.relreplident::text, greatest(c.reltuples, 0)::bigint,"
     " EXISTS (SELECT FROM pg_catalog.pg_publication_tables t"
     "  WHERE t.pubname = %(publication)s AND t.schemaname = n.nspname AND t.tablename = c.relname)"
     " FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"

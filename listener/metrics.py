@@ -31,13 +31,6 @@ CONVERSION_ERRORS = Counter(
 OVERSIZED = Counter(
     "oversized_events", "Events larger than the broker accepts.", ["table"], registry=REGISTRY
 )
-SCHEMA_CHANGES = Counter(
-    "schema_changes",
-    "SCHEMA events published (listener.schemaEvents): the table's shape (columns, types, key, replica identity) "
-    "changed, or its first change on this slot.",
-    ["table"],
-    registry=REGISTRY,
-)
 RECONNECTS = Counter("reconnects", "Reconnections after a lost connection.", ["target"], registry=REGISTRY)
 PUBLICATION_TABLES_WITHOUT_IDENTITY = Gauge(
     "publication_tables_without_identity",
@@ -102,5 +95,13 @@ SLOT_SYNCED_STANDBYS = Gauge(
     "slot_synced_standbys",
     "Standbys named in the primary's synchronized_standby_slots that are connected (0: a failover may lose "
     "changes the listener already published).",
+    registry=REGISTRY,
+)
+# schema evolution (listener.schemaEvents)
+SCHEMA_CHANGES = Counter(
+    "schema_changes",
+    "SCHEMA events published (listener.schemaEvents): the table's shape (columns, types, key, replica identity) "
+    "changed, or its first change on this slot.",
+    ["table"],
     registry=REGISTRY,
 )
