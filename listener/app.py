@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import struct
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from listener import metrics, pgoutput
@@ -42,11 +44,13 @@ from listener.replication import (
     slot_dropped,
     slot_missing_after_failover,
 )
+from listener.schema import SchemaTracker
 from listener.types import TypeRegistry
 
 log = logging.getLogger("listener.app")
 
 _PG_EPOCH_UNIX = PG_EPOCH.timestamp()
+_U32 = struct.Struct(">I").unpack_from
 #: replication messages the reader takes off the connection per call (then it looks at stop and keepalives)
 READ_BATCH = 256
 
@@ -108,6 +112,8 @@ class Listener:
         self._streaming_since: float | None = None
         self._drain_until: float | None = None
         self.backfiller = Backfiller(cfg, self.builder)
+        #: SCHEMA events (listener.schemaEvents)
+        self.schemas = SchemaTracker(cfg, self.builder) if cfg.listener.schema_events else None
         self._server = ""  # host:port of the server the last session streamed from
         self._warned_unsynced = False
         #: the slot was lost and listener.onSlotLost is resnapshot: create it again, then backfill everything
@@ -318,6 +324,8 @@ class Listener:
             slot = await db.ensure_slot(create=False)
         await self._check_failover(db, slot)
         start = max(slot.confirmed_flush_lsn, self.delivery.confirmed_lsn)
+        if self.schemas is not None:
+            await self.schemas.start(db.conn, start)
         await stream.start(start, publications)
         self._sent_lsn = max(self._sent_lsn, slot.confirmed_flush_lsn)
         self._streamed = True
@@ -487,6 +495,7 @@ class Listener:
         watching = backfiller.watching  # relations with an open backfill window (usually none)
         starts: list[int] | None = [] if builder.wants_lsn else None  # each change's own LSN (Debezium)
         stopping = self._stopping
+        announcing = False  # Relation messages were read and SCHEMA events may be due (listener.schemaEvents)
         while not stopping.is_set():
             payloads, wal_end, other, status = read_batch(READ_BATCH, starts)
             if wal_end:
@@ -501,6 +510,9 @@ class Listener:
                 if buf[0] in CHANGE_ACTIONS:  # Insert, Update, Delete: the hot path
                     if watching:
                         backfiller.note_change(buf)
+                    if announcing:
+                        announcing = False
+                        await self._announce(db, txn, (_U32(buf, 1)[0],))  # type: ignore[arg-type]
                     out = change(buf, txn)  # type: ignore[arg-type]
                 else:
                     msg = decode(buf)
@@ -514,6 +526,7 @@ class Listener:
                         txn = None
                     elif kind is pgoutput.Relation:
                         await self._relation(msg, db)  # type: ignore[arg-type]
+                        announcing = self.schemas is not None
                     elif kind is pgoutput.LogicalMessage:
                         if msg.prefix == WATERMARK_PREFIX:  # type: ignore[union-attr]
                             await self._watermark(msg)  # type: ignore[arg-type]
@@ -522,6 +535,9 @@ class Listener:
                         else:
                             await self._message(msg)  # type: ignore[arg-type]
                     elif kind is pgoutput.Truncate:
+                        if announcing:
+                            announcing = False
+                            await self._announce(db, txn, msg.relation_oids)  # type: ignore[arg-type,union-attr]
                         for oid in msg.relation_oids:  # type: ignore[union-attr]
                             if watching:
                                 backfiller.note_truncate(oid)
@@ -581,6 +597,7 @@ class Listener:
             await self.delivery.wait_for_space(self._stopping)
 
     async def _relation(self, rel: pgoutput.Relation, db: Database) -> None:
+        """A table's description: registered for its changes (and for a SCHEMA event before the next one)."""
         oids = [c.type_oid for c in rel.columns]
         if self.registry.missing(oids):
             await db.load_types(self.registry, oids)
@@ -588,4 +605,14 @@ class Listener:
         if rel.replica_identity == "f" and self.publisher.needs_key:
             primary_key = await db.primary_key(rel.oid)
         facts = await column_facts(db.conn, rel.oid) if self.builder.wants_column_facts else None
-        self.builder.add_relation(rel, primary_key, facts)
+        info = self.builder.add_relation(rel, primary_key, facts)
+        if self.schemas is not None:
+            self.schemas.relation(rel, info)
+
+    async def _announce(self, db: Database, txn: Transaction, oids: Sequence[int]) -> None:
+        """Before a change of the tables ``oids``: the SCHEMA events due, in its transaction."""
+        assert self.schemas is not None
+        for event in await self.schemas.announce(db.conn, txn, oids):
+            self.delivery.add(event)
+            if self.delivery.full:
+                await self.delivery.wait_for_space(self._stopping)

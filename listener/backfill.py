@@ -126,16 +126,17 @@ class Table:
 # what requests and the listener both need: the state table and a table's shape
 
 
-async def ensure_state_table(conn: psycopg.AsyncConnection[Any]) -> None:
-    """Create ``wal_listener.backfills`` if it is not there; one line naming the DDL if not allowed."""
-    if (await fetch_one(conn, catalog.STATE_TABLE_EXISTS_QUERY, (catalog.STATE_TABLE_NAME,)) or (False,))[0]:
+async def ensure_state_table(conn: psycopg.AsyncConnection[Any], name: str = catalog.STATE_TABLE_NAME) -> None:
+    """Create the state tables (``wal_listener.backfills``, ``wal_listener.schemas``) if ``name`` is not there;
+    one line naming the DDL if not allowed."""
+    if (await fetch_one(conn, catalog.STATE_TABLE_EXISTS_QUERY, (name,)) or (False,))[0]:
         return
     try:
         for statement in catalog.state_table_ddl():
             await execute_one(conn, statement)
     except psycopg.errors.InsufficientPrivilege as exc:
         raise BackfillError(
-            f"postgres: cannot create the backfill state table {catalog.STATE_TABLE_NAME} "
+            f"postgres: cannot create the state table {name} "
             f"({describe_pg_error(exc)}); have it created once (wal-listener backfill --print-ddl) "
             "or grant CREATE on the database"
         ) from None
@@ -167,16 +168,7 @@ async def describe(
             f"backfill: table {schema}.{name} is not in publication {publication!r}: its changes are not streamed, "
             "so its rows cannot be kept consistent; add it to the publication first"
         )
-    columns = await fetch_all(conn, catalog.COLUMNS_QUERY, (oid,))
-    attnames: list[str] | None = None
-    row_filter = ""
-    if server_version >= 150000:
-        pub = await fetch_one(conn, catalog.PUBLICATION_TABLE_QUERY, (publication, schema, name))
-        if pub is not None:
-            attnames = list(pub[0]) if pub[0] is not None else None
-            row_filter = str(pub[1] or "")
-    if attnames is not None:
-        columns = [c for c in columns if c[0] in attnames]
+    columns, row_filter = await published_columns(conn, publication, schema, name, oid, server_version)
     primary = sorted((int(c[3]), str(c[0])) for c in columns if int(c[3]))
     index = sorted((int(c[4]), str(c[0])) for c in columns if int(c[4]))
     key = tuple(n for _, n in primary) or tuple(n for _, n in index)
@@ -196,6 +188,22 @@ async def describe(
     # guess from the table's size, see estimate()) still give a total for the progress bar
     rows = reltuples if reltuples >= 0 else live if live > 0 else -1
     return Table(oid, schema, name, relation, key, rows, row_filter)
+
+
+async def published_columns(
+    conn: psycopg.AsyncConnection[Any], publication: str, schema: str, name: str, oid: int, server_version: int
+) -> tuple[list[tuple[Any, ...]], str]:
+    """The columns of a table its events carry (:data:`catalog.COLUMNS_QUERY` rows; PostgreSQL 15+: those of
+    the publication's column list) and the publication's row filter of it ('' : none)."""
+    columns = await fetch_all(conn, catalog.COLUMNS_QUERY, (oid,))
+    row_filter = ""
+    if server_version >= 150000:
+        pub = await fetch_one(conn, catalog.PUBLICATION_TABLE_QUERY, (publication, schema, name))
+        if pub is not None:
+            if pub[0] is not None:
+                columns = [c for c in columns if c[0] in pub[0]]
+            row_filter = str(pub[1] or "")
+    return columns, row_filter
 
 
 def _in_identity(identity: str, column: Sequence[Any]) -> bool:
@@ -680,22 +688,31 @@ async def validate_request(
     wanted = TableFilter(cfg.listener.filter)
     out: list[str] = []
     for name in tables:
-        if not catalog.is_table_name(name):
-            raise BackfillError(f"backfill: {name!r} is not a table name: use 'table' or 'schema.table'")
-        found = await resolve(conn, name)
-        if not found:
-            raise BackfillError(f"backfill: table {name} does not exist")
-        for schema, table in found:
-            if not wanted.covers(schema, table):
-                raise BackfillError(
-                    f"backfill: table {schema}.{table} is excluded by listener.filter.tables, so its rows would "
-                    "not be published; add it to the filter first"
-                )
+        for schema, table in await named_tables(conn, wanted, name, "backfill"):
             await describe(conn, cfg.listener.publication_name, schema, table, version)
             if where:
                 await check_where(conn, schema, table, where)
             out.append(f"{schema}.{table}")
     return out
+
+
+async def named_tables(
+    conn: psycopg.AsyncConnection[Any], wanted: TableFilter, name: str, command: str
+) -> list[tuple[str, str]]:
+    """The tables ``name`` names ('users': every schema's), each existing and covered by ``listener.filter``;
+    else :class:`BackfillError`, its message starting with ``command``."""
+    if not catalog.is_table_name(name):
+        raise BackfillError(f"{command}: {name!r} is not a table name: use 'table' or 'schema.table'")
+    found = await resolve(conn, name)
+    if not found:
+        raise BackfillError(f"{command}: table {name} does not exist")
+    for schema, table in found:
+        if not wanted.covers(schema, table):
+            raise BackfillError(
+                f"{command}: table {schema}.{table} is excluded by listener.filter.tables, so none of its rows is "
+                "published; add it to the filter first"
+            )
+    return found
 
 
 async def published_tables(conn: psycopg.AsyncConnection[Any], cfg: Config) -> list[str]:

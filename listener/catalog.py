@@ -690,6 +690,8 @@ def slot_state(row: Sequence[Any]) -> SlotState:
 #: the schema the listener keeps its backfill state in (never published)
 STATE_SCHEMA = "wal_listener"
 STATE_TABLE = "backfills"
+#: the table shapes each slot announced in SCHEMA events (listener.schemaEvents)
+SCHEMAS_TABLE = "schemas"
 BACKFILL_STATES = ("requested", "running", "done", "failed")
 #: the prefix of the logical messages that delimit a chunk in the WAL
 WATERMARK_PREFIX = "wal_listener.watermark"
@@ -723,11 +725,25 @@ def state_table_ddl() -> list[sql.Composed]:
             "updated_at timestamptz NOT NULL DEFAULT now(), "
             "UNIQUE (slot, name))"
         ).format(table, states),
+        # one row per shape a slot announced (SCHEMA event), at the position of the change it preceded: the
+        # listener's state as of a position is the last row before it (see listener.schema)
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {} ("
+            "slot text NOT NULL, "
+            "schema_name text NOT NULL, "
+            "table_name text NOT NULL, "
+            "commit_lsn pg_lsn NOT NULL, "
+            "ordinal integer NOT NULL, "
+            "columns jsonb NOT NULL, "
+            "replica_identity text NOT NULL, "
+            "announced_at timestamptz NOT NULL DEFAULT now(), "
+            "PRIMARY KEY (slot, schema_name, table_name, commit_lsn, ordinal))"
+        ).format(sql.Identifier(STATE_SCHEMA, SCHEMAS_TABLE)),
     ]
 
 
 def state_table_grants(role: str) -> list[sql.Composed]:
-    """What a DBA grants a listener role that may not create the state table itself."""
+    """What a DBA grants a listener role that may not create the state tables itself."""
     table = sql.Identifier(STATE_SCHEMA, STATE_TABLE)
     who = sql.Identifier(role)
     return [
@@ -736,11 +752,53 @@ def state_table_grants(role: str) -> list[sql.Composed]:
         sql.SQL("GRANT USAGE ON SEQUENCE {} TO {}").format(
             sql.Identifier(STATE_SCHEMA, f"{STATE_TABLE}_id_seq"), who
         ),
+        sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {}").format(
+            sql.Identifier(STATE_SCHEMA, SCHEMAS_TABLE), who
+        ),
     ]
 
 
 STATE_TABLE_EXISTS_QUERY = "SELECT pg_catalog.to_regclass(%s) IS NOT NULL"
 STATE_TABLE_NAME = f"{STATE_SCHEMA}.{STATE_TABLE}"
+SCHEMAS_TABLE_NAME = f"{STATE_SCHEMA}.{SCHEMAS_TABLE}"
+
+# -- SCHEMA events: the shapes a slot announced ------------------------------------------------------
+
+#: a shape announced (written before its event can be confirmed; written again, the same, on a replay)
+SAVE_SCHEMA_QUERY = (
+    f"INSERT INTO {SCHEMAS_TABLE_NAME} (slot, schema_name, table_name, commit_lsn, ordinal, columns,"
+    " replica_identity) VALUES (%s, %s, %s, %s::pg_lsn, %s, %s::jsonb, %s)"
+    " ON CONFLICT (slot, schema_name, table_name, commit_lsn, ordinal)"
+    " DO UPDATE SET columns = EXCLUDED.columns, replica_identity = EXCLUDED.replica_identity"
+)
+#: shapes announced in transactions the stream sends again from this position (%(lsn)s): a new process
+#: announces them again when (and if) it reads them
+FORGET_UNCONFIRMED_SCHEMAS_QUERY = (
+    f"DELETE FROM {SCHEMAS_TABLE_NAME} WHERE slot = %(slot)s AND commit_lsn >= %(lsn)s::pg_lsn"
+)
+#: shapes followed by a newer one before this position: no longer needed
+FORGET_SUPERSEDED_SCHEMAS_QUERY = (
+    f"DELETE FROM {SCHEMAS_TABLE_NAME} s WHERE s.slot = %(slot)s AND s.commit_lsn < %(lsn)s::pg_lsn"
+    f" AND EXISTS (SELECT FROM {SCHEMAS_TABLE_NAME} n WHERE n.slot = s.slot AND n.schema_name = s.schema_name"
+    "  AND n.table_name = s.table_name AND (n.commit_lsn, n.ordinal) > (s.commit_lsn, s.ordinal)"
+    "  AND n.commit_lsn < %(lsn)s::pg_lsn)"
+)
+#: the last shape of each table announced before this position (what the stream from there is compared with)
+ANNOUNCED_SCHEMAS_QUERY = (
+    "SELECT DISTINCT ON (schema_name, table_name) schema_name, table_name, columns, replica_identity"
+    f" FROM {SCHEMAS_TABLE_NAME} WHERE slot = %(slot)s AND commit_lsn < %(lsn)s::pg_lsn"
+    " ORDER BY schema_name, table_name, commit_lsn DESC, ordinal DESC"
+)
+#: the labels of enum types, in their order
+ENUM_LABELS_QUERY = (
+    "SELECT enumtypid::int8, array_agg(enumlabel::text ORDER BY enumsortorder) FROM pg_catalog.pg_enum"
+    " WHERE enumtypid = ANY(%s::int8[]::oid[]) GROUP BY 1"
+)
+#: PostgreSQL's name of each (type oid, type modifier): ``numeric(10,2)``, ``character varying(20)``
+FORMAT_TYPE_QUERY = (
+    "SELECT t.oid, t.mod, pg_catalog.format_type(t.oid::oid, t.mod)"
+    " FROM unnest(%s::int8[], %s::int4[]) AS t(oid, mod)"
+)
 
 #: a backfill request (what `wal-listener backfill`, the operator and plain SQL do); nothing if the name
 #: was requested before for this slot
@@ -794,11 +852,13 @@ TABLE_QUERY = (
     " WHERE n.nspname = %(schema)s AND c.relname = %(table)s AND c.relkind IN ('r', 'p')"
 )
 #: its columns as pgoutput sends them (no dropped or generated ones), with the replica identity flag and
-#: the position in the primary key (0: not in it) and in the replica identity index
+#: the position in the primary key (0: not in it) and in the replica identity index; NOT NULL?, may a value
+#: be stored out of line (TOAST: left out of an UPDATE's data when unchanged)?, the type's name
 COLUMNS_QUERY = (
     "SELECT a.attname, a.atttypid::int8, a.atttypmod,"
     " coalesce((SELECT k.n FROM unnest(pk.indkey) WITH ORDINALITY AS k(att, n) WHERE k.att = a.attnum), 0),"
-    " coalesce((SELECT k.n FROM unnest(ri.indkey) WITH ORDINALITY AS k(att, n) WHERE k.att = a.attnum), 0)"
+    " coalesce((SELECT k.n FROM unnest(ri.indkey) WITH ORDINALITY AS k(att, n) WHERE k.att = a.attnum), 0),"
+    " a.attnotnull, a.attlen = -1 AND a.attstorage <> 'p', pg_catalog.format_type(a.atttypid, a.atttypmod)"
     " FROM pg_catalog.pg_attribute a"
     " LEFT JOIN pg_catalog.pg_index pk ON pk.indrelid = a.attrelid AND pk.indisprimary"
     " LEFT JOIN pg_catalog.pg_index ri ON ri.indrelid = a.attrelid AND ri.indisreplident"

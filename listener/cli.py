@@ -1,4 +1,4 @@
-"""Command line: ``wal-listener [--config FILE]``, ``wal-listener demo``, ``wal-listener --version``.
+"""Command line: ``wal-listener [--config FILE]``, ``demo``, ``check-config``, ``backfill``, ``schema``, ``--version``.
 
 Exit codes: 0 stopped cleanly (SIGTERM/SIGINT), 2 invalid configuration, 1 anything else fatal.
 Every error is one line on stderr (a config with several problems: one line each); no tracebacks for
@@ -26,6 +26,8 @@ _CONFIG_HELP = (
     f"YAML config file (default: {DEFAULT_CONFIG} when it exists, else the WAL_* environment variables alone)"
 )
 
+_TABLE_HELP = "'table' (every schema) or 'schema.table'"
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -51,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Queue a backfill in the database (the listener of listener.slotName runs it while it "
         "streams) and show its progress until it is done. Exit 0 when done, 1 when it failed.",
     )
-    backfill.add_argument("tables", nargs="*", metavar="TABLE", help="'table' (every schema) or 'schema.table'")
+    backfill.add_argument("tables", nargs="*", metavar="TABLE", help=_TABLE_HELP)
     backfill.add_argument("--where", default="", help="only rows matching this SQL expression")
     backfill.add_argument("--name", default="", help="the backfill's name (default: cli-<time>); asked once per slot")
     backfill.add_argument("--no-wait", action="store_true", help="queue it and return at once")
@@ -64,6 +66,14 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="print the SQL that creates the state table (and grants ROLE what the listener needs) and exit",
     )
+    schema = sub.add_parser(
+        "schema",
+        parents=[common],
+        help="print the JSON Schema (draft 2020-12) of tables' events",
+        description="Print the JSON Schema of the events of the tables named (every table the publication "
+        "publishes when none is named), read from the config's database.",
+    )
+    schema.add_argument("tables", nargs="*", metavar="TABLE", help=_TABLE_HELP)
     return parser
 
 
@@ -135,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
             from listener.backfill_cli import run_backfill_command
 
             return asyncio.run(run_backfill_command(load(args.config, []), args))
+        if args.command == "schema":
+            from listener.schema_cli import run_schema_command
+
+            return asyncio.run(run_schema_command(load(args.config, []), args.tables, sys.stdout))
         _event_loop_policy()
         return asyncio.run(_serve(args.config))
     except (ConfigError, BrokerConfigError) as exc:

@@ -314,6 +314,12 @@ class ListenerConfig(_Model):
         description="Publish changes of a partitioned table's partitions as the partitioned (root) table: its "
         "name, its topic, its filter entry (publish_via_partition_root on the publications the listener makes).",
     )
+    schema_events: bool = Field(
+        False,
+        description="Publish a SCHEMA event on a table's topic before its first change with a new shape (columns, "
+        "types, key, replica identity) or its first change on this slot; the shapes announced are kept in "
+        "wal_listener.schemas, so a restart announces nothing again. Not with publisher.format debezium.",
+    )
     max_in_flight: int = Field(20000, ge=1, description="Events read but not yet acknowledged, at most.")
     batch_size: int = Field(
         2000, ge=1, description="Most events handed to the broker in one pipelined batch (a smaller one goes "
@@ -723,6 +729,15 @@ class Config(_Model):
     publisher: PublisherConfig
     logger: LoggerConfig = Field(default_factory=LoggerConfig)
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
+
+    @model_validator(mode="after")
+    def _schema_events_format(self) -> Config:
+        if self.listener.schema_events and self.publisher.format == "debezium":
+            raise ValueError(
+                "listener.schemaEvents is true but publisher.format is debezium: Debezium's records have no SCHEMA "
+                "event (a consumer of them expects none); set one of them otherwise"
+            )
+        return self
 
     def secret_values(self) -> list[str]:
         """Every secret of the config that is set (passwords, the Sentry DSN, the transforms' hash key)."""

@@ -91,11 +91,14 @@ def read_event_ids(
             h.update(f"\x00{key[0]}".encode())
         else:
             h.update("".join("\x00\x01" if k is None else f"\x00{k}" for k in key).encode())
-        hexed = h.hexdigest()
-        # version 8, RFC 9562 variant
-        return f"{hexed[:8]}-{hexed[8:12]}-8{hexed[13:16]}-{_VARIANT[hexed[16]]}{hexed[17:20]}-{hexed[20:]}"
+        return hashed_uuid(h.hexdigest())
 
     return ident
+
+
+def hashed_uuid(hexed: str) -> str:
+    """A UUID (version 8, RFC 9562 variant) made of a 128-bit hash in hex."""
+    return f"{hexed[:8]}-{hexed[8:12]}-8{hexed[13:16]}-{_VARIANT[hexed[16]]}{hexed[17:20]}-{hexed[20:]}"
 
 
 #: the first hex digit of the variant group: its top two bits set to 10
@@ -291,6 +294,23 @@ class EventBuilder:
         counts = metrics.TRANSFORM_FALLBACKS.counts
         counts[labels] = counts.get(labels, 0) + 1
         return info.subject
+
+    def announced_columns(self, info: RelationInfo, columns: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The columns (``{"name", "type", "key"}`` in table order) a SCHEMA event of ``info``'s table announces:
+        those its events carry. The one place that decides it (listener.schemaEvents compares and publishes
+        what this returns): a column a transform leaves out is not announced, a masked one is announced as
+        ``text`` (its events carry a hash or "[redacted]"), or as it is when masked to null."""
+        transform = info.transform
+        if transform is None:
+            return columns
+        kept = {name: at for at, name in enumerate(transform.names)}
+        as_text = {transform.names[at] for at, kind in transform.masks if kind != "null"}
+        return [{**column, "type": "text"} if column["name"] in as_text else column
+                for column in columns if column["name"] in kept]
+
+    def finished(self, message: Message, moment: str) -> Message:
+        """``message`` in publisher.format (CloudEvents around it; the default leaves it as it is)."""
+        return message if self._finish is None else self._finish(message, moment)
 
     # -- rows -------------------------------------------------------------------------------------
 

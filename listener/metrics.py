@@ -135,3 +135,11 @@ SLOT_SYNCED_STANDBYS = Gauge(
     "changes the listener already published).",
     registry=REGISTRY,
 )
+# schema evolution (listener.schemaEvents)
+SCHEMA_CHANGES = Counter(
+    "schema_changes",
+    "SCHEMA events published (listener.schemaEvents): the table's shape (columns, types, key, replica identity) "
+    "changed, or its first change on this slot.",
+    ["table"],
+    registry=REGISTRY,
+)

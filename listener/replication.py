@@ -40,6 +40,8 @@ _U64 = struct.Struct(">Q").unpack_from
 _STATUS = struct.Struct(">cQQQqB")  # 'r', write, flush, apply, client time, reply requested
 
 _UNIX_TO_PG = (PG_EPOCH.timestamp()) * 1_000_000
+#: how long a type named by the stream is looked for before it counts as dropped (see Database.load_types)
+TYPE_VISIBLE_WAIT = 1.0
 
 
 def pg_now() -> int:
@@ -176,21 +178,27 @@ class Database:
             await self.conn.execute(catalog.DROP_SLOT_QUERY, (self.cfg.listener.slot_name,))
 
     async def load_types(self, registry: TypeRegistry, oids: list[int]) -> None:
-        """Describe user-defined types (and the types they are built on) to the registry."""
+        """Describe user-defined types (and the types they are built on) to the registry. A type made by the
+        transaction being decoded may not be visible yet (a transaction is decoded once its commit is in the
+        WAL, a moment before other sessions see it): it is looked for again for up to TYPE_VISIBLE_WAIT
+        seconds before it counts as dropped (its values then stay text)."""
         todo = registry.missing(oids)
+        deadline = time.monotonic() + TYPE_VISIBLE_WAIT
         while todo:
             async with self.conn.cursor() as cur:
                 await cur.execute(catalog.PG_TYPE_QUERY, (todo,))
                 rows = await cur.fetchall()
-            found = set()
             for oid, kind, base, elem, category, delim in rows:
                 registry.add(PgType(int(oid), kind, int(base), int(elem), category, delim))
-                found.add(int(oid))
-            for oid in todo:
-                if oid not in found:  # dropped meanwhile: its text form
-                    registry.add(PgType(oid, "b", 0, 0, "U", ","))
             nested = [int(r[2]) for r in rows if int(r[2])] + [int(r[3]) for r in rows if int(r[3])]
-            todo = registry.missing(nested)
+            unseen = registry.missing(todo)
+            if unseen and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            else:
+                for oid in unseen:  # dropped meanwhile: its text form
+                    registry.add(PgType(oid, "b", 0, 0, "U", ","))
+                unseen = []
+            todo = registry.missing(nested) + unseen
 
     async def primary_key(self, relation_oid: int) -> tuple[str, ...]:
         """The primary-key column names of a table, in key order (empty when it has none)."""

@@ -179,11 +179,6 @@ class Transforms:
                 return entry
         return None
 
-    def announced_columns(self, schema: str, table: str, names: Sequence[str]) -> list[str]:
-        """The columns of ``schema.table`` its events publish (what a SCHEMA event may announce)."""
-        entry = self.find(schema, table)
-        return list(names) if entry is None else [n for n in names if entry.columns.keeps(n)]
-
     def relation(
         self, schema: str, table: str, names: Sequence[str], identity: Sequence[bool]
     ) -> RelationTransform | None:

@@ -273,6 +273,21 @@ class TypeRegistry:
         """OIDs (and, transitively, their element or base types) that must be looked up first."""
         return [oid for oid in oids if not self.known(oid)]
 
+    def base(self, oid: int) -> int:
+        """The type a value of type ``oid`` is converted as: a domain's base type (through domains of domains)."""
+        info = self._user.get(oid)
+        while info is not None and info.kind == "d" and info.base_oid:
+            oid = info.base_oid
+            info = self._user.get(oid)
+        return oid
+
+    def element(self, oid: int) -> int | None:
+        """The element type of array type ``oid`` (None: ``oid`` is no array type)."""
+        if oid in ARRAYS:
+            return ARRAYS[oid]
+        info = self._user.get(oid)
+        return info.element_oid if info is not None and info.category == "A" and info.element_oid else None
+
     def converter(self, oid: int, scalars: Mapping[int, Converter | None] = SCALARS) -> Converter | None:
         """The converter of type ``oid``: from ``scalars`` (another event format may bring its own), arrays
         of them, domains as their base type; None: the text itself."""

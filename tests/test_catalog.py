@@ -204,3 +204,14 @@ def test_the_inserts_publication_name_fits_postgres_identifiers() -> None:
     long = catalog.inserts_publication("p" * 63)
     assert len(long.encode()) == 63 and long.endswith("_inserts")
     assert len(catalog.inserts_publication("é" * 31).encode()) <= 63
+
+
+def test_state_tables_and_grants_for_a_role_whose_name_needs_quoting() -> None:
+    """The state tables (backfills, and the shapes SCHEMA events announced) and what a DBA grants: every name
+    an identifier, the role's too."""
+    ddl = [s.as_string(None) for s in catalog.state_table_ddl()]
+    assert ddl[0] == 'CREATE SCHEMA IF NOT EXISTS "wal_listener"'
+    assert ddl[2].startswith('CREATE TABLE IF NOT EXISTS "wal_listener"."schemas" (slot text NOT NULL, ')
+    assert "PRIMARY KEY (slot, schema_name, table_name, commit_lsn, ordinal)" in ddl[2]
+    grants = [s.as_string(None) for s in catalog.state_table_grants('cdc"; DROP ROLE x; --')]
+    assert grants[-1] == 'GRANT SELECT, INSERT, UPDATE, DELETE ON "wal_listener"."schemas" TO "cdc""; DROP ROLE x; --"'

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import base64
+import copy
 import uuid
+from pathlib import Path
 
 import orjson
 import pytest
 
+from tests.support.event_schemas import assert_valid, is_valid, printed_schema
 from tests.support.harness import (
     confirmed_lsn,
     current_lsn,
@@ -40,7 +43,7 @@ CREATE TABLE everything (
 
 
 async def test_every_action_and_type_arrives_with_the_documented_json(
-    fresh_any_db: Database, nats_server: NatsServer
+    fresh_any_db: Database, nats_server: NatsServer, tmp_path: Path
 ) -> None:
     db = fresh_any_db
     await sql(db.dsn(), *TYPES_TABLE.strip().split(";\n"))
@@ -98,6 +101,30 @@ async def test_every_action_and_type_arrives_with_the_documented_json(
     assert got[2].event["data"] == {} and got[2].event["dataOld"] == {"id": data["id"]}
     assert got[3].event["data"] == {} and got[3].event["dataOld"] == {}
     assert len({r.id for r in got}) == 4
+    # every event validates against the JSON Schema `wal-listener schema everything` prints; a wrong one does not
+    schema = printed_schema(cfg, tmp_path, "everything")
+    assert_valid(schema, [r.event for r in got])
+    insert = got[0].event
+    wrong = {
+        "integer as text": ("i4", "2147483647"), "numeric as a number": ("num", 3.14), "bool as text": ("b", "t"),
+        "timestamptz with its offset": ("tstz", "2026-01-02T03:04:05.5+05:30"), "array item": ("ai", [1, "2"]),
+        "enum label": ("m", "angry"), "null in a NOT NULL column": ("id", None), "bytea not base64": ("by", "~~"),
+        "unknown column": ("nope", 1),
+    }
+    for what, (column, value) in wrong.items():
+        bad = copy.deepcopy(insert)
+        bad["data"][column] = value
+        assert not is_valid(schema, bad), what
+    for what, change in {
+        "an INSERT without a column": lambda e: e["data"].pop("t"),
+        "another table": lambda e: e.update(table="other"),
+        "an unknown action": lambda e: e.update(action="UPSERT"),
+        "a field more": lambda e: e.update(extra=1),
+        "no id": lambda e: e.pop("id"),
+    }.items():
+        bad = copy.deepcopy(insert)
+        change(bad)
+        assert not is_valid(schema, bad), what
 
 
 async def test_filter_topics_map_and_skipped_metric(fresh_db: str, pg: PostgresServer, nats_server: NatsServer) -> None:

@@ -18,6 +18,7 @@ import psycopg
 import pytest
 
 from listener.replication import SESSION_OPTIONS
+from tests.support.event_schemas import assert_valid, printed_schema
 from tests.support.harness import (
     ListenerProcess,
     confirmed_lsn,
@@ -153,7 +154,7 @@ def _column(i: int) -> str:
 
 
 async def test_every_kind_of_value_converts_as_documented_or_is_text_and_counted(
-    fresh_any_db: Database, nats_server: NatsServer
+    fresh_any_db: Database, nats_server: NatsServer, tmp_path: Path
 ) -> None:
     db = fresh_any_db
     values = VALUES
@@ -167,7 +168,8 @@ async def test_every_kind_of_value_converts_as_documented_or_is_text_and_counted
     topic = unique("values")
     vector = values.index(("int2vector", "'1 2 3'", "1 2 3"))
     before = metric("conversion_errors_total", {"table": "everything", "column": _column(vector)})
-    async with running(nats_config(db.server.port, db.name, nats_server.url, topic)) as listener:
+    cfg = nats_config(db.server.port, db.name, nats_server.url, topic)
+    async with running(cfg) as listener:
         await sql(db.dsn(), f"INSERT INTO everything VALUES (1, {literals})",
                   "INSERT INTO everything (id) VALUES (2)",  # every column NULL
                   "UPDATE everything SET id = 3 WHERE id = 1")
@@ -195,6 +197,8 @@ async def test_every_kind_of_value_converts_as_documented_or_is_text_and_counted
     assert got[2].event["data"] == {**data, "id": 3}
     # the one value that has no documented conversion was published as text and counted
     assert metric("conversion_errors_total", {"table": "everything", "column": _column(vector)}) == before + 2
+    # every event validates against the JSON Schema `wal-listener schema` prints for the table
+    assert_valid(printed_schema(cfg, tmp_path, "public.everything"), [r.event for r in got])
 
 
 # -- events larger than the broker accepts ---------------------------------------------------------------

@@ -178,16 +178,26 @@ def test_table_patterns_and_first_match_wins() -> None:
     assert transforms.find("public", "orders") is None
 
 
-def test_announced_columns_leave_out_excluded_ones() -> None:
-    """What SCHEMA events may announce (issue 19 wires it in): the published columns only."""
-    cfg = ListenerConfig.model_validate({"slotName": "s", "transforms": [
-        {"tables": ["users"], "columns": {"exclude": ["pw"]}, "mask": {"email": "redact"}},
+def test_schema_events_announce_only_the_published_columns() -> None:
+    """A SCHEMA event lists what the table's events carry: an excluded column is not announced, a hashed or
+    redacted one is text, one masked to null keeps its type; the other tables are announced as they are."""
+    cfg = make_config(hash_key=KEY, transforms=[
+        {"tables": ["users"], "columns": {"exclude": ["pw"]}, "mask": {"email": "hash", "born": "null"}},
         {"tables": ["accounts"], "columns": {"include": ["email", "plan"]}},
-    ]})  # fmt: skip
-    transforms = Transforms(cfg, "t.")
-    assert transforms.announced_columns("public", "users", ["id", "email", "pw"]) == ["id", "email"]
-    assert transforms.announced_columns("public", "accounts", ["id", "email", "plan", "x"]) == ["email", "plan"]
-    assert transforms.announced_columns("public", "other", ["id", "pw"]) == ["id", "pw"]
+    ])  # fmt: skip
+    builder = EventBuilder(cfg, TypeRegistry(), needs_key=True, compiled=False)
+
+    def announced(table: str, names: list[str]) -> list[dict[str, Any]]:
+        info = builder.relation_info(Relation(1, "public", table, "d", tuple(
+            Column(n, 23, -1, n == "id") for n in names)))
+        columns = [{"name": n, "type": "integer", "key": n == "id"} for n in names]
+        return builder.announced_columns(info, columns)
+
+    assert announced("users", ["id", "email", "pw", "born"]) == [
+        {"name": "id", "type": "integer", "key": True}, {"name": "email", "type": "text", "key": False},
+        {"name": "born", "type": "integer", "key": False}]
+    assert [c["name"] for c in announced("accounts", ["id", "email", "plan", "x"])] == ["email", "plan"]
+    assert [c["name"] for c in announced("other", ["id", "pw"])] == ["id", "pw"]
 
 
 def test_apply_and_route_on_python_values() -> None:
