@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
 import psycopg
+from psycopg import sql
 
 from listener import catalog, pgoutput
 from listener.catalog import execute_one, fetch_all, fetch_one
@@ -299,7 +301,7 @@ async def remove_capture(conn: Connection) -> tuple[str, str]:
     return "removed", "removed the DDL event trigger: no slot of the database is left to read its messages"
 
 
-def script(statements: list[Any]) -> str:
+def script(statements: Sequence[sql.Composable]) -> str:
     """Statements as one psql script, in one transaction."""
     return "BEGIN;\n" + "".join(f"{s.as_string(None)};\n" for s in statements) + "COMMIT;"
 

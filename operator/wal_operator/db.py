@@ -1,4 +1,5 @@
-"""What the operator does inside PostgreSQL: the publication, the logical slot, and reading slot lag.
+"""What the operator does inside PostgreSQL: the publication, the logical slot, reading slot lag, and the DDL
+event trigger (spec.listener.ddl.capture).
 
 Every function reads what exists and changes only what differs, so a reconcile can run any number
 of times. A publication the operator creates carries a comment naming the resource that owns it
