@@ -823,7 +823,8 @@ DDL_PREFIX = "wal_listener.ddl"
 DDL_FUNCTION = "capture_ddl"
 #: the event triggers (their names are the database's, not a schema's) and the event each fires on
 DDL_TRIGGERS = (("wal_listener_ddl_end", "ddl_command_end"), ("wal_listener_ddl_drop", "sql_drop"))
-#: the longest statement text a DDL message carries, in characters (at most 256 KiB of UTF-8)
+#: the longest statement text a DDL message carries, in characters (at most 256 KiB of UTF-8); a longer one is
+#: left out (a cut text could hold the start of another statement)
 DDL_STATEMENT_LIMIT = 65536
 #: commands whose text may hold credentials (OPTIONS (password ...), CONNECTION '...'): their text is
 #: never written into the WAL
@@ -842,7 +843,7 @@ DDL_MESSAGE_VERSION = 1
 # - sql_drop, for DROP statements only (ALTER TABLE ... DROP COLUMN is reported at ddl_command_end): the
 #   objects the statement names, and the tables, views and sequences it drops with CASCADE;
 # never the listener's own schema, never temporary objects. The statement text is left out for commands
-# that may carry credentials and cut at DDL_STATEMENT_LIMIT characters.
+# that may carry credentials and when it is longer than DDL_STATEMENT_LIMIT characters.
 # The message is followed by an empty one (the listeners skip it): the block is a subtransaction, and PostgreSQL
 # files a message at the end of its WAL record, where the statement's next change in the enclosing transaction
 # begins; merging the two, decoding may put that change first. The empty message takes the tie instead.
@@ -910,8 +911,7 @@ BEGIN
     END IF;
     PERFORM pg_catalog.pg_logical_emit_message(true, {prefix}, pg_catalog.jsonb_build_object(
       'v', {version}, 'command', TG_TAG, 'objects', found,
-      'statement', CASE WHEN {secret} THEN NULL ELSE pg_catalog.left(query, {limit}) END,
-      'truncated', pg_catalog.length(query) > {limit})::text);
+      'statement', CASE WHEN {secret} OR pg_catalog.length(query) > {limit} THEN NULL ELSE query END)::text);
     PERFORM pg_catalog.pg_logical_emit_message(true, {prefix}, '');
   EXCEPTION WHEN OTHERS THEN
     BEGIN

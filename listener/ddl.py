@@ -12,9 +12,9 @@ without capture skips the prefix silently. A listener with capture turns each ob
      "schema": "public", "statement": "ALTER TABLE t ADD COLUMN b int", "commitTime"}
 
 ``statement`` is the text the client sent when it held this one statement, else null (several statements
-sent as one query string: which of them made the event cannot be told; or a command that may carry
-credentials). With ``listener.filter.tables``, only the DDL of those tables and of the objects on them
-(indexes, columns, constraints, triggers, partitions) is published.
+sent as one query string: which of them made the event cannot be told; a command that may carry credentials;
+a text longer than 65,536 characters). With ``listener.filter.tables``, only the DDL of those tables and of the
+objects on them (indexes, columns, constraints, triggers, partitions) is published.
 
 The trigger needs a superuser to install: the listener (and the operator) install it when they can, idempotently,
 and otherwise say in one line what a DBA runs (``wal-listener ddl --print-sql``); the listener streams on.
@@ -68,7 +68,6 @@ class DdlStatement:
     command: str  # the statement's command tag: CREATE TABLE, ALTER TABLE, DROP TABLE...
     objects: tuple[DdlObject, ...]
     statement: str | None  # the client's query text (None: left out by the trigger)
-    truncated: bool = False  # cut at catalog.DDL_STATEMENT_LIMIT characters
 
 
 def _text(value: Any) -> str | None:
@@ -103,7 +102,6 @@ def parse_message(content: bytes) -> DdlStatement:
             for o in objects
         ),
         statement=_text(data.get("statement")),
-        truncated=data.get("truncated") is True,
     )
 
 
@@ -372,10 +370,8 @@ class DdlEvents:
             if not self._wanted(ddl.command, obj):
                 txn.ordinal += 1  # counted like a filtered row: later ids do not depend on the filter
                 continue
-            fields: dict[str, Any] = {"command": ddl.command, "objectType": obj.type, "object": obj.identity,
-                                      "schema": obj.schema, "statement": statement}
-            if ddl.truncated and statement is not None:
-                fields["statementTruncated"] = True
+            fields = {"command": ddl.command, "objectType": obj.type, "object": obj.identity, "schema": obj.schema,
+                      "statement": statement}
             out.append(self._builder.custom(txn, self.subject, "DDL", fields, obj.identity or "", self._key))
         return out
 

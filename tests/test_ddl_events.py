@@ -88,12 +88,12 @@ def test_several_statements_or_an_unreadable_text_are_not(text: str) -> None:
 
 def test_the_message_is_read_and_a_bad_one_refused() -> None:
     content = orjson.dumps({
-        "v": 1, "command": "CREATE INDEX", "statement": "CREATE INDEX ON t (b)", "truncated": False,
+        "v": 1, "command": "CREATE INDEX", "statement": "CREATE INDEX ON t (b)",
         "objects": [{"type": "index", "identity": "public.t_b_idx", "schema": "public", "relid": 16401,
                      "table": ["public", "t"], "root": None}],
     })
     ddl = parse_message(content)
-    assert ddl.command == "CREATE INDEX" and ddl.statement == "CREATE INDEX ON t (b)" and not ddl.truncated
+    assert ddl.command == "CREATE INDEX" and ddl.statement == "CREATE INDEX ON t (b)"
     (obj,) = ddl.objects
     assert (obj.type, obj.identity, obj.schema, obj.table, obj.root, obj.relid) == (
         "index", "public.t_b_idx", "public", ("public", "t"), None, 16401)
@@ -168,7 +168,7 @@ def _builder_events(fmt: dict[str, Any], content: dict[str, Any], **listener: An
     return DdlEvents(cfg, builder).events(message, txn)
 
 
-DROP = {"v": 1, "command": "DROP TABLE", "statement": "DROP TABLE a, b CASCADE", "truncated": False, "objects": [
+DROP = {"v": 1, "command": "DROP TABLE", "statement": "DROP TABLE a, b CASCADE", "objects": [
     {"type": "table", "identity": "public.a", "schema": "public", "relid": 1, "table": ["public", "a"]},
     {"type": "table", "identity": "public.b", "schema": "public", "relid": 2, "table": ["public", "b"]},
 ]}
@@ -242,15 +242,25 @@ async def test_create_alter_drop_table_and_rows_arrive_in_commit_order(
             "CREATE TEMP TABLE scratch (x int)",
             "CREATE TABLE wal_listener.own (x int)",  # the listener's schema: never published
             "DROP TABLE IF EXISTS nothing",
+            f"COMMENT ON TABLE items IS '{'x' * 70000}'",  # longer than a DDL message carries
+            "CREATE FOREIGN DATA WRAPPER nowhere",
+            "CREATE SERVER far FOREIGN DATA WRAPPER nowhere OPTIONS (host 'far')",
+            "CREATE USER MAPPING FOR postgres SERVER far OPTIONS (password 'sesame')",  # never its text
             "DROP TABLE items",
         )
-        got = await read_stream(nats_server.url, topic, 5)
+        got = await read_stream(nats_server.url, topic, 9)
     assert [(g.subject.removeprefix(topic + "."), g.event["action"]) for g in got] == [
-        ("ddl", "DDL"), ("public_items", "INSERT"), ("ddl", "DDL"), ("public_items", "INSERT"), ("ddl", "DDL"),
+        ("ddl", "DDL"), ("public_items", "INSERT"), ("ddl", "DDL"), ("public_items", "INSERT"), *[("ddl", "DDL")] * 5,
     ], got
-    assert ddl_events(got) == [("CREATE TABLE", "table", "public.items"), ("ALTER TABLE", "table", "public.items"),
-                               ("DROP TABLE", "table", "public.items")]
-    create, first, alter, second, drop = (g.event for g in got)
+    assert ddl_events(got) == [
+        ("CREATE TABLE", "table", "public.items"), ("ALTER TABLE", "table", "public.items"),
+        ("COMMENT", "table", "public.items"), ("CREATE FOREIGN DATA WRAPPER", "foreign-data wrapper", "nowhere"),
+        ("CREATE SERVER", "server", "far"), ("CREATE USER MAPPING", "user mapping", "postgres on server far"),
+        ("DROP TABLE", "table", "public.items"),
+    ]
+    assert [g.event["statement"] for g in got[4:8]] == [None, "CREATE FOREIGN DATA WRAPPER nowhere", None, None]
+    assert not [g for g in got if b"sesame" in g.raw]
+    create, first, alter, second, *_, drop = (g.event for g in got)
     assert create["statement"] == "CREATE TABLE items (id int PRIMARY KEY, name text)" and create["schema"] == "public"
     assert alter["statement"] is None  # the client sent four statements as one query: which one is not known
     assert first["commitTime"] == alter["commitTime"] == second["commitTime"]
