@@ -706,7 +706,12 @@ def state_table_grants(role: str) -> list[sql.Composed]:
     ]
 
 
-STATE_TABLE_EXISTS_QUERY = "SELECT pg_catalog.to_regclass(%s) IS NOT NULL"
+#: whether the state table exists; read off the catalog, which needs no USAGE on the schema (to_regclass does:
+#: a schema a DBA made for the DDL event trigger would make it fail for every other role)
+STATE_TABLE_EXISTS_QUERY = (
+    "SELECT EXISTS (SELECT FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+    " WHERE n.nspname || '.' || c.relname = %s)"
+)
 STATE_TABLE_NAME = f"{STATE_SCHEMA}.{STATE_TABLE}"
 
 #: a backfill request (what `wal-listener backfill`, the operator and plain SQL do); nothing if the name
@@ -942,10 +947,11 @@ DDL_FUNCTION_BODY = _DDL_BODY.format(
 _DOLLAR = "$wal_listener$"
 
 
-def ddl_capture_install() -> list[sql.Composed]:
+def ddl_capture_install(role: str = "") -> list[sql.Composed]:
     """What installs (or updates) DDL capture, each statement on its own, in one transaction: idempotent, and
     serialized between listeners starting together. The function is replaced; a trigger is made only when it
-    is missing (one a DBA disabled stays disabled). Needs a superuser (CREATE EVENT TRIGGER)."""
+    is missing (one a DBA disabled stays disabled). Needs a superuser (CREATE EVENT TRIGGER). ``role``: a
+    listener's role that keeps its backfill state in the schema this may create (USAGE and CREATE on it)."""
     function = sql.Identifier(STATE_SCHEMA, DDL_FUNCTION)
     creates = sql.SQL("").join(
         sql.SQL(
@@ -977,6 +983,8 @@ def ddl_capture_install() -> list[sql.Composed]:
                         "with listener.ddl.capture (never fails the statement)"),
         ),
         sql.Composed([sql.SQL(f"DO {_DOLLAR}\nBEGIN\n"), creates, sql.SQL(f"END\n{_DOLLAR}")]),
+        *([sql.SQL("GRANT USAGE, CREATE ON SCHEMA {} TO {}").format(sql.Identifier(STATE_SCHEMA), sql.Identifier(role))]
+          if role else []),
     ]
 
 

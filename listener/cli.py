@@ -73,8 +73,9 @@ def _parser() -> argparse.ArgumentParser:
         "a config or a database.",
     )
     printed = ddl.add_mutually_exclusive_group()
-    printed.add_argument("--print-sql", action="store_true",
-                         help="print the SQL that installs the trigger (run it once as a superuser; idempotent)")
+    printed.add_argument("--print-sql", metavar="ROLE", nargs="?", const="", default=None,
+                         help="print the SQL that installs the trigger (run it once as a superuser; idempotent); "
+                         "with ROLE, that role may also keep its backfill state in the wal_listener schema")
     printed.add_argument("--print-drop-sql", action="store_true", help="print the SQL that removes the trigger")
     return parser
 
@@ -157,8 +158,9 @@ def main(argv: list[str] | None = None) -> int:
             from listener import catalog
             from listener.ddl import script
 
-            if args.print_sql or args.print_drop_sql:
-                print(script(catalog.ddl_capture_install() if args.print_sql else catalog.ddl_capture_remove()))
+            if args.print_sql is not None or args.print_drop_sql:
+                print(script(catalog.ddl_capture_remove() if args.print_drop_sql else
+                             catalog.ddl_capture_install(args.print_sql)))
                 return 0
             return asyncio.run(_ddl_state(load(args.config, [])))
         if args.command == "backfill":

@@ -116,6 +116,10 @@ def test_the_sql_is_constant_idempotent_and_catches_every_error() -> None:
     assert "IF NOT EXISTS (SELECT FROM pg_catalog.pg_event_trigger" in install[4]
     assert all(s.startswith(("DROP EVENT TRIGGER IF EXISTS", "DROP FUNCTION IF EXISTS"))
                for s in (s.as_string(None) for s in catalog.ddl_capture_remove()))
+    # the one thing a user supplies (--print-sql ROLE) is an identifier: it cannot end the statement
+    *same, grant = catalog.ddl_capture_install('app"; DROP TABLE x; --')
+    assert [s.as_string(None) for s in same] == install
+    assert grant.as_string(None) == 'GRANT USAGE, CREATE ON SCHEMA "wal_listener" TO "app""; DROP TABLE x; --"'
 
 
 def test_the_prefix_is_the_listeners_own() -> None:
@@ -337,18 +341,23 @@ async def test_without_a_superuser_one_line_then_a_dba_installs_it_with_print_sq
         status = await asyncio.to_thread(run_cli, ["ddl", "--config", str(path)])
         assert status.returncode == 1 and "not installed" in status.stdout
 
-        # what a DBA runs, twice (idempotent); no config needed to print it
-        printed = await asyncio.to_thread(run_cli, ["ddl", "--print-sql"])
+        # what a DBA runs, twice (idempotent); no config needed to print it; the role keeps its backfill state
+        # in the schema this makes
+        printed = await asyncio.to_thread(run_cli, ["ddl", "--print-sql", role])
         assert printed.returncode == 0 and printed.stdout.startswith("BEGIN;"), printed.stderr
         await sql(dsn, printed.stdout, printed.stdout)
         status = await asyncio.to_thread(run_cli, ["ddl", "--config", str(path)])
         assert status.returncode == 0 and "installed and enabled" in status.stdout
+        backfill = await asyncio.to_thread(run_cli, ["backfill", "items", "--no-wait", "--config", str(path)])
+        assert backfill.returncode == 0, backfill.stderr
+        await read_stream(nats_server.url, topic, 2, rest=False)  # the READ of the backfill
 
         # no restart: the next DDL is an event, run by the application's role
         await sql(_as_role(dsn, role), "ALTER TABLE items ADD COLUMN after_install int")
-        got = await read_stream(nats_server.url, topic, 2)
+        got = await read_stream(nats_server.url, topic, 3)
+    assert [g.event["action"] for g in got] == ["INSERT", "READ", "DDL"]
     assert ddl_events(got) == [("ALTER TABLE", "table", "public.items")]
-    assert got[1].event["statement"] == "ALTER TABLE items ADD COLUMN after_install int"
+    assert got[2].event["statement"] == "ALTER TABLE items ADD COLUMN after_install int"
     assert rows_of(await query(dsn, "SELECT count(*) FROM pg_event_trigger")) == 2
 
 

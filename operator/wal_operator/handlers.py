@@ -875,5 +875,5 @@ async def delete(
     )
     if note:  # the trigger is the database's: kept while another slot may need it; never blocks the delete
         logger.info("%s", note)
-        kopf.event(body, type="Warning" if outcome == "failed" else "Normal", reason=f"DDLCapture{outcome.title()}",
-                   message=note)
+        reason = {"removed": "DDLCaptureRemoved", "kept": "DDLCaptureKept", "failed": "DDLCaptureFailed"}[outcome]
+        kopf.event(body, type="Warning" if outcome == "failed" else "Normal", reason=reason, message=note)
