@@ -266,7 +266,7 @@ async def test_create_alter_drop_table_and_rows_arrive_in_commit_order(
     assert not [g for g in got if b"sesame" in g.raw]
     create, first, alter, second, *_, drop = (g.event for g in got)
     assert create["statement"] == "CREATE TABLE items (id int PRIMARY KEY, name text)" and create["schema"] == "public"
-    assert alter["statement"] is None  # the client sent four statements as one query: which one is not known
+    assert alter["statement"] is None  # the client sent five statements as one query: which one is not known
     assert first["commitTime"] == alter["commitTime"] == second["commitTime"]
     assert first["id"] < alter["id"] < second["id"]  # one transaction: consecutive ids
     assert second["data"] == {"id": 2, "name": "b", "note": "n"}
