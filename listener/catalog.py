@@ -709,8 +709,9 @@ def state_table_grants(role: str) -> list[sql.Composed]:
 #: whether the state table exists; read off the catalog, which needs no USAGE on the schema (to_regclass does:
 #: a schema a DBA made for the DDL event trigger would make it fail for every other role)
 STATE_TABLE_EXISTS_QUERY = (
-    "SELECT EXISTS (SELECT FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
-    " WHERE n.nspname || '.' || c.relname = %s)"
+    "SELECT EXISTS (SELECT FROM (SELECT %s::text AS name) AS w, pg_catalog.pg_class c"
+    " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+    " WHERE n.nspname = pg_catalog.split_part(w.name, '.', 1) AND c.relname = pg_catalog.split_part(w.name, '.', 2))"
 )
 STATE_TABLE_NAME = f"{STATE_SCHEMA}.{STATE_TABLE}"
 
