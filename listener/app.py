@@ -19,8 +19,9 @@ from typing import Any
 
 from listener import metrics, pgoutput
 from listener.backfill import Backfiller, published_tables, request_backfill
-from listener.catalog import TABLE_COLUMNS_QUERY, WATERMARK_PREFIX, SlotState, column_facts, fetch_all
+from listener.catalog import DDL_PREFIX, TABLE_COLUMNS_QUERY, WATERMARK_PREFIX, SlotState, column_facts, fetch_all
 from listener.config import Config, redact_url
+from listener.ddl import DdlEvents
 from listener.delivery import Backoff, Delivery
 from listener.errors import (
     BrokerConfigError,
@@ -114,6 +115,9 @@ class Listener:
         self.backfiller = Backfiller(cfg, self.builder)
         #: SCHEMA events (listener.schemaEvents)
         self.schemas = SchemaTracker(cfg, self.builder) if cfg.listener.schema_events else None
+        #: listener.ddl.capture: DDL statements as DDL events
+        self.ddl = DdlEvents(cfg, self.builder) if cfg.listener.ddl.capture else None
+        self._check_now = asyncio.Event()  # run the periodic checks now (a DDL event: a table may have appeared)
         self._server = ""  # host:port of the server the last session streamed from
         self._warned_unsynced = False
         #: the slot was lost and listener.onSlotLost is resnapshot: create it again, then backfill everything
@@ -299,6 +303,8 @@ class Listener:
         await db.connect()
         await db.check_server()
         publications = await db.ensure_publication(create=not self._streamed)
+        if self.ddl is not None:
+            await self.ddl.prepare(db.conn)
         try:
             slot = await db.ensure_slot(create=not self._streamed or self._resnapshot)
         except SlotLostError as exc:
@@ -446,7 +452,7 @@ class Listener:
         interval = max(1.0, self.cfg.listener.heartbeat_interval.total_seconds())
         warned = False
         while True:
-            await asyncio.sleep(interval)
+            await self._next_check(interval)
             try:
                 if self.cfg.listener.emit_heartbeat:
                     await db.emit_heartbeat()
@@ -478,6 +484,15 @@ class Listener:
                                       "retained_wal": max(0, state.current_lsn - state.restart_lsn)}},
                 )
             warned = at_risk
+
+    async def _next_check(self, interval: float) -> None:
+        """Wait for the next periodic check: heartbeatInterval, or until a DDL event asks for it at once."""
+        waiter = asyncio.ensure_future(self._check_now.wait())
+        try:
+            await asyncio.wait([waiter], timeout=interval)  # not wait_for: see ReplicationStream.status_wanted
+        finally:
+            waiter.cancel()
+        self._check_now.clear()
 
     async def _read(self, stream: ReplicationStream, db: Database) -> None:
         """The hot loop: copy data (a batch of buffered messages at a time) -> pgoutput -> events -> delivery."""
@@ -530,6 +545,8 @@ class Listener:
                     elif kind is pgoutput.LogicalMessage:
                         if msg.prefix == WATERMARK_PREFIX:  # type: ignore[union-attr]
                             await self._watermark(msg)  # type: ignore[arg-type]
+                        elif msg.prefix == DDL_PREFIX and self.ddl is not None and txn is not None:  # type: ignore[union-attr]
+                            await self._ddl(msg, txn, db)  # type: ignore[arg-type]
                         elif msg.transactional and txn is not None:  # type: ignore[union-attr]
                             out = builder.message(msg, txn)  # type: ignore[arg-type]
                         else:
@@ -585,6 +602,17 @@ class Listener:
         if not chunk.published.done():
             chunk.published.set_result(msg.lsn)
 
+    async def _ddl(self, msg: pgoutput.LogicalMessage, txn: Transaction, db: Database) -> None:
+        """A DDL statement: its DDL events, in its transaction's order. A table of listener.filter may have
+        appeared: the publication check runs at once instead of at the next heartbeatInterval."""
+        assert self.ddl is not None
+        for event in self.ddl.events(msg, txn):
+            self._add(event)
+            if self.delivery.full:
+                await self.delivery.wait_for_space(self._stopping)
+        if db.publications.missing:
+            self._check_now.set()
+
     async def _message(self, msg: pgoutput.LogicalMessage) -> None:
         """A non-transactional logical message: published at once, confirmed on its own."""
         event = self.builder.message(msg, None)
@@ -613,6 +641,6 @@ class Listener:
         """Before a change of the tables ``oids``: the SCHEMA events due, in its transaction."""
         assert self.schemas is not None
         for event in await self.schemas.announce(db.conn, txn, oids):
-            self.delivery.add(event)
+            self._add(event)
             if self.delivery.full:
                 await self.delivery.wait_for_space(self._stopping)

@@ -758,7 +758,13 @@ def state_table_grants(role: str) -> list[sql.Composed]:
     ]
 
 
-STATE_TABLE_EXISTS_QUERY = "SELECT pg_catalog.to_regclass(%s) IS NOT NULL"
+#: whether the state table exists; read off the catalog, which needs no USAGE on the schema (to_regclass does:
+#: a schema a DBA made for the DDL event trigger would make it fail for every other role)
+STATE_TABLE_EXISTS_QUERY = (
+    "SELECT EXISTS (SELECT FROM (SELECT %s::text AS name) AS w, pg_catalog.pg_class c"
+    " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+    " WHERE n.nspname = pg_catalog.split_part(w.name, '.', 1) AND c.relname = pg_catalog.split_part(w.name, '.', 2))"
+)
 STATE_TABLE_NAME = f"{STATE_SCHEMA}.{STATE_TABLE}"
 SCHEMAS_TABLE_NAME = f"{STATE_SCHEMA}.{SCHEMAS_TABLE}"
 
@@ -908,6 +914,212 @@ def check_where_query(schema: str, table: str, where: str) -> sql.Composed:
     return sql.SQL("SELECT 1 FROM {} WHERE ({}) LIMIT 0").format(
         sql.Identifier(schema, table), sql.SQL(check_expression(where))
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# DDL capture: one event trigger function and two event triggers, shared by every listener of a database
+
+#: the prefix of the transactional logical messages the DDL event trigger writes (one per DDL statement)
+DDL_PREFIX = "wal_listener.ddl"
+#: the function the event triggers run (in :data:`STATE_SCHEMA`)
+DDL_FUNCTION = "capture_ddl"
+#: the event triggers (their names are the database's, not a schema's) and the event each fires on
+DDL_TRIGGERS = (("wal_listener_ddl_end", "ddl_command_end"), ("wal_listener_ddl_drop", "sql_drop"))
+#: the longest statement text a DDL message carries, in characters (at most 256 KiB of UTF-8); a longer one is
+#: left out (a cut text could hold the start of another statement)
+DDL_STATEMENT_LIMIT = 65536
+#: commands whose text may hold credentials (OPTIONS (password ...), CONNECTION '...'): their text is
+#: never written into the WAL
+DDL_SECRET_COMMANDS = ("% USER MAPPING", "% SERVER", "% SUBSCRIPTION")
+#: the version of the message's content (its "v")
+DDL_MESSAGE_VERSION = 1
+
+# The function body. Everything it does happens inside one block that catches every error: an error raised in
+# an event trigger function aborts the DDL statement, and this function must never break anyone's DDL. A DDL
+# it could not capture gets a WARNING (caught too, should even that fail); its DECLARE has no initializers
+# because those run outside the block. One message per statement, listing its objects:
+# - ddl_command_end: the commands the statement ran whose tag is the statement's (CREATE TABLE, not the
+#   CREATE SEQUENCE of a serial column or the CREATE INDEX of its primary key; all when none has it), each
+#   with the table it is or belongs to (index, column, constraint, trigger, rule, policy, default) and, for
+#   a partition, its root; a DROP statement has none here;
+# - sql_drop, for DROP statements only (ALTER TABLE ... DROP COLUMN is reported at ddl_command_end): the
+#   objects the statement names, and the tables, views and sequences it drops with CASCADE;
+# never the listener's own schema, never temporary objects. The statement text is left out for commands
+# that may carry credentials and when it is longer than DDL_STATEMENT_LIMIT characters.
+# The message is followed by an empty one (the listeners skip it): the block is a subtransaction, and PostgreSQL
+# files a message at the end of its WAL record, where the statement's next change in the enclosing transaction
+# begins; merging the two, decoding may put that change first. The empty message takes the tie instead.
+_DDL_BODY = """
+DECLARE
+  found jsonb;
+  query text;
+BEGIN
+  BEGIN
+    query := pg_catalog.current_query();
+    IF TG_EVENT = 'sql_drop' THEN
+      IF TG_TAG NOT LIKE 'DROP %' THEN
+        RETURN;
+      END IF;
+      SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object(
+               'type', d.object_type, 'identity', d.object_identity, 'schema', d.schema_name,
+               'relid', CASE WHEN d.object_type IN ('table', 'view', 'materialized view', 'foreign table')
+                             THEN d.objid::int8 END,
+               'table', CASE WHEN d.object_type IN ('table', 'view', 'materialized view', 'foreign table',
+                                                    'table constraint', 'trigger', 'rule', 'policy')
+                             THEN pg_catalog.to_jsonb(d.address_names[1:2]) END) ORDER BY d.ordinality)
+        INTO found
+        FROM pg_catalog.pg_event_trigger_dropped_objects() WITH ORDINALITY AS d
+       WHERE (d.original OR (d.normal AND d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass))
+         AND NOT d.is_temporary
+         AND d.schema_name IS DISTINCT FROM {schema}
+         AND NOT (d.object_type = 'schema' AND d.object_identity = {schema});
+    ELSE
+      SELECT coalesce(pg_catalog.jsonb_agg(o.object ORDER BY o.ordinality) FILTER (WHERE o.own),
+                      pg_catalog.jsonb_agg(o.object ORDER BY o.ordinality))
+        INTO found
+        FROM (SELECT c.ordinality, c.command_tag = TG_TAG AS own, pg_catalog.jsonb_build_object(
+                       'type', c.object_type, 'identity', c.object_identity, 'schema', c.schema_name,
+                       'relid', r.oid::int8,
+                       'table', CASE WHEN r.oid IS NOT NULL
+                                     THEN pg_catalog.jsonb_build_array(rn.nspname, r.relname) END,
+                       'root', CASE WHEN r.relispartition THEN
+                                 (SELECT pg_catalog.jsonb_build_array(pn.nspname, p.relname)
+                                    FROM pg_catalog.pg_class p
+                                    JOIN pg_catalog.pg_namespace pn ON pn.oid = p.relnamespace
+                                   WHERE p.oid = pg_catalog.pg_partition_root(r.oid)) END) AS object
+                FROM pg_catalog.pg_event_trigger_ddl_commands() WITH ORDINALITY AS c
+                LEFT JOIN LATERAL (SELECT CASE c.classid
+                         WHEN 'pg_catalog.pg_class'::pg_catalog.regclass THEN coalesce(
+                           (SELECT i.indrelid FROM pg_catalog.pg_index i WHERE i.indexrelid = c.objid), c.objid)
+                         WHEN 'pg_catalog.pg_constraint'::pg_catalog.regclass THEN
+                           (SELECT k.conrelid FROM pg_catalog.pg_constraint k WHERE k.oid = c.objid)
+                         WHEN 'pg_catalog.pg_trigger'::pg_catalog.regclass THEN
+                           (SELECT t.tgrelid FROM pg_catalog.pg_trigger t WHERE t.oid = c.objid)
+                         WHEN 'pg_catalog.pg_rewrite'::pg_catalog.regclass THEN
+                           (SELECT w.ev_class FROM pg_catalog.pg_rewrite w WHERE w.oid = c.objid)
+                         WHEN 'pg_catalog.pg_policy'::pg_catalog.regclass THEN
+                           (SELECT y.polrelid FROM pg_catalog.pg_policy y WHERE y.oid = c.objid)
+                         WHEN 'pg_catalog.pg_attrdef'::pg_catalog.regclass THEN
+                           (SELECT a.adrelid FROM pg_catalog.pg_attrdef a WHERE a.oid = c.objid)
+                       END AS relid) AS x ON true
+                LEFT JOIN pg_catalog.pg_class r ON r.oid = x.relid AND r.relkind IN ('r', 'p', 'v', 'm', 'f')
+                LEFT JOIN pg_catalog.pg_namespace rn ON rn.oid = r.relnamespace
+               WHERE c.schema_name IS DISTINCT FROM 'pg_temp'
+                 AND c.schema_name IS DISTINCT FROM {schema}
+                 AND NOT (c.object_type = 'schema' AND c.object_identity = {schema})) AS o;
+    END IF;
+    IF found IS NULL THEN
+      RETURN;
+    END IF;
+    PERFORM pg_catalog.pg_logical_emit_message(true, {prefix}, pg_catalog.jsonb_build_object(
+      'v', {version}, 'command', TG_TAG, 'objects', found,
+      'statement', CASE WHEN {secret} OR pg_catalog.length(query) > {limit} THEN NULL ELSE query END)::text);
+    PERFORM pg_catalog.pg_logical_emit_message(true, {prefix}, '');
+  EXCEPTION WHEN OTHERS THEN
+    BEGIN
+      RAISE WARNING 'wal_listener: this DDL statement was not captured as a DDL event: % (SQLSTATE %)',
+        SQLERRM, SQLSTATE;
+    EXCEPTION WHEN OTHERS THEN
+      NULL;
+    END;
+  END;
+END
+"""
+
+
+def _text(literal: str) -> str:
+    """A constant as an SQL string literal."""
+    return sql.Literal(literal).as_string(None)
+
+
+#: the function's body as PostgreSQL keeps it (``prosrc``; see _DDL_BODY): a listener compares it to tell an
+#: installed function of another version
+DDL_FUNCTION_BODY = _DDL_BODY.format(
+    schema=_text(STATE_SCHEMA),
+    prefix=_text(DDL_PREFIX),
+    version=DDL_MESSAGE_VERSION,
+    limit=DDL_STATEMENT_LIMIT,
+    secret=" OR ".join(f"TG_TAG LIKE {_text(pattern)}" for pattern in DDL_SECRET_COMMANDS),
+)
+_DOLLAR = "$wal_listener$"
+
+
+def ddl_capture_install(role: str = "") -> list[sql.Composed]:
+    """What installs (or updates) DDL capture, each statement on its own, in one transaction: idempotent, and
+    serialized between listeners starting together. The function is replaced; a trigger is made only when it
+    is missing (one a DBA disabled stays disabled). Needs a superuser (CREATE EVENT TRIGGER). ``role``: a
+    listener's role that keeps its backfill state in the schema this may create (USAGE and CREATE on it)."""
+    function = sql.Identifier(STATE_SCHEMA, DDL_FUNCTION)
+    creates = sql.SQL("").join(
+        sql.SQL(
+            "  IF NOT EXISTS (SELECT FROM pg_catalog.pg_event_trigger WHERE evtname = {name}"
+            " AND evtfoid = {signature}::pg_catalog.regprocedure) THEN\n"
+            "    DROP EVENT TRIGGER IF EXISTS {trigger};\n"
+            "    CREATE EVENT TRIGGER {trigger} ON {event} EXECUTE FUNCTION {function}();\n"
+            "  END IF;\n"
+        ).format(
+            name=sql.Literal(name),
+            signature=sql.Literal(f"{STATE_SCHEMA}.{DDL_FUNCTION}()"),
+            trigger=sql.Identifier(name),
+            event=sql.SQL(event),
+            function=function,
+        )
+        for name, event in DDL_TRIGGERS
+    )
+    return [
+        sql.SQL("SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext({}))").format(sql.Literal(DDL_PREFIX)),
+        sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(STATE_SCHEMA)),
+        sql.Composed([
+            sql.SQL("CREATE OR REPLACE FUNCTION {}() RETURNS event_trigger LANGUAGE plpgsql SECURITY DEFINER"
+                    " SET search_path = pg_catalog, pg_temp AS ").format(function),
+            sql.SQL(_DOLLAR + DDL_FUNCTION_BODY + _DOLLAR),
+        ]),
+        sql.SQL("COMMENT ON FUNCTION {}() IS {}").format(
+            function,
+            sql.Literal(f"wal-listener: writes one '{DDL_PREFIX}' logical message per DDL statement for the listeners "
+                        "with listener.ddl.capture (never fails the statement)"),
+        ),
+        sql.Composed([sql.SQL(f"DO {_DOLLAR}\nBEGIN\n"), creates, sql.SQL(f"END\n{_DOLLAR}")]),
+        *([sql.SQL("GRANT USAGE, CREATE ON SCHEMA {} TO {}").format(sql.Identifier(STATE_SCHEMA), sql.Identifier(role))]
+          if role else []),
+    ]
+
+
+def ddl_capture_remove() -> list[sql.Composed]:
+    """What removes DDL capture (the triggers, then the function; the schema stays: it holds backfill state)."""
+    drops = [sql.SQL("DROP EVENT TRIGGER IF EXISTS {}").format(sql.Identifier(name)) for name, _ in DDL_TRIGGERS]
+    return [*drops, sql.SQL("DROP FUNCTION IF EXISTS {}()").format(sql.Identifier(STATE_SCHEMA, DDL_FUNCTION))]
+
+
+#: DDL capture as installed: superuser?, the function exists?, its body is this version's?, how many of the
+#: two triggers run it, and how many of those are enabled
+DDL_CAPTURE_QUERY = (
+    "SELECT pg_catalog.current_setting('is_superuser') = 'on', f.oid IS NOT NULL,"
+    " coalesce(f.prosrc = %(body)s, false),"
+    " (SELECT count(*) FROM pg_catalog.pg_event_trigger e WHERE e.evtfoid = f.oid AND e.evtname = ANY(%(names)s))::int,"
+    " (SELECT count(*) FROM pg_catalog.pg_event_trigger e WHERE e.evtfoid = f.oid AND e.evtname = ANY(%(names)s)"
+    "  AND e.evtenabled <> 'D')::int"
+    " FROM (SELECT) AS one LEFT JOIN (SELECT p.oid, p.prosrc FROM pg_catalog.pg_proc p"
+    "  JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace"
+    "  WHERE n.nspname = %(schema)s AND p.proname = %(function)s AND p.pronargs = 0) AS f ON true"
+)
+DDL_CAPTURE_PARAMS = {
+    "body": DDL_FUNCTION_BODY,
+    "names": [name for name, _ in DDL_TRIGGERS],
+    "schema": STATE_SCHEMA,
+    "function": DDL_FUNCTION,
+}
+#: the logical slots of the connected database (while any remains, a listener may still need DDL capture)
+DATABASE_SLOTS_QUERY = (
+    "SELECT slot_name FROM pg_catalog.pg_replication_slots"
+    " WHERE slot_type = 'logical' AND database = pg_catalog.current_database() ORDER BY 1"
+)
+#: tables (and partitioned tables) named any of %s, with their oids: which of them a filter names is decided
+#: by :class:`listener.filter.TableFilter`
+TABLE_OIDS_QUERY = (
+    "SELECT c.oid::int8, n.nspname, c.relname FROM pg_catalog.pg_class c"
+    " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p') AND c.relname = ANY(%s)"
+)
 
 
 # --------------------------------------------------------------------------------------------------

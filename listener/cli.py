@@ -1,4 +1,5 @@
-"""Command line: ``wal-listener [--config FILE]``, ``demo``, ``check-config``, ``backfill``, ``schema``, ``--version``.
+"""Command line: ``wal-listener [--config FILE]``, ``demo``, ``check-config``, ``backfill``, ``schema``, ``ddl``,
+``--version``.
 
 Exit codes: 0 stopped cleanly (SIGTERM/SIGINT), 2 invalid configuration, 1 anything else fatal.
 Every error is one line on stderr (a config with several problems: one line each); no tracebacks for
@@ -74,7 +75,35 @@ def _parser() -> argparse.ArgumentParser:
         "publishes when none is named), read from the config's database.",
     )
     schema.add_argument("tables", nargs="*", metavar="TABLE", help=_TABLE_HELP)
+    ddl = sub.add_parser(
+        "ddl",
+        parents=[common],
+        help="DDL events: whether the event trigger is installed, or the SQL a DBA runs to install it",
+        description="Without an option: say whether the DDL event trigger (listener.ddl.capture) is installed and "
+        "enabled in the config's database; exit 0 when it is, 1 when not. The options print SQL and exit without "
+        "a config or a database.",
+    )
+    printed = ddl.add_mutually_exclusive_group()
+    printed.add_argument("--print-sql", metavar="ROLE", nargs="?", const="", default=None,
+                         help="print the SQL that installs the trigger (run it once as a superuser; idempotent); "
+                         "with ROLE, that role may also keep its backfill state in the wal_listener schema")
+    printed.add_argument("--print-drop-sql", action="store_true", help="print the SQL that removes the trigger")
     return parser
+
+
+async def _ddl_state(cfg: Config) -> int:
+    from listener.ddl import capture_state
+    from listener.replication import Database
+
+    db = Database(cfg)
+    await db.connect()
+    try:
+        state = await capture_state(db.conn)
+    finally:
+        await db.close()
+    _, problem = state.problem(cfg.database.user, cfg.database.name)
+    print(problem or f"the DDL event trigger is installed and enabled in database {cfg.database.name!r}")
+    return 1 if problem else 0
 
 
 def load(given: str | None, warnings: list[str]) -> Config:
@@ -141,6 +170,15 @@ def main(argv: list[str] | None = None) -> int:
             shown["publisher"]["address"] = redact_url(cfg.publisher.address)  # a password in the URL too
             print(yaml.safe_dump(shown, sort_keys=False), end="")
             return 0
+        if args.command == "ddl":
+            from listener import catalog
+            from listener.ddl import script
+
+            if args.print_sql is not None or args.print_drop_sql:
+                print(script(catalog.ddl_capture_remove() if args.print_drop_sql else
+                             catalog.ddl_capture_install(args.print_sql)))
+                return 0
+            return asyncio.run(_ddl_state(load(args.config, [])))
         if args.command == "backfill":
             from listener.backfill_cli import run_backfill_command
 

@@ -140,7 +140,17 @@ class SnapshotConfig(_Model):
 
 
 #: logical message prefixes the listener itself writes: never published as MESSAGE events
-INTERNAL_MESSAGE_PREFIXES = ("wal_listener.watermark", "wal-listener-heartbeat")
+INTERNAL_MESSAGE_PREFIXES = ("wal_listener.watermark", "wal-listener-heartbeat", "wal_listener.ddl")
+
+
+def _topic_part(value: str, what: str) -> str:
+    """A name that becomes part of a topic: non-empty, no spaces, '*' or '>', no leading or trailing dot."""
+    if not value or any(c.isspace() or c in "*>" for c in value) or value[0] == "." or value[-1] == ".":
+        raise ValueError(
+            f"{what} {value!r} must be a non-empty name without spaces, '*' or '>' and without a leading or "
+            "trailing dot (it becomes part of a topic name)"
+        )
+    return value
 
 
 class MessagesConfig(_Model):
@@ -156,13 +166,11 @@ class MessagesConfig(_Model):
     @classmethod
     def _check_prefixes(cls, prefixes: list[str]) -> list[str]:
         for prefix in prefixes:
-            if not prefix or any(c.isspace() or c in "*>" for c in prefix) or prefix[0] == "." or prefix[-1] == ".":
-                raise ValueError(
-                    f"prefix {prefix!r} must be a non-empty name without spaces, '*' or '>' and without a leading or "
-                    "trailing dot (it becomes part of a topic name)"
-                )
+            _topic_part(prefix, "prefix")
             if prefix in INTERNAL_MESSAGE_PREFIXES:
-                raise ValueError(f"prefix {prefix!r} is the listener's own (backfill watermarks, heartbeats)")
+                raise ValueError(
+                    f"prefix {prefix!r} is the listener's own (backfill watermarks, heartbeats, DDL events)"
+                )
         if len(set(prefixes)) != len(prefixes):
             raise ValueError("a prefix is listed twice")
         return prefixes
@@ -288,6 +296,23 @@ class TransformConfig(_Model):
     def topic_columns(self) -> list[str]:
         """The columns the topic template names."""
         return [p[0] for p in topic_template(self.topic) if isinstance(p, tuple)] if self.topic else []
+class DdlConfig(_Model):
+    """DDL statements published as DDL events (see docs/ddl-events.md)."""
+
+    capture: bool = Field(
+        False,
+        description="Publish DDL statements (CREATE/ALTER/DROP ...) as DDL events, in commit order with the rows of "
+        "their transaction. An event trigger writes them; the listener installs it when its user is a superuser, "
+        "else a DBA runs what `wal-listener ddl --print-sql` prints.",
+    )
+    topic: str = Field(
+        "ddl", description="DDL events go to <publisher.topic>.<publisher.topicPrefix><topic>."
+    )
+
+    @field_validator("topic")
+    @classmethod
+    def _check_topic(cls, value: str) -> str:
+        return _topic_part(value, "topic")
 
 
 class ListenerConfig(_Model):
@@ -347,6 +372,7 @@ class ListenerConfig(_Model):
         description="The HMAC key of transforms' hash masks (at least 16 characters; keep it secret and stable: "
         "the same value hashes the same only under the same key). Required when a mask uses hash.",
     )
+    ddl: DdlConfig = Field(default_factory=DdlConfig, description="DDL statements published as DDL events.")
     failover: Literal["auto", "true", "false"] = Field(
         "auto",
         description="Create the slot with FAILOVER so standbys with sync_replication_slots keep a copy "

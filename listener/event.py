@@ -552,6 +552,17 @@ class EventBuilder:
                             table.envelope_schema)
         return Message(ident, subject, body, info.schema, info.table, action, key)
 
+    def custom(
+        self, txn: Transaction, subject: str, action: str, fields: dict[str, Any], table: str, key: bytes
+    ) -> Message:
+        """An event that is not a row's (a DDL event), the next change of ``txn``:
+        ``{"id", "action", **fields, "commitTime"}`` in every format (CloudEvents wraps it)."""
+        txn.ordinal += 1
+        ident = self._ident(txn, txn.ordinal)
+        body = orjson.dumps({"id": ident, "action": action, **fields, "commitTime": txn.commit_time})
+        message = Message(ident, subject, body, "", table, action, key if self._needs_key else None)
+        return message if self._finish is None else self._finish(message, txn.commit_time)
+
     # -- logical decoding messages ----------------------------------------------------------------
 
     def message(self, msg: pgoutput.LogicalMessage, txn: Transaction | None) -> Message | None:

@@ -1,4 +1,5 @@
-"""What the operator does inside PostgreSQL: the publication, the logical slot, and reading slot lag.
+"""What the operator does inside PostgreSQL: the publication, the logical slot, reading slot lag, and the DDL
+event trigger (spec.listener.ddl.capture).
 
 Every function reads what exists and changes only what differs, so a reconcile can run any number
 of times. A publication the operator creates carries a comment naming the resource that owns it
@@ -21,6 +22,7 @@ from listener import catalog
 from listener.backfill import Request, backfills, request_backfill
 from listener.catalog import PublishedTable, SlotState, execute_one, fetch_all
 from listener.config import DatabaseConfig
+from listener.ddl import capture_state, ensure_capture
 from listener.errors import DatabaseError, DatabaseSetupError
 from wal_operator.render import Owner
 from wal_operator.spec import PublicationTable, SpecError, WalListenerSpec
@@ -356,3 +358,17 @@ async def queue_backfills(conn: Connection, spec: WalListenerSpec) -> list[str]:
 
 async def backfill_states(conn: Connection, slot: str) -> list[Request]:
     return await backfills(conn, slot)
+
+
+# --------------------------------------------------------------------------------------------------
+# DDL capture (spec.listener.ddl.capture): the listener's event trigger, shared by every slot of the database
+
+
+async def ddl_capture(conn: Connection, spec: WalListenerSpec, *, install: bool) -> tuple[str, str]:
+    """Install the DDL event trigger unless it is in place (``install``: try even without superuser, which
+    some managed services' admin roles can; else only as a superuser); (reason, problem), problem '' when DDL
+    is captured."""
+    state = await capture_state(conn)
+    if not state.installed and (install or state.superuser):
+        state, _ = await ensure_capture(conn)
+    return state.problem(conn.info.user, spec.database.name)

@@ -31,6 +31,7 @@ import psycopg
 from listener.backfill import BackfillError, Request
 from listener.catalog import SlotState
 from listener.config import DatabaseConfig
+from listener.ddl import remove_capture
 from listener.errors import DatabaseError, DatabaseSetupError
 from listener.pgoutput import format_lsn
 from wal_operator import db, render
@@ -473,6 +474,13 @@ async def reconcile(
                     f"logical slot {slot.name} (pgoutput), wal_status {slot.wal_status or '-'}",
                 )
             )
+            if model.listener.ddl.capture:
+                ddl = _ddl_condition(*await db.ddl_capture(conn, model, install=True))
+                done.append(ddl)
+                if ddl.status == "False":
+                    kopf.warn(body, reason="DDLCaptureUnavailable", message=ddl.message)
+            elif st.get(status.get("conditions"), st.DDL_CAPTURE) is not None:
+                done.append(st.Condition(st.DDL_CAPTURE, "False", "Off", "spec.listener.ddl.capture is false"))
             await _queue_backfills(body, conn, model, logger)
     except SpecError as exc:
         fail([st.Condition(st.SPEC_VALID, "False", "InvalidSpec", str(exc)), no_conflict, reachable])
@@ -517,6 +525,12 @@ async def reconcile(
             },
         },
     )
+
+
+def _ddl_condition(reason: str, problem: str) -> st.Condition:
+    if not problem:
+        return st.Condition(st.DDL_CAPTURE, "True", "Installed", "the DDL event trigger is installed and enabled")
+    return st.Condition(st.DDL_CAPTURE, "False", reason, f"spec.listener.ddl.capture: {problem}")
 
 
 async def _queue_backfills(body: kopf.Body, conn: db.Connection, model: WalListenerSpec, logger: Logger) -> None:
@@ -662,6 +676,8 @@ async def watch_slot(
         async with conn:
             slot = await db.slot_status(conn, model.listener.slot_name)
             keyless = await db.tables_without_identity(conn, model.listener.publication_name)
+            if model.listener.ddl.capture:  # a trigger dropped meanwhile comes back; one a DBA installs is seen
+                updates.append(_ddl_condition(*await db.ddl_capture(conn, model, install=False)))
             read = True
             extra.update(_backfill_status(await db.backfill_states(conn, model.listener.slot_name)))
     except _NeedsPerson as exc:
@@ -804,6 +820,7 @@ def _warn_without_identity(body: kopf.Body, publication: str, tables: list[str],
 @kopf.on.delete(*RESOURCE)
 async def delete(
     *,
+    body: kopf.Body,
     spec: kopf.Spec,
     meta: kopf.Meta,
     status: kopf.Status,
@@ -858,6 +875,7 @@ async def delete(
                 _write(patch, status, meta.get("generation"), [st.Condition(st.SLOT_READY, "False", "Deleting", msg)])
                 raise kopf.TemporaryError(msg, delay=SETTINGS.delete_poll)
             dropped = await db.drop_publication(conn, model.listener.publication_name, owner)
+            outcome, note = await remove_capture(conn) if model.listener.ddl.capture else ("", "")
     except (_NeedsPerson, DatabaseError, psycopg.OperationalError) as exc:
         msg = f"cannot drop slot/publication yet: {db.first_line(exc)}; set reclaimPolicy: Retain to skip"
         raise kopf.TemporaryError(msg, delay=min(5.0 * 2**retry, 60.0)) from None
@@ -866,3 +884,7 @@ async def delete(
         model.listener.slot_name,
         f" and publication {model.listener.publication_name}" if dropped else "",
     )
+    if note:  # the trigger is the database's: kept while another slot may need it; never blocks the delete
+        logger.info("%s", note)
+        reason = {"removed": "DDLCaptureRemoved", "kept": "DDLCaptureKept", "failed": "DDLCaptureFailed"}[outcome]
+        kopf.event(body, type="Warning" if outcome == "failed" else "Normal", reason=reason, message=note)

@@ -17,6 +17,8 @@ PUBLICATION_READY = "PublicationReady"
 SLOT_READY = "SlotReady"
 DEPLOYMENT_READY = "DeploymentReady"
 CONFLICT = "Conflict"
+#: spec.listener.ddl.capture: whether the DDL event trigger is in place (not a step: Ready is about the rows)
+DDL_CAPTURE = "DDLCapture"
 READY = "Ready"
 STEPS = (SPEC_VALID, DATABASE_REACHABLE, PUBLICATION_READY, SLOT_READY, DEPLOYMENT_READY)
 
