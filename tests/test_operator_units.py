@@ -20,3 +20,21 @@ def test_slot_missing_is_a_warning_about_a_slot_that_existed() -> None:
                      confirmed_flush_lsn=0, restart_lsn=0, wal_status="lost", safe_wal_size=None, current_lsn=0)
     condition, warning = _slot_condition("s1", lost, {"status": "True"})
     assert condition is not None and condition.reason == "SlotLost" and "invalidated" in warning
+
+
+def test_every_ddl_capture_problem_is_its_own_condition_reason() -> None:
+    """Each reason listener.ddl gives for DDL capture not working reaches DDLCapture as it is (the reference docs
+    list the reasons the handler names)."""
+    from itertools import product
+
+    from listener.ddl import CaptureState
+    from wal_operator.handlers import _ddl_condition
+
+    seen = set()
+    for superuser, function, current, triggers, enabled in product((True, False), (True, False), (True, False),
+                                                                   (0, 1, 2), (0, 1, 2)):
+        reason, problem = CaptureState(superuser, function, current, triggers, min(enabled, triggers)).problem("u", "d")
+        condition = _ddl_condition(reason, problem)
+        assert condition.reason == (reason or "Installed"), (reason, problem)
+        seen.add(condition.reason)
+    assert seen == {"Installed", "NotInstalled", "SuperuserMissing", "Outdated", "Disabled"}

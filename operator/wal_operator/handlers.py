@@ -530,7 +530,9 @@ async def reconcile(
 def _ddl_condition(reason: str, problem: str) -> st.Condition:
     if not problem:
         return st.Condition(st.DDL_CAPTURE, "True", "Installed", "the DDL event trigger is installed and enabled")
-    return st.Condition(st.DDL_CAPTURE, "False", reason, f"spec.listener.ddl.capture: {problem}")
+    # the reasons listener.ddl.CaptureState.problem gives, named where the reference docs read reasons
+    said = next((r for r in ("NotInstalled", "SuperuserMissing", "Outdated", "Disabled") if r == reason), "Unknown")
+    return st.Condition(st.DDL_CAPTURE, "False", said, f"spec.listener.ddl.capture: {problem}")
 
 
 async def _queue_backfills(body: kopf.Body, conn: db.Connection, model: WalListenerSpec, logger: Logger) -> None:
