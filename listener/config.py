@@ -29,6 +29,7 @@ from pydantic import (
     SecretStr,
     TypeAdapter,
     ValidationError,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -67,6 +68,35 @@ def format_duration(value: timedelta) -> str:
 
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration), PlainSerializer(format_duration, return_type=str)]
+
+_BYTES = re.compile(r"(\d+(?:\.\d+)?)\s*([kKMGT]?)(i?)B?")
+_BYTE_POWERS = {"": 0, "k": 1, "K": 1, "M": 2, "G": 3, "T": 4}
+
+
+def parse_bytes(value: Any) -> int:
+    """Parse a size: a number of bytes, or with a unit as Kubernetes or IEC write it (``64Mi``, ``64MiB``,
+    ``512k``, ``1GB``; ``Ki``/``KiB`` are powers of 1024, ``k``/``KB`` of 1000)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 67108864, 64Mi or 64MiB")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        match = _BYTES.fullmatch(value.strip())
+        if match:
+            number, unit, binary = match.groups()
+            if unit or not binary:
+                return int(float(number) * (1024 if binary else 1000) ** _BYTE_POWERS[unit])
+    raise ValueError("expected a size such as 67108864, 64Mi or 64MiB")
+
+
+#: a size in bytes; the config file may write it with a unit (64Mi, 64MiB), the CRD takes an integer or string
+ByteSize = Annotated[
+    int,
+    BeforeValidator(parse_bytes),
+    WithJsonSchema({"anyOf": [{"type": "integer"}, {"type": "string", "pattern": _BYTES.pattern}]}),
+]
 
 
 class Action(StrEnum):
@@ -346,6 +376,13 @@ class ListenerConfig(_Model):
         "wal_listener.schemas, so a restart announces nothing again. Not with publisher.format debezium.",
     )
     max_in_flight: int = Field(20000, ge=1, description="Events read but not yet acknowledged, at most.")
+    max_in_flight_bytes: ByteSize = Field(
+        64 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="Bytes of events read but not yet acknowledged, at most (64Mi by default; a number of bytes or "
+        "with a unit: 256Mi, 1Gi). Reading pauses at this bound as at maxInFlight; a single larger event still "
+        "goes, alone. Under the operator it is derived from the pod's memory limit when not set.",
+    )
     batch_size: int = Field(
         2000, ge=1, description="Most events handed to the broker in one pipelined batch (a smaller one goes "
         "out when the reader has caught up and no earlier batch waits for acks, or when one is acked)."

@@ -630,3 +630,19 @@ _ENV_MIN = {
     "WAL_PUBLISHER_ADDRESS": "nats://n:4222",
     "WAL_PUBLISHER_TOPIC": "t",
 }
+
+
+
+@pytest.mark.parametrize(("text", "size"), [("67108864", 67108864), ("64Mi", 64 << 20), ("64MiB", 64 << 20),
+                                            ("2048k", 2048000), ("1GB", 10**9), ("1.5Gi", 3 << 29)])
+def test_max_in_flight_bytes_takes_sizes_with_units(write: Callable[[str], Path], text: str, size: int) -> None:
+    text = MINIMAL.replace("slotName: myslot_1", f"slotName: myslot_1\n  maxInFlightBytes: {text}")
+    cfg = load_config(write(text), {})
+    assert cfg.listener.max_in_flight_bytes == size
+    assert load_config(write(MINIMAL), {}).listener.max_in_flight_bytes == 64 << 20
+
+
+@pytest.mark.parametrize("text", ["64Xi", "lots", "true", "1Ki"])
+def test_max_in_flight_bytes_refuses_what_is_no_size_or_too_small(write: Callable[[str], Path], text: str) -> None:
+    message = error_of(write(MINIMAL.replace("slotName: myslot_1", f"slotName: myslot_1\n  maxInFlightBytes: {text}")))
+    assert "listener.maxInFlightBytes" in message
