@@ -1,6 +1,6 @@
 """The compiled fast path, Python side: load it, and describe each relation to it once.
 
-``listener/_hotpath.c`` turns one pgoutput Insert/Update/Delete message into the event's JSON body in
+``listener/_hotpath_c/`` turns one pgoutput Insert/Update/Delete message into the event's JSON body in
 one pass (decode, convert, encode), byte for byte what the pure-Python stages produce, unchanged
 TOASTed values included. It handles the common types itself and calls the Python converter for the
 others; anything unusual (text that is not UTF-8, a value a converter refuses, a short tuple, a
@@ -30,7 +30,7 @@ from listener.types import ArrayConverter, Converter
 
 log = logging.getLogger("listener.hotpath")
 
-# how the C code writes a column (keep in step with the CODE_* enum in _hotpath.c)
+# how the C code writes a column (keep in step with the CODE_* enum in _hotpath_c/hotpath.h)
 TEXT, INT, BOOL, JSON, TIMESTAMPTZ, TIMESTAMP, ARRAY_TEXT, ARRAY_INT, PYTHON = range(9)
 # a table's transform (listener/transforms.py): left out, and the masks
 DROP, HASH, REDACT, NULLED = range(9, 13)
@@ -38,7 +38,7 @@ _TRANSFORM_CODES = {"drop": DROP, "hash": HASH, "redact": REDACT, "null": NULLED
 
 #: a topic template for the compiled path: (b"<topic>.<topicPrefix>", literal bytes and column indices)
 Route = tuple[bytes, tuple[bytes | int, ...]]
-#: (schema_table, columns, key_index, None | (prepared hmac key | None, route | None)): see _hotpath.c
+#: (schema_table, columns, key_index, None | (prepared hmac key | None, route | None)): see _hotpath_c/hotpath.h
 Plan = tuple[
     bytes, tuple[tuple[bytes, int, Converter | None, bool], ...], tuple[int, ...],
     tuple[bytes | None, Route | None] | None,

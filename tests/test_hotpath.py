@@ -1,4 +1,4 @@
-"""The compiled fast path (listener/_hotpath.c) publishes exactly what the Python stages publish.
+"""The compiled fast path (listener/_hotpath_c/) publishes exactly what the Python stages publish.
 
 Differential tests: the same pgoutput messages go through an EventBuilder with the compiled path and
 one without, and every event (id, subject, body bytes, key) must be identical, or both must fail with
