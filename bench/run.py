@@ -2,7 +2,8 @@
 
 Phases, each on a throwaway PostgreSQL and the requested brokers:
 
-1. throughput — for the reference, wide (TOAST) and single-huge-transaction workloads: create one
+1. throughput — for the reference, wide (TOAST), single-huge-transaction and OLTP (one row per
+   transaction) workloads: create one
    pgoutput slot for ``pg_recvlogical`` and one per broker, write the workload (no reader running, the
    slots retain the WAL), then time ``pg_recvlogical`` over that WAL range (the ceiling) and, broker
    by broker, the listener process from its start until its slot's confirmed_flush_lsn reaches the
@@ -86,12 +87,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--wide-rows", type=int, default=None, help="wide (4 KB TOAST) workload rows (default rows/10)")
     p.add_argument("--txn-rows", default=None,
                    help="single-transaction sizes, comma-separated (default 100000,1000000; --quick 10000,100000)")
+    p.add_argument("--oltp-rows", type=int, default=None,
+                   help="OLTP workload: transactions of one row each (default 100000; --quick 20000)")
     p.add_argument("--rate", type=float, default=None, help="latency phase: rows/s (default 10000; --quick 2000)")
     p.add_argument("--duration", type=float, default=None, help="latency phase: seconds (default 60; --quick 10)")
     p.add_argument("--latency-txn-rows", type=int, default=20, help="latency phase: rows per transaction (20)")
     p.add_argument("--idle", type=float, default=10.0, help="idle phase: seconds (10)")
-    p.add_argument("--phases", default="reference,wide,txn,latency,idle",
-                   help="which phases to run (default: reference,wide,txn,latency,idle)")
+    p.add_argument("--phases", default="reference,wide,txn,oltp,latency,idle",
+                   help="which phases to run (default: reference,wide,txn,oltp,latency,idle)")
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke test in about two minutes (NATS)")
     p.add_argument("--rabbitmq-queue", choices=("quorum", "classic"), default="quorum",
                    help="type of the queue bound to the RabbitMQ exchange (quorum)")
@@ -101,7 +104,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--transform-runs", type=int, default=3,
                    help="--transform: listener runs of each kind, alternating, compared by their medians (3)")
     p.add_argument("--profile", action="store_true",
-                   help="also run the listener once more on the reference and wide workloads under py-spy")
+                   help="also run the listener once more on the reference, wide and OLTP workloads under py-spy")
     p.add_argument("--stall-timeout", type=float, default=60.0,
                    help="skip a broker whose listener makes no progress for this many seconds (60)")
     p.add_argument("--out", default=str(REPO / "bench" / "results"), help="where results go (bench/results)")
@@ -110,6 +113,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.rows = args.rows or (20_000 if q else 200_000)
     args.wide_rows = args.wide_rows or max(1000, args.rows // 10)
     args.txn_rows = [int(x) for x in (args.txn_rows or ("10000,100000" if q else "100000,1000000")).split(",") if x]
+    args.oltp_rows = args.oltp_rows or (20_000 if q else 100_000)
     args.rate = args.rate or (2000.0 if q else 10_000.0)
     args.duration = args.duration or (10.0 if q else 60.0)
     args.brokers = [b.strip() for b in args.brokers.split(",") if b.strip()]
@@ -221,6 +225,8 @@ class Bench:
             if "txn" in a.phases:
                 for n in a.txn_rows:
                     await self.throughput(wl.big_transaction(n))
+            if "oltp" in a.phases:
+                await self.throughput(wl.oltp(a.oltp_rows), profile=a.profile)
             if "latency" in a.phases or "idle" in a.phases:
                 for broker in self.live():
                     await self.latency_and_idle(broker)
@@ -307,7 +313,7 @@ class Bench:
             "git_commit": commit + ("-dirty" if dirty else ""),
             "settings": {
                 "quick": a.quick, "brokers": a.brokers, "rows": a.rows, "wide_rows": a.wide_rows,
-                "txn_rows": a.txn_rows, "rate": a.rate, "duration": a.duration,
+                "txn_rows": a.txn_rows, "oltp_rows": a.oltp_rows, "rate": a.rate, "duration": a.duration,
                 "latency_txn_rows": a.latency_txn_rows, "idle": a.idle, "rows_per_transaction": wl.TXN_ROWS,
                 "listener_config": "defaults, except serverPort 0, promAddr on a free port, sslMode disable",
             },
@@ -482,8 +488,10 @@ class Bench:
             if res.walsender_cpu_s:
                 streaming = ("" if res.streaming_cpu_s is None else
                              f" ({1e6 * res.streaming_cpu_s / work.events:.2f} once streaming, startup left out)")
+                ratio = "" if res.streaming_cpu_s is None else \
+                    f" (listener once streaming = {res.streaming_cpu_s / res.walsender_cpu_s:.2f}x the walsender)"
                 say(f"      CPU per event: listener {1e6 * res.cpu_s / work.events:.2f} µs{streaming}, "
-                    f"walsender {1e6 * res.walsender_cpu_s / work.events:.2f} µs per change")
+                    f"walsender {1e6 * res.walsender_cpu_s / work.events:.2f} µs per change{ratio}")
         except Exception as exc:
             self.skip(broker.name, f"{work.name}: {type(exc).__name__}: {exc}")
         finally:

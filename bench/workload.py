@@ -11,6 +11,8 @@ client's speed does not shape the WAL.
   EXTERNAL``); inserts, updates that leave the 4 KB column alone (pgoutput sends it as "unchanged
   TOAST", which the listener leaves out), deletes; 1000 rows per transaction.
 - ``txn-N``: one transaction inserting N rows into a reference-shaped table.
+- ``oltp``: N transactions of one row each (the shape of most OLTP databases: a Begin and a Commit per
+  change), inserts into a reference-shaped table, committed one by one by a loop on the server.
 - ``users``: the reference workload on ``bench_users``, the reference columns plus personal data
   (``tenant_id``, ``email``, ``phone``, ``password_hash``); ``bench.run --transform`` streams it with and
   without :data:`USERS_TRANSFORM` (exclude one column, hash one, redact one, route by one).
@@ -47,6 +49,7 @@ SCHEMA = f"""
 CREATE TABLE bench_ref ({_COLUMNS});
 CREATE TABLE bench_big ({_COLUMNS});
 CREATE TABLE bench_lat ({_COLUMNS});
+CREATE TABLE bench_oltp ({_COLUMNS});
 CREATE TABLE bench_wide ({_COLUMNS},
     body        text NOT NULL);
 CREATE TABLE bench_users ({_COLUMNS},
@@ -151,6 +154,17 @@ def write_big_transaction(rows: int) -> Callable[[psycopg.Connection], None]:
     return write
 
 
+def write_oltp(rows: int) -> Callable[[psycopg.Connection], None]:
+    def write(conn: psycopg.Connection) -> None:
+        # a DO block run outside a transaction block may COMMIT: one transaction per row, no round trips
+        values = VALUES.replace("%%", "%")
+        conn.execute(
+            f"DO $$ BEGIN FOR i IN 1..{int(rows)} LOOP INSERT INTO bench_oltp SELECT {values}; COMMIT; END LOOP; END $$"
+        )
+
+    return write
+
+
 def reference(rows: int) -> Workload:
     return Workload("reference", f"reference {_k(rows)} ins+upd+del", "bench_ref", 3 * rows, write_reference(rows))
 
@@ -165,6 +179,10 @@ def wide(rows: int) -> Workload:
 
 def big_transaction(rows: int) -> Workload:
     return Workload(f"txn-{_k(rows)}", f"1 txn of {_k(rows)} rows", "bench_big", rows, write_big_transaction(rows))
+
+
+def oltp(rows: int) -> Workload:
+    return Workload("oltp", f"OLTP {_k(rows)} txns of 1 row", "bench_oltp", rows, write_oltp(rows))
 
 
 def _k(n: int) -> str:
