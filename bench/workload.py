@@ -14,14 +14,18 @@ client's speed does not shape the WAL.
 - ``oltp``: N transactions of one row each (the shape of most OLTP databases: a Begin and a Commit per
   change), inserts into a reference-shaped table, committed one by one by a loop on the server.
 - ``users``: the reference workload on ``bench_users``, the reference columns plus personal data
-  (``tenant_id``, ``email``, ``phone``, ``password_hash``); ``bench.run --transform`` streams it with and
-  without :data:`USERS_TRANSFORM` (exclude one column, hash one, redact one, route by one).
+  (``tenant_id``, ``email``, ``phone``, ``password_hash``); ``bench.run --variants transform`` streams it with
+  and without :data:`USERS_TRANSFORM` (exclude one column, hash one, redact one, route by one).
+
+:data:`VARIANTS` are the listener configurations ``bench.run --variants`` compares with the default one on the
+same WAL: the event formats, the transform, every feature on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 
@@ -113,6 +117,29 @@ USERS_TRANSFORM = {
     "topic": "users.{tenant_id}",
 }
 USERS_HASH_KEY = "bench-hash-key-0123456789abcdef"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A listener configuration streamed beside the default one over the same WAL (``bench.run --variants``)."""
+
+    name: str
+    workload: str  # the workload it streams: "reference" or "users"
+    listener: dict[str, Any]  # keys merged into the config's listener section
+    publisher: dict[str, Any]  # keys merged into the config's publisher section
+
+
+_TRANSFORM = {"transforms": [USERS_TRANSFORM], "transformsHashKey": USERS_HASH_KEY}
+VARIANTS = {v.name: v for v in (
+    Variant("cloudevents", "reference", {}, {"format": "cloudevents"}),
+    Variant("cloudevents-structured", "reference", {},
+            {"format": "cloudevents", "cloudEvents": {"mode": "structured"}}),
+    Variant("debezium", "reference", {}, {"format": "debezium"}),
+    Variant("debezium-schemas", "reference", {}, {"format": "debezium", "debezium": {"schemas": True}}),
+    Variant("transform", "users", _TRANSFORM, {}),
+    # the features of the schema-evolution and transforms issues at once (tombstones act on Kafka only)
+    Variant("features", "users", {**_TRANSFORM, "schemaEvents": True, "ddl": {"capture": True}}, {"tombstones": True}),
+)}
 
 
 def write_users(rows: int) -> Callable[[psycopg.Connection], None]:
