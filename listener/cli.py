@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -135,6 +136,7 @@ async def _serve(path: str | None) -> int:
     for warning in warnings:
         log.warning(warning)
     listener = Listener(cfg)
+    _collector_for_streaming()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, listener.stop)
@@ -142,6 +144,24 @@ async def _serve(path: str | None) -> int:
                                             "publisher": cfg.publisher.type.value,
                                             "compiled_hot_path": listener.builder.hot is not None}})
     return await listener.run()
+
+
+#: the cyclic collector's first threshold once streaming (Python's default: 700 container allocations)
+GC_THRESHOLD = 10_000
+
+
+def _collector_for_streaming() -> None:
+    """Keep the cyclic garbage collector off the hot path. Every event is a container object that lives
+    until the broker acknowledges it (up to ``maxInFlight`` of them): with Python's defaults a collection
+    ran every 700 of them, each in-flight event was traversed again by the older generations' collections,
+    and the full ones walked every object of the start-up (modules, config models, schemas) too -- about a
+    fifth of the listener's CPU once streaming. The start-up objects are frozen (never traversed again) and
+    the first generation collects after 10,000 allocations instead of 700; the events themselves hold no
+    cycles, so what the collector finds is unchanged, only found less often."""
+    gc.collect()
+    gc.freeze()
+    _, second, third = gc.get_threshold()
+    gc.set_threshold(GC_THRESHOLD, second, third)
 
 
 def _event_loop_policy() -> None:
