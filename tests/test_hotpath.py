@@ -184,6 +184,36 @@ def test_random_changes_match_the_python_path(
     assert (marked > 50) == (needs_key and identity != "n")  # a DELETE without a key has no tombstone
 
 
+#: characters that must be escaped in a JSON string, and their neighbours that must not be
+ESCAPED_CHARACTERS = ['"', "\\", "\x00", "\x08", "\t", "\n", "\x0c", "\r", "\x1f"]
+CLEAN_NEIGHBOURS = [" ", "!", "#", "[", "]", "\x7f", "é", "日"]
+
+
+@pytest.mark.parametrize("special", ESCAPED_CHARACTERS + CLEAN_NEIGHBOURS)
+def test_text_is_escaped_like_the_python_path_at_every_offset(special: str) -> None:
+    """The compiled path scans text for what JSON escapes a word (8 bytes) at a time: one such character
+    at every offset of texts up to 40 bytes long, two of them at every distance, and 4 KB texts (the
+    wide workload's) with it near the end, are written byte for byte as the Python path writes them."""
+    fast, slow = builders(relation("d", (0,)), needs_key=True)
+    txn_fast, txn_slow = fast.begin(0x10, 0), slow.begin(0x10, 0)
+    texts = []
+    for length in range(0, 41):
+        for at in range(length):
+            texts.append("a" * at + special + "b" * (length - at - 1))
+    for gap in range(0, 20):
+        texts.append("x" * 5 + special + "y" * gap + special + "z" * 3)
+    body = "0123456789abcdef" * 256  # 4 KB
+    texts += [body, body + special, body[:-9] + special + body[-8:], special + body, body.replace("7", special)]
+    plan = fast.relations[OID].plan
+    assert plan is not None and fast.hot is not None
+    for text in texts:
+        raw = text.encode()
+        row = tuple_data(*[b"t" + struct.pack(">i", len(raw)) + raw if i == 2 else v for i, v in enumerate(TYPICAL)])
+        msg = insert_msg(OID, row)
+        assert fast.hot.event(msg, plan, "id-1", None, "t", True) is not None  # the compiled path wrote it
+        assert outcome(fast, msg, txn_fast) == outcome(slow, msg, txn_slow), text
+
+
 def begin_msg(final_lsn: int, micros: int, xid: int) -> bytes:
     return b"B" + struct.pack(">QqI", final_lsn, micros, xid)
 
