@@ -416,6 +416,21 @@ def test_compiled_frames_are_what_nats_py_would_send() -> None:
     assert hot.nats_frames([], prefixes, 0, 90, header) == (b"", 0)
 
 
+@pytest.mark.parametrize("seq", [0, 8, 9, 98, 99, 999_998, 10**12 - 1, 2**62])
+def test_compiled_frames_count_sequence_numbers_like_nats_py(seq: int) -> None:
+    """Reply subjects and sizes are written by the compiled path's own number formatting: across every
+    change of digit count, byte for byte nats-py's; a negative start is left to the Python path."""
+    hot = compiled_hot_path()
+    prefixes = {"s.a": "HPUB s.a _INBOX.q."}
+    batch = [Message(f"id-{n}", "s.a", b"x" * (n * 37), "public", "t", "INSERT") for n in range(4)]
+    header = len(b"NATS/1.0\r\nNats-Msg-Id: \r\n\r\n")
+    frames, _ = hot.nats_frames(batch, prefixes, seq, 1024 * 1024, header)
+    assert frames == b"".join(
+        command.hpub_cmd(m.subject, f"_INBOX.q.{seq + 1 + n}", b"NATS/1.0\r\nNats-Msg-Id: " + m.id.encode() +
+                         b"\r\n\r\n", m.body) for n, m in enumerate(batch))
+    assert hot.nats_frames(batch, prefixes, -1, 1024 * 1024, header) is None
+
+
 def _nats_py_headers(message: Message) -> dict[str, str]:
     """The headers the listener sends with a message, as given to nats-py's publish()."""
     headers = {"Nats-Msg-Id": message.id, **message.headers}

@@ -83,6 +83,21 @@ static int extra_headers(Buf *b, PyObject *message) {
     return rc;
 }
 
+/* The decimal digits of n >= 0 at out (20 at most); their count. What snprintf("%lld") writes, at a tenth of
+ * its cost (three numbers a message: snprintf was ~7% of the reference workload's instructions). */
+static Py_ssize_t put_decimal(char *out, long long n) {
+    char digits[20];
+    int count = 0;
+    unsigned long long v = (unsigned long long)n;
+    do {
+        digits[count++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    for (int i = 0; i < count; i++)
+        out[i] = digits[count - 1 - i];
+    return count;
+}
+
 /* nats_frames(batch, prefixes, seq, limit, header_bytes) -> (frames: bytes, payload: int) | None
  *
  * One "HPUB <subject> <inbox>.<seq> <hdr> <total>\r\nNATS/1.0\r\nNats-Msg-Id: <id>\r\n<extra>\r\n<body>\r\n"
@@ -100,6 +115,8 @@ PyObject *hot_nats_frames(PyObject *self, PyObject *const *args, Py_ssize_t narg
     Py_ssize_t header_bytes = PyLong_AsSsize_t(args[4]);
     if (PyErr_Occurred())
         return NULL;
+    if (seq < 0)
+        Py_RETURN_NONE; /* never from the publisher (it counts from 0): the Python path writes what it is */
     PyObject *batch = args[0], *prefixes = args[1];
     Py_ssize_t count = PyList_GET_SIZE(batch);
     Buf b = {NULL, 0, 0};
@@ -140,8 +157,14 @@ PyObject *hot_nats_frames(PyObject *self, PyObject *const *args, Py_ssize_t narg
         Py_ssize_t header = header_bytes + id_len + extra.len;
         char numbers[96];
         seq++;
-        int written = snprintf(numbers, sizeof numbers, "%lld %zd %zd\r\nNATS/1.0\r\nNats-Msg-Id: ", seq, header,
-                               header + body_len);
+        Py_ssize_t written = put_decimal(numbers, seq);
+        numbers[written++] = ' ';
+        written += put_decimal(numbers + written, header);
+        numbers[written++] = ' ';
+        written += put_decimal(numbers + written, header + body_len);
+        static const char head[] = "\r\nNATS/1.0\r\nNats-Msg-Id: ";
+        memcpy(numbers + written, head, sizeof head - 1);
+        written += (Py_ssize_t)sizeof head - 1;
         if (put(&b, prefix_text, prefix_len) < 0 || put(&b, numbers, written) < 0 || put(&b, id_text, id_len) < 0 ||
             PUTS(&b, "\r\n") < 0 || (extra.len && put(&b, extra.data, extra.len) < 0) || PUTS(&b, "\r\n") < 0 ||
             put(&b, PyBytes_AS_STRING(body), body_len) < 0 || PUTS(&b, "\r\n") < 0) {
