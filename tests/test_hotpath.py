@@ -214,6 +214,23 @@ def test_text_is_escaped_like_the_python_path_at_every_offset(special: str) -> N
         assert outcome(fast, msg, txn_fast) == outcome(slow, msg, txn_slow), text
 
 
+@pytest.mark.parametrize("bad", [b"\xff", b"\xc0\x80", b"\xed\xa0\x80", b"\xe2\x82", b"\xf4\x90\x80\x80", b"\x80"])
+def test_invalid_utf8_is_left_to_the_python_path_at_every_offset(bad: bytes) -> None:
+    """The compiled UTF-8 check reads ASCII 16 and 8 bytes at a time: an invalid sequence at any offset of
+    texts up to 40 bytes long (and near the end of 4 KB) still sends the message to the Python path."""
+    fast, slow = builders(relation("d", (0,)), needs_key=True)
+    txn_fast, txn_slow = fast.begin(0x10, 0), slow.begin(0x10, 0)
+    plan = fast.relations[OID].plan
+    assert plan is not None and fast.hot is not None
+    raws = [b"a" * at + bad + b"b" * (length - at) for length in range(0, 41) for at in range(length + 1)]
+    raws += [b"c" * 4096 + bad, b"c" * 4090 + bad + b"d" * 9]
+    for raw in raws:
+        row = tuple_data(*[b"t" + struct.pack(">i", len(raw)) + raw if i == 2 else v for i, v in enumerate(TYPICAL)])
+        msg = insert_msg(OID, row)
+        assert fast.hot.event(msg, plan, "id-1", None, "t", True) is None, raw
+        assert outcome(fast, msg, txn_fast) == outcome(slow, msg, txn_slow), raw
+
+
 def begin_msg(final_lsn: int, micros: int, xid: int) -> bytes:
     return b"B" + struct.pack(">QqI", final_lsn, micros, xid)
 

@@ -3,10 +3,18 @@
  */
 #include "hotpath.h"
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 /* Strict UTF-8 as Python's decoder checks it: no overlong forms, no surrogates, nothing past U+10FFFF. */
 int valid_utf8(const unsigned char *s, Py_ssize_t n) {
     Py_ssize_t i = 0;
     while (i < n) {
+#if defined(__SSE2__)
+        while (i + 16 <= n && !_mm_movemask_epi8(_mm_loadu_si128((const __m128i *)(s + i))))
+            i += 16; /* ASCII, 16 bytes at a time */
+#endif
         while (i + 8 <= n) {
             uint64_t word;
             memcpy(&word, s + i, 8);
