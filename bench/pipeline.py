@@ -1,0 +1,103 @@
+"""The listener's per-event work in one process, without sockets: instruction counts that do not move.
+
+A pgoutput message -> ``EventBuilder.change`` (the compiled call) -> the ``Message`` -> batches of 2000 ->
+the NATS frames of each batch (``nats_frames``) -> the scan of their JetStream acks (``nats_acks``), with up
+to 10 batches held as in flight, and the listener's garbage-collector settings once streaming. CPU seconds
+on a shared machine move by ±30% from run to run; valgrind's instruction counts of this loop do not::
+
+    python -m bench.pipeline --shape wide --events 20000           # µs per event (process CPU time)
+    valgrind --tool=callgrind --collect-atstart=no --toggle-collect=builtin_any \\
+        python -m bench.pipeline --shape reference --events 20000  # Ir / events = instructions per event
+
+Against another checkout's build (its compiled module built in place), from this one:
+``PYTHONPATH=OTHER python bench/pipeline.py ...``.
+
+Shapes: ``reference`` (the reference row: insert, update, delete in turn) and ``wide`` (the same plus a
+4 KB text column: an insert carries it, an update leaves it as unchanged TOAST, a delete has the key).
+The loop runs inside ``any()``, so callgrind's ``--toggle-collect=builtin_any`` counts it alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import struct
+import time
+from collections import deque
+from typing import Any
+
+from bench import hotpath as bh
+from listener import cli, types
+from listener.pgoutput import Column, Relation
+from listener.publishers.nats import _HEADER_BYTES
+
+BATCH = 2000
+INBOX = "_INBOX.abcdefghijklmnopqrstuv"
+WIDE_OID = bh.OID + 1
+
+
+def message(shape: str, i: int) -> bytes:
+    """Change ``i`` of the shape, as pgoutput sends it."""
+    m = bh.messages(i)
+    if shape != "wide":
+        return [m["insert"], m["update"], m["delete"]][i % 3]
+    head = struct.pack(">I", WIDE_OID)
+    if i % 3 == 2:
+        key = m["delete"][6:]
+        return b"D" + head + b"K" + struct.pack(">h", struct.unpack(">h", key[:2])[0] + 1) + key[2:] + b"n"
+    row = m["insert"][6:]
+    count = struct.pack(">h", struct.unpack(">h", row[:2])[0] + 1)
+    if i % 3 == 1:
+        return b"U" + head + b"N" + count + row[2:] + b"u"  # the 4 KB column unchanged (TOAST)
+    body = (f"{i:032x}" * 128).encode()  # as the workload: repeat(md5(i::text), 128)
+    return b"I" + head + b"N" + count + row[2:] + b"t" + struct.pack(">i", len(body)) + body
+
+
+def acks(first: int, count: int) -> bytes:
+    """JetStream's answers to publishes first + 1 .. first + count, as the ack subscription reads them."""
+    return b"".join(b'MSG %s.%d 1 45\r\n{"stream":"bench","seq":%-21d}\r\n' % (INBOX.encode(), s, s)
+                    for s in range(first + 1, first + count + 1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.pipeline", description=__doc__.split("\n")[0])
+    p.add_argument("--shape", choices=("reference", "wide"), default="reference")
+    p.add_argument("--events", type=int, default=20000)
+    args = p.parse_args(argv)
+    built = bh.builder(True)
+    built.add_relation(Relation(WIDE_OID, "public", "bench_wide", "d", tuple(
+        Column(n, oid, -1, key) for n, oid, key in [*bh.COLUMNS, ("body", types.TEXT, False)])))
+    hot = built.hot
+    assert hot is not None
+    data = [message(args.shape, i) for i in range(args.events)]
+    answers = [acks(start, min(BATCH, args.events - start)) for start in range(0, args.events, BATCH)]
+    prefixes = {f"bench.public_{t}": f"HPUB bench.public_{t} {INBOX}." for t in ("bench_ref", "bench_wide")}
+    streaming = getattr(cli, "_collector_for_streaming", None)  # absent in builds before it (A/B runs)
+    if streaming is not None:
+        streaming()
+    change = built.change
+    txn = built.begin(0x16B3748, 820_000_000_000_000)
+    in_flight: deque[tuple[list[Any], bytes]] = deque()
+    state: dict[str, Any] = {"batch": [], "seq": 0, "sent": 0}
+
+    def step(buf: bytes) -> None:
+        batch = state["batch"]
+        batch.append(change(buf, txn))
+        if len(batch) == BATCH:
+            frames, _ = hot.nats_frames(batch, prefixes, state["seq"], 1 << 20, _HEADER_BYTES)
+            hot.nats_acks(answers[state["sent"]], b"1")
+            state["sent"] += 1
+            state["seq"] += len(batch)
+            in_flight.append((batch, frames))
+            state["batch"] = []
+            if len(in_flight) > 10:
+                in_flight.popleft()
+
+    start = time.process_time()
+    any(map(step, data))  # type: ignore[func-returns-value]
+    spent = time.process_time() - start
+    print(f"{args.shape}: {spent / args.events * 1e6:.2f} µs per event ({args.events:,} events)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
