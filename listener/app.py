@@ -347,6 +347,7 @@ class Listener:
                 lambda: self.delivery.confirmed_lsn,
                 self._stopping,
                 lambda oids: db.load_types(self.registry, oids),
+                lambda: int(getattr(self.delivery, "in_flight_bytes", 0)),  # the byte bound's count (issue 23)
             ),
             name="backfills",
         )

@@ -15,9 +15,10 @@ import psycopg
 import pytest
 from nats.js.api import DeliverPolicy
 
+from listener.backfill import PIECE_ROWS_MAX, PIECE_SHARE, backfills, piece_rows, request_backfill
 from listener.event import read_event_ids
-from tests.support.harness import ListenerProcess, nats_config, query, run_cli, sql, unique, wait_until
-from tests.support.services import NatsServer, PostgresServer
+from tests.support.harness import ListenerProcess, nats_config, query, run_cli, running, sql, unique, wait_until
+from tests.support.services import Database, NatsServer, PostgresServer
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -104,3 +105,42 @@ async def test_backfill_of_large_rows_keeps_the_listener_under_300_mb(
     print(f"\nbackfill of {ROWS} rows x {ROW_BYTES} bytes ({total / 2**20:.0f} MiB stored): listener peak RSS "
           f"{peak:.0f} MB")
     assert peak <= PEAK_RSS_MB, f"listener peak RSS {peak:.0f} MB > {PEAK_RSS_MB} MB"
+
+
+def test_pieces_are_sized_from_the_largest_row_seen() -> None:
+    budget = 16 * 2**20
+    piece = budget // PIECE_SHARE
+    assert piece_rows(0, 10_000, budget, piece) == 1  # nothing seen yet: one row
+    assert piece_rows(576_000, 10_000, budget, piece) == 7  # 4 MiB of 576 KB rows
+    assert piece_rows(576_000, 10_000, 1_000_000, piece) == 1  # what is left of the budget
+    assert piece_rows(50_000_000, 10_000, budget, piece) == 1  # a row larger than the piece: alone
+    assert piece_rows(200, 10_000, budget, piece) == PIECE_ROWS_MAX  # small rows: capped
+    assert piece_rows(200, 40, budget, piece) == 40  # the rows the chunk may still take
+
+
+async def test_chunks_end_at_their_byte_budget_and_the_next_resumes_after_the_last_key(
+    fresh_any_db: Database, nats_server: NatsServer
+) -> None:
+    """maxInFlightBytes 4Mi: a chunk's budget is 1 MiB, so 120 rows of 100 KB take about a dozen chunks (not
+    one of chunkSize rows), and every row is on the stream once, in key order."""
+    dsn = fresh_any_db.dsn()
+    await sql(dsn, "CREATE TABLE docs (id bigserial PRIMARY KEY, body text)")
+    await fill_docs(dsn, 120, 100_000)
+    topic = unique("bfb")
+    cfg = nats_config(fresh_any_db.server.port, fresh_any_db.name, nats_server.url, topic, maxInFlightBytes="4Mi")
+    slot = cfg["listener"]["slotName"]
+    async with running(cfg):
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            assert await request_backfill(conn, slot, "bytes", ["docs"]) is not None
+
+        async def done() -> bool:
+            async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+                (state,) = [b for b in await backfills(conn, slot) if b.name == "bytes"]
+            assert state.state != "failed", state.error
+            return state.state == "done"
+
+        await wait_until(done, 60, "the backfill done")
+        events = await read_reads(nats_server.url, topic, 120, timeout=30)
+    ((chunks, rows),) = await query(dsn, "SELECT chunks, rows_done FROM wal_listener.backfills WHERE name = 'bytes'")
+    assert rows == 120 and 10 <= chunks <= 14, (chunks, rows)  # ~10.5 rows of 100 KB per 1 MiB
+    assert [key for _, _, key in events] == list(range(1, 121))
