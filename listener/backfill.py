@@ -41,6 +41,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import orjson
@@ -680,9 +681,12 @@ class Backfiller:
                 piece = [[value(r, c) for c in columns] for r in range(result.ntuples)]
                 got = len(piece)
                 if piece:
-                    sizes = [sum(len(v) for v in row if v is not None) for row in piece]
-                    largest = max(max(sizes), largest if rows else 0)  # this chunk's largest row so far
-                    chunk.size += sum(sizes)
+                    total = sum(map(len, filter(None, chain.from_iterable(piece))))
+                    # the largest row: looked for among few or large rows; many small ones go by their average
+                    few = got <= 64 or total > piece_target // 4
+                    biggest = max(map(_row_bytes, piece)) if few else -(-total // got)
+                    largest = max(biggest, largest if rows else 0)  # this chunk's largest row so far
+                    chunk.size += total
                     chunk.count += got
                     rows.extend(piece)
                 del piece, result
@@ -747,6 +751,10 @@ def _key_reader(positions: Sequence[int]) -> Callable[[list[bytes | None]], tupl
         return tuple(None if (value := raw[i]) is None else value.decode() for i in positions)
 
     return several
+
+
+def _row_bytes(row: list[bytes | None]) -> int:
+    return sum(map(len, filter(None, row)))
 
 
 def _text(value: Any) -> str | None:
