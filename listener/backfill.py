@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import functools
 import logging
 import struct
 import time
@@ -42,7 +44,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import psycopg
@@ -54,6 +56,7 @@ from listener.config import Config
 from listener.errors import ListenerError
 from listener.event import EventBuilder, now_text, read_event_ids
 from listener.filter import TableFilter
+from listener.hotpath import _psycopg_libpq
 from listener.message import Message
 from listener.replication import SESSION_OPTIONS, describe_pg_error
 
@@ -667,6 +670,7 @@ class Backfiller:
                                     where=filters)
         budget = self.budget()
         piece_target = max(1, budget // PIECE_SHARE)
+        sized = _result_size()
         rows: list[list[bytes | None]] = []
         async with conn.transaction(), conn.cursor(row_factory=tuple_row) as cur:
             # parameters: extended protocol, bound with the DECLARE; the cursor sees one snapshot, taken now
@@ -681,7 +685,8 @@ class Backfiller:
                 piece = [[value(r, c) for c in columns] for r in range(result.ntuples)]
                 got = len(piece)
                 if piece:
-                    total = sum(map(len, filter(None, chain.from_iterable(piece))))
+                    # libpq's own count of the piece's memory (one call), else the values' bytes (one per value)
+                    total = sized(result) if sized is not None else sum(map(len, filter(None, chain(*piece))))
                     # the largest row: looked for among few or large rows; many small ones go by their average
                     few = got <= 64 or total > piece_target // 4
                     biggest = max(map(_row_bytes, piece)) if few else -(-total // got)
@@ -751,6 +756,26 @@ def _key_reader(positions: Sequence[int]) -> Callable[[list[bytes | None]], tupl
         return tuple(None if (value := raw[i]) is None else value.decode() for i in positions)
 
     return several
+
+
+@functools.cache
+def _result_size() -> Callable[[psycopg.pq.abc.PGresult], int] | None:
+    """libpq's ``PQresultMemorySize`` of a result psycopg holds (the bytes its rows take in libpq), when the
+    libpq psycopg runs on can be found; else None."""
+    try:
+        lib = _psycopg_libpq()
+        if lib is None:
+            return None
+        function = lib.PQresultMemorySize
+    except (OSError, AttributeError, ImportError):
+        return None
+    function.argtypes = [ctypes.c_void_p]
+    function.restype = ctypes.c_size_t
+
+    def size(result: psycopg.pq.abc.PGresult) -> int:
+        return int(function(cast(Any, result).pgresult_ptr))  # the C pointer (not in psycopg's protocol)
+
+    return size
 
 
 def _row_bytes(row: list[bytes | None]) -> int:
