@@ -791,3 +791,37 @@ async def test_transforms_and_the_secret_held_hash_key(
         (got,) = await read_stream(nats_server.url, topic, 1)
     assert got.subject == f"{topic}.users.7"
     assert got.event["data"] == {"id": 7, "name": hmac.new(key.encode(), b"ann", "sha256").hexdigest()}
+
+
+async def test_the_listener_pod_is_sized_and_the_bound_follows_its_memory_limit(
+    cluster: Cluster, _secret: None, pg: PostgresServer, db_with_tables: str
+) -> None:
+    """Without spec.pod.resources the listener gets requests and a memory limit, and its config a
+    maxInFlightBytes derived from that limit; a limit the user sets moves the bound; a bound the user sets
+    stays as written."""
+    name, slot = _name("sized"), _slot("sized")
+    await cluster.create_listener(name, listener_spec(pg.port, db_with_tables, slot=slot))
+    await cluster.wait_condition(name, "SlotReady", "True")
+
+    def container() -> dict[str, Any]:
+        dep = cluster.child(DEPLOYMENTS, name)
+        assert dep is not None
+        return dep["spec"]["template"]["spec"]["containers"][0]  # type: ignore[no-any-return]
+
+    def bound() -> int:
+        cm = cluster.child(CONFIGMAPS, name)
+        assert cm is not None
+        return int(yaml.safe_load(cm["data"]["config.yml"])["listener"]["maxInFlightBytes"])
+
+    assert container()["resources"] == {"requests": {"cpu": "100m", "memory": "256Mi"},
+                                        "limits": {"memory": "512Mi"}}
+    assert bound() == 104 * 2**20  # (512Mi - 96Mi) / 4
+
+    await cluster.update_spec(name, {"pod": {"resources": {"limits": {"memory": "1Gi"}}}})
+    await cluster.wait(lambda: container()["resources"]["limits"] == {"memory": "1Gi"}, what="the 1Gi limit")
+    await cluster.wait(lambda: bound() == 232 * 2**20, what="the bound derived from the 1Gi limit")
+    assert container()["resources"]["requests"] == {"cpu": "100m", "memory": "256Mi"}
+
+    await cluster.update_spec(name, {"listener": {"maxInFlightBytes": "48Mi"}})
+    await cluster.wait(lambda: bound() == 48 * 2**20, what="the user's maxInFlightBytes in the config")
+    assert container()["resources"]["limits"] == {"memory": "1Gi"}
