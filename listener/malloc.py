@@ -1,13 +1,16 @@
 """Large blocks straight from the kernel and back: the listener's resident memory follows its live bytes.
 
 glibc's malloc serves a block of 128 KiB or more with its own ``mmap`` and gives it back to the kernel
-when freed, but the first such free raises that threshold to the freed block's size (up to 32 MiB): from
-then on the large values of large rows (a 576 KB document, a batch's frames) come from the heap, where a
-freed block in the middle cannot go back to the kernel. Measured on a backfill of 576 KB rows with the
-default config: peak RSS 163-275 MB with the moving threshold, 122-131 MB with it fixed (docs/operator.md).
-Fixing it (``mallopt(M_MMAP_THRESHOLD, 128 KiB)``, which also turns off the moving trim threshold) is what
-``MALLOC_MMAP_THRESHOLD_=131072`` in the environment does; this does it from the process itself, so a
-listener on a laptop behaves as in the image. Elsewhere than glibc (musl, macOS) nothing is done.
+when freed, but each such free raises that threshold to the freed block's size (up to 32 MiB): once a
+batch's frames of large rows (16 MiB and more) were freed, every block under that size comes from the
+heap, where a freed block in the middle cannot go back to the kernel, and the resident set keeps the
+high-water mark of the holes. Measured on a backfill of 576 KB rows with the default config (peak RSS,
+several runs each): 163-320 MB with the moving threshold; 153-215 MB with it fixed at 4 MiB; 125-172 MB
+with it fixed at 128 KiB, which however made small-row backfills use ~10% more CPU (every batch's frames
+and socket buffers of ~1 MiB mmap'd and unmapped), so 4 MiB: what small rows allocate stays in the heap,
+what large rows' batches allocate goes back. ``mallopt(M_MMAP_THRESHOLD, ...)`` also stops the moving
+trim threshold. ``MALLOC_MMAP_THRESHOLD_`` in the environment does the same from outside and is left to
+glibc when set. Elsewhere than glibc (musl, macOS) nothing is done.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ import os
 
 #: glibc's mallopt parameter number of M_MMAP_THRESHOLD (malloc.h)
 M_MMAP_THRESHOLD = -3
-#: blocks of this many bytes or more are mmap'd and unmapped on free (glibc's own default, kept fixed)
-MMAP_THRESHOLD = 128 * 1024
+#: blocks of this many bytes or more are mmap'd and unmapped on free, whatever was freed before
+MMAP_THRESHOLD = 4 * 1024 * 1024
 
 
 def fix_mmap_threshold() -> bool:

@@ -20,7 +20,7 @@ from listener.event import read_event_ids
 from tests.support.harness import ListenerProcess, nats_config, query, run_cli, running, sql, unique, wait_until
 from tests.support.services import Database, NatsServer, PostgresServer
 
-pytestmark = pytest.mark.asyncio(loop_scope="session")
+IN_SESSION_LOOP = pytest.mark.asyncio(loop_scope="session")
 
 #: 1,500 rows of 576,000 bytes: ~860 MB, 13 times the default listener.maxInFlightBytes (64 MiB)
 ROWS = 1500
@@ -67,6 +67,7 @@ async def read_reads(nats_url: str, stream: str, count: int, timeout: float) -> 
         await nc.close()
 
 
+@IN_SESSION_LOOP
 async def test_backfill_of_large_rows_keeps_the_listener_under_300_mb(
     fresh_db: str, pg: PostgresServer, nats_server: NatsServer, tmp_path: Path, procs: list[ListenerProcess]
 ) -> None:
@@ -118,6 +119,7 @@ def test_pieces_are_sized_from_the_largest_row_seen() -> None:
     assert piece_rows(200, 40, budget, piece) == 40  # the rows the chunk may still take
 
 
+@IN_SESSION_LOOP
 async def test_chunks_end_at_their_byte_budget_and_the_next_resumes_after_the_last_key(
     fresh_any_db: Database, nats_server: NatsServer
 ) -> None:

@@ -5,7 +5,7 @@ listener is ~55 MB resident (Python, the libraries, the compiled hot path); on t
 read and not yet acknowledged -- each held as its event body and, until the broker acknowledged it, as
 the frame the publisher wrote (about twice its bytes), plus a backfill's chunks being read and built (a
 chunk's budget is a quarter of the bound). A backfill of 576 KB rows with the default 64 MiB bound peaks at
-125-172 MB: 1.1-1.8 times the bound above the base.
+153-215 MB: 1.5-2.4 times the bound above the base.
 
 So the bound is derived as a quarter of what the limit leaves above a base of 96 MiB (the measured base
 with room for the heap's growth, TLS and the broker client's buffers): the base plus 3 times the bound (the
