@@ -818,10 +818,10 @@ async def test_the_listener_pod_is_sized_and_the_bound_follows_its_memory_limit(
     assert bound() == 104 * 2**20  # (512Mi - 96Mi) / 4
 
     await cluster.update_spec(name, {"pod": {"resources": {"limits": {"memory": "1Gi"}}}})
-    await cluster.wait(lambda: container()["resources"]["limits"] == {"memory": "1Gi"}, what="the 1Gi limit")
-    await cluster.wait(lambda: bound() == 232 * 2**20, what="the bound derived from the 1Gi limit")
+    await cluster.wait(lambda: container()["resources"]["limits"] == {"memory": "1Gi"}, 60, what="the 1Gi limit")
+    await cluster.wait(lambda: bound() == 232 * 2**20, 60, what="the bound derived from the 1Gi limit")
     assert container()["resources"]["requests"] == {"cpu": "100m", "memory": "256Mi"}
 
     await cluster.update_spec(name, {"listener": {"maxInFlightBytes": "48Mi"}})
-    await cluster.wait(lambda: bound() == 48 * 2**20, what="the user's maxInFlightBytes in the config")
+    await cluster.wait(lambda: bound() == 48 * 2**20, 60, what="the user's maxInFlightBytes in the config")
     assert container()["resources"]["limits"] == {"memory": "1Gi"}
