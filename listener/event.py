@@ -138,6 +138,7 @@ class RelationInfo:
     subject: str  # with a route: the topic of events the route gives none (counted)
     plan: hotpath.Plan | None = None  # for the compiled fast path, when it is loaded
     debezium: DebeziumTable | None = None  # publisher.format debezium: what its events share (schemas...)
+    debezium_plan: hotpath.DebeziumPlan | None = None  # its compiled path's plan (a table without a transform)
     #: the table's transform (None: no entry of listener.transforms names it); names, converters and the
     #: indexes above are then those of the columns it keeps
     transform: RelationTransform | None = None
@@ -192,7 +193,7 @@ class EventBuilder:
         #: a DELETE is followed by a tombstone (Kafka, publisher.tombstones)
         self._tombstones = isinstance(cfg.publisher, KafkaPublisherConfig) and cfg.publisher.writes_tombstones
         #: the compiled fast path (None: pure Python)
-        self.hot = hotpath.load() if compiled and self._debezium is None else None
+        self.hot = hotpath.load() if compiled else None
         #: listener.transforms: columns left out, masks, topics and keys per table
         self.transforms = Transforms(cfg.listener, f"{self._topic}.{self._prefix}")
         self._hmac = self.hot.hmac_prepare(self.transforms.hash_key) if self.hot and self.transforms.hash_key else None
@@ -267,7 +268,10 @@ class EventBuilder:
                 rel = transform.relation(rel)
                 facts = facts and {n: f for n, f in facts.items() if n not in transform.nulled}
             info.debezium = self._debezium.table(self._registry, rel, key_index, facts)
-        if self.hot is not None:
+            if self.hot is not None and transform is None:
+                info.debezium_plan = hotpath.debezium_plan(self._debezium.source_parts(rel.schema, rel.name), names,
+                                                           converters, info.debezium, key_index)
+        elif self.hot is not None:
             info.plan = hotpath.plan(rel.schema, rel.name, all_names, all_converters, identity, key_index,
                                      transform, None if transform is None else self._hmac)
         return info
@@ -433,7 +437,16 @@ class EventBuilder:
         writes the body when it can; the Python stages take the message when it cannot."""
         info = self.relations[_U32(buf, 1)[0]]
         hot = self.hot
-        if hot is not None and info.plan is not None:
+        if hot is not None and info.debezium_plan is not None:
+            action = CHANGE_ACTIONS[buf[0]]
+            if action not in info.actions:
+                txn.ordinal += 1
+                self.skipped(info)
+                return None
+            message = self._debezium_compiled(hot, buf, info, txn, action)
+            if message is not None:
+                return message
+        elif hot is not None and info.plan is not None:
             action = CHANGE_ACTIONS[buf[0]]
             if action not in info.actions:
                 txn.ordinal += 1
@@ -536,6 +549,27 @@ class EventBuilder:
         return self._message(info, txn, "TRUNCATE", {}, {}, None, info.subject)
 
     # -- Debezium ---------------------------------------------------------------------------------
+
+    def _debezium_compiled(
+        self, hot: hotpath.Module, buf: bytes, info: RelationInfo, txn: Transaction, action: str
+    ) -> Message | None:
+        """A published Insert, Update or Delete as a Debezium event written by the compiled path (None: it left it
+        to the Python stages, which take the message from the start)."""
+        assert info.debezium_plan is not None and self._debezium is not None
+        ordinal = txn.ordinal + 1
+        if txn.id_prefix:
+            prefix, number = txn.id_prefix, txn.id_base | (ordinal & 0x3FFFFFF)
+        else:
+            prefix, number = self._ident(txn, ordinal), None
+        done = hot.debezium_event(buf, info.debezium_plan, prefix, number, txn.commit_micros, txn.xid, txn.lsn,
+                                  self._debezium.last_commit, time.time_ns(), self._needs_key)
+        if done is None:
+            return None
+        txn.ordinal = ordinal
+        message = Message(done[0], info.subject, done[1], info.schema, info.table, action, done[2])
+        if action == "DELETE" and self._tombstones:
+            message.tombstone = message.key is not None
+        return message
 
     def _debezium_change(
         self, info: RelationInfo, ident: str, action: str, before: Tuple | None, after: Tuple | None,

@@ -617,6 +617,21 @@ class Debezium:
         """A transaction ended: the first part of the next change's ``sequence``."""
         self._last_commit = commit_lsn
 
+    @property
+    def last_commit(self) -> int | None:
+        """The LSN of the last commit seen (the first part of ``sequence``; None right after a start)."""
+        return self._last_commit
+
+    def source_parts(self, schema: str, table: str) -> tuple[bytes, bytes, bytes]:
+        """The ``source`` block of a change's event (:meth:`source`) as the compiled path writes it around what
+        varies by change: the JSON up to ``ts_ms``, from there to the sequence's parts, from ``ts_ns`` to
+        ``txId``."""
+        return (
+            b',"source":' + orjson.dumps(self._source_head)[:-1] + b',"ts_ms":',
+            b',"snapshot":"false","db":' + orjson.dumps(self._db) + b',"sequence":"[',
+            b',"schema":' + orjson.dumps(schema) + b',"table":' + orjson.dumps(table) + b',"txId":',
+        )
+
 
 _PG_EPOCH_US: Final = int((PG_EPOCH - _UNIX_EPOCH).total_seconds()) * 1_000_000
 

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from listener import types
+from listener import formats, types
 from listener.transforms import RelationTransform
 from listener.types import ArrayConverter, Converter
 
@@ -45,6 +45,14 @@ Plan = tuple[
 ]
 
 
+#: publisher.format debezium: (source parts, columns (prefix, code, converter, placeholder JSON), key_index,
+#: value head, key head): see _hotpath_c/debezium.c
+DebeziumPlan = tuple[
+    bytes, bytes, bytes, tuple[tuple[bytes, int, Converter | None, bytes], ...], tuple[int, ...], bytes | None,
+    bytes | None,
+]
+
+
 class Module(Protocol):
     def event(
         self, msg: bytes, plan: Plan, prefix: str, number: int | None, commit_time: str, want_key: bool, /
@@ -53,6 +61,11 @@ class Module(Protocol):
     def read_row(
         self, values: list[bytes | None], plan: Plan, ident: str, read_time: str, want_key: bool, /
     ) -> tuple[bytes, bytes | None] | tuple[bytes, bytes | None, str | int] | None: ...
+
+    def debezium_event(
+        self, msg: bytes, plan: DebeziumPlan, prefix: str, number: int | None, commit_micros: int, xid: int | None,
+        lsn: int | None, last_commit: int | None, now_ns: int, want_key: bool, /
+    ) -> tuple[str, bytes, bytes | None] | None: ...
 
     def hmac_prepare(self, key: bytes, /) -> bytes: ...
 
@@ -180,3 +193,50 @@ def plan(
         for name, how, conv, is_identity in zip(names, codes, converters, identity, strict=True)
     )
     return orjson.dumps({"schema": schema, "table": table})[1:-1], columns, tuple(key_index), shaped
+
+
+# Debezium's conversions in the compiled path (keep in step with the DBZ_* enum in _hotpath_c/debezium.c)
+DBZ_NUMERIC, DBZ_MICRO_TS, DBZ_MILLI_TS, DBZ_DATE, DBZ_TIME, DBZ_BYTEA, DBZ_BIT1, DBZ_INTERVAL, DBZ_TIMETZ = range(32, 41)
+_DEBEZIUM_CODES: dict[Any, int] = {
+    formats.dbz_numeric: DBZ_NUMERIC,
+    formats.dbz_micro_timestamp: DBZ_MICRO_TS,
+    formats.dbz_milli_timestamp: DBZ_MILLI_TS,
+    formats.dbz_date: DBZ_DATE,
+    formats.dbz_time: DBZ_TIME,
+    types.to_bytea: DBZ_BYTEA,
+    formats.dbz_bit1: DBZ_BIT1,
+    formats.dbz_interval: DBZ_INTERVAL,
+    formats.dbz_timetz: DBZ_TIMETZ,
+}
+#: of the default format's codes, those whose converter Debezium shares (the rest: its converter is called)
+_SHARED_CODES = frozenset({TEXT, INT, BOOL, TIMESTAMPTZ, ARRAY_TEXT, ARRAY_INT})
+
+
+def debezium_code(converter: Converter | None) -> int:
+    """How the compiled path writes a column Debezium's way (``converter``: :func:`formats.debezium_converter`'s)."""
+    special = _DEBEZIUM_CODES.get(converter)
+    if special is not None:
+        return special
+    shared = code(converter)
+    return shared if shared in _SHARED_CODES else PYTHON
+
+
+def _with_schema_head(schema: orjson.Fragment | None) -> bytes | None:
+    """``{"schema":<schema>,"payload":`` (formats.with_schema up to the payload), or None without a schema."""
+    if schema is None:
+        return None
+    return orjson.dumps({"schema": schema, "payload": None})[: -len(b"null}")]
+
+
+def debezium_plan(
+    source: tuple[bytes, bytes, bytes], names: Sequence[str], converters: Sequence[Converter | None],
+    table: formats.DebeziumTable, key_index: Sequence[int],
+) -> DebeziumPlan:
+    """Everything the compiled path needs to write one relation's Debezium events: ``source`` from
+    :meth:`formats.Debezium.source_parts`, the columns as published, what the events share (``table``)."""
+    columns = tuple(
+        (orjson.dumps(name) + b":", debezium_code(conv), conv, orjson.dumps(placeholder))
+        for name, conv, placeholder in zip(names, converters, table.unavailable, strict=True)
+    )
+    return (*source, columns, tuple(key_index), _with_schema_head(table.envelope_schema),
+            _with_schema_head(table.key_schema))

@@ -17,6 +17,7 @@
  *   sha256.c      SHA-256 / HMAC-SHA256 of the hash mask                              transforms.py (hmac)
  *   transforms.c  a table's transform: masks in keys and topics, the route           transforms.py
  *   event.c       the default event format: event(), read_row()                       event.py
+ *   debezium.c    the Debezium format: debezium_event()                               formats.py (Debezium)
  *   frames.c      NATS wire frames (HPUB) and JetStream acks                          publishers/nats.py
  *   module.c      the method table and module init                                    hotpath.py
  *
@@ -163,6 +164,10 @@ int published_text(const Plan *plan, Py_ssize_t i, const Col *c, char hex[64], c
 PyObject *route_topic(const Plan *plan, const Col *new_cols, Py_ssize_t nnew, const Col *old_cols, Py_ssize_t nold,
                       char old_kind);
 
+/* ---- events (event.c): the id of an event, also for debezium.c ---- */
+
+PyObject *make_ident(PyObject *prefix, PyObject *number);
+
 /* ---- NATS frames (frames.c) ---- */
 
 int frames_init(void);
@@ -171,6 +176,7 @@ int frames_init(void);
 
 PyObject *hot_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *hot_read_row(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *hot_debezium_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *hot_nats_frames(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *hot_nats_acks(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *hot_set_encoder(PyObject *self, PyObject *dumps);

@@ -8,6 +8,9 @@ static PyMethodDef methods[] = {
      "event(msg, plan, prefix, number, commit_time, want_key) -> (ident, body, key[, topic]) | None"},
     {"read_row", (PyCFunction)(void (*)(void))hot_read_row, METH_FASTCALL,
      "read_row(values, plan, ident, read_time, want_key) -> (body, key[, topic]) | None"},
+    {"debezium_event", (PyCFunction)(void (*)(void))hot_debezium_event, METH_FASTCALL,
+     "debezium_event(msg, plan, prefix, number, commit_micros, xid, lsn, last_commit, now_ns, want_key) -> "
+     "(ident, body, key) | None"},
     {"nats_frames", (PyCFunction)(void (*)(void))hot_nats_frames, METH_FASTCALL,
      "nats_frames(batch, prefixes, seq, limit, header_bytes) -> (frames, payload) | None"},
     {"nats_acks", (PyCFunction)(void (*)(void))hot_nats_acks, METH_FASTCALL,

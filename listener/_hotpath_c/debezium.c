@@ -1,0 +1,684 @@
+/* The Debezium format (publisher.format: debezium): debezium_event() writes the change event's envelope
+ * {"before", "after", "source", "transaction", "op", "ts_ms", "ts_us", "ts_ns"} (inside {"schema", "payload"}
+ * with publisher.debezium.schemas) and its key, byte for byte what the Python stages write.
+ * Python twin: listener/formats.py (the dbz_* converters, Debezium.row/key/source/envelope),
+ * listener/event.py (EventBuilder._debezium_change), listener/hotpath.py (debezium_plan).
+ *
+ * debezium_event(msg, plan, prefix, number, commit_micros, xid, lsn, last_commit, now_ns, want_key)
+ *   -> (ident: str, body: bytes, key: bytes | None) | None
+ *   msg: a pgoutput Insert/Update/Delete; the id as event() makes it (prefix + number in hex, or prefix
+ *   when number is None); commit_micros: the transaction's commit time (protocol microseconds); xid, lsn
+ *   (the change's own) and last_commit (the previous commit's LSN, Debezium's sequence) int or None;
+ *   now_ns: time.time_ns() for the envelope's ts_*. None: the Python path takes the message.
+ *
+ * plan = (source_head, source_db, source_table, columns, key_index, value_head, key_head):
+ *   source_head  ',"source":{"version":...,"connector":"postgresql","name":"...","ts_ms":'
+ *   source_db    ',"snapshot":"false","db":"...","sequence":"['
+ *   source_table ',"schema":"...","table":"...","txId":'
+ *   columns      one (prefix '"name":', code, converter, placeholder) per column: code says how the value
+ *                is written (CODE_* of hotpath.h the default format shares, or DBZ_* below), converter is the
+ *                Python converter (called for what the C code does not write itself), placeholder the JSON
+ *                of an unchanged TOASTed value (formats.unavailable)
+ *   key_index    the key's columns
+ *   value_head   None, or '{"schema":<envelope schema>,"payload":' (publisher.debezium.schemas)
+ *   key_head     None, or '{"schema":<key schema>,"payload":' (schemas on Kafka)
+ */
+#include "hotpath.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+
+/* Debezium's conversions (keep in step with listener/hotpath.py) */
+enum {
+    DBZ_NUMERIC = 32,  /* the text; NaN as NAN */
+    DBZ_MICRO_TS = 33, /* timestamp(4-6): microseconds since the epoch; infinity as the JDBC driver's constant */
+    DBZ_MILLI_TS = 34, /* timestamp(0-3): milliseconds */
+    DBZ_DATE = 35,     /* days since 1970-01-01 */
+    DBZ_TIME = 36,     /* microseconds since midnight */
+    DBZ_BYTEA = 37,    /* \x hex -> base64 */
+    DBZ_BIT1 = 38,     /* "1" -> true */
+    DBZ_INTERVAL = 39, /* ISO 8601 -> microseconds, a month 30.4375 days */
+    DBZ_TIMETZ = 40,   /* the time in UTC with a Z */
+};
+
+#define DBZ_PLAN_SIZE 7
+/* formats.TIMESTAMP_INFINITY */
+#define TS_INFINITY "9223372036825200000"
+#define TS_MINUS_INFINITY "-9223372036832400000"
+/* 2000-01-01 (the protocol's epoch) in microseconds since 1970-01-01 */
+#define PG_EPOCH_US 946684800000000LL
+
+static int put_int64(Buf *b, long long v) {
+    char text[24];
+    int n = snprintf(text, sizeof text, "%lld", v);
+    return put(b, text, n);
+}
+
+static int put_uint64(Buf *b, unsigned long long v) {
+    char text[24];
+    int n = snprintf(text, sizeof text, "%llu", v);
+    return put(b, text, n);
+}
+
+static long long floor_div(long long a, long long d) {
+    long long q = a / d;
+    return (a % d != 0 && (a < 0) != (d < 0)) ? q - 1 : q;
+}
+
+/* n ASCII digits at s as a number (all digits: 1; else 0). */
+static int digits(const unsigned char *s, Py_ssize_t n, long long *out) {
+    long long v = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!is_digit(s[i]))
+            return 0;
+        v = v * 10 + (s[i] - '0');
+    }
+    *out = v;
+    return 1;
+}
+
+static long long days_from_civil(long long y, long long m, long long d) {
+    y -= m <= 2;
+    long long era = (y >= 0 ? y : y - 399) / 400;
+    long long yoe = y - era * 400;
+    long long doy = (153 * (m > 2 ? m - 3 : m + 9) + 2) / 5 + d - 1;
+    long long doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    return era * 146097 + doe - 719468;
+}
+
+static int days_in_month(long long y, long long m) {
+    static const int days[] = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
+    if (m == 2 && ((y % 4 == 0 && y % 100 != 0) || y % 400 == 0))
+        return 29;
+    return days[m - 1];
+}
+
+/* YYYY-MM-DD, a valid date of years 1-9999 (what date.fromisoformat reads the same): 1 with *days since
+ * 1970-01-01; 0 for any other text. */
+static int parse_date(const unsigned char *s, Py_ssize_t n, long long *days) {
+    long long y, m, d;
+    if (n != 10 || s[4] != '-' || s[7] != '-' || !digits(s, 4, &y) || !digits(s + 5, 2, &m) || !digits(s + 8, 2, &d))
+        return 0;
+    if (y < 1 || m < 1 || m > 12 || d < 1 || d > days_in_month(y, m))
+        return 0;
+    *days = days_from_civil(y, m, d);
+    return 1;
+}
+
+/* HH:MM:SS(.f{1,6})?: 1 with the parts (fraction scaled to microseconds); 0 for any other text. */
+static int parse_clock(const unsigned char *s, Py_ssize_t n, long long *h, long long *m, long long *sec,
+                       long long *micros) {
+    if (n < 8 || s[2] != ':' || s[5] != ':' || !digits(s, 2, h) || !digits(s + 3, 2, m) || !digits(s + 6, 2, sec))
+        return 0;
+    *micros = 0;
+    if (n == 8)
+        return 1;
+    Py_ssize_t f = n - 9;
+    if (s[8] != '.' || f < 1 || f > 6 || !digits(s + 9, f, micros))
+        return 0;
+    for (Py_ssize_t i = f; i < 6; i++)
+        *micros *= 10;
+    return 1;
+}
+
+/* timestamp text -> microseconds since the epoch (formats.dbz_micro_timestamp's datetime arithmetic) */
+static int parse_timestamp(const unsigned char *s, Py_ssize_t n, long long *micros) {
+    long long days, h, m, sec, frac;
+    if (n < 19 || s[10] != ' ' || !parse_date(s, 10, &days) || !parse_clock(s + 11, n - 11, &h, &m, &sec, &frac))
+        return 0;
+    if (h > 23 || m > 59 || sec > 59)
+        return 0;
+    *micros = ((days * 24 + h) * 60 + m) * 60000000LL + sec * 1000000LL + frac;
+    return 1;
+}
+
+static int ends_with_bc(const unsigned char *s, Py_ssize_t n) {
+    return n >= 3 && memcmp(s + n - 3, " BC", 3) == 0;
+}
+
+static int put_timestamp(Buf *b, long code, PyObject *conv, const Col *c) {
+    const unsigned char *s = c->p;
+    Py_ssize_t n = c->len;
+    if (n == 0 || s[0] >= 0x80)
+        return put_value(b, CODE_PYTHON, conv, c, NULL); /* str.isdigit() knows more digits than ASCII */
+    if (!is_digit(s[0]) || ends_with_bc(s, n)) {
+        if (n == 8 && memcmp(s, "infinity", 8) == 0)
+            return PUTS(b, TS_INFINITY);
+        if (n == 9 && memcmp(s, "-infinity", 9) == 0)
+            return PUTS(b, TS_MINUS_INFINITY);
+        return put_string(b, s, n);
+    }
+    long long micros;
+    if (!parse_timestamp(s, n, &micros))
+        return put_value(b, CODE_PYTHON, conv, c, NULL);
+    return put_int64(b, code == DBZ_MILLI_TS ? floor_div(micros, 1000) : micros);
+}
+
+static int put_date(Buf *b, PyObject *conv, const Col *c) {
+    const unsigned char *s = c->p;
+    Py_ssize_t n = c->len;
+    if (n == 0 || s[0] >= 0x80)
+        return put_value(b, CODE_PYTHON, conv, c, NULL);
+    if (!is_digit(s[0]) || ends_with_bc(s, n))
+        return put_string(b, s, n);
+    long long days;
+    if (!parse_date(s, n, &days))
+        return put_value(b, CODE_PYTHON, conv, c, NULL);
+    return put_int64(b, days);
+}
+
+static int put_time(Buf *b, PyObject *conv, const Col *c) {
+    long long h, m, sec, frac;
+    if (!parse_clock(c->p, c->len, &h, &m, &sec, &frac))
+        return put_value(b, CODE_PYTHON, conv, c, NULL);
+    return put_int64(b, ((h * 60 + m) * 60 + sec) * 1000000LL + frac);
+}
+
+static int hex_value(unsigned char c) {
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
+/* \x followed by pairs of hex digits -> its bytes in base64 (types.to_bytea) */
+static int put_bytea(Buf *b, PyObject *conv, const Col *c) {
+    static const char alphabet[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    const unsigned char *s = c->p;
+    Py_ssize_t n = c->len;
+    if (n < 2 || s[0] != '\\' || s[1] != 'x' || (n - 2) % 2 != 0)
+        return put_value(b, CODE_PYTHON, conv, c, NULL);
+    Py_ssize_t bytes = (n - 2) / 2;
+    for (Py_ssize_t i = 2; i < n; i++)
+        if (hex_value(s[i]) < 0)
+            return put_value(b, CODE_PYTHON, conv, c, NULL);
+    if (buf_grow(b, (bytes + 2) / 3 * 4 + 2) < 0)
+        return -1;
+    char *out = b->data + b->len;
+    *out++ = '"';
+    const unsigned char *h = s + 2;
+    Py_ssize_t i = 0;
+    for (; i + 3 <= bytes; i += 3, h += 6) {
+        unsigned v = (unsigned)(hex_value(h[0]) << 20 | hex_value(h[1]) << 16 | hex_value(h[2]) << 12 |
+                                hex_value(h[3]) << 8 | hex_value(h[4]) << 4 | hex_value(h[5]));
+        *out++ = alphabet[v >> 18];
+        *out++ = alphabet[(v >> 12) & 63];
+        *out++ = alphabet[(v >> 6) & 63];
+        *out++ = alphabet[v & 63];
+    }
+    if (bytes - i == 1) {
+        unsigned v = (unsigned)(hex_value(h[0]) << 4 | hex_value(h[1]));
+        *out++ = alphabet[v >> 2];
+        *out++ = alphabet[(v & 3) << 4];
+        *out++ = '=';
+        *out++ = '=';
+    } else if (bytes - i == 2) {
+        unsigned v = (unsigned)(hex_value(h[0]) << 12 | hex_value(h[1]) << 8 | hex_value(h[2]) << 4 | hex_value(h[3]));
+        *out++ = alphabet[v >> 10];
+        *out++ = alphabet[(v >> 4) & 63];
+        *out++ = alphabet[(v & 15) << 2];
+        *out++ = '=';
+    }
+    *out++ = '"';
+    b->len = out - b->data;
+    return 0;
+}
+
+/* -?\d+ at s[*i] (at most 15 digits) followed by the letter want: 1 with *value and *i past the letter;
+ * 0: not this part (nothing consumed); -1: not a form this code reads (the converter decides). */
+static int interval_part(const unsigned char *s, Py_ssize_t n, Py_ssize_t *i, char want, long long *value) {
+    Py_ssize_t j = *i, start;
+    int negative = 0;
+    if (j < n && s[j] == '-') {
+        negative = 1;
+        j++;
+    }
+    start = j;
+    while (j < n && is_digit(s[j]))
+        j++;
+    if (j == start)
+        return 0;
+    if (j - start > 15)
+        return -1;
+    if (j >= n || s[j] != want)
+        return 0;
+    long long v;
+    digits(s + start, j - start, &v);
+    *value = negative ? -v : v;
+    *i = j + 1;
+    return 1;
+}
+
+/* formats.dbz_interval: the same double arithmetic, in the same order. */
+static int put_interval(Buf *b, PyObject *conv, const Col *c) {
+    const unsigned char *s = c->p;
+    Py_ssize_t n = c->len, i = 1;
+    long long y = 0, mo = 0, d = 0, h = 0, mi = 0;
+    double sec = 0.0;
+    if (n < 2 || s[0] != 'P')
+        return put_value(b, CODE_PYTHON, conv, c, NULL);
+    long long *date_parts[] = {&y, &mo, &d};
+    const char date_letters[] = "YMD";
+    for (int k = 0; k < 3; k++)
+        if (interval_part(s, n, &i, date_letters[k], date_parts[k]) < 0)
+            return put_value(b, CODE_PYTHON, conv, c, NULL);
+    if (i < n && s[i] == 'T') {
+        i++;
+        long long *time_parts[] = {&h, &mi};
+        const char time_letters[] = "HM";
+        for (int k = 0; k < 2; k++)
+            if (interval_part(s, n, &i, time_letters[k], time_parts[k]) < 0)
+                return put_value(b, CODE_PYTHON, conv, c, NULL);
+        /* -?\d+(\.\d+)?S */
+        Py_ssize_t j = i;
+        if (j < n && s[j] == '-')
+            j++;
+        Py_ssize_t whole = j;
+        while (j < n && is_digit(s[j]))
+            j++;
+        if (j > whole) {
+            if (j < n && s[j] == '.') {
+                Py_ssize_t frac = ++j;
+                while (j < n && is_digit(s[j]))
+                    j++;
+                if (j == frac)
+                    return put_value(b, CODE_PYTHON, conv, c, NULL);
+            }
+            if (j >= n || s[j] != 'S' || j - i > 40)
+                return put_value(b, CODE_PYTHON, conv, c, NULL);
+            char text[48];
+            memcpy(text, s + i, (size_t)(j - i));
+            text[j - i] = 0;
+            sec = strtod(text, NULL);
+            i = j + 1;
+        }
+    }
+    if (i != n)
+        return put_value(b, CODE_PYTHON, conv, c, NULL);
+    long long months = y * 12 + mo;
+    double days = (double)months * 30.4375 + (double)d;
+    double seconds = ((days * 24 + (double)h) * 60 + (double)mi) * 60 + sec;
+    double micros = seconds * 1e6;
+    if (!(micros > -9.2e18 && micros < 9.2e18))
+        return put_value(b, CODE_PYTHON, conv, c, NULL);
+    return put_int64(b, (long long)micros);
+}
+
+/* formats.dbz_timetz: HH:MM:SS(.f+)?[+-]HH(:?MM)?(:?SS)? -> the time in UTC, the fraction without its
+ * trailing zeros, and a Z. */
+static int put_timetz(Buf *b, PyObject *conv, const Col *c) {
+    const unsigned char *s = c->p;
+    Py_ssize_t n = c->len, i = 8;
+    long long h, m, sec, oh, om = 0, os = 0;
+    if (n < 11 || s[2] != ':' || s[5] != ':' || !digits(s, 2, &h) || !digits(s + 3, 2, &m) || !digits(s + 6, 2, &sec))
+        return put_value(b, CODE_PYTHON, conv, c, NULL);
+    const unsigned char *frac = s + 8;
+    Py_ssize_t nfrac = 0;
+    if (s[i] == '.') {
+        i++;
+        while (i < n && is_digit(s[i]))
+            i++;
+        nfrac = i - 8;
+        if (nfrac < 2)
+            return put_value(b, CODE_PYTHON, conv, c, NULL);
+    }
+    if (i + 3 > n || (s[i] != '+' && s[i] != '-') || !digits(s + i + 1, 2, &oh))
+        return put_value(b, CODE_PYTHON, conv, c, NULL);
+    int plus = s[i] == '+';
+    i += 3;
+    long long *rest[] = {&om, &os};
+    for (int k = 0; k < 2 && i < n; k++) {
+        if (s[i] == ':')
+            i++;
+        if (i + 2 > n || !digits(s + i, 2, rest[k]))
+            return put_value(b, CODE_PYTHON, conv, c, NULL);
+        i += 2;
+    }
+    if (i != n)
+        return put_value(b, CODE_PYTHON, conv, c, NULL);
+    long long offset = (plus ? oh : -oh) * 3600 + (plus ? 1 : -1) * (om * 60 + os);
+    long long total = (h * 3600 + m * 60 + sec - offset) % 86400;
+    if (total < 0)
+        total += 86400;
+    while (nfrac > 0 && frac[nfrac - 1] == '0')
+        nfrac--;
+    if (nfrac == 1)
+        nfrac = 0; /* only the '.' was left */
+    char text[16];
+    int len = snprintf(text, sizeof text, "\"%02lld:%02lld:%02lld", total / 3600, total / 60 % 60, total % 60);
+    if (put(b, text, len) < 0 || put(b, (const char *)frac, nfrac) < 0)
+        return -1;
+    return PUTS(b, "Z\"");
+}
+
+static int put_dbz_value(Buf *b, long code, PyObject *conv, const Col *c) {
+    const unsigned char *s = c->p;
+    Py_ssize_t n = c->len;
+    switch (code) {
+    case DBZ_NUMERIC:
+        if (n == 3 && memcmp(s, "NaN", 3) == 0)
+            return PUTS(b, "\"NAN\"");
+        return put_string(b, s, n);
+    case DBZ_MICRO_TS:
+    case DBZ_MILLI_TS:
+        return put_timestamp(b, code, conv, c);
+    case DBZ_DATE:
+        return put_date(b, conv, c);
+    case DBZ_TIME:
+        return put_time(b, conv, c);
+    case DBZ_BYTEA:
+        return put_bytea(b, conv, c);
+    case DBZ_BIT1:
+        if (n == 1 && s[0] == '1')
+            return PUTS(b, "true");
+        return PUTS(b, "false");
+    case DBZ_INTERVAL:
+        return put_interval(b, conv, c);
+    case DBZ_TIMETZ:
+        return put_timetz(b, conv, c);
+    case CODE_TEXT:
+    case CODE_INT:
+    case CODE_BOOL:
+    case CODE_TIMESTAMPTZ:
+    case CODE_ARRAY_TEXT:
+    case CODE_ARRAY_INT:
+        return put_value(b, code, conv, c, NULL);
+    default:
+        return put_value(b, CODE_PYTHON, conv, c, NULL);
+    }
+}
+
+/* Where each column's value was written (for the key): offset and length in the buffer. */
+typedef struct {
+    Py_ssize_t at, len;
+} Span;
+
+/* Every column, converted; an unchanged TOASTed one as its placeholder (formats.Debezium.row). */
+static int put_row(Buf *b, PyObject *columns, const Col *cols, Py_ssize_t count, Span *spans) {
+    if (count != PyTuple_GET_SIZE(columns))
+        return FALLBACK; /* a short tuple: the Python path */
+    if (PUTS(b, "{") < 0)
+        return -1;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *entry = PyTuple_GET_ITEM(columns, i);
+        PyObject *prefix = PyTuple_GET_ITEM(entry, 0);
+        if ((i > 0 && PUTS(b, ",") < 0) || put(b, PyBytes_AS_STRING(prefix), PyBytes_GET_SIZE(prefix)) < 0)
+            return -1;
+        Py_ssize_t at = b->len;
+        int rc;
+        if (cols[i].kind == 'n') {
+            rc = PUTS(b, "null");
+        } else if (cols[i].kind == 'u') {
+            PyObject *placeholder = PyTuple_GET_ITEM(entry, 3);
+            rc = put(b, PyBytes_AS_STRING(placeholder), PyBytes_GET_SIZE(placeholder));
+        } else {
+            rc = put_dbz_value(b, PyLong_AsLong(PyTuple_GET_ITEM(entry, 1)), PyTuple_GET_ITEM(entry, 2), &cols[i]);
+        }
+        if (rc != 0)
+            return rc;
+        if (spans != NULL) {
+            spans[i].at = at;
+            spans[i].len = b->len - at;
+        }
+    }
+    return PUTS(b, "}");
+}
+
+/* {"name": value, ...} of the key's columns, their values as the row has them (formats.Debezium.key). */
+static PyObject *make_key(PyObject *plan, const Buf *body, const Span *spans) {
+    PyObject *columns = PyTuple_GET_ITEM(plan, 3), *key_index = PyTuple_GET_ITEM(plan, 4);
+    PyObject *head = PyTuple_GET_ITEM(plan, 6);
+    Buf b = {NULL, 0, 0};
+    PyObject *result = NULL;
+    if (head != Py_None && put(&b, PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head)) < 0)
+        goto done;
+    if (PUTS(&b, "{") < 0)
+        goto done;
+    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(key_index); k++) {
+        Py_ssize_t i = PyLong_AsSsize_t(PyTuple_GET_ITEM(key_index, k));
+        PyObject *prefix = PyTuple_GET_ITEM(PyTuple_GET_ITEM(columns, i), 0);
+        if ((k > 0 && PUTS(&b, ",") < 0) || put(&b, PyBytes_AS_STRING(prefix), PyBytes_GET_SIZE(prefix)) < 0 ||
+            put(&b, body->data + spans[i].at, spans[i].len) < 0)
+            goto done;
+    }
+    if (PUTS(&b, "}") < 0 || (head != Py_None && PUTS(&b, "}") < 0))
+        goto done;
+    result = PyBytes_FromStringAndSize(b.data, b.len);
+done:
+    PyMem_Free(b.data);
+    return result;
+}
+
+static int check_plan(PyObject *plan) {
+    if (!PyTuple_Check(plan) || PyTuple_GET_SIZE(plan) != DBZ_PLAN_SIZE)
+        goto bad;
+    for (int k = 0; k < 3; k++)
+        if (!PyBytes_Check(PyTuple_GET_ITEM(plan, k)))
+            goto bad;
+    PyObject *columns = PyTuple_GET_ITEM(plan, 3), *key_index = PyTuple_GET_ITEM(plan, 4);
+    if (!PyTuple_Check(columns) || !PyTuple_Check(key_index))
+        goto bad;
+    for (int k = 5; k < 7; k++) {
+        PyObject *head = PyTuple_GET_ITEM(plan, k);
+        if (head != Py_None && !PyBytes_Check(head))
+            goto bad;
+    }
+    Py_ssize_t ncolumns = PyTuple_GET_SIZE(columns);
+    for (Py_ssize_t i = 0; i < ncolumns; i++) {
+        PyObject *entry = PyTuple_GET_ITEM(columns, i);
+        if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 4 || !PyBytes_Check(PyTuple_GET_ITEM(entry, 0)) ||
+            !PyLong_Check(PyTuple_GET_ITEM(entry, 1)) || !PyBytes_Check(PyTuple_GET_ITEM(entry, 3)))
+            goto bad;
+    }
+    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(key_index); k++) {
+        PyObject *at = PyTuple_GET_ITEM(key_index, k);
+        Py_ssize_t i = PyLong_Check(at) ? PyLong_AsSsize_t(at) : -1;
+        if (i < 0 || i >= ncolumns) {
+            PyErr_Clear();
+            goto bad;
+        }
+    }
+    return 0;
+bad:
+    PyErr_SetString(PyExc_TypeError, "debezium_event: plan is (bytes, bytes, bytes, columns: tuple of "
+                                     "(bytes, int, converter, bytes), key_index, bytes | None, bytes | None)");
+    return -1;
+}
+
+/* An int or None argument: 1 with *value, 0 for None, -1 when it is neither a non-negative 64-bit int
+ * (a ValueError/TypeError is set). */
+static int optional_u64(PyObject *arg, unsigned long long *value) {
+    if (arg == Py_None)
+        return 0;
+    if (!PyLong_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "debezium_event: xid, lsn and last_commit are int or None");
+        return -1;
+    }
+    *value = PyLong_AsUnsignedLongLong(arg);
+    if (*value == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    return 1;
+}
+
+static int put_optional(Buf *b, int present, unsigned long long v) {
+    return present ? put_uint64(b, v) : PUTS(b, "null");
+}
+
+/* sequence: the JSON text ["<last commit>","<lsn>"] as a JSON string */
+static int put_sequence_part(Buf *b, int present, unsigned long long v) {
+    if (!present)
+        return PUTS(b, "null");
+    if (PUTS(b, "\\\"") < 0 || put_uint64(b, v) < 0)
+        return -1;
+    return PUTS(b, "\\\"");
+}
+
+PyObject *hot_debezium_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError, "debezium_event(msg, plan, prefix, number, commit_micros, xid, lsn, "
+                                         "last_commit, now_ns, want_key)");
+        return NULL;
+    }
+    PyObject *plan = args[1];
+    if (check_plan(plan) < 0)
+        return NULL;
+    if (!PyUnicode_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "debezium_event: the id (prefix) is a str");
+        return NULL;
+    }
+    long long commit_micros = PyLong_AsLongLong(args[4]);
+    long long now_ns = PyLong_AsLongLong(args[8]);
+    if ((commit_micros == -1 || now_ns == -1) && PyErr_Occurred())
+        return NULL;
+    unsigned long long xid = 0, lsn = 0, last = 0;
+    int has_xid = optional_u64(args[5], &xid), has_lsn = optional_u64(args[6], &lsn);
+    int has_last = optional_u64(args[7], &last);
+    if (has_xid < 0 || has_lsn < 0 || has_last < 0) {
+        if (PyErr_ExceptionMatches(PyExc_OverflowError)) { /* negative or past 64 bits: the Python path */
+            PyErr_Clear();
+            Py_RETURN_NONE;
+        }
+        return NULL;
+    }
+    int want_key = PyObject_IsTrue(args[9]);
+    if (want_key < 0)
+        return NULL;
+    /* commit_us * 1000 (ts_ns) must stay a 64-bit number */
+    if (commit_micros > 9000000000000000LL - PG_EPOCH_US || commit_micros < -9000000000000000LL - PG_EPOCH_US)
+        Py_RETURN_NONE;
+    long long commit_us = commit_micros + PG_EPOCH_US;
+    if (now_ns < 0)
+        Py_RETURN_NONE;
+    PyObject *columns = PyTuple_GET_ITEM(plan, 3);
+    Py_ssize_t ncolumns = PyTuple_GET_SIZE(columns);
+    PyObject *ident = make_ident(args[2], args[3]);
+    if (ident == NULL)
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
+        Py_DECREF(ident);
+        return NULL;
+    }
+    const unsigned char *s = view.buf;
+    Py_ssize_t n = view.len;
+    PyObject *result = NULL;
+    Buf b = {NULL, 0, 0};
+    Col stack_new[STACK_COLUMNS], stack_old[STACK_COLUMNS];
+    Span stack_spans[STACK_COLUMNS];
+    void *heap = NULL;
+    Col *new_cols = NULL, *old_cols = NULL, *spare_new = stack_new, *spare_old = stack_old;
+    Span *spans = stack_spans;
+    Py_ssize_t nnew = 0, nold = 0;
+    const char *op;
+    int rc;
+
+    if (ncolumns > STACK_COLUMNS) {
+        heap = PyMem_Malloc((sizeof(Col) * 2 + sizeof(Span)) * (size_t)ncolumns);
+        if (heap == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        spare_new = heap;
+        spare_old = spare_new + ncolumns;
+        spans = (Span *)(spare_old + ncolumns);
+    }
+    if (n < 6)
+        goto fallback;
+    Py_ssize_t pos = 6;
+    unsigned char tag = s[0], marker = s[5];
+    char old_kind = 0;
+    if (tag == 'I') {
+        op = "c";
+        if (marker != 'N')
+            goto fallback;
+    } else if (tag == 'U') {
+        op = "u";
+        if (marker == 'K' || marker == 'O') {
+            old_kind = (char)marker;
+            old_cols = spare_old;
+            nold = read_tuple(s, n, &pos, old_cols, ncolumns);
+            if (nold < 0 || pos >= n)
+                goto fallback;
+            marker = s[pos++];
+        }
+        if (marker != 'N')
+            goto fallback;
+    } else if (tag == 'D') {
+        op = "d";
+        if (marker != 'K' && marker != 'O')
+            goto fallback;
+        old_kind = (char)marker;
+        old_cols = spare_old;
+        nold = read_tuple(s, n, &pos, old_cols, ncolumns);
+        if (nold < 0)
+            goto fallback;
+    } else {
+        goto fallback;
+    }
+    if (tag != 'D') {
+        new_cols = spare_new;
+        nnew = read_tuple(s, n, &pos, new_cols, ncolumns);
+        if (nnew < 0)
+            goto fallback;
+    }
+    /* an UPDATE's before: the old row only when it is complete (REPLICA IDENTITY FULL) */
+    const Col *before = tag == 'D' || old_kind == 'O' ? old_cols : NULL;
+    Py_ssize_t nbefore = nold;
+    PyObject *value_head = PyTuple_GET_ITEM(plan, 5);
+    b.cap = n * 2 + 1024 + (value_head == Py_None ? 0 : PyBytes_GET_SIZE(value_head));
+    b.data = PyMem_Malloc((size_t)b.cap);
+    if (b.data == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (value_head != Py_None && put(&b, PyBytes_AS_STRING(value_head), PyBytes_GET_SIZE(value_head)) < 0)
+        goto done;
+    if (PUTS(&b, "{\"before\":") < 0)
+        goto done;
+    rc = before == NULL ? PUTS(&b, "null") : put_row(&b, columns, before, nbefore, new_cols == NULL ? spans : NULL);
+    if (rc != 0)
+        goto check;
+    if (PUTS(&b, ",\"after\":") < 0)
+        goto done;
+    rc = new_cols == NULL ? PUTS(&b, "null") : put_row(&b, columns, new_cols, nnew, spans);
+    if (rc != 0)
+        goto check;
+    PyObject *head = PyTuple_GET_ITEM(plan, 0), *db = PyTuple_GET_ITEM(plan, 1), *table = PyTuple_GET_ITEM(plan, 2);
+    if (put(&b, PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head)) < 0 || put_int64(&b, floor_div(commit_us, 1000)) < 0 ||
+        put(&b, PyBytes_AS_STRING(db), PyBytes_GET_SIZE(db)) < 0 || put_sequence_part(&b, has_last, last) < 0 ||
+        PUTS(&b, ",") < 0 || put_sequence_part(&b, has_lsn, lsn) < 0 || PUTS(&b, "]\",\"ts_us\":") < 0 ||
+        put_int64(&b, commit_us) < 0 || PUTS(&b, ",\"ts_ns\":") < 0 || put_int64(&b, commit_us * 1000) < 0 ||
+        put(&b, PyBytes_AS_STRING(table), PyBytes_GET_SIZE(table)) < 0 || put_optional(&b, has_xid, xid) < 0 ||
+        PUTS(&b, ",\"lsn\":") < 0 || put_optional(&b, has_lsn, lsn) < 0 ||
+        PUTS(&b, ",\"xmin\":null,\"origin\":null,\"origin_lsn\":null},\"transaction\":null,\"op\":\"") < 0 ||
+        put(&b, op, 1) < 0 || PUTS(&b, "\",\"ts_ms\":") < 0 || put_int64(&b, now_ns / 1000000) < 0 ||
+        PUTS(&b, ",\"ts_us\":") < 0 || put_int64(&b, now_ns / 1000) < 0 || PUTS(&b, ",\"ts_ns\":") < 0 ||
+        put_int64(&b, now_ns) < 0 || PUTS(&b, "}") < 0 || (value_head != Py_None && PUTS(&b, "}") < 0))
+        goto done;
+    PyObject *key = want_key && PyTuple_GET_SIZE(PyTuple_GET_ITEM(plan, 4)) ? make_key(plan, &b, spans)
+                                                                            : Py_NewRef(Py_None);
+    if (key == NULL)
+        goto done;
+    PyObject *body = PyBytes_FromStringAndSize(b.data, b.len);
+    if (body != NULL) {
+        result = PyTuple_Pack(3, ident, body, key);
+        Py_DECREF(body);
+    }
+    Py_DECREF(key);
+    goto done;
+check:
+    if (rc < 0)
+        goto done;
+fallback:
+    result = Py_NewRef(Py_None);
+done:
+    Py_DECREF(ident);
+    PyMem_Free(b.data);
+    PyMem_Free(heap);
+    PyBuffer_Release(&view);
+    return result;
+}
