@@ -196,7 +196,8 @@ def plan(
 
 
 # Debezium's conversions in the compiled path (keep in step with the DBZ_* enum in _hotpath_c/debezium.c)
-DBZ_NUMERIC, DBZ_MICRO_TS, DBZ_MILLI_TS, DBZ_DATE, DBZ_TIME, DBZ_BYTEA, DBZ_BIT1, DBZ_INTERVAL, DBZ_TIMETZ = range(32, 41)
+DBZ_NUMERIC, DBZ_MICRO_TS, DBZ_MILLI_TS, DBZ_DATE, DBZ_TIME = range(32, 37)
+DBZ_BYTEA, DBZ_BIT1, DBZ_INTERVAL, DBZ_TIMETZ = range(37, 41)
 _DEBEZIUM_CODES: dict[Any, int] = {
     formats.dbz_numeric: DBZ_NUMERIC,
     formats.dbz_micro_timestamp: DBZ_MICRO_TS,
