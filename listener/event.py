@@ -437,16 +437,7 @@ class EventBuilder:
         writes the body when it can; the Python stages take the message when it cannot."""
         info = self.relations[_U32(buf, 1)[0]]
         hot = self.hot
-        if hot is not None and info.debezium_plan is not None:
-            action = CHANGE_ACTIONS[buf[0]]
-            if action not in info.actions:
-                txn.ordinal += 1
-                self.skipped(info)
-                return None
-            message = self._debezium_compiled(hot, buf, info, txn, action)
-            if message is not None:
-                return message
-        elif hot is not None and info.plan is not None:
+        if hot is not None and (info.plan is not None or info.debezium_plan is not None):
             action = CHANGE_ACTIONS[buf[0]]
             if action not in info.actions:
                 txn.ordinal += 1
@@ -454,10 +445,16 @@ class EventBuilder:
                 return None
             ordinal = txn.ordinal + 1
             if txn.id_prefix:  # the compiled call writes the id: the prefix and the change's bits
-                done = hot.event(buf, info.plan, txn.id_prefix, txn.id_base | (ordinal & 0x3FFFFFF), txn.commit_time,
-                                 self._needs_key)
+                prefix, number = txn.id_prefix, txn.id_base | (ordinal & 0x3FFFFFF)
             else:
-                done = hot.event(buf, info.plan, self._ident(txn, ordinal), None, txn.commit_time, self._needs_key)
+                prefix, number = self._ident(txn, ordinal), None
+            done: tuple[str, bytes, bytes | None] | tuple[str, bytes, bytes | None, str | int] | None
+            if info.debezium_plan is not None:  # publisher.format debezium: time and position for its source block
+                done = hot.debezium_event(buf, info.debezium_plan, prefix, number, txn.commit_micros, txn.xid, txn.lsn,
+                                          self._debezium.last_commit,  # type: ignore[union-attr]
+                                          time.time_ns(), self._needs_key)
+            else:
+                done = hot.event(buf, info.plan, prefix, number, txn.commit_time, self._needs_key)  # type: ignore[arg-type]
             if done is not None:
                 txn.ordinal = ordinal
                 subject = info.subject
@@ -549,27 +546,6 @@ class EventBuilder:
         return self._message(info, txn, "TRUNCATE", {}, {}, None, info.subject)
 
     # -- Debezium ---------------------------------------------------------------------------------
-
-    def _debezium_compiled(
-        self, hot: hotpath.Module, buf: bytes, info: RelationInfo, txn: Transaction, action: str
-    ) -> Message | None:
-        """A published Insert, Update or Delete as a Debezium event written by the compiled path (None: it left it
-        to the Python stages, which take the message from the start)."""
-        assert info.debezium_plan is not None and self._debezium is not None
-        ordinal = txn.ordinal + 1
-        if txn.id_prefix:
-            prefix, number = txn.id_prefix, txn.id_base | (ordinal & 0x3FFFFFF)
-        else:
-            prefix, number = self._ident(txn, ordinal), None
-        done = hot.debezium_event(buf, info.debezium_plan, prefix, number, txn.commit_micros, txn.xid, txn.lsn,
-                                  self._debezium.last_commit, time.time_ns(), self._needs_key)
-        if done is None:
-            return None
-        txn.ordinal = ordinal
-        message = Message(done[0], info.subject, done[1], info.schema, info.table, action, done[2])
-        if action == "DELETE" and self._tombstones:
-            message.tombstone = message.key is not None
-        return message
 
     def _debezium_change(
         self, info: RelationInfo, ident: str, action: str, before: Tuple | None, after: Tuple | None,

@@ -48,16 +48,71 @@ enum {
 /* 2000-01-01 (the protocol's epoch) in microseconds since 1970-01-01 */
 #define PG_EPOCH_US 946684800000000LL
 
-static int put_int64(Buf *b, long long v) {
-    char text[24];
-    int n = snprintf(text, sizeof text, "%lld", v);
-    return put(b, text, n);
+/* decimal digits of v, written backwards from end; returns where they start */
+static char *uint64_digits(unsigned long long v, char *end) {
+    static const char pairs[] = "00010203040506070809101112131415161718192021222324252627282930313233343536373839"
+                                "40414243444546474849505152535455565758596061626364656667686970717273747576777879"
+                                "8081828384858687888990919293949596979899";
+    while (v >= 100) {
+        unsigned i = (unsigned)(v % 100) * 2;
+        v /= 100;
+        *--end = pairs[i + 1];
+        *--end = pairs[i];
+    }
+    if (v >= 10) {
+        *--end = pairs[v * 2 + 1];
+        *--end = pairs[v * 2];
+    } else {
+        *--end = (char)('0' + v);
+    }
+    return end;
 }
 
-static int put_uint64(Buf *b, unsigned long long v) {
+static int put_int64(Buf *b, long long v) {
     char text[24];
-    int n = snprintf(text, sizeof text, "%llu", v);
-    return put(b, text, n);
+    unsigned long long magnitude = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
+    char *start = uint64_digits(magnitude, text + sizeof text);
+    if (v < 0)
+        *--start = '-';
+    return put(b, start, text + sizeof text - start);
+}
+
+/* A number's decimal text, kept to write it and the numbers it divides into by powers of ten (ts_ms, ts_us,
+ * ts_ns of the same time). */
+typedef struct {
+    long long value;
+    char text[24];
+    const char *start;
+    Py_ssize_t len;
+} Number;
+
+static void number_text(Number *n, long long v) {
+    char *end = n->text + sizeof n->text;
+    unsigned long long magnitude = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
+    char *start = uint64_digits(magnitude, end);
+    if (v < 0)
+        *--start = '-';
+    n->value = v;
+    n->start = start;
+    n->len = end - start;
+}
+
+static long long floor_div(long long a, long long d);
+
+/* n's value // 10**digits (Python's floor division): its text without the last digits where it has more */
+static int put_divided(Buf *b, const Number *n, int digits, long long divisor) {
+    if (n->value >= divisor)
+        return put(b, n->start, n->len - digits);
+    return put_int64(b, floor_div(n->value, divisor));
+}
+
+/* n's value * 1000 */
+static int put_thousand_times(Buf *b, const Number *n) {
+    if (n->value == 0)
+        return PUTS(b, "0");
+    if (put(b, n->start, n->len) < 0)
+        return -1;
+    return PUTS(b, "000");
 }
 
 static long long floor_div(long long a, long long d) {
@@ -503,18 +558,38 @@ static int optional_u64(PyObject *arg, unsigned long long *value) {
     return 1;
 }
 
-static int put_optional(Buf *b, int present, unsigned long long v) {
-    return present ? put_uint64(b, v) : PUTS(b, "null");
+/* a 64-bit unsigned number's text, or null */
+typedef struct {
+    char text[24];
+    const char *start;
+    Py_ssize_t len;
+} Optional;
+
+static void optional_text(Optional *o, int present, unsigned long long v) {
+    if (!present) {
+        o->start = "null";
+        o->len = 4;
+        return;
+    }
+    o->start = uint64_digits(v, o->text + sizeof o->text);
+    o->len = o->text + sizeof o->text - o->start;
+}
+
+static int put_optional(Buf *b, const Optional *o) {
+    return put(b, o->start, o->len);
 }
 
 /* sequence: the JSON text ["<last commit>","<lsn>"] as a JSON string */
-static int put_sequence_part(Buf *b, int present, unsigned long long v) {
-    if (!present)
+static int put_sequence_part(Buf *b, const Optional *o) {
+    if (o->start[0] == 'n')
         return PUTS(b, "null");
-    if (PUTS(b, "\\\"") < 0 || put_uint64(b, v) < 0)
+    if (PUTS(b, "\\\"") < 0 || put(b, o->start, o->len) < 0)
         return -1;
     return PUTS(b, "\\\"");
 }
+
+/* the commit time of the last transaction seen, as text (every change of a transaction shares it) */
+static Number commit_number = {0, {0}, NULL, 0};
 
 PyObject *hot_debezium_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
@@ -648,16 +723,24 @@ PyObject *hot_debezium_event(PyObject *self, PyObject *const *args, Py_ssize_t n
     if (rc != 0)
         goto check;
     PyObject *head = PyTuple_GET_ITEM(plan, 0), *db = PyTuple_GET_ITEM(plan, 1), *table = PyTuple_GET_ITEM(plan, 2);
-    if (put(&b, PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head)) < 0 || put_int64(&b, floor_div(commit_us, 1000)) < 0 ||
-        put(&b, PyBytes_AS_STRING(db), PyBytes_GET_SIZE(db)) < 0 || put_sequence_part(&b, has_last, last) < 0 ||
-        PUTS(&b, ",") < 0 || put_sequence_part(&b, has_lsn, lsn) < 0 || PUTS(&b, "]\",\"ts_us\":") < 0 ||
-        put_int64(&b, commit_us) < 0 || PUTS(&b, ",\"ts_ns\":") < 0 || put_int64(&b, commit_us * 1000) < 0 ||
-        put(&b, PyBytes_AS_STRING(table), PyBytes_GET_SIZE(table)) < 0 || put_optional(&b, has_xid, xid) < 0 ||
-        PUTS(&b, ",\"lsn\":") < 0 || put_optional(&b, has_lsn, lsn) < 0 ||
+    if (commit_number.start == NULL || commit_number.value != commit_us)
+        number_text(&commit_number, commit_us);
+    Number now;
+    number_text(&now, now_ns);
+    Optional xid_text, lsn_text, last_text;
+    optional_text(&xid_text, has_xid, xid);
+    optional_text(&lsn_text, has_lsn, lsn);
+    optional_text(&last_text, has_last, last);
+    if (put(&b, PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head)) < 0 || put_divided(&b, &commit_number, 3, 1000) < 0 ||
+        put(&b, PyBytes_AS_STRING(db), PyBytes_GET_SIZE(db)) < 0 || put_sequence_part(&b, &last_text) < 0 ||
+        PUTS(&b, ",") < 0 || put_sequence_part(&b, &lsn_text) < 0 || PUTS(&b, "]\",\"ts_us\":") < 0 ||
+        put(&b, commit_number.start, commit_number.len) < 0 || PUTS(&b, ",\"ts_ns\":") < 0 ||
+        put_thousand_times(&b, &commit_number) < 0 || put(&b, PyBytes_AS_STRING(table), PyBytes_GET_SIZE(table)) < 0 ||
+        put_optional(&b, &xid_text) < 0 || PUTS(&b, ",\"lsn\":") < 0 || put_optional(&b, &lsn_text) < 0 ||
         PUTS(&b, ",\"xmin\":null,\"origin\":null,\"origin_lsn\":null},\"transaction\":null,\"op\":\"") < 0 ||
-        put(&b, op, 1) < 0 || PUTS(&b, "\",\"ts_ms\":") < 0 || put_int64(&b, now_ns / 1000000) < 0 ||
-        PUTS(&b, ",\"ts_us\":") < 0 || put_int64(&b, now_ns / 1000) < 0 || PUTS(&b, ",\"ts_ns\":") < 0 ||
-        put_int64(&b, now_ns) < 0 || PUTS(&b, "}") < 0 || (value_head != Py_None && PUTS(&b, "}") < 0))
+        put(&b, op, 1) < 0 || PUTS(&b, "\",\"ts_ms\":") < 0 || put_divided(&b, &now, 6, 1000000) < 0 ||
+        PUTS(&b, ",\"ts_us\":") < 0 || put_divided(&b, &now, 3, 1000) < 0 || PUTS(&b, ",\"ts_ns\":") < 0 ||
+        put(&b, now.start, now.len) < 0 || PUTS(&b, "}") < 0 || (value_head != Py_None && PUTS(&b, "}") < 0))
         goto done;
     PyObject *key = want_key && PyTuple_GET_SIZE(PyTuple_GET_ITEM(plan, 4)) ? make_key(plan, &b, spans)
                                                                             : Py_NewRef(Py_None);
