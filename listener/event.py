@@ -34,6 +34,7 @@ import orjson
 from listener import hotpath, metrics, pgoutput
 from listener.catalog import ColumnFacts
 from listener.config import INTERNAL_MESSAGE_PREFIXES, Config, KafkaPublisherConfig
+from listener.errors import DecodeError
 from listener.filter import TableFilter
 from listener.formats import (
     CE_HEADERS,
@@ -194,6 +195,8 @@ class EventBuilder:
         self._tombstones = isinstance(cfg.publisher, KafkaPublisherConfig) and cfg.publisher.writes_tombstones
         #: the compiled fast path (None: pure Python)
         self.hot = hotpath.load() if compiled else None
+        #: Begin messages decoded and their shared parts written in one compiled call (every format)
+        self._begin_hot = self.hot.begin if self.hot is not None else None
         #: listener.transforms: columns left out, masks, topics and keys per table
         self.transforms = Transforms(cfg.listener, f"{self._topic}.{self._prefix}")
         self._hmac = self.hot.hmac_prepare(self.transforms.hash_key) if self.hot and self.transforms.hash_key else None
@@ -380,6 +383,18 @@ class EventBuilder:
         """A transaction starts: everything its events share is computed once."""
         prefix, base = event_id_parts(self._slot_hash, final_lsn)
         return Transaction(final_lsn, commit_time_text(commit_micros), 0, prefix, base, xid, commit_micros)
+
+    def begin_message(self, buf: bytes) -> Transaction:
+        """A pgoutput Begin message -> its :class:`Transaction`: compiled when it can (the same fields as
+        :meth:`begin` computes), else decoded here (a malformed message raises ``DecodeError``)."""
+        if self._begin_hot is not None:
+            fields = self._begin_hot(buf, self._slot_hash)
+            if fields is not None:
+                return Transaction(*fields)
+        msg = pgoutput.decode(buf)
+        if not isinstance(msg, pgoutput.Begin):
+            raise DecodeError(f"pgoutput: expected a Begin message, got {type(msg).__name__}")
+        return self.begin(msg.final_lsn, msg.commit_time, msg.xid)
 
     def commit(self, commit_lsn: int) -> None:
         """A transaction ended."""

@@ -187,6 +187,47 @@ def test_random_changes_match_the_python_path(
     assert (marked > 50) == (needs_key and identity != "n")  # a DELETE without a key has no tombstone
 
 
+def begin_msg(final_lsn: int, micros: int, xid: int) -> bytes:
+    return b"B" + struct.pack(">QqI", final_lsn, micros, xid)
+
+
+def begin_outcome(builder: EventBuilder, msg: bytes) -> Any:
+    try:
+        return builder.begin_message(msg)
+    except (DecodeError, OverflowError) as exc:
+        return ("error", type(exc).__name__)
+
+
+def test_begin_messages_match_the_python_path() -> None:
+    """A transaction's shared parts (id prefix and bits, commitTime text, xid) from the compiled Begin
+    decoder are the Python path's, for every LSN and commit time (years 1000..9999 compiled, the rest
+    and malformed messages in Python), and an event's id built on either is the same."""
+    fast, slow = builders(relation("d", (0,)), needs_key=False)
+    rng = random.Random("begin")
+    year = 365 * 86400 * 10**6
+    times = [0, 1, -1, 999_999, 1_000_000, -1_000_000, 86_399_999_999, 86_400_000_000, -86_400_000_001,
+             820_000_000_000_000, 59 * 86_400 * 10**6, 60 * 86_400 * 10**6, -(10**6) * 86_400 * 366,
+             -31_556_995_200_000_000 - 1, -31_556_995_200_000_000, 252_455_615_999_999_999,
+             252_455_616_000_000_000, 2**63 - 1, -(2**63)]
+    times += [rng.randrange(-2000 * year, 8000 * year) for _ in range(3000)]
+    times += [rng.randrange(-(2**63), 2**63) for _ in range(200)]
+    lsns = [0, 1, 2**64 - 1, 0x1_6B37_4D48, *(rng.randrange(2**64) for _ in range(200))]
+    compiled = 0
+    for i, micros in enumerate(times):
+        msg = begin_msg(lsns[i % len(lsns)], micros, rng.randrange(2**32))
+        expected = begin_outcome(slow, msg)
+        assert begin_outcome(fast, msg) == expected, msg
+        compiled += fast._begin_hot is not None and fast._begin_hot(msg, fast._slot_hash) is not None
+        if isinstance(expected, Transaction):
+            assert outcome(fast, insert_msg(OID, tuple_data(*TYPICAL)), begin_outcome(fast, msg))[0] == \
+                outcome(slow, insert_msg(OID, tuple_data(*TYPICAL)), expected)[0]
+    assert compiled > 2500
+    for bad in (b"B", b"B" + bytes(19), b"C" + bytes(20)):
+        assert begin_outcome(fast, bad) == begin_outcome(slow, bad) == ("error", "DecodeError")
+    longer = begin_msg(0x1_6B37_4D48, 820_000_000_000_000, 7) + b"x"  # trailing bytes: Python reads the fields
+    assert begin_outcome(fast, longer) == begin_outcome(slow, longer)
+
+
 @pytest.mark.parametrize("action", ["insert", "update", "delete"])
 def test_a_typical_row_is_written_by_the_compiled_path(action: str) -> None:
     """The reference benchmark's row shape never falls back to Python."""
