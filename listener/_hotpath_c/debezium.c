@@ -588,6 +588,12 @@ static int put_sequence_part(Buf *b, const Optional *o) {
     return PUTS(b, "\\\"");
 }
 
+/* The event's buffer, kept from one event to the next (one allocation less per event). */
+#define SCRATCH_KEPT (1 << 20)
+static char *scratch = NULL;
+static Py_ssize_t scratch_cap = 0;
+static int scratch_busy = 0;
+
 /* the commit time of the last transaction seen, as text (every change of a transaction shares it) */
 static Number commit_number = {0, {0}, NULL, 0};
 
@@ -642,6 +648,7 @@ PyObject *hot_debezium_event(PyObject *self, PyObject *const *args, Py_ssize_t n
     Py_ssize_t n = view.len;
     PyObject *result = NULL;
     Buf b = {NULL, 0, 0};
+    int using_scratch = 0;
     Col stack_new[STACK_COLUMNS], stack_old[STACK_COLUMNS];
     Span stack_spans[STACK_COLUMNS];
     void *heap = NULL;
@@ -704,11 +711,20 @@ PyObject *hot_debezium_event(PyObject *self, PyObject *const *args, Py_ssize_t n
     const Col *before = tag == 'D' || old_kind == 'O' ? old_cols : NULL;
     Py_ssize_t nbefore = nold;
     PyObject *value_head = PyTuple_GET_ITEM(plan, 5);
-    b.cap = n * 2 + 1024 + (value_head == Py_None ? 0 : PyBytes_GET_SIZE(value_head));
-    b.data = PyMem_Malloc((size_t)b.cap);
-    if (b.data == NULL) {
-        PyErr_NoMemory();
-        goto done;
+    Py_ssize_t want = n * 2 + 1024 + (value_head == Py_None ? 0 : PyBytes_GET_SIZE(value_head));
+    if (!scratch_busy) { /* the last event's buffer (a converter called from here could come back: then not) */
+        scratch_busy = using_scratch = 1;
+        b.data = scratch;
+        b.cap = scratch_cap;
+        if (buf_grow(&b, want) < 0)
+            goto done;
+    } else {
+        b.cap = want;
+        b.data = PyMem_Malloc((size_t)b.cap);
+        if (b.data == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
     }
     if (value_head != Py_None && put(&b, PyBytes_AS_STRING(value_head), PyBytes_GET_SIZE(value_head)) < 0)
         goto done;
@@ -760,7 +776,18 @@ fallback:
     result = Py_NewRef(Py_None);
 done:
     Py_DECREF(ident);
-    PyMem_Free(b.data);
+    if (using_scratch) { /* kept for the next event unless a very wide row made it big */
+        if (b.cap > SCRATCH_KEPT) {
+            PyMem_Free(b.data);
+            b.data = NULL;
+            b.cap = 0;
+        }
+        scratch = b.data;
+        scratch_cap = b.cap;
+        scratch_busy = 0;
+    } else {
+        PyMem_Free(b.data);
+    }
     PyMem_Free(heap);
     PyBuffer_Release(&view);
     return result;
