@@ -197,6 +197,8 @@ class EventBuilder:
         self.hot = hotpath.load() if compiled else None
         #: Begin messages decoded and their shared parts written in one compiled call (every format)
         self._begin_hot = self.hot.begin if self.hot is not None else None
+        #: a backfill chunk's read time and its protocol microseconds (Debezium's READ events, compiled)
+        self._read_moment: tuple[str, int] = ("", 0)
         #: listener.transforms: columns left out, masks, topics and keys per table
         self.transforms = Transforms(cfg.listener, f"{self._topic}.{self._prefix}")
         self._hmac = self.hot.hmac_prepare(self.transforms.hash_key) if self.hot and self.transforms.hash_key else None
@@ -430,6 +432,14 @@ class EventBuilder:
         built exactly as an INSERT's, ``dataOld`` empty, ``commitTime`` the time the row was read."""
         hot = self.hot
         finish = self._finish
+        if hot is not None and info.debezium_plan is not None:  # publisher.format debezium
+            if self._read_moment[0] != read_time:  # the same for every row of a chunk
+                self._read_moment = (read_time, moment_micros(read_time))
+            read = hot.debezium_read_row(raw, info.debezium_plan, self._read_moment[1],
+                                         self._debezium.last_commit,  # type: ignore[union-attr]
+                                         time.time_ns(), self._needs_key)
+            if read is not None:
+                return Message(ident, info.subject, read[0], info.schema, info.table, "READ", read[1])
         if hot is not None and info.plan is not None:
             done = hot.read_row(raw, info.plan, ident, read_time, self._needs_key)
             if done is not None:

@@ -618,14 +618,16 @@ class Debezium:
         """A transaction ended: the first part of the next change's ``sequence``."""
         self.last_commit = commit_lsn
 
-    def source_parts(self, schema: str, table: str) -> tuple[bytes, bytes, bytes]:
+    def source_parts(self, schema: str, table: str) -> tuple[bytes, bytes, bytes, bytes]:
         """The ``source`` block of a change's event (:meth:`source`) as the compiled path writes it around what
         varies by change: the JSON up to ``ts_ms``, from there to the sequence's parts, from ``ts_ns`` to
-        ``txId``."""
+        ``txId``; and the second part for a READ event (snapshot ``incremental``)."""
+        db = orjson.dumps(self._db)
         return (
             b',"source":' + orjson.dumps(self._source_head)[:-1] + b',"ts_ms":',
-            b',"snapshot":"false","db":' + orjson.dumps(self._db) + b',"sequence":"[',
+            b',"snapshot":"false","db":' + db + b',"sequence":"[',
             b',"schema":' + orjson.dumps(schema) + b',"table":' + orjson.dumps(table) + b',"txId":',
+            b',"snapshot":"incremental","db":' + db + b',"sequence":"[',
         )
 
 

@@ -46,10 +46,10 @@ Plan = tuple[
 
 
 #: publisher.format debezium: (source parts, columns (prefix, code, converter, placeholder JSON), key_index,
-#: value head, key head): see _hotpath_c/debezium.c
+#: value head, key head, a READ event's source part): see _hotpath_c/debezium.c
 DebeziumPlan = tuple[
     bytes, bytes, bytes, tuple[tuple[bytes, int, Converter | None, bytes], ...], tuple[int, ...], bytes | None,
-    bytes | None,
+    bytes | None, bytes,
 ]
 
 
@@ -66,6 +66,11 @@ class Module(Protocol):
         self, msg: bytes, plan: DebeziumPlan, prefix: str, number: int | None, commit_micros: int, xid: int | None,
         lsn: int | None, last_commit: int | None, now_ns: int, want_key: bool, /
     ) -> tuple[str, bytes, bytes | None] | None: ...
+
+    def debezium_read_row(
+        self, values: list[bytes | None], plan: DebeziumPlan, read_micros: int, last_commit: int | None, now_ns: int,
+        want_key: bool, /
+    ) -> tuple[bytes, bytes | None] | None: ...
 
     def begin(self, msg: bytes, slot_hash: int, /) -> tuple[int, str, int, str, int, int, int] | None: ...
 
@@ -232,7 +237,7 @@ def _with_schema_head(schema: orjson.Fragment | None) -> bytes | None:
 
 
 def debezium_plan(
-    source: tuple[bytes, bytes, bytes], names: Sequence[str], converters: Sequence[Converter | None],
+    source: tuple[bytes, bytes, bytes, bytes], names: Sequence[str], converters: Sequence[Converter | None],
     table: formats.DebeziumTable, key_index: Sequence[int],
 ) -> DebeziumPlan:
     """Everything the compiled path needs to write one relation's Debezium events: ``source`` from
@@ -241,5 +246,6 @@ def debezium_plan(
         (orjson.dumps(name) + b":", debezium_code(conv), conv, orjson.dumps(placeholder))
         for name, conv, placeholder in zip(names, converters, table.unavailable, strict=True)
     )
-    return (*source, columns, tuple(key_index), _with_schema_head(table.envelope_schema),
-            _with_schema_head(table.key_schema))
+    head, db, table_part, read_db = source
+    return (head, db, table_part, columns, tuple(key_index), _with_schema_head(table.envelope_schema),
+            _with_schema_head(table.key_schema), read_db)

@@ -11,7 +11,10 @@
  *   (the change's own) and last_commit (the previous commit's LSN, Debezium's sequence) int or None;
  *   now_ns: time.time_ns() for the envelope's ts_*. None: the Python path takes the message.
  *
- * plan = (source_head, source_db, source_table, columns, key_index, value_head, key_head):
+ * debezium_read_row(values, plan, read_micros, last_commit, now_ns, want_key) -> (body, key) | None
+ *   a backfilled row (each column's text form as bytes, None for NULL) as its READ event.
+ *
+ * plan = (source_head, source_db, source_table, columns, key_index, value_head, key_head, source_db_read):
  *   source_head  ',"source":{"version":...,"connector":"postgresql","name":"...","ts_ms":'
  *   source_db    ',"snapshot":"false","db":"...","sequence":"['
  *   source_table ',"schema":"...","table":"...","txId":'
@@ -22,6 +25,7 @@
  *   key_index    the key's columns
  *   value_head   None, or '{"schema":<envelope schema>,"payload":' (publisher.debezium.schemas)
  *   key_head     None, or '{"schema":<key schema>,"payload":' (schemas on Kafka)
+ *   source_db_read  source_db of a READ event (',"snapshot":"incremental",...')
  */
 #include "hotpath.h"
 
@@ -41,7 +45,7 @@ enum {
     DBZ_TIMETZ = 40,   /* the time in UTC with a Z */
 };
 
-#define DBZ_PLAN_SIZE 7
+#define DBZ_PLAN_SIZE 8
 /* formats.TIMESTAMP_INFINITY */
 #define TS_INFINITY "9223372036825200000"
 #define TS_MINUS_INFINITY "-9223372036832400000"
@@ -510,7 +514,7 @@ done:
 static int check_plan(PyObject *plan) {
     if (!PyTuple_Check(plan) || PyTuple_GET_SIZE(plan) != DBZ_PLAN_SIZE)
         goto bad;
-    for (int k = 0; k < 3; k++)
+    for (int k = 0; k < 8; k += k == 2 ? 5 : 1) /* 0-2 and 7 */
         if (!PyBytes_Check(PyTuple_GET_ITEM(plan, k)))
             goto bad;
     PyObject *columns = PyTuple_GET_ITEM(plan, 3), *key_index = PyTuple_GET_ITEM(plan, 4);
@@ -539,7 +543,7 @@ static int check_plan(PyObject *plan) {
     return 0;
 bad:
     PyErr_SetString(PyExc_TypeError, "debezium_event: plan is (bytes, bytes, bytes, columns: tuple of "
-                                     "(bytes, int, converter, bytes), key_index, bytes | None, bytes | None)");
+                                     "(bytes, int, converter, bytes), key_index, bytes | None, bytes | None, bytes)");
     return -1;
 }
 
@@ -597,121 +601,49 @@ static int scratch_busy = 0;
 /* the commit time of the last transaction seen, as text (every change of a transaction shares it) */
 static Number commit_number = {0, {0}, NULL, 0};
 
-PyObject *hot_debezium_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    (void)self;
-    if (nargs != 10) {
-        PyErr_SetString(PyExc_TypeError, "debezium_event(msg, plan, prefix, number, commit_micros, xid, lsn, "
-                                         "last_commit, now_ns, want_key)");
-        return NULL;
-    }
-    PyObject *plan = args[1];
-    if (check_plan(plan) < 0)
-        return NULL;
-    if (!PyUnicode_Check(args[2])) {
-        PyErr_SetString(PyExc_TypeError, "debezium_event: the id (prefix) is a str");
-        return NULL;
-    }
-    long long commit_micros = PyLong_AsLongLong(args[4]);
-    long long now_ns = PyLong_AsLongLong(args[8]);
-    if ((commit_micros == -1 || now_ns == -1) && PyErr_Occurred())
-        return NULL;
-    unsigned long long xid = 0, lsn = 0, last = 0;
-    int has_xid = optional_u64(args[5], &xid), has_lsn = optional_u64(args[6], &lsn);
-    int has_last = optional_u64(args[7], &last);
-    if (has_xid < 0 || has_lsn < 0 || has_last < 0) {
+/* What a change's source block and times say beyond its table (the arguments of the call, checked). */
+typedef struct {
+    long long commit_us, now_ns;
+    int has_xid, has_lsn, has_last;
+    unsigned long long xid, lsn, last;
+    PyObject *db; /* the plan's part from "snapshot" to the sequence (a change's or a READ's) */
+} Source;
+
+/* commit_micros, xid, lsn, last_commit, now_ns as Python gives them: 1 read, 0 the Python path's to write
+ * (a number out of range), -1 an error. */
+static int read_source(Source *src, PyObject *commit_micros, PyObject *xid, PyObject *lsn, PyObject *last,
+                       PyObject *now_ns) {
+    long long micros = PyLong_AsLongLong(commit_micros);
+    src->now_ns = PyLong_AsLongLong(now_ns);
+    if ((micros == -1 || src->now_ns == -1) && PyErr_Occurred())
+        return -1;
+    src->has_xid = optional_u64(xid, &src->xid);
+    src->has_lsn = optional_u64(lsn, &src->lsn);
+    src->has_last = optional_u64(last, &src->last);
+    if (src->has_xid < 0 || src->has_lsn < 0 || src->has_last < 0) {
         if (PyErr_ExceptionMatches(PyExc_OverflowError)) { /* negative or past 64 bits: the Python path */
             PyErr_Clear();
-            Py_RETURN_NONE;
+            return 0;
         }
-        return NULL;
+        return -1;
     }
-    int want_key = PyObject_IsTrue(args[9]);
-    if (want_key < 0)
-        return NULL;
     /* commit_us * 1000 (ts_ns) must stay a 64-bit number */
-    if (commit_micros > 9000000000000000LL - PG_EPOCH_US || commit_micros < -9000000000000000LL - PG_EPOCH_US)
-        Py_RETURN_NONE;
-    long long commit_us = commit_micros + PG_EPOCH_US;
-    if (now_ns < 0)
-        Py_RETURN_NONE;
+    if (micros > 9000000000000000LL - PG_EPOCH_US || micros < -9000000000000000LL - PG_EPOCH_US || src->now_ns < 0)
+        return 0;
+    src->commit_us = micros + PG_EPOCH_US;
+    return 1;
+}
+
+/* The body and key of one change whose rows are decoded (before/after NULL: null): (body, key) | None (the
+ * Python path takes it) | NULL (an error). spans: room for every column. */
+static PyObject *build(PyObject *plan, const Source *src, char op, const Col *before, Py_ssize_t nbefore,
+                       const Col *after, Py_ssize_t nafter, Span *spans, Py_ssize_t size_hint, int want_key) {
     PyObject *columns = PyTuple_GET_ITEM(plan, 3);
-    Py_ssize_t ncolumns = PyTuple_GET_SIZE(columns);
-    PyObject *ident = make_ident(args[2], args[3]);
-    if (ident == NULL)
-        return NULL;
-    Py_buffer view;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
-        Py_DECREF(ident);
-        return NULL;
-    }
-    const unsigned char *s = view.buf;
-    Py_ssize_t n = view.len;
+    PyObject *value_head = PyTuple_GET_ITEM(plan, 5);
     PyObject *result = NULL;
     Buf b = {NULL, 0, 0};
-    int using_scratch = 0;
-    Col stack_new[STACK_COLUMNS], stack_old[STACK_COLUMNS];
-    Span stack_spans[STACK_COLUMNS];
-    void *heap = NULL;
-    Col *new_cols = NULL, *old_cols = NULL, *spare_new = stack_new, *spare_old = stack_old;
-    Span *spans = stack_spans;
-    Py_ssize_t nnew = 0, nold = 0;
-    const char *op;
-    int rc;
-
-    if (ncolumns > STACK_COLUMNS) {
-        heap = PyMem_Malloc((sizeof(Col) * 2 + sizeof(Span)) * (size_t)ncolumns);
-        if (heap == NULL) {
-            PyErr_NoMemory();
-            goto done;
-        }
-        spare_new = heap;
-        spare_old = spare_new + ncolumns;
-        spans = (Span *)(spare_old + ncolumns);
-    }
-    if (n < 6)
-        goto fallback;
-    Py_ssize_t pos = 6;
-    unsigned char tag = s[0], marker = s[5];
-    char old_kind = 0;
-    if (tag == 'I') {
-        op = "c";
-        if (marker != 'N')
-            goto fallback;
-    } else if (tag == 'U') {
-        op = "u";
-        if (marker == 'K' || marker == 'O') {
-            old_kind = (char)marker;
-            old_cols = spare_old;
-            nold = read_tuple(s, n, &pos, old_cols, ncolumns);
-            if (nold < 0 || pos >= n)
-                goto fallback;
-            marker = s[pos++];
-        }
-        if (marker != 'N')
-            goto fallback;
-    } else if (tag == 'D') {
-        op = "d";
-        if (marker != 'K' && marker != 'O')
-            goto fallback;
-        old_kind = (char)marker;
-        old_cols = spare_old;
-        nold = read_tuple(s, n, &pos, old_cols, ncolumns);
-        if (nold < 0)
-            goto fallback;
-    } else {
-        goto fallback;
-    }
-    if (tag != 'D') {
-        new_cols = spare_new;
-        nnew = read_tuple(s, n, &pos, new_cols, ncolumns);
-        if (nnew < 0)
-            goto fallback;
-    }
-    /* an UPDATE's before: the old row only when it is complete (REPLICA IDENTITY FULL) */
-    const Col *before = tag == 'D' || old_kind == 'O' ? old_cols : NULL;
-    Py_ssize_t nbefore = nold;
-    PyObject *value_head = PyTuple_GET_ITEM(plan, 5);
-    Py_ssize_t want = n * 2 + 1024 + (value_head == Py_None ? 0 : PyBytes_GET_SIZE(value_head));
+    int using_scratch = 0, rc;
+    Py_ssize_t want = size_hint * 2 + 1024 + (value_head == Py_None ? 0 : PyBytes_GET_SIZE(value_head));
     if (!scratch_busy) { /* the last event's buffer (a converter called from here could come back: then not) */
         scratch_busy = using_scratch = 1;
         b.data = scratch;
@@ -730,31 +662,31 @@ PyObject *hot_debezium_event(PyObject *self, PyObject *const *args, Py_ssize_t n
         goto done;
     if (PUTS(&b, "{\"before\":") < 0)
         goto done;
-    rc = before == NULL ? PUTS(&b, "null") : put_row(&b, columns, before, nbefore, new_cols == NULL ? spans : NULL);
+    rc = before == NULL ? PUTS(&b, "null") : put_row(&b, columns, before, nbefore, after == NULL ? spans : NULL);
     if (rc != 0)
         goto check;
     if (PUTS(&b, ",\"after\":") < 0)
         goto done;
-    rc = new_cols == NULL ? PUTS(&b, "null") : put_row(&b, columns, new_cols, nnew, spans);
+    rc = after == NULL ? PUTS(&b, "null") : put_row(&b, columns, after, nafter, spans);
     if (rc != 0)
         goto check;
-    PyObject *head = PyTuple_GET_ITEM(plan, 0), *db = PyTuple_GET_ITEM(plan, 1), *table = PyTuple_GET_ITEM(plan, 2);
-    if (commit_number.start == NULL || commit_number.value != commit_us)
-        number_text(&commit_number, commit_us);
+    PyObject *head = PyTuple_GET_ITEM(plan, 0), *table = PyTuple_GET_ITEM(plan, 2);
+    if (commit_number.start == NULL || commit_number.value != src->commit_us)
+        number_text(&commit_number, src->commit_us);
     Number now;
-    number_text(&now, now_ns);
+    number_text(&now, src->now_ns);
     Optional xid_text, lsn_text, last_text;
-    optional_text(&xid_text, has_xid, xid);
-    optional_text(&lsn_text, has_lsn, lsn);
-    optional_text(&last_text, has_last, last);
+    optional_text(&xid_text, src->has_xid, src->xid);
+    optional_text(&lsn_text, src->has_lsn, src->lsn);
+    optional_text(&last_text, src->has_last, src->last);
     if (put(&b, PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head)) < 0 || put_divided(&b, &commit_number, 3, 1000) < 0 ||
-        put(&b, PyBytes_AS_STRING(db), PyBytes_GET_SIZE(db)) < 0 || put_sequence_part(&b, &last_text) < 0 ||
+        put(&b, PyBytes_AS_STRING(src->db), PyBytes_GET_SIZE(src->db)) < 0 || put_sequence_part(&b, &last_text) < 0 ||
         PUTS(&b, ",") < 0 || put_sequence_part(&b, &lsn_text) < 0 || PUTS(&b, "]\",\"ts_us\":") < 0 ||
         put(&b, commit_number.start, commit_number.len) < 0 || PUTS(&b, ",\"ts_ns\":") < 0 ||
         put_thousand_times(&b, &commit_number) < 0 || put(&b, PyBytes_AS_STRING(table), PyBytes_GET_SIZE(table)) < 0 ||
         put_optional(&b, &xid_text) < 0 || PUTS(&b, ",\"lsn\":") < 0 || put_optional(&b, &lsn_text) < 0 ||
         PUTS(&b, ",\"xmin\":null,\"origin\":null,\"origin_lsn\":null},\"transaction\":null,\"op\":\"") < 0 ||
-        put(&b, op, 1) < 0 || PUTS(&b, "\",\"ts_ms\":") < 0 || put_divided(&b, &now, 6, 1000000) < 0 ||
+        put(&b, &op, 1) < 0 || PUTS(&b, "\",\"ts_ms\":") < 0 || put_divided(&b, &now, 6, 1000000) < 0 ||
         PUTS(&b, ",\"ts_us\":") < 0 || put_divided(&b, &now, 3, 1000) < 0 || PUTS(&b, ",\"ts_ns\":") < 0 ||
         put(&b, now.start, now.len) < 0 || PUTS(&b, "}") < 0 || (value_head != Py_None && PUTS(&b, "}") < 0))
         goto done;
@@ -764,18 +696,15 @@ PyObject *hot_debezium_event(PyObject *self, PyObject *const *args, Py_ssize_t n
         goto done;
     PyObject *body = PyBytes_FromStringAndSize(b.data, b.len);
     if (body != NULL) {
-        result = PyTuple_Pack(3, ident, body, key);
+        result = PyTuple_Pack(2, body, key);
         Py_DECREF(body);
     }
     Py_DECREF(key);
     goto done;
 check:
-    if (rc < 0)
-        goto done;
-fallback:
-    result = Py_NewRef(Py_None);
+    if (rc > 0)
+        result = Py_NewRef(Py_None);
 done:
-    Py_DECREF(ident);
     if (using_scratch) { /* kept for the next event unless a very wide row made it big */
         if (b.cap > SCRATCH_KEPT) {
             PyMem_Free(b.data);
@@ -788,7 +717,186 @@ done:
     } else {
         PyMem_Free(b.data);
     }
+    return result;
+}
+
+PyObject *hot_debezium_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError, "debezium_event(msg, plan, prefix, number, commit_micros, xid, lsn, "
+                                         "last_commit, now_ns, want_key)");
+        return NULL;
+    }
+    PyObject *plan = args[1];
+    if (check_plan(plan) < 0)
+        return NULL;
+    if (!PyUnicode_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "debezium_event: the id (prefix) is a str");
+        return NULL;
+    }
+    Source src;
+    src.db = PyTuple_GET_ITEM(plan, 1);
+    int read = read_source(&src, args[4], args[5], args[6], args[7], args[8]);
+    if (read <= 0)
+        return read < 0 ? NULL : Py_NewRef(Py_None);
+    int want_key = PyObject_IsTrue(args[9]);
+    if (want_key < 0)
+        return NULL;
+    Py_ssize_t ncolumns = PyTuple_GET_SIZE(PyTuple_GET_ITEM(plan, 3));
+    PyObject *ident = make_ident(args[2], args[3]);
+    if (ident == NULL)
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
+        Py_DECREF(ident);
+        return NULL;
+    }
+    const unsigned char *s = view.buf;
+    Py_ssize_t n = view.len;
+    PyObject *result = NULL, *built = NULL;
+    Col stack_new[STACK_COLUMNS], stack_old[STACK_COLUMNS];
+    Span stack_spans[STACK_COLUMNS];
+    void *heap = NULL;
+    Col *new_cols = NULL, *old_cols = NULL, *spare_new = stack_new, *spare_old = stack_old;
+    Span *spans = stack_spans;
+    Py_ssize_t nnew = 0, nold = 0;
+    char op;
+
+    if (ncolumns > STACK_COLUMNS) {
+        heap = PyMem_Malloc((sizeof(Col) * 2 + sizeof(Span)) * (size_t)ncolumns);
+        if (heap == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        spare_new = heap;
+        spare_old = spare_new + ncolumns;
+        spans = (Span *)(spare_old + ncolumns);
+    }
+    if (n < 6)
+        goto fallback;
+    Py_ssize_t pos = 6;
+    unsigned char tag = s[0], marker = s[5];
+    char old_kind = 0;
+    if (tag == 'I') {
+        op = 'c';
+        if (marker != 'N')
+            goto fallback;
+    } else if (tag == 'U') {
+        op = 'u';
+        if (marker == 'K' || marker == 'O') {
+            old_kind = (char)marker;
+            old_cols = spare_old;
+            nold = read_tuple(s, n, &pos, old_cols, ncolumns);
+            if (nold < 0 || pos >= n)
+                goto fallback;
+            marker = s[pos++];
+        }
+        if (marker != 'N')
+            goto fallback;
+    } else if (tag == 'D') {
+        op = 'd';
+        if (marker != 'K' && marker != 'O')
+            goto fallback;
+        old_kind = (char)marker;
+        old_cols = spare_old;
+        nold = read_tuple(s, n, &pos, old_cols, ncolumns);
+        if (nold < 0)
+            goto fallback;
+    } else {
+        goto fallback;
+    }
+    if (tag != 'D') {
+        new_cols = spare_new;
+        nnew = read_tuple(s, n, &pos, new_cols, ncolumns);
+        if (nnew < 0)
+            goto fallback;
+    }
+    /* an UPDATE's before: the old row only when it is complete (REPLICA IDENTITY FULL) */
+    const Col *before = tag == 'D' || old_kind == 'O' ? old_cols : NULL;
+    built = build(plan, &src, op, before, nold, new_cols, nnew, spans, n, want_key);
+    if (built == NULL || built == Py_None) {
+        result = built;
+        goto done;
+    }
+    result = PyTuple_Pack(3, ident, PyTuple_GET_ITEM(built, 0), PyTuple_GET_ITEM(built, 1));
+    Py_DECREF(built);
+    goto done;
+fallback:
+    result = Py_NewRef(Py_None);
+done:
+    Py_DECREF(ident);
     PyMem_Free(heap);
     PyBuffer_Release(&view);
+    return result;
+}
+
+/* debezium_read_row(values, plan, read_micros, last_commit, now_ns, want_key) -> (body, key) | None
+ *
+ * A backfilled row as a READ event (op "r", snapshot "incremental", no txId or lsn): values holds each
+ * column's text form as bytes (None for NULL) in the plan's column order; read_micros: when it was read
+ * (protocol microseconds). */
+PyObject *hot_debezium_read_row(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "debezium_read_row(values, plan, read_micros, last_commit, now_ns, want_key)");
+        return NULL;
+    }
+    PyObject *values = args[0], *plan = args[1];
+    if (check_plan(plan) < 0)
+        return NULL;
+    if (!PyList_Check(values)) {
+        PyErr_SetString(PyExc_TypeError, "debezium_read_row: values must be a list");
+        return NULL;
+    }
+    Source src;
+    src.db = PyTuple_GET_ITEM(plan, 7);
+    int read = read_source(&src, args[2], Py_None, Py_None, args[3], args[4]);
+    if (read <= 0)
+        return read < 0 ? NULL : Py_NewRef(Py_None);
+    int want_key = PyObject_IsTrue(args[5]);
+    if (want_key < 0)
+        return NULL;
+    Py_ssize_t count = PyList_GET_SIZE(values);
+    if (count != PyTuple_GET_SIZE(PyTuple_GET_ITEM(plan, 3)))
+        return Py_NewRef(Py_None);
+    Col stack[STACK_COLUMNS];
+    Span stack_spans[STACK_COLUMNS];
+    Col *cols = stack;
+    Span *spans = stack_spans;
+    void *heap = NULL;
+    if (count > STACK_COLUMNS) {
+        heap = PyMem_Malloc((sizeof(Col) + sizeof(Span)) * (size_t)count);
+        if (heap == NULL)
+            return PyErr_NoMemory();
+        cols = heap;
+        spans = (Span *)(cols + count);
+    }
+    PyObject *result = NULL;
+    Py_ssize_t size = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *item = PyList_GET_ITEM(values, i);
+        if (item == Py_None) {
+            cols[i].kind = 'n';
+            cols[i].p = NULL;
+            cols[i].len = 0;
+        } else if (PyBytes_Check(item)) {
+            const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(item);
+            Py_ssize_t len = PyBytes_GET_SIZE(item);
+            if (!valid_utf8(p, len)) {
+                result = Py_NewRef(Py_None);
+                goto done;
+            }
+            cols[i].kind = 't';
+            cols[i].p = p;
+            cols[i].len = len;
+            size += len + 8;
+        } else {
+            PyErr_SetString(PyExc_TypeError, "debezium_read_row: a value is bytes or None");
+            goto done;
+        }
+    }
+    result = build(plan, &src, 'r', NULL, 0, cols, count, spans, size, want_key);
+done:
+    PyMem_Free(heap);
     return result;
 }

@@ -17,7 +17,7 @@
  *   sha256.c      SHA-256 / HMAC-SHA256 of the hash mask                              transforms.py (hmac)
  *   transforms.c  a table's transform: masks in keys and topics, the route           transforms.py
  *   event.c       the default event format: event(), read_row()                       event.py
- *   debezium.c    the Debezium format: debezium_event()                               formats.py (Debezium)
+ *   debezium.c    the Debezium format: debezium_event(), debezium_read_row()          formats.py (Debezium)
  *   txn.c         a Begin message -> what its transaction's events share: begin()     event.py (begin)
  *   frames.c      NATS wire frames (HPUB) and JetStream acks                          publishers/nats.py
  *   module.c      the method table and module init                                    hotpath.py
@@ -178,6 +178,7 @@ int frames_init(void);
 PyObject *hot_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *hot_read_row(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *hot_debezium_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *hot_debezium_read_row(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *hot_begin(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *hot_nats_frames(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *hot_nats_acks(PyObject *self, PyObject *const *args, Py_ssize_t nargs);

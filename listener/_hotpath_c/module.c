@@ -11,6 +11,8 @@ static PyMethodDef methods[] = {
     {"debezium_event", (PyCFunction)(void (*)(void))hot_debezium_event, METH_FASTCALL,
      "debezium_event(msg, plan, prefix, number, commit_micros, xid, lsn, last_commit, now_ns, want_key) -> "
      "(ident, body, key) | None"},
+    {"debezium_read_row", (PyCFunction)(void (*)(void))hot_debezium_read_row, METH_FASTCALL,
+     "debezium_read_row(values, plan, read_micros, last_commit, now_ns, want_key) -> (body, key) | None"},
     {"begin", (PyCFunction)(void (*)(void))hot_begin, METH_FASTCALL,
      "begin(msg, slot_hash) -> the fields of listener.event.Transaction for a Begin message | None"},
     {"nats_frames", (PyCFunction)(void (*)(void))hot_nats_frames, METH_FASTCALL,
