@@ -273,9 +273,11 @@ class EventBuilder:
                 rel = transform.relation(rel)
                 facts = facts and {n: f for n, f in facts.items() if n not in transform.nulled}
             info.debezium = self._debezium.table(self._registry, rel, key_index, facts)
-            if self.hot is not None and transform is None:
+            if self.hot is not None and (transform is None or (  # a route: the Python path renders it
+                    transform.route is None and (self._hmac is not None or "hash" not in transform.codes))):
                 info.debezium_plan = hotpath.debezium_plan(self._debezium.source_parts(rel.schema, rel.name), names,
-                                                           converters, info.debezium, key_index)
+                                                           converters, info.debezium, key_index, transform,
+                                                           self._hmac)
         elif self.hot is not None:
             info.plan = hotpath.plan(rel.schema, rel.name, all_names, all_converters, identity, key_index,
                                      transform, None if transform is None else self._hmac)

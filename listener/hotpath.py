@@ -46,10 +46,11 @@ Plan = tuple[
 
 
 #: publisher.format debezium: (source parts, columns (prefix, code, converter, placeholder JSON), key_index,
-#: value head, key head, a READ event's source part): see _hotpath_c/debezium.c
+#: value head, key head, a READ event's source part, the prepared hash key of a transform): see
+#: _hotpath_c/debezium.c
 DebeziumPlan = tuple[
     bytes, bytes, bytes, tuple[tuple[bytes, int, Converter | None, bytes], ...], tuple[int, ...], bytes | None,
-    bytes | None, bytes,
+    bytes | None, bytes, bytes | None,
 ]
 
 
@@ -238,14 +239,29 @@ def _with_schema_head(schema: orjson.Fragment | None) -> bytes | None:
 
 def debezium_plan(
     source: tuple[bytes, bytes, bytes, bytes], names: Sequence[str], converters: Sequence[Converter | None],
-    table: formats.DebeziumTable, key_index: Sequence[int],
+    table: formats.DebeziumTable, key_index: Sequence[int], transform: RelationTransform | None = None,
+    hmac: bytes | None = None,
 ) -> DebeziumPlan:
     """Everything the compiled path needs to write one relation's Debezium events: ``source`` from
-    :meth:`formats.Debezium.source_parts`, the columns as published, what the events share (``table``)."""
-    columns = tuple(
+    :meth:`formats.Debezium.source_parts`, the columns as published (with a ``transform``: its kept columns,
+    ``key_index`` counting them, as the Python stages have them), what the events share (``table``). With a
+    transform the plan lists every column of the relation, those it leaves out as DROP and its masks as theirs;
+    ``hmac``: the hash key prepared by the module's ``hmac_prepare``."""
+    published = [
         (orjson.dumps(name) + b":", debezium_code(conv), conv, orjson.dumps(placeholder))
         for name, conv, placeholder in zip(names, converters, table.unavailable, strict=True)
-    )
+    ]
+    columns = tuple(published)
+    if transform is not None:
+        dropped = (b"", DROP, None, b"null")
+        kept = {i: at for at, i in enumerate(transform.kept)}
+        columns = tuple(
+            dropped if i not in kept else
+            (published[kept[i]] if mask is None else (*published[kept[i]][:1], _TRANSFORM_CODES[mask], None,
+                                                      published[kept[i]][3]))
+            for i, mask in enumerate(transform.codes)
+        )
+        key_index = [transform.kept[k] for k in key_index]
     head, db, table_part, read_db = source
     return (head, db, table_part, columns, tuple(key_index), _with_schema_head(table.envelope_schema),
-            _with_schema_head(table.key_schema), read_db)
+            _with_schema_head(table.key_schema), read_db, hmac)

@@ -26,6 +26,9 @@
  *   value_head   None, or '{"schema":<envelope schema>,"payload":' (publisher.debezium.schemas)
  *   key_head     None, or '{"schema":<key schema>,"payload":' (schemas on Kafka)
  *   source_db_read  source_db of a READ event (',"snapshot":"incremental",...')
+ *   hmac         None, or the transform's hash key prepared by hmac_prepare (a column with CODE_HASH)
+ *   A table's transform (listener/transforms.py; not its topic route, which the Python path renders) shows as
+ *   the codes CODE_DROP (left out of the rows and the key) and CODE_HASH / CODE_REDACT / CODE_NULLED (masks).
  */
 #include "hotpath.h"
 
@@ -45,7 +48,7 @@ enum {
     DBZ_TIMETZ = 40,   /* the time in UTC with a Z */
 };
 
-#define DBZ_PLAN_SIZE 8
+#define DBZ_PLAN_SIZE 9
 /* formats.TIMESTAMP_INFINITY */
 #define TS_INFINITY "9223372036825200000"
 #define TS_MINUS_INFINITY "-9223372036832400000"
@@ -456,25 +459,36 @@ typedef struct {
 } Span;
 
 /* Every column, converted; an unchanged TOASTed one as its placeholder (formats.Debezium.row). */
-static int put_row(Buf *b, PyObject *columns, const Col *cols, Py_ssize_t count, Span *spans) {
+static int put_row(Buf *b, PyObject *columns, const Col *cols, Py_ssize_t count, Span *spans, const Hmac *hmac) {
     if (count != PyTuple_GET_SIZE(columns))
         return FALLBACK; /* a short tuple: the Python path */
     if (PUTS(b, "{") < 0)
         return -1;
+    int first = 1;
     for (Py_ssize_t i = 0; i < count; i++) {
         PyObject *entry = PyTuple_GET_ITEM(columns, i);
         PyObject *prefix = PyTuple_GET_ITEM(entry, 0);
-        if ((i > 0 && PUTS(b, ",") < 0) || put(b, PyBytes_AS_STRING(prefix), PyBytes_GET_SIZE(prefix)) < 0)
+        long code = PyLong_AsLong(PyTuple_GET_ITEM(entry, 1));
+        if (code == CODE_DROP) /* a transform leaves it out */
+            continue;
+        if ((!first && PUTS(b, ",") < 0) || put(b, PyBytes_AS_STRING(prefix), PyBytes_GET_SIZE(prefix)) < 0)
             return -1;
+        first = 0;
         Py_ssize_t at = b->len;
         int rc;
-        if (cols[i].kind == 'n') {
+        if (cols[i].kind == 'n' || (cols[i].kind == 't' && code == CODE_NULLED)) {
             rc = PUTS(b, "null");
         } else if (cols[i].kind == 'u') {
             PyObject *placeholder = PyTuple_GET_ITEM(entry, 3);
             rc = put(b, PyBytes_AS_STRING(placeholder), PyBytes_GET_SIZE(placeholder));
+        } else if (code == CODE_HASH) { /* the masks of listener.transforms: a string whatever the type */
+            char hex[64];
+            hmac_hex(hmac, cols[i].p, (size_t)cols[i].len, hex);
+            rc = PUTS(b, "\"") < 0 || put(b, hex, 64) < 0 || PUTS(b, "\"") < 0 ? -1 : 0;
+        } else if (code == CODE_REDACT) {
+            rc = PUTS(b, "\"[redacted]\"");
         } else {
-            rc = put_dbz_value(b, PyLong_AsLong(PyTuple_GET_ITEM(entry, 1)), PyTuple_GET_ITEM(entry, 2), &cols[i]);
+            rc = put_dbz_value(b, code, PyTuple_GET_ITEM(entry, 2), &cols[i]);
         }
         if (rc != 0)
             return rc;
@@ -532,6 +546,12 @@ static int check_plan(PyObject *plan) {
             !PyLong_Check(PyTuple_GET_ITEM(entry, 1)) || !PyBytes_Check(PyTuple_GET_ITEM(entry, 3)))
             goto bad;
     }
+    PyObject *hmac = PyTuple_GET_ITEM(plan, 8);
+    if (hmac != Py_None && (!PyBytes_Check(hmac) || PyBytes_GET_SIZE(hmac) != (Py_ssize_t)sizeof(Hmac)))
+        goto bad;
+    for (Py_ssize_t i = 0; i < ncolumns; i++)
+        if (hmac == Py_None && PyLong_AsLong(PyTuple_GET_ITEM(PyTuple_GET_ITEM(columns, i), 1)) == CODE_HASH)
+            goto bad;
     for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(key_index); k++) {
         PyObject *at = PyTuple_GET_ITEM(key_index, k);
         Py_ssize_t i = PyLong_Check(at) ? PyLong_AsSsize_t(at) : -1;
@@ -543,7 +563,7 @@ static int check_plan(PyObject *plan) {
     return 0;
 bad:
     PyErr_SetString(PyExc_TypeError, "debezium_event: plan is (bytes, bytes, bytes, columns: tuple of "
-                                     "(bytes, int, converter, bytes), key_index, bytes | None, bytes | None, bytes)");
+                                     "(bytes, int, converter, bytes), key_index, bytes | None, bytes | None, bytes, hmac | None)");
     return -1;
 }
 
@@ -607,7 +627,14 @@ typedef struct {
     int has_xid, has_lsn, has_last;
     unsigned long long xid, lsn, last;
     PyObject *db; /* the plan's part from "snapshot" to the sequence (a change's or a READ's) */
+    Hmac hmac;    /* a transform's hash key, prepared (hmac_prepare), when a column is hashed */
 } Source;
+
+static void source_hmac(Source *src, PyObject *plan) {
+    PyObject *hmac = PyTuple_GET_ITEM(plan, 8);
+    if (hmac != Py_None)
+        memcpy(&src->hmac, PyBytes_AS_STRING(hmac), sizeof(Hmac));
+}
 
 /* commit_micros, xid, lsn, last_commit, now_ns as Python gives them: 1 read, 0 the Python path's to write
  * (a number out of range), -1 an error. */
@@ -662,12 +689,13 @@ static PyObject *build(PyObject *plan, const Source *src, char op, const Col *be
         goto done;
     if (PUTS(&b, "{\"before\":") < 0)
         goto done;
-    rc = before == NULL ? PUTS(&b, "null") : put_row(&b, columns, before, nbefore, after == NULL ? spans : NULL);
+    rc = before == NULL ? PUTS(&b, "null")
+                        : put_row(&b, columns, before, nbefore, after == NULL ? spans : NULL, &src->hmac);
     if (rc != 0)
         goto check;
     if (PUTS(&b, ",\"after\":") < 0)
         goto done;
-    rc = after == NULL ? PUTS(&b, "null") : put_row(&b, columns, after, nafter, spans);
+    rc = after == NULL ? PUTS(&b, "null") : put_row(&b, columns, after, nafter, spans, &src->hmac);
     if (rc != 0)
         goto check;
     PyObject *head = PyTuple_GET_ITEM(plan, 0), *table = PyTuple_GET_ITEM(plan, 2);
@@ -736,6 +764,7 @@ PyObject *hot_debezium_event(PyObject *self, PyObject *const *args, Py_ssize_t n
     }
     Source src;
     src.db = PyTuple_GET_ITEM(plan, 1);
+    source_hmac(&src, plan);
     int read = read_source(&src, args[4], args[5], args[6], args[7], args[8]);
     if (read <= 0)
         return read < 0 ? NULL : Py_NewRef(Py_None);
@@ -850,6 +879,7 @@ PyObject *hot_debezium_read_row(PyObject *self, PyObject *const *args, Py_ssize_
     }
     Source src;
     src.db = PyTuple_GET_ITEM(plan, 7);
+    source_hmac(&src, plan);
     int read = read_source(&src, args[2], Py_None, Py_None, args[3], args[4]);
     if (read <= 0)
         return read < 0 ? NULL : Py_NewRef(Py_None);
