@@ -273,11 +273,14 @@ class EventBuilder:
                 rel = transform.relation(rel)
                 facts = facts and {n: f for n, f in facts.items() if n not in transform.nulled}
             info.debezium = self._debezium.table(self._registry, rel, key_index, facts)
-            if self.hot is not None and (transform is None or (  # a route: the Python path renders it
-                    transform.route is None and (self._hmac is not None or "hash" not in transform.codes))):
+            if self.hot is not None and (transform is None or self._hmac is not None or "hash" not in transform.codes):
+                routed = None  # a topic route: rendered from the table's plan in the default format
+                if transform is not None and transform.route is not None:
+                    routed = hotpath.plan(rel.schema, rel.name, all_names, all_converters, identity, key_index,
+                                          transform, self._hmac)
                 info.debezium_plan = hotpath.debezium_plan(self._debezium.source_parts(rel.schema, rel.name), names,
                                                            converters, info.debezium, key_index, transform,
-                                                           self._hmac)
+                                                           self._hmac, routed)
         elif self.hot is not None:
             info.plan = hotpath.plan(rel.schema, rel.name, all_names, all_converters, identity, key_index,
                                      transform, None if transform is None else self._hmac)
@@ -441,7 +444,8 @@ class EventBuilder:
                                          self._debezium.last_commit,  # type: ignore[union-attr]
                                          time.time_ns(), self._needs_key)
             if read is not None:
-                return Message(ident, info.subject, read[0], info.schema, info.table, "READ", read[1])
+                subject = info.subject if info.route is None else self._routed(info, read[2])  # type: ignore[misc]
+                return Message(ident, subject, read[0], info.schema, info.table, "READ", read[1])
         if hot is not None and info.plan is not None:
             done = hot.read_row(raw, info.plan, ident, read_time, self._needs_key)
             if done is not None:

@@ -46,11 +46,11 @@ Plan = tuple[
 
 
 #: publisher.format debezium: (source parts, columns (prefix, code, converter, placeholder JSON), key_index,
-#: value head, key head, a READ event's source part, the prepared hash key of a transform): see
-#: _hotpath_c/debezium.c
+#: value head, key head, a READ event's source part, the prepared hash key of a transform, the table's default
+#: plan when its transform has a topic route): see _hotpath_c/debezium.c
 DebeziumPlan = tuple[
     bytes, bytes, bytes, tuple[tuple[bytes, int, Converter | None, bytes], ...], tuple[int, ...], bytes | None,
-    bytes | None, bytes, bytes | None,
+    bytes | None, bytes, bytes | None, Plan | None,
 ]
 
 
@@ -66,12 +66,12 @@ class Module(Protocol):
     def debezium_event(
         self, msg: bytes, plan: DebeziumPlan, prefix: str, number: int | None, commit_micros: int, xid: int | None,
         lsn: int | None, last_commit: int | None, now_ns: int, want_key: bool, /
-    ) -> tuple[str, bytes, bytes | None] | None: ...
+    ) -> tuple[str, bytes, bytes | None] | tuple[str, bytes, bytes | None, str | int] | None: ...
 
     def debezium_read_row(
         self, values: list[bytes | None], plan: DebeziumPlan, read_micros: int, last_commit: int | None, now_ns: int,
         want_key: bool, /
-    ) -> tuple[bytes, bytes | None] | None: ...
+    ) -> tuple[bytes, bytes | None] | tuple[bytes, bytes | None, str | int] | None: ...
 
     def begin(self, msg: bytes, slot_hash: int, /) -> tuple[int, str, int, str, int, int, int] | None: ...
 
@@ -240,13 +240,14 @@ def _with_schema_head(schema: orjson.Fragment | None) -> bytes | None:
 def debezium_plan(
     source: tuple[bytes, bytes, bytes, bytes], names: Sequence[str], converters: Sequence[Converter | None],
     table: formats.DebeziumTable, key_index: Sequence[int], transform: RelationTransform | None = None,
-    hmac: bytes | None = None,
+    hmac: bytes | None = None, route: Plan | None = None,
 ) -> DebeziumPlan:
     """Everything the compiled path needs to write one relation's Debezium events: ``source`` from
     :meth:`formats.Debezium.source_parts`, the columns as published (with a ``transform``: its kept columns,
     ``key_index`` counting them, as the Python stages have them), what the events share (``table``). With a
     transform the plan lists every column of the relation, those it leaves out as DROP and its masks as theirs;
-    ``hmac``: the hash key prepared by the module's ``hmac_prepare``."""
+    ``hmac``: the hash key prepared by the module's ``hmac_prepare``; ``route``: the table's :func:`plan` when
+    the transform has a topic route (the compiled path renders the topic from it as for the default format)."""
     published = [
         (orjson.dumps(name) + b":", debezium_code(conv), conv, orjson.dumps(placeholder))
         for name, conv, placeholder in zip(names, converters, table.unavailable, strict=True)
@@ -264,4 +265,4 @@ def debezium_plan(
         key_index = [transform.kept[k] for k in key_index]
     head, db, table_part, read_db = source
     return (head, db, table_part, columns, tuple(key_index), _with_schema_head(table.envelope_schema),
-            _with_schema_head(table.key_schema), read_db, hmac)
+            _with_schema_head(table.key_schema), read_db, hmac, route)

@@ -27,8 +27,11 @@
  *   key_head     None, or '{"schema":<key schema>,"payload":' (schemas on Kafka)
  *   source_db_read  source_db of a READ event (',"snapshot":"incremental",...')
  *   hmac         None, or the transform's hash key prepared by hmac_prepare (a column with CODE_HASH)
- *   A table's transform (listener/transforms.py; not its topic route, which the Python path renders) shows as
- *   the codes CODE_DROP (left out of the rows and the key) and CODE_HASH / CODE_REDACT / CODE_NULLED (masks).
+ *   route        None, or the table's plan in the default format (hotpath.plan) when its transform has a topic
+ *                route: then debezium_event() answers (ident, body, key, topic) and debezium_read_row()
+ *                (body, key, topic), topic as route_topic() renders it (transforms.c)
+ *   A table's transform (listener/transforms.py) shows as the codes CODE_DROP (left out of the rows and the
+ *   key) and CODE_HASH / CODE_REDACT / CODE_NULLED (masks).
  */
 #include "hotpath.h"
 
@@ -48,7 +51,7 @@ enum {
     DBZ_TIMETZ = 40,   /* the time in UTC with a Z */
 };
 
-#define DBZ_PLAN_SIZE 9
+#define DBZ_PLAN_SIZE 10
 /* formats.TIMESTAMP_INFINITY */
 #define TS_INFINITY "9223372036825200000"
 #define TS_MINUS_INFINITY "-9223372036832400000"
@@ -563,7 +566,8 @@ static int check_plan(PyObject *plan) {
     return 0;
 bad:
     PyErr_SetString(PyExc_TypeError, "debezium_event: plan is (bytes, bytes, bytes, columns: tuple of "
-                                     "(bytes, int, converter, bytes), key_index, bytes | None, bytes | None, bytes, hmac | None)");
+                                     "(bytes, int, converter, bytes), key_index, bytes | None, bytes | None, bytes, hmac | None, "
+                                     "route plan | None)");
     return -1;
 }
 
@@ -629,6 +633,39 @@ typedef struct {
     PyObject *db; /* the plan's part from "snapshot" to the sequence (a change's or a READ's) */
     Hmac hmac;    /* a transform's hash key, prepared (hmac_prepare), when a column is hashed */
 } Source;
+
+/* A transform's topic route: the default format's plan of the table (hotpath.plan), whose route and
+ * columns route_topic() reads (transforms.c). 1 with *route read, 0 no route, -1 an error. */
+static int read_route(const char *name, PyObject *plan, Plan *route) {
+    PyObject *shaped = PyTuple_GET_ITEM(plan, 9);
+    if (shaped == Py_None)
+        return 0;
+    if (!PyTuple_Check(shaped) || PyTuple_GET_SIZE(shaped) != 4 || !PyTuple_Check(PyTuple_GET_ITEM(shaped, 1)) ||
+        PyTuple_GET_SIZE(PyTuple_GET_ITEM(shaped, 1)) != PyTuple_GET_SIZE(PyTuple_GET_ITEM(plan, 3))) {
+        PyErr_Format(PyExc_TypeError, "%s: the route's plan is the table's hotpath.plan", name);
+        return -1;
+    }
+    route->schema_table = PyTuple_GET_ITEM(shaped, 0);
+    route->columns = PyTuple_GET_ITEM(shaped, 1);
+    route->key_index = PyTuple_GET_ITEM(shaped, 2);
+    route->ncolumns = PyTuple_GET_SIZE(route->columns);
+    for (Py_ssize_t i = 0; i < route->ncolumns; i++) {
+        PyObject *entry = PyTuple_GET_ITEM(route->columns, i);
+        if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 4 || !PyLong_Check(PyTuple_GET_ITEM(entry, 1))) {
+            PyErr_Format(PyExc_TypeError, "%s: a route plan's column is (bytes, int, converter, bool)", name);
+            return -1;
+        }
+    }
+    route->masked = 0;
+    route->route = NULL;
+    if (PyTuple_GET_ITEM(shaped, 3) == Py_None || read_transform(name, PyTuple_GET_ITEM(shaped, 3), route) < 0 ||
+        route->route == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_Format(PyExc_TypeError, "%s: the route's plan has no route", name);
+        return -1;
+    }
+    return 1;
+}
 
 static void source_hmac(Source *src, PyObject *plan) {
     PyObject *hmac = PyTuple_GET_ITEM(plan, 8);
@@ -765,6 +802,10 @@ PyObject *hot_debezium_event(PyObject *self, PyObject *const *args, Py_ssize_t n
     Source src;
     src.db = PyTuple_GET_ITEM(plan, 1);
     source_hmac(&src, plan);
+    Plan route;
+    int routed = read_route("debezium_event", plan, &route);
+    if (routed < 0)
+        return NULL;
     int read = read_source(&src, args[4], args[5], args[6], args[7], args[8]);
     if (read <= 0)
         return read < 0 ? NULL : Py_NewRef(Py_None);
@@ -847,7 +888,15 @@ PyObject *hot_debezium_event(PyObject *self, PyObject *const *args, Py_ssize_t n
         result = built;
         goto done;
     }
-    result = PyTuple_Pack(3, ident, PyTuple_GET_ITEM(built, 0), PyTuple_GET_ITEM(built, 1));
+    if (routed) {
+        PyObject *topic = route_topic(&route, new_cols, nnew, old_cols, nold, old_kind);
+        if (topic != NULL) {
+            result = PyTuple_Pack(4, ident, PyTuple_GET_ITEM(built, 0), PyTuple_GET_ITEM(built, 1), topic);
+            Py_DECREF(topic);
+        }
+    } else {
+        result = PyTuple_Pack(3, ident, PyTuple_GET_ITEM(built, 0), PyTuple_GET_ITEM(built, 1));
+    }
     Py_DECREF(built);
     goto done;
 fallback:
@@ -880,6 +929,10 @@ PyObject *hot_debezium_read_row(PyObject *self, PyObject *const *args, Py_ssize_
     Source src;
     src.db = PyTuple_GET_ITEM(plan, 7);
     source_hmac(&src, plan);
+    Plan route;
+    int routed = read_route("debezium_read_row", plan, &route);
+    if (routed < 0)
+        return NULL;
     int read = read_source(&src, args[2], Py_None, Py_None, args[3], args[4]);
     if (read <= 0)
         return read < 0 ? NULL : Py_NewRef(Py_None);
@@ -926,6 +979,13 @@ PyObject *hot_debezium_read_row(PyObject *self, PyObject *const *args, Py_ssize_
         }
     }
     result = build(plan, &src, 'r', NULL, 0, cols, count, spans, size, want_key);
+    if (routed && result != NULL && result != Py_None) {
+        PyObject *topic = route_topic(&route, cols, count, NULL, 0, 0);
+        PyObject *built = result;
+        result = topic == NULL ? NULL : PyTuple_Pack(3, PyTuple_GET_ITEM(built, 0), PyTuple_GET_ITEM(built, 1), topic);
+        Py_XDECREF(topic);
+        Py_DECREF(built);
+    }
 done:
     PyMem_Free(heap);
     return result;
