@@ -2,7 +2,8 @@
 
 Phases, each on a throwaway PostgreSQL and the requested brokers:
 
-1. throughput — for the reference, wide (TOAST) and single-huge-transaction workloads: create one
+1. throughput — for the reference, wide (TOAST), single-huge-transaction and OLTP (one row per
+   transaction) workloads: create one
    pgoutput slot for ``pg_recvlogical`` and one per broker, write the workload (no reader running, the
    slots retain the WAL), then time ``pg_recvlogical`` over that WAL range (the ceiling) and, broker
    by broker, the listener process from its start until its slot's confirmed_flush_lsn reaches the
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import compileall
 import contextlib
 import datetime as dt
 import json
@@ -30,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,22 +89,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--wide-rows", type=int, default=None, help="wide (4 KB TOAST) workload rows (default rows/10)")
     p.add_argument("--txn-rows", default=None,
                    help="single-transaction sizes, comma-separated (default 100000,1000000; --quick 10000,100000)")
+    p.add_argument("--oltp-rows", type=int, default=None,
+                   help="OLTP workload: transactions of one row each (default 100000; --quick 20000)")
     p.add_argument("--rate", type=float, default=None, help="latency phase: rows/s (default 10000; --quick 2000)")
     p.add_argument("--duration", type=float, default=None, help="latency phase: seconds (default 60; --quick 10)")
     p.add_argument("--latency-txn-rows", type=int, default=20, help="latency phase: rows per transaction (20)")
     p.add_argument("--idle", type=float, default=10.0, help="idle phase: seconds (10)")
-    p.add_argument("--phases", default="reference,wide,txn,latency,idle",
-                   help="which phases to run (default: reference,wide,txn,latency,idle)")
+    p.add_argument("--phases", default="reference,wide,txn,oltp,latency,idle",
+                   help="which phases to run (default: reference,wide,txn,oltp,latency,idle)")
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke test in about two minutes (NATS)")
     p.add_argument("--rabbitmq-queue", choices=("quorum", "classic"), default="quorum",
                    help="type of the queue bound to the RabbitMQ exchange (quorum)")
-    p.add_argument("--transform", action="store_true",
-                   help="reference phase: also stream the users workload (bench_users) with and without a transform "
-                        "(exclude one column, hash one, redact one, route by one) and compare (NATS)")
-    p.add_argument("--transform-runs", type=int, default=3,
-                   help="--transform: listener runs of each kind, alternating, compared by their medians (3)")
+    p.add_argument("--variants", default="",
+                   help="reference phase: also stream the WAL with these listener configurations and compare each "
+                        "with the default one (NATS), comma-separated: " + ", ".join(wl.VARIANTS)
+                        + " (transform and features stream the users workload, bench_users)")
+    p.add_argument("--transform", action="store_true", help="the same as --variants transform")
+    p.add_argument("--variant-runs", "--transform-runs", type=int, default=3, dest="variant_runs",
+                   help="--variants: listener runs of each kind, alternating, compared by their medians (3)")
     p.add_argument("--profile", action="store_true",
-                   help="also run the listener once more on the reference and wide workloads under py-spy")
+                   help="also run the listener once more on the reference, wide and OLTP workloads under py-spy")
     p.add_argument("--stall-timeout", type=float, default=60.0,
                    help="skip a broker whose listener makes no progress for this many seconds (60)")
     p.add_argument("--out", default=str(REPO / "bench" / "results"), help="where results go (bench/results)")
@@ -110,6 +117,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.rows = args.rows or (20_000 if q else 200_000)
     args.wide_rows = args.wide_rows or max(1000, args.rows // 10)
     args.txn_rows = [int(x) for x in (args.txn_rows or ("10000,100000" if q else "100000,1000000")).split(",") if x]
+    args.oltp_rows = args.oltp_rows or (20_000 if q else 100_000)
     args.rate = args.rate or (2000.0 if q else 10_000.0)
     args.duration = args.duration or (10.0 if q else 60.0)
     args.brokers = [b.strip() for b in args.brokers.split(",") if b.strip()]
@@ -117,6 +125,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown broker(s) {', '.join(unknown)}; choose from {', '.join(BROKERS)}")
     args.phases = {x.strip() for x in args.phases.split(",") if x.strip()}
+    args.variants = [x.strip() for x in args.variants.split(",") if x.strip()]
+    if args.transform and "transform" not in args.variants:
+        args.variants.append("transform")
+    unknown = [v for v in args.variants if v not in wl.VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(wl.VARIANTS)}")
     return args
 
 
@@ -153,6 +167,11 @@ def say(text: str) -> None:
 
 def _key(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def _tag(variant: wl.Variant | None) -> str:
+    """What a variant's slot and topic names end with ("" for the default configuration)."""
+    return f"_{_key(variant.name)}" if variant else ""
 
 
 class Bench:
@@ -198,10 +217,11 @@ class Bench:
         }  # fmt: skip
 
     def new_listener(self, broker: Broker, slot: str, topic: str, name: str,
-                     listener: dict[str, Any] | None = None) -> tuple[ListenerProcess, int]:
+                     variant: wl.Variant | None = None) -> tuple[ListenerProcess, int]:
         prom = free_port()
-        lp = ListenerProcess(self.listener_config(slot, broker.publisher(topic), prom, listener), self.logs, name,
-                             broker.env)
+        publisher = {**broker.publisher(topic), **(variant.publisher if variant else {})}
+        config = self.listener_config(slot, publisher, prom, variant.listener if variant else None)
+        lp = ListenerProcess(config, self.logs, name, broker.env)
         self._listeners.append(lp)
         return lp, prom
 
@@ -213,14 +233,19 @@ class Bench:
         try:
             await self.setup()
             if "reference" in a.phases:
-                await self.throughput(wl.reference(a.rows), profile=a.profile)
-                if a.transform:
-                    await self.throughput(wl.users(a.rows), transform=True)
+                chosen = [wl.VARIANTS[v] for v in a.variants]
+                await self.throughput(wl.reference(a.rows), profile=a.profile,
+                                      variants=[v for v in chosen if v.workload == "reference"])
+                on_users = [v for v in chosen if v.workload == "users"]
+                if on_users:
+                    await self.throughput(wl.users(a.rows), variants=on_users)
             if "wide" in a.phases:
                 await self.throughput(wl.wide(a.wide_rows), profile=a.profile)
             if "txn" in a.phases:
                 for n in a.txn_rows:
                     await self.throughput(wl.big_transaction(n))
+            if "oltp" in a.phases:
+                await self.throughput(wl.oltp(a.oltp_rows), profile=a.profile)
             if "latency" in a.phases or "idle" in a.phases:
                 for broker in self.live():
                     await self.latency_and_idle(broker)
@@ -241,6 +266,9 @@ class Bench:
 
     async def setup(self) -> None:
         a = self.args
+        # the listener as installed: pip writes its bytecode at install time, while a checkout run with
+        # PYTHONDONTWRITEBYTECODE=1 compiles every module at each listener start (~0.1 CPU s of start-up)
+        compileall.compile_dir(REPO / "listener", quiet=1)
         say(f"wal-listener bench: brokers {', '.join(a.brokers)}; reference {a.rows:,} rows; "
             f"results in {self.out}")
         self.pg = PostgresServer(find_pg_bin("system"), base_dir=None)
@@ -307,7 +335,7 @@ class Bench:
             "git_commit": commit + ("-dirty" if dirty else ""),
             "settings": {
                 "quick": a.quick, "brokers": a.brokers, "rows": a.rows, "wide_rows": a.wide_rows,
-                "txn_rows": a.txn_rows, "rate": a.rate, "duration": a.duration,
+                "txn_rows": a.txn_rows, "oltp_rows": a.oltp_rows, "rate": a.rate, "duration": a.duration,
                 "latency_txn_rows": a.latency_txn_rows, "idle": a.idle, "rows_per_transaction": wl.TXN_ROWS,
                 "listener_config": "defaults, except serverPort 0, promAddr on a free port, sslMode disable",
             },
@@ -315,17 +343,18 @@ class Bench:
 
     # -- throughput -------------------------------------------------------------------------------
 
-    async def throughput(self, work: wl.Workload, profile: bool = False, transform: bool = False) -> None:
-        """``transform``: each broker's listener runs over the WAL without and with
-        :data:`bench.workload.USERS_TRANSFORM`, alternating, ``--transform-runs`` times each (own slots and
-        topics), and the medians are compared."""
+    async def throughput(self, work: wl.Workload, profile: bool = False,
+                         variants: Sequence[wl.Variant] = ()) -> None:
+        """``variants``: each broker's listener runs over the WAL with the default config and with each variant,
+        alternating, ``--variant-runs`` times each (own slots and topics), and the medians are compared."""
         key = _key(work.name)
         say(f"\n== {work.label}: {work.events:,} events")
         brokers = self.live()
         slots = {CEILING: f"bench_ceiling_{key}", **{b.name: f"bench_{b.name}_{key}" for b in brokers}}
-        runs = [(n, shaped) for n in range(self.args.transform_runs) for shaped in (False, True)] if transform else []
-        for n, shaped in runs[1:]:
-            slots.update({f"{b.name}:{n}:{shaped}": f"bench_{b.name}_{key}_{n}{'_t' if shaped else ''}"
+        runs: list[tuple[int, wl.Variant | None]] = (
+            [(n, v) for n in range(self.args.variant_runs) for v in (None, *variants)] if variants else [])
+        for n, variant in runs[1:]:
+            slots.update({f"{b.name}:{n}:{_tag(variant)}": f"bench_{b.name}_{key}_{n}{_tag(variant)}"
                           for b in brokers})
         if profile:
             slots.update({f"{b.name}:profile": f"bench_{b.name}_{key}_prof" for b in brokers})
@@ -352,11 +381,11 @@ class Bench:
 
         for broker in brokers:
             await self._listener_run(broker, work, key, slots[broker.name], end_lsn, ceiling, wal_mb)
-            for n, shaped in runs[1:]:
-                await self._listener_run(broker, work, f"{key}_{n}", slots[f"{broker.name}:{n}:{shaped}"], end_lsn,
-                                         ceiling, wal_mb, transform=shaped)
-            if transform:
-                self._compare_transform(broker, work)
+            for n, variant in runs[1:]:
+                await self._listener_run(broker, work, f"{key}_{n}", slots[f"{broker.name}:{n}:{_tag(variant)}"],
+                                         end_lsn, ceiling, wal_mb, variant)
+            for variant in variants:
+                self._compare_variant(broker, work, variant)
         if profile:
             for broker in brokers:
                 slot = slots[f"{broker.name}:profile"]
@@ -374,48 +403,57 @@ class Bench:
         assert row is not None
         return parse_lsn(row[0])
 
-    def _compare_transform(self, broker: Broker, work: wl.Workload) -> None:
-        """The transform's cost: the medians of its runs' rate and CPU per event beside the plain runs'."""
+    def _compare_variant(self, broker: Broker, work: wl.Workload, variant: wl.Variant) -> None:
+        """A variant's cost: the medians of its runs' rate and CPU per event beside the default runs', and its
+        CPU per event once streaming as a multiple of the same runs' walsender CPU per change."""
 
-        def median(name: str, value: Any) -> float | None:
+        def median(name: str, value: Callable[[Row], Any]) -> float | None:
             found = sorted(v for r in self.rows if r.broker == broker.name and r.workload == name
                            and (v := value(r)) is not None)
             return found[len(found) // 2] if found else None
 
+        def versus_walsender(r: Row) -> float | None:
+            streaming, walsender = r.extra.get("streaming_cpu_per_event_us"), r.extra.get("walsender_cpu_per_change_us")
+            return streaming / walsender if streaming and walsender else None
+
         medians = {
-            shaped: (median(name, lambda r: r.events_per_s), median(name, lambda r: r.extra.get("cpu_per_event_us")),
-                     median(name, lambda r: r.extra.get("streaming_cpu_per_event_us")))
-            for shaped, name in ((False, work.name), (True, f"{work.name}+transform"))
+            name: (median(name, lambda r: r.events_per_s), median(name, lambda r: r.extra.get("cpu_per_event_us")),
+                   median(name, lambda r: r.extra.get("streaming_cpu_per_event_us")), median(name, versus_walsender))
+            for name in (work.name, f"{work.name}+{variant.name}")
         }
-        (rate, cpu, streaming), (rate_t, cpu_t, streaming_t) = medians[False], medians[True]
-        if not rate or not rate_t or cpu is None or cpu_t is None:
+        (rate, cpu, streaming, ratio), (rate_v, cpu_v, streaming_v, ratio_v) = medians.values()
+        if not rate or not rate_v or cpu is None or cpu_v is None:
             return
         extra: dict[str, Any] = {
-            "rate_ratio": round(rate_t / rate, 3), "cpu_per_event_us_delta": round(cpu_t - cpu, 2),
-            "median_events_per_s": [round(rate), round(rate_t)], "median_cpu_per_event_us": [cpu, cpu_t],
+            "rate_ratio": round(rate_v / rate, 3), "cpu_per_event_us_delta": round(cpu_v - cpu, 2),
+            "median_events_per_s": [round(rate), round(rate_v)], "median_cpu_per_event_us": [cpu, cpu_v],
         }
-        if streaming is not None and streaming_t is not None:
-            extra["streaming_cpu_per_event_us_delta"] = round(streaming_t - streaming, 2)
-            extra["median_streaming_cpu_per_event_us"] = [streaming, streaming_t]
-        self.meta.setdefault("transform_vs_plain", {})[broker.name] = extra
-        say(f"   transform vs plain ({broker.name}, medians of {self.args.transform_runs} runs each): "
-            f"{rate_t:,.0f} vs {rate:,.0f} events/s = {100 * extra['rate_ratio']:.0f}% of the plain rate; CPU per "
-            f"event {cpu_t:.2f} vs {cpu:.2f} µs ({extra['cpu_per_event_us_delta']:+.2f})"
-            + (f", once streaming {streaming_t:.2f} vs {streaming:.2f} µs "
-               f"({extra['streaming_cpu_per_event_us_delta']:+.2f})" if streaming_t is not None else ""))
+        if streaming is not None and streaming_v is not None:
+            extra["streaming_cpu_per_event_us_delta"] = round(streaming_v - streaming, 2)
+            extra["streaming_cpu_ratio"] = round(streaming_v / streaming, 3)
+            extra["median_streaming_cpu_per_event_us"] = [streaming, streaming_v]
+        if ratio is not None and ratio_v is not None:
+            extra["median_streaming_cpu_vs_walsender"] = [round(ratio, 2), round(ratio_v, 2)]
+        self.meta.setdefault("variants_vs_plain", {}).setdefault(broker.name, {})[variant.name] = extra
+        runs = self.args.variant_runs
+        say(f"   {variant.name} vs default ({broker.name}, {work.name}, medians of {runs} runs each): "
+            f"{rate_v:,.0f} vs {rate:,.0f} events/s = {100 * extra['rate_ratio']:.0f}%; CPU per "
+            f"event {cpu_v:.2f} vs {cpu:.2f} µs ({extra['cpu_per_event_us_delta']:+.2f})"
+            + (f", once streaming {streaming_v:.2f} vs {streaming:.2f} µs = {extra['streaming_cpu_ratio']:.2f}x"
+               if "streaming_cpu_ratio" in extra else "")
+            + (f"; once streaming / walsender per change {ratio_v:.2f}x vs {ratio:.2f}x"
+               if ratio is not None and ratio_v is not None else ""))
 
     async def _listener_run(self, broker: Broker, work: wl.Workload, key: str, slot: str, end_lsn: int,
-                            ceiling: float | None, wal_mb: float, transform: bool = False) -> None:
-        topic = f"bench_{key}_t" if transform else f"bench_{key}"  # key: the workload's, and the run's number
-        name = f"{work.name}+transform" if transform else work.name
-        if broker.name in self.skipped or (transform and broker.name != "nats"):
-            if transform and broker.name != "nats":
-                say(f"   {broker.name}: no transform run (routed topics are counted on NATS only)")
+                            ceiling: float | None, wal_mb: float, variant: wl.Variant | None = None) -> None:
+        topic = f"bench_{key}{_tag(variant)}"  # key: the workload's, and the run's number
+        name = f"{work.name}+{variant.name}" if variant else work.name
+        if broker.name in self.skipped or (variant and broker.name != "nats"):
+            if variant and broker.name != "nats":
+                say(f"   {broker.name}: no {variant.name} run (variants are compared on NATS only)")
             drop_slot(self.dsn, slot)
             return
-        listener = {"transforms": [wl.USERS_TRANSFORM], "transformsHashKey": wl.USERS_HASH_KEY} if transform else None
-        lp, prom = self.new_listener(broker, slot, topic, f"{broker.name}-{key}" + ("-transform" if transform else ""),
-                                     listener)
+        lp, prom = self.new_listener(broker, slot, topic, f"{broker.name}-{key}{_tag(variant)}", variant)
         try:
             await broker.prepare(topic, work.table)
             try:
@@ -450,7 +488,7 @@ class Bench:
             other = res.other_cpu_s
             if other is not None and other > 0.25 * res.seconds:
                 notes.append(f"other processes kept {100 * other / res.seconds:.0f}% of a CPU busy during the run")
-            label = f"{work.label} + transform" if transform else work.label
+            label = f"{work.label} + {variant.name}" if variant else work.label
             row = Row(broker.name, name, label, work.events, res.seconds, rate,
                       100 * rate / ceiling if ceiling else None, peak_rss_mb=res.peak_rss_mb, cpu_s=res.cpu_s,
                       note="; ".join(notes),
@@ -482,8 +520,10 @@ class Bench:
             if res.walsender_cpu_s:
                 streaming = ("" if res.streaming_cpu_s is None else
                              f" ({1e6 * res.streaming_cpu_s / work.events:.2f} once streaming, startup left out)")
+                ratio = "" if res.streaming_cpu_s is None else \
+                    f" (listener once streaming = {res.streaming_cpu_s / res.walsender_cpu_s:.2f}x the walsender)"
                 say(f"      CPU per event: listener {1e6 * res.cpu_s / work.events:.2f} µs{streaming}, "
-                    f"walsender {1e6 * res.walsender_cpu_s / work.events:.2f} µs per change")
+                    f"walsender {1e6 * res.walsender_cpu_s / work.events:.2f} µs per change{ratio}")
         except Exception as exc:
             self.skip(broker.name, f"{work.name}: {type(exc).__name__}: {exc}")
         finally:

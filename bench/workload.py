@@ -11,15 +11,21 @@ client's speed does not shape the WAL.
   EXTERNAL``); inserts, updates that leave the 4 KB column alone (pgoutput sends it as "unchanged
   TOAST", which the listener leaves out), deletes; 1000 rows per transaction.
 - ``txn-N``: one transaction inserting N rows into a reference-shaped table.
+- ``oltp``: N transactions of one row each (the shape of most OLTP databases: a Begin and a Commit per
+  change), inserts into a reference-shaped table, committed one by one by a loop on the server.
 - ``users``: the reference workload on ``bench_users``, the reference columns plus personal data
-  (``tenant_id``, ``email``, ``phone``, ``password_hash``); ``bench.run --transform`` streams it with and
-  without :data:`USERS_TRANSFORM` (exclude one column, hash one, redact one, route by one).
+  (``tenant_id``, ``email``, ``phone``, ``password_hash``); ``bench.run --variants transform`` streams it with
+  and without :data:`USERS_TRANSFORM` (exclude one column, hash one, redact one, route by one).
+
+:data:`VARIANTS` are the listener configurations ``bench.run --variants`` compares with the default one on the
+same WAL: the event formats, the transform, every feature on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 
@@ -47,6 +53,7 @@ SCHEMA = f"""
 CREATE TABLE bench_ref ({_COLUMNS});
 CREATE TABLE bench_big ({_COLUMNS});
 CREATE TABLE bench_lat ({_COLUMNS});
+CREATE TABLE bench_oltp ({_COLUMNS});
 CREATE TABLE bench_wide ({_COLUMNS},
     body        text NOT NULL);
 CREATE TABLE bench_users ({_COLUMNS},
@@ -112,6 +119,29 @@ USERS_TRANSFORM = {
 USERS_HASH_KEY = "bench-hash-key-0123456789abcdef"
 
 
+@dataclass(frozen=True)
+class Variant:
+    """A listener configuration streamed beside the default one over the same WAL (``bench.run --variants``)."""
+
+    name: str
+    workload: str  # the workload it streams: "reference" or "users"
+    listener: dict[str, Any]  # keys merged into the config's listener section
+    publisher: dict[str, Any]  # keys merged into the config's publisher section
+
+
+_TRANSFORM = {"transforms": [USERS_TRANSFORM], "transformsHashKey": USERS_HASH_KEY}
+VARIANTS = {v.name: v for v in (
+    Variant("cloudevents", "reference", {}, {"format": "cloudevents"}),
+    Variant("cloudevents-structured", "reference", {},
+            {"format": "cloudevents", "cloudEvents": {"mode": "structured"}}),
+    Variant("debezium", "reference", {}, {"format": "debezium"}),
+    Variant("debezium-schemas", "reference", {}, {"format": "debezium", "debezium": {"schemas": True}}),
+    Variant("transform", "users", _TRANSFORM, {}),
+    # the features of the schema-evolution and transforms issues at once (tombstones act on Kafka only)
+    Variant("features", "users", {**_TRANSFORM, "schemaEvents": True, "ddl": {"capture": True}}, {"tombstones": True}),
+)}
+
+
 def write_users(rows: int) -> Callable[[psycopg.Connection], None]:
     def write(conn: psycopg.Connection) -> None:
         _in_transactions(
@@ -151,6 +181,17 @@ def write_big_transaction(rows: int) -> Callable[[psycopg.Connection], None]:
     return write
 
 
+def write_oltp(rows: int) -> Callable[[psycopg.Connection], None]:
+    def write(conn: psycopg.Connection) -> None:
+        # a DO block run outside a transaction block may COMMIT: one transaction per row, no round trips
+        values = VALUES.replace("%%", "%")
+        conn.execute(
+            f"DO $$ BEGIN FOR i IN 1..{int(rows)} LOOP INSERT INTO bench_oltp SELECT {values}; COMMIT; END LOOP; END $$"
+        )
+
+    return write
+
+
 def reference(rows: int) -> Workload:
     return Workload("reference", f"reference {_k(rows)} ins+upd+del", "bench_ref", 3 * rows, write_reference(rows))
 
@@ -165,6 +206,10 @@ def wide(rows: int) -> Workload:
 
 def big_transaction(rows: int) -> Workload:
     return Workload(f"txn-{_k(rows)}", f"1 txn of {_k(rows)} rows", "bench_big", rows, write_big_transaction(rows))
+
+
+def oltp(rows: int) -> Workload:
+    return Workload("oltp", f"OLTP {_k(rows)} txns of 1 row", "bench_oltp", rows, write_oltp(rows))
 
 
 def _k(n: int) -> str:

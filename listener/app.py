@@ -52,6 +52,7 @@ log = logging.getLogger("listener.app")
 
 _PG_EPOCH_UNIX = PG_EPOCH.timestamp()
 _U32 = struct.Struct(">I").unpack_from
+_COMMIT = struct.Struct(">BQQq").unpack_from  # a Commit message after its tag: flags, commit LSN, end LSN, time
 #: replication messages the reader takes off the connection per call (then it looks at stop and keepalives)
 READ_BATCH = 256
 
@@ -502,10 +503,11 @@ class Listener:
         relations = builder.relations
         decode = pgoutput.decode
         change = builder.change
+        begin = builder.begin_message
+        committed = builder.commit
         read_batch = stream.read_batch
         add = self._add
         txn: Transaction | None = None
-        commit_unix = 0.0
         received = 0
         backfiller = self.backfiller
         watching = backfiller.watching  # relations with an open backfill window (usually none)
@@ -523,24 +525,27 @@ class Listener:
                     if txn is not None:
                         txn.lsn = starts[position]
                     position += 1
-                if buf[0] in CHANGE_ACTIONS:  # Insert, Update, Delete: the hot path
+                tag = buf[0]
+                if tag in CHANGE_ACTIONS:  # Insert, Update, Delete: the hot path
                     if watching:
                         backfiller.note_change(buf)
                     if announcing:
                         announcing = False
                         await self._announce(db, txn, (_U32(buf, 1)[0],))  # type: ignore[arg-type]
                     out = change(buf, txn)  # type: ignore[arg-type]
+                elif tag == 0x42:  # Begin: once per transaction, which is once per row in OLTP workloads
+                    txn = begin(buf)
+                elif tag == 0x43:  # Commit
+                    if len(buf) < 26:
+                        decode(buf)  # raises DecodeError: says what is wrong
+                    _flags, commit_lsn, end_lsn, micros = _COMMIT(buf, 1)
+                    delivery.commit(end_lsn, micros / 1e6 + _PG_EPOCH_UNIX)
+                    committed(commit_lsn)
+                    txn = None
                 else:
                     msg = decode(buf)
                     kind = type(msg)
-                    if kind is pgoutput.Begin:
-                        txn = builder.begin(msg.final_lsn, msg.commit_time, msg.xid)  # type: ignore[union-attr]
-                        commit_unix = msg.commit_time / 1e6 + _PG_EPOCH_UNIX  # type: ignore[union-attr]
-                    elif kind is pgoutput.Commit:
-                        delivery.commit(msg.end_lsn, commit_unix)  # type: ignore[union-attr]
-                        builder.commit(msg.commit_lsn)  # type: ignore[union-attr]
-                        txn = None
-                    elif kind is pgoutput.Relation:
+                    if kind is pgoutput.Relation:
                         await self._relation(msg, db)  # type: ignore[arg-type]
                         announcing = self.schemas is not None
                     elif kind is pgoutput.LogicalMessage:

@@ -15,7 +15,7 @@ published: a hashed column gives its hash) into the topic name, each escaped by 
 without the value goes to the table's own topic and is counted (``transform_fallbacks_total``).
 
 :meth:`Transforms.relation` compiles an entry for one relation: the event stage builds events of the
-kept columns only (:meth:`RelationTransform.apply` is the Python twin of what ``listener/_hotpath.c``
+kept columns only (:meth:`RelationTransform.apply` is the Python twin of what ``listener/_hotpath_c/``
 does with the plan :func:`listener.hotpath.plan` makes of it). A table no entry names has no
 :class:`RelationTransform` and costs what it cost before.
 """

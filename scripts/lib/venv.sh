@@ -1,6 +1,6 @@
 # Sourced by scripts/test and scripts/demo: make .venv and install the project into it (editable) with
-# the extras given, again only when pyproject.toml, setup.py or the C source changed, or when the extras
-# installed last are not among those that will do.
+# the extras given, again only when pyproject.toml, setup.py or the C sources (listener/_hotpath_c/*.[ch])
+# changed, or when the extras installed last are not among those that will do.
 #   ensure_venv EXTRAS WHO [ALSO_FINE...]   e.g. ensure_venv demo scripts/demo dev  (dev includes demo)
 ensure_venv() {
     local extras="$1" who="$2"
@@ -10,7 +10,7 @@ ensure_venv() {
         python3 -m venv .venv
     fi
     local stamp=".venv/.wal-listener-installed" sources installed="" fine
-    sources="$(cat pyproject.toml setup.py listener/_hotpath.c | sha256sum | cut -d' ' -f1)"
+    sources="$(cat pyproject.toml setup.py listener/_hotpath_c/*.[ch] | sha256sum | cut -d' ' -f1)"
     if [[ -f "$stamp" ]]; then
         read -r stamped installed < "$stamp" || true
         if [[ "$stamped" == "$sources" ]]; then

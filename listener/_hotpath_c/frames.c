@@ -1,0 +1,293 @@
+/* NATS wire frames: the HPUB frames of a batch, and the JetStream acks that come back.
+ * Python twin: listener/publishers/nats.py (nats-py's publish and its reply parser).
+ */
+#include "hotpath.h"
+
+static PyObject *str_body, *str_id, *str_subject, *str_headers, *str_content_type;
+
+/* The attribute names read off each message, interned once (module init). */
+int frames_init(void) {
+    str_body = PyUnicode_InternFromString("body");
+    str_id = PyUnicode_InternFromString("id");
+    str_subject = PyUnicode_InternFromString("subject");
+    str_headers = PyUnicode_InternFromString("headers");
+    str_content_type = PyUnicode_InternFromString("content_type");
+    if (str_body == NULL || str_id == NULL || str_subject == NULL || str_headers == NULL || str_content_type == NULL)
+        return -1;
+    return 0;
+}
+
+/* An id nats-py would send unchanged in a header: printable ASCII, no spaces (so strip() and the
+ * CR/LF replacement of the Python path leave it as it is). */
+static int plain_header_value(const char *s, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++)
+        if ((unsigned char)s[i] < 0x21 || (unsigned char)s[i] > 0x7E)
+            return 0;
+    return 1;
+}
+
+/* A header line "name: value\r\n" as the Python path writes it, when both are plain: a name of printable
+ * ASCII without ':', a value of printable ASCII or spaces, not starting or ending with a space. 0: not plain. */
+static int put_header(Buf *b, PyObject *name, PyObject *value) {
+    Py_ssize_t name_len, value_len;
+    if (!PyUnicode_Check(name) || !PyUnicode_Check(value) || !PyUnicode_IS_ASCII(name) || !PyUnicode_IS_ASCII(value))
+        return 0;
+    const char *name_text = PyUnicode_AsUTF8AndSize(name, &name_len);
+    const char *value_text = PyUnicode_AsUTF8AndSize(value, &value_len);
+    if (name_text == NULL || value_text == NULL || name_len == 0 || !plain_header_value(name_text, name_len) ||
+        memchr(name_text, ':', name_len) != NULL)
+        return 0;
+    for (Py_ssize_t i = 0; i < value_len; i++)
+        if ((unsigned char)value_text[i] < 0x20 || (unsigned char)value_text[i] > 0x7E)
+            return 0;
+    if (value_len && (value_text[0] == ' ' || value_text[value_len - 1] == ' '))
+        return 0;
+    if (put(b, name_text, name_len) < 0 || PUTS(b, ": ") < 0 || put(b, value_text, value_len) < 0 ||
+        PUTS(b, "\r\n") < 0)
+        return -1;
+    return 1;
+}
+
+/* The header lines of message.headers and message.content_type into b (emptied first).
+ * 1: written, 0: something needs the Python path, -1: error. */
+static int extra_headers(Buf *b, PyObject *message) {
+    b->len = 0;
+    PyObject *headers = PyObject_GetAttr(message, str_headers);
+    if (headers == NULL)
+        return -1;
+    int rc = 1;
+    if (headers == Py_None) {
+        /* none */
+    } else if (!PyDict_Check(headers)) {
+        rc = 0;
+    } else {
+        Py_ssize_t pos = 0;
+        PyObject *name, *value;
+        while (rc == 1 && PyDict_Next(headers, &pos, &name, &value))
+            rc = put_header(b, name, value);
+    }
+    Py_DECREF(headers);
+    if (rc != 1)
+        return rc;
+    PyObject *content_type = PyObject_GetAttr(message, str_content_type);
+    if (content_type == NULL)
+        return -1;
+    if (PyUnicode_Check(content_type) && PyUnicode_GET_LENGTH(content_type) > 0) {
+        PyObject *name = PyUnicode_FromString("content-type");
+        rc = name == NULL ? -1 : put_header(b, name, content_type);
+        Py_XDECREF(name);
+    } else if (!PyUnicode_Check(content_type)) {
+        rc = 0;
+    }
+    Py_DECREF(content_type);
+    return rc;
+}
+
+/* nats_frames(batch, prefixes, seq, limit, header_bytes) -> (frames: bytes, payload: int) | None
+ *
+ * One "HPUB <subject> <inbox>.<seq> <hdr> <total>\r\nNATS/1.0\r\nNats-Msg-Id: <id>\r\n<extra>\r\n<body>\r\n"
+ * per message, seq counting up from seq + 1; extra: the lines of message.headers and message.content_type.
+ * prefixes maps a subject to "HPUB <subject> <inbox>.". None when a message needs the Python path's checks
+ * (unknown subject, too large, an id or header with odd characters). */
+PyObject *hot_nats_frames(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 5 || !PyList_Check(args[0]) || !PyDict_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "nats_frames(batch: list, prefixes: dict, seq, limit, header_bytes)");
+        return NULL;
+    }
+    long long seq = PyLong_AsLongLong(args[2]);
+    Py_ssize_t limit = PyLong_AsSsize_t(args[3]);
+    Py_ssize_t header_bytes = PyLong_AsSsize_t(args[4]);
+    if (PyErr_Occurred())
+        return NULL;
+    PyObject *batch = args[0], *prefixes = args[1];
+    Py_ssize_t count = PyList_GET_SIZE(batch);
+    Buf b = {NULL, 0, 0};
+    Buf extra = {NULL, 0, 0};
+    long long payload = 0;
+    PyObject *result = NULL;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *message = PyList_GET_ITEM(batch, i);
+        PyObject *body = PyObject_GetAttr(message, str_body);
+        PyObject *ident = body ? PyObject_GetAttr(message, str_id) : NULL;
+        PyObject *subject = ident ? PyObject_GetAttr(message, str_subject) : NULL;
+        int rc = -1;
+        if (subject == NULL)
+            goto next;
+        rc = FALLBACK;
+        if (!PyBytes_Check(body) || !PyUnicode_Check(ident) || !PyUnicode_Check(subject))
+            goto next;
+        PyObject *prefix = PyDict_GetItemWithError(prefixes, subject); /* borrowed */
+        if (prefix == NULL) {
+            rc = PyErr_Occurred() ? -1 : FALLBACK;
+            goto next;
+        }
+        Py_ssize_t id_len, prefix_len;
+        const char *id_text = PyUnicode_AsUTF8AndSize(ident, &id_len);
+        const char *prefix_text = PyUnicode_Check(prefix) ? PyUnicode_AsUTF8AndSize(prefix, &prefix_len) : NULL;
+        if (id_text == NULL || prefix_text == NULL) {
+            rc = PyErr_Occurred() ? -1 : FALLBACK;
+            goto next;
+        }
+        Py_ssize_t body_len = PyBytes_GET_SIZE(body);
+        int extra_rc = extra_headers(&extra, message);
+        if (extra_rc <= 0) {
+            rc = extra_rc < 0 ? -1 : FALLBACK;
+            goto next;
+        }
+        if (id_len == 0 || !plain_header_value(id_text, id_len) || body_len + id_len + extra.len > limit)
+            goto next;
+        Py_ssize_t header = header_bytes + id_len + extra.len;
+        char numbers[96];
+        seq++;
+        int written = snprintf(numbers, sizeof numbers, "%lld %zd %zd\r\nNATS/1.0\r\nNats-Msg-Id: ", seq, header,
+                               header + body_len);
+        if (put(&b, prefix_text, prefix_len) < 0 || put(&b, numbers, written) < 0 || put(&b, id_text, id_len) < 0 ||
+            PUTS(&b, "\r\n") < 0 || (extra.len && put(&b, extra.data, extra.len) < 0) || PUTS(&b, "\r\n") < 0 ||
+            put(&b, PyBytes_AS_STRING(body), body_len) < 0 || PUTS(&b, "\r\n") < 0) {
+            rc = -1;
+            goto next;
+        }
+        payload += body_len;
+        rc = 0;
+    next:
+        Py_XDECREF(body);
+        Py_XDECREF(ident);
+        Py_XDECREF(subject);
+        if (rc < 0)
+            goto done;
+        if (rc == FALLBACK) {
+            result = Py_NewRef(Py_None);
+            goto done;
+        }
+    }
+    {
+        PyObject *frames = PyBytes_FromStringAndSize(b.data ? b.data : "", b.len);
+        if (frames != NULL) {
+            result = Py_BuildValue("(NL)", frames, payload);
+        }
+    }
+done:
+    PyMem_Free(b.data);
+    PyMem_Free(extra.data);
+    return result;
+}
+
+/* Append the run of plain acks first..stop - 1 as (first, stop), if there is one. */
+static int flush_run(PyObject *answers, long long first, long long stop) {
+    if (stop <= first)
+        return 0;
+    PyObject *run = Py_BuildValue("(LL)", first, stop);
+    if (run == NULL || PyList_Append(answers, run) < 0) {
+        Py_XDECREF(run);
+        return -1;
+    }
+    Py_DECREF(run);
+    return 0;
+}
+
+/* nats_acks(data, sid) -> (answers: list[tuple[int, int] | tuple[bytes, bytes]], consumed: int)
+ *
+ * The run of complete "MSG <inbox>.<seq> <sid> <size>\r\n<payload>\r\n" frames of subscription sid at
+ * the start of data, in order. Plain acks (a numeric seq, no "error" in the first 20 bytes) of consecutive
+ * seqs come as one (first seq, last seq + 1); any other answer is (last subject token, payload) for the
+ * Python code to judge. consumed: the bytes taken; the first frame that is not ours or not complete stays
+ * for the client's parser. */
+PyObject *hot_nats_acks(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 2 || !PyBytes_Check(args[0]) || !PyBytes_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "nats_acks(data: bytes, sid: bytes)");
+        return NULL;
+    }
+    const char *s = PyBytes_AS_STRING(args[0]);
+    Py_ssize_t n = PyBytes_GET_SIZE(args[0]);
+    const char *sid = PyBytes_AS_STRING(args[1]);
+    Py_ssize_t sid_len = PyBytes_GET_SIZE(args[1]);
+    PyObject *answers = PyList_New(0);
+    if (answers == NULL)
+        return NULL;
+    Py_ssize_t at = 0;
+    long long run_first = 0, run_stop = 0; /* plain acks run_first..run_stop - 1, not appended yet */
+    while (n - at >= 4 && memcmp(s + at, "MSG ", 4) == 0) {
+        const char *line = s + at + 4;
+        const char *line_end = NULL;
+        for (const char *c = line; c + 1 < s + n; c++) {
+            if (c[0] == '\r' && c[1] == '\n') {
+                line_end = c;
+                break;
+            }
+        }
+        if (line_end == NULL)
+            break;
+        /* exactly three fields: subject, sid, size */
+        const char *sp1 = memchr(line, ' ', (size_t)(line_end - line));
+        if (sp1 == NULL)
+            break;
+        const char *sp2 = memchr(sp1 + 1, ' ', (size_t)(line_end - sp1 - 1));
+        if (sp2 == NULL || memchr(sp2 + 1, ' ', (size_t)(line_end - sp2 - 1)) != NULL)
+            break;
+        if (sp2 - sp1 - 1 != sid_len || memcmp(sp1 + 1, sid, (size_t)sid_len) != 0)
+            break;
+        Py_ssize_t size = 0;
+        const char *c = sp2 + 1;
+        if (c == line_end || line_end - c > 12)
+            break;
+        for (; c < line_end; c++) {
+            if (!is_digit((unsigned char)*c))
+                break;
+            size = size * 10 + (*c - '0');
+        }
+        if (c != line_end)
+            break;
+        Py_ssize_t start = (line_end - s) + 2, stop = start + size;
+        if (stop + 2 > n)
+            break;
+        const char *token = sp1;
+        while (token > line && token[-1] != '.')
+            token--;
+        Py_ssize_t token_len = sp1 - token;
+        long long seq = 0;
+        int numeric = token_len > 0 && token_len <= 18;
+        for (Py_ssize_t k = 0; numeric && k < token_len; k++) {
+            if (!is_digit((unsigned char)token[k]))
+                numeric = 0;
+            else
+                seq = seq * 10 + (token[k] - '0');
+        }
+        Py_ssize_t head = size < 20 ? size : 20;
+        int has_error = 0;
+        for (Py_ssize_t k = 0; k + 7 <= head; k++) {
+            if (memcmp(s + start + k, "\"error\"", 7) == 0) {
+                has_error = 1;
+                break;
+            }
+        }
+        if (numeric && !has_error) {
+            if (run_stop > run_first && seq == run_stop) {
+                run_stop++;
+            } else {
+                if (flush_run(answers, run_first, run_stop) < 0)
+                    goto error;
+                run_first = seq;
+                run_stop = seq + 1;
+            }
+        } else {
+            if (flush_run(answers, run_first, run_stop) < 0)
+                goto error;
+            run_first = run_stop = 0;
+            PyObject *pair = Py_BuildValue("(y#y#)", token, token_len, s + start, size);
+            if (pair == NULL || PyList_Append(answers, pair) < 0) {
+                Py_XDECREF(pair);
+                goto error;
+            }
+            Py_DECREF(pair);
+        }
+        at = stop + 2;
+    }
+    if (flush_run(answers, run_first, run_stop) < 0)
+        goto error;
+    return Py_BuildValue("(Nn)", answers, at);
+error:
+    Py_DECREF(answers);
+    return NULL;
+}

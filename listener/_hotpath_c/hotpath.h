@@ -1,0 +1,192 @@
+/* The compiled fast path (the extension module listener._hotpath): what its parts share.
+ * Python twin: listener/hotpath.py (loads the module, builds the plan of each relation).
+ *
+ * Stages 3-6 in one pass: a pgoutput Insert/Update/Delete message -> the event's JSON body.
+ *
+ * The optional fast path of listener.event.EventBuilder (see listener/hotpath.py for the Python side
+ * and the plan it builds per relation). It decodes the tuple(s) of one change message, converts the
+ * common column types straight from their text form into JSON, and writes the whole event body,
+ * byte for byte what the pure-Python path (pgoutput.decode -> EventBuilder.row -> orjson.dumps)
+ * produces. Whatever it does not handle itself -- a binary column, text that is not valid UTF-8, a
+ * value a Python converter refuses, a short tuple, a malformed message -- makes it return None,
+ * and the caller takes the Python path, which also owns every error message and metric.
+ *
+ * The parts, one concern each, each with its Python twin named at its top:
+ *   decode.c      pgoutput tuples, strict UTF-8; the replication reader (copy_batch)   pgoutput.py, replication.py
+ *   json.c        column values to JSON (the converters' fast cases)                  types.py (+ orjson)
+ *   sha256.c      SHA-256 / HMAC-SHA256 of the hash mask                              transforms.py (hmac)
+ *   transforms.c  a table's transform: masks in keys and topics, the route           transforms.py
+ *   event.c       the default event format: event(), read_row()                       event.py
+ *   debezium.c    the Debezium format: debezium_event(), debezium_read_row()          formats.py (Debezium)
+ *   txn.c         a Begin message -> what its transaction's events share: begin()     event.py (begin)
+ *   frames.c      NATS wire frames (HPUB) and JetStream acks                          publishers/nats.py
+ *   module.c      the method table and module init                                    hotpath.py
+ *
+ * event(msg, plan, prefix, number, commit_time, want_key) -> (ident: str, body: bytes, key: bytes | None) | None
+ *   the event id is prefix + number as 12 hex digits (the transaction's shared part and the change's
+ *   bits, see listener.event.event_id_parts); with number None it is prefix as given
+ *
+ * read_row(values, plan, ident, read_time, want_key) takes a backfilled row (each column's text form as
+ * bytes, as an Insert would carry it) and writes the same body with action READ.
+ *
+ * It also serves the NATS publisher's hot loop (listener/publishers/nats.py), checked against nats-py:
+ * nats_frames(batch, prefixes, seq, limit, header_bytes) -> (frames, payload) | None builds the HPUB
+ * frames of a batch (Nats-Msg-Id header, reply subject per message), and nats_acks(data, sid) scans
+ * JetStream's answers on the reply subscription (acks by sequence, errors with their payload).
+ *
+ * And the replication reader's: copy_batch(pgconn_ptr, limit, starts) takes up to limit buffered
+ * CopyData messages off libpq at once (PQgetCopyData through the connection pointer psycopg exposes,
+ * with the function pointers of the libpq psycopg loaded, given once by set_libpq).
+ *
+ * plan = (schema_table: bytes, columns: tuple, key_index: tuple[int, ...], transform: None | (hmac, route))
+ *   schema_table: '"schema":"...","table":"..."' already JSON-encoded
+ *   columns: one (prefix: bytes, code: int, converter, is_identity: bool) per column, where prefix
+ *   is '"name":' JSON-encoded and code says how the value is written (the CODE_* values below).
+ *   A table's transform (listener/transforms.py) shows here as the codes CODE_DROP (left out of data,
+ *   dataOld and key) and CODE_HASH / CODE_REDACT / CODE_NULLED (masks, also applied to the key and the
+ *   topic); transform is None for a table without one, else hmac: the HMAC-SHA256 key's prepared states
+ *   (hmac_prepare; needed by CODE_HASH, else None) and route.
+ *   route: None, or (head: bytes, parts: tuple[bytes | int, ...]) -- the topic template, literal text and
+ *   column indices; then event() answers (ident, body, key, topic) and read_row() (body, key, topic),
+ *   where topic is the rendered topic name (str) or why there is none (int, listener.transforms.FALLBACK_REASONS).
+ *
+ * hmac_prepare(key) -> bytes and hmac_hex(prepared, data) -> str: the hash mask on its own (tests).
+ */
+#ifndef LISTENER_HOTPATH_H
+#define LISTENER_HOTPATH_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+/* how a column is written (keep in step with listener/hotpath.py) */
+enum {
+    CODE_TEXT = 0,       /* JSON string of the text */
+    CODE_INT = 1,        /* number, as sent */
+    CODE_BOOL = 2,       /* true when the text is "t" */
+    CODE_JSON = 3,       /* the document, embedded as sent */
+    CODE_TIMESTAMPTZ = 4, /* "...+00" -> "...Z" with a 'T'; anything else: the converter */
+    CODE_TIMESTAMP = 5,  /* first space -> 'T' */
+    CODE_ARRAY_TEXT = 6, /* one-dimensional, unquoted: list of strings */
+    CODE_ARRAY_INT = 7,  /* one-dimensional: list of numbers */
+    CODE_PYTHON = 8,     /* call the converter, encode its result with the JSON encoder */
+    CODE_DROP = 9,       /* transforms: not published */
+    CODE_HASH = 10,      /* transforms: HMAC-SHA256 of the text, lower-case hex */
+    CODE_REDACT = 11,    /* transforms: "[redacted]" */
+    CODE_NULLED = 12,    /* transforms: null */
+};
+
+/* the fallback reasons of a route (listener.transforms.FALLBACK_REASONS, counted from 1) */
+enum { ROUTE_NULL = 1, ROUTE_MISSING = 2, ROUTE_EMPTY = 3, ROUTE_TOO_LONG = 4 };
+#define MAX_TOPIC_BYTES 249
+
+#define FALLBACK 1 /* not handled here: the caller takes the Python path */
+
+/* ---- output buffer (json.c) ---- */
+
+typedef struct {
+    char *data;
+    Py_ssize_t len;
+    Py_ssize_t cap;
+} Buf;
+
+int buf_grow(Buf *b, Py_ssize_t extra);
+
+static inline int put(Buf *b, const char *s, Py_ssize_t n) {
+    if (b->len + n > b->cap && buf_grow(b, n) < 0)
+        return -1;
+    memcpy(b->data + b->len, s, (size_t)n);
+    b->len += n;
+    return 0;
+}
+
+#define PUTS(b, lit) put((b), (lit), (Py_ssize_t)(sizeof(lit) - 1))
+
+static inline int is_digit(unsigned char c) { return c >= '0' && c <= '9'; }
+
+/* ---- decoded tuples (decode.c) ---- */
+
+/* One column of a decoded tuple: 't' text (ptr, len) or 'n' null. */
+typedef struct {
+    const unsigned char *p;
+    Py_ssize_t len;
+    char kind;
+} Col;
+
+#define STACK_COLUMNS 64 /* wider tables take their column arrays from the heap */
+
+int valid_utf8(const unsigned char *s, Py_ssize_t n);
+Py_ssize_t read_tuple(const unsigned char *s, Py_ssize_t n, Py_ssize_t *pos, Col *cols, Py_ssize_t max);
+
+/* ---- the hash mask (sha256.c) ---- */
+
+/* The states after the key's inner (0x36) and outer (0x5c) padded blocks: 16 words. */
+typedef struct {
+    uint32_t inner[8], outer[8];
+} Hmac;
+
+void sha256_init(void);
+void hmac_hex(const Hmac *m, const unsigned char *s, size_t n, char hex[64]);
+
+/* ---- a relation's plan (event.c reads it, transforms.c its transform) ---- */
+
+/* The plan of a relation, checked (see the top of this file). masked: some column has a transform's code. */
+typedef struct {
+    PyObject *schema_table, *columns, *key_index, *route;
+    Py_ssize_t ncolumns;
+    int masked;
+    Hmac hmac;
+} Plan;
+
+static inline long column_code(const Plan *plan, Py_ssize_t i) {
+    return PyLong_AsLong(PyTuple_GET_ITEM(PyTuple_GET_ITEM(plan->columns, i), 1));
+}
+
+static inline int is_identity(PyObject *columns, Py_ssize_t i) {
+    return PyTuple_GET_ITEM(PyTuple_GET_ITEM(columns, i), 3) == Py_True;
+}
+
+/* ---- values to JSON (json.c) ---- */
+
+extern PyObject *json_dumps; /* orjson.dumps, set by set_encoder() */
+
+void init_escapes(void);
+int put_escaped(Buf *b, const unsigned char *s, Py_ssize_t n);
+int put_string(Buf *b, const unsigned char *s, Py_ssize_t n);
+int put_ascii_field(Buf *b, PyObject *text);
+int put_value(Buf *b, long code, PyObject *conv, const Col *c, const Plan *plan);
+
+/* ---- transforms (transforms.c) ---- */
+
+int read_transform(const char *name, PyObject *transform, Plan *plan);
+int published_text(const Plan *plan, Py_ssize_t i, const Col *c, char hex[64], const unsigned char **p,
+                   Py_ssize_t *n);
+PyObject *route_topic(const Plan *plan, const Col *new_cols, Py_ssize_t nnew, const Col *old_cols, Py_ssize_t nold,
+                      char old_kind);
+
+/* ---- events (event.c): the id of an event, also for debezium.c ---- */
+
+PyObject *make_ident(PyObject *prefix, PyObject *number);
+
+/* ---- NATS frames (frames.c) ---- */
+
+int frames_init(void);
+
+/* ---- the module's functions (module.c's method table) ---- */
+
+PyObject *hot_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *hot_read_row(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *hot_debezium_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *hot_debezium_read_row(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *hot_begin(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *hot_nats_frames(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *hot_nats_acks(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *hot_set_encoder(PyObject *self, PyObject *dumps);
+PyObject *hot_hmac_prepare(PyObject *self, PyObject *key);
+PyObject *hot_hmac_hex(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *hot_sha_extensions(PyObject *self, PyObject *unused);
+PyObject *hot_set_libpq(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *hot_copy_batch(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+
+#endif

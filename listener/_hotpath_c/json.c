@@ -1,0 +1,243 @@
+/* Column values to JSON: the fast cases of the converters, byte for byte what orjson writes of their results.
+ * Python twin: listener/types.py (the converters; orjson.dumps of what they return).
+ */
+#include "hotpath.h"
+
+PyObject *json_dumps = NULL; /* orjson.dumps, set by set_encoder() */
+
+int buf_grow(Buf *b, Py_ssize_t extra) {
+    Py_ssize_t want = b->len + extra;
+    if (want <= b->cap)
+        return 0;
+    Py_ssize_t cap = b->cap * 2;
+    if (cap < want)
+        cap = want + 256;
+    char *data = PyMem_Realloc(b->data, (size_t)cap);
+    if (data == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    b->data = data;
+    b->cap = cap;
+    return 0;
+}
+
+/* JSON string escaping as orjson does it: \" \\ \b \t \n \f \r, other controls as \u00xx. */
+static unsigned char escape_kind[256];
+
+void init_escapes(void) {
+    for (int c = 0; c < 0x20; c++)
+        escape_kind[c] = 'u';
+    escape_kind['"'] = '"';
+    escape_kind['\\'] = '\\';
+    escape_kind['\b'] = 'b';
+    escape_kind['\t'] = 't';
+    escape_kind['\n'] = 'n';
+    escape_kind['\f'] = 'f';
+    escape_kind['\r'] = 'r';
+}
+
+int put_escaped(Buf *b, const unsigned char *s, Py_ssize_t n) {
+    /* worst case: every byte becomes \u00xx */
+    if (buf_grow(b, n * 6 + 2) < 0)
+        return -1;
+    char *out = b->data + b->len;
+    Py_ssize_t start = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char kind = escape_kind[s[i]];
+        if (kind == 0)
+            continue;
+        memcpy(out, s + start, (size_t)(i - start));
+        out += i - start;
+        start = i + 1;
+        *out++ = '\\';
+        if (kind == 'u') {
+            static const char hex[] = "0123456789abcdef";
+            *out++ = 'u';
+            *out++ = '0';
+            *out++ = '0';
+            *out++ = hex[s[i] >> 4];
+            *out++ = hex[s[i] & 15];
+        } else {
+            *out++ = (char)kind;
+        }
+    }
+    memcpy(out, s + start, (size_t)(n - start));
+    out += n - start;
+    b->len = out - b->data;
+    return 0;
+}
+
+int put_string(Buf *b, const unsigned char *s, Py_ssize_t n) {
+    if (PUTS(b, "\"") < 0 || put_escaped(b, s, n) < 0 || PUTS(b, "\"") < 0)
+        return -1;
+    return 0;
+}
+
+/* The integer text PostgreSQL sends, which int() would read back unchanged: -?(0|[1-9][0-9]*), not -0. */
+static int plain_int(const unsigned char *s, Py_ssize_t n) {
+    Py_ssize_t i = 0;
+    if (n > 0 && s[0] == '-')
+        i = 1;
+    if (i >= n || n - i > 19)
+        return 0;
+    if (s[i] == '0' && (n - i > 1 || i == 1))
+        return 0;
+    for (; i < n; i++)
+        if (!is_digit(s[i]))
+            return 0;
+    return 1;
+}
+
+/* The converter's result, JSON-encoded by orjson: for types written only by Python code. */
+static int put_converted(Buf *b, PyObject *conv, const Col *c) {
+    if (conv == Py_None || json_dumps == NULL)
+        return FALLBACK;
+    PyObject *text = PyUnicode_DecodeUTF8((const char *)c->p, c->len, "strict");
+    if (text == NULL) {
+        PyErr_Clear();
+        return FALLBACK;
+    }
+    PyObject *value = PyObject_CallOneArg(conv, text);
+    Py_DECREF(text);
+    if (value == NULL) {
+        PyErr_Clear(); /* the Python path reports it (metric + warning) */
+        return FALLBACK;
+    }
+    PyObject *encoded = PyObject_CallOneArg(json_dumps, value);
+    Py_DECREF(value);
+    if (encoded == NULL) {
+        PyErr_Clear();
+        return FALLBACK;
+    }
+    int rc = put(b, PyBytes_AS_STRING(encoded), PyBytes_GET_SIZE(encoded));
+    Py_DECREF(encoded);
+    return rc;
+}
+
+/* {a,b,NULL}: one dimension, nothing quoted or escaped (the Python converter's own fast case). */
+static int put_simple_array(Buf *b, const Col *c, int numbers) {
+    const unsigned char *s = c->p;
+    Py_ssize_t n = c->len;
+    if (n < 2 || s[0] != '{' || s[n - 1] != '}')
+        return FALLBACK;
+    for (Py_ssize_t i = 1; i < n - 1; i++) {
+        unsigned char ch = s[i];
+        if (ch == '"' || ch == '\\' || ch == '{' || ch == '}')
+            return FALLBACK;
+    }
+    Py_ssize_t mark = b->len;
+    if (PUTS(b, "[") < 0)
+        return -1;
+    if (n > 2) {
+        Py_ssize_t start = 1;
+        for (Py_ssize_t i = 1; i <= n - 1; i++) {
+            if (i < n - 1 && s[i] != ',')
+                continue;
+            const unsigned char *part = s + start;
+            Py_ssize_t len = i - start;
+            if (start > 1 && PUTS(b, ",") < 0)
+                return -1;
+            if (len == 4 && memcmp(part, "NULL", 4) == 0) {
+                if (PUTS(b, "null") < 0)
+                    return -1;
+            } else if (numbers) {
+                if (!plain_int(part, len)) {
+                    b->len = mark;
+                    return FALLBACK;
+                }
+                if (put(b, (const char *)part, len) < 0)
+                    return -1;
+            } else if (put_string(b, part, len) < 0) {
+                return -1;
+            }
+            start = i + 1;
+        }
+    }
+    return PUTS(b, "]");
+}
+
+/* A timestamp's text as a JSON string, its first space (between date and time) made a 'T'. */
+static int put_iso_string(Buf *b, const unsigned char *s, Py_ssize_t n) {
+    Py_ssize_t mark = b->len;
+    if (put_string(b, s, n) < 0)
+        return -1;
+    char *space = memchr(b->data + mark + 1, ' ', (size_t)(b->len - mark - 2));
+    if (space != NULL)
+        *space = 'T';
+    return 0;
+}
+
+int put_value(Buf *b, long code, PyObject *conv, const Col *c, const Plan *plan) {
+    const unsigned char *s = c->p;
+    Py_ssize_t n = c->len;
+    switch (code) {
+    case CODE_TEXT:
+        return put_string(b, s, n);
+    case CODE_INT:
+        if (plain_int(s, n))
+            return put(b, (const char *)s, n);
+        return put_converted(b, conv, c);
+    case CODE_BOOL:
+        if (n == 1 && s[0] == 't')
+            return PUTS(b, "true");
+        return PUTS(b, "false");
+    case CODE_JSON:
+        return put(b, (const char *)s, n);
+    case CODE_TIMESTAMPTZ:
+        if (n > 3 && is_digit(s[0]) && memcmp(s + n - 3, "+00", 3) == 0) {
+            if (put_iso_string(b, s, n - 3) < 0)
+                return -1;
+            b->len -= 1; /* reopen the string for the zone */
+            return PUTS(b, "Z\"");
+        }
+        return put_converted(b, conv, c);
+    case CODE_TIMESTAMP:
+        if (n > 0 && s[0] < 0x80 && !is_digit(s[0]))
+            return put_string(b, s, n); /* infinity, -infinity: as sent */
+        if (n > 0 && is_digit(s[0])) {
+            if (n >= 3 && memcmp(s + n - 3, " BC", 3) == 0)
+                return put_string(b, s, n);
+            return put_iso_string(b, s, n);
+        }
+        return put_converted(b, conv, c);
+    case CODE_ARRAY_TEXT:
+    case CODE_ARRAY_INT: {
+        int rc = put_simple_array(b, c, code == CODE_ARRAY_INT);
+        if (rc == FALLBACK)
+            return put_converted(b, conv, c);
+        return rc;
+    }
+    case CODE_HASH: {
+        char hex[64];
+        hmac_hex(&plan->hmac, s, (size_t)n, hex);
+        if (PUTS(b, "\"") < 0 || put(b, hex, 64) < 0)
+            return -1;
+        return PUTS(b, "\"");
+    }
+    case CODE_REDACT:
+        return PUTS(b, "\"[redacted]\"");
+    case CODE_NULLED:
+        return PUTS(b, "null");
+    default:
+        return put_converted(b, conv, c);
+    }
+}
+
+int put_ascii_field(Buf *b, PyObject *text) {
+    Py_ssize_t n;
+    const char *s = PyUnicode_AsUTF8AndSize(text, &n);
+    if (s == NULL)
+        return -1;
+    return put_escaped(b, (const unsigned char *)s, n);
+}
+
+PyObject *hot_set_encoder(PyObject *self, PyObject *dumps) {
+    (void)self;
+    if (!PyCallable_Check(dumps)) {
+        PyErr_SetString(PyExc_TypeError, "set_encoder: a callable returning bytes");
+        return NULL;
+    }
+    Py_XSETREF(json_dumps, Py_NewRef(dumps));
+    Py_RETURN_NONE;
+}

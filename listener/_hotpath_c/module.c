@@ -1,0 +1,46 @@
+/* The extension module listener._hotpath: its method table and init.
+ * Python twin: listener/hotpath.py (load(), the Module protocol).
+ */
+#include "hotpath.h"
+
+static PyMethodDef methods[] = {
+    {"event", (PyCFunction)(void (*)(void))hot_event, METH_FASTCALL,
+     "event(msg, plan, prefix, number, commit_time, want_key) -> (ident, body, key[, topic]) | None"},
+    {"read_row", (PyCFunction)(void (*)(void))hot_read_row, METH_FASTCALL,
+     "read_row(values, plan, ident, read_time, want_key) -> (body, key[, topic]) | None"},
+    {"debezium_event", (PyCFunction)(void (*)(void))hot_debezium_event, METH_FASTCALL,
+     "debezium_event(msg, plan, prefix, number, commit_micros, xid, lsn, last_commit, now_ns, want_key) -> "
+     "(ident, body, key) | None"},
+    {"debezium_read_row", (PyCFunction)(void (*)(void))hot_debezium_read_row, METH_FASTCALL,
+     "debezium_read_row(values, plan, read_micros, last_commit, now_ns, want_key) -> (body, key) | None"},
+    {"begin", (PyCFunction)(void (*)(void))hot_begin, METH_FASTCALL,
+     "begin(msg, slot_hash) -> the fields of listener.event.Transaction for a Begin message | None"},
+    {"nats_frames", (PyCFunction)(void (*)(void))hot_nats_frames, METH_FASTCALL,
+     "nats_frames(batch, prefixes, seq, limit, header_bytes) -> (frames, payload) | None"},
+    {"nats_acks", (PyCFunction)(void (*)(void))hot_nats_acks, METH_FASTCALL,
+     "nats_acks(data, sid) -> (answers: seq or (seq text, payload), bytes consumed)"},
+    {"set_encoder", hot_set_encoder, METH_O, "set_encoder(dumps): the JSON encoder for converted values"},
+    {"hmac_prepare", hot_hmac_prepare, METH_O, "hmac_prepare(key) -> the key's prepared HMAC-SHA256 states"},
+    {"hmac_hex", (PyCFunction)(void (*)(void))hot_hmac_hex, METH_FASTCALL,
+     "hmac_hex(prepared, data, portable=False) -> HMAC-SHA256 of data, lower-case hex"},
+    {"sha_extensions", hot_sha_extensions, METH_NOARGS, "sha_extensions() -> whether SHA-256 uses the CPU's"},
+    {"set_libpq", (PyCFunction)(void (*)(void))hot_set_libpq, METH_FASTCALL,
+     "set_libpq(getcopydata, freemem): addresses of PQgetCopyData and PQfreemem of psycopg's libpq"},
+    {"copy_batch", (PyCFunction)(void (*)(void))hot_copy_batch, METH_FASTCALL,
+     "copy_batch(pgconn_ptr, limit, starts) -> (payloads, wal_end, other, status)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "listener._hotpath",
+    "Compiled fast path: a pgoutput change message -> the event's JSON body (see listener/hotpath.py).", -1,
+    methods,
+};
+
+PyMODINIT_FUNC PyInit__hotpath(void) {
+    init_escapes();
+    sha256_init();
+    if (frames_init() < 0)
+        return NULL;
+    return PyModule_Create(&module);
+}
