@@ -16,7 +16,6 @@ glibc when set. Elsewhere than glibc (musl, macOS) nothing is done.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 #: glibc's mallopt parameter number of M_MMAP_THRESHOLD (malloc.h)
@@ -31,7 +30,7 @@ def fix_mmap_threshold() -> bool:
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the process's own symbols, libc's among them (find_library runs ldconfig)
         mallopt = libc.mallopt
         version = libc.gnu_get_libc_version  # glibc only: musl's mallopt does nothing
     except (OSError, AttributeError):
