@@ -100,9 +100,11 @@ class CountingEmulator(Emulator):
         return await super()._handle(request)
 
 
-def _operator_env(kubeconfig: Path) -> dict[str, str]:
+def _operator_env(kubeconfig: Path, operator_path: str | None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WAL_OPERATOR_") and not k.startswith("PG")}
     env["KUBECONFIG"] = str(kubeconfig)
+    if operator_path:  # another version of the operator (the wal_operator package in that folder)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (operator_path, env.get("PYTHONPATH", "")) if p)
     return env
 
 
@@ -198,8 +200,9 @@ class Bench:
                 log_path.parent.mkdir(parents=True, exist_ok=True)
                 log = log_path.open("w")
                 proc = subprocess.Popen(  # noqa: ASYNC220 - started once, before the clock runs
-                    [sys.executable, "-m", "wal_operator", "run", "--standalone", "--liveness", ""],
-                    env=_operator_env(kubeconfig),
+                    [sys.executable, "-m", "wal_operator", "run", "--standalone", "--liveness", ""]
+                    + (["--verbose"] if args.verbose else []),
+                    env=_operator_env(kubeconfig, args.operator_path),
                     stdout=log,
                     stderr=subprocess.STDOUT,
                 )
@@ -324,6 +327,7 @@ class Bench:
         return {
             "resources": self.n,
             "kmock": "as is" if args.kmock_as_is else "request log trimmed, resourceVersion stamped",
+            "operator": args.operator_path or "installed",
             "ready_trail_of_last_three": {n: self.trail.get(n, []) for n in order[-3:]},
             "applied_s": round(applied_s, 2),
             "ready": len(times),
@@ -358,7 +362,7 @@ def report(result: dict[str, Any]) -> str:
     r = result
     lines = [
         f"operator bench: {r['resources']} WalListeners applied at once (creates took {r['applied_s']} s); "
-        f"kmock: {r['kmock']}",
+        f"kmock: {r['kmock']}; operator: {r['operator']}",
         "  kmock has no Deployment controller: the bench marks each listener Deployment available "
         "(status.availableReplicas=1 via the API) as soon as it sees it",
         f"  Ready: {r['ready']}/{r['resources']}; first {r['first_ready_s']} s, median {r['median_ready_s']} s, "
@@ -400,6 +404,12 @@ def main(argv: list[str] | None = None) -> int:
         help="kmock as the tests run it: its whole request log kept (its cost per request grows with every "
         "request served) and no resourceVersion (kopf may run a create handler twice)",
     )
+    parser.add_argument(
+        "--operator-path",
+        help="run the wal_operator package found in this folder instead of the installed one (to compare two "
+        "versions in one sitting, e.g. `git archive main operator | tar -x -C /tmp/base` then /tmp/base/operator)",
+    )
+    parser.add_argument("--verbose", action="store_true", help="the operator logs at DEBUG (slower)")
     parser.add_argument("--out", default="bench/results/operator", help="results.json and operator.log go here")
     args = parser.parse_args(argv)
     result = asyncio.run(Bench(args).run())
