@@ -524,6 +524,8 @@ async def reconcile(
                     f"logical slot {slot.name} (pgoutput), wal_status {slot.wal_status or '-'}",
                 )
             )
+            # what the status timer reports too: the first tick then has nothing new to write
+            keyless = await db.tables_without_identity(conn, pub.name)
             if model.listener.ddl.capture:
                 ddl = _ddl_condition(*await db.ddl_capture(conn, model, install=True))
                 done.append(ddl)
@@ -572,6 +574,7 @@ async def reconcile(
                 "allTables": pub.all_tables,
                 "tables": pub.tables,
                 "createdByOperator": pub.created_by_operator,
+                "tablesWithoutIdentity": keyless,
             },
         },
     )
