@@ -39,7 +39,6 @@ import kmock
 import psutil
 
 from tests.support.kube import (
-    DEPLOYMENTS,
     NS,
     WL,
     Emulator,
@@ -65,14 +64,15 @@ class CountingEmulator(Emulator):
       reaction (``request in payload._source`` tests identity against every recorded request): its cost
       per request grows with the number of requests served so far, which is what saturates it near 100
       resources. The log is cut to its last ``_LOG_KEEP`` entries (the request being routed is always
-      among them), so the emulator costs the same at the 10,000th request as at the first.
+      among them, and every request still waiting for kmock's lock), so the emulator costs the same at the
+      10,000th request as at the first.
     * kmock sets no ``metadata.resourceVersion``. kopf uses the version its own patch returned to skip the
       older events still in flight on the watch (its "consistency" wait); without one it takes an event
       from before its own patch for the newest state and runs the create handler a second time. Each
       create and patch here stamps a new version, as an API server does.
     """
 
-    _LOG_KEEP = 256
+    _LOG_KEEP = 16
 
     def __init__(self, *args: Any, as_is: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -80,12 +80,15 @@ class CountingEmulator(Emulator):
         self.total = 0
         self.as_is = as_is
         self._version = 1000
+        self._routing: set[int] = set()  # id() of the requests not yet routed (they must stay in the log)
 
     async def _handle(self, request: Any) -> Any:
         if not self.as_is:
+            self._routing.add(id(request))
             log = self._requests
-            if len(log) > 2 * self._LOG_KEEP:
-                del log[: len(log) - self._LOG_KEEP]
+            if len(log) > 4 * self._LOG_KEEP:
+                older = [r for r in log[: -self._LOG_KEEP] if id(r) in self._routing]
+                log[:] = older + log[-self._LOG_KEEP :]
             if request.action in (kmock.action.CREATE, kmock.action.UPDATE) and isinstance(request.data, dict):
                 self._version += 1
                 meta = request.data.setdefault("metadata", {})
@@ -97,7 +100,10 @@ class CountingEmulator(Emulator):
             sub = f"/{request.subresource}" if request.subresource else ""
             action = request.action.name if request.action is not None else request.method
             self.counts[f"{action} {what}{sub}"] += 1
-        return await super()._handle(request)
+        try:
+            return await super()._handle(request)
+        finally:
+            self._routing.discard(id(request))
 
 
 def _operator_env(kubeconfig: Path, operator_path: str | None) -> dict[str, str]:
@@ -131,6 +137,7 @@ class Bench:
         self.available_marked: set[str] = set()
         self.status_writes = 0
         self.trail: dict[str, list[tuple[float, str]]] = {}
+        self.t0: float | None = None
 
     async def _call(self, server: kmock.Server, method: str, path: str, body: Any, ctype: str) -> None:
         headers = {"Content-Type": ctype, "User-Agent": BENCH_AGENT}
@@ -140,29 +147,34 @@ class Bench:
                 raise RuntimeError(f"{method} {path}: {rsp.status} {text[:300]}")
 
     async def deployment_controller(self, emulator: CountingEmulator, server: kmock.Server) -> None:
-        """Play the Deployment controller: a listener Deployment is available as soon as it exists."""
+        """Play the Deployment controller: a listener Deployment is available as soon as it exists (each sweep
+        writes the status of every Deployment that lacks it at once, not one after the other)."""
         while True:
+            todo: list[tuple[str, str]] = []
             for (resource, ns, name), obj in list(emulator.objects.items()):
-                if str(resource) != DEPLOYMENTS and getattr(resource, "plural", "") != "deployments":
-                    continue
-                if obj.deleted:
+                if getattr(resource, "plural", "") != "deployments" or obj.deleted:
                     continue
                 raw = obj.raw
                 labels = (raw.get("metadata") or {}).get("labels") or {}
                 if labels.get("app.kubernetes.io/managed-by") != MANAGED_BY:
                     continue
-                status = raw.get("status") or {}
-                if int(status.get("availableReplicas") or 0) >= 1:
-                    continue
-                await self._call(
-                    server,
-                    "PATCH",
-                    f"/apis/apps/v1/namespaces/{ns}/deployments/{name}/status",
-                    {"status": {"replicas": 1, "readyReplicas": 1, "availableReplicas": 1, "updatedReplicas": 1}},
-                    "application/merge-patch+json",
-                )
-                self.status_writes += 1
+                if int((raw.get("status") or {}).get("availableReplicas") or 0) < 1:
+                    todo.append((ns, name))
+            await asyncio.gather(*(self._mark_available(server, ns, name) for ns, name in todo))
             await asyncio.sleep(0.2)
+
+    async def _mark_available(self, server: kmock.Server, namespace: str, name: str) -> None:
+        await self._call(
+            server,
+            "PATCH",
+            f"/apis/apps/v1/namespaces/{namespace}/deployments/{name}/status",
+            {"status": {"replicas": 1, "readyReplicas": 1, "availableReplicas": 1, "updatedReplicas": 1}},
+            "application/merge-patch+json",
+        )
+        self.status_writes += 1
+        owner = name.removesuffix("-wal-listener")
+        if self.t0 is not None:
+            self.trail.setdefault(owner, []).append((round(time.monotonic() - self.t0, 1), "pod ready"))
 
     def _ready(self, emulator: CountingEmulator, name: str, at: float) -> bool:
         """Whether the resource is Ready; notes each change of its Ready reason (for stragglers)."""
@@ -177,7 +189,8 @@ class Bench:
             if cond.get("type") == "Ready":
                 reason = f"{cond.get('status')}/{cond.get('reason')}"
         trail = self.trail.setdefault(name, [])
-        if not trail or trail[-1][1] != reason:
+        said = [r for _, r in trail if r != "pod ready"]
+        if not said or said[-1] != reason:
             trail.append((round(at, 1), reason))
         return reason.startswith("True/")
 
@@ -273,7 +286,7 @@ class Bench:
                 server, "POST", f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{NS}/{PLURAL}", body, "application/json"
             )
 
-        t0 = time.monotonic()
+        t0 = self.t0 = time.monotonic()
         await asyncio.gather(*(create(i, name) for i, name in enumerate(self.names)))
         applied_s = time.monotonic() - t0
         deadline = t0 + args.timeout
@@ -329,6 +342,7 @@ class Bench:
             "kmock": "as is" if args.kmock_as_is else "request log trimmed, resourceVersion stamped",
             "operator": args.operator_path or "installed",
             "ready_trail_of_last_three": {n: self.trail.get(n, []) for n in order[-3:]},
+            "ready_trail_of_not_ready": {n: self.trail.get(n, []) for n in self.names if n not in self.ready_at},
             "applied_s": round(applied_s, 2),
             "ready": len(times),
             "not_ready": [n for n in self.names if n not in self.ready_at],
@@ -369,7 +383,7 @@ def report(result: dict[str, Any]) -> str:
         f"last {r['last_ready_s']} s after the apply",
         f"  stragglers (> median + {STRAGGLER_S:.0f} s): {r['stragglers'] or 'none'}",
     ]
-    for name, trail in r["ready_trail_of_last_three"].items():
+    for name, trail in {**r["ready_trail_of_last_three"], **r["ready_trail_of_not_ready"]}.items():
         lines.append(f"    {name}: " + " -> ".join(f"{reason} at {t} s" for t, reason in trail))
     if r["not_ready"]:
         lines.append(f"  NOT Ready within the timeout: {', '.join(r['not_ready'])}")

@@ -722,24 +722,34 @@ async def _write_deployment_condition(
     namespace: str, name: str, uid: str, dep: Mapping[str, Any] | None, logger: Logger
 ) -> None:
     """Read the resource now and write DeploymentReady for ``dep`` if its status does not say it yet (the status
-    as read now: a write from what a watch delivered a moment ago could undo a newer one)."""
-    resource = await kube().get(_listener_path(namespace, name))
-    if resource is None or resource["metadata"].get("uid") != uid or resource["metadata"].get("deletionTimestamp"):
-        return
-    status = resource.get("status") or {}
-    condition = deployment_condition_due(
-        status.get("conditions"), dep, bool((resource.get("spec") or {}).get("suspend"))
-    )
-    if condition is None:
-        return
-    update = _status_patch(status.get("conditions"), status.get("observedGeneration"), [condition])
-    try:
-        await kube().request(
-            "PATCH", f"{_listener_path(namespace, name)}/status", {"status": update},
-            content_type="application/merge-patch+json",
-        )  # fmt: skip
-    except KubeError as exc:
-        logger.warning("could not write the listener's readiness into %s: %s", name, exc)
+    as read now: a write from what a watch delivered a moment ago could undo a newer one). The write carries the
+    resourceVersion read, so an API server refuses it (409) when another writer came in between: read again."""
+    for _attempt in range(3):
+        resource = await kube().get(_listener_path(namespace, name))
+        meta = (resource or {}).get("metadata") or {}
+        if resource is None or meta.get("uid") != uid or meta.get("deletionTimestamp"):
+            return
+        status = resource.get("status") or {}
+        condition = deployment_condition_due(
+            status.get("conditions"), dep, bool((resource.get("spec") or {}).get("suspend"))
+        )
+        if condition is None:
+            return
+        body: dict[str, Any] = {
+            "status": _status_patch(status.get("conditions"), status.get("observedGeneration"), [condition])
+        }
+        if meta.get("resourceVersion"):
+            body["metadata"] = {"resourceVersion": meta["resourceVersion"]}
+        try:
+            await kube().request(
+                "PATCH", f"{_listener_path(namespace, name)}/status", body, content_type="application/merge-patch+json"
+            )
+            return
+        except KubeError as exc:
+            if exc.status != 409:
+                logger.warning("could not write the listener's readiness into %s: %s", name, exc)
+                return
+    logger.warning("could not write the listener's readiness into %s: it kept changing meanwhile", name)
 
 
 @kopf.on.event(*RESOURCE)
