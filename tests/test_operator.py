@@ -232,6 +232,7 @@ async def test_delete_with_reclaim_policy(
         "allTables": True,
         "tables": [],
         "createdByOperator": True,
+        "tablesWithoutIdentity": [],
     }
 
     active = "SELECT active FROM pg_replication_slots WHERE slot_name = %s"
