@@ -136,3 +136,75 @@ def test_a_bound_the_user_set_is_kept() -> None:
         container, config = _rendered({"resources": {"limits": {"memory": "256Mi"}}}, maxInFlightBytes=given)
         assert config["listener"]["maxInFlightBytes"] == expected  # also the listener's default, written out
         assert container["resources"]["limits"] == {"memory": "256Mi"}
+
+def _conditions(deployment: tuple[str, str] | None, spec_valid: str = "True") -> list[dict[str, str]]:
+    found = [{"type": "SpecValid", "status": spec_valid, "reason": "Valid", "message": ""}]
+    if deployment is not None:
+        from wal_operator.handlers import _deployment_condition
+
+        status, reason = deployment
+        message = next(
+            c.message
+            for c in (
+                _deployment_condition(False, {"status": {"availableReplicas": 1}}),
+                _deployment_condition(False, {"status": {}}),
+                _deployment_condition(False, None),
+                _deployment_condition(True, None),
+            )
+            if c.reason == reason
+        )
+        found.append({"type": "DeploymentReady", "status": status, "reason": reason, "message": message})
+    return found
+
+
+def test_deployment_readiness_is_written_only_when_the_status_says_otherwise() -> None:
+    """Whether a Deployment event (or a WalListener event, or the status timer) has a DeploymentReady to write:
+    only when the status says something else than the Deployment as last seen, and only once the reconcile wrote
+    one (it writes the first itself) and while the spec is valid."""
+    from wal_operator.handlers import deployment_condition_due
+
+    ready = {"metadata": {"generation": 1}, "status": {"observedGeneration": 1, "availableReplicas": 1}}
+    not_ready = {"metadata": {"generation": 1}, "status": {"observedGeneration": 1}}
+    rolling = {"metadata": {"generation": 2}, "status": {"observedGeneration": 1, "availableReplicas": 1}}
+
+    due = deployment_condition_due(_conditions(("False", "PodNotReady")), ready, False)
+    assert due is not None and (due.status, due.reason) == ("True", "PodReady")
+    assert deployment_condition_due(_conditions(("True", "PodReady")), ready, False) is None  # says it already
+    due = deployment_condition_due(_conditions(("True", "PodReady")), not_ready, False)
+    assert due is not None and due.reason == "PodNotReady"
+    due = deployment_condition_due(_conditions(("True", "PodReady")), rolling, False)
+    assert due is not None and due.reason == "RollingOut"
+    due = deployment_condition_due(_conditions(("True", "PodReady")), None, False)  # deleted
+    assert due is not None and due.reason == "DeploymentMissing"
+    due = deployment_condition_due(_conditions(("True", "PodReady")), None, True)
+    assert due is not None and due.reason == "Suspended"
+    # not this writer's to say: the reconcile has not written DeploymentReady yet, or the spec is invalid
+    assert deployment_condition_due(_conditions(None), ready, False) is None
+    assert deployment_condition_due(_conditions(("False", "PodNotReady"), spec_valid="False"), ready, False) is None
+    assert deployment_condition_due(None, ready, False) is None
+
+
+def test_the_deployment_index_keeps_what_readiness_and_the_secret_hash_need() -> None:
+    """A listener Deployment as the index keeps it: by its owner, with the fields the readiness reads."""
+    from wal_operator.handlers import _deployment_condition, _deployment_view
+    from wal_operator.render import SECRETS_HASH_ANNOTATION
+
+    body = {
+        "metadata": {
+            "name": "a-wal-listener",
+            "namespace": "cdc",
+            "generation": 3,
+            "ownerReferences": [
+                {"kind": "ConfigMap", "name": "x", "uid": "u0"},
+                {"kind": "WalListener", "name": "a", "uid": "u1", "controller": True},
+            ],
+        },
+        "spec": {"template": {"metadata": {"annotations": {SECRETS_HASH_ANNOTATION: "abc"}}}},
+        "status": {"observedGeneration": 3, "availableReplicas": 1, "updatedReplicas": 1, "replicas": 1},
+    }
+    found = _deployment_view(body)
+    assert found is not None
+    key, view = found
+    assert key == ("cdc", "a") and view.owner_uid == "u1" and view.secrets_hash == "abc"
+    assert _deployment_condition(False, view.as_object()) == _deployment_condition(False, body)
+    assert _deployment_view({"metadata": {"name": "b", "namespace": "cdc"}}) is None  # not a listener's
