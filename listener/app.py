@@ -86,6 +86,7 @@ class Listener:
         self.delivery = Delivery(
             self.publisher,
             max_in_flight=cfg.listener.max_in_flight,
+            max_in_flight_bytes=cfg.listener.max_in_flight_bytes,
             batch_size=cfg.listener.batch_size,
             retry_cap=cfg.listener.refresh_connection.total_seconds(),
             ack_timeout=ack_timeout,
@@ -93,6 +94,9 @@ class Listener:
             dead_letter_subject=dead_letter,
         )
         self.delivery.on_fatal = lambda _exc: self.stop()
+        # read when scraped: while the broker does not answer, nothing settles to update them
+        metrics.IN_FLIGHT.set_function(lambda: float(self.delivery.in_flight))
+        metrics.IN_FLIGHT_BYTES.set_function(lambda: float(self.delivery.in_flight_bytes))
         #: hands an event to delivery (database.debug: logs it first, as published)
         self._add = self._logged_add if cfg.database.debug else self.delivery.add
         self._transforms_checked = False
@@ -270,7 +274,8 @@ class Listener:
         except TimeoutError:
             if first:  # said once, not again by the final drain
                 log.error("shutdown: events still unacknowledged; they will be re-sent after restart",
-                          extra={"fields": {"in_flight": self.delivery.in_flight}})
+                          extra={"fields": {"in_flight": self.delivery.in_flight,
+                                            "in_flight_bytes": self.delivery.in_flight_bytes}})
 
     async def _shutdown(self) -> None:
         await self._drain()
