@@ -242,9 +242,9 @@ class Delivery:
         self.fatal: BaseException | None = None
         self.confirmed_lsn = 0
         self.confirmed_commit_time = 0.0
-        self.in_flight = 0
-        #: bytes of the events added and not yet acknowledged (:func:`~listener.message.message_size` each)
-        self.in_flight_bytes = 0
+        # In flight: events and bytes added and not yet acknowledged, as counted at the last fold (see add).
+        self._in_flight = 0
+        self._in_flight_bytes = 0
         # Once full, reading resumes only when a whole batch fits again: resuming at the first free slot
         # made the reader add a few events, fill up, seal a tiny batch and wait again -- batches shrank
         # to a handful of events for good (each its own broker request) while the broker was the slower.
@@ -256,6 +256,12 @@ class Delivery:
         #: values give a batch many subjects; a lookup costs more than the increment)
         self._published: dict[tuple[str, str], Any] = {}
         self._open = Batch()
+        # add() counts down from a grant instead of counting up and comparing with four limits: the events
+        # and bytes that may still be added before something is due (the open batch is complete, or a bound
+        # is reached); at zero it folds what was added into the counts above and looks (_limit)
+        self._events_grant = self._events_left = 0
+        self._bytes_grant = self._bytes_left = 0
+        self._grant()
         self._pending: deque[Batch] = deque()  # sealed, in order, not yet retired
         self._queue: asyncio.Queue[Batch] = asyncio.Queue()
         self._space = asyncio.Event()
@@ -273,25 +279,69 @@ class Delivery:
 
     def add(self, message: Message) -> bool:
         """Queue one event; True when that made the stage :attr:`full` (the caller then awaits
-        :meth:`wait_for_space`). Always takes it, also when it alone is larger than the byte bound."""
+        :meth:`wait_for_space`). Always takes it, also when it alone is larger than the byte bound.
+
+        Called per event: the common case is an append and two countdowns (see :meth:`_grant`)."""
+        self._open.messages.append(message)
         key = message.key
-        size = len(message.body) + len(key) if key else len(message.body)  # message_size, inlined (per event)
+        left = self._bytes_left - (len(message.body) + len(key) if key else len(message.body))  # message_size
+        self._bytes_left = left
+        events = self._events_left - 1
+        self._events_left = events
+        if left <= 0 or events <= 0:
+            return self._limit()
+        return False
+
+    def _fold(self) -> None:
+        """Count what add() took from the grant into the open batch and the in-flight counts."""
+        events = self._events_grant - self._events_left
+        size = self._bytes_grant - self._bytes_left
+        self._in_flight += events
+        self._in_flight_bytes += size
+        self._open.size += size
+        self._events_grant = self._events_left
+        self._bytes_grant = self._bytes_left
+
+    def _grant(self) -> None:
+        """What add() may take before :meth:`_limit` is due: until the open batch is complete (batchSize
+        events or :func:`batch_bytes`) or a bound is reached (0 or less while :attr:`full`)."""
+        messages = len(self._open.messages)
+        self._events_grant = self._events_left = min(self.batch_size - messages, self.max_in_flight - self._in_flight)
+        self._bytes_grant = self._bytes_left = min(self._batch_bytes - self._open.size,
+                                                   self.max_in_flight_bytes - self._in_flight_bytes)
+
+    def _limit(self) -> bool:
+        """add() used up its grant: seal the open batch when it is complete, and say whether a bound is
+        reached."""
+        self._fold()
         batch = self._open
         messages = batch.messages
-        if size >= self._batch_bytes and messages:  # a large event goes out in a batch of its own
-            self.seal()
-            batch = self._open
-            messages = batch.messages
-        messages.append(message)
-        batch.size += size
-        self.in_flight += 1
-        self.in_flight_bytes += size
-        if len(messages) >= self.batch_size or batch.size >= self._batch_bytes:
-            self.seal()
-        if self.in_flight >= self.max_in_flight or self.in_flight_bytes >= self.max_in_flight_bytes:
+        if len(messages) > 1 and batch.size >= self._batch_bytes:
+            size = message_size(messages[-1])
+            if size >= self._batch_bytes:  # a large event goes out in a batch of its own
+                last = messages.pop()
+                batch.size -= size
+                self._seal()
+                batch = self._open
+                batch.messages.append(last)
+                batch.size = size
+        if len(batch.messages) >= self.batch_size or batch.size >= self._batch_bytes:
+            self._seal()
+        self._grant()
+        if self.full:
             self._space.clear()
             return True
         return False
+
+    @property
+    def in_flight(self) -> int:
+        """Events added and not yet acknowledged."""
+        return self._in_flight + self._events_grant - self._events_left
+
+    @property
+    def in_flight_bytes(self) -> int:
+        """Bytes of the events added and not yet acknowledged (:func:`~listener.message.message_size` each)."""
+        return self._in_flight_bytes + self._bytes_grant - self._bytes_left
 
     @property
     def full(self) -> bool:
@@ -330,6 +380,11 @@ class Delivery:
 
     def seal(self) -> None:
         """Hand the open batch to the sender (also an empty one that carries a commit LSN)."""
+        self._fold()
+        self._seal()
+        self._grant()
+
+    def _seal(self) -> None:
         self._lingering = False
         batch = self._open
         if not batch.messages:
@@ -423,10 +478,12 @@ class Delivery:
                 counter.inc(count)
             acked = len(messages) - len(failed)
             failed_size = sum(map(message_size, failed)) if failed else 0
-            self.in_flight -= acked
-            self.in_flight_bytes -= size - failed_size
+            self._fold()
+            self._in_flight -= acked
+            self._in_flight_bytes -= size - failed_size
             size = failed_size
-            if self.in_flight <= self._resume_at and self.in_flight_bytes <= self._resume_bytes:
+            self._grant()
+            if self._in_flight <= self._resume_at and self._in_flight_bytes <= self._resume_bytes:
                 self._space.set()
             if not failed:
                 break
