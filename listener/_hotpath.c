@@ -20,8 +20,8 @@
  * frames of a batch (Nats-Msg-Id header, reply subject per message), and nats_acks(data, sid) scans
  * JetStream's answers on the reply subscription (acks by sequence, errors with their payload).
  *
- * And the replication reader's: copy_batch(pgconn_ptr, limit, starts) takes up to limit buffered
- * CopyData messages off libpq at once (PQgetCopyData through the connection pointer psycopg exposes,
+ * And the replication reader's: copy_batch(pgconn_ptr, limit, starts, max_bytes) takes up to limit buffered
+ * CopyData messages (and about max_bytes of payloads) off libpq at once (PQgetCopyData through the connection pointer psycopg exposes,
  * with the function pointers of the libpq psycopg loaded, given once by set_libpq).
  *
  * plan = (schema_table: bytes, columns: tuple, key_index: tuple[int, ...], transform: None | (hmac, route))
@@ -1402,17 +1402,19 @@ static inline unsigned long long be64(const unsigned char *p) {
     return v;
 }
 
-/* copy_batch(pgconn_ptr, limit, starts) -> (payloads: list[bytes], wal_end: int, other: bytes | None, status)
+/* copy_batch(pgconn_ptr, limit, starts, max_bytes=0) -> (payloads: list[bytes], wal_end: int, other: bytes | None,
+ *                                                     status)
  *
  * Up to limit XLogData ('w') messages already buffered by libpq: their payloads (the pgoutput message,
  * after the 25-byte header), the last non-zero WAL end they carried, and, when starts is a list, each
  * one's start LSN appended to it. It stops early at any other message (a keepalive), returned whole as
- * other, and when libpq has nothing more buffered. status: 1 more may be buffered, 0 nothing buffered
- * (wait for the socket), -1 the stream ended, -2 libpq reported an error. */
+ * other, when libpq has nothing more buffered, and (max_bytes > 0) once the payloads taken hold max_bytes
+ * or more (libpq's buffer, once grown for a huge row, holds many large ones). status: 1 more may be
+ * buffered, 0 nothing buffered (wait for the socket), -1 the stream ended, -2 libpq reported an error. */
 static PyObject *hot_copy_batch(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "copy_batch(pgconn_ptr, limit, starts: list | None)");
+    if (nargs != 3 && nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "copy_batch(pgconn_ptr, limit, starts: list | None, max_bytes=0)");
         return NULL;
     }
     if (pq_getcopydata == NULL || pq_freemem == NULL) {
@@ -1421,8 +1423,10 @@ static PyObject *hot_copy_batch(PyObject *self, PyObject *const *args, Py_ssize_
     }
     void *conn = PyLong_AsVoidPtr(args[0]);
     Py_ssize_t limit = PyLong_AsSsize_t(args[1]);
+    Py_ssize_t max_bytes = nargs == 4 ? PyLong_AsSsize_t(args[3]) : 0;
     if (PyErr_Occurred())
         return NULL;
+    Py_ssize_t taken = 0;
     if (conn == NULL) {
         PyErr_SetString(PyExc_ValueError, "copy_batch: no connection");
         return NULL;
@@ -1438,7 +1442,7 @@ static PyObject *hot_copy_batch(PyObject *self, PyObject *const *args, Py_ssize_
     unsigned long long wal_end = 0;
     PyObject *other = NULL;
     int status = 1;
-    while (PyList_GET_SIZE(payloads) < limit) {
+    while (PyList_GET_SIZE(payloads) < limit && (max_bytes <= 0 || taken < max_bytes)) {
         char *buffer = NULL;
         int size = pq_getcopydata(conn, &buffer, 1);
         if (size <= 0) {
@@ -1460,6 +1464,7 @@ static PyObject *hot_copy_batch(PyObject *self, PyObject *const *args, Py_ssize_
             wal_end = end;
         int failed = 0;
         if (size > 25) {
+            taken += size - 25;
             PyObject *payload = PyBytes_FromStringAndSize(buffer + 25, size - 25);
             failed = payload == NULL || PyList_Append(payloads, payload) < 0;
             Py_XDECREF(payload);
@@ -1549,7 +1554,7 @@ static PyMethodDef methods[] = {
     {"set_libpq", (PyCFunction)(void (*)(void))hot_set_libpq, METH_FASTCALL,
      "set_libpq(getcopydata, freemem): addresses of PQgetCopyData and PQfreemem of psycopg's libpq"},
     {"copy_batch", (PyCFunction)(void (*)(void))hot_copy_batch, METH_FASTCALL,
-     "copy_batch(pgconn_ptr, limit, starts) -> (payloads, wal_end, other, status)"},
+     "copy_batch(pgconn_ptr, limit, starts, max_bytes=0) -> (payloads, wal_end, other, status)"},
     {NULL, NULL, 0, NULL},
 };
 

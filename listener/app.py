@@ -52,7 +52,8 @@ log = logging.getLogger("listener.app")
 
 _PG_EPOCH_UNIX = PG_EPOCH.timestamp()
 _U32 = struct.Struct(">I").unpack_from
-#: replication messages the reader takes off the connection per call (then it looks at stop and keepalives)
+#: replication messages the reader takes off the connection per call (then it looks at stop and keepalives);
+#: also at most about a batch's bytes of them (Delivery.max_batch_bytes)
 READ_BATCH = 256
 
 # a slot with less than this share of max_slot_wal_keep_size left before it is invalidated gets a warning
@@ -507,6 +508,7 @@ class Listener:
         decode = pgoutput.decode
         change = builder.change
         read_batch = stream.read_batch
+        read_bytes = delivery.max_batch_bytes
         add = self._add
         txn: Transaction | None = None
         commit_unix = 0.0
@@ -517,7 +519,7 @@ class Listener:
         stopping = self._stopping
         announcing = False  # Relation messages were read and SCHEMA events may be due (listener.schemaEvents)
         while not stopping.is_set():
-            payloads, wal_end, other, status = read_batch(READ_BATCH, starts)
+            payloads, wal_end, other, status = read_batch(READ_BATCH, starts, read_bytes)
             if wal_end:
                 received = wal_end
             position = 0

@@ -230,7 +230,8 @@ class Delivery:
         #: event that crossed it)
         self.max_in_flight_bytes = max_in_flight_bytes
         self.batch_size = batch_size
-        self._batch_bytes = batch_bytes(max_in_flight_bytes)
+        #: a batch is sealed once its events hold this many bytes (:func:`batch_bytes`)
+        self.max_batch_bytes = batch_bytes(max_in_flight_bytes)
         self.retry_cap = retry_cap
         #: seconds a batch may wait for its acknowledgements (``listener.ackTimeout``)
         self.ack_timeout = publisher.ack_timeout if ack_timeout is None else ack_timeout
@@ -249,7 +250,8 @@ class Delivery:
         # made the reader add a few events, fill up, seal a tiny batch and wait again -- batches shrank
         # to a handful of events for good (each its own broker request) while the broker was the slower.
         self._resume_at = max_in_flight - max(1, min(batch_size, max_in_flight // 2))
-        self._resume_bytes = max_in_flight_bytes - min(self._batch_bytes, max_in_flight_bytes // 2)  # the same in bytes
+        # the same in bytes
+        self._resume_bytes = max_in_flight_bytes - min(self.max_batch_bytes, max_in_flight_bytes // 2)
         self._retrying = 0  # batches with events being retried
         self._lingering = False  # the open batch waits for an earlier batch's acks (see caught_up)
         #: published_events_total's counter per (subject, table), looked up once (topics routed by column
@@ -307,7 +309,7 @@ class Delivery:
         events or :func:`batch_bytes`) or a bound is reached (0 or less while :attr:`full`)."""
         messages = len(self._open.messages)
         self._events_grant = self._events_left = min(self.batch_size - messages, self.max_in_flight - self._in_flight)
-        self._bytes_grant = self._bytes_left = min(self._batch_bytes - self._open.size,
+        self._bytes_grant = self._bytes_left = min(self.max_batch_bytes - self._open.size,
                                                    self.max_in_flight_bytes - self._in_flight_bytes)
 
     def _limit(self) -> bool:
@@ -316,16 +318,16 @@ class Delivery:
         self._fold()
         batch = self._open
         messages = batch.messages
-        if len(messages) > 1 and batch.size >= self._batch_bytes:
+        if len(messages) > 1 and batch.size >= self.max_batch_bytes:
             size = message_size(messages[-1])
-            if size >= self._batch_bytes:  # a large event goes out in a batch of its own
+            if size >= self.max_batch_bytes:  # a large event goes out in a batch of its own
                 last = messages.pop()
                 batch.size -= size
                 self._seal()
                 batch = self._open
                 batch.messages.append(last)
                 batch.size = size
-        if len(batch.messages) >= self.batch_size or batch.size >= self._batch_bytes:
+        if len(batch.messages) >= self.batch_size or batch.size >= self.max_batch_bytes:
             self._seal()
         self._grant()
         if self.full:
