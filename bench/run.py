@@ -73,6 +73,31 @@ from tests.support.services import PostgresServer, find_pg_bin, free_port
 DBNAME = "bench"
 
 
+class Variant:
+    """A listener setting whose cost a phase measures: runs without and with it, alternating."""
+
+    def __init__(self, name: str, label: str, listener: dict[str, Any], topic_suffix: str,
+                 nats_only: bool = False, source: Path | None = None) -> None:
+        self.name, self.label, self.listener = name, label, listener
+        self.topic_suffix, self.nats_only = topic_suffix, nats_only
+        self.source = source  # another checkout to run the listener from (its listener/, C extension built)
+
+
+def transform_variant() -> Variant:
+    return Variant("transform", "transform", {"transforms": [wl.USERS_TRANSFORM],
+                                              "transformsHashKey": wl.USERS_HASH_KEY}, "_t", nats_only=True)
+
+
+#: the byte bound (listener.maxInFlightBytes, 64Mi by default) out of reach: what it costs
+UNBOUNDED = Variant("unbounded", "maxInFlightBytes 1Ti", {"maxInFlightBytes": "1Ti"}, "_u")
+
+
+def baseline_variant(source: str) -> Variant:
+    """The listener of another checkout (e.g. ``git archive main | tar -x -C DIR`` and ``python setup.py
+    build_ext --inplace`` there), with the same config: this checkout's cost against it."""
+    return Variant("baseline", f"baseline {source}", {}, "_b", source=Path(source).resolve())
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench.run",
@@ -99,7 +124,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="reference phase: also stream the users workload (bench_users) with and without a transform "
                         "(exclude one column, hash one, redact one, route by one) and compare (NATS)")
     p.add_argument("--transform-runs", type=int, default=3,
-                   help="--transform: listener runs of each kind, alternating, compared by their medians (3)")
+                   help="--transform, --unbounded: listener runs of each kind, alternating, compared by their "
+                        "medians (3)")
+    p.add_argument("--unbounded", action="store_true",
+                   help="reference phase: the listener also runs with listener.maxInFlightBytes at 1Ti (the byte bound "
+                        "never reached), alternating with the default runs, and the two are compared (its cost)")
+    p.add_argument("--baseline", default="",
+                   help="reference phase: the listener also runs from this other checkout (its listener/ with the C "
+                        "extension built in place), alternating with this one's runs, and the two are compared")
     p.add_argument("--profile", action="store_true",
                    help="also run the listener once more on the reference and wide workloads under py-spy")
     p.add_argument("--stall-timeout", type=float, default=60.0,
@@ -198,10 +230,10 @@ class Bench:
         }  # fmt: skip
 
     def new_listener(self, broker: Broker, slot: str, topic: str, name: str,
-                     listener: dict[str, Any] | None = None) -> tuple[ListenerProcess, int]:
+                     listener: dict[str, Any] | None = None, source: Path | None = None) -> tuple[ListenerProcess, int]:
         prom = free_port()
         lp = ListenerProcess(self.listener_config(slot, broker.publisher(topic), prom, listener), self.logs, name,
-                             broker.env)
+                             broker.env, source)
         self._listeners.append(lp)
         return lp, prom
 
@@ -213,9 +245,12 @@ class Bench:
         try:
             await self.setup()
             if "reference" in a.phases:
-                await self.throughput(wl.reference(a.rows), profile=a.profile)
+                await self.throughput(wl.reference(a.rows), profile=a.profile,
+                                      variant=UNBOUNDED if a.unbounded else None)
+                if a.baseline:
+                    await self.throughput(wl.reference(a.rows), variant=baseline_variant(a.baseline))
                 if a.transform:
-                    await self.throughput(wl.users(a.rows), transform=True)
+                    await self.throughput(wl.users(a.rows), variant=transform_variant())
             if "wide" in a.phases:
                 await self.throughput(wl.wide(a.wide_rows), profile=a.profile)
             if "txn" in a.phases:
@@ -315,17 +350,19 @@ class Bench:
 
     # -- throughput -------------------------------------------------------------------------------
 
-    async def throughput(self, work: wl.Workload, profile: bool = False, transform: bool = False) -> None:
-        """``transform``: each broker's listener runs over the WAL without and with
-        :data:`bench.workload.USERS_TRANSFORM`, alternating, ``--transform-runs`` times each (own slots and
+    async def throughput(self, work: wl.Workload, profile: bool = False, variant: Variant | None = None) -> None:
+        """``variant``: each broker's listener runs over the WAL without and with it (e.g.
+        :data:`bench.workload.USERS_TRANSFORM`), alternating, ``--transform-runs`` times each (own slots and
         topics), and the medians are compared."""
         key = _key(work.name)
         say(f"\n== {work.label}: {work.events:,} events")
         brokers = self.live()
         slots = {CEILING: f"bench_ceiling_{key}", **{b.name: f"bench_{b.name}_{key}" for b in brokers}}
-        runs = [(n, shaped) for n in range(self.args.transform_runs) for shaped in (False, True)] if transform else []
+        first_row = len(self.rows)  # this phase's rows (a workload may run in more than one phase)
+        runs = [(n, shaped) for n in range(self.args.transform_runs) for shaped in (False, True)] if variant else []
+        suffix = variant.topic_suffix if variant else ""
         for n, shaped in runs[1:]:
-            slots.update({f"{b.name}:{n}:{shaped}": f"bench_{b.name}_{key}_{n}{'_t' if shaped else ''}"
+            slots.update({f"{b.name}:{n}:{shaped}": f"bench_{b.name}_{key}_{n}{suffix if shaped else ''}"
                           for b in brokers})
         if profile:
             slots.update({f"{b.name}:profile": f"bench_{b.name}_{key}_prof" for b in brokers})
@@ -354,9 +391,9 @@ class Bench:
             await self._listener_run(broker, work, key, slots[broker.name], end_lsn, ceiling, wal_mb)
             for n, shaped in runs[1:]:
                 await self._listener_run(broker, work, f"{key}_{n}", slots[f"{broker.name}:{n}:{shaped}"], end_lsn,
-                                         ceiling, wal_mb, transform=shaped)
-            if transform:
-                self._compare_transform(broker, work)
+                                         ceiling, wal_mb, variant=variant if shaped else None)
+            if variant:
+                self._compare_variant(broker, work, variant, self.rows[first_row:])
         if profile:
             for broker in brokers:
                 slot = slots[f"{broker.name}:profile"]
@@ -374,18 +411,19 @@ class Bench:
         assert row is not None
         return parse_lsn(row[0])
 
-    def _compare_transform(self, broker: Broker, work: wl.Workload) -> None:
-        """The transform's cost: the medians of its runs' rate and CPU per event beside the plain runs'."""
+    def _compare_variant(self, broker: Broker, work: wl.Workload, variant: Variant, rows: list[Row]) -> None:
+        """The variant's cost: the medians of its runs' rate and CPU per event beside the plain runs' (of
+        ``rows``, the phase's)."""
 
         def median(name: str, value: Any) -> float | None:
-            found = sorted(v for r in self.rows if r.broker == broker.name and r.workload == name
+            found = sorted(v for r in rows if r.broker == broker.name and r.workload == name
                            and (v := value(r)) is not None)
             return found[len(found) // 2] if found else None
 
         medians = {
             shaped: (median(name, lambda r: r.events_per_s), median(name, lambda r: r.extra.get("cpu_per_event_us")),
                      median(name, lambda r: r.extra.get("streaming_cpu_per_event_us")))
-            for shaped, name in ((False, work.name), (True, f"{work.name}+transform"))
+            for shaped, name in ((False, work.name), (True, f"{work.name}+{variant.name}"))
         }
         (rate, cpu, streaming), (rate_t, cpu_t, streaming_t) = medians[False], medians[True]
         if not rate or not rate_t or cpu is None or cpu_t is None:
@@ -397,25 +435,32 @@ class Bench:
         if streaming is not None and streaming_t is not None:
             extra["streaming_cpu_per_event_us_delta"] = round(streaming_t - streaming, 2)
             extra["median_streaming_cpu_per_event_us"] = [streaming, streaming_t]
-        self.meta.setdefault("transform_vs_plain", {})[broker.name] = extra
-        say(f"   transform vs plain ({broker.name}, medians of {self.args.transform_runs} runs each): "
+        extra["events_per_s"] = {
+            kind: [round(r.events_per_s) for r in rows if r.broker == broker.name and r.workload == name
+                   and r.events_per_s is not None]
+            for kind, name in (("plain", work.name), (variant.name, f"{work.name}+{variant.name}"))
+        }
+        self.meta.setdefault(f"{variant.name}_vs_plain", {})[broker.name] = extra
+        say(f"   {variant.label} vs plain ({broker.name}, medians of {self.args.transform_runs} runs each): "
             f"{rate_t:,.0f} vs {rate:,.0f} events/s = {100 * extra['rate_ratio']:.0f}% of the plain rate; CPU per "
             f"event {cpu_t:.2f} vs {cpu:.2f} µs ({extra['cpu_per_event_us_delta']:+.2f})"
             + (f", once streaming {streaming_t:.2f} vs {streaming:.2f} µs "
                f"({extra['streaming_cpu_per_event_us_delta']:+.2f})" if streaming_t is not None else ""))
 
     async def _listener_run(self, broker: Broker, work: wl.Workload, key: str, slot: str, end_lsn: int,
-                            ceiling: float | None, wal_mb: float, transform: bool = False) -> None:
-        topic = f"bench_{key}_t" if transform else f"bench_{key}"  # key: the workload's, and the run's number
-        name = f"{work.name}+transform" if transform else work.name
-        if broker.name in self.skipped or (transform and broker.name != "nats"):
-            if transform and broker.name != "nats":
-                say(f"   {broker.name}: no transform run (routed topics are counted on NATS only)")
+                            ceiling: float | None, wal_mb: float, variant: Variant | None = None) -> None:
+        # key: the workload's, and the run's number
+        topic = f"bench_{key}{variant.topic_suffix}" if variant else f"bench_{key}"
+        name = f"{work.name}+{variant.name}" if variant else work.name
+        if broker.name in self.skipped or (variant and variant.nats_only and broker.name != "nats"):
+            if variant and variant.nats_only and broker.name != "nats":
+                say(f"   {broker.name}: no {variant.name} run (routed topics are counted on NATS only)")
             drop_slot(self.dsn, slot)
             return
-        listener = {"transforms": [wl.USERS_TRANSFORM], "transformsHashKey": wl.USERS_HASH_KEY} if transform else None
-        lp, prom = self.new_listener(broker, slot, topic, f"{broker.name}-{key}" + ("-transform" if transform else ""),
-                                     listener)
+        listener = variant.listener if variant else None
+        lp, prom = self.new_listener(broker, slot, topic, f"{broker.name}-{key}" + (f"-{variant.name}" if variant
+                                                                                    else ""), listener,
+                                     variant.source if variant else None)
         try:
             await broker.prepare(topic, work.table)
             try:
@@ -450,7 +495,7 @@ class Bench:
             other = res.other_cpu_s
             if other is not None and other > 0.25 * res.seconds:
                 notes.append(f"other processes kept {100 * other / res.seconds:.0f}% of a CPU busy during the run")
-            label = f"{work.label} + transform" if transform else work.label
+            label = f"{work.label} + {variant.label}" if variant else work.label
             row = Row(broker.name, name, label, work.events, res.seconds, rate,
                       100 * rate / ceiling if ceiling else None, peak_rss_mb=res.peak_rss_mb, cpu_s=res.cpu_s,
                       note="; ".join(notes),
