@@ -258,10 +258,11 @@ class Delivery:
         #: values give a batch many subjects; a lookup costs more than the increment)
         self._published: dict[tuple[str, str], Any] = {}
         self._open = Batch()
-        # add() counts down from a grant instead of counting up and comparing with four limits: the events
-        # and bytes that may still be added before something is due (the open batch is complete, or a bound
-        # is reached); at zero it folds what was added into the counts above and looks (_limit)
-        self._events_grant = self._events_left = 0
+        # add() counts bytes down from a grant and compares the open batch's length with a limit, instead of
+        # counting up and comparing with four limits: the events and bytes that may still be added before
+        # something is due (the open batch is complete, or a bound is reached); then it folds what was added
+        # into the counts above and looks (_limit)
+        self._events_from = self._events_until = 0  # the open batch's events at the last fold, and add()'s limit
         self._bytes_grant = self._bytes_left = 0
         self._grant()
         self._pending: deque[Batch] = deque()  # sealed, in order, not yet retired
@@ -283,32 +284,34 @@ class Delivery:
         """Queue one event; True when that made the stage :attr:`full` (the caller then awaits
         :meth:`wait_for_space`). Always takes it, also when it alone is larger than the byte bound.
 
-        Called per event: the common case is an append and two countdowns (see :meth:`_grant`)."""
-        self._open.messages.append(message)
+        Called per event: the common case is an append, a countdown and two comparisons (see :meth:`_grant`)."""
+        messages = self._open.messages
+        messages.append(message)
+        left = self._bytes_left - len(message.body)  # message_size, inlined
         key = message.key
-        left = self._bytes_left - (len(message.body) + len(key) if key else len(message.body))  # message_size
+        if key:
+            left -= len(key)
         self._bytes_left = left
-        events = self._events_left - 1
-        self._events_left = events
-        if left <= 0 or events <= 0:
+        if left <= 0 or len(messages) >= self._events_until:
             return self._limit()
         return False
 
     def _fold(self) -> None:
         """Count what add() took from the grant into the open batch and the in-flight counts."""
-        events = self._events_grant - self._events_left
+        messages = len(self._open.messages)
         size = self._bytes_grant - self._bytes_left
-        self._in_flight += events
+        self._in_flight += messages - self._events_from
         self._in_flight_bytes += size
         self._open.size += size
-        self._events_grant = self._events_left
+        self._events_from = messages
         self._bytes_grant = self._bytes_left
 
     def _grant(self) -> None:
         """What add() may take before :meth:`_limit` is due: until the open batch is complete (batchSize
         events or :func:`batch_bytes`) or a bound is reached (0 or less while :attr:`full`)."""
-        messages = len(self._open.messages)
-        self._events_grant = self._events_left = min(self.batch_size - messages, self.max_in_flight - self._in_flight)
+        messages = self._events_from = len(self._open.messages)
+        # add() calls _limit once the open batch holds this many events
+        self._events_until = messages + min(self.batch_size - messages, self.max_in_flight - self._in_flight)
         self._bytes_grant = self._bytes_left = min(self.max_batch_bytes - self._open.size,
                                                    self.max_in_flight_bytes - self._in_flight_bytes)
 
@@ -338,7 +341,7 @@ class Delivery:
     @property
     def in_flight(self) -> int:
         """Events added and not yet acknowledged."""
-        return self._in_flight + self._events_grant - self._events_left
+        return self._in_flight + len(self._open.messages) - self._events_from
 
     @property
     def in_flight_bytes(self) -> int:
