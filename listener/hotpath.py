@@ -90,7 +90,7 @@ class Module(Protocol):
     def set_libpq(self, getcopydata: int, freemem: int, /) -> None: ...
 
     def copy_batch(
-        self, pgconn_ptr: int, limit: int, starts: list[int] | None, /
+        self, pgconn_ptr: int, limit: int, starts: list[int] | None, max_bytes: int = 0, /
     ) -> tuple[list[bytes], int, bytes | None, int]: ...
 
 

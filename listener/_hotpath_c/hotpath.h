@@ -34,7 +34,7 @@
  * frames of a batch (Nats-Msg-Id header, reply subject per message), and nats_acks(data, sid) scans
  * JetStream's answers on the reply subscription (acks by sequence, errors with their payload).
  *
- * And the replication reader's: copy_batch(pgconn_ptr, limit, starts) takes up to limit buffered
+ * And the replication reader's: copy_batch(pgconn_ptr, limit, starts, max_bytes) takes up to limit buffered
  * CopyData messages off libpq at once (PQgetCopyData through the connection pointer psycopg exposes,
  * with the function pointers of the libpq psycopg loaded, given once by set_libpq).
  *

@@ -27,7 +27,7 @@ static PyMethodDef methods[] = {
     {"set_libpq", (PyCFunction)(void (*)(void))hot_set_libpq, METH_FASTCALL,
      "set_libpq(getcopydata, freemem): addresses of PQgetCopyData and PQfreemem of psycopg's libpq"},
     {"copy_batch", (PyCFunction)(void (*)(void))hot_copy_batch, METH_FASTCALL,
-     "copy_batch(pgconn_ptr, limit, starts) -> (payloads, wal_end, other, status)"},
+     "copy_batch(pgconn_ptr, limit, starts, max_bytes=0) -> (payloads, wal_end, other, status)"},
     {NULL, NULL, 0, NULL},
 };
 
