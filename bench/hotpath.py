@@ -10,7 +10,7 @@ pgoutput sends it, through ``EventBuilder.change`` with the compiled fast path a
 
 Prints µs per event (CPU time of this process, so a busy machine disturbs it less) and events/s for
 Insert, Update and Delete on one core, per event format
-(``publisher.format``; the Debezium format has no compiled path). ``--transforms``: the users row
+(``publisher.format``). ``--transforms``: the users row
 (the reference row plus tenant_id, email, phone, password_hash, as ``bench_users``) without a transform
 and with each kind of ``listener.transforms`` alone (exclude password_hash, hash email, redact phone,
 null phone, route by tenant_id) and with the bench's transform (all but null).
@@ -91,7 +91,7 @@ def builder(compiled: bool, fmt: str = "wal-listener", transform: str | None = N
     cfg = Config.model_validate({"listener": listener, "database": {"name": "db", "user": "u"},
                                  "publisher": publisher})
     built = EventBuilder(cfg, types.TypeRegistry(), needs_key=False, compiled=compiled)
-    if compiled and built.hot is None and not fmt.startswith("debezium"):
+    if compiled and built.hot is None:
         raise SystemExit("bench.hotpath: listener._hotpath is not built (pip install -e . with a C compiler)")
     table, columns = ("bench_ref", COLUMNS) if transform is None else ("bench_users", USERS_COLUMNS)
     built.add_relation(Relation(OID, "public", table, "d", tuple(Column(n, oid, -1, key) for n, oid, key in columns)))
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'format':23} {'kind':8} {'path':9} {'µs/event':>9} {'events/s':>10}")
     for label, fmt, transform in runs:
         for kind in ("insert", "update", "delete"):
-            for compiled in (False, True) if not fmt.startswith("debezium") else (False,):
+            for compiled in (False, True):
                 us = measure(compiled, kind, args.messages, args.runs, fmt, transform)
                 print(f"{label:23} {kind:8} {'compiled' if compiled else 'python':9} {us:9.2f} {1e6 / us:10,.0f}")
     return 0

@@ -39,8 +39,10 @@ class BrokerFailed(Exception):
 class ListenerProcess:
     """``python -m listener.cli --config FILE``, with its resource use read from /proc."""
 
-    def __init__(self, cfg: dict[str, Any], workdir: Path, name: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, cfg: dict[str, Any], workdir: Path, name: str, env: dict[str, str] | None = None,
+                 source: Path | None = None) -> None:
         self.cfg = cfg
+        self.source = source or REPO  # the checkout whose listener runs (its ``listener`` package comes first)
         self.name = name
         self.config_path = workdir / f"listener-{name}.yml"
         self.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -56,7 +58,7 @@ class ListenerProcess:
             self.started_at = time.monotonic()
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "listener.cli", "--config", str(self.config_path)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO,
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.source,
             )  # fmt: skip
         self._ps = psutil.Process(self.proc.pid)
         return self

@@ -105,6 +105,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "with the default one (NATS), comma-separated: " + ", ".join(wl.VARIANTS)
                         + " (transform and features stream the users workload, bench_users)")
     p.add_argument("--transform", action="store_true", help="the same as --variants transform")
+    p.add_argument("--baseline", default="",
+                   help="reference phase: also stream the WAL with the listener of this other checkout (its listener/ "
+                        "with the C extension built in place) and compare, like a variant")
     p.add_argument("--variant-runs", "--transform-runs", type=int, default=3, dest="variant_runs",
                    help="--variants: listener runs of each kind, alternating, compared by their medians (3)")
     p.add_argument("--profile", action="store_true",
@@ -221,7 +224,7 @@ class Bench:
         prom = free_port()
         publisher = {**broker.publisher(topic), **(variant.publisher if variant else {})}
         config = self.listener_config(slot, publisher, prom, variant.listener if variant else None)
-        lp = ListenerProcess(config, self.logs, name, broker.env)
+        lp = ListenerProcess(config, self.logs, name, broker.env, variant.source if variant else None)
         self._listeners.append(lp)
         return lp, prom
 
@@ -233,7 +236,7 @@ class Bench:
         try:
             await self.setup()
             if "reference" in a.phases:
-                chosen = [wl.VARIANTS[v] for v in a.variants]
+                chosen = [wl.VARIANTS[v] for v in a.variants] + ([wl.baseline(a.baseline)] if a.baseline else [])
                 await self.throughput(wl.reference(a.rows), profile=a.profile,
                                       variants=[v for v in chosen if v.workload == "reference"])
                 on_users = [v for v in chosen if v.workload == "users"]

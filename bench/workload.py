@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -127,6 +128,8 @@ class Variant:
     workload: str  # the workload it streams: "reference" or "users"
     listener: dict[str, Any]  # keys merged into the config's listener section
     publisher: dict[str, Any]  # keys merged into the config's publisher section
+    #: another checkout whose listener runs (its listener/ with the C extension built in place; --baseline)
+    source: Path | None = None
 
 
 _TRANSFORM = {"transforms": [USERS_TRANSFORM], "transformsHashKey": USERS_HASH_KEY}
@@ -139,7 +142,15 @@ VARIANTS = {v.name: v for v in (
     Variant("transform", "users", _TRANSFORM, {}),
     # the features of the schema-evolution and transforms issues at once (tombstones act on Kafka only)
     Variant("features", "users", {**_TRANSFORM, "schemaEvents": True, "ddl": {"capture": True}}, {"tombstones": True}),
+    # the byte bound (listener.maxInFlightBytes, 64Mi by default) out of reach: what the bound costs
+    Variant("unbounded", "reference", {"maxInFlightBytes": "1Ti"}, {}),
 )}
+
+
+def baseline(source: str) -> Variant:
+    """The listener of another checkout with the default config (``bench.run --baseline DIR``): e.g.
+    ``git archive main | tar -x -C DIR && (cd DIR && python setup.py build_ext --inplace)``."""
+    return Variant("baseline", "reference", {}, {}, Path(source).resolve())
 
 
 def write_users(rows: int) -> Callable[[psycopg.Connection], None]:

@@ -53,7 +53,8 @@ log = logging.getLogger("listener.app")
 _PG_EPOCH_UNIX = PG_EPOCH.timestamp()
 _U32 = struct.Struct(">I").unpack_from
 _COMMIT = struct.Struct(">BQQq").unpack_from  # a Commit message after its tag: flags, commit LSN, end LSN, time
-#: replication messages the reader takes off the connection per call (then it looks at stop and keepalives)
+#: replication messages the reader takes off the connection per call (then it looks at stop and keepalives);
+#: also at most about a batch's bytes of them (Delivery.max_batch_bytes)
 READ_BATCH = 256
 
 # a slot with less than this share of max_slot_wal_keep_size left before it is invalidated gets a warning
@@ -87,6 +88,7 @@ class Listener:
         self.delivery = Delivery(
             self.publisher,
             max_in_flight=cfg.listener.max_in_flight,
+            max_in_flight_bytes=cfg.listener.max_in_flight_bytes,
             batch_size=cfg.listener.batch_size,
             retry_cap=cfg.listener.refresh_connection.total_seconds(),
             ack_timeout=ack_timeout,
@@ -94,6 +96,9 @@ class Listener:
             dead_letter_subject=dead_letter,
         )
         self.delivery.on_fatal = lambda _exc: self.stop()
+        # read when scraped: while the broker does not answer, nothing settles to update them
+        metrics.IN_FLIGHT.set_function(lambda: float(self.delivery.in_flight))
+        metrics.IN_FLIGHT_BYTES.set_function(lambda: float(self.delivery.in_flight_bytes))
         #: hands an event to delivery (database.debug: logs it first, as published)
         self._add = self._logged_add if cfg.database.debug else self.delivery.add
         self._transforms_checked = False
@@ -271,7 +276,8 @@ class Listener:
         except TimeoutError:
             if first:  # said once, not again by the final drain
                 log.error("shutdown: events still unacknowledged; they will be re-sent after restart",
-                          extra={"fields": {"in_flight": self.delivery.in_flight}})
+                          extra={"fields": {"in_flight": self.delivery.in_flight,
+                                            "in_flight_bytes": self.delivery.in_flight_bytes}})
 
     async def _shutdown(self) -> None:
         await self._drain()
@@ -348,6 +354,7 @@ class Listener:
                 lambda: self.delivery.confirmed_lsn,
                 self._stopping,
                 lambda oids: db.load_types(self.registry, oids),
+                lambda: self.delivery.in_flight_bytes,
             ),
             name="backfills",
         )
@@ -505,6 +512,7 @@ class Listener:
         begin = builder.begin_message
         committed = builder.commit
         read_batch = stream.read_batch
+        read_bytes = delivery.max_batch_bytes
         add = self._add
         txn: Transaction | None = None
         received = 0
@@ -514,7 +522,7 @@ class Listener:
         stopping = self._stopping
         announcing = False  # Relation messages were read and SCHEMA events may be due (listener.schemaEvents)
         while not stopping.is_set():
-            payloads, wal_end, other, status = read_batch(READ_BATCH, starts)
+            payloads, wal_end, other, status = read_batch(READ_BATCH, starts, read_bytes)
             if wal_end:
                 received = wal_end
             position = 0

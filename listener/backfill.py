@@ -7,6 +7,15 @@ A chunk is read with the watermark algorithm of Netflix's DBLog (Andreas & Mehta
    LIMIT chunkSize``, its own snapshot, taken after the low watermark);
 3. a *high watermark* goes into the WAL.
 
+A chunk is bounded in bytes as well as in rows. Its page is read through a server-side cursor (one
+snapshot) in pieces, and the chunk ends early once its rows pass its byte budget, a quarter of
+``listener.maxInFlightBytes`` (16 MiB by default): the next chunk resumes after the last key read, which
+is all the watermark logic needs (a short chunk is a chunk). A piece is sized from the largest row seen so
+far (the first piece of a table is one row), so a chunk passes its budget by one piece at most. Another
+chunk is read only while the events handed to delivery and not yet acknowledged plus the chunks read and
+not yet handed over stay under ``maxInFlightBytes``: the chunks waiting for acks count against the bound
+the stream's events do.
+
 The reader meets both watermarks in the stream. Between them it notes the key of every change of the
 table; at the high watermark it drops from the chunk every row whose key changed (the stream carries a
 state at least as new) and publishes the rest as READ events right there, in stream order. A change
@@ -26,13 +35,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import functools
 import logging
 import struct
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from itertools import chain
+from typing import Any, cast
 
 import orjson
 import psycopg
@@ -44,6 +56,7 @@ from listener.config import Config
 from listener.errors import ListenerError
 from listener.event import EventBuilder, now_text, read_event_ids
 from listener.filter import TableFilter
+from listener.hotpath import _psycopg_libpq
 from listener.message import Message
 from listener.replication import SESSION_OPTIONS, describe_pg_error
 
@@ -52,8 +65,16 @@ log = logging.getLogger("listener.backfill")
 #: how often the state table is checked for new requests (seconds)
 POLL_INTERVAL = 0.5
 #: chunks of one table published and not yet acknowledged, at most (memory: about this many chunks of
-#: events, plus two pages of rows being read)
+#: events, plus two pages of rows being read; in bytes, see :func:`chunk_budget`)
 PIPELINE = 2
+#: a chunk's byte budget is listener.maxInFlightBytes divided by this
+CHUNK_BUDGET_SHARE = 4
+#: a piece (one FETCH) aims at this share of the chunk's budget, as far as the largest row seen tells
+PIECE_SHARE = 4
+#: rows of one FETCH, at most (what a piece can overshoot by when rows grow much larger than those before)
+PIECE_ROWS_MAX = 1000
+#: how often a chunk waiting for room under maxInFlightBytes looks again (seconds)
+ROOM_POLL = 0.01
 #: how often progress is logged while a backfill runs (seconds)
 PROGRESS_INTERVAL = 5.0
 
@@ -258,7 +279,10 @@ class Chunk:
     key_names: tuple[str, ...]
     rows: list[tuple[tuple[str | None, ...], Message]] = field(default_factory=list)  # (key, READ event)
     last_key: tuple[str, ...] | None = None
-    count: int = 0  # rows the SELECT returned (the page is the last one when fewer than chunkSize)
+    count: int = 0  # rows read
+    size: int = 0  # bytes of the rows read (their text form): what counts against the byte budget
+    last: bool = False  # the page reached the end of the table (the cursor ran out before chunkSize rows)
+    sent: int = 0  # READ events handed to delivery at the high watermark
     open: bool = False  # the reader has passed the low watermark
     truncated: bool = False
     changed: set[tuple[str | None, ...]] = field(default_factory=set)
@@ -280,6 +304,8 @@ class Backfiller:
         #: built); the reader notes the keys of the relation's changes for them
         self.watching: dict[int, list[Chunk]] = {}
         self.running: Request | None = None
+        self._in_flight_bytes: Callable[[], int] = lambda: 0
+        self._unacked = 0  # bytes of the chunks handed to delivery, not yet acknowledged
 
     # -- the reader's side -------------------------------------------------------------------------
 
@@ -344,20 +370,42 @@ class Backfiller:
         return chunk
 
     def events(self, chunk: Chunk) -> list[Message]:
-        """The chunk's READ events whose keys did not change between its watermarks."""
-        if chunk.truncated:
-            return []
+        """The chunk's READ events whose keys did not change between its watermarks (once: the chunk lets go
+        of them, delivery holds them from here)."""
         changed = chunk.changed
-        return [message for key, message in chunk.rows if key not in changed]
+        events = [] if chunk.truncated else [message for key, message in chunk.rows if key not in changed]
+        chunk.sent = len(events)
+        chunk.rows = []
+        chunk.changed = set()
+        if events:
+            self._unacked += chunk.size
+        else:
+            chunk.size = 0
+        return events
+
+    def held_bytes(self) -> int:
+        """Bytes of the chunks read and not yet handed to delivery (their rows, then their events)."""
+        return sum(chunk.size for chunk in self._chunks.values())
+
+    def in_flight_bytes(self) -> int:
+        """Bytes the backfill counts as in flight: the events delivery holds, not yet acknowledged (the
+        stream's too), and at least those of the chunks handed to it and not yet acknowledged."""
+        return max(self._in_flight_bytes(), self._unacked)
 
     # -- the backfill task -------------------------------------------------------------------------
 
     async def run(
-        self, confirmed: Callable[[], int], stopping: asyncio.Event, load_types: Callable[[list[int]], Awaitable[None]]
+        self,
+        confirmed: Callable[[], int],
+        stopping: asyncio.Event,
+        load_types: Callable[[list[int]], Awaitable[None]],
+        in_flight_bytes: Callable[[], int] = lambda: 0,
     ) -> None:
         """Poll for requests and run them, one at a time, until cancelled (the session ends). ``confirmed``
-        is the LSN delivery may confirm; ``load_types`` describes user-defined types to the converters."""
+        is the LSN delivery may confirm; ``load_types`` describes user-defined types to the converters;
+        ``in_flight_bytes`` the bytes of events delivery holds, not yet acknowledged."""
         self._load_types = load_types
+        self._in_flight_bytes = in_flight_bytes
         conn = await self._connect()
         try:
             version = (await catalog.server_info(conn)).version
@@ -379,6 +427,7 @@ class Backfiller:
                         extra={"fields": {"error": describe_pg_error(exc)}})
         finally:
             self.running = None
+            self._unacked = 0
             self._chunks.clear()
             self.watching.clear()
             await conn.close()
@@ -496,18 +545,21 @@ class Backfiller:
         async def read_pages() -> None:
             nonlocal after
             number = request.chunks
+            largest = 0  # bytes of the largest row of the chunk before: sizes the next chunk's first piece
             while not stopping.is_set():
+                await self._room(stopping)
+                if stopping.is_set():
+                    break
                 number += 1
                 chunk = Chunk(request.id, number, table, table.oid, table.key)
                 self._chunks[(request.id, number)] = chunk
                 await self._mark(read_conn, chunk, "low")
-                rows = await self._select(read_conn, table, names, after, filters, size)
-                chunk.count = len(rows)
+                rows, largest = await self._read_chunk(read_conn, chunk, names, after, filters, size, largest)
                 if rows:
                     after = tuple(k or "" for k in key_of(rows[-1]))
                 chunk.last_key = after
                 await pages.put((chunk, rows))
-                if chunk.count < size:
+                if chunk.last:
                     break
             await pages.put(None)
 
@@ -561,14 +613,15 @@ class Backfiller:
             if stopping.is_set():
                 return False
             await _sleep(stopping, 0.01)
-        published = len(self.events(chunk))
+        published = chunk.sent
+        self._unacked -= chunk.size
+        chunk.size = 0
         table = chunk.table
         await conn.execute(catalog.BACKFILL_PROGRESS_QUERY,
                            (table.qualified, list(chunk.last_key or ()), published, request.id))
         metrics.SNAPSHOT_ROWS.labels(table.name).inc(published)
         metrics.SNAPSHOT_CHUNKS.labels(table.name).inc()
         progress.add(published, table.qualified)
-        chunk.rows.clear()
         return True
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
@@ -584,26 +637,79 @@ class Backfiller:
         ).decode()
         await conn.execute(catalog.WATERMARK_QUERY, (catalog.WATERMARK_PREFIX, content))
 
-    async def _select(
+    def budget(self) -> int:
+        """A chunk's byte budget: a quarter of listener.maxInFlightBytes (16 MiB by default)."""
+        return max(1, self.cfg.listener.max_in_flight_bytes // CHUNK_BUDGET_SHARE)
+
+    async def _room(self, stopping: asyncio.Event) -> None:
+        """Wait until a chunk's budget fits under listener.maxInFlightBytes beside the events delivery holds
+        (the chunks waiting for acks among them, the stream's too) and the chunks read but not handed to it
+        yet; when nothing is held a chunk is read whatever the stream holds (a backfill always moves on)."""
+        room = self.cfg.listener.max_in_flight_bytes - self.budget()
+        while not stopping.is_set() and (self._unacked or self._chunks):
+            if self.in_flight_bytes() + self.held_bytes() <= room:
+                return
+            await _sleep(stopping, ROOM_POLL)
+
+    async def _read_chunk(
         self,
         conn: psycopg.AsyncConnection[Any],
-        table: Table,
+        chunk: Chunk,
         names: tuple[str, ...],
         after: tuple[str, ...] | None,
         filters: list[str],
         size: int,
-    ) -> list[list[bytes | None]]:
-        """The rows of one page, each column in its text form (NULL as None)."""
+        largest: int,
+    ) -> tuple[list[list[bytes | None]], int]:
+        """The rows of one page, each column in its text form (NULL as None), read through a cursor in
+        pieces until ``size`` rows, the end of the table (``chunk.last``) or the chunk's byte budget; and the
+        largest row of the chunk (bytes). ``largest`` is the one of the chunk before (0: none yet), which
+        sizes the first piece."""
+        table = chunk.table
         query = catalog.chunk_query(table.schema, table.name, names, table.key, after=after is not None,
                                     where=filters)
-        params: list[Any] = [*(after or ()), size]
-        async with conn.cursor(row_factory=tuple_row) as cur:
-            await cur.execute(query, params, binary=False)  # parameters: extended protocol, one statement
-            result = cur.pgresult
-            assert result is not None
-            columns = range(result.nfields)
-            value = result.get_value
-            return [[value(r, c) for c in columns] for r in range(result.ntuples)]
+        budget = self.budget()
+        piece_target = max(1, budget // PIECE_SHARE)
+        sized = _result_size()
+        rows: list[list[bytes | None]] = []
+        async with conn.transaction(), conn.cursor(row_factory=tuple_row) as cur:
+            # parameters: extended protocol, bound with the DECLARE; the cursor sees one snapshot, taken now
+            await cur.execute(catalog.declare_chunk_cursor(query), [*(after or ()), size])
+            while True:
+                want = piece_rows(largest, size - chunk.count, budget - chunk.size, piece_target)
+                await cur.execute(catalog.fetch_chunk_rows(want), binary=False)
+                result = cur.pgresult
+                assert result is not None
+                columns = range(result.nfields)
+                value = result.get_value
+                piece = [[value(r, c) for c in columns] for r in range(result.ntuples)]
+                got = len(piece)
+                if piece:
+                    # libpq's own count of the piece's memory (one call), else the values' bytes (one per value)
+                    total = sized(result) if sized is not None else sum(map(len, filter(None, chain(*piece))))
+                    # the largest row: looked for among few or large rows; many small ones go by their average
+                    few = got <= 64 or total > piece_target // 4
+                    biggest = max(map(_row_bytes, piece)) if few else -(-total // got)
+                    largest = max(biggest, largest if rows else 0)  # this chunk's largest row so far
+                    chunk.size += total
+                    chunk.count += got
+                    rows.extend(piece)
+                del piece, result
+                if got < want:  # the cursor ran out before chunkSize rows: the table's last page
+                    chunk.last = True
+                    break
+                if chunk.count >= size or chunk.size >= budget:
+                    break
+        return rows, largest
+
+
+def piece_rows(largest: int, rows_left: int, bytes_left: int, piece_bytes: int) -> int:
+    """Rows of a chunk's next FETCH: as many rows of the largest size seen (``largest`` bytes; 0: none seen
+    yet, then one row) as fit in a piece's share of the budget and in what is left of it, at least one, at
+    most :data:`PIECE_ROWS_MAX` and the rows the chunk may still take."""
+    if largest <= 0:
+        return 1
+    return max(1, min(PIECE_ROWS_MAX, rows_left, min(piece_bytes, bytes_left) // largest))
 
 
 class _Progress:
@@ -650,6 +756,30 @@ def _key_reader(positions: Sequence[int]) -> Callable[[list[bytes | None]], tupl
         return tuple(None if (value := raw[i]) is None else value.decode() for i in positions)
 
     return several
+
+
+@functools.cache
+def _result_size() -> Callable[[psycopg.pq.abc.PGresult], int] | None:
+    """libpq's ``PQresultMemorySize`` of a result psycopg holds (the bytes its rows take in libpq), when the
+    libpq psycopg runs on can be found; else None."""
+    try:
+        lib = _psycopg_libpq()
+        if lib is None:
+            return None
+        function = lib.PQresultMemorySize
+    except (OSError, AttributeError, ImportError):
+        return None
+    function.argtypes = [ctypes.c_void_p]
+    function.restype = ctypes.c_size_t
+
+    def size(result: psycopg.pq.abc.PGresult) -> int:
+        return int(function(cast(Any, result).pgresult_ptr))  # the C pointer (not in psycopg's protocol)
+
+    return size
+
+
+def _row_bytes(row: list[bytes | None]) -> int:
+    return sum(map(len, filter(None, row)))
 
 
 def _text(value: Any) -> str | None:

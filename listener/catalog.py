@@ -901,6 +901,24 @@ def chunk_query(
     )
 
 
+#: the server-side cursor a chunk is read through (one per connection, closed with its transaction)
+CHUNK_CURSOR = "wal_listener_chunk"
+
+
+def declare_chunk_cursor(query: sql.Composable, name: str = CHUNK_CURSOR) -> sql.Composed:
+    """``DECLARE name NO SCROLL CURSOR FOR query``: a chunk's page (:func:`chunk_query`, its parameters bound
+    with the DECLARE) read in pieces within one snapshot, so a page of large rows is never in memory whole."""
+    return sql.SQL("DECLARE {} NO SCROLL CURSOR FOR {}").format(sql.Identifier(name), query)
+
+
+def fetch_chunk_rows(count: int, name: str = CHUNK_CURSOR) -> sql.Composed:
+    """``FETCH FORWARD count FROM name``: the next piece of a chunk (FETCH takes no parameters: the count is
+    an integer literal)."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"fetch count must be a positive integer, not {count!r}")
+    return sql.SQL("FETCH FORWARD {} FROM {}").format(sql.Literal(count), sql.Identifier(name))
+
+
 def estimate_query(schema: str, table: str, where: Sequence[str]) -> sql.Composed:
     """``EXPLAIN (FORMAT JSON)`` of the rows a backfill with ``where`` reads: the planner's estimate (from
     the table's current size when it was never analyzed)."""

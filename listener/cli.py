@@ -127,7 +127,10 @@ def load(given: str | None, warnings: list[str]) -> Config:
 
 async def _serve(path: str | None) -> int:
     from listener.app import Listener
+    from listener.malloc import fix_mmap_threshold
     from listener.observability import setup_logging, setup_sentry
+
+    fix_mmap_threshold()  # large rows' memory goes back to the kernel when freed (listener/malloc.py)
 
     warnings: list[str] = []
     cfg = load(path, warnings)

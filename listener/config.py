@@ -165,7 +165,8 @@ class SnapshotConfig(_Model):
         "never", description="initial: when the listener creates its slot, backfill every published table."
     )
     chunk_size: int = Field(
-        10000, ge=1, le=1_000_000, description="Rows per chunk (keyset pages over the primary key)."
+        10000, ge=1, le=1_000_000, description="Rows per chunk (keyset pages over the primary key), at most: a "
+        "chunk also ends once its rows pass a quarter of listener.maxInFlightBytes."
     )
 
 

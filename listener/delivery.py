@@ -8,8 +8,13 @@ acknowledgements are awaited concurrently, so many batches are in flight at once
 The promise: :attr:`Delivery.confirmed_lsn` only moves to a transaction's end LSN when every event of
 that transaction and of every earlier one was acknowledged. A failed event is retried with backoff,
 never skipped (``onError: skip`` sends an event the broker will never accept to the dead-letter topic
-instead, and counts it). In-flight events are bounded by ``maxInFlight``: the reader waits, so memory
-stays flat whatever the size of a transaction.
+instead, and counts it). In-flight events are bounded twice, in events by ``maxInFlight`` and in bytes
+by ``maxInFlightBytes`` (an event's body and key, :func:`~listener.message.message_size`): the reader
+waits when either is reached, so memory stays flat whatever the size of a transaction or of its rows.
+A single event larger than the byte bound still goes (the bound is then reached by it alone: nothing
+waits for room that can never come). Batches are bounded the same two ways: ``batchSize`` events, and
+:func:`batch_bytes` bytes (4 MiB, less under a small ``maxInFlightBytes``); an event of that size or
+more goes in a batch of its own.
 
 Acknowledgements are tracked here too, the same way for every broker: each batch handed to the publisher
 gets an :class:`Acks` tracker, the publisher reports each message's outcome on it as its client learns
@@ -32,7 +37,7 @@ import orjson
 
 from listener import metrics
 from listener.errors import AckTimeout, BrokerConfigError, PublishError
-from listener.message import Message
+from listener.message import Message, message_size
 
 if TYPE_CHECKING:  # the publishers import this module (Acks); delivery needs their type only
     from listener.publishers.base import Publisher
@@ -43,6 +48,16 @@ log = logging.getLogger("listener.delivery")
 AckResults = list[PublishError | None]
 
 _WAITING: Any = object()  # a message without an outcome yet
+
+#: a batch is sealed once its events hold this many bytes, whatever ``batchSize`` says (see :func:`batch_bytes`)
+BATCH_BYTES = 4 * 1024 * 1024
+
+
+def batch_bytes(max_in_flight_bytes: int) -> int:
+    """The bytes after which a batch is sealed: :data:`BATCH_BYTES`, or a quarter of ``maxInFlightBytes``
+    when that is smaller, so that several batches are in flight at once (pipelining) even under a small
+    bound. A batch holds one event more than this at most (the one that crossed it)."""
+    return max(1, min(BATCH_BYTES, max_in_flight_bytes // 4))
 
 
 class Acks:
@@ -172,6 +187,7 @@ async def publish(publisher: Publisher[Any], messages: Sequence[Message], ack_ti
 @dataclass(slots=True)
 class Batch:
     messages: list[Message] = field(default_factory=list)
+    size: int = 0  # the bytes of its messages (message_size)
     lsn: int = 0  # the end LSN of the last transaction that committed inside this batch
     commit_time: float = 0.0  # unix time of that commit (for the lag in seconds)
     done: bool = False
@@ -201,6 +217,7 @@ class Delivery:
         *,
         max_in_flight: int,
         batch_size: int,
+        max_in_flight_bytes: int = 64 * 1024 * 1024,
         retry_cap: float = 30.0,
         ack_timeout: float | None = None,
         on_error: str = "halt",
@@ -209,7 +226,12 @@ class Delivery:
     ) -> None:
         self.publisher = publisher
         self.max_in_flight = max_in_flight
+        #: ``listener.maxInFlightBytes``: the bytes of events read and not yet acknowledged, at most (plus the
+        #: event that crossed it)
+        self.max_in_flight_bytes = max_in_flight_bytes
         self.batch_size = batch_size
+        #: a batch is sealed once its events hold this many bytes (:func:`batch_bytes`)
+        self.max_batch_bytes = batch_bytes(max_in_flight_bytes)
         self.retry_cap = retry_cap
         #: seconds a batch may wait for its acknowledgements (``listener.ackTimeout``)
         self.ack_timeout = publisher.ack_timeout if ack_timeout is None else ack_timeout
@@ -221,17 +243,28 @@ class Delivery:
         self.fatal: BaseException | None = None
         self.confirmed_lsn = 0
         self.confirmed_commit_time = 0.0
-        self.in_flight = 0
+        # In flight: events and bytes added and not yet acknowledged, as counted at the last fold (see add).
+        self._in_flight = 0
+        self._in_flight_bytes = 0
         # Once full, reading resumes only when a whole batch fits again: resuming at the first free slot
         # made the reader add a few events, fill up, seal a tiny batch and wait again -- batches shrank
         # to a handful of events for good (each its own broker request) while the broker was the slower.
         self._resume_at = max_in_flight - max(1, min(batch_size, max_in_flight // 2))
+        # the same in bytes
+        self._resume_bytes = max_in_flight_bytes - min(self.max_batch_bytes, max_in_flight_bytes // 2)
         self._retrying = 0  # batches with events being retried
         self._lingering = False  # the open batch waits for an earlier batch's acks (see caught_up)
         #: published_events_total's counter per (subject, table), looked up once (topics routed by column
         #: values give a batch many subjects; a lookup costs more than the increment)
         self._published: dict[tuple[str, str], Any] = {}
         self._open = Batch()
+        # add() counts bytes down from a grant and compares the open batch's length with a limit, instead of
+        # counting up and comparing with four limits: the events and bytes that may still be added before
+        # something is due (the open batch is complete, or a bound is reached); then it folds what was added
+        # into the counts above and looks (_limit)
+        self._events_from = self._events_until = 0  # the open batch's events at the last fold, and add()'s limit
+        self._bytes_grant = self._bytes_left = 0
+        self._grant()
         self._pending: deque[Batch] = deque()  # sealed, in order, not yet retired
         self._queue: asyncio.Queue[Batch] = asyncio.Queue()
         self._space = asyncio.Event()
@@ -249,20 +282,76 @@ class Delivery:
 
     def add(self, message: Message) -> bool:
         """Queue one event; True when that made the stage :attr:`full` (the caller then awaits
-        :meth:`wait_for_space`)."""
+        :meth:`wait_for_space`). Always takes it, also when it alone is larger than the byte bound.
+
+        Called per event: the common case is an append, a countdown and two comparisons (see :meth:`_grant`)."""
         messages = self._open.messages
         messages.append(message)
-        self.in_flight += 1
-        if len(messages) >= self.batch_size:
-            self.seal()
-        if self.in_flight >= self.max_in_flight:
+        left = self._bytes_left - len(message.body)  # message_size, inlined
+        key = message.key
+        if key:
+            left -= len(key)
+        self._bytes_left = left
+        if left <= 0 or len(messages) >= self._events_until:
+            return self._limit()
+        return False
+
+    def _fold(self) -> None:
+        """Count what add() took from the grant into the open batch and the in-flight counts."""
+        messages = len(self._open.messages)
+        size = self._bytes_grant - self._bytes_left
+        self._in_flight += messages - self._events_from
+        self._in_flight_bytes += size
+        self._open.size += size
+        self._events_from = messages
+        self._bytes_grant = self._bytes_left
+
+    def _grant(self) -> None:
+        """What add() may take before :meth:`_limit` is due: until the open batch is complete (batchSize
+        events or :func:`batch_bytes`) or a bound is reached (0 or less while :attr:`full`)."""
+        messages = self._events_from = len(self._open.messages)
+        # add() calls _limit once the open batch holds this many events
+        self._events_until = messages + min(self.batch_size - messages, self.max_in_flight - self._in_flight)
+        self._bytes_grant = self._bytes_left = min(self.max_batch_bytes - self._open.size,
+                                                   self.max_in_flight_bytes - self._in_flight_bytes)
+
+    def _limit(self) -> bool:
+        """add() used up its grant: seal the open batch when it is complete, and say whether a bound is
+        reached."""
+        self._fold()
+        batch = self._open
+        messages = batch.messages
+        if len(messages) > 1 and batch.size >= self.max_batch_bytes:
+            size = message_size(messages[-1])
+            if size >= self.max_batch_bytes:  # a large event goes out in a batch of its own
+                last = messages.pop()
+                batch.size -= size
+                self._seal()
+                batch = self._open
+                batch.messages.append(last)
+                batch.size = size
+        if len(batch.messages) >= self.batch_size or batch.size >= self.max_batch_bytes:
+            self._seal()
+        self._grant()
+        if self.full:
             self._space.clear()
             return True
         return False
 
     @property
+    def in_flight(self) -> int:
+        """Events added and not yet acknowledged."""
+        return self._in_flight + len(self._open.messages) - self._events_from
+
+    @property
+    def in_flight_bytes(self) -> int:
+        """Bytes of the events added and not yet acknowledged (:func:`~listener.message.message_size` each)."""
+        return self._in_flight_bytes + self._bytes_grant - self._bytes_left
+
+    @property
     def full(self) -> bool:
-        return self.in_flight >= self.max_in_flight
+        """Either bound is reached: ``maxInFlight`` events or ``maxInFlightBytes`` bytes."""
+        return self.in_flight >= self.max_in_flight or self.in_flight_bytes >= self.max_in_flight_bytes
 
     async def wait_for_space(self, stop: asyncio.Event) -> None:
         """Backpressure: wait until acks made room (or ``stop`` is set)."""
@@ -296,6 +385,11 @@ class Delivery:
 
     def seal(self) -> None:
         """Hand the open batch to the sender (also an empty one that carries a commit LSN)."""
+        self._fold()
+        self._seal()
+        self._grant()
+
+    def _seal(self) -> None:
         self._lingering = False
         batch = self._open
         if not batch.messages:
@@ -364,6 +458,7 @@ class Delivery:
 
     async def _settle(self, batch: Batch, messages: list[Message], acks: Acks) -> None:
         backoff = Backoff(cap=self.retry_cap)
+        size = batch.size  # the bytes of ``messages``
         said = ""  # the failure already logged: a retry failing the same way is logged at debug level only
         while True:
             results = await acks
@@ -387,8 +482,13 @@ class Delivery:
                     counter = self._published[labels] = metrics.PUBLISHED.labels(*labels)
                 counter.inc(count)
             acked = len(messages) - len(failed)
-            self.in_flight -= acked
-            if self.in_flight <= self._resume_at:
+            failed_size = sum(map(message_size, failed)) if failed else 0
+            self._fold()
+            self._in_flight -= acked
+            self._in_flight_bytes -= size - failed_size
+            size = failed_size
+            self._grant()
+            if self._in_flight <= self._resume_at and self._in_flight_bytes <= self._resume_bytes:
                 self._space.set()
             if not failed:
                 break
@@ -456,6 +556,7 @@ class Delivery:
         if not self._pending:
             self._settled.set()
         metrics.IN_FLIGHT.set(self.in_flight)
+        metrics.IN_FLIGHT_BYTES.set(self.in_flight_bytes)
         if advanced and self.on_confirmable is not None:
             self.on_confirmable()
 

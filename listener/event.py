@@ -139,6 +139,7 @@ class RelationInfo:
     subject: str  # with a route: the topic of events the route gives none (counted)
     plan: hotpath.Plan | None = None  # for the compiled fast path, when it is loaded
     debezium: DebeziumTable | None = None  # publisher.format debezium: what its events share (schemas...)
+    debezium_plan: hotpath.DebeziumPlan | None = None  # its compiled path's plan (a table without a transform)
     #: the table's transform (None: no entry of listener.transforms names it); names, converters and the
     #: indexes above are then those of the columns it keeps
     transform: RelationTransform | None = None
@@ -193,10 +194,11 @@ class EventBuilder:
         #: a DELETE is followed by a tombstone (Kafka, publisher.tombstones)
         self._tombstones = isinstance(cfg.publisher, KafkaPublisherConfig) and cfg.publisher.writes_tombstones
         #: the compiled fast path (None: pure Python)
-        self.hot = hotpath.load() if compiled and self._debezium is None else None
+        self.hot = hotpath.load() if compiled else None
         #: Begin messages decoded and their shared parts written in one compiled call (every format)
-        begin_hot = self.hot or (hotpath.load() if compiled else None)
-        self._begin_hot = begin_hot.begin if begin_hot is not None else None
+        self._begin_hot = self.hot.begin if self.hot is not None else None
+        #: a backfill chunk's read time and its protocol microseconds (Debezium's READ events, compiled)
+        self._read_moment: tuple[str, int] = ("", 0)
         #: listener.transforms: columns left out, masks, topics and keys per table
         self.transforms = Transforms(cfg.listener, f"{self._topic}.{self._prefix}")
         self._hmac = self.hot.hmac_prepare(self.transforms.hash_key) if self.hot and self.transforms.hash_key else None
@@ -271,7 +273,15 @@ class EventBuilder:
                 rel = transform.relation(rel)
                 facts = facts and {n: f for n, f in facts.items() if n not in transform.nulled}
             info.debezium = self._debezium.table(self._registry, rel, key_index, facts)
-        if self.hot is not None:
+            if self.hot is not None and (transform is None or self._hmac is not None or "hash" not in transform.codes):
+                routed = None  # a topic route: rendered from the table's plan in the default format
+                if transform is not None and transform.route is not None:
+                    routed = hotpath.plan(rel.schema, rel.name, all_names, all_converters, identity, key_index,
+                                          transform, self._hmac)
+                info.debezium_plan = hotpath.debezium_plan(self._debezium.source_parts(rel.schema, rel.name), names,
+                                                           converters, info.debezium, key_index, transform,
+                                                           self._hmac, routed)
+        elif self.hot is not None:
             info.plan = hotpath.plan(rel.schema, rel.name, all_names, all_converters, identity, key_index,
                                      transform, None if transform is None else self._hmac)
         return info
@@ -427,6 +437,15 @@ class EventBuilder:
         built exactly as an INSERT's, ``dataOld`` empty, ``commitTime`` the time the row was read."""
         hot = self.hot
         finish = self._finish
+        if hot is not None and info.debezium_plan is not None:  # publisher.format debezium
+            if self._read_moment[0] != read_time:  # the same for every row of a chunk
+                self._read_moment = (read_time, moment_micros(read_time))
+            read = hot.debezium_read_row(raw, info.debezium_plan, self._read_moment[1],
+                                         self._debezium.last_commit,  # type: ignore[union-attr]
+                                         time.time_ns(), self._needs_key)
+            if read is not None:
+                subject = info.subject if info.route is None else self._routed(info, read[2])  # type: ignore[misc]
+                return Message(ident, subject, read[0], info.schema, info.table, "READ", read[1])
         if hot is not None and info.plan is not None:
             done = hot.read_row(raw, info.plan, ident, read_time, self._needs_key)
             if done is not None:
@@ -449,7 +468,7 @@ class EventBuilder:
         writes the body when it can; the Python stages take the message when it cannot."""
         info = self.relations[_U32(buf, 1)[0]]
         hot = self.hot
-        if hot is not None and info.plan is not None:
+        if hot is not None and (info.plan is not None or info.debezium_plan is not None):
             action = CHANGE_ACTIONS[buf[0]]
             if action not in info.actions:
                 txn.ordinal += 1
@@ -457,10 +476,16 @@ class EventBuilder:
                 return None
             ordinal = txn.ordinal + 1
             if txn.id_prefix:  # the compiled call writes the id: the prefix and the change's bits
-                done = hot.event(buf, info.plan, txn.id_prefix, txn.id_base | (ordinal & 0x3FFFFFF), txn.commit_time,
-                                 self._needs_key)
+                prefix, number = txn.id_prefix, txn.id_base | (ordinal & 0x3FFFFFF)
             else:
-                done = hot.event(buf, info.plan, self._ident(txn, ordinal), None, txn.commit_time, self._needs_key)
+                prefix, number = self._ident(txn, ordinal), None
+            done: tuple[str, bytes, bytes | None] | tuple[str, bytes, bytes | None, str | int] | None
+            if info.debezium_plan is not None:  # publisher.format debezium: time and position for its source block
+                done = hot.debezium_event(buf, info.debezium_plan, prefix, number, txn.commit_micros, txn.xid, txn.lsn,
+                                          self._debezium.last_commit,  # type: ignore[union-attr]
+                                          time.time_ns(), self._needs_key)
+            else:
+                done = hot.event(buf, info.plan, prefix, number, txn.commit_time, self._needs_key)  # type: ignore[arg-type]
             if done is not None:
                 txn.ordinal = ordinal
                 subject = info.subject

@@ -523,7 +523,8 @@ class Debezium:
             "name": cfg.publisher.topic,
         }
         self._db = cfg.database.name
-        self._last_commit: int | None = None
+        #: the LSN of the last commit seen: the first part of ``sequence`` (None right after a start)
+        self.last_commit: int | None = None
         self.schemas = cfg.publisher.debezium.schemas
         #: the key carries its schema where it is a record's key that Kafka Connect reads; elsewhere (a Pub/Sub
         #: ordering key) a key that changed with the table's shape would break the order of a row's events
@@ -573,7 +574,7 @@ class Debezium:
 
     def source(self, schema: str, table: str, change: Change) -> dict[str, Any]:
         commit_us = change.commit_micros + _PG_EPOCH_US
-        last = None if self._last_commit is None else str(self._last_commit)
+        last = None if self.last_commit is None else str(self.last_commit)
         return {
             **self._source_head,
             "ts_ms": commit_us // 1000,
@@ -615,7 +616,19 @@ class Debezium:
 
     def committed(self, commit_lsn: int) -> None:
         """A transaction ended: the first part of the next change's ``sequence``."""
-        self._last_commit = commit_lsn
+        self.last_commit = commit_lsn
+
+    def source_parts(self, schema: str, table: str) -> tuple[bytes, bytes, bytes, bytes]:
+        """The ``source`` block of a change's event (:meth:`source`) as the compiled path writes it around what
+        varies by change: the JSON up to ``ts_ms``, from there to the sequence's parts, from ``ts_ns`` to
+        ``txId``; and the second part for a READ event (snapshot ``incremental``)."""
+        db = orjson.dumps(self._db)
+        return (
+            b',"source":' + orjson.dumps(self._source_head)[:-1] + b',"ts_ms":',
+            b',"snapshot":"false","db":' + db + b',"sequence":"[',
+            b',"schema":' + orjson.dumps(schema) + b',"table":' + orjson.dumps(table) + b',"txId":',
+            b',"snapshot":"incremental","db":' + db + b',"sequence":"[',
+        )
 
 
 _PG_EPOCH_US: Final = int((PG_EPOCH - _UNIX_EPOCH).total_seconds()) * 1_000_000

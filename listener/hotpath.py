@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from listener import types
+from listener import formats, types
 from listener.transforms import RelationTransform
 from listener.types import ArrayConverter, Converter
 
@@ -45,6 +45,15 @@ Plan = tuple[
 ]
 
 
+#: publisher.format debezium: (source parts, columns (prefix, code, converter, placeholder JSON), key_index,
+#: value head, key head, a READ event's source part, the prepared hash key of a transform, the table's default
+#: plan when its transform has a topic route): see _hotpath_c/debezium.c
+DebeziumPlan = tuple[
+    bytes, bytes, bytes, tuple[tuple[bytes, int, Converter | None, bytes], ...], tuple[int, ...], bytes | None,
+    bytes | None, bytes, bytes | None, Plan | None,
+]
+
+
 class Module(Protocol):
     def event(
         self, msg: bytes, plan: Plan, prefix: str, number: int | None, commit_time: str, want_key: bool, /
@@ -52,6 +61,16 @@ class Module(Protocol):
 
     def read_row(
         self, values: list[bytes | None], plan: Plan, ident: str, read_time: str, want_key: bool, /
+    ) -> tuple[bytes, bytes | None] | tuple[bytes, bytes | None, str | int] | None: ...
+
+    def debezium_event(
+        self, msg: bytes, plan: DebeziumPlan, prefix: str, number: int | None, commit_micros: int, xid: int | None,
+        lsn: int | None, last_commit: int | None, now_ns: int, want_key: bool, /
+    ) -> tuple[str, bytes, bytes | None] | tuple[str, bytes, bytes | None, str | int] | None: ...
+
+    def debezium_read_row(
+        self, values: list[bytes | None], plan: DebeziumPlan, read_micros: int, last_commit: int | None, now_ns: int,
+        want_key: bool, /
     ) -> tuple[bytes, bytes | None] | tuple[bytes, bytes | None, str | int] | None: ...
 
     def begin(self, msg: bytes, slot_hash: int, /) -> tuple[int, str, int, str, int, int, int] | None: ...
@@ -71,7 +90,7 @@ class Module(Protocol):
     def set_libpq(self, getcopydata: int, freemem: int, /) -> None: ...
 
     def copy_batch(
-        self, pgconn_ptr: int, limit: int, starts: list[int] | None, /
+        self, pgconn_ptr: int, limit: int, starts: list[int] | None, max_bytes: int = 0, /
     ) -> tuple[list[bytes], int, bytes | None, int]: ...
 
 
@@ -182,3 +201,68 @@ def plan(
         for name, how, conv, is_identity in zip(names, codes, converters, identity, strict=True)
     )
     return orjson.dumps({"schema": schema, "table": table})[1:-1], columns, tuple(key_index), shaped
+
+
+# Debezium's conversions in the compiled path (keep in step with the DBZ_* enum in _hotpath_c/debezium.c)
+DBZ_NUMERIC, DBZ_MICRO_TS, DBZ_MILLI_TS, DBZ_DATE, DBZ_TIME = range(32, 37)
+DBZ_BYTEA, DBZ_BIT1, DBZ_INTERVAL, DBZ_TIMETZ = range(37, 41)
+_DEBEZIUM_CODES: dict[Any, int] = {
+    formats.dbz_numeric: DBZ_NUMERIC,
+    formats.dbz_micro_timestamp: DBZ_MICRO_TS,
+    formats.dbz_milli_timestamp: DBZ_MILLI_TS,
+    formats.dbz_date: DBZ_DATE,
+    formats.dbz_time: DBZ_TIME,
+    types.to_bytea: DBZ_BYTEA,
+    formats.dbz_bit1: DBZ_BIT1,
+    formats.dbz_interval: DBZ_INTERVAL,
+    formats.dbz_timetz: DBZ_TIMETZ,
+}
+#: of the default format's codes, those whose converter Debezium shares (the rest: its converter is called)
+_SHARED_CODES = frozenset({TEXT, INT, BOOL, TIMESTAMPTZ, ARRAY_TEXT, ARRAY_INT})
+
+
+def debezium_code(converter: Converter | None) -> int:
+    """How the compiled path writes a column Debezium's way (``converter``: :func:`formats.debezium_converter`'s)."""
+    special = _DEBEZIUM_CODES.get(converter)
+    if special is not None:
+        return special
+    shared = code(converter)
+    return shared if shared in _SHARED_CODES else PYTHON
+
+
+def _with_schema_head(schema: orjson.Fragment | None) -> bytes | None:
+    """``{"schema":<schema>,"payload":`` (formats.with_schema up to the payload), or None without a schema."""
+    if schema is None:
+        return None
+    return orjson.dumps({"schema": schema, "payload": None})[: -len(b"null}")]
+
+
+def debezium_plan(
+    source: tuple[bytes, bytes, bytes, bytes], names: Sequence[str], converters: Sequence[Converter | None],
+    table: formats.DebeziumTable, key_index: Sequence[int], transform: RelationTransform | None = None,
+    hmac: bytes | None = None, route: Plan | None = None,
+) -> DebeziumPlan:
+    """Everything the compiled path needs to write one relation's Debezium events: ``source`` from
+    :meth:`formats.Debezium.source_parts`, the columns as published (with a ``transform``: its kept columns,
+    ``key_index`` counting them, as the Python stages have them), what the events share (``table``). With a
+    transform the plan lists every column of the relation, those it leaves out as DROP and its masks as theirs;
+    ``hmac``: the hash key prepared by the module's ``hmac_prepare``; ``route``: the table's :func:`plan` when
+    the transform has a topic route (the compiled path renders the topic from it as for the default format)."""
+    published = [
+        (orjson.dumps(name) + b":", debezium_code(conv), conv, orjson.dumps(placeholder))
+        for name, conv, placeholder in zip(names, converters, table.unavailable, strict=True)
+    ]
+    columns = tuple(published)
+    if transform is not None:
+        dropped = (b"", DROP, None, b"null")
+        kept = {i: at for at, i in enumerate(transform.kept)}
+        columns = tuple(
+            dropped if i not in kept else
+            (published[kept[i]] if mask is None else (*published[kept[i]][:1], _TRANSFORM_CODES[mask], None,
+                                                      published[kept[i]][3]))
+            for i, mask in enumerate(transform.codes)
+        )
+        key_index = [transform.kept[k] for k in key_index]
+    head, db, table_part, read_db = source
+    return (head, db, table_part, columns, tuple(key_index), _with_schema_head(table.envelope_schema),
+            _with_schema_head(table.key_schema), read_db, hmac, route)

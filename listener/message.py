@@ -32,3 +32,9 @@ class Message:
         if self.content_type:
             found["content-type"] = self.content_type
         return found
+
+
+def message_size(message: Message) -> int:
+    """The bytes an event holds, as ``listener.maxInFlightBytes`` counts them: its body and its key."""
+    key = message.key
+    return len(message.body) + len(key) if key else len(message.body)

@@ -76,6 +76,12 @@ PUBLICATION_TABLES_WITHOUT_IDENTITY = Gauge(
     registry=REGISTRY,
 )
 IN_FLIGHT = Gauge("in_flight_events", "Events read from PostgreSQL and not yet acknowledged.", registry=REGISTRY)
+IN_FLIGHT_BYTES = Gauge(
+    "in_flight_bytes",
+    "Bytes of the events read from PostgreSQL and not yet acknowledged (each event's body and key); "
+    "listener.maxInFlightBytes bounds it. 0 when idle.",
+    registry=REGISTRY,
+)
 CONFIRMED_LSN = Gauge("confirmed_lsn", "The LSN last confirmed to PostgreSQL (flush position).", registry=REGISTRY)
 RECEIVED_LSN = Gauge("received_lsn", "The highest WAL position received from PostgreSQL.", registry=REGISTRY)
 SERVER_WAL_END = Gauge("server_wal_end_lsn", "The server's WAL end as last reported.", registry=REGISTRY)

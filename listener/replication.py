@@ -334,34 +334,43 @@ class ReplicationStream:
             waiter.cancel()
         self._status_event.clear()
 
-    def read_batch(self, limit: int, starts: list[int] | None = None) -> tuple[list[bytes], int, bytes | None, int]:
+    def read_batch(
+        self, limit: int, starts: list[int] | None = None, max_bytes: int = 0
+    ) -> tuple[list[bytes], int, bytes | None, int]:
         """Up to ``limit`` buffered XLogData messages without blocking: (their pgoutput payloads, the last
         WAL end they carried, another message that stopped the batch (a keepalive) or None, status: 1 more may
         be buffered, 0 nothing is (wait for the socket), -1 the stream ended, -2 the connection failed).
-        ``starts`` gets each payload's start LSN. The compiled reader takes them off libpq in one call."""
+        ``starts`` gets each payload's start LSN. With ``max_bytes``, it also stops once the payloads taken
+        hold that many bytes (libpq's buffer, grown once for a huge row, then holds many large rows: they
+        stay there instead of being copied out while the delivery stage is full). The compiled reader takes
+        them off libpq in one call."""
         assert self.pgconn is not None
         pointer = getattr(self.pgconn, "pgconn_ptr", None)  # every psycopg implementation has it; the abc not
         if self._copy_batch is not None and pointer:
-            batch: tuple[list[bytes], int, bytes | None, int] = self._copy_batch(pointer, limit, starts)
+            batch: tuple[list[bytes], int, bytes | None, int] = self._copy_batch(pointer, limit, starts, max_bytes)
             if batch[3] or len(batch[0]) >= limit:
                 return batch
             # libpq's buffer ran dry, but while the last batch was turned into events the server most likely
             # sent more: one non-blocking read now spares the wait for the socket (a future, a timer and two
             # epoll_ctl calls: ~15% of the listener's CPU on wide rows, where a buffer holds few messages)
+            room = max_bytes - sum(map(len, batch[0])) if max_bytes > 0 else 0
+            if max_bytes > 0 and room <= 0:
+                return batch
             try:
                 self.pgconn.consume_input()
             except psycopg.OperationalError:
                 return batch  # the wait and fill() that follow report it
             more: tuple[list[bytes], int, bytes | None, int] = self._copy_batch(
-                pointer, limit - len(batch[0]), starts)
+                pointer, limit - len(batch[0]), starts, room)
             if not batch[0]:
                 return more
             batch[0].extend(more[0])
             return batch[0], more[1] or batch[1], more[2], more[3]
         payloads: list[bytes] = []
         wal_end = 0
+        taken = 0
         get = self.pgconn.get_copy_data
-        while len(payloads) < limit:
+        while len(payloads) < limit and (max_bytes <= 0 or taken < max_bytes):
             try:
                 size, data = get(1)
             except psycopg.OperationalError:
@@ -372,6 +381,7 @@ class ReplicationStream:
                 return payloads, wal_end, bytes(data), 1
             wal_end = _U64(data, 9)[0] or wal_end
             if size > 25:
+                taken += size - 25
                 payloads.append(bytes(data[25:]))
                 if starts is not None:
                     starts.append(_U64(data, 1)[0])

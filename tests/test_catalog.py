@@ -215,3 +215,15 @@ def test_state_tables_and_grants_for_a_role_whose_name_needs_quoting() -> None:
     assert "PRIMARY KEY (slot, schema_name, table_name, commit_lsn, ordinal)" in ddl[2]
     grants = [s.as_string(None) for s in catalog.state_table_grants('cdc"; DROP ROLE x; --')]
     assert grants[-1] == 'GRANT SELECT, INSERT, UPDATE, DELETE ON "wal_listener"."schemas" TO "cdc""; DROP ROLE x; --"'
+
+
+def test_a_chunk_is_declared_as_a_cursor_over_its_page_and_fetched_in_pieces() -> None:
+    page = catalog.chunk_query("s", 'do"cs', ["id", "body"], ["id"], after=True)
+    assert catalog.declare_chunk_cursor(page).as_string(None) == (
+        'DECLARE "wal_listener_chunk" NO SCROLL CURSOR FOR SELECT "id", "body" FROM "s"."do""cs"'
+        ' WHERE ("id") > (%s) ORDER BY "id" LIMIT %s'
+    )
+    assert catalog.fetch_chunk_rows(7).as_string(None) == 'FETCH FORWARD 7 FROM "wal_listener_chunk"'
+    for bad in (0, -1, True, "7; DROP TABLE docs", 1.5):
+        with pytest.raises(ValueError, match="fetch count must be a positive integer"):
+            catalog.fetch_chunk_rows(bad)  # type: ignore[arg-type]

@@ -16,9 +16,12 @@ pytestmark = pytest.mark.service
 END = b"copy-reader-end"
 
 
-async def read_stream(cfg: Config, compiled: bool, limit: int) -> tuple[list[bytes], list[int], int]:
+async def read_stream(
+    cfg: Config, compiled: bool, limit: int, max_bytes: int = 0
+) -> tuple[list[bytes], list[int], int]:
     """Every pgoutput payload up to the end marker (a logical message), with its start LSN, and the last
-    WAL end seen."""
+    WAL end seen. Each call takes at most ``limit`` payloads and, with ``max_bytes``, stops at the one that
+    reaches that many bytes."""
     stream = ReplicationStream(cfg)
     if compiled:
         assert stream._copy_batch is not None, "the compiled reader did not find psycopg's libpq"
@@ -31,8 +34,10 @@ async def read_stream(cfg: Config, compiled: bool, limit: int) -> tuple[list[byt
     try:
         await stream.start(0, [cfg.listener.publication_name])
         while not any(END in payload for payload in payloads[-limit:]):
-            got, end, other, status = stream.read_batch(limit, starts)
+            got, end, other, status = stream.read_batch(limit, starts, max_bytes)
             assert len(got) <= limit
+            if max_bytes:
+                assert sum(map(len, got[:-1])) < max_bytes, [len(p) for p in got]
             payloads += got
             wal_end = max(wal_end, end)
             if other is not None:
@@ -53,7 +58,7 @@ async def test_compiled_reader_reads_what_psycopg_reads(pg: PostgresServer, fres
     compiled_hot_path()
     pg.execute("CREATE TABLE t (id int PRIMARY KEY, note text, blob bytea)", dbname=fresh_db)
     pg.execute("CREATE PUBLICATION p FOR ALL TABLES", dbname=fresh_db)
-    slots = ["reader_py", "reader_c3", "reader_c256"]
+    slots = ["reader_py", "reader_c3", "reader_c256", "reader_c4k", "reader_py4k"]
     for slot in slots:
         pg.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,), dbname=fresh_db)
     # small and large messages (a 3 MB row is many socket reads), many transactions, keepalive gaps
@@ -73,8 +78,10 @@ async def test_compiled_reader_reads_what_psycopg_reads(pg: PostgresServer, fres
     python = await read_stream(config(slots[0]), compiled=False, limit=256)
     assert len(python[0]) > 5000 + 20 * 250 + 1000  # every change came through, with begins and commits
     assert max(map(len, python[0])) > 3_000_000
-    for slot, limit in ((slots[1], 3), (slots[2], 256)):
-        payloads, starts, wal_end = await read_stream(config(slot), compiled=True, limit=limit)
+    for slot, limit, max_bytes in ((slots[1], 3, 0), (slots[2], 256, 0), (slots[3], 256, 4096)):
+        payloads, starts, wal_end = await read_stream(config(slot), compiled=True, limit=limit, max_bytes=max_bytes)
         assert payloads == python[0]
         assert starts == python[1]
         assert wal_end >= max(starts)
+    bounded = await read_stream(config(slots[4]), compiled=False, limit=256, max_bytes=4096)
+    assert bounded[:2] == python[:2]

@@ -17,7 +17,7 @@ from listener import metrics
 from listener.config import NatsPublisherConfig
 from listener.delivery import AckResults, Acks, Delivery, publish
 from listener.errors import AckTimeout, BrokerConfigError, MessageRejected, MessageTooLarge, PublishError
-from listener.message import Message
+from listener.message import Message, message_size
 from listener.publishers.base import Publisher
 
 RETRY_CAP = 0.05  # seconds: the backoff between retries stays tiny
@@ -450,6 +450,107 @@ async def test_in_flight_counts_failed_events_until_they_are_acked(make_delivery
     assert not d.full
     await drained(d)
     assert d.in_flight == 0
+
+
+# -- the byte bound (maxInFlightBytes) ----------------------------------------------------------------------------
+
+MIB = 1024 * 1024
+
+
+def sized(ident: str, size: int, key: bytes | None = None) -> Message:
+    """An event whose body and key hold ``size`` bytes together."""
+    body = b"x" * (size - len(key or b""))
+    return Message(ident, "wal.public_docs", body, "public", "docs", "INSERT", key)
+
+
+async def test_full_at_max_in_flight_bytes_counting_bodies_and_keys(make_delivery: Factory) -> None:
+    pub = FakePublisher(hold=True)
+    d = make_delivery(pub, max_in_flight=1000, batch_size=1000, max_in_flight_bytes=4 * MIB)
+    assert message_size(sized("k", 1000, key=b"123")) == 1000
+    for i in range(3):
+        assert not d.add(sized(f"m{i}", MIB, key=b"k"))
+    assert d.in_flight_bytes == 3 * MIB and not d.full
+    assert d.add(sized("m3", MIB))  # the fourth MiB reaches the bound
+    assert d.full and d.in_flight == 4
+    waiter = asyncio.create_task(d.wait_for_space(asyncio.Event()))
+    await pub.wait_sends(4)  # batches of at most maxInFlightBytes / 4: one event each here
+    assert [len(batch) for batch in pub.sends] == [1, 1, 1, 1]
+    pub.release(0)  # one MiB free = one whole batch (the hysteresis of the event bound, in bytes)
+    async with asyncio.timeout(5):
+        await waiter
+    assert d.in_flight_bytes == 3 * MIB and not d.full
+    for index in (1, 2, 3):
+        pub.release(index)
+    await drained(d)
+    assert d.in_flight_bytes == 0 and d.in_flight == 0
+    assert metrics.REGISTRY.get_sample_value("in_flight_bytes") == 0
+
+
+async def test_resumes_only_when_a_whole_batch_of_bytes_fits(make_delivery: Factory) -> None:
+    pub = FakePublisher(hold=True)
+    d = make_delivery(pub, max_in_flight=1000, batch_size=1000, max_in_flight_bytes=8 * MIB)  # batches: 2 MiB
+    d.add(sized("s0", MIB // 2))
+    d.seal()  # a half-MiB batch, acked on its own below
+    for i in range(15):
+        d.add(sized(f"m{i}", MIB // 2))
+    assert d.full
+    waiter = asyncio.create_task(d.wait_for_space(asyncio.Event()))
+    await pub.wait_sends(5)
+    assert [len(batch) for batch in pub.sends] == [1, 4, 4, 4, 3]
+    pub.release(0)  # half a MiB free: not enough for a batch
+    await settle()
+    assert not waiter.done()
+    pub.release(1)  # 2.5 MiB free: a whole batch fits
+    async with asyncio.timeout(5):
+        await waiter
+    assert d.in_flight_bytes == 11 * MIB // 2
+    for index in (2, 3, 4):
+        pub.release(index)
+    await drained(d)
+    assert d.in_flight_bytes == 0
+
+
+async def test_an_event_larger_than_the_bound_still_goes_alone(make_delivery: Factory) -> None:
+    pub = FakePublisher(hold=True)
+    d = make_delivery(pub, max_in_flight=1000, batch_size=1000, max_in_flight_bytes=2 * MIB)
+    d.add(msg("before"))
+    assert d.add(sized("huge", 5 * MIB, key=b"1"))  # accepted, and the stage is full
+    assert d.in_flight_bytes > 5 * MIB
+    waiter = asyncio.create_task(d.wait_for_space(asyncio.Event()))
+    await pub.wait_sends(2)
+    assert [[m.id for m in batch] for batch in pub.sends] == [["before"], ["huge"]]  # a batch of its own
+    pub.release(1)  # the huge one acknowledged: room again (only "before" is in flight)
+    async with asyncio.timeout(5):
+        await waiter
+    assert d.in_flight_bytes == message_size(msg("before")) and not d.full
+    pub.release(0)
+    d.commit(10, 1.0)
+    await drained(d)
+    assert d.confirmed_lsn == 10
+
+
+async def test_batches_are_sealed_by_bytes_whatever_batch_size_says(make_delivery: Factory) -> None:
+    pub = FakePublisher()
+    d = make_delivery(pub, max_in_flight=100_000, batch_size=100_000, max_in_flight_bytes=1024 * MIB)
+    for i in range(20):
+        d.add(sized(f"m{i}", MIB))
+    d.seal()
+    await drained(d)
+    assert [len(batch) for batch in pub.sends] == [4] * 5  # 4 MiB each
+    assert d.in_flight_bytes == 0
+
+
+async def test_failed_events_keep_their_bytes_until_acked(make_delivery: Factory) -> None:
+    pub = FakePublisher()
+    pub.script("b", PublishError("no"))
+    d = make_delivery(pub, max_in_flight=100, batch_size=2, max_in_flight_bytes=4 * MIB)
+    d.add(sized("a", MIB))
+    d.add(sized("b", 3 * MIB))
+    assert d.full
+    await until(lambda: d.in_flight_bytes == 3 * MIB)  # "a" acked, "b" waiting for its retry
+    assert not d.full
+    await drained(d)
+    assert d.in_flight_bytes == 0
 
 
 # -- draining, batching, order ------------------------------------------------------------------------------------

@@ -232,6 +232,7 @@ async def test_delete_with_reclaim_policy(
         "allTables": True,
         "tables": [],
         "createdByOperator": True,
+        "tablesWithoutIdentity": [],
     }
 
     active = "SELECT active FROM pg_replication_slots WHERE slot_name = %s"
@@ -571,7 +572,7 @@ async def test_a_missing_tls_secret_is_named(
 async def test_readiness_follows_the_deployment(
     cluster: Cluster, _secret: None, pg: PostgresServer, db_with_tables: str
 ) -> None:
-    """DeploymentReady comes from the watch on the Deployment (the status timer never writes it)."""
+    """DeploymentReady comes from the watch on the Deployment, and stays what the Deployment says."""
     name, slot = _name("ready"), _slot("ready")
     await cluster.create_listener(name, listener_spec(pg.port, db_with_tables, slot=slot))
     await cluster.wait_condition(name, "DeploymentReady", "False", "PodNotReady")
@@ -588,6 +589,17 @@ async def test_readiness_follows_the_deployment(
     await cluster.wait(recreated, what="a new Deployment")
     await cluster.wait_condition(name, "Ready", "False", "PodNotReady")
     await cluster.set_deployment_available(name)
+    await cluster.wait_condition(name, "Ready", "True")
+
+    # a status write that says otherwise (a reconcile's patch racing the Deployment watch wrote the readiness it
+    # had read before the pod became ready) is put right without any change to the Deployment
+    status = cluster.status(name)
+    stale = [
+        {**c, "status": "False", "reason": "PodNotReady"} if c["type"] in ("DeploymentReady", "Ready") else c
+        for c in status["conditions"]
+    ]
+    await cluster.patch_status(name, {"conditions": stale, "phase": "PodNotReady"})
+    await cluster.wait_condition(name, "DeploymentReady", "True", "PodReady", timeout=10)
     await cluster.wait_condition(name, "Ready", "True")
 
 
@@ -791,3 +803,37 @@ async def test_transforms_and_the_secret_held_hash_key(
         (got,) = await read_stream(nats_server.url, topic, 1)
     assert got.subject == f"{topic}.users.7"
     assert got.event["data"] == {"id": 7, "name": hmac.new(key.encode(), b"ann", "sha256").hexdigest()}
+
+
+async def test_the_listener_pod_is_sized_and_the_bound_follows_its_memory_limit(
+    cluster: Cluster, _secret: None, pg: PostgresServer, db_with_tables: str
+) -> None:
+    """Without spec.pod.resources the listener gets requests and a memory limit, and its config a
+    maxInFlightBytes derived from that limit; a limit the user sets moves the bound; a bound the user sets
+    stays as written."""
+    name, slot = _name("sized"), _slot("sized")
+    await cluster.create_listener(name, listener_spec(pg.port, db_with_tables, slot=slot))
+    await cluster.wait_condition(name, "SlotReady", "True")
+
+    def container() -> dict[str, Any]:
+        dep = cluster.child(DEPLOYMENTS, name)
+        assert dep is not None
+        return dep["spec"]["template"]["spec"]["containers"][0]  # type: ignore[no-any-return]
+
+    def bound() -> int:
+        cm = cluster.child(CONFIGMAPS, name)
+        assert cm is not None
+        return int(yaml.safe_load(cm["data"]["config.yml"])["listener"]["maxInFlightBytes"])
+
+    assert container()["resources"] == {"requests": {"cpu": "100m", "memory": "256Mi"},
+                                        "limits": {"memory": "512Mi"}}
+    assert bound() == 104 * 2**20  # (512Mi - 96Mi) / 4
+
+    await cluster.update_spec(name, {"pod": {"resources": {"limits": {"memory": "1Gi"}}}})
+    await cluster.wait(lambda: container()["resources"]["limits"] == {"memory": "1Gi"}, 60, what="the 1Gi limit")
+    await cluster.wait(lambda: bound() == 232 * 2**20, 60, what="the bound derived from the 1Gi limit")
+    assert container()["resources"]["requests"] == {"cpu": "100m", "memory": "256Mi"}
+
+    await cluster.update_spec(name, {"listener": {"maxInFlightBytes": "48Mi"}})
+    await cluster.wait(lambda: bound() == 48 * 2**20, 60, what="the user's maxInFlightBytes in the config")
+    assert container()["resources"]["limits"] == {"memory": "1Gi"}

@@ -155,6 +155,11 @@ def test_ack_bodies() -> None:
     for body in (b'{"error":{"code":503,"description":"unavailable"}}', b'{"error": not json'):
         answer = rejection(body)
         assert isinstance(answer, MessageRejected) and answer.retryable, body
+    # the file store's own limit (a message over 32 MiB, under a raised max_payload): for good, with the way out
+    store = rejection(b'{"error":{"code":503,"err_code":10077,"description":"message too large"},"seq":0}')
+    assert isinstance(store, MessageTooLarge) and not store.retryable and "memory storage" in str(store)
+    other_store_failure = rejection(b'{"error":{"code":503,"err_code":10077,"description":"disk full"}}')
+    assert isinstance(other_store_failure, MessageRejected) and other_store_failure.retryable
 
 
 async def test_other_subscriptions_and_requests_on_the_client_still_work(nats_server: NatsServer) -> None:

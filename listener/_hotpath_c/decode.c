@@ -133,17 +133,19 @@ static inline unsigned long long be64(const unsigned char *p) {
     return v;
 }
 
-/* copy_batch(pgconn_ptr, limit, starts) -> (payloads: list[bytes], wal_end: int, other: bytes | None, status)
+/* copy_batch(pgconn_ptr, limit, starts, max_bytes=0) -> (payloads: list[bytes], wal_end: int, other: bytes | None,
+ *                                                     status)
  *
  * Up to limit XLogData ('w') messages already buffered by libpq: their payloads (the pgoutput message,
  * after the 25-byte header), the last non-zero WAL end they carried, and, when starts is a list, each
  * one's start LSN appended to it. It stops early at any other message (a keepalive), returned whole as
- * other, and when libpq has nothing more buffered. status: 1 more may be buffered, 0 nothing buffered
- * (wait for the socket), -1 the stream ended, -2 libpq reported an error. */
+ * other, when libpq has nothing more buffered, and (max_bytes > 0) once the payloads taken hold max_bytes
+ * or more (libpq's buffer, once grown for a huge row, holds many large ones). status: 1 more may be
+ * buffered, 0 nothing buffered (wait for the socket), -1 the stream ended, -2 libpq reported an error. */
 PyObject *hot_copy_batch(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "copy_batch(pgconn_ptr, limit, starts: list | None)");
+    if (nargs != 3 && nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "copy_batch(pgconn_ptr, limit, starts: list | None, max_bytes=0)");
         return NULL;
     }
     if (pq_getcopydata == NULL || pq_freemem == NULL) {
@@ -152,8 +154,10 @@ PyObject *hot_copy_batch(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     }
     void *conn = PyLong_AsVoidPtr(args[0]);
     Py_ssize_t limit = PyLong_AsSsize_t(args[1]);
+    Py_ssize_t max_bytes = nargs == 4 ? PyLong_AsSsize_t(args[3]) : 0;
     if (PyErr_Occurred())
         return NULL;
+    Py_ssize_t taken = 0;
     if (conn == NULL) {
         PyErr_SetString(PyExc_ValueError, "copy_batch: no connection");
         return NULL;
@@ -169,7 +173,7 @@ PyObject *hot_copy_batch(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     unsigned long long wal_end = 0;
     PyObject *other = NULL;
     int status = 1;
-    while (PyList_GET_SIZE(payloads) < limit) {
+    while (PyList_GET_SIZE(payloads) < limit && (max_bytes <= 0 || taken < max_bytes)) {
         char *buffer = NULL;
         int size = pq_getcopydata(conn, &buffer, 1);
         if (size <= 0) {
@@ -191,6 +195,7 @@ PyObject *hot_copy_batch(PyObject *self, PyObject *const *args, Py_ssize_t nargs
             wal_end = end;
         int failed = 0;
         if (size > 25) {
+            taken += size - 25;
             PyObject *payload = PyBytes_FromStringAndSize(buffer + 25, size - 25);
             failed = payload == NULL || PyList_Append(payloads, payload) < 0;
             Py_XDECREF(payload);

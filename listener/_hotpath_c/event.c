@@ -202,7 +202,7 @@ done:
 }
 
 /* prefix (a str) + number as 12 lower-case hex digits (an event id), or prefix itself when number is None. */
-static PyObject *make_ident(PyObject *prefix, PyObject *number) {
+PyObject *make_ident(PyObject *prefix, PyObject *number) {
     if (number == Py_None)
         return Py_NewRef(prefix);
     unsigned long long n = PyLong_AsUnsignedLongLong(number);

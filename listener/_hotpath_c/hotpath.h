@@ -17,6 +17,7 @@
  *   sha256.c      SHA-256 / HMAC-SHA256 of the hash mask                              transforms.py (hmac)
  *   transforms.c  a table's transform: masks in keys and topics, the route           transforms.py
  *   event.c       the default event format: event(), read_row()                       event.py
+ *   debezium.c    the Debezium format: debezium_event(), debezium_read_row()          formats.py (Debezium)
  *   txn.c         a Begin message -> what its transaction's events share: begin()     event.py (begin)
  *   frames.c      NATS wire frames (HPUB) and JetStream acks                          publishers/nats.py
  *   module.c      the method table and module init                                    hotpath.py
@@ -33,7 +34,7 @@
  * frames of a batch (Nats-Msg-Id header, reply subject per message), and nats_acks(data, sid) scans
  * JetStream's answers on the reply subscription (acks by sequence, errors with their payload).
  *
- * And the replication reader's: copy_batch(pgconn_ptr, limit, starts) takes up to limit buffered
+ * And the replication reader's: copy_batch(pgconn_ptr, limit, starts, max_bytes) takes up to limit buffered
  * CopyData messages off libpq at once (PQgetCopyData through the connection pointer psycopg exposes,
  * with the function pointers of the libpq psycopg loaded, given once by set_libpq).
  *
@@ -164,6 +165,10 @@ int published_text(const Plan *plan, Py_ssize_t i, const Col *c, char hex[64], c
 PyObject *route_topic(const Plan *plan, const Col *new_cols, Py_ssize_t nnew, const Col *old_cols, Py_ssize_t nold,
                       char old_kind);
 
+/* ---- events (event.c): the id of an event, also for debezium.c ---- */
+
+PyObject *make_ident(PyObject *prefix, PyObject *number);
+
 /* ---- NATS frames (frames.c) ---- */
 
 int frames_init(void);
@@ -172,6 +177,8 @@ int frames_init(void);
 
 PyObject *hot_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *hot_read_row(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *hot_debezium_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *hot_debezium_read_row(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *hot_begin(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *hot_nats_frames(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *hot_nats_acks(PyObject *self, PyObject *const *args, Py_ssize_t nargs);

@@ -8,6 +8,11 @@ static PyMethodDef methods[] = {
      "event(msg, plan, prefix, number, commit_time, want_key) -> (ident, body, key[, topic]) | None"},
     {"read_row", (PyCFunction)(void (*)(void))hot_read_row, METH_FASTCALL,
      "read_row(values, plan, ident, read_time, want_key) -> (body, key[, topic]) | None"},
+    {"debezium_event", (PyCFunction)(void (*)(void))hot_debezium_event, METH_FASTCALL,
+     "debezium_event(msg, plan, prefix, number, commit_micros, xid, lsn, last_commit, now_ns, want_key) -> "
+     "(ident, body, key) | None"},
+    {"debezium_read_row", (PyCFunction)(void (*)(void))hot_debezium_read_row, METH_FASTCALL,
+     "debezium_read_row(values, plan, read_micros, last_commit, now_ns, want_key) -> (body, key) | None"},
     {"begin", (PyCFunction)(void (*)(void))hot_begin, METH_FASTCALL,
      "begin(msg, slot_hash) -> the fields of listener.event.Transaction for a Begin message | None"},
     {"nats_frames", (PyCFunction)(void (*)(void))hot_nats_frames, METH_FASTCALL,
@@ -22,7 +27,7 @@ static PyMethodDef methods[] = {
     {"set_libpq", (PyCFunction)(void (*)(void))hot_set_libpq, METH_FASTCALL,
      "set_libpq(getcopydata, freemem): addresses of PQgetCopyData and PQfreemem of psycopg's libpq"},
     {"copy_batch", (PyCFunction)(void (*)(void))hot_copy_batch, METH_FASTCALL,
-     "copy_batch(pgconn_ptr, limit, starts) -> (payloads, wal_end, other, status)"},
+     "copy_batch(pgconn_ptr, limit, starts, max_bytes=0) -> (payloads, wal_end, other, status)"},
     {NULL, NULL, 0, NULL},
 };
 

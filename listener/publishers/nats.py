@@ -60,7 +60,7 @@ from nats.protocol import parser as nats_parser
 from listener import hotpath
 from listener.config import NatsPublisherConfig, redact_url
 from listener.delivery import Acks
-from listener.errors import BrokerConfigError, BrokerUnavailable, MessageRejected, PublishError
+from listener.errors import BrokerConfigError, BrokerUnavailable, MessageRejected, MessageTooLarge, PublishError
 from listener.formats import NATS_HEADERS
 from listener.message import Message
 from listener.publishers.base import Publisher, tls_context
@@ -400,7 +400,7 @@ class NatsPublisher(Publisher[NatsPublisherConfig]):
             seq = end
 
     @staticmethod
-    def _rejection(data: bytes) -> MessageRejected | None:
+    def _rejection(data: bytes) -> MessageRejected | MessageTooLarge | None:
         """The error of a JetStream answer that carries one (it runs inside the client's protocol
         parser, so it never raises)."""
         try:
@@ -414,6 +414,10 @@ class NatsPublisher(Publisher[NatsPublisherConfig]):
             return MessageRejected(f"nats: JetStream rejected the message: {err}", broker="nats")
         text = f"nats: JetStream rejected the message: {err.get('description', err)}"
         code = err.get("err_code") or err.get("code")
+        if code == 10077 and "message too large" in str(err.get("description", "")):
+            # the file store's own limit (a record of 32 MiB at most), below a raised max_payload: for good
+            return MessageTooLarge(f"{text} (a stream with file storage takes messages up to 32 MiB whatever "
+                                   "max_payload allows; memory storage takes up to max_payload)", broker="nats")
         return MessageRejected(text, broker="nats", retryable=code not in (10054, 400))
 
     async def _resend_unacked(self, nc: Client) -> None:

@@ -20,7 +20,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC
 from typing import Any
@@ -307,34 +307,84 @@ def _controller_uid(obj: Mapping[str, Any]) -> str | None:
     return None
 
 
-async def _check_children(owner: render.Owner) -> None:
-    """Raise :class:`_ChildConflict` if a child's name is taken by an object this resource does not own."""
-    name = child_name(owner.name)
+Children = dict[str, dict[str, Any] | None]  # by plural: the object as the API server has it, None if missing
+
+
+def _not_ours(kind: str, owner: render.Owner, obj: Mapping[str, Any]) -> _ChildConflict | None:
+    """The conflict when the child ``obj`` (named as this resource's) is not controlled by ``owner``."""
+    if _controller_uid(obj) == owner.uid:
+        return None
+    holder = next((r for r in (obj.get("metadata") or {}).get("ownerReferences") or [] if r.get("controller")), None)
+    whose = f"belongs to {holder.get('kind')} {holder.get('name')}" if holder else "is not managed by the operator"
+    return _ChildConflict(
+        f"{kind} {owner.namespace}/{child_name(owner.name)} already exists and {whose}; it is left untouched: "
+        "delete or rename that object, or give this WalListener another name"
+    )
+
+
+async def _read_children(owner: render.Owner) -> Children:
+    """One GET per child; raise :class:`_ChildConflict` if a child's name is taken by an object this resource
+    does not own."""
+    found: Children = {}
     for api, plural, kind in _CHILDREN:
-        obj = await kube().get(_child_path(api, plural, owner.namespace, name))
-        if obj is None or _controller_uid(obj) == owner.uid:
-            continue
-        holder = next(
-            (r for r in (obj.get("metadata") or {}).get("ownerReferences") or [] if r.get("controller")), None
-        )
-        whose = f"belongs to {holder.get('kind')} {holder.get('name')}" if holder else "is not managed by the operator"
-        raise _ChildConflict(
-            f"{kind} {owner.namespace}/{name} already exists and {whose}; it is left untouched: "
-            "delete or rename that object, or give this WalListener another name"
-        )
+        obj = await kube().get(_child_path(api, plural, owner.namespace, child_name(owner.name)))
+        found[plural] = obj
+        if obj is not None and (conflict := _not_ours(kind, owner, obj)) is not None:
+            raise conflict
+    return found
 
 
-async def _apply_children(model: WalListenerSpec, owner: render.Owner, secrets_digest: str, logger: Logger) -> Any:
-    """Write ConfigMap, Deployment and Service; returns the Deployment as the API server has it."""
-    await _check_children(owner)
+async def _write_child(
+    kind: str, collection: str, body: dict[str, Any], existing: dict[str, Any] | None, owner: render.Owner
+) -> dict[str, Any]:
+    """Create a child that was missing when read (one POST), else server-side apply it (one PATCH). One
+    created since it was read is applied only if it is this resource's (:class:`_ChildConflict` if not)."""
+    if existing is None:
+        try:
+            return await kube().create(collection, body)
+        except KubeError as exc:
+            if exc.status != 409:
+                raise
+        existing = await kube().get(f"{collection}/{body['metadata']['name']}")
+        if existing is not None and (conflict := _not_ours(kind, owner, existing)) is not None:
+            raise conflict
+    return await kube().apply(collection, body)
+
+
+async def _apply_children(
+    model: WalListenerSpec,
+    owner: render.Owner,
+    secrets_digest: str,
+    logger: Logger,
+    existing: Children | None = None,
+) -> Any:
+    """Write ConfigMap, Deployment and Service; returns the Deployment as the API server has it.
+    ``existing``: the children as :func:`_read_children` found them just now (read here when not given)."""
+    if existing is None:
+        existing = await _read_children(owner)
     ns = owner.namespace
     try:
-        await kube().apply(_child_path("api/v1", "configmaps", ns), render.configmap(model, owner))
-        dep = await kube().apply(
+        await _write_child(
+            "ConfigMap",
+            _child_path("api/v1", "configmaps", ns),
+            render.configmap(model, owner),
+            existing.get("configmaps"),
+            owner,
+        )
+        dep = await _write_child(
+            "Deployment",
             _child_path("apis/apps/v1", "deployments", ns),
             render.deployment(model, owner, SETTINGS.listener_image, secrets_digest),
+            existing.get("deployments"),
+            owner,
         )
-        await kube().apply(_child_path("api/v1", "services", ns), render.service(model, owner))
+        await _write_child(
+            "Service",
+            _child_path("api/v1", "services", ns),
+            render.service(model, owner),
+            existing.get("services"),
+            owner,
+        )
     except KubeError as exc:
         if exc.status in (400, 403, 422):
             logger.error("the API server refused a child of this resource: %s", exc)
@@ -344,8 +394,8 @@ async def _apply_children(model: WalListenerSpec, owner: render.Owner, secrets_d
     return dep
 
 
-def _deployment_condition(spec: WalListenerSpec, dep: Mapping[str, Any] | None) -> st.Condition:
-    if spec.suspend:
+def _deployment_condition(suspend: bool, dep: Mapping[str, Any] | None) -> st.Condition:
+    if suspend:
         return st.Condition(
             st.DEPLOYMENT_READY,
             "False",
@@ -418,7 +468,7 @@ async def reconcile(
         raise kopf.TemporaryError(reason, delay=SETTINGS.slow_retry)
     owner = render.Owner(name=name, namespace=namespace, uid=uid or "")
     try:
-        await _check_children(owner)
+        children = await _read_children(owner)
     except _ChildConflict as exc:
         fail([spec_ok, st.Condition(st.CONFLICT, "True", "ChildOwnedByOther", str(exc))])
         kopf.warn(body, reason="Conflict", message=str(exc))
@@ -474,6 +524,8 @@ async def reconcile(
                     f"logical slot {slot.name} (pgoutput), wal_status {slot.wal_status or '-'}",
                 )
             )
+            # what the status timer reports too: the first tick then has nothing new to write
+            keyless = await db.tables_without_identity(conn, pub.name)
             if model.listener.ddl.capture:
                 ddl = _ddl_condition(*await db.ddl_capture(conn, model, install=True))
                 done.append(ddl)
@@ -503,12 +555,12 @@ async def reconcile(
 
     # 4. the children
     try:
-        dep = await _apply_children(model, owner, secrets.digest, logger)
+        dep = await _apply_children(model, owner, secrets.digest, logger, children)
     except _ChildConflict as exc:  # created meanwhile by someone else
         fail([*done, st.Condition(st.CONFLICT, "True", "ChildOwnedByOther", str(exc))])
         kopf.warn(body, reason="Conflict", message=str(exc))
         raise kopf.TemporaryError(str(exc), delay=SETTINGS.slow_retry) from None
-    done.append(_deployment_condition(model, dep))
+    done.append(_deployment_condition(model.suspend, dep))
     _write(
         patch,
         status,
@@ -522,6 +574,7 @@ async def reconcile(
                 "allTables": pub.all_tables,
                 "tables": pub.tables,
                 "createdByOperator": pub.created_by_operator,
+                "tablesWithoutIdentity": keyless,
             },
         },
     )
@@ -586,53 +639,215 @@ def _listener_path(namespace: str, name: str) -> str:
     return f"apis/{API_GROUP}/{API_VERSION}/namespaces/{namespace}/{PLURAL}/{name}"
 
 
+DeploymentKey = tuple[str, str]  # namespace, WalListener name
+#: a WalListener as last seen: uid, spec.suspend, conditions as (type, status, reason, message)
+ListenerState = tuple[str, bool, tuple[tuple[str, str, str, str], ...]]
+
+
+@dataclass(frozen=True)
+class DeploymentView:
+    """What the operator needs of a listener Deployment, kept in memory from the Deployment watch."""
+
+    owner_uid: str
+    generation: int | None
+    status: tuple[tuple[str, Any], ...]  # status.observedGeneration, availableReplicas, updatedReplicas
+    secrets_hash: str
+
+    def as_object(self) -> dict[str, Any]:
+        """In the shape :func:`_deployment_condition` reads."""
+        return {"metadata": {"generation": self.generation}, "status": dict(self.status)}
+
+
+_DEPLOYMENT_STATUS = ("observedGeneration", "availableReplicas", "updatedReplicas")
+
+
+def _deployment_view(body: Mapping[str, Any]) -> tuple[DeploymentKey, DeploymentView] | None:
+    meta = body.get("metadata") or {}
+    ref = next((r for r in meta.get("ownerReferences") or [] if r.get("controller") and r.get("kind") == KIND), None)
+    if ref is None or not meta.get("namespace"):
+        return None
+    status = body.get("status") or {}
+    template = ((body.get("spec") or {}).get("template") or {}).get("metadata") or {}
+    view = DeploymentView(
+        owner_uid=str(ref.get("uid") or ""),
+        generation=meta.get("generation"),
+        status=tuple(
+            (key, status[key])
+            for key in ("observedGeneration", "availableReplicas", "updatedReplicas")
+            if key in status
+        ),
+        secrets_hash=str((template.get("annotations") or {}).get(render.SECRETS_HASH_ANNOTATION, "")),
+    )
+    return (str(meta["namespace"]), str(ref.get("name"))), view
+
+
+@kopf.index("apps", "v1", "deployments", labels={"app.kubernetes.io/managed-by": render.MANAGED_BY})
+def listener_deployments(body: kopf.Body, **_: Any) -> dict[DeploymentKey, DeploymentView]:
+    """The listener Deployments by owner, from the watch: readiness and the Secret hash without a GET."""
+    found = _deployment_view(body)
+    return dict([found]) if found is not None else {}
+
+
+def _find_deployment(
+    index: kopf.Index[DeploymentKey, DeploymentView] | None, namespace: str, name: str, uid: str
+) -> DeploymentView | None:
+    if index is None:
+        return None
+    for view in index.get((namespace, name), []):
+        if view.owner_uid == uid:
+            return view
+    return None
+
+
+def deployment_condition_due(conditions: Any, dep: Mapping[str, Any] | None, suspend: bool) -> st.Condition | None:
+    """The DeploymentReady condition to write for the Deployment ``dep`` as last seen, or None when the
+    status ``conditions`` already say it, or it is not yet this writer's to say: before the reconcile wrote
+    DeploymentReady once (it writes the first one itself) and while the spec is invalid
+    (``dep`` None: DeploymentMissing)."""
+    spec_valid = st.get(conditions, st.SPEC_VALID)
+    current = st.get(conditions, st.DEPLOYMENT_READY)
+    if current is None or spec_valid is None or spec_valid.get("status") != "True":
+        return None
+    condition = _deployment_condition(suspend, dep)
+    if (current.get("status"), current.get("reason"), current.get("message")) == (
+        condition.status,
+        condition.reason,
+        condition.message,
+    ):
+        return None
+    return condition
+
+
+async def _write_deployment_condition(
+    namespace: str, name: str, uid: str, dep: Mapping[str, Any] | None, logger: Logger
+) -> None:
+    """Read the resource now and write DeploymentReady for ``dep`` if its status does not say it yet (the status
+    as read now: a write from what a watch delivered a moment ago could undo a newer one). The write carries the
+    resourceVersion read, so an API server refuses it (409) when another writer came in between: read again."""
+    for _attempt in range(3):
+        resource = await kube().get(_listener_path(namespace, name))
+        meta = (resource or {}).get("metadata") or {}
+        if resource is None or meta.get("uid") != uid or meta.get("deletionTimestamp"):
+            return
+        status = resource.get("status") or {}
+        condition = deployment_condition_due(
+            status.get("conditions"), dep, bool((resource.get("spec") or {}).get("suspend"))
+        )
+        if condition is None:
+            return
+        body: dict[str, Any] = {
+            "status": _status_patch(status.get("conditions"), status.get("observedGeneration"), [condition])
+        }
+        if meta.get("resourceVersion"):
+            body["metadata"] = {"resourceVersion": meta["resourceVersion"]}
+        try:
+            await kube().request(
+                "PATCH", f"{_listener_path(namespace, name)}/status", body, content_type="application/merge-patch+json"
+            )
+            return
+        except KubeError as exc:
+            if exc.status != 409:
+                logger.warning("could not write the listener's readiness into %s: %s", name, exc)
+                return
+    logger.warning("could not write the listener's readiness into %s: it kept changing meanwhile", name)
+
+
+@kopf.on.event(*RESOURCE)
+async def listener_changed(
+    *,
+    type: str | None,
+    spec: kopf.Spec,
+    meta: kopf.Meta,
+    status: kopf.Status,
+    name: str,
+    namespace: str | None,
+    uid: str,
+    listener_deployments: kopf.Index[DeploymentKey, DeploymentView] | None = None,
+    logger: Logger,
+    **_: Any,
+) -> None:
+    """A status write (the reconcile's, the timer's) that says other than the Deployment as last seen about its
+    readiness is put right: whichever of the two changes last, the status ends up saying the Deployment's state."""
+    namespace = namespace or "default"
+    if type == "DELETED" or meta.get("deletionTimestamp"):
+        return
+    view = _find_deployment(listener_deployments, namespace, name, uid)
+    if view is None:  # not created yet, or deleted: the reconcile, the timer and the Deployment watch see to it
+        return
+    dep = view.as_object()
+    if deployment_condition_due(status.get("conditions"), dep, bool(spec.get("suspend"))) is None:
+        return
+    await _write_deployment_condition(namespace, name, uid, dep, logger)
+
+
+@kopf.index(*RESOURCE)
+def listener_states(
+    status: kopf.Status, spec: kopf.Spec, meta: kopf.Meta, uid: str, name: str, namespace: str | None, **_: Any
+) -> dict[DeploymentKey, ListenerState]:
+    """Each resource's uid, spec.suspend and conditions (type, status, reason, message), as last seen."""
+    if meta.get("deletionTimestamp"):
+        return {}
+    conditions = tuple(
+        (str(c.get("type")), str(c.get("status")), str(c.get("reason")), str(c.get("message")))
+        for c in status.get("conditions") or []
+    )
+    return {(namespace or "default", name): (uid or "", bool(spec.get("suspend")), conditions)}
+
+
+def _conditions_of(known: tuple[tuple[str, str, str, str], ...]) -> list[dict[str, str]]:
+    return [{"type": t, "status": s, "reason": r, "message": m} for t, s, r, m in known]
+
+
 @kopf.on.event("apps", "v1", "deployments", labels={"app.kubernetes.io/managed-by": render.MANAGED_BY})
 async def deployment_changed(
-    *, type: str | None, body: kopf.Body, namespace: str | None, logger: Logger, **_: Any
+    *,
+    type: str | None,
+    body: kopf.Body,
+    namespace: str | None,
+    listener_states: kopf.Index[DeploymentKey, tuple[str, bool, tuple[tuple[str, str, str, str], ...]]] | None = None,
+    logger: Logger,
+    **_: Any,
 ) -> None:
-    """The pod's readiness (or the Deployment's disappearance) reaches the owner's status at once."""
+    """The pod's readiness (or the Deployment's disappearance) reaches the owner's status at once. The owner's
+    status as last seen (an index from the WalListener watch) tells whether there is anything to write: the
+    resource is read from the API only then."""
     refs = body.get("metadata", {}).get("ownerReferences") or []
     ref = next((r for r in refs if r.get("controller") and r.get("kind") == KIND), None)
     if ref is None or namespace is None:
         return
-    resource = await kube().get(_listener_path(namespace, ref["name"]))
-    if resource is None or resource["metadata"].get("uid") != ref.get("uid"):
+    owner_uid = str(ref.get("uid") or "")
+    if type == "DELETED":  # deleted by someone: put it back at once
+        await _restore_deployment(namespace, ref["name"], owner_uid, logger)
         return
-    if resource["metadata"].get("deletionTimestamp"):
+    states: Iterable[ListenerState] = listener_states.get((namespace, ref["name"]), []) if listener_states else []
+    known = next((k for k in states if k[0] == owner_uid), None)
+    if known is None:
+        return  # its owner is gone or being deleted
+    if deployment_condition_due(_conditions_of(known[2]), body, known[1]) is None:
+        return
+    await _write_deployment_condition(namespace, ref["name"], owner_uid, body, logger)
+
+
+async def _restore_deployment(namespace: str, name: str, uid: str, logger: Logger) -> None:
+    resource = await kube().get(_listener_path(namespace, name))
+    if resource is None or resource["metadata"].get("uid") != uid or resource["metadata"].get("deletionTimestamp"):
         return
     try:
         model = parse_spec(resource.get("spec") or {})
     except SpecError:
         return
-    status = resource.get("status") or {}
-    if type == "DELETED" and not model.suspend:  # deleted by someone: put it back at once
-        try:
-            secrets = await _read_secrets(model, namespace)
-        except _NeedsPerson as exc:
-            logger.warning("cannot re-create the listener Deployment of %s: %s", ref["name"], exc.message)
-        else:
-            owner = render.Owner(ref["name"], namespace, str(ref.get("uid") or ""))
-            await _keep_children(kopf.Body(resource), model, owner, secrets, logger)  # type: ignore[arg-type]
-            return  # the new Deployment's own events bring its readiness
-    condition = _deployment_condition(model, None if type == "DELETED" else body)
-    current = st.get(status.get("conditions"), st.DEPLOYMENT_READY)
-    if current is not None and (current.get("status"), current.get("reason"), current.get("message")) == (
-        condition.status,
-        condition.reason,
-        condition.message,
-    ):
+    if model.suspend:
+        await _write_deployment_condition(namespace, name, uid, None, logger)
         return
-    generation = status.get("observedGeneration")
-    update = _status_patch(status.get("conditions"), generation, [condition])
     try:
-        await kube().request(
-            "PATCH",
-            f"{_listener_path(namespace, ref['name'])}/status",
-            {"status": update},
-            content_type="application/merge-patch+json",
-        )
-    except KubeError as exc:
-        logger.warning("could not write the listener's readiness into %s: %s", ref["name"], exc)
+        secrets = await _read_secrets(model, namespace)
+    except _NeedsPerson as exc:
+        logger.warning("cannot re-create the listener Deployment of %s: %s", name, exc.message)
+        await _write_deployment_condition(namespace, name, uid, None, logger)
+        return
+    owner = render.Owner(name, namespace, uid)
+    await _keep_children(kopf.Body(resource), model, owner, secrets, None, logger)  # type: ignore[arg-type]
+    # the new Deployment's own events bring its readiness
 
 
 # --------------------------------------------------------------------------------------------------
@@ -652,6 +867,7 @@ async def watch_slot(
     patch: kopf.Patch,
     memo: kopf.Memo,
     claims: kopf.Index[ClaimKey, Claim] | None = None,
+    listener_deployments: kopf.Index[DeploymentKey, DeploymentView] | None = None,
     logger: Logger,
     **_: Any,
 ) -> None:
@@ -699,10 +915,18 @@ async def watch_slot(
             extra["publication"] = {**status["publication"], "tablesWithoutIdentity": keyless}
         _warn_without_identity(body, model.listener.publication_name, keyless, memo)
 
+    view = _find_deployment(listener_deployments, namespace, name, uid or "")
     if secrets is not None:
-        await _keep_children(body, model, render.Owner(name, namespace, uid or ""), secrets, logger)
+        await _keep_children(body, model, render.Owner(name, namespace, uid or ""), secrets, view, logger)
+    if view is not None:  # readiness as the Deployment watch last saw it (a write lost in a race is put right)
+        due = deployment_condition_due(conditions, view.as_object(), model.suspend)
+        if due is not None:
+            updates.append(due)
 
-    # the Deployment watch may have written since this body was read: merge into what is there now
+    # The status as this body has it decides whether there is anything to write; if there is, it is merged into
+    # the status as it is now (the Deployment watch may have written since this body was read).
+    if not _worth_writing(status, _status_patch(conditions, meta.get("generation"), updates, extra)):
+        return
     fresh = await kube().get(_listener_path(namespace, name))
     current = (fresh or {}).get("status") or status
     update = _status_patch(current.get("conditions"), meta.get("generation"), updates, extra)
@@ -730,13 +954,28 @@ def _worth_writing(current: Mapping[str, Any], update: Mapping[str, Any]) -> boo
 
 
 async def _keep_children(
-    body: kopf.Body, model: WalListenerSpec, owner: render.Owner, secrets: Secrets, logger: Logger
+    body: kopf.Body,
+    model: WalListenerSpec,
+    owner: render.Owner,
+    secrets: Secrets,
+    view: DeploymentView | None,
+    logger: Logger,
 ) -> None:
-    """Re-create a deleted Deployment; roll the pod when a referenced Secret changed."""
-    dep = await kube().get(_child_path("apis/apps/v1", "deployments", owner.namespace, child_name(owner.name)))
-    if dep is not None:
-        annotations = dep["spec"]["template"].get("metadata", {}).get("annotations") or {}
-        if annotations.get(render.SECRETS_HASH_ANNOTATION, "") == secrets.digest:
+    """Re-create a deleted Deployment; roll the pod when a referenced Secret changed. ``view``: the Deployment as
+    the watch last saw it (None: not seen, read it from the API)."""
+    if view is not None:
+        secrets_hash: str | None = view.secrets_hash
+    else:
+        dep = await kube().get(_child_path("apis/apps/v1", "deployments", owner.namespace, child_name(owner.name)))
+        secrets_hash = (
+            None
+            if dep is None
+            else str((dep["spec"]["template"].get("metadata", {}).get("annotations") or {}).get(
+                render.SECRETS_HASH_ANNOTATION, ""
+            ))
+        )  # fmt: skip
+    if secrets_hash is not None:
+        if secrets_hash == secrets.digest:
             return
         message = "a referenced Secret changed: rolling the listener pod"
         kopf.event(body, type="Normal", reason="SecretChanged", message=message)

@@ -154,6 +154,13 @@ class KubeClient:
         assert result is not None
         return result
 
+    async def create(self, collection: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Create ``body`` under ``collection`` (POST); :class:`KubeError` 409 if it exists."""
+        result = await self.request("POST", collection, body, params={"fieldManager": FIELD_MANAGER})
+        if result is None:
+            raise KubeError(404, "POST", collection, "the namespace or resource type does not exist")
+        return result
+
     async def delete(self, path: str, propagation: str = "Background") -> bool:
         """Delete an object; False if it was already gone."""
         body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation}

@@ -222,8 +222,7 @@ def deployment(spec: WalListenerSpec, owner: Owner, default_image: str, secrets_
     }
     if pod.image_pull_policy:
         container["imagePullPolicy"] = pod.image_pull_policy
-    if pod.resources:
-        container["resources"] = pod.resources
+    container["resources"] = pod.container_resources()  # memory sized (wal_operator.sizing)
 
     annotations = {**pod.annotations, CONFIG_HASH_ANNOTATION: config_hash(spec)}
     if secrets_digest:

@@ -47,6 +47,7 @@ from listener.config import (
     RabbitMQSettings,
     env_names,
 )
+from wal_operator.sizing import max_in_flight_bytes, memory_limit, pod_resources, resources_problem
 
 API_GROUP = "wal-listener.io"
 API_VERSION = "v1alpha1"
@@ -340,7 +341,10 @@ class PodSpec(_Spec):
         "", description="Image pull policy of the listener container; empty: Kubernetes' default."
     )
     resources: dict[str, dict[str, str | int]] = Field(
-        default_factory=dict, description="Container resources (requests, limits)."
+        default_factory=dict,
+        description="Container resources (requests, limits), each key over the defaults: requests cpu 100m and "
+        "memory 256Mi, limits memory 512Mi. listener.maxInFlightBytes, when not set, is derived from "
+        "limits.memory: a quarter of what it leaves above 96Mi (104Mi for 512Mi).",
     )
     node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pod must run on.")
     tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Pod tolerations, as in a Pod.")
@@ -350,6 +354,18 @@ class PodSpec(_Spec):
     )
     labels: dict[str, str] = Field(default_factory=dict, description="Extra pod labels.")
     annotations: dict[str, str] = Field(default_factory=dict, description="Extra pod annotations.")
+
+    @field_validator("resources")
+    @classmethod
+    def _check_resources(cls, value: dict[str, dict[str, str | int]]) -> dict[str, dict[str, str | int]]:
+        problem = resources_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    def container_resources(self) -> dict[str, dict[str, str | int]]:
+        """The listener container's resources: the defaults with the keys of ``resources`` over them."""
+        return pod_resources(self.resources)
 
 
 class AlertSpec(_Spec):
@@ -552,6 +568,8 @@ class WalListenerSpec(_Spec):
         database.pop("tls", None)
         publisher.pop("tls", None)
         listener = self.listener.model_dump(mode="json", by_alias=True, exclude={"transforms_hash_key_secret_ref"})
+        if "max_in_flight_bytes" not in self.listener.model_fields_set:  # sized to the pod (wal_operator.sizing)
+            listener["maxInFlightBytes"] = max_in_flight_bytes(memory_limit(self.pod.container_resources()))
         if self.listener.transforms_hash_key_secret_ref:
             listener["transformsHashKey"] = values.get(("listener", "transformsHashKey"), _HASH_KEY_PLACEHOLDER)
         data = {

@@ -115,6 +115,15 @@ class Cluster:
             "application/merge-patch+json",
         )
 
+    async def patch_status(self, name: str, status: dict[str, Any], namespace: str = NS) -> None:
+        """Write a WalListener's status as another writer would (a merge patch of the status subresource)."""
+        await self._call(
+            "PATCH",
+            f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status",
+            {"status": status},
+            "application/merge-patch+json",
+        )
+
     async def delete_listener(self, name: str, namespace: str = NS) -> None:
         await self._call("DELETE", f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{namespace}/{PLURAL}/{name}")
 

@@ -312,17 +312,20 @@ class Database:
 
 class NatsServer(Controllable, throwaway.NatsServer):
     """:class:`listener.throwaway.NatsServer` (``nats-server -js``) that can be restarted and paused;
-    ``monitor=True`` also serves the HTTP monitoring endpoints (``monitor_url``)."""
+    ``monitor=True`` also serves the HTTP monitoring endpoints (``monitor_url``); ``max_payload`` raises
+    the largest message the server takes (1 MB by default; nats-server allows up to 64 MB)."""
 
     def __init__(
         self,
         port: int | None = None,
         *,
         monitor: bool = False,
+        max_payload: int | None = None,
         base_dir: str | os.PathLike[str] | None = None,
         binary: str | os.PathLike[str] | None = None,
     ) -> None:
         self._monitor_port = free_port() if monitor else None
+        self._max_payload = max_payload
         super().__init__(port, base_dir=base_dir, binary=binary)
 
     @property
@@ -336,6 +339,11 @@ class NatsServer(Controllable, throwaway.NatsServer):
         cmd = super()._command()
         if self._monitor_port:
             cmd += ["-m", str(self._monitor_port)]
+        if self._max_payload:
+            config = self.dir / "nats.conf"  # max_payload has no command-line flag
+            # a client's pending data must hold a whole message too
+            config.write_text(f"max_payload: {self._max_payload}\nmax_pending: {2 * self._max_payload}\n")
+            cmd += ["-c", str(config)]
         return cmd
 
 

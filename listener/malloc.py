@@ -1,0 +1,41 @@
+"""Large blocks straight from the kernel and back: the listener's resident memory follows its live bytes.
+
+glibc's malloc serves a block of 128 KiB or more with its own ``mmap`` and gives it back to the kernel
+when freed, but each such free raises that threshold to the freed block's size (up to 32 MiB): once a
+batch's frames of large rows (16 MiB and more) were freed, every block under that size comes from the
+heap, where a freed block in the middle cannot go back to the kernel, and the resident set keeps the
+high-water mark of the holes. Measured on a backfill of 576 KB rows with the default config (peak RSS,
+several runs each): 163-320 MB with the moving threshold; 153-215 MB with it fixed at 4 MiB; 125-172 MB
+with it fixed at 128 KiB, which however made small-row backfills use ~10% more CPU (every batch's frames
+and socket buffers of ~1 MiB mmap'd and unmapped), so 4 MiB: what small rows allocate stays in the heap,
+what large rows' batches allocate goes back. ``mallopt(M_MMAP_THRESHOLD, ...)`` also stops the moving
+trim threshold. ``MALLOC_MMAP_THRESHOLD_`` in the environment does the same from outside and is left to
+glibc when set. Elsewhere than glibc (musl, macOS) nothing is done.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+#: glibc's mallopt parameter number of M_MMAP_THRESHOLD (malloc.h)
+M_MMAP_THRESHOLD = -3
+#: blocks of this many bytes or more are mmap'd and unmapped on free, whatever was freed before
+MMAP_THRESHOLD = 4 * 1024 * 1024
+
+
+def fix_mmap_threshold() -> bool:
+    """Keep large blocks out of the heap (see the module's docstring); True when glibc took the setting.
+    An explicit ``MALLOC_MMAP_THRESHOLD_`` in the environment is left to glibc."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        libc = ctypes.CDLL(None)  # the process's own symbols, libc's among them (find_library runs ldconfig)
+        mallopt = libc.mallopt
+        version = libc.gnu_get_libc_version  # glibc only: musl's mallopt does nothing
+    except (OSError, AttributeError):
+        return False
+    del version
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
