@@ -310,7 +310,7 @@ static int interval_part(const unsigned char *s, Py_ssize_t n, Py_ssize_t *i, ch
         return -1;
     if (j >= n || s[j] != want)
         return 0;
-    long long v;
+    long long v = 0;
     digits(s + start, j - start, &v);
     *value = negative ? -v : v;
     *i = j + 1;
@@ -827,10 +827,8 @@ PyObject *hot_debezium_event(PyObject *self, PyObject *const *args, Py_ssize_t n
     Col stack_new[STACK_COLUMNS], stack_old[STACK_COLUMNS];
     Span stack_spans[STACK_COLUMNS];
     void *heap = NULL;
-    Col *new_cols = NULL, *old_cols = NULL, *spare_new = stack_new, *spare_old = stack_old;
+    Col *spare_new = stack_new, *spare_old = stack_old;
     Span *spans = stack_spans;
-    Py_ssize_t nnew = 0, nold = 0;
-    char op;
 
     if (ncolumns > STACK_COLUMNS) {
         heap = PyMem_Malloc((sizeof(Col) * 2 + sizeof(Span)) * (size_t)ncolumns);
@@ -842,54 +840,19 @@ PyObject *hot_debezium_event(PyObject *self, PyObject *const *args, Py_ssize_t n
         spare_old = spare_new + ncolumns;
         spans = (Span *)(spare_old + ncolumns);
     }
-    if (n < 6)
+    Change c;
+    if (read_change(s, n, ncolumns, spare_new, spare_old, &c) < 0)
         goto fallback;
-    Py_ssize_t pos = 6;
-    unsigned char tag = s[0], marker = s[5];
-    char old_kind = 0;
-    if (tag == 'I') {
-        op = 'c';
-        if (marker != 'N')
-            goto fallback;
-    } else if (tag == 'U') {
-        op = 'u';
-        if (marker == 'K' || marker == 'O') {
-            old_kind = (char)marker;
-            old_cols = spare_old;
-            nold = read_tuple(s, n, &pos, old_cols, ncolumns);
-            if (nold < 0 || pos >= n)
-                goto fallback;
-            marker = s[pos++];
-        }
-        if (marker != 'N')
-            goto fallback;
-    } else if (tag == 'D') {
-        op = 'd';
-        if (marker != 'K' && marker != 'O')
-            goto fallback;
-        old_kind = (char)marker;
-        old_cols = spare_old;
-        nold = read_tuple(s, n, &pos, old_cols, ncolumns);
-        if (nold < 0)
-            goto fallback;
-    } else {
-        goto fallback;
-    }
-    if (tag != 'D') {
-        new_cols = spare_new;
-        nnew = read_tuple(s, n, &pos, new_cols, ncolumns);
-        if (nnew < 0)
-            goto fallback;
-    }
+    char op = c.tag == 'I' ? 'c' : c.tag == 'U' ? 'u' : 'd';
     /* an UPDATE's before: the old row only when it is complete (REPLICA IDENTITY FULL) */
-    const Col *before = tag == 'D' || old_kind == 'O' ? old_cols : NULL;
-    built = build(plan, &src, op, before, nold, new_cols, nnew, spans, n, want_key);
+    const Col *before = c.tag == 'D' || c.old_kind == 'O' ? c.old_cols : NULL;
+    built = build(plan, &src, op, before, c.nold, c.new_cols, c.nnew, spans, n, want_key);
     if (built == NULL || built == Py_None) {
         result = built;
         goto done;
     }
     if (routed) {
-        PyObject *topic = route_topic(&route, new_cols, nnew, old_cols, nold, old_kind);
+        PyObject *topic = route_topic(&route, c.new_cols, c.nnew, c.old_cols, c.nold, c.old_kind);
         if (topic != NULL) {
             result = PyTuple_Pack(4, ident, PyTuple_GET_ITEM(built, 0), PyTuple_GET_ITEM(built, 1), topic);
             Py_DECREF(topic);
@@ -956,27 +919,10 @@ PyObject *hot_debezium_read_row(PyObject *self, PyObject *const *args, Py_ssize_
     }
     PyObject *result = NULL;
     Py_ssize_t size = 0;
-    for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *item = PyList_GET_ITEM(values, i);
-        if (item == Py_None) {
-            cols[i].kind = 'n';
-            cols[i].p = NULL;
-            cols[i].len = 0;
-        } else if (PyBytes_Check(item)) {
-            const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(item);
-            Py_ssize_t len = PyBytes_GET_SIZE(item);
-            if (!valid_utf8(p, len)) {
-                result = Py_NewRef(Py_None);
-                goto done;
-            }
-            cols[i].kind = 't';
-            cols[i].p = p;
-            cols[i].len = len;
-            size += len + 8;
-        } else {
-            PyErr_SetString(PyExc_TypeError, "debezium_read_row: a value is bytes or None");
-            goto done;
-        }
+    int valid = read_values("debezium_read_row", values, cols, &size);
+    if (valid <= 0) {
+        result = valid < 0 ? NULL : Py_NewRef(Py_None);
+        goto done;
     }
     result = build(plan, &src, 'r', NULL, 0, cols, count, spans, size, want_key);
     if (routed && result != NULL && result != Py_None) {

@@ -101,6 +101,69 @@ Py_ssize_t read_tuple(const unsigned char *s, Py_ssize_t n, Py_ssize_t *pos, Col
     return count;
 }
 
+/* An Insert, Update or Delete message s[0..n) of a table of ncolumns columns, its tuples read into
+ * new_space and old_space (ncolumns each): 0, or -1 when it is not a change message this path reads (the
+ * caller hands it to the Python path, which raises what is wrong). */
+int read_change(const unsigned char *s, Py_ssize_t n, Py_ssize_t ncolumns, Col *new_space, Col *old_space, Change *c) {
+    c->new_cols = c->old_cols = NULL;
+    c->nnew = c->nold = 0;
+    c->old_kind = 0;
+    if (n < 6)
+        return -1;
+    Py_ssize_t pos = 6;
+    unsigned char tag = s[0], marker = s[5];
+    c->tag = tag;
+    if (tag == 'U' && (marker == 'K' || marker == 'O')) {
+        c->old_kind = (char)marker;
+        c->old_cols = old_space;
+        c->nold = read_tuple(s, n, &pos, old_space, ncolumns);
+        if (c->nold < 0 || pos >= n)
+            return -1;
+        marker = s[pos++];
+    }
+    if (tag == 'I' || tag == 'U') {
+        if (marker != 'N')
+            return -1;
+        c->new_cols = new_space;
+        c->nnew = read_tuple(s, n, &pos, new_space, ncolumns);
+        return c->nnew < 0 ? -1 : 0;
+    }
+    if (tag != 'D' || (marker != 'K' && marker != 'O'))
+        return -1;
+    c->old_kind = (char)marker;
+    c->old_cols = old_space;
+    c->nold = read_tuple(s, n, &pos, old_space, ncolumns);
+    return c->nold < 0 ? -1 : 0;
+}
+
+/* A backfilled row's values (a list of each column's text form as bytes, None for NULL, as an Insert would
+ * carry them) as columns; *size grows by about the JSON they make. 1, 0 when a value is no valid UTF-8 (the
+ * Python path takes the row), -1 on an error (a value neither bytes nor None; who names the caller). */
+int read_values(const char *who, PyObject *values, Col *cols, Py_ssize_t *size) {
+    Py_ssize_t count = PyList_GET_SIZE(values);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *item = PyList_GET_ITEM(values, i);
+        if (item == Py_None) {
+            cols[i].kind = 'n';
+            cols[i].p = NULL;
+            cols[i].len = 0;
+        } else if (PyBytes_Check(item)) {
+            const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(item);
+            Py_ssize_t len = PyBytes_GET_SIZE(item);
+            if (!valid_utf8(p, len))
+                return 0;
+            cols[i].kind = 't';
+            cols[i].p = p;
+            cols[i].len = len;
+            *size += len + 8;
+        } else {
+            PyErr_Format(PyExc_TypeError, "%s: a value is bytes or None", who);
+            return -1;
+        }
+    }
+    return 1;
+}
+
 /* ---------------------------------------------------------------------------------------------
  * The replication stream: many CopyData messages per call (twin: psycopg's per-message read in
  * listener/replication.py).

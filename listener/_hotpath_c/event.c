@@ -248,10 +248,7 @@ PyObject *hot_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     Py_ssize_t n = view.len;
     PyObject *result = NULL;
     Col stack_new[STACK_COLUMNS], stack_old[STACK_COLUMNS];
-    Col *heap = NULL, *new_cols = NULL, *old_cols = NULL, *spare_new = stack_new, *spare_old = stack_old;
-    Py_ssize_t nnew = 0, nold = 0;
-    char old_kind = 0;
-    const char *action;
+    Col *heap = NULL, *spare_new = stack_new, *spare_old = stack_old;
 
     if (ncolumns > STACK_COLUMNS) {
         heap = PyMem_Malloc(sizeof(Col) * (size_t)ncolumns * 2);
@@ -262,45 +259,11 @@ PyObject *hot_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         spare_new = heap;
         spare_old = heap + ncolumns;
     }
-    if (n < 6)
+    Change c;
+    if (read_change(s, n, ncolumns, spare_new, spare_old, &c) < 0)
         goto fallback;
-    Py_ssize_t pos = 6;
-    unsigned char tag = s[0], marker = s[5];
-    if (tag == 'I') {
-        action = "INSERT";
-        if (marker != 'N')
-            goto fallback;
-    } else if (tag == 'U') {
-        action = "UPDATE";
-        if (marker == 'K' || marker == 'O') {
-            old_kind = (char)marker;
-            old_cols = spare_old;
-            nold = read_tuple(s, n, &pos, old_cols, ncolumns);
-            if (nold < 0 || pos >= n)
-                goto fallback;
-            marker = s[pos++];
-        }
-        if (marker != 'N')
-            goto fallback;
-    } else if (tag == 'D') {
-        action = "DELETE";
-        if (marker != 'K' && marker != 'O')
-            goto fallback;
-        old_kind = (char)marker;
-        old_cols = spare_old;
-        nold = read_tuple(s, n, &pos, old_cols, ncolumns);
-        if (nold < 0)
-            goto fallback;
-    } else {
-        goto fallback;
-    }
-    if (tag != 'D') {
-        new_cols = spare_new;
-        nnew = read_tuple(s, n, &pos, new_cols, ncolumns);
-        if (nnew < 0)
-            goto fallback;
-    }
-    result = build_event(ident, 1, args[4], &plan, action, new_cols, nnew, old_cols, nold, old_kind, want_key, n);
+    const char *action = c.tag == 'I' ? "INSERT" : c.tag == 'U' ? "UPDATE" : "DELETE";
+    result = build_event(ident, 1, args[4], &plan, action, c.new_cols, c.nnew, c.old_cols, c.nold, c.old_kind, want_key, n);
     goto done;
 fallback:
     result = Py_NewRef(Py_None);
@@ -345,27 +308,10 @@ PyObject *hot_read_row(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     }
     PyObject *result = NULL;
     Py_ssize_t size = 0;
-    for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *item = PyList_GET_ITEM(values, i);
-        if (item == Py_None) {
-            cols[i].kind = 'n';
-            cols[i].p = NULL;
-            cols[i].len = 0;
-        } else if (PyBytes_Check(item)) {
-            const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(item);
-            Py_ssize_t len = PyBytes_GET_SIZE(item);
-            if (!valid_utf8(p, len)) {
-                result = Py_NewRef(Py_None);
-                goto done;
-            }
-            cols[i].kind = 't';
-            cols[i].p = p;
-            cols[i].len = len;
-            size += len + 8;
-        } else {
-            PyErr_SetString(PyExc_TypeError, "read_row: a value is bytes or None");
-            goto done;
-        }
+    int valid = read_values("read_row", values, cols, &size);
+    if (valid <= 0) {
+        result = valid < 0 ? NULL : Py_NewRef(Py_None);
+        goto done;
     }
     result = build_event(args[2], 0, args[3], &plan, "READ", cols, count, NULL, 0, 0, want_key, size);
 done:

@@ -119,6 +119,17 @@ typedef struct {
 int valid_utf8(const unsigned char *s, Py_ssize_t n);
 Py_ssize_t read_tuple(const unsigned char *s, Py_ssize_t n, Py_ssize_t *pos, Col *cols, Py_ssize_t max);
 
+/* A change message as read_change() finds it: its tag ('I', 'U' or 'D'), its tuples (NULL when it has none)
+ * with their column counts, and the old tuple's kind ('K' the key, 'O' the whole row, 0 none). */
+typedef struct {
+    unsigned char tag;
+    char old_kind;
+    Col *new_cols, *old_cols;
+    Py_ssize_t nnew, nold;
+} Change;
+int read_change(const unsigned char *s, Py_ssize_t n, Py_ssize_t ncolumns, Col *new_space, Col *old_space, Change *c);
+int read_values(const char *who, PyObject *values, Col *cols, Py_ssize_t *size);
+
 /* ---- the hash mask (sha256.c) ---- */
 
 /* The states after the key's inner (0x36) and outer (0x5c) padded blocks: 16 words. */
