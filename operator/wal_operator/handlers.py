@@ -363,35 +363,23 @@ async def _apply_children(
     if existing is None:
         existing = await _read_children(owner)
     ns = owner.namespace
+    children = (  # in this order: the pod reads the ConfigMap; the Service selects the pods
+        ("ConfigMap", "api/v1", "configmaps", render.configmap(model, owner)),
+        ("Deployment", "apis/apps/v1", "deployments",
+         render.deployment(model, owner, SETTINGS.listener_image, secrets_digest)),
+        ("Service", "api/v1", "services", render.service(model, owner)),
+    )
+    written: dict[str, Any] = {}
     try:
-        await _write_child(
-            "ConfigMap",
-            _child_path("api/v1", "configmaps", ns),
-            render.configmap(model, owner),
-            existing.get("configmaps"),
-            owner,
-        )
-        dep = await _write_child(
-            "Deployment",
-            _child_path("apis/apps/v1", "deployments", ns),
-            render.deployment(model, owner, SETTINGS.listener_image, secrets_digest),
-            existing.get("deployments"),
-            owner,
-        )
-        await _write_child(
-            "Service",
-            _child_path("api/v1", "services", ns),
-            render.service(model, owner),
-            existing.get("services"),
-            owner,
-        )
+        for kind, api, plural, body in children:
+            written[kind] = await _write_child(kind, _child_path(api, plural, ns), body, existing.get(plural), owner)
     except KubeError as exc:
         if exc.status in (400, 403, 422):
             logger.error("the API server refused a child of this resource: %s", exc)
         raise kopf.TemporaryError(
             f"could not write the listener's Deployment/ConfigMap/Service: {exc}", delay=30
         ) from None
-    return dep
+    return written["Deployment"]
 
 
 def _deployment_condition(suspend: bool, dep: Mapping[str, Any] | None) -> st.Condition:
