@@ -659,11 +659,7 @@ def _deployment_view(body: Mapping[str, Any]) -> tuple[DeploymentKey, Deployment
     view = DeploymentView(
         owner_uid=str(ref.get("uid") or ""),
         generation=meta.get("generation"),
-        status=tuple(
-            (key, status[key])
-            for key in ("observedGeneration", "availableReplicas", "updatedReplicas")
-            if key in status
-        ),
+        status=tuple((key, status[key]) for key in _DEPLOYMENT_STATUS if key in status),
         secrets_hash=str((template.get("annotations") or {}).get(render.SECRETS_HASH_ANNOTATION, "")),
     )
     return (str(meta["namespace"]), str(ref.get("name"))), view
