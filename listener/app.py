@@ -476,11 +476,6 @@ class Listener:
             safe = state.safe_wal_size
             metrics.SLOT_SAFE_WAL_BYTES.set(-1 if safe is None else safe)
             metrics.SLOT_WAL_KEEP_BYTES.set(state.wal_keep_size)
-            await self._check_failover(db, state)
-            try:
-                await db.publications.watch(db.conn)
-            except Exception as exc:
-                log.warning("publication check failed", extra={"fields": {"error": str(exc).strip()}})
             for status in metrics.WAL_STATUSES:
                 metrics.SLOT_WAL_STATUS.labels(status).set(1 if state.wal_status == status else 0)
             at_risk = wal_at_risk(state.wal_status, safe, state.wal_keep_size)
@@ -492,6 +487,12 @@ class Listener:
                                       "retained_wal": max(0, state.current_lsn - state.restart_lsn)}},
                 )
             warned = at_risk
+            # after the slot's figures and their warning: the metrics and the line tell the same moment
+            await self._check_failover(db, state)
+            try:
+                await db.publications.watch(db.conn)
+            except Exception as exc:
+                log.warning("publication check failed", extra={"fields": {"error": str(exc).strip()}})
 
     async def _next_check(self, interval: float) -> None:
         """Wait for the next periodic check: heartbeatInterval, or until a DDL event asks for it at once."""
