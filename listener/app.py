@@ -96,9 +96,6 @@ class Listener:
             dead_letter_subject=dead_letter,
         )
         self.delivery.on_fatal = lambda _exc: self.stop()
-        # read when scraped: while the broker does not answer, nothing settles to update them
-        metrics.IN_FLIGHT.set_function(lambda: float(self.delivery.in_flight))
-        metrics.IN_FLIGHT_BYTES.set_function(lambda: float(self.delivery.in_flight_bytes))
         #: hands an event to delivery (database.debug: logs it first, as published)
         self._add = self._logged_add if cfg.database.debug else self.delivery.add
         self._transforms_checked = False

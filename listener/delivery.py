@@ -269,6 +269,9 @@ class Delivery:
         self._queue: asyncio.Queue[Batch] = asyncio.Queue()
         self._space = asyncio.Event()
         self._space.set()
+        # the gauges read this stage when scraped: while the broker does not answer nothing settles to set them
+        metrics.IN_FLIGHT.set_function(lambda: float(self.in_flight))
+        metrics.IN_FLIGHT_BYTES.set_function(lambda: float(self.in_flight_bytes))
         self._settled = asyncio.Event()
         self._settled.set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -555,8 +558,6 @@ class Delivery:
                 advanced = True
         if not self._pending:
             self._settled.set()
-        metrics.IN_FLIGHT.set(self.in_flight)
-        metrics.IN_FLIGHT_BYTES.set(self.in_flight_bytes)
         if advanced and self.on_confirmable is not None:
             self.on_confirmable()
 
