@@ -43,7 +43,6 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from itertools import chain
 from typing import Any, cast
 
 import orjson
@@ -56,7 +55,7 @@ from listener.config import Config
 from listener.errors import ListenerError
 from listener.event import EventBuilder, now_text, read_event_ids
 from listener.filter import TableFilter
-from listener.hotpath import _psycopg_libpq
+from listener.hotpath import psycopg_libpq
 from listener.message import Message
 from listener.replication import SESSION_OPTIONS, describe_pg_error
 
@@ -686,7 +685,7 @@ class Backfiller:
                 got = len(piece)
                 if piece:
                     # libpq's own count of the piece's memory (one call), else the values' bytes (one per value)
-                    total = sized(result) if sized is not None else sum(map(len, filter(None, chain(*piece))))
+                    total = sized(result) if sized is not None else sum(map(_row_bytes, piece))
                     # the largest row: looked for among few or large rows; many small ones go by their average
                     few = got <= 64 or total > piece_target // 4
                     biggest = max(map(_row_bytes, piece)) if few else -(-total // got)
@@ -763,7 +762,7 @@ def _result_size() -> Callable[[psycopg.pq.abc.PGresult], int] | None:
     """libpq's ``PQresultMemorySize`` of a result psycopg holds (the bytes its rows take in libpq), when the
     libpq psycopg runs on can be found; else None."""
     try:
-        lib = _psycopg_libpq()
+        lib = psycopg_libpq()
         if lib is None:
             return None
         function = lib.PQresultMemorySize

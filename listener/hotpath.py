@@ -110,7 +110,7 @@ def load() -> Module | None:
 _LIBPQ_FILE = re.compile(r"\s(/\S*/libpq[^/\s]*\.so[.\d]*)$")
 
 
-def _psycopg_libpq() -> ctypes.CDLL | None:
+def psycopg_libpq() -> ctypes.CDLL | None:
     """The libpq psycopg runs on (its own copy for psycopg-binary), opened again to look up functions."""
     from psycopg import pq
 
@@ -137,7 +137,7 @@ def copy_reader(module: Module | None) -> bool:
     if module is None:
         return False
     try:
-        lib = _psycopg_libpq()
+        lib = psycopg_libpq()
         if lib is None:
             return False
         getcopydata = ctypes.cast(lib.PQgetCopyData, ctypes.c_void_p).value
