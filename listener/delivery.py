@@ -431,6 +431,16 @@ class Delivery:
         self.seal()
         await self._settled.wait()
 
+    async def settled(self, timeout: float) -> None:
+        """Wait until every sealed batch is settled, ``timeout`` seconds at most (the open batch stays open)."""
+        if self._settled.is_set():
+            return
+        waiter = asyncio.ensure_future(self._settled.wait())
+        try:
+            await asyncio.wait([waiter], timeout=timeout)  # not wait_for: see ReplicationStream.status_wanted
+        finally:
+            waiter.cancel()
+
     async def close(self) -> None:
         if self._sender is not None:
             self._sender.cancel()
