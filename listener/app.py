@@ -440,6 +440,7 @@ class Listener:
     async def _feedback(self, stream: ReplicationStream) -> None:
         """Standby status updates: soon after the confirmable LSN moves, and every heartbeatInterval."""
         interval = self.cfg.listener.heartbeat_interval.total_seconds()
+        early = False  # the last coalescing wait ended early (everything in flight was settled)
         while True:
             await stream.status_wanted(min(interval, 1.0))
             due = time.monotonic() - stream.last_status >= interval
@@ -449,9 +450,16 @@ class Listener:
                 metrics.LAG_SECONDS.set(0)
             elif self.delivery.confirmed_commit_time:
                 metrics.LAG_SECONDS.set(max(0.0, time.time() - self.delivery.confirmed_commit_time))
-            # coalesce bursts of confirmations, but not the last one: once every batch is settled its LSN is
-            # confirmed at once (a run's end waited up to 50 ms here for its final confirmation)
-            await self.delivery.settled(0.05)
+            # coalesce bursts of confirmations, but not the last of a burst: when the batches in flight are all
+            # settled within the 50 ms, their LSN is confirmed at once (a run's end waited up to 50 ms here for its
+            # final confirmation). Nothing in flight, or the last wait ended early: the full 50 ms (a trickle of
+            # small batches, each settled before the next, gets at most two status updates per 50 ms, not one
+            # per batch)
+            if early:
+                early = False
+                await asyncio.sleep(0.05)
+            else:
+                early = await self.delivery.until_settled(0.05)
 
     async def _watch_slot(self, db: Database) -> None:
         """Every heartbeatInterval: heartbeat (optional), slot health metrics, the retained-WAL warning.

@@ -435,15 +435,18 @@ class Delivery:
         self.seal()
         await self._settled.wait()
 
-    async def settled(self, timeout: float) -> None:
-        """Wait until every sealed batch is settled, ``timeout`` seconds at most (the open batch stays open)."""
+    async def until_settled(self, timeout: float) -> bool:
+        """Wait ``timeout`` seconds; while sealed batches are in flight, only until the last of them is settled
+        when that comes first (the open batch stays open). True when it returned early."""
         if self._settled.is_set():
-            return
+            await asyncio.sleep(timeout)
+            return False
         waiter = asyncio.ensure_future(self._settled.wait())
         try:
             await asyncio.wait([waiter], timeout=timeout)  # not wait_for: see ReplicationStream.status_wanted
         finally:
             waiter.cancel()
+        return self._settled.is_set()
 
     async def close(self) -> None:
         if self._sender is not None:
