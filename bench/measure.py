@@ -171,6 +171,13 @@ def published_events(prom_port: int) -> int | None:
 # slots
 
 
+async def sent_lsn(conn: psycopg.AsyncConnection[Any], pid: int) -> int:
+    """How far the walsender ``pid`` has sent the WAL (pg_stat_replication.sent_lsn; 0 when not known)."""
+    cur = await conn.execute("SELECT sent_lsn::text FROM pg_stat_replication WHERE pid = %s", (pid,))
+    row = await cur.fetchone()
+    return parse_lsn(row[0]) if row and row[0] else 0
+
+
 async def slot_state(conn: psycopg.AsyncConnection[Any], slot: str) -> tuple[int, int | None]:
     """(confirmed_flush_lsn, pid of the walsender reading the slot or None)."""
     cur = await conn.execute(
@@ -248,6 +255,10 @@ class RunResult:
         known = self.cpu_s + (self.walsender_cpu_s or 0) + (self.broker_cpu_s or 0) + (self.bench_cpu_s or 0)
         return max(0.0, self.machine_busy_s - known)
     progress: list[tuple[float, int]] = field(default_factory=list)  # (seconds, confirmed LSN)
+    #: where the wall time went, seconds from the process start: "streaming" (the slot became active),
+    #: "first_sent" / "all_sent" (the walsender's sent_lsn first moved / reached the end LSN),
+    #: "first_confirmed", "confirmed" (the end LSN confirmed); polled every 20 ms
+    timeline: dict[str, float] = field(default_factory=dict)
 
 
 async def run_until_confirmed(
@@ -275,11 +286,20 @@ async def run_until_confirmed(
         cpu_at_streaming: float | None = None
         walsender: psutil.Process | None = None
         progress: list[tuple[float, int]] = []
+        timeline: dict[str, float] = {}
         while True:
             lsn, active_pid = await slot_state(conn, slot)
             now = time.monotonic()
+            if active_pid is not None and "all_sent" not in timeline:
+                sent = await sent_lsn(conn, active_pid)
+                if sent > start_lsn:
+                    timeline.setdefault("first_sent", now - t0)
+                if sent >= end_lsn:
+                    timeline["all_sent"] = now - t0
+            if lsn > start_lsn:
+                timeline.setdefault("first_confirmed", now - t0)
             if active_pid is not None and startup is None:
-                startup = now - t0
+                startup = timeline["streaming"] = now - t0
                 cpu_at_streaming = lp.cpu_seconds()
                 with contextlib.suppress(psutil.Error):
                     walsender = psutil.Process(active_pid)
@@ -289,7 +309,7 @@ async def run_until_confirmed(
                 last_lsn, last_progress = lsn, now
                 progress.append((now - t0, lsn))
             if lsn >= end_lsn:
-                elapsed = now - t0
+                elapsed = timeline["confirmed"] = now - t0
                 walsender_cpu = process_cpu(walsender)
                 broker1 = broker_cpu() if broker_cpu is not None else None
                 machine1, me1 = machine_busy(), process_cpu(me)
@@ -308,7 +328,8 @@ async def run_until_confirmed(
     return RunResult(elapsed, startup if startup is not None else elapsed, lp.peak_rss_mb(), cpu,
                      walsender_cpu, None if broker0 is None or broker1 is None else broker1 - broker0,
                      machine1 - machine0, None if me0 is None or me1 is None else me1 - me0,
-                     None if cpu_at_streaming is None else cpu - cpu_at_streaming, progress)
+                     None if cpu_at_streaming is None else cpu - cpu_at_streaming, progress,
+                     {k: round(v, 3) for k, v in timeline.items()})
 
 
 async def wait_streaming(lp: ListenerProcess, dsn: str, slot: str, timeout: float = 60.0) -> float:

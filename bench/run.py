@@ -106,8 +106,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         + " (transform and features stream the users workload, bench_users)")
     p.add_argument("--transform", action="store_true", help="the same as --variants transform")
     p.add_argument("--baseline", default="",
-                   help="reference phase: also stream the WAL with the listener of this other checkout (its listener/ "
-                        "with the C extension built in place) and compare, like a variant")
+                   help="reference and wide phases: also stream the WAL with the listener of this other checkout (its "
+                        "listener/ with the C extension built in place) and compare, like a variant")
     p.add_argument("--variant-runs", "--transform-runs", type=int, default=3, dest="variant_runs",
                    help="--variants: listener runs of each kind, alternating, compared by their medians (3)")
     p.add_argument("--profile", action="store_true",
@@ -243,7 +243,8 @@ class Bench:
                 if on_users:
                     await self.throughput(wl.users(a.rows), variants=on_users)
             if "wide" in a.phases:
-                await self.throughput(wl.wide(a.wide_rows), profile=a.profile)
+                await self.throughput(wl.wide(a.wide_rows), profile=a.profile,
+                                      variants=[wl.baseline(a.baseline)] if a.baseline else [])
             if "txn" in a.phases:
                 for n in a.txn_rows:
                     await self.throughput(wl.big_transaction(n))
@@ -510,6 +511,7 @@ class Bench:
                              else round(1e6 * res.streaming_cpu_s / work.events, 2),
                              "walsender_cpu_per_change_us": None if res.walsender_cpu_s is None
                              else round(1e6 * res.walsender_cpu_s / work.events, 2),
+                             "timeline_s": res.timeline,
                              "rss_samples_mb": [(round(t, 2), round(r, 1)) for t, r in lp.rss_samples[::5]]})
             self.rows.append(row)
             ok = ("all on the broker" if count.unique == work.events and count.total == count.unique
@@ -517,6 +519,8 @@ class Bench:
             say(f"   {broker.name}: {res.seconds:.2f}s (startup {res.startup_s:.2f}s) = {rate:,.0f} events/s"
                 + (f" = {row.pct_of_ceiling:.0f}% of ceiling" if row.pct_of_ceiling else "")
                 + f"; peak RSS {res.peak_rss_mb:.0f} MB; CPU {res.cpu_s:.1f}s; {ok}")
+            say("      timeline (s from exec): " + ", ".join(
+                f"{k} {v:.2f}" for k, v in sorted(res.timeline.items(), key=lambda kv: kv[1])))
             say(f"      CPU s: listener {res.cpu_s:.1f}, its walsender {_fmt(res.walsender_cpu_s)}, "
                 f"{broker.name} server {_fmt(res.broker_cpu_s)}, bench {_fmt(res.bench_cpu_s)}, "
                 f"anything else {_fmt(other)}; wall {res.seconds:.1f}s on {os.cpu_count()} CPUs")

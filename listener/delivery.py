@@ -13,7 +13,7 @@ by ``maxInFlightBytes`` (an event's body and key, :func:`~listener.message.messa
 waits when either is reached, so memory stays flat whatever the size of a transaction or of its rows.
 A single event larger than the byte bound still goes (the bound is then reached by it alone: nothing
 waits for room that can never come). Batches are bounded the same two ways: ``batchSize`` events, and
-:func:`batch_bytes` bytes (4 MiB, less under a small ``maxInFlightBytes``); an event of that size or
+:func:`batch_bytes` bytes (3.5 MiB, less under a small ``maxInFlightBytes``); an event of that size or
 more goes in a batch of its own.
 
 Acknowledgements are tracked here too, the same way for every broker: each batch handed to the publisher
@@ -49,8 +49,12 @@ AckResults = list[PublishError | None]
 
 _WAITING: Any = object()  # a message without an outcome yet
 
-#: a batch is sealed once its events hold this many bytes, whatever ``batchSize`` says (see :func:`batch_bytes`)
-BATCH_BYTES = 4 * 1024 * 1024
+#: a batch is sealed once its events hold this many bytes, whatever ``batchSize`` says (see :func:`batch_bytes`).
+#: 3.5 MiB, not 4: a batch's NATS frames (its bodies and ~150 bytes a message) then stay under glibc's mmap
+#: threshold (4 MiB, :mod:`listener.malloc`) and come from the heap, reused batch after batch; a block over it is
+#: mmap'd afresh for every batch and faulted in page by page (~10 ms for a batch of 4 KB rows on the bench machine,
+#: more than building its events)
+BATCH_BYTES = 7 * 512 * 1024
 
 
 def batch_bytes(max_in_flight_bytes: int) -> int:
@@ -430,6 +434,19 @@ class Delivery:
         """Seal what is open and wait until every sealed batch is acknowledged."""
         self.seal()
         await self._settled.wait()
+
+    async def until_settled(self, timeout: float) -> bool:
+        """Wait ``timeout`` seconds; while sealed batches are in flight, only until the last of them is settled
+        when that comes first (the open batch stays open). True when it returned early."""
+        if self._settled.is_set():
+            await asyncio.sleep(timeout)
+            return False
+        waiter = asyncio.ensure_future(self._settled.wait())
+        try:
+            await asyncio.wait([waiter], timeout=timeout)  # not wait_for: see ReplicationStream.status_wanted
+        finally:
+            waiter.cancel()
+        return self._settled.is_set()
 
     async def close(self) -> None:
         if self._sender is not None:

@@ -131,6 +131,25 @@ async def drained(delivery: Delivery) -> None:
 # -- confirmation ---------------------------------------------------------------------------------------------
 
 
+async def test_until_settled_ends_when_the_last_batch_in_flight_is_settled(make_delivery: Factory) -> None:
+    """The feedback task's coalescing wait: with batches in flight it ends as soon as the last one is settled
+    (True); with nothing in flight it is a plain wait of the whole timeout (False)."""
+    pub = FakePublisher(hold=True)
+    d = make_delivery(pub)
+    d.add(msg("a"))
+    d.commit(100, 1.0)
+    d.seal()
+    await pub.wait_sends(1)
+    waiting = asyncio.ensure_future(d.until_settled(60.0))
+    await settle()
+    assert not waiting.done()
+    pub.release(0)
+    async with asyncio.timeout(5):
+        assert await waiting is True
+    assert d.confirmed_lsn == 100
+    assert await d.until_settled(0.0) is False  # nothing in flight: no early end
+
+
 async def test_confirms_a_transaction_after_all_its_events_are_acked(make_delivery: Factory) -> None:
     pub = FakePublisher(hold=True)
     d = make_delivery(pub)

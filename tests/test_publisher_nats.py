@@ -466,6 +466,25 @@ def test_compiled_frames_carry_a_formats_headers_as_nats_py_would() -> None:
         assert hot.nats_frames([message], prefixes, 0, 1024, header) is None, odd  # the Python path takes it
 
 
+@pytest.mark.parametrize("count", [1, 3, 40])
+def test_compiled_frames_longer_than_their_estimate_are_written_whole(count: int) -> None:
+    """The compiled frames are written into bytes sized up front (the bodies and a guess per HPUB line and
+    header): lines and headers far over the guess -- a long subject, a long id, many headers, empty bodies --
+    grow it, byte for byte nats-py's frames still."""
+    hot = compiled_hot_path()
+    subject = "s." + "x" * 300
+    prefixes = {subject: f"HPUB {subject} _INBOX.q."}
+    headers = {f"ce-h{k}": "v" * 50 for k in range(8)}
+    batch = [Message(f"id-{n}-" + "i" * 250, subject, b"", "public", "t", "INSERT", headers=headers)
+             for n in range(count)]
+    header = len(b"NATS/1.0\r\nNats-Msg-Id: \r\n\r\n")
+    frames, payload = hot.nats_frames(batch, prefixes, 7, 1024 * 1024, header)
+    assert frames == b"".join(command.hpub_cmd(m.subject, f"_INBOX.q.{8 + n}",
+                                               _nats_py_header_block(_nats_py_headers(m)), m.body)
+                              for n, m in enumerate(batch))
+    assert payload == 0
+
+
 async def test_a_formats_headers_arrive_with_each_message(nats_server: NatsServer) -> None:
     """Headers (CloudEvents attributes) reach a subscriber on the compiled and on the Python path alike."""
     stream = unique_stream()
