@@ -131,6 +131,10 @@ class _Model(BaseModel):
         extra="forbid",
         frozen=True,
         validate_default=True,
+        # each model's validator is built when it is first used, not at import: the listener validates one
+        # Config (whose validator covers every section), and building every section's own validator as well
+        # was about a third of its start-up
+        defer_build=True,
     )
 
 
@@ -742,7 +746,7 @@ PublisherConfig = Annotated[
     NatsPublisherConfig | KafkaPublisherConfig | RabbitMQPublisherConfig | GooglePubSubPublisherConfig,
     Field(discriminator="type"),
 ]
-_PUBLISHER_ADAPTER: TypeAdapter[PublisherConfig] = TypeAdapter(PublisherConfig)
+_PUBLISHER_ADAPTER: TypeAdapter[PublisherConfig] = TypeAdapter(PublisherConfig, config=ConfigDict(defer_build=True))
 
 
 def parse_publisher(data: Mapping[str, Any]) -> PublisherConfig:
