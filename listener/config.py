@@ -1004,6 +1004,8 @@ def _env_value(text: str, path: tuple[str, ...]) -> Any:
 
 def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
     """Overlay ``WAL_*`` variables onto the file's data, also for keys the file does not have."""
+    if not any(name.startswith(ENV_PREFIX) for name in environ):
+        return data  # the usual case with a config file: no key's names to make and look up
     for path in _leaf_paths((Config,)):
         for name in env_names(path):
             if name in environ:
