@@ -9,7 +9,6 @@ the bad value and what is allowed.
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 import typing
@@ -926,6 +925,8 @@ def canonicalize(
         alias = known.get(_norm(skey))
         where = f"{path}{skey}"
         if alias is None:
+            import difflib  # only for a key that is not known
+
             hint = difflib.get_close_matches(skey, list(known.values()), n=1, cutoff=0.6)
             suggestion = f"; did you mean {path}{hint[0]}?" if hint else ""
             warnings.append(f"config: unknown key {where} is ignored{suggestion}")
