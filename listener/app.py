@@ -15,13 +15,12 @@ import logging
 import struct
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from listener import metrics, pgoutput
 from listener.backfill import Backfiller, published_tables, request_backfill
 from listener.catalog import DDL_PREFIX, TABLE_COLUMNS_QUERY, WATERMARK_PREFIX, SlotState, column_facts, fetch_all
 from listener.config import Config, redact_url
-from listener.ddl import DdlEvents
 from listener.delivery import Backoff, Delivery
 from listener.errors import (
     BrokerConfigError,
@@ -45,8 +44,11 @@ from listener.replication import (
     slot_dropped,
     slot_missing_after_failover,
 )
-from listener.schema import SchemaTracker
 from listener.types import TypeRegistry
+
+if TYPE_CHECKING:
+    from listener.ddl import DdlEvents  # imported when listener.ddl.capture is on
+    from listener.schema import SchemaTracker  # imported when listener.schemaEvents is on
 
 log = logging.getLogger("listener.app")
 
@@ -117,9 +119,17 @@ class Listener:
         self._drain_until: float | None = None
         self.backfiller = Backfiller(cfg, self.builder)
         #: SCHEMA events (listener.schemaEvents)
-        self.schemas = SchemaTracker(cfg, self.builder) if cfg.listener.schema_events else None
+        self.schemas: SchemaTracker | None = None
+        if cfg.listener.schema_events:
+            from listener.schema import SchemaTracker
+
+            self.schemas = SchemaTracker(cfg, self.builder)
         #: listener.ddl.capture: DDL statements as DDL events
-        self.ddl = DdlEvents(cfg, self.builder) if cfg.listener.ddl.capture else None
+        self.ddl: DdlEvents | None = None
+        if cfg.listener.ddl.capture:
+            from listener.ddl import DdlEvents
+
+            self.ddl = DdlEvents(cfg, self.builder)
         self._check_now = asyncio.Event()  # run the periodic checks now (a DDL event: a table may have appeared)
         self._server = ""  # host:port of the server the last session streamed from
         self._warned_unsynced = False

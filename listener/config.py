@@ -9,7 +9,6 @@ the bad value and what is allowed.
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 import typing
@@ -131,7 +130,24 @@ class _Model(BaseModel):
         extra="forbid",
         frozen=True,
         validate_default=True,
+        # each model's validator is built when it is first used, not at import: the listener validates one
+        # Config (whose validator covers every section), and building every section's own validator as well
+        # was about a third of its start-up
+        defer_build=True,
     )
+
+
+# The default factories are plain functions: pydantic reads each factory's signature when it builds a model,
+# and the signature of ``list``, ``dict`` or a model class costs far more (a tokenizer for a builtin's text
+# signature, a model's generated __signature__) than a function's; the defaults are the same.
+
+
+def _empty_list() -> list[Any]:
+    return []
+
+
+def _empty_dict() -> dict[str, Any]:
+    return {}
 
 
 _SLOT_NAME = re.compile(r"[a-z0-9_]{1,63}")
@@ -188,7 +204,7 @@ class MessagesConfig(_Model):
     """Logical decoding messages (``pg_logical_emit_message``) published as MESSAGE events: the outbox."""
 
     prefixes: list[str] = Field(
-        default_factory=list,
+        default_factory=_empty_list,
         description="Prefixes whose messages become MESSAGE events (topic: topic.topicPrefix + topicsMap[prefix] or "
         "prefix); messages with any other prefix are skipped and counted. PostgreSQL 14+.",
     )
@@ -271,10 +287,11 @@ class TransformConfig(_Model):
         description="'schema.table', 'table' (any schema) or 'schema.*'; the first transform naming a table applies.",
     )
     columns: TransformColumns = Field(
-        default_factory=TransformColumns, description="columns.include or columns.exclude: which columns are published."
+        default_factory=lambda: TransformColumns(),
+        description="columns.include or columns.exclude: which columns are published."
     )
     mask: dict[str, Annotated[MaskKind, BeforeValidator(_mask_kind)]] = Field(
-        default_factory=dict,
+        default_factory=_empty_dict,
         description="Column -> hash (HMAC-SHA256 with listener.transformsHashKey of the value's PostgreSQL text form, "
         "lower-case hex), redact (the string \"[redacted]\") or \"null\" (null). NULL stays null.",
     )
@@ -284,7 +301,7 @@ class TransformConfig(_Model):
         "the value (NULL, unchanged TOAST) goes to schema_table and is counted in transform_fallbacks_total.",
     )
     key: list[str] = Field(
-        default_factory=list,
+        default_factory=_empty_list,
         description="Columns of the message key (Kafka key, Pub/Sub ordering key) of these tables' events.",
     )
 
@@ -352,9 +369,11 @@ class ListenerConfig(_Model):
     ack_timeout: Duration = Field(timedelta(seconds=10), description="How long one publish may wait for its ack.")
     refresh_connection: Duration = Field(timedelta(seconds=30), description="Longest backoff between reconnects.")
     heartbeat_interval: Duration = Field(timedelta(seconds=10), description="Standby status update interval.")
-    filter: FilterConfig = Field(default_factory=FilterConfig, description="Which tables and actions are published.")
+    filter: FilterConfig = Field(
+        default_factory=lambda: FilterConfig(), description="Which tables and actions are published."
+    )
     topics_map: dict[str, str] = Field(
-        default_factory=dict, description="schema_table -> the name used in its topic instead of schema_table."
+        default_factory=_empty_dict, description="schema_table -> the name used in its topic instead of schema_table."
     )
     publication_name: str = Field(
         "wal-listener",
@@ -395,13 +414,15 @@ class ListenerConfig(_Model):
         "halt", description="A change that cannot be published: halt (retry forever) or skip to deadLetterTopic."
     )
     dead_letter_topic: str = Field("", description="Topic for changes that cannot be published (onError: skip).")
-    snapshot: SnapshotConfig = Field(default_factory=SnapshotConfig, description="Initial snapshot and backfills.")
+    snapshot: SnapshotConfig = Field(
+        default_factory=lambda: SnapshotConfig(), description="Initial snapshot and backfills."
+    )
     messages: MessagesConfig = Field(
-        default_factory=MessagesConfig,
+        default_factory=lambda: MessagesConfig(),
         description="Logical decoding messages published as events (the transactional outbox).",
     )
     transforms: list[TransformConfig] = Field(
-        default_factory=list,
+        default_factory=_empty_list,
         description="Per table: columns left out, values masked, topic and message key (see docs/transforms.md); "
         "the first entry naming a table applies.",
     )
@@ -410,7 +431,7 @@ class ListenerConfig(_Model):
         description="The HMAC key of transforms' hash masks (at least 16 characters; keep it secret and stable: "
         "the same value hashes the same only under the same key). Required when a mask uses hash.",
     )
-    ddl: DdlConfig = Field(default_factory=DdlConfig, description="DDL statements published as DDL events.")
+    ddl: DdlConfig = Field(default_factory=lambda: DdlConfig(), description="DDL statements published as DDL events.")
     failover: Literal["auto", "true", "false"] = Field(
         "auto",
         description="Create the slot with FAILOVER so standbys with sync_replication_slots keep a copy "
@@ -613,10 +634,12 @@ class PublisherSettings(_Model):
         "or debezium (Debezium's JSON envelope; with its schemas: publisher.debezium.schemas).",
     )
     cloud_events: CloudEventsConfig = Field(
-        default_factory=CloudEventsConfig, description="CloudEvents mode and source (publisher.format cloudevents)."
+        default_factory=lambda: CloudEventsConfig(),
+        description="CloudEvents mode and source (publisher.format cloudevents)."
     )
     debezium: DebeziumConfig = Field(
-        default_factory=DebeziumConfig, description="Debezium's JSON converter settings (publisher.format debezium)."
+        default_factory=lambda: DebeziumConfig(),
+        description="Debezium's JSON converter settings (publisher.format debezium)."
     )
 
     @field_validator("topic")
@@ -742,7 +765,7 @@ PublisherConfig = Annotated[
     NatsPublisherConfig | KafkaPublisherConfig | RabbitMQPublisherConfig | GooglePubSubPublisherConfig,
     Field(discriminator="type"),
 ]
-_PUBLISHER_ADAPTER: TypeAdapter[PublisherConfig] = TypeAdapter(PublisherConfig)
+_PUBLISHER_ADAPTER: TypeAdapter[PublisherConfig] = TypeAdapter(PublisherConfig, config=ConfigDict(defer_build=True))
 
 
 def parse_publisher(data: Mapping[str, Any]) -> PublisherConfig:
@@ -791,8 +814,8 @@ class Config(_Model):
     listener: ListenerConfig
     database: DatabaseConfig
     publisher: PublisherConfig
-    logger: LoggerConfig = Field(default_factory=LoggerConfig)
-    monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
+    logger: LoggerConfig = Field(default_factory=lambda: LoggerConfig())
+    monitoring: MonitoringConfig = Field(default_factory=lambda: MonitoringConfig())
 
     @model_validator(mode="after")
     def _schema_events_format(self) -> Config:
@@ -902,6 +925,8 @@ def canonicalize(
         alias = known.get(_norm(skey))
         where = f"{path}{skey}"
         if alias is None:
+            import difflib  # only for a key that is not known
+
             hint = difflib.get_close_matches(skey, list(known.values()), n=1, cutoff=0.6)
             suggestion = f"; did you mean {path}{hint[0]}?" if hint else ""
             warnings.append(f"config: unknown key {where} is ignored{suggestion}")
@@ -980,6 +1005,8 @@ def _env_value(text: str, path: tuple[str, ...]) -> Any:
 
 def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
     """Overlay ``WAL_*`` variables onto the file's data, also for keys the file does not have."""
+    if not any(name.startswith(ENV_PREFIX) for name in environ):
+        return data  # the usual case with a config file: no key's names to make and look up
     for path in _leaf_paths((Config,)):
         for name in env_names(path):
             if name in environ:
