@@ -151,6 +151,11 @@ PyObject *hot_read_page(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                                      PyTuple_GET_ITEM(message, 2), PyTuple_GET_ITEM(message, 3),
                                      PyTuple_GET_ITEM(message, 4), PyTuple_GET_ITEM(built, 1)};
                 event = PyObject_Vectorcall(PyTuple_GET_ITEM(message, 0), call, 7, NULL);
+                /* A Message holds text, bytes and None: no cycle can pass through it. It lives until the broker
+                 * acknowledged it (a chunk and those in flight: tens of thousands), and the cyclic collector would
+                 * walk each of them again at every collection of an older generation. */
+                if (event != NULL && PyObject_GC_IsTracked(event))
+                    PyObject_GC_UnTrack(event);
                 key = event == NULL ? NULL : PyTuple_New(nkeys);
                 for (Py_ssize_t k = 0; key != NULL && k < nkeys; k++) {
                     PyObject *part = key_cols[k].kind == 'n'
