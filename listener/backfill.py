@@ -678,9 +678,7 @@ class Backfiller:
             await cur.execute(catalog.declare_chunk_cursor(query), [*(after or ()), size])
             while True:
                 want = piece_rows(largest, size - chunk.count, budget - chunk.size, piece_target)
-                await cur.execute(catalog.fetch_chunk_rows(want), binary=False)
-                result = cur.pgresult
-                assert result is not None
+                result = await _fetch(conn, catalog.fetch_chunk_rows(want).as_bytes(conn))
                 got = result.ntuples
                 if got:
                     total, biggest = ids.read(result, read_time, piece_target, events, keys)
@@ -736,6 +734,51 @@ class _Ids:
         # the largest row: looked for among few or large rows; many small ones go by their average
         few = len(piece) <= 64 or total > piece_target // 4
         return total, max(map(_row_bytes, piece)) if few else -(-total // len(piece))
+
+
+async def _fetch(conn: psycopg.AsyncConnection[Any], query: bytes) -> psycopg.pq.abc.PGresult:
+    """One FETCH (text format) on the connection's libpq handle, its result as libpq made it. Its socket is
+    watched once for the whole piece: psycopg's execute adds and removes its reader, a timer and a future at
+    every read of the socket, and a piece of 1,000 rows arrives in tens of reads."""
+    loop = asyncio.get_running_loop()
+    async with conn.lock:
+        pgconn = conn.pgconn
+        fd = pgconn.socket
+        pgconn.send_query(query)
+        while pgconn.flush():  # the query not written whole yet (a FETCH is short: hardly ever)
+            writable: asyncio.Future[None] = loop.create_future()
+            loop.add_writer(fd, writable.set_result, None)
+            try:
+                await writable
+            finally:
+                loop.remove_writer(fd)
+        waiter: list[asyncio.Future[None]] = []
+
+        def wake() -> None:
+            if waiter and not waiter[0].done():
+                waiter[0].set_result(None)
+
+        result: psycopg.pq.abc.PGresult | None = None
+        loop.add_reader(fd, wake)
+        try:
+            while True:
+                pgconn.consume_input()
+                if pgconn.is_busy():
+                    waiter[:] = [loop.create_future()]
+                    await waiter[0]
+                    continue
+                got = pgconn.get_result()
+                if got is None:
+                    break
+                if result is None:
+                    result = got
+        finally:
+            loop.remove_reader(fd)
+    if result is None or result.status != psycopg.pq.ExecStatus.TUPLES_OK:
+        if result is None:
+            raise psycopg.OperationalError("backfill: FETCH returned no result")
+        raise psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
+    return result
 
 
 def piece_rows(largest: int, rows_left: int, bytes_left: int, piece_bytes: int) -> int:

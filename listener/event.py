@@ -19,6 +19,8 @@ event stage only ever sees the kept columns, masked, and takes the topic and key
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import logging
 import struct
@@ -110,6 +112,20 @@ RowKey = tuple[str | None, ...]
 PageRead = tuple[list[Message | None], list[RowKey | None], int, int]
 #: EventBuilder.page_reader's: (result_ptr, ids, key_index, read_time) -> PageRead
 PageReader = Callable[[int, bytes, tuple[int, ...], str], PageRead]
+
+
+#: the fields of Message, in order, that read_page sets without calling the class (the last three: defaults)
+_MESSAGE_FIELDS = ("id", "subject", "body", "schema", "table", "action", "key", "headers", "content_type", "tombstone")
+
+
+@functools.cache
+def _message_slots() -> tuple[tuple[Any, ...] | None, tuple[Any, ...] | None]:
+    """For read_page: the member descriptors of Message's fields and the defaults of the last three, so that it
+    fills each event's slots directly; (None, None) — it calls the class — when Message is no longer shaped so."""
+    found = dataclasses.fields(Message)
+    if tuple(f.name for f in found) != _MESSAGE_FIELDS or not hasattr(Message, "__slots__"):
+        return None, None
+    return tuple(Message.__dict__[name] for name in _MESSAGE_FIELDS), tuple(f.default for f in found[7:])
 
 
 def hashed_uuid(hexed: str) -> str:
@@ -487,7 +503,7 @@ class EventBuilder:
         if (hot is None or plan is None or info.debezium_plan is not None or self._finish is not None
                 or info.route is not None or not hotpath.page_reader(hot)):
             return None
-        shared = (Message, info.subject, info.schema, info.table, "READ")
+        shared = (Message, info.subject, info.schema, info.table, "READ", *_message_slots())
         needs_key = self._needs_key
         read_page = hot.read_page
 

@@ -101,7 +101,7 @@ class Module(Protocol):
 
     def read_page(
         self, result_ptr: int, plan: Plan, ids: bytes, key_index: tuple[int, ...], read_time: str, want_key: bool,
-        message: tuple[Any, str, str, str, str], /
+        message: tuple[Any, str, str, str, str, tuple[Any, ...] | None, tuple[Any, ...] | None], /
     ) -> tuple[list[Any], list[Any], int, int]: ...
 
 

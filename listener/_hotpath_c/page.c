@@ -4,6 +4,7 @@
  * Python twin: listener.event.EventBuilder.read_page (the rows as psycopg's get_value gives them).
  */
 #include "hotpath.h"
+#include <structmember.h>
 
 typedef int (*count_fn)(const void *result);
 typedef char *(*getvalue_fn)(const void *result, int row, int column);
@@ -37,12 +38,47 @@ PyObject *hot_set_libpq_results(PyObject *self, PyObject *const *args, Py_ssize_
     Py_RETURN_NONE;
 }
 
+/* The fields of listener.message.Message in its order, and how many read_page() sets from the row. */
+#define MESSAGE_FIELDS 10
+#define MESSAGE_SET 7
+
+/* Where each field of the Message class lives in its instances, from the member descriptors of its slots
+ * (fields: a tuple of them, in field order); 0 when they are not plain object slots. */
+static int message_offsets(PyObject *fields, Py_ssize_t offsets[MESSAGE_FIELDS]) {
+    if (!PyTuple_Check(fields) || PyTuple_GET_SIZE(fields) != MESSAGE_FIELDS)
+        return 0;
+    for (Py_ssize_t i = 0; i < MESSAGE_FIELDS; i++) {
+        PyObject *d = PyTuple_GET_ITEM(fields, i);
+        if (!PyObject_TypeCheck(d, &PyMemberDescr_Type))
+            return 0;
+        PyMemberDef *m = ((PyMemberDescrObject *)d)->d_member;
+        if (m->type != T_OBJECT_EX || (m->flags & READONLY))
+            return 0;
+        offsets[i] = m->offset;
+    }
+    return 1;
+}
+
+/* A Message without its __init__: every slot set (a new reference each), the last three to their defaults. */
+static PyObject *new_message(PyTypeObject *cls, const Py_ssize_t offsets[MESSAGE_FIELDS],
+                             PyObject *const values[MESSAGE_FIELDS]) {
+    PyObject *m = cls->tp_alloc(cls, 0);
+    if (m == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < MESSAGE_FIELDS; i++)
+        *(PyObject **)((char *)m + offsets[i]) = Py_NewRef(values[i]);
+    return m;
+}
+
 /* read_page(result_ptr, plan, ids, key_index, read_time, want_key, message)
  *     -> (messages: list[Message | None], keys: list[tuple[str | None, ...] | None], value_bytes, largest_row)
  *
  * result_ptr: the PGresult of a FETCH (text format), its columns in the plan's order; plan: read_row's (no
  * route); ids: blake2b_prepare's state for the table; key_index: the key columns' positions in the result;
- * message: (Message, subject, schema, table, action), the class and what every event of the page shares.
+ * message: (Message, subject, schema, table, action, fields, defaults), the class, what every event of the page
+ * shares, and for making each without calling the class (None: call it): the member descriptors of its ten
+ * fields in order (id, subject, body, schema, table, action, key, headers, content_type, tombstone) and the
+ * defaults of the last three.
  * A row the compiled path does not write (a value not valid UTF-8, a value a converter refuses) is None in
  * both lists: the caller takes it through the Python path. value_bytes: the bytes of every non-NULL value,
  * largest_row: those of the largest row. */
@@ -71,13 +107,27 @@ PyObject *hot_read_page(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     PyObject *ids = args[2], *key_index = args[3], *read_time = args[4], *message = args[6];
     if (!PyBytes_Check(ids) || PyBytes_GET_SIZE(ids) != (Py_ssize_t)sizeof(Blake2b) || !PyTuple_Check(key_index) ||
-        !PyTuple_Check(message) || PyTuple_GET_SIZE(message) != 5) {
-        PyErr_SetString(PyExc_TypeError, "read_page: ids from blake2b_prepare, key_index a tuple, message a 5-tuple");
+        !PyTuple_Check(message) || PyTuple_GET_SIZE(message) != 7) {
+        PyErr_SetString(PyExc_TypeError, "read_page: ids from blake2b_prepare, key_index a tuple, message a 7-tuple");
         return NULL;
     }
     int want_key = PyObject_IsTrue(args[5]);
     if (want_key < 0)
         return NULL;
+    PyObject *cls = PyTuple_GET_ITEM(message, 0), *defaults = PyTuple_GET_ITEM(message, 6);
+    Py_ssize_t offsets[MESSAGE_FIELDS];
+    PyObject *fields[MESSAGE_FIELDS];
+    int direct = PyType_Check(cls) && PyTuple_Check(defaults) &&
+                 PyTuple_GET_SIZE(defaults) == MESSAGE_FIELDS - MESSAGE_SET &&
+                 message_offsets(PyTuple_GET_ITEM(message, 5), offsets);
+    if (direct) {
+        fields[1] = PyTuple_GET_ITEM(message, 1);
+        fields[3] = PyTuple_GET_ITEM(message, 2);
+        fields[4] = PyTuple_GET_ITEM(message, 3);
+        fields[5] = PyTuple_GET_ITEM(message, 4);
+        for (Py_ssize_t i = MESSAGE_SET; i < MESSAGE_FIELDS; i++)
+            fields[i] = PyTuple_GET_ITEM(defaults, i - MESSAGE_SET);
+    }
     Blake2b prepared;
     memcpy(&prepared, PyBytes_AS_STRING(ids), sizeof(prepared));
     Py_ssize_t ncolumns = pq_nfields(res), nrows = pq_ntuples(res), nkeys = PyTuple_GET_SIZE(key_index);
@@ -146,11 +196,18 @@ PyObject *hot_read_page(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                 Py_DECREF(ident);
                 goto done;
             }
-            if (built != Py_None) {
+            if (built != Py_None && direct) {
+                fields[0] = ident;
+                fields[2] = PyTuple_GET_ITEM(built, 0);
+                fields[6] = PyTuple_GET_ITEM(built, 1);
+                event = new_message((PyTypeObject *)cls, offsets, fields);
+            } else if (built != Py_None) {
                 PyObject *call[7] = {ident, PyTuple_GET_ITEM(message, 1), PyTuple_GET_ITEM(built, 0),
                                      PyTuple_GET_ITEM(message, 2), PyTuple_GET_ITEM(message, 3),
                                      PyTuple_GET_ITEM(message, 4), PyTuple_GET_ITEM(built, 1)};
-                event = PyObject_Vectorcall(PyTuple_GET_ITEM(message, 0), call, 7, NULL);
+                event = PyObject_Vectorcall(cls, call, 7, NULL);
+            }
+            if (built != Py_None) {
                 /* A Message holds text, bytes and None: no cycle can pass through it. It lives until the broker
                  * acknowledged it (a chunk and those in flight: tens of thousands), and the cyclic collector would
                  * walk each of them again at every collection of an older generation. */
