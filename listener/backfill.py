@@ -676,23 +676,37 @@ class Backfiller:
         async with conn.transaction(), conn.cursor(row_factory=tuple_row) as cur:
             # parameters: extended protocol, bound with the DECLARE; the cursor sees one snapshot, taken now
             await cur.execute(catalog.declare_chunk_cursor(query), [*(after or ()), size])
-            while True:
-                want = piece_rows(largest, size - chunk.count, budget - chunk.size, piece_target)
-                result = await _fetch(conn, catalog.fetch_chunk_rows(want).as_bytes(conn))
-                got = result.ntuples
-                if got:
-                    total, biggest = ids.read(result, read_time, piece_target, events, keys)
-                    if sized is not None:
+            want = piece_rows(largest, size, budget, piece_target)
+            await _send(conn, catalog.fetch_chunk_rows(want).as_bytes(conn))
+            try:
+                while True:
+                    result = await _receive(conn)
+                    got = result.ntuples
+                    # the piece's bytes and largest row first: they decide the next piece, asked for before this
+                    # one is turned into events, so that PostgreSQL reads it meanwhile
+                    total, biggest = ids.sizes(result, piece_target)
+                    if sized is not None and got:
                         total = sized(result)  # libpq's own count of the piece's memory
                     largest = max(biggest, largest if chunk.count else 0)  # this chunk's largest row so far
                     chunk.size += total
                     chunk.count += got
-                del result
-                if got < want:  # the cursor ran out before chunkSize rows: the table's last page
-                    chunk.last = True
-                    break
-                if chunk.count >= size or chunk.size >= budget:
-                    break
+                    asked = want
+                    more = got == asked and chunk.count < size and chunk.size < budget
+                    if more:
+                        want = piece_rows(largest, size - chunk.count, budget - chunk.size, piece_target)
+                        await _send(conn, catalog.fetch_chunk_rows(want).as_bytes(conn))
+                    if got:
+                        ids.read(result, read_time, events, keys)
+                    del result
+                    if got < asked:  # the cursor ran out before chunkSize rows: the table's last page
+                        chunk.last = True
+                    if not more:
+                        break
+            except BaseException:
+                if conn.pgconn.transaction_status == psycopg.pq.TransactionStatus.ACTIVE:
+                    with contextlib.suppress(Exception):  # the piece asked for, read and dropped: the rollback runs
+                        await _receive(conn)
+                raise
         return largest
 
 
@@ -708,13 +722,26 @@ class _Ids:
         self.key_index = key_index
         self.compiled = builder.page_reader(info)
         self.prepared = builder.hot.blake2b_prepare(*seed) if self.compiled is not None and builder.hot else b""
+        self._piece: list[list[bytes | None]] = []  # the values of the piece sizes() measured (the Python path)
 
-    def read(self, result: psycopg.pq.abc.PGresult, read_time: str, piece_target: int, events: list[Message],
-             keys: list[RowKey]) -> tuple[int, int]:
-        """Append the events and keys of the piece's rows; the bytes of its values and of its largest row."""
+    def sizes(self, result: psycopg.pq.abc.PGresult, piece_target: int) -> tuple[int, int]:
+        """The bytes of the piece's values and of its largest row (0, 0 for none)."""
+        if not result.ntuples:
+            return 0, 0
+        if self.compiled is not None and self.builder.hot is not None:
+            return self.builder.hot.page_sizes(cast(Any, result).pgresult_ptr)
+        columns = range(result.nfields)
+        value = result.get_value
+        self._piece = [[value(r, c) for c in columns] for r in range(result.ntuples)]
+        rows = list(map(_row_bytes, self._piece))
+        return sum(rows), max(rows)
+
+    def read(self, result: psycopg.pq.abc.PGresult, read_time: str, events: list[Message],
+             keys: list[RowKey]) -> None:
+        """Append the events and keys of the piece's rows."""
         if self.compiled is not None:
-            built, found, total, biggest = self.compiled(cast(Any, result).pgresult_ptr, self.prepared,
-                                                         self.key_index, read_time)
+            built, found, _, _ = self.compiled(cast(Any, result).pgresult_ptr, self.prepared, self.key_index,
+                                               read_time)
             if None in found:  # rows the compiled path left to the Python one (not valid UTF-8, a converter's no)
                 for r, key in enumerate(found):
                     if key is None:
@@ -723,35 +750,37 @@ class _Ids:
                                                                           self.key_index, read_time)
             events.extend(cast(list[Message], built))
             keys.extend(cast(list[RowKey], found))
-            return total, biggest
-        columns = range(result.nfields)
-        value = result.get_value
-        piece = [[value(r, c) for c in columns] for r in range(result.ntuples)]
+            return
+        piece, self._piece = self._piece, []  # sizes() took the values of this piece
         messages, piece_keys = self.builder.read_page(self.info, piece, self.ident_of, self.key_index, read_time)
         events.extend(messages)
         keys.extend(piece_keys)
-        total = sum(map(_row_bytes, piece))
-        # the largest row: looked for among few or large rows; many small ones go by their average
-        few = len(piece) <= 64 or total > piece_target // 4
-        return total, max(map(_row_bytes, piece)) if few else -(-total // len(piece))
 
 
-async def _fetch(conn: psycopg.AsyncConnection[Any], query: bytes) -> psycopg.pq.abc.PGresult:
-    """One FETCH (text format) on the connection's libpq handle, its result as libpq made it. Its socket is
-    watched once for the whole piece: psycopg's execute adds and removes its reader, a timer and a future at
-    every read of the socket, and a piece of 1,000 rows arrives in tens of reads."""
+async def _send(conn: psycopg.AsyncConnection[Any], query: bytes) -> None:
+    """Send a FETCH (simple protocol: text values) on the connection's libpq handle; :func:`_receive` reads
+    its result. Between the two the connection is busy: nothing else may use it."""
+    loop = asyncio.get_running_loop()
+    async with conn.lock:
+        pgconn = conn.pgconn
+        pgconn.send_query(query)
+        while pgconn.flush():  # the query not written whole yet (a FETCH is short: hardly ever)
+            writable: asyncio.Future[None] = loop.create_future()
+            loop.add_writer(pgconn.socket, writable.set_result, None)
+            try:
+                await writable
+            finally:
+                loop.remove_writer(pgconn.socket)
+
+
+async def _receive(conn: psycopg.AsyncConnection[Any]) -> psycopg.pq.abc.PGresult:
+    """The result of the FETCH :func:`_send` sent, as libpq made it. The socket is watched once for the whole
+    piece: psycopg's execute adds and removes its reader, a timer and a future at every read of the socket,
+    and a piece of 1,000 rows arrives in tens of reads."""
     loop = asyncio.get_running_loop()
     async with conn.lock:
         pgconn = conn.pgconn
         fd = pgconn.socket
-        pgconn.send_query(query)
-        while pgconn.flush():  # the query not written whole yet (a FETCH is short: hardly ever)
-            writable: asyncio.Future[None] = loop.create_future()
-            loop.add_writer(fd, writable.set_result, None)
-            try:
-                await writable
-            finally:
-                loop.remove_writer(fd)
         waiter: list[asyncio.Future[None]] = []
 
         def wake() -> None:

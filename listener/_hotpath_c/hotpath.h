@@ -228,5 +228,6 @@ PyObject *hot_copy_batch(PyObject *self, PyObject *const *args, Py_ssize_t nargs
 PyObject *hot_blake2b_prepare(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *hot_set_libpq_results(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *hot_read_page(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *hot_page_sizes(PyObject *self, PyObject *arg);
 
 #endif

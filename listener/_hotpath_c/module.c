@@ -34,6 +34,7 @@ static PyMethodDef methods[] = {
      "set_libpq_results(ntuples, nfields, getvalue, getisnull, getlength): addresses of psycopg's libpq functions"},
     {"read_page", (PyCFunction)(void (*)(void))hot_read_page, METH_FASTCALL,
      "read_page(result_ptr, plan, ids, key_index, read_time, want_key, message) -> (messages, keys, bytes, largest)"},
+    {"page_sizes", hot_page_sizes, METH_O, "page_sizes(result_ptr) -> (value bytes, largest row bytes) of a FETCH result"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -70,6 +70,33 @@ static PyObject *new_message(PyTypeObject *cls, const Py_ssize_t offsets[MESSAGE
     return m;
 }
 
+/* page_sizes(result_ptr) -> (value_bytes, largest_row): the bytes of every non-NULL value of a FETCH result
+ * (text format) and those of its largest row, without a Python object per value. */
+PyObject *hot_page_sizes(PyObject *self, PyObject *arg) {
+    (void)self;
+    if (pq_ntuples == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "page_sizes: set_libpq_results() was not called");
+        return NULL;
+    }
+    const void *res = PyLong_AsVoidPtr(arg);
+    if (res == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "page_sizes: no result");
+        return NULL;
+    }
+    int nrows = pq_ntuples(res), ncolumns = pq_nfields(res);
+    long long total = 0, largest = 0;
+    for (int r = 0; r < nrows; r++) {
+        long long row = 0;
+        for (int c = 0; c < ncolumns; c++)
+            row += pq_getlength(res, r, c); /* 0 for NULL */
+        total += row;
+        if (row > largest)
+            largest = row;
+    }
+    return Py_BuildValue("(LL)", total, largest);
+}
+
 /* read_page(result_ptr, plan, ids, key_index, read_time, want_key, message)
  *     -> (messages: list[Message | None], keys: list[tuple[str | None, ...] | None], value_bytes, largest_row)
  *
