@@ -16,6 +16,12 @@ chunk is read only while the events handed to delivery and not yet acknowledged 
 not yet handed over stay under ``maxInFlightBytes``: the chunks waiting for acks count against the bound
 the stream's events do.
 
+Each piece (one FETCH, read on the connection's libpq handle) becomes READ events while libpq holds it: the
+compiled ``read_page`` walks the result itself (values, key, id, body, Message; :meth:`EventBuilder.read_page`
+is its Python twin), and the next piece is asked for before that, so PostgreSQL reads it meanwhile. A
+watermark's statement also takes a transaction id, whose commit flushes the WAL up to it (a walsender sends
+only flushed WAL; alone, the message waited for the WAL writer).
+
 The reader meets both watermarks in the stream. Between them it notes the key of every change of the
 table; at the high watermark it drops from the chunk every row whose key changed (the stream carries a
 state at least as new) and publishes the rest as READ events right there, in stream order. A change
