@@ -690,7 +690,7 @@ class Backfiller:
                     got = result.ntuples
                     # the piece's bytes and largest row first: they decide the next piece, asked for before this
                     # one is turned into events, so that PostgreSQL reads it meanwhile
-                    total, biggest = ids.sizes(result, piece_target)
+                    total, biggest = ids.sizes(result)
                     if sized is not None and got:
                         total = sized(result)  # libpq's own count of the piece's memory
                     largest = max(biggest, largest if chunk.count else 0)  # this chunk's largest row so far
@@ -730,7 +730,7 @@ class _Ids:
         self.prepared = builder.hot.blake2b_prepare(*seed) if self.compiled is not None and builder.hot else b""
         self._piece: list[list[bytes | None]] = []  # the values of the piece sizes() measured (the Python path)
 
-    def sizes(self, result: psycopg.pq.abc.PGresult, piece_target: int) -> tuple[int, int]:
+    def sizes(self, result: psycopg.pq.abc.PGresult) -> tuple[int, int]:
         """The bytes of the piece's values and of its largest row (0, 0 for none)."""
         if not result.ntuples:
             return 0, 0

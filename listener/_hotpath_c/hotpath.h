@@ -56,7 +56,8 @@
  *
  * And the backfill's: read_page(result_ptr, plan, ids, key_index, read_time, want_key, message) writes the READ
  * events of a whole FETCH result (a PGresult, through the libpq functions given once by set_libpq_results), each
- * row's id hashed from the state blake2b_prepare(key, data) made for its table (see page.c).
+ * row's id hashed from the state blake2b_prepare(key, data) made for its table (see page.c); page_sizes(result_ptr)
+ * gives a result's value bytes and largest row, which size the next FETCH before the events are written.
  */
 #ifndef LISTENER_HOTPATH_H
 #define LISTENER_HOTPATH_H
