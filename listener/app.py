@@ -637,9 +637,9 @@ class Listener:
         if chunk is None:
             return
         delivery = self.delivery
+        add = self._add
         for event in self.backfiller.events(chunk):
-            self._add(event)
-            if delivery.full:
+            if add(event):  # that made delivery full
                 await delivery.wait_for_space(self._stopping)
         delivery.commit(msg.lsn, time.time())
         if not chunk.published.done():

@@ -16,6 +16,12 @@ chunk is read only while the events handed to delivery and not yet acknowledged 
 not yet handed over stay under ``maxInFlightBytes``: the chunks waiting for acks count against the bound
 the stream's events do.
 
+Each piece (one FETCH, read on the connection's libpq handle) becomes READ events while libpq holds it: the
+compiled ``read_page`` walks the result itself (values, key, id, body, Message; :meth:`EventBuilder.read_page`
+is its Python twin), and the next piece is asked for before that, so PostgreSQL reads it meanwhile. A
+watermark's statement also takes a transaction id, whose commit flushes the WAL up to it (a walsender sends
+only flushed WAL; alone, the message waited for the WAL writer).
+
 The reader meets both watermarks in the stream. Between them it notes the key of every change of the
 table; at the high watermark it drops from the chunk every row whose key changed (the stream carries a
 state at least as new) and publishes the rest as READ events right there, in stream order. A change
@@ -53,7 +59,7 @@ from listener import catalog, metrics, pgoutput
 from listener.catalog import execute_one, fetch_all, fetch_one
 from listener.config import Config
 from listener.errors import ListenerError
-from listener.event import EventBuilder, now_text, read_event_ids
+from listener.event import EventBuilder, RelationInfo, RowKey, now_text, read_event_ids, read_id_seed
 from listener.filter import TableFilter
 from listener.hotpath import psycopg_libpq
 from listener.message import Message
@@ -276,7 +282,8 @@ class Chunk:
     table: Table
     oid: int
     key_names: tuple[str, ...]
-    rows: list[tuple[tuple[str | None, ...], Message]] = field(default_factory=list)  # (key, READ event)
+    events: list[Message] = field(default_factory=list)  # the READ events of the rows read
+    keys: list[RowKey] = field(default_factory=list)  # each one's row key (the same position)
     last_key: tuple[str, ...] | None = None
     count: int = 0  # rows read
     size: int = 0  # bytes of the rows read (their text form): what counts against the byte budget
@@ -372,9 +379,15 @@ class Backfiller:
         """The chunk's READ events whose keys did not change between its watermarks (once: the chunk lets go
         of them, delivery holds them from here)."""
         changed = chunk.changed
-        events = [] if chunk.truncated else [message for key, message in chunk.rows if key not in changed]
+        if chunk.truncated:
+            events = []
+        elif changed:
+            events = [message for key, message in zip(chunk.keys, chunk.events, strict=True) if key not in changed]
+        else:
+            events = chunk.events  # the common case: no row of the chunk changed in its window
         chunk.sent = len(events)
-        chunk.rows = []
+        chunk.events = []
+        chunk.keys = []
         chunk.changed = set()
         if events:
             self._unacked += chunk.size
@@ -529,17 +542,17 @@ class Backfiller:
         size = self.cfg.listener.snapshot.chunk_size
         filters = [*where, *([table.row_filter] if table.row_filter else [])]
         names = tuple(c.name for c in table.relation.columns)
-        key_positions = [names.index(k) for k in table.key]
+        key_index = tuple(names.index(k) for k in table.key)
         await self._load_types([c.type_oid for c in table.relation.columns])
         facts = await catalog.column_facts(conn, table.oid) if self.builder.wants_column_facts else None
         info = self.builder.relation_info(table.relation, table.key, facts)
         secret = self.builder.transforms.hash_key if self._hidden_key(table) else b""
-        ident_of = read_event_ids(self._slot, request.id, table.schema, table.name, secret)
-        key_of = _key_reader(key_positions)
-        # A pipeline: pages are read (low watermark, SELECT) on one connection while the page before is
-        # turned into events (high watermark) on another, and the one before that is acknowledged. Key
+        ids = _Ids(self.builder, info, read_event_ids(self._slot, request.id, table.schema, table.name, secret),
+                   read_id_seed(self._slot, request.id, table.schema, table.name, secret), key_index)
+        # A pipeline: pages are read and turned into events (low watermark, SELECT) on one connection while
+        # the page before gets its high watermark on another, and the one before that is acknowledged. Key
         # ranges of pages do not overlap, so neither does what their windows decide.
-        pages: asyncio.Queue[tuple[Chunk, list[list[bytes | None]]] | None] = asyncio.Queue(maxsize=1)
+        pages: asyncio.Queue[Chunk | None] = asyncio.Queue(maxsize=1)
 
         async def read_pages() -> None:
             nonlocal after
@@ -553,11 +566,11 @@ class Backfiller:
                 chunk = Chunk(request.id, number, table, table.oid, table.key)
                 self._chunks[(request.id, number)] = chunk
                 await self._mark(read_conn, chunk, "low")
-                rows, largest = await self._read_chunk(read_conn, chunk, names, after, filters, size, largest)
-                if rows:
-                    after = tuple(k or "" for k in key_of(rows[-1]))
+                largest = await self._read_chunk(read_conn, chunk, names, after, filters, size, largest, ids)
+                if chunk.keys:
+                    after = tuple(k or "" for k in chunk.keys[-1])
                 chunk.last_key = after
-                await pages.put((chunk, rows))
+                await pages.put(chunk)
                 if chunk.last:
                     break
             await pages.put(None)
@@ -566,15 +579,7 @@ class Backfiller:
         reader = asyncio.create_task(read_pages(), name="backfill-pages")
         published: deque[Chunk] = deque()  # handed to the reader, not yet acknowledged (in order)
         try:
-            while (page := await pages.get()) is not None:
-                chunk, rows = page
-                read_time = now_text()
-                build = self.builder.read
-                add = chunk.rows.append
-                for raw in rows:
-                    key = key_of(raw)
-                    add((key, build(info, raw, ident_of(key), read_time)))
-                del rows, page
+            while (chunk := await pages.get()) is not None:
                 await self._mark(conn, chunk, "high")
                 published.append(chunk)
                 # record what is acknowledged; wait only when more than PIPELINE chunks are not
@@ -659,47 +664,156 @@ class Backfiller:
         filters: list[str],
         size: int,
         largest: int,
-    ) -> tuple[list[list[bytes | None]], int]:
-        """The rows of one page, each column in its text form (NULL as None), read through a cursor in
-        pieces until ``size`` rows, the end of the table (``chunk.last``) or the chunk's byte budget; and the
-        largest row of the chunk (bytes). ``largest`` is the one of the chunk before (0: none yet), which
-        sizes the first piece."""
+        ids: _Ids,
+    ) -> int:
+        """Read one page into ``chunk`` (its rows' READ events and keys), through a cursor in pieces until
+        ``size`` rows, the end of the table (``chunk.last``) or the chunk's byte budget; the largest row of the
+        chunk (bytes, in text form). ``largest`` is the one of the chunk before (0: none yet), which sizes the
+        first piece. Each piece is turned into events while libpq holds it (the compiled ``read_page``
+        reads the result itself; else psycopg's values go through :meth:`EventBuilder.read_page`)."""
         table = chunk.table
         query = catalog.chunk_query(table.schema, table.name, names, table.key, after=after is not None,
                                     where=filters)
         budget = self.budget()
         piece_target = max(1, budget // PIECE_SHARE)
         sized = _result_size()
-        rows: list[list[bytes | None]] = []
+        read_time = now_text()  # the READ events' commitTime: when the chunk was read
+        events, keys = chunk.events, chunk.keys
         async with conn.transaction(), conn.cursor(row_factory=tuple_row) as cur:
             # parameters: extended protocol, bound with the DECLARE; the cursor sees one snapshot, taken now
             await cur.execute(catalog.declare_chunk_cursor(query), [*(after or ()), size])
-            while True:
-                want = piece_rows(largest, size - chunk.count, budget - chunk.size, piece_target)
-                await cur.execute(catalog.fetch_chunk_rows(want), binary=False)
-                result = cur.pgresult
-                assert result is not None
-                columns = range(result.nfields)
-                value = result.get_value
-                piece = [[value(r, c) for c in columns] for r in range(result.ntuples)]
-                got = len(piece)
-                if piece:
-                    # libpq's own count of the piece's memory (one call), else the values' bytes (one per value)
-                    total = sized(result) if sized is not None else sum(map(_row_bytes, piece))
-                    # the largest row: looked for among few or large rows; many small ones go by their average
-                    few = got <= 64 or total > piece_target // 4
-                    biggest = max(map(_row_bytes, piece)) if few else -(-total // got)
-                    largest = max(biggest, largest if rows else 0)  # this chunk's largest row so far
+            want = piece_rows(largest, size, budget, piece_target)
+            await _send(conn, catalog.fetch_chunk_rows(want).as_bytes(conn))
+            try:
+                while True:
+                    result = await _receive(conn)
+                    got = result.ntuples
+                    # the piece's bytes and largest row first: they decide the next piece, asked for before this
+                    # one is turned into events, so that PostgreSQL reads it meanwhile
+                    total, biggest = ids.sizes(result)
+                    if sized is not None and got:
+                        total = sized(result)  # libpq's own count of the piece's memory
+                    largest = max(biggest, largest if chunk.count else 0)  # this chunk's largest row so far
                     chunk.size += total
                     chunk.count += got
-                    rows.extend(piece)
-                del piece, result
-                if got < want:  # the cursor ran out before chunkSize rows: the table's last page
-                    chunk.last = True
+                    asked = want
+                    more = got == asked and chunk.count < size and chunk.size < budget
+                    if more:
+                        want = piece_rows(largest, size - chunk.count, budget - chunk.size, piece_target)
+                        await _send(conn, catalog.fetch_chunk_rows(want).as_bytes(conn))
+                    if got:
+                        ids.read(result, read_time, events, keys)
+                    del result
+                    if got < asked:  # the cursor ran out before chunkSize rows: the table's last page
+                        chunk.last = True
+                    if not more:
+                        break
+            except BaseException:
+                if conn.pgconn.transaction_status == psycopg.pq.TransactionStatus.ACTIVE:
+                    with contextlib.suppress(Exception):  # the piece asked for, read and dropped: the rollback runs
+                        await _receive(conn)
+                raise
+        return largest
+
+
+class _Ids:
+    """Turns the pieces of one table's pages into READ events: the compiled ``read_page`` over libpq's result
+    when the table's events allow it, else psycopg's values through :meth:`EventBuilder.read_page`."""
+
+    def __init__(self, builder: EventBuilder, info: RelationInfo, ident_of: Callable[[Sequence[str | None]], str],
+                 seed: tuple[bytes, bytes], key_index: tuple[int, ...]) -> None:
+        self.builder = builder
+        self.info = info
+        self.ident_of = ident_of
+        self.key_index = key_index
+        self.compiled = builder.page_reader(info)
+        self.prepared = builder.hot.blake2b_prepare(*seed) if self.compiled is not None and builder.hot else b""
+        self._piece: list[list[bytes | None]] = []  # the values of the piece sizes() measured (the Python path)
+
+    def sizes(self, result: psycopg.pq.abc.PGresult) -> tuple[int, int]:
+        """The bytes of the piece's values and of its largest row (0, 0 for none)."""
+        if not result.ntuples:
+            return 0, 0
+        if self.compiled is not None and self.builder.hot is not None:
+            return self.builder.hot.page_sizes(cast(Any, result).pgresult_ptr)
+        columns = range(result.nfields)
+        value = result.get_value
+        self._piece = [[value(r, c) for c in columns] for r in range(result.ntuples)]
+        rows = list(map(_row_bytes, self._piece))
+        return sum(rows), max(rows)
+
+    def read(self, result: psycopg.pq.abc.PGresult, read_time: str, events: list[Message],
+             keys: list[RowKey]) -> None:
+        """Append the events and keys of the piece's rows."""
+        if self.compiled is not None:
+            built, found, _, _ = self.compiled(cast(Any, result).pgresult_ptr, self.prepared, self.key_index,
+                                               read_time)
+            if None in found:  # rows the compiled path left to the Python one (not valid UTF-8, a converter's no)
+                for r, key in enumerate(found):
+                    if key is None:
+                        row = [result.get_value(r, c) for c in range(result.nfields)]
+                        (built[r],), (found[r],) = self.builder.read_page(self.info, [row], self.ident_of,
+                                                                          self.key_index, read_time)
+            events.extend(cast(list[Message], built))
+            keys.extend(cast(list[RowKey], found))
+            return
+        piece, self._piece = self._piece, []  # sizes() took the values of this piece
+        messages, piece_keys = self.builder.read_page(self.info, piece, self.ident_of, self.key_index, read_time)
+        events.extend(messages)
+        keys.extend(piece_keys)
+
+
+async def _send(conn: psycopg.AsyncConnection[Any], query: bytes) -> None:
+    """Send a FETCH (simple protocol: text values) on the connection's libpq handle; :func:`_receive` reads
+    its result. Between the two the connection is busy: nothing else may use it."""
+    loop = asyncio.get_running_loop()
+    async with conn.lock:
+        pgconn = conn.pgconn
+        pgconn.send_query(query)
+        while pgconn.flush():  # the query not written whole yet (a FETCH is short: hardly ever)
+            writable: asyncio.Future[None] = loop.create_future()
+            loop.add_writer(pgconn.socket, writable.set_result, None)
+            try:
+                await writable
+            finally:
+                loop.remove_writer(pgconn.socket)
+
+
+async def _receive(conn: psycopg.AsyncConnection[Any]) -> psycopg.pq.abc.PGresult:
+    """The result of the FETCH :func:`_send` sent, as libpq made it. The socket is watched once for the whole
+    piece: psycopg's execute adds and removes its reader, a timer and a future at every read of the socket,
+    and a piece of 1,000 rows arrives in tens of reads."""
+    loop = asyncio.get_running_loop()
+    async with conn.lock:
+        pgconn = conn.pgconn
+        fd = pgconn.socket
+        waiter: list[asyncio.Future[None]] = []
+
+        def wake() -> None:
+            if waiter and not waiter[0].done():
+                waiter[0].set_result(None)
+
+        result: psycopg.pq.abc.PGresult | None = None
+        loop.add_reader(fd, wake)
+        try:
+            while True:
+                pgconn.consume_input()
+                if pgconn.is_busy():
+                    waiter[:] = [loop.create_future()]
+                    await waiter[0]
+                    continue
+                got = pgconn.get_result()
+                if got is None:
                     break
-                if chunk.count >= size or chunk.size >= budget:
-                    break
-        return rows, largest
+                if result is None:
+                    result = got
+        finally:
+            loop.remove_reader(fd)
+    if result is None or result.status != psycopg.pq.ExecStatus.TUPLES_OK:
+        if result is None:
+            raise psycopg.OperationalError("backfill: FETCH returned no result")
+        raise psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
+    return result
 
 
 def piece_rows(largest: int, rows_left: int, bytes_left: int, piece_bytes: int) -> int:
@@ -738,23 +852,6 @@ class _Progress:
             "backfill": self.request.name, "table": table, "rows": done,
             "rows_estimated": self.request.rows_estimated, "rows_per_s": round(rate),
             "eta_s": round(left / rate) if rate > 0 else None}})
-
-
-def _key_reader(positions: Sequence[int]) -> Callable[[list[bytes | None]], tuple[str | None, ...]]:
-    """Row (text values as bytes) -> its key as the stream's decoded tuples give it (str; None for NULL)."""
-    if len(positions) == 1:  # the common case, once per row: kept short
-        (at,) = positions
-
-        def one(raw: list[bytes | None]) -> tuple[str | None, ...]:
-            value = raw[at]
-            return (None if value is None else value.decode(),)
-
-        return one
-
-    def several(raw: list[bytes | None]) -> tuple[str | None, ...]:
-        return tuple(None if (value := raw[i]) is None else value.decode() for i in positions)
-
-    return several
 
 
 @functools.cache

@@ -843,8 +843,11 @@ FINISH_BACKFILL_QUERY = (
 PUBLISHED_TABLES_QUERY = (
     "SELECT schemaname, tablename FROM pg_catalog.pg_publication_tables WHERE pubname = %s ORDER BY 1, 2"
 )
-#: the watermarks: non-transactional logical messages, at their own position in the WAL
-WATERMARK_QUERY = "SELECT pg_catalog.pg_logical_emit_message(false, %s, %s)::text"
+#: the watermarks: non-transactional logical messages, at their own position in the WAL. Such a message is not
+#: flushed by itself (before PostgreSQL 17's flush argument), and a walsender sends only flushed WAL: on a quiet
+#: server the WAL writer flushed it up to wal_writer_delay (200 ms) later, twice per chunk. txid_current() gives
+#: the statement's transaction an id, so its commit flushes the WAL up to the message at once.
+WATERMARK_QUERY = "SELECT pg_catalog.pg_logical_emit_message(false, %s, %s)::text, pg_catalog.txid_current()"
 
 #: one table as a backfill sees it: oid, replica identity, in the publication?, and two row counts:
 #: reltuples (-1: never vacuumed or analyzed) and the statistics' live tuples (kept without ANALYZE)

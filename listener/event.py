@@ -19,6 +19,8 @@ event stage only ever sees the kept columns, masked, and takes the topic and key
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import logging
 import struct
@@ -83,8 +85,8 @@ def read_event_ids(
     hashed (BLAKE2b) from the slot, the backfill, the table and the key, so a chunk sent again after a
     crash has the ids it had. ``secret`` keys the hash (a table whose transform masks or leaves out a key
     column: its ids must not let anyone test guesses of the key)."""
-    key = hashlib.sha256(secret).digest() if secret else b""
-    base = hashlib.blake2b("\x00".join([slot, str(backfill), schema, table]).encode(), digest_size=16, key=key)
+    key, data = read_id_seed(slot, backfill, schema, table, secret)
+    base = hashlib.blake2b(data, digest_size=16, key=key)
 
     def ident(key: Sequence[str | None]) -> str:
         h = base.copy()
@@ -95,6 +97,35 @@ def read_event_ids(
         return hashed_uuid(h.hexdigest())
 
     return ident
+
+
+def read_id_seed(slot: str, backfill: int, schema: str, table: str, secret: bytes = b"") -> tuple[bytes, bytes]:
+    """What every READ id of one table's backfill starts from: BLAKE2b's key (b"": unkeyed) and the data
+    hashed before the row's key (see :func:`read_event_ids`; the compiled read_page prepares the same)."""
+    key = hashlib.sha256(secret).digest() if secret else b""
+    return key, "\x00".join([slot, str(backfill), schema, table]).encode()
+
+
+#: a backfilled row's key as the stream's decoded tuples give it (str; None for NULL)
+RowKey = tuple[str | None, ...]
+#: the compiled read_page's answer: events, keys (None: that row is the Python path's), value bytes, largest row
+PageRead = tuple[list[Message | None], list[RowKey | None], int, int]
+#: EventBuilder.page_reader's: (result_ptr, ids, key_index, read_time) -> PageRead
+PageReader = Callable[[int, bytes, tuple[int, ...], str], PageRead]
+
+
+#: the fields of Message, in order, that read_page sets without calling the class (the last three: defaults)
+_MESSAGE_FIELDS = ("id", "subject", "body", "schema", "table", "action", "key", "headers", "content_type", "tombstone")
+
+
+@functools.cache
+def _message_slots() -> tuple[tuple[Any, ...] | None, tuple[Any, ...] | None]:
+    """For read_page: the member descriptors of Message's fields and the defaults of the last three, so that it
+    fills each event's slots directly; (None, None) — it calls the class — when Message is no longer shaped so."""
+    found = dataclasses.fields(Message)
+    if tuple(f.name for f in found) != _MESSAGE_FIELDS or not hasattr(Message, "__slots__"):
+        return None, None
+    return tuple(Message.__dict__[name] for name in _MESSAGE_FIELDS), tuple(f.default for f in found[7:])
 
 
 def hashed_uuid(hexed: str) -> str:
@@ -462,6 +493,39 @@ class EventBuilder:
         key = self._key(info, values, None) if self._needs_key else None
         message = self._event(info, ident, read_time, "READ", self.row(info, values), {}, key, subject)
         return message if finish is None else finish(message, read_time)
+
+    def page_reader(self, info: RelationInfo) -> PageReader | None:
+        """The compiled ``read_page`` bound to what a page of ``info``'s rows shares, when it writes that
+        table's READ events itself (the default format, no CloudEvents, no topic route, libpq found); else
+        None and the rows go through :meth:`read_page`. Call it as ``reader(result_ptr, ids, key_index,
+        read_time)``; a row it leaves to the Python path is None in both of its lists."""
+        hot, plan = self.hot, info.plan
+        if (hot is None or plan is None or info.debezium_plan is not None or self._finish is not None
+                or info.route is not None or not hotpath.page_reader(hot)):
+            return None
+        shared = (Message, info.subject, info.schema, info.table, "READ", *_message_slots())
+        needs_key = self._needs_key
+        read_page = hot.read_page
+
+        def reader(result_ptr: int, ids: bytes, key_index: tuple[int, ...], read_time: str) -> PageRead:
+            return read_page(result_ptr, plan, ids, key_index, read_time, needs_key, shared)
+
+        return reader
+
+    def read_page(
+        self, info: RelationInfo, rows: Sequence[list[bytes | None]], ident_of: Callable[[Sequence[str | None]], str],
+        key_index: Sequence[int], read_time: str,
+    ) -> tuple[list[Message], list[RowKey]]:
+        """A page of backfilled rows (each column's text form, NULL as None) -> their READ events and keys
+        (the key columns at ``key_index``, decoded): the Python twin of the compiled ``read_page``."""
+        read = self.read
+        messages: list[Message] = []
+        keys: list[RowKey] = []
+        for raw in rows:
+            key = tuple(None if (value := raw[i]) is None else value.decode() for i in key_index)
+            messages.append(read(info, raw, ident_of(key), read_time))
+            keys.append(key)
+        return messages, keys
 
     def change(self, buf: bytes, txn: Transaction) -> Message | None:
         """An Insert, Update or Delete message -> its event (None: filtered out). The compiled path

@@ -93,6 +93,19 @@ class Module(Protocol):
         self, pgconn_ptr: int, limit: int, starts: list[int] | None, max_bytes: int = 0, /
     ) -> tuple[list[bytes], int, bytes | None, int]: ...
 
+    def blake2b_prepare(self, key: bytes, data: bytes, /) -> bytes: ...
+
+    def page_sizes(self, result_ptr: int, /) -> tuple[int, int]: ...
+
+    def set_libpq_results(
+        self, ntuples: int, nfields: int, getvalue: int, getisnull: int, getlength: int, /
+    ) -> None: ...
+
+    def read_page(
+        self, result_ptr: int, plan: Plan, ids: bytes, key_index: tuple[int, ...], read_time: str, want_key: bool,
+        message: tuple[Any, str, str, str, str, tuple[Any, ...] | None, tuple[Any, ...] | None], /
+    ) -> tuple[list[Any], list[Any], int, int]: ...
+
 
 def load() -> Module | None:
     """The compiled module, or None when it was not built or ``LISTENER_PURE_PYTHON`` is set."""
@@ -149,6 +162,30 @@ def copy_reader(module: Module | None) -> bool:
         return False
     module.set_libpq(getcopydata, freemem)
     return True
+
+
+_RESULT_FUNCTIONS = ("PQntuples", "PQnfields", "PQgetvalue", "PQgetisnull", "PQgetlength")
+_page_readers: dict[int, bool] = {}
+
+
+def page_reader(module: Module) -> bool:
+    """Point ``module.read_page`` at the libpq psycopg uses (once per module); False (psycopg's values, one
+    Python object per column) when that libpq cannot be found."""
+    done = _page_readers.get(id(module))
+    if done is not None:
+        return done
+    ok = False
+    try:
+        lib = psycopg_libpq()
+        if lib is not None:
+            addresses = [ctypes.cast(getattr(lib, name), ctypes.c_void_p).value for name in _RESULT_FUNCTIONS]
+            if all(addresses):
+                module.set_libpq_results(*addresses)  # type: ignore[arg-type]
+                ok = True
+    except (OSError, AttributeError, ImportError) as exc:
+        log.debug("compiled backfill pages off", extra={"fields": {"error": str(exc)}})
+    _page_readers[id(module)] = ok
+    return ok
 
 
 _SCALAR_CODES: dict[Any, int] = {

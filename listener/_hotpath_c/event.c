@@ -100,7 +100,7 @@ done:
     return result;
 }
 
-static int read_plan(const char *name, PyObject *const *args, PyObject *ident, PyObject *time, Plan *plan) {
+int read_plan(const char *name, PyObject *const *args, PyObject *ident, PyObject *time, Plan *plan) {
     PyObject *tuple = args[1];
     if (!PyTuple_Check(tuple) || PyTuple_GET_SIZE(tuple) != 4 || !PyUnicode_Check(ident) || !PyUnicode_Check(time)) {
         PyErr_Format(PyExc_TypeError, "%s: plan must be a 4-tuple, the id (prefix) and time str", name);
@@ -130,7 +130,7 @@ static int read_plan(const char *name, PyObject *const *args, PyObject *ident, P
 
 /* The event body and key of one change whose tuples are decoded: (body, key), or (ident, body, key) when
  * with_ident | None (the Python path takes it) | NULL (an error). */
-static PyObject *build_event(PyObject *ident, int with_ident, PyObject *commit_time, const Plan *plan,
+PyObject *build_event(PyObject *ident, int with_ident, PyObject *commit_time, const Plan *plan,
                              const char *action, const Col *new_cols, Py_ssize_t nnew, const Col *old_cols,
                              Py_ssize_t nold, char old_kind, int want_key, Py_ssize_t size_hint) {
     PyObject *result = NULL;

@@ -20,6 +20,8 @@
  *   debezium.c    the Debezium format: debezium_event(), debezium_read_row()          formats.py (Debezium)
  *   txn.c         a Begin message -> what its transaction's events share: begin()     event.py (begin)
  *   frames.c      NATS wire frames (HPUB) and JetStream acks                          publishers/nats.py
+ *   blake2b.c     BLAKE2b, the ids of READ events                                     event.py (read_event_ids)
+ *   page.c        a backfill page (libpq PGresult) -> READ events: read_page()        event.py (read_page)
  *   module.c      the method table and module init                                    hotpath.py
  *
  * event(msg, plan, prefix, number, commit_time, want_key) -> (ident: str, body: bytes, key: bytes | None) | None
@@ -51,6 +53,11 @@
  *   where topic is the rendered topic name (str) or why there is none (int, listener.transforms.FALLBACK_REASONS).
  *
  * hmac_prepare(key) -> bytes and hmac_hex(prepared, data) -> str: the hash mask on its own (tests).
+ *
+ * And the backfill's: read_page(result_ptr, plan, ids, key_index, read_time, want_key, message) writes the READ
+ * events of a whole FETCH result (a PGresult, through the libpq functions given once by set_libpq_results), each
+ * row's id hashed from the state blake2b_prepare(key, data) made for its table (see page.c); page_sizes(result_ptr)
+ * gives a result's value bytes and largest row, which size the next FETCH before the events are written.
  */
 #ifndef LISTENER_HOTPATH_H
 #define LISTENER_HOTPATH_H
@@ -180,6 +187,26 @@ PyObject *route_topic(const Plan *plan, const Col *new_cols, Py_ssize_t nnew, co
 
 PyObject *make_ident(PyObject *prefix, PyObject *number);
 
+/* ---- READ ids (blake2b.c) ---- */
+
+typedef struct {
+    uint64_t h[8], t[2];
+    unsigned char buf[128];
+    size_t buflen, outlen;
+} Blake2b;
+
+void blake2b_init(Blake2b *s, size_t outlen, const unsigned char *key, size_t keylen);
+void blake2b_update(Blake2b *s, const unsigned char *p, size_t n);
+void blake2b_final(Blake2b *s, unsigned char *out);
+void read_ident(const Blake2b *prepared, const Col *keys, Py_ssize_t nkeys, char out[36]);
+
+/* ---- the default event format (event.c), also for page.c ---- */
+
+int read_plan(const char *name, PyObject *const *args, PyObject *ident, PyObject *time, Plan *plan);
+PyObject *build_event(PyObject *ident, int with_ident, PyObject *commit_time, const Plan *plan, const char *action,
+                      const Col *new_cols, Py_ssize_t nnew, const Col *old_cols, Py_ssize_t nold, char old_kind,
+                      int want_key, Py_ssize_t size_hint);
+
 /* ---- NATS frames (frames.c) ---- */
 
 int frames_init(void);
@@ -199,5 +226,9 @@ PyObject *hot_hmac_hex(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *hot_sha_extensions(PyObject *self, PyObject *unused);
 PyObject *hot_set_libpq(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *hot_copy_batch(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *hot_blake2b_prepare(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *hot_set_libpq_results(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *hot_read_page(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *hot_page_sizes(PyObject *self, PyObject *arg);
 
 #endif

@@ -28,6 +28,13 @@ static PyMethodDef methods[] = {
      "set_libpq(getcopydata, freemem): addresses of PQgetCopyData and PQfreemem of psycopg's libpq"},
     {"copy_batch", (PyCFunction)(void (*)(void))hot_copy_batch, METH_FASTCALL,
      "copy_batch(pgconn_ptr, limit, starts, max_bytes=0) -> (payloads, wal_end, other, status)"},
+    {"blake2b_prepare", (PyCFunction)(void (*)(void))hot_blake2b_prepare, METH_FASTCALL,
+     "blake2b_prepare(key, data) -> the state of BLAKE2b-128 keyed with key after data (read_page's ids)"},
+    {"set_libpq_results", (PyCFunction)(void (*)(void))hot_set_libpq_results, METH_FASTCALL,
+     "set_libpq_results(ntuples, nfields, getvalue, getisnull, getlength): addresses of psycopg's libpq functions"},
+    {"read_page", (PyCFunction)(void (*)(void))hot_read_page, METH_FASTCALL,
+     "read_page(result_ptr, plan, ids, key_index, read_time, want_key, message) -> (messages, keys, bytes, largest)"},
+    {"page_sizes", hot_page_sizes, METH_O, "page_sizes(result_ptr) -> (value bytes, largest row bytes) of a FETCH result"},
     {NULL, NULL, 0, NULL},
 };
 
