@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import re
 import struct
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -79,6 +80,14 @@ def default_source(cfg: Config) -> str:
     return f"//{host}/{quote(cfg.database.name, safe='')}"
 
 
+#: what the compiled path takes to write a table's CloudEvents (see listener/_hotpath_c/cloudevents.c): the heads
+#: of its INSERT, UPDATE, DELETE and READ events, the id's and the time's header names (binary mode) and whether
+#: the binding percent-encodes
+CompiledCloudEvents = tuple[tuple[Any, Any, Any, Any], str | None, str | None, bool]
+#: the actions of a table's events in the order of CompiledCloudEvents' heads
+COMPILED_ACTIONS: Final = ("INSERT", "UPDATE", "DELETE", "READ")
+
+
 class CloudEvents:
     """Turns a finished :class:`Message` into a CloudEvent (the event's own body stays its ``data``)."""
 
@@ -87,6 +96,9 @@ class CloudEvents:
         self.source = source
         self.binding = binding
         self._heads: dict[tuple[str, str, str], Any] = {}  # (schema, table, action) -> what is the same each time
+        #: the message's content type once wrapped
+        self.content_type = STRUCTURED_CONTENT_TYPE if self.structured else (
+            "" if binding.datacontenttype_header else DATA_CONTENT_TYPE)
 
     @staticmethod
     def subject(message: Message) -> str:
@@ -98,34 +110,44 @@ class CloudEvents:
         key = (message.schema, message.table, message.action)
         head = self._heads.get(key)
         if head is None:
-            head = self._head(message)
+            head = self._head(*key)
             if len(self._heads) < 10000:
                 self._heads[key] = head
         if self.structured:
             message.body = b"".join((head, b',"id":"', message.id.encode(), b'","time":"', moment.encode(),
                                      b'","data":', message.body, b"}"))
-            message.content_type = STRUCTURED_CONTENT_TYPE
+            message.content_type = self.content_type
             return message
         headers = dict(head)
         prefix = self.binding.prefix
         headers[prefix + "id"] = header_value(message.id, self.binding)
         headers[prefix + "time"] = moment
         message.headers = headers
-        message.content_type = "" if self.binding.datacontenttype_header else DATA_CONTENT_TYPE
+        message.content_type = self.content_type
         return message
 
-    def _head(self, message: Message) -> Any:
+    def compiled(self, schema: str, table: str) -> CompiledCloudEvents:
+        """What the compiled path takes to write the CloudEvents of ``schema.table`` as :meth:`__call__` does."""
+        heads = tuple(self._head(schema, table, action) for action in COMPILED_ACTIONS)
+        if self.structured:
+            return heads, None, None, False
+        prefix = self.binding.prefix
+        return heads, sys.intern(prefix + "id"), sys.intern(prefix + "time"), self.binding.percent_encoded
+
+    def _head(self, schema: str, table: str, action: str) -> Any:
         attributes = {
             "specversion": "1.0",
-            "type": CLOUDEVENTS_TYPE_PREFIX + message.action.lower(),
+            "type": CLOUDEVENTS_TYPE_PREFIX + action.lower(),
             "source": self.source,
-            "subject": self.subject(message),
+            "subject": f"{schema}.{table}" if schema else table,
         }
         if self.structured or self.binding.datacontenttype_header:
             attributes["datacontenttype"] = DATA_CONTENT_TYPE
         if self.structured:
             return orjson.dumps(attributes)[:-1]  # the object left open for id, time and data
-        return {self.binding.prefix + name: header_value(value, self.binding) for name, value in attributes.items()}
+        # interned: the compiled NATS frame writer knows them as plain once seen (listener/_hotpath_c/frames.c)
+        return {sys.intern(self.binding.prefix + name): sys.intern(header_value(value, self.binding))
+                for name, value in attributes.items()}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -3,18 +3,35 @@
  */
 #include "hotpath.h"
 
-static PyObject *str_body, *str_id, *str_subject, *str_headers, *str_content_type;
+static PyObject *str_body, *str_id, *str_subject, *str_headers, *str_content_type, *str_content_type_header;
 
-/* The attribute names read off each message, interned once (module init). */
+/* What a header line may hold as it is: HEADER_NAME in a name (printable ASCII but ':'), HEADER_VALUE in a
+ * value (printable ASCII and space). */
+enum { HEADER_NAME = 1, HEADER_VALUE = 2 };
+static unsigned char header_chars[256];
+
+/* The attribute names read off each message, interned once, and the table above (module init). */
 int frames_init(void) {
     str_body = PyUnicode_InternFromString("body");
     str_id = PyUnicode_InternFromString("id");
     str_subject = PyUnicode_InternFromString("subject");
     str_headers = PyUnicode_InternFromString("headers");
     str_content_type = PyUnicode_InternFromString("content_type");
-    if (str_body == NULL || str_id == NULL || str_subject == NULL || str_headers == NULL || str_content_type == NULL)
+    str_content_type_header = PyUnicode_InternFromString("content-type");
+    if (str_body == NULL || str_id == NULL || str_subject == NULL || str_headers == NULL || str_content_type == NULL ||
+        str_content_type_header == NULL)
         return -1;
+    for (int c = 0x20; c <= 0x7E; c++)
+        header_chars[c] = (unsigned char)(HEADER_VALUE | (c != ' ' && c != ':' ? HEADER_NAME : 0));
     return 0;
+}
+
+/* Whether every byte of s[0..n) has the bit of header_chars. */
+static inline int all_header_chars(const unsigned char *s, Py_ssize_t n, unsigned char bit) {
+    unsigned char seen = bit;
+    for (Py_ssize_t i = 0; i < n; i++)
+        seen &= header_chars[s[i]];
+    return seen != 0;
 }
 
 /* An id nats-py would send unchanged in a header: printable ASCII, no spaces (so strip() and the
@@ -26,25 +43,53 @@ static int plain_header_value(const char *s, Py_ssize_t n) {
     return 1;
 }
 
+/* Header lines of interned names and values already found plain (strong references: an address is not reused
+ * while cached). CloudEvents' constant attributes are interned (formats.CloudEvents): each event's copy of them
+ * is written without looking at every byte again. Direct-mapped by the two addresses. */
+#define HEADER_CACHE 64
+static struct {
+    PyObject *name, *value;
+} header_cache[HEADER_CACHE];
+
+static inline size_t header_slot(PyObject *name, PyObject *value) {
+    uintptr_t h = ((uintptr_t)name >> 4) * 31u + ((uintptr_t)value >> 4);
+    return (size_t)((h ^ (h >> 6)) % HEADER_CACHE);
+}
+
 /* A header line "name: value\r\n" as the Python path writes it, when both are plain: a name of printable
  * ASCII without ':', a value of printable ASCII or spaces, not starting or ending with a space. 0: not plain. */
 static int put_header(Buf *b, PyObject *name, PyObject *value) {
-    Py_ssize_t name_len, value_len;
-    if (!PyUnicode_Check(name) || !PyUnicode_Check(value) || !PyUnicode_IS_ASCII(name) || !PyUnicode_IS_ASCII(value))
+    if (!PyUnicode_Check(name) || !PyUnicode_Check(value) || !PyUnicode_IS_COMPACT_ASCII(name) ||
+        !PyUnicode_IS_COMPACT_ASCII(value))
         return 0;
-    const char *name_text = PyUnicode_AsUTF8AndSize(name, &name_len);
-    const char *value_text = PyUnicode_AsUTF8AndSize(value, &value_len);
-    if (name_text == NULL || value_text == NULL || name_len == 0 || !plain_header_value(name_text, name_len) ||
-        memchr(name_text, ':', name_len) != NULL)
-        return 0;
-    for (Py_ssize_t i = 0; i < value_len; i++)
-        if ((unsigned char)value_text[i] < 0x20 || (unsigned char)value_text[i] > 0x7E)
+    const unsigned char *name_text = PyUnicode_1BYTE_DATA(name), *value_text = PyUnicode_1BYTE_DATA(value);
+    Py_ssize_t name_len = PyUnicode_GET_LENGTH(name), value_len = PyUnicode_GET_LENGTH(value);
+    size_t slot = header_slot(name, value);
+    if (header_cache[slot].name != name || header_cache[slot].value != value) {
+        if (name_len == 0 || !all_header_chars(name_text, name_len, HEADER_NAME) ||
+            !all_header_chars(value_text, value_len, HEADER_VALUE) ||
+            (value_len && (value_text[0] == ' ' || value_text[value_len - 1] == ' ')))
             return 0;
-    if (value_len && (value_text[0] == ' ' || value_text[value_len - 1] == ' '))
-        return 0;
-    if (put(b, name_text, name_len) < 0 || PUTS(b, ": ") < 0 || put(b, value_text, value_len) < 0 ||
-        PUTS(b, "\r\n") < 0)
+        if (PyUnicode_CHECK_INTERNED(name) && PyUnicode_CHECK_INTERNED(value) && PyUnicode_CheckExact(name) &&
+            PyUnicode_CheckExact(value)) {
+            PyObject *old_name = header_cache[slot].name, *old_value = header_cache[slot].value;
+            header_cache[slot].name = Py_NewRef(name);
+            header_cache[slot].value = Py_NewRef(value);
+            Py_XDECREF(old_name);
+            Py_XDECREF(old_value);
+        }
+    }
+    Py_ssize_t size = name_len + value_len + 4;
+    if (b->len + size > b->cap && buf_grow(b, size) < 0)
         return -1;
+    char *out = b->data + b->len;
+    memcpy(out, name_text, (size_t)name_len);
+    out[name_len] = ':';
+    out[name_len + 1] = ' ';
+    memcpy(out + name_len + 2, value_text, (size_t)value_len);
+    out[size - 2] = '\r';
+    out[size - 1] = '\n';
+    b->len += size;
     return 1;
 }
 
@@ -73,9 +118,7 @@ static int extra_headers(Buf *b, PyObject *message) {
     if (content_type == NULL)
         return -1;
     if (PyUnicode_Check(content_type) && PyUnicode_GET_LENGTH(content_type) > 0) {
-        PyObject *name = PyUnicode_FromString("content-type");
-        rc = name == NULL ? -1 : put_header(b, name, content_type);
-        Py_XDECREF(name);
+        rc = put_header(b, str_content_type_header, content_type);
     } else if (!PyUnicode_Check(content_type)) {
         rc = 0;
     }
