@@ -141,6 +141,7 @@ class RelationInfo:
     plan: hotpath.Plan | None = None  # for the compiled fast path, when it is loaded
     #: publisher.format cloudevents: what the compiled path takes to wrap the table's events (with plan)
     ce: CompiledCloudEvents | None = None
+    ce_lines: bool = False  # its binary mode's attributes come as Message.header_lines (formats.Binding.lines)
     debezium: DebeziumTable | None = None  # publisher.format debezium: what its events share (schemas...)
     debezium_plan: hotpath.DebeziumPlan | None = None  # its compiled path's plan (a table without a transform)
     #: the table's transform (None: no entry of listener.transforms names it); names, converters and the
@@ -289,6 +290,7 @@ class EventBuilder:
                                      transform, None if transform is None else self._hmac)
             if self._finish is not None:
                 info.ce = self._finish.compiled(rel.schema, rel.name)
+                info.ce_lines = info.ce[1] is not None and isinstance(info.ce[0][0], bytes)
         return info
 
     def _warn_key(self, rel: Relation, left_out: list[str]) -> None:
@@ -455,6 +457,9 @@ class EventBuilder:
             done = hot.read_row(raw, info.plan, ident, read_time, self._needs_key, info.ce)
             if done is not None:
                 subject = info.subject if info.route is None else self._routed(info, done[2])  # type: ignore[misc, arg-type]
+                if info.ce_lines:  # wrapped by the compiled path, the attributes as header lines
+                    return Message(ident, subject, done[0], info.schema, info.table, "READ", done[1], None,
+                                   finish.content_type, False, done[3])  # type: ignore[misc, union-attr, arg-type]
                 if info.ce is not None:  # wrapped by the compiled path (finish is not None)
                     return Message(ident, subject, done[0], info.schema, info.table, "READ", done[1],
                                    done[3], finish.content_type)  # type: ignore[misc, union-attr]
@@ -503,7 +508,10 @@ class EventBuilder:
                 if info.route is not None:
                     routed: str | int = done[3]  # type: ignore[misc, assignment]
                     subject = routed if isinstance(routed, str) else self._routed(info, routed)
-                if info.ce is not None:
+                if info.ce_lines:
+                    message = Message(done[0], subject, done[1], info.schema, info.table, action, done[2], None,
+                                      self._finish.content_type, False, done[4])  # type: ignore[misc, union-attr, arg-type]
+                elif info.ce is not None:
                     message = Message(done[0], subject, done[1], info.schema, info.table, action, done[2],
                                       done[4], self._finish.content_type)  # type: ignore[misc, union-attr]
                 else:

@@ -53,16 +53,21 @@ class Binding:
     #: binary mode: ``datacontenttype`` as a header of its own (<prefix>datacontenttype) like every other
     #: attribute (NATS), instead of the protocol's content type (HTTP, Pub/Sub, Kafka, AMQP)
     datacontenttype_header: bool = False
+    #: the publisher takes the attributes as header lines (:attr:`Message.header_lines`, NATS): the compiled
+    #: path writes them so instead of a dict per event
+    lines: bool = False
 
 
 #: the binding of Pub/Sub: ce- attributes, values percent-encoded as in HTTP, the content-type attribute
 CE_HEADERS: Final = Binding("ce-", percent_encoded=True)
 #: the NATS protocol binding (1.0.3, section 3.1.3.1): every attribute a ce- header, datacontenttype too
 #: (ce-datacontenttype); a content-type header of application/cloudevents marks structured mode only
-NATS_HEADERS: Final = Binding("ce-", percent_encoded=True, datacontenttype_header=True)
+NATS_HEADERS: Final = Binding("ce-", percent_encoded=True, datacontenttype_header=True, lines=True)
 #: printable ASCII but space, '"' and '%': what a ce- header value may hold unencoded
 _HEADER_SAFE: Final = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '"%')
 _PLAIN_HEADER: Final = re.compile(r'[!#-$&-~]*')
+#: a header's name and value that its line (nats-py's) holds as they are: printable ASCII, no spaces
+_LINE_VALUE: Final = re.compile(r"[!-~]+")
 
 
 def header_value(text: str, binding: Binding) -> str:
@@ -81,8 +86,8 @@ def default_source(cfg: Config) -> str:
 
 
 #: what the compiled path takes to write a table's CloudEvents (see listener/_hotpath_c/cloudevents.c): the heads
-#: of its INSERT, UPDATE, DELETE and READ events, the id's and the time's header names (binary mode) and whether
-#: the binding percent-encodes
+#: of its INSERT, UPDATE, DELETE and READ events, the id's and the time's header names (binary mode; as the start
+#: of their header lines when the binding takes lines) and whether the binding percent-encodes
 CompiledCloudEvents = tuple[tuple[Any, Any, Any, Any], str | None, str | None, bool]
 #: the actions of a table's events in the order of CompiledCloudEvents' heads
 COMPILED_ACTIONS: Final = ("INSERT", "UPDATE", "DELETE", "READ")
@@ -131,8 +136,13 @@ class CloudEvents:
         heads = tuple(self._head(schema, table, action) for action in COMPILED_ACTIONS)
         if self.structured:
             return heads, None, None, False
-        prefix = self.binding.prefix
-        return heads, sys.intern(prefix + "id"), sys.intern(prefix + "time"), self.binding.percent_encoded
+        id_name, time_name = sys.intern(self.binding.prefix + "id"), sys.intern(self.binding.prefix + "time")
+        if self.binding.lines and all(_LINE_VALUE.fullmatch(f"{n}{v}") for h in heads for n, v in h.items()):
+            lines = tuple("".join(f"{name}: {value}\r\n" for name, value in head.items()).encode() for head in heads)
+            return lines, f"{id_name}: ", f"\r\n{time_name}: ", True  # type: ignore[return-value]
+        # the id and the time in their places already: each event's copy of the head only replaces their values
+        heads = tuple({**head, id_name: "", time_name: ""} for head in heads)
+        return heads, id_name, time_name, self.binding.percent_encoded
 
     def _head(self, schema: str, table: str, action: str) -> Any:
         attributes = {

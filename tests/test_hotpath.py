@@ -25,6 +25,7 @@ from listener.errors import DecodeError
 from listener.event import EventBuilder, Transaction
 from listener.formats import CE_HEADERS, NATS_HEADERS, Binding, debezium_converter
 from listener.pgoutput import Column, Relation
+from listener.publishers.nats import extra_headers
 from listener.types import Converter
 from tests.support.events import compiled_hot_path, make_config
 from tests.support.pgwire import COL_NULL, COL_UNCHANGED, col_text, delete_msg, insert_msg, tuple_data, update_msg
@@ -482,8 +483,10 @@ def ce_builders(mode: str, binding: Binding, transform: str | None) -> tuple[Eve
 
 
 def ce_message(message: Any) -> Any:
-    return (message.id, message.subject, message.body, message.key, message.action, message.headers,
-            message.content_type, message.tombstone)
+    """What each broker publishes of a message: the attributes, the NATS header lines (the compiled path writes
+    them as lines for NATS, formats.Binding.lines; the Python path as a dict), the rest."""
+    return (message.id, message.subject, message.body, message.key, message.action, message.attributes(),
+            extra_headers(message), message.tombstone)
 
 
 @pytest.mark.parametrize("transform", [None, "exclude, every mask, topic, key"])
@@ -523,20 +526,23 @@ def test_cloudevents_match_the_python_path(mode: str, binding: str, transform: s
         assert results[0] == results[1], (row, ident)
 
 
-def test_cloudevents_of_a_typical_row_are_written_by_the_compiled_path() -> None:
-    for mode in ("binary", "structured"):
-        fast, _ = ce_builders(mode, NATS_HEADERS, None)
-        info = fast.relations[OID]
-        assert info.plan is not None and info.ce is not None and fast.hot is not None
-        done = fast.hot.event(insert_msg(OID, tuple_data(*TYPICAL)), info.plan, "id-", 1, "t", True, info.ce)
-        assert done is not None and len(done) == 5 and done[3] is None
-        if mode == "structured":
-            assert done[4] is None and orjson.loads(done[1])["data"]["id"] == "id-000000000001"
-        else:
-            assert done[4] is not None and list(done[4]) == [
-                "ce-specversion", "ce-type", "ce-source", "ce-subject", "ce-datacontenttype", "ce-id", "ce-time"]
-        with pytest.raises(TypeError):
-            fast.hot.event(insert_msg(OID, tuple_data(*TYPICAL)), info.plan, "id-", 1, "t", True, ("bad",))
+@pytest.mark.parametrize("mode,binding", [("structured", "nats"), ("binary", "nats"), ("binary", "kafka")])
+def test_cloudevents_of_a_typical_row_are_written_by_the_compiled_path(mode: str, binding: str) -> None:
+    fast, _ = ce_builders(mode, CE_BINDINGS[binding], None)
+    info = fast.relations[OID]
+    assert info.plan is not None and info.ce is not None and fast.hot is not None
+    done = fast.hot.event(insert_msg(OID, tuple_data(*TYPICAL)), info.plan, "id-", 1, "t", True, info.ce)
+    assert done is not None and len(done) == 5 and done[3] is None
+    if mode == "structured":
+        assert done[4] is None and orjson.loads(done[1])["data"]["id"] == "id-000000000001"
+    elif binding == "nats":  # the header lines themselves
+        assert done[4] == (b"ce-specversion: 1.0\r\nce-type: io.wal-listener.insert\r\nce-source: //pg%20a/db%25\r\n"
+                           b'ce-subject: public.ev%22ents\r\nce-datacontenttype: application/json\r\n'
+                           b"ce-id: id-000000000001\r\nce-time: t\r\n")
+    else:
+        assert list(done[4]) == ["ce_specversion", "ce_type", "ce_source", "ce_subject", "ce_id", "ce_time"]
+    with pytest.raises(TypeError):
+        fast.hot.event(insert_msg(OID, tuple_data(*TYPICAL)), info.plan, "id-", 1, "t", True, ("bad",))
 
 
 @pytest.mark.parametrize("length", [*range(0, 130), 1000, 65536])

@@ -2,8 +2,41 @@
  * Python twin: listener/publishers/nats.py (nats-py's publish and its reply parser).
  */
 #include "hotpath.h"
+#include <structmember.h>
 
-static PyObject *str_body, *str_id, *str_subject, *str_headers, *str_content_type, *str_content_type_header;
+static PyObject *str_body, *str_id, *str_subject, *str_headers, *str_header_lines, *str_content_type,
+    *str_content_type_header;
+
+/* The attributes read off each message: a Message (a class with __slots__) keeps them at fixed offsets, which
+ * are looked up once per class and read directly, as its member descriptors do; anything else (another class,
+ * an attribute that is not a plain slot, an empty slot) goes through PyObject_GetAttr. */
+enum { ATTR_BODY, ATTR_ID, ATTR_SUBJECT, ATTR_HEADERS, ATTR_HEADER_LINES, ATTR_CONTENT_TYPE, ATTRS };
+static PyObject *attr_names[ATTRS];
+static PyTypeObject *slots_type; /* the class whose offsets are in attr_offsets (a strong reference) */
+static Py_ssize_t attr_offsets[ATTRS];
+
+static void learn_slots(PyTypeObject *type) {
+    Py_XSETREF(slots_type, (PyTypeObject *)Py_NewRef(type));
+    for (int i = 0; i < ATTRS; i++) {
+        attr_offsets[i] = -1;
+        PyObject *descr = type->tp_getattro == PyObject_GenericGetAttr ? _PyType_Lookup(type, attr_names[i]) : NULL;
+        if (descr != NULL && Py_IS_TYPE(descr, &PyMemberDescr_Type)) {
+            PyMemberDef *member = ((PyMemberDescrObject *)descr)->d_member;
+            if (member->type == T_OBJECT_EX && !(member->flags & READ_RESTRICTED))
+                attr_offsets[i] = member->offset;
+        }
+    }
+}
+
+/* message.<attribute>: a new reference, NULL with an exception set. */
+static inline PyObject *attr(PyObject *message, int which) {
+    if (Py_IS_TYPE(message, slots_type) && attr_offsets[which] >= 0) {
+        PyObject *value = *(PyObject **)((char *)message + attr_offsets[which]);
+        if (value != NULL)
+            return Py_NewRef(value);
+    }
+    return PyObject_GetAttr(message, attr_names[which]);
+}
 
 /* What a header line may hold as it is: HEADER_NAME in a name (printable ASCII but ':'), HEADER_VALUE in a
  * value (printable ASCII and space). */
@@ -16,13 +49,16 @@ int frames_init(void) {
     str_id = PyUnicode_InternFromString("id");
     str_subject = PyUnicode_InternFromString("subject");
     str_headers = PyUnicode_InternFromString("headers");
+    str_header_lines = PyUnicode_InternFromString("header_lines");
     str_content_type = PyUnicode_InternFromString("content_type");
     str_content_type_header = PyUnicode_InternFromString("content-type");
-    if (str_body == NULL || str_id == NULL || str_subject == NULL || str_headers == NULL || str_content_type == NULL ||
-        str_content_type_header == NULL)
+    if (str_body == NULL || str_id == NULL || str_subject == NULL || str_headers == NULL || str_header_lines == NULL ||
+        str_content_type == NULL || str_content_type_header == NULL)
         return -1;
     for (int c = 0x20; c <= 0x7E; c++)
         header_chars[c] = (unsigned char)(HEADER_VALUE | (c != ' ' && c != ':' ? HEADER_NAME : 0));
+    PyObject *names[ATTRS] = {str_body, str_id, str_subject, str_headers, str_header_lines, str_content_type};
+    memcpy(attr_names, names, sizeof names);
     return 0;
 }
 
@@ -93,11 +129,12 @@ static int put_header(Buf *b, PyObject *name, PyObject *value) {
     return 1;
 }
 
-/* The header lines of message.headers and message.content_type into b (emptied first).
+/* The header lines of message.headers, message.header_lines (as they are: the compiled path wrote them) and
+ * message.content_type into b (emptied first).
  * 1: written, 0: something needs the Python path, -1: error. */
 static int extra_headers(Buf *b, PyObject *message) {
     b->len = 0;
-    PyObject *headers = PyObject_GetAttr(message, str_headers);
+    PyObject *headers = attr(message, ATTR_HEADERS);
     if (headers == NULL)
         return -1;
     int rc = 1;
@@ -114,7 +151,17 @@ static int extra_headers(Buf *b, PyObject *message) {
     Py_DECREF(headers);
     if (rc != 1)
         return rc;
-    PyObject *content_type = PyObject_GetAttr(message, str_content_type);
+    PyObject *lines = attr(message, ATTR_HEADER_LINES);
+    if (lines == NULL)
+        return -1;
+    if (!PyBytes_Check(lines))
+        rc = 0;
+    else if (PyBytes_GET_SIZE(lines) && put(b, PyBytes_AS_STRING(lines), PyBytes_GET_SIZE(lines)) < 0)
+        rc = -1;
+    Py_DECREF(lines);
+    if (rc != 1)
+        return rc;
+    PyObject *content_type = attr(message, ATTR_CONTENT_TYPE);
     if (content_type == NULL)
         return -1;
     if (PyUnicode_Check(content_type) && PyUnicode_GET_LENGTH(content_type) > 0) {
@@ -144,7 +191,8 @@ static Py_ssize_t put_decimal(char *out, long long n) {
 /* nats_frames(batch, prefixes, seq, limit, header_bytes) -> (frames: bytes, payload: int) | None
  *
  * One "HPUB <subject> <inbox>.<seq> <hdr> <total>\r\nNATS/1.0\r\nNats-Msg-Id: <id>\r\n<extra>\r\n<body>\r\n"
- * per message, seq counting up from seq + 1; extra: the lines of message.headers and message.content_type.
+ * per message, seq counting up from seq + 1; extra: the lines of message.headers, message.header_lines and
+ * message.content_type.
  * prefixes maps a subject to "HPUB <subject> <inbox>.". None when a message needs the Python path's checks
  * (unknown subject, too large, an id or header with odd characters). */
 PyObject *hot_nats_frames(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -168,9 +216,11 @@ PyObject *hot_nats_frames(PyObject *self, PyObject *const *args, Py_ssize_t narg
     PyObject *result = NULL;
     for (Py_ssize_t i = 0; i < count; i++) {
         PyObject *message = PyList_GET_ITEM(batch, i);
-        PyObject *body = PyObject_GetAttr(message, str_body);
-        PyObject *ident = body ? PyObject_GetAttr(message, str_id) : NULL;
-        PyObject *subject = ident ? PyObject_GetAttr(message, str_subject) : NULL;
+        if (!Py_IS_TYPE(message, slots_type))
+            learn_slots(Py_TYPE(message));
+        PyObject *body = attr(message, ATTR_BODY);
+        PyObject *ident = body ? attr(message, ATTR_ID) : NULL;
+        PyObject *subject = ident ? attr(message, ATTR_SUBJECT) : NULL;
         int rc = -1;
         if (subject == NULL)
             goto next;

@@ -29,7 +29,7 @@
  *
  * event(..., want_key, ce) with publisher.format cloudevents (ce: see cloudevents.c) -> (ident, body, key, topic,
  *   headers) | None: body in structured mode the whole CloudEvent, headers the binary mode's attribute headers
- *   (None in structured mode), topic None without a route; read_row(..., want_key, ce) -> (body, key, topic, headers)
+ *   (a dict, or for a binding that takes lines their header lines as bytes; None in structured mode), topic None without a route; read_row(..., want_key, ce) -> (body, key, topic, headers)
  *
  * read_row(values, plan, ident, read_time, want_key) takes a backfilled row (each column's text form as
  * bytes, as an Insert would carry it) and writes the same body with action READ.
@@ -186,7 +186,7 @@ PyObject *route_topic(const Plan *plan, const Col *new_cols, Py_ssize_t nnew, co
 /* The CloudEvents of one action of a relation: head bytes (structured) or the constant headers (binary). */
 typedef struct {
     PyObject *head, *id_name, *time_name;
-    int structured, check_id;
+    int structured, lines, check_id;
 } Ce;
 
 int read_ce(const char *name, PyObject *ce, int action, Ce *out);
