@@ -15,6 +15,9 @@ Against another checkout's build (its compiled module built in place), from this
 Shapes: ``reference`` (the reference row: insert, update, delete in turn) and ``wide`` (the same plus a
 4 KB text column: an insert carries it, an update leaves it as unchanged TOAST, a delete has the key).
 The loop runs inside ``any()``, so callgrind's ``--toggle-collect=builtin_any`` counts it alone.
+``--format`` (``publisher.format``, as ``bench.hotpath --formats`` names them: ``cloudevents``,
+``cloudevents-structured``, ``debezium``, ...): the events in that format, CloudEvents attributes as the NATS
+publisher's binding carries them.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ from typing import Any
 
 from bench import hotpath as bh
 from listener import cli, types
+from listener.config import Config
+from listener.event import EventBuilder
 from listener.pgoutput import Column, Relation
-from listener.publishers.nats import _HEADER_BYTES
+from listener.publishers.nats import _HEADER_BYTES, NatsPublisher
 
 BATCH = 2000
 INBOX = "_INBOX.abcdefghijklmnopqrstuv"
@@ -58,12 +63,31 @@ def acks(first: int, count: int) -> bytes:
                     for s in range(first + 1, first + count + 1))
 
 
+def builder(fmt: str) -> EventBuilder:
+    """The compiled event builder of ``fmt`` (bench.hotpath's configuration) as the NATS publisher has it."""
+    publisher: dict[str, object] = {"type": "nats", "address": "localhost:4222", "topic": "bench",
+                                    "format": fmt.removesuffix("-structured").removesuffix("-schemas")}
+    if fmt == "cloudevents-structured":
+        publisher["cloudEvents"] = {"mode": "structured"}
+    if fmt == "debezium-schemas":
+        publisher["debezium"] = {"schemas": True}
+    cfg = Config.model_validate({"listener": {"slotName": "bench"}, "database": {"name": "db", "user": "u"},
+                                 "publisher": publisher})
+    built = EventBuilder(cfg, types.TypeRegistry(), needs_key=False, binding=NatsPublisher.cloudevents)
+    if built.hot is None:
+        raise SystemExit("bench.pipeline: listener._hotpath is not built (pip install -e . with a C compiler)")
+    columns = tuple(Column(n, oid, -1, key) for n, oid, key in bh.COLUMNS)
+    built.add_relation(Relation(bh.OID, "public", "bench_ref", "d", columns))
+    return built
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.pipeline", description=__doc__.split("\n")[0])
     p.add_argument("--shape", choices=("reference", "wide"), default="reference")
     p.add_argument("--events", type=int, default=20000)
+    p.add_argument("--format", choices=bh.FORMATS, default="wal-listener")
     args = p.parse_args(argv)
-    built = bh.builder(True)
+    built = builder(args.format)
     built.add_relation(Relation(WIDE_OID, "public", "bench_wide", "d", tuple(
         Column(n, oid, -1, key) for n, oid, key in [*bh.COLUMNS, ("body", types.TEXT, False)])))
     hot = built.hot
@@ -95,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.process_time()
     any(map(step, data))  # type: ignore[func-returns-value]
     spent = time.process_time() - start
-    print(f"{args.shape}: {spent / args.events * 1e6:.2f} µs per event ({args.events:,} events)")
+    print(f"{args.shape}, {args.format}: {spent / args.events * 1e6:.2f} µs per event ({args.events:,} events)")
     return 0
 
 

@@ -43,6 +43,7 @@ from listener.formats import (
     Binding,
     Change,
     CloudEvents,
+    CompiledCloudEvents,
     Debezium,
     DebeziumTable,
     debezium_converter,
@@ -169,6 +170,9 @@ class RelationInfo:
     actions: frozenset[str]
     subject: str  # with a route: the topic of events the route gives none (counted)
     plan: hotpath.Plan | None = None  # for the compiled fast path, when it is loaded
+    #: publisher.format cloudevents: what the compiled path takes to wrap the table's events (with plan)
+    ce: CompiledCloudEvents | None = None
+    ce_lines: bool = False  # its binary mode's attributes come as Message.header_lines (formats.Binding.lines)
     debezium: DebeziumTable | None = None  # publisher.format debezium: what its events share (schemas...)
     debezium_plan: hotpath.DebeziumPlan | None = None  # its compiled path's plan (a table without a transform)
     #: the table's transform (None: no entry of listener.transforms names it); names, converters and the
@@ -315,6 +319,9 @@ class EventBuilder:
         elif self.hot is not None:
             info.plan = hotpath.plan(rel.schema, rel.name, all_names, all_converters, identity, key_index,
                                      transform, None if transform is None else self._hmac)
+            if self._finish is not None:
+                info.ce = self._finish.compiled(rel.schema, rel.name)
+                info.ce_lines = info.ce[1] is not None and isinstance(info.ce[0][0], bytes)
         return info
 
     def _warn_key(self, rel: Relation, left_out: list[str]) -> None:
@@ -478,9 +485,15 @@ class EventBuilder:
                 subject = info.subject if info.route is None else self._routed(info, read[2])  # type: ignore[misc]
                 return Message(ident, subject, read[0], info.schema, info.table, "READ", read[1])
         if hot is not None and info.plan is not None:
-            done = hot.read_row(raw, info.plan, ident, read_time, self._needs_key)
+            done = hot.read_row(raw, info.plan, ident, read_time, self._needs_key, info.ce)
             if done is not None:
-                subject = info.subject if info.route is None else self._routed(info, done[2])  # type: ignore[misc]
+                subject = info.subject if info.route is None else self._routed(info, done[2])  # type: ignore[misc, arg-type]
+                if info.ce_lines:  # wrapped by the compiled path, the attributes as header lines
+                    return Message(ident, subject, done[0], info.schema, info.table, "READ", done[1], None,
+                                   finish.content_type, False, done[3])  # type: ignore[misc, union-attr, arg-type]
+                if info.ce is not None:  # wrapped by the compiled path (finish is not None)
+                    return Message(ident, subject, done[0], info.schema, info.table, "READ", done[1],
+                                   done[3], finish.content_type)  # type: ignore[misc, union-attr]
                 message = Message(ident, subject, done[0], info.schema, info.table, "READ", done[1])
                 return message if finish is None else finish(message, read_time)
         values: Tuple = [None if v is None else v.decode() for v in raw]
@@ -543,23 +556,34 @@ class EventBuilder:
                 prefix, number = txn.id_prefix, txn.id_base | (ordinal & 0x3FFFFFF)
             else:
                 prefix, number = self._ident(txn, ordinal), None
-            done: tuple[str, bytes, bytes | None] | tuple[str, bytes, bytes | None, str | int] | None
+            done: tuple[Any, ...] | None  # (ident, body, key[, topic][, headers]): see hotpath.Module.event
             if info.debezium_plan is not None:  # publisher.format debezium: time and position for its source block
                 done = hot.debezium_event(buf, info.debezium_plan, prefix, number, txn.commit_micros, txn.xid, txn.lsn,
                                           self._debezium.last_commit,  # type: ignore[union-attr]
                                           time.time_ns(), self._needs_key)
+            elif info.ce is not None:  # publisher.format cloudevents: the event wrapped in the same call
+                done = hot.event(buf, info.plan, prefix, number, txn.commit_time, self._needs_key,  # type: ignore[arg-type]
+                                 info.ce)
             else:
                 done = hot.event(buf, info.plan, prefix, number, txn.commit_time, self._needs_key)  # type: ignore[arg-type]
             if done is not None:
                 txn.ordinal = ordinal
                 subject = info.subject
                 if info.route is not None:
-                    routed: str | int = done[3]  # type: ignore[misc]
+                    routed: str | int = done[3]  # type: ignore[misc, assignment]
                     subject = routed if isinstance(routed, str) else self._routed(info, routed)
-                message = Message(done[0], subject, done[1], info.schema, info.table, action, done[2])
+                if info.ce_lines:
+                    message = Message(done[0], subject, done[1], info.schema, info.table, action, done[2], None,
+                                      self._finish.content_type, False, done[4])  # type: ignore[misc, union-attr, arg-type]
+                elif info.ce is not None:
+                    message = Message(done[0], subject, done[1], info.schema, info.table, action, done[2],
+                                      done[4], self._finish.content_type)  # type: ignore[misc, union-attr]
+                else:
+                    message = Message(done[0], subject, done[1], info.schema, info.table, action, done[2])
                 if action == "DELETE" and self._tombstones:
                     message.tombstone = message.key is not None
-                return message if self._finish is None else self._finish(message, txn.commit_time)
+                return message if self._finish is None or info.ce is not None else self._finish(message,
+                                                                                                 txn.commit_time)
         msg = pgoutput.decode(buf)
         if isinstance(msg, pgoutput.Insert):
             return self.insert(info, txn, msg.new)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import re
 import struct
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -52,16 +53,21 @@ class Binding:
     #: binary mode: ``datacontenttype`` as a header of its own (<prefix>datacontenttype) like every other
     #: attribute (NATS), instead of the protocol's content type (HTTP, Pub/Sub, Kafka, AMQP)
     datacontenttype_header: bool = False
+    #: the publisher takes the attributes as header lines (:attr:`Message.header_lines`, NATS): the compiled
+    #: path writes them so instead of a dict per event
+    lines: bool = False
 
 
 #: the binding of Pub/Sub: ce- attributes, values percent-encoded as in HTTP, the content-type attribute
 CE_HEADERS: Final = Binding("ce-", percent_encoded=True)
 #: the NATS protocol binding (1.0.3, section 3.1.3.1): every attribute a ce- header, datacontenttype too
 #: (ce-datacontenttype); a content-type header of application/cloudevents marks structured mode only
-NATS_HEADERS: Final = Binding("ce-", percent_encoded=True, datacontenttype_header=True)
+NATS_HEADERS: Final = Binding("ce-", percent_encoded=True, datacontenttype_header=True, lines=True)
 #: printable ASCII but space, '"' and '%': what a ce- header value may hold unencoded
 _HEADER_SAFE: Final = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '"%')
 _PLAIN_HEADER: Final = re.compile(r'[!#-$&-~]*')
+#: a header's name and value that its line (nats-py's) holds as they are: printable ASCII, no spaces
+_LINE_VALUE: Final = re.compile(r"[!-~]+")
 
 
 def header_value(text: str, binding: Binding) -> str:
@@ -79,6 +85,14 @@ def default_source(cfg: Config) -> str:
     return f"//{host}/{quote(cfg.database.name, safe='')}"
 
 
+#: what the compiled path takes to write a table's CloudEvents (see listener/_hotpath_c/cloudevents.c): the heads
+#: of its INSERT, UPDATE, DELETE and READ events, the id's and the time's header names (binary mode; as the start
+#: of their header lines when the binding takes lines) and whether the binding percent-encodes
+CompiledCloudEvents = tuple[tuple[Any, Any, Any, Any], str | None, str | None, bool]
+#: the actions of a table's events in the order of CompiledCloudEvents' heads
+COMPILED_ACTIONS: Final = ("INSERT", "UPDATE", "DELETE", "READ")
+
+
 class CloudEvents:
     """Turns a finished :class:`Message` into a CloudEvent (the event's own body stays its ``data``)."""
 
@@ -87,6 +101,9 @@ class CloudEvents:
         self.source = source
         self.binding = binding
         self._heads: dict[tuple[str, str, str], Any] = {}  # (schema, table, action) -> what is the same each time
+        #: the message's content type once wrapped
+        self.content_type = STRUCTURED_CONTENT_TYPE if self.structured else (
+            "" if binding.datacontenttype_header else DATA_CONTENT_TYPE)
 
     @staticmethod
     def subject(message: Message) -> str:
@@ -98,34 +115,49 @@ class CloudEvents:
         key = (message.schema, message.table, message.action)
         head = self._heads.get(key)
         if head is None:
-            head = self._head(message)
+            head = self._head(*key)
             if len(self._heads) < 10000:
                 self._heads[key] = head
         if self.structured:
             message.body = b"".join((head, b',"id":"', message.id.encode(), b'","time":"', moment.encode(),
                                      b'","data":', message.body, b"}"))
-            message.content_type = STRUCTURED_CONTENT_TYPE
+            message.content_type = self.content_type
             return message
         headers = dict(head)
         prefix = self.binding.prefix
         headers[prefix + "id"] = header_value(message.id, self.binding)
         headers[prefix + "time"] = moment
         message.headers = headers
-        message.content_type = "" if self.binding.datacontenttype_header else DATA_CONTENT_TYPE
+        message.content_type = self.content_type
         return message
 
-    def _head(self, message: Message) -> Any:
+    def compiled(self, schema: str, table: str) -> CompiledCloudEvents:
+        """What the compiled path takes to write the CloudEvents of ``schema.table`` as :meth:`__call__` does."""
+        heads = tuple(self._head(schema, table, action) for action in COMPILED_ACTIONS)
+        if self.structured:
+            return heads, None, None, False
+        id_name, time_name = sys.intern(self.binding.prefix + "id"), sys.intern(self.binding.prefix + "time")
+        if self.binding.lines and all(_LINE_VALUE.fullmatch(f"{n}{v}") for h in heads for n, v in h.items()):
+            lines = tuple("".join(f"{name}: {value}\r\n" for name, value in head.items()).encode() for head in heads)
+            return lines, f"{id_name}: ", f"\r\n{time_name}: ", True  # type: ignore[return-value]
+        # the id and the time in their places already: each event's copy of the head only replaces their values
+        heads = tuple({**head, id_name: "", time_name: ""} for head in heads)
+        return heads, id_name, time_name, self.binding.percent_encoded
+
+    def _head(self, schema: str, table: str, action: str) -> Any:
         attributes = {
             "specversion": "1.0",
-            "type": CLOUDEVENTS_TYPE_PREFIX + message.action.lower(),
+            "type": CLOUDEVENTS_TYPE_PREFIX + action.lower(),
             "source": self.source,
-            "subject": self.subject(message),
+            "subject": f"{schema}.{table}" if schema else table,
         }
         if self.structured or self.binding.datacontenttype_header:
             attributes["datacontenttype"] = DATA_CONTENT_TYPE
         if self.structured:
             return orjson.dumps(attributes)[:-1]  # the object left open for id, time and data
-        return {self.binding.prefix + name: header_value(value, self.binding) for name, value in attributes.items()}
+        # interned: the compiled NATS frame writer knows them as plain once seen (listener/_hotpath_c/frames.c)
+        return {sys.intern(self.binding.prefix + name): sys.intern(header_value(value, self.binding))
+                for name, value in attributes.items()}
 
 
 # ------------------------------------------------------------------------------------------------

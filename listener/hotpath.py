@@ -56,12 +56,16 @@ DebeziumPlan = tuple[
 
 class Module(Protocol):
     def event(
-        self, msg: bytes, plan: Plan, prefix: str, number: int | None, commit_time: str, want_key: bool, /
-    ) -> tuple[str, bytes, bytes | None] | tuple[str, bytes, bytes | None, str | int] | None: ...
+        self, msg: bytes, plan: Plan, prefix: str, number: int | None, commit_time: str, want_key: bool,
+        ce: formats.CompiledCloudEvents | None = None, /
+    ) -> (tuple[str, bytes, bytes | None] | tuple[str, bytes, bytes | None, str | int]
+          | tuple[str, bytes, bytes | None, str | int | None, dict[str, str] | None] | None): ...
 
     def read_row(
-        self, values: list[bytes | None], plan: Plan, ident: str, read_time: str, want_key: bool, /
-    ) -> tuple[bytes, bytes | None] | tuple[bytes, bytes | None, str | int] | None: ...
+        self, values: list[bytes | None], plan: Plan, ident: str, read_time: str, want_key: bool,
+        ce: formats.CompiledCloudEvents | None = None, /
+    ) -> (tuple[bytes, bytes | None] | tuple[bytes, bytes | None, str | int]
+          | tuple[bytes, bytes | None, str | int | None, dict[str, str] | None] | None): ...
 
     def debezium_event(
         self, msg: bytes, plan: DebeziumPlan, prefix: str, number: int | None, commit_micros: int, xid: int | None,

@@ -23,15 +23,31 @@ class Message:
     #: Kafka (publisher.tombstones): the record is followed by a tombstone, its key with a null value; the
     #: message counts as acknowledged once both are
     tombstone: bool = False
+    #: NATS: more header lines ("name: value\r\n" each, ASCII) written as they are after those of ``headers``:
+    #: the CloudEvents attributes as the compiled path renders them for a binding that takes lines
+    #: (:attr:`listener.formats.Binding.lines`), in place of ``headers``
+    header_lines: bytes = b""
 
     def attributes(self) -> dict[str, str]:
         """Metadata every broker carries beside the body (headers / attributes / properties)."""
         found = {"id": self.id, "schema": self.schema, "table": self.table, "action": self.action}
         if self.headers:
             found.update(self.headers)
+        if self.header_lines:
+            found.update(parse_lines(self.header_lines))
         if self.content_type:
             found["content-type"] = self.content_type
         return found
+
+
+def parse_lines(lines: bytes) -> dict[str, str]:
+    """Header lines ("name: value\r\n" each, :attr:`Message.header_lines`) as a dict."""
+    found = {}
+    for line in lines.decode().split("\r\n"):
+        if line:
+            name, _, value = line.partition(": ")
+            found[name] = value
+    return found
 
 
 def message_size(message: Message) -> int:

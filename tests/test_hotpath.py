@@ -23,8 +23,9 @@ from listener import hotpath, types
 from listener.catalog import ColumnFacts
 from listener.errors import DecodeError
 from listener.event import EventBuilder, Transaction
-from listener.formats import debezium_converter
+from listener.formats import CE_HEADERS, NATS_HEADERS, Binding, debezium_converter
 from listener.pgoutput import Column, Relation
+from listener.publishers.nats import extra_headers
 from listener.types import Converter
 from tests.support.events import compiled_hot_path, make_config
 from tests.support.pgwire import COL_NULL, COL_UNCHANGED, col_text, delete_msg, insert_msg, tuple_data, update_msg
@@ -459,6 +460,89 @@ def test_a_typical_row_with_a_transform_stays_on_the_compiled_path() -> None:
     assert data["id"] == 42 and data["ref"] == "a-b"
     assert result[2] == orjson.dumps(["a-b", "42"])
     assert result[3] == f"wal_listener.by.a-b.{name_hash}"
+
+
+# -- publisher.format cloudevents (listener/_hotpath_c/cloudevents.c) ---------------------------------------------
+
+#: each broker's binding: Pub/Sub's (and the default), NATS's, Kafka's, RabbitMQ's
+CE_BINDINGS = {"ce-": CE_HEADERS, "nats": NATS_HEADERS, "kafka": Binding("ce_", percent_encoded=False),
+               "amqp": Binding("cloudEvents_", percent_encoded=False)}
+
+
+def ce_builders(mode: str, binding: Binding, transform: str | None) -> tuple[EventBuilder, EventBuilder]:
+    compiled_hot_path()
+    cfg = make_config(publisher={"format": "cloudevents", "cloudEvents": {"mode": mode, "source": "//pg a/db%"}},
+                      transforms=None if transform is None else [TRANSFORMS[transform]],
+                      hash_key=HASH_KEY if transform else "")
+    fast = EventBuilder(cfg, types.TypeRegistry(), needs_key=True, binding=binding)
+    slow = EventBuilder(cfg, types.TypeRegistry(), needs_key=True, compiled=False, binding=binding)
+    for built in (fast, slow):
+        built.add_relation(relation("d", (0, 2)))
+    assert fast.relations[OID].ce is not None
+    return fast, slow
+
+
+def ce_message(message: Any) -> Any:
+    """What each broker publishes of a message: the attributes, the NATS header lines (the compiled path writes
+    them as lines for NATS, formats.Binding.lines; the Python path as a dict), the rest."""
+    return (message.id, message.subject, message.body, message.key, message.action, message.attributes(),
+            extra_headers(message), message.tombstone)
+
+
+@pytest.mark.parametrize("transform", [None, "exclude, every mask, topic, key"])
+@pytest.mark.parametrize("binding", CE_BINDINGS)
+@pytest.mark.parametrize("mode", ["binary", "structured"])
+def test_cloudevents_match_the_python_path(mode: str, binding: str, transform: str | None) -> None:
+    """The compiled path wraps changes and backfilled rows (its own and those the Python stages take) in the
+    CloudEvent, attributes and headers in order, exactly as formats.CloudEvents does; an id the binding would
+    percent-encode is left to the Python path."""
+    rng = random.Random(f"ce{mode}{binding}{transform}")
+    fast, slow = ce_builders(mode, CE_BINDINGS[binding], transform)
+    fast_txn = fast.begin(0x1_6B37_4D48, 820_000_000_000_000)
+    slow_txn = slow.begin(0x1_6B37_4D48, 820_000_000_000_000)
+    plan, ce = fast.relations[OID].plan, fast.relations[OID].ce
+    assert plan is not None and fast.hot is not None
+    taken = 0
+    for _ in range(1500):
+        msg = random_message(rng)
+        outcomes = []
+        for built, txn in ((fast, fast_txn), (slow, slow_txn)):
+            try:
+                outcomes.append((ce_message(built.change(msg, txn)), txn.ordinal))
+            except DecodeError as exc:
+                outcomes.append((str(exc), txn.ordinal))
+        assert outcomes[0] == outcomes[1], msg
+        taken += fast.hot.event(msg, plan, "x-", 1, "2026-01-01T00:00:00.000001Z", True, ce) is not None
+    assert taken > 50
+    for n in range(600):
+        row = random_row(rng)
+        ident = f"id-{n}" if n % 5 else f'id %"é {n}'  # one the ce- bindings percent-encode
+        results = []
+        for built in (fast, slow):
+            try:
+                results.append(ce_message(built.read(built.relations[OID], row, ident, "2026-01-02T03:04:05Z")))
+            except UnicodeDecodeError:
+                results.append("invalid utf-8")
+        assert results[0] == results[1], (row, ident)
+
+
+@pytest.mark.parametrize("mode,binding", [("structured", "nats"), ("binary", "nats"), ("binary", "kafka")])
+def test_cloudevents_of_a_typical_row_are_written_by_the_compiled_path(mode: str, binding: str) -> None:
+    fast, _ = ce_builders(mode, CE_BINDINGS[binding], None)
+    info = fast.relations[OID]
+    assert info.plan is not None and info.ce is not None and fast.hot is not None
+    done = fast.hot.event(insert_msg(OID, tuple_data(*TYPICAL)), info.plan, "id-", 1, "t", True, info.ce)
+    assert done is not None and len(done) == 5 and done[3] is None
+    if mode == "structured":
+        assert done[4] is None and orjson.loads(done[1])["data"]["id"] == "id-000000000001"
+    elif binding == "nats":  # the header lines themselves
+        assert done[4] == (b"ce-specversion: 1.0\r\nce-type: io.wal-listener.insert\r\nce-source: //pg%20a/db%25\r\n"
+                           b'ce-subject: public.ev%22ents\r\nce-datacontenttype: application/json\r\n'
+                           b"ce-id: id-000000000001\r\nce-time: t\r\n")
+    else:
+        assert list(done[4]) == ["ce_specversion", "ce_type", "ce_source", "ce_subject", "ce_id", "ce_time"]
+    with pytest.raises(TypeError):
+        fast.hot.event(insert_msg(OID, tuple_data(*TYPICAL)), info.plan, "id-", 1, "t", True, ("bad",))
 
 
 @pytest.mark.parametrize("length", [*range(0, 130), 1000, 65536])

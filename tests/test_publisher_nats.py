@@ -461,6 +461,9 @@ def test_compiled_frames_carry_a_formats_headers_as_nats_py_would() -> None:
     expected = b"".join(command.hpub_cmd(m.subject, f"{inbox}.{1 + n}", _nats_py_header_block(_nats_py_headers(m)),
                                          m.body) for n, m in enumerate(batch))
     assert frames == expected
+    lined = Message("id-7", "s.a", b"{}", "public", "t", "INSERT", header_lines=b"ce-id: id-7\r\nce-time: t\r\n")
+    assert hot.nats_frames([lined], prefixes, 0, 1024 * 1024, header)[0] == command.hpub_cmd(
+        "s.a", f"{inbox}.1", _nats_py_header_block({"Nats-Msg-Id": "id-7", "ce-id": "id-7", "ce-time": "t"}), b"{}")
     for odd in ({"ce-subject": "schéma.t"}, {"ce-subject": " padded"}, {"bad:name": "x"}, {"ce-x": "a\r\nb"}):
         message = Message("id-9", "s.a", b"{}", "public", "t", "INSERT", headers=odd)
         assert hot.nats_frames([message], prefixes, 0, 1024, header) is None, odd  # the Python path takes it
@@ -509,6 +512,44 @@ async def test_a_formats_headers_arrive_with_each_message(nats_server: NatsServe
         await publisher.close()
         await watcher.close()
     assert [m.headers for m in seen] == [_nats_py_headers(m) for m in batch]
+
+
+@pytest.mark.parametrize("bulk", [True, False])
+async def test_header_lines_arrive_as_the_headers_they_spell(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch, bulk: bool
+) -> None:
+    """Header lines (CloudEvents attributes the compiled path rendered, Message.header_lines) reach a subscriber
+    as headers: in the compiled frames, the bulk path's Python loop (a message it has to take) and one by one."""
+    if not bulk:
+        monkeypatch.setattr("listener.publishers.nats._BULK_ATTRIBUTES", ("_no_such_attribute",))
+        monkeypatch.setattr(NatsPublisher, "_take_acks_from_parser", lambda *_: None)
+    stream = unique_stream()
+    seen: list[Msg] = []
+
+    async def see(msg: Msg) -> None:
+        seen.append(msg)
+
+    watcher = await nats.connect(nats_server.url)
+    await watcher.subscribe(f"{stream}.>", cb=see)
+    await watcher.flush()
+    publisher = make_publisher(config(nats_server.address, stream), 5.0)
+    await publisher.connect()
+    batches = [[message(stream, n) for n in range(3)], [message(stream, n) for n in range(3, 6)]]
+    try:
+        for batch in batches:
+            for m in batch:
+                m.header_lines = f"ce-id: {m.id}\r\nce-time: 2026-01-02T03:04:05Z\r\n".encode()
+            if batch is batches[1]:
+                batch[2].headers = {"ce-x": "schéma"}  # the bulk path's Python loop takes this batch
+            assert await (await publisher.send(batch)) == [None] * 3
+        await wait_until(lambda: len(seen) >= 6, 10, "every publish")
+    finally:
+        await publisher.close()
+        await watcher.close()
+    expected = [{"Nats-Msg-Id": m.id, **(m.headers or {}), "ce-id": m.id, "ce-time": "2026-01-02T03:04:05Z"}
+                for m in batches[0] + batches[1]]
+    assert [m.headers for m in seen] == expected
+    assert [m.attributes()["ce-time"] for m in batches[0]] == ["2026-01-02T03:04:05Z"] * 3
 
 
 async def test_frames_lost_with_the_connection_are_sent_again_before_later_ones(

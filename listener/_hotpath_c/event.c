@@ -129,17 +129,21 @@ int read_plan(const char *name, PyObject *const *args, PyObject *ident, PyObject
 }
 
 /* The event body and key of one change whose tuples are decoded: (body, key), or (ident, body, key) when
- * with_ident | None (the Python path takes it) | NULL (an error). */
+ * with_ident | None (the Python path takes it) | NULL (an error). With ce (publisher.format cloudevents, else
+ * NULL) the body is wrapped as ce says and the tuple always ends with the topic (None without a route) and
+ * the binary mode's headers (None in structured mode). */
 PyObject *build_event(PyObject *ident, int with_ident, PyObject *commit_time, const Plan *plan,
                              const char *action, const Col *new_cols, Py_ssize_t nnew, const Col *old_cols,
-                             Py_ssize_t nold, char old_kind, int want_key, Py_ssize_t size_hint) {
+                             Py_ssize_t nold, char old_kind, int want_key, Py_ssize_t size_hint, const Ce *ce) {
     PyObject *result = NULL;
     Buf b = {NULL, 0, 0};
     int rc;
-    b.cap = size_hint * 2 + 256;
+    b.cap = size_hint * 2 + 256 + (ce != NULL && ce->structured ? PyBytes_GET_SIZE(ce->head) + 128 : 0);
     b.data = PyMem_Malloc((size_t)b.cap);
     if (b.data == NULL)
         return PyErr_NoMemory();
+    if (ce != NULL && ce_open(&b, ce, ident, commit_time) < 0)
+        goto done;
     if (PUTS(&b, "{\"id\":\"") < 0 || put_ascii_field(&b, ident) < 0 || PUTS(&b, "\",") < 0 ||
         put(&b, PyBytes_AS_STRING(plan->schema_table), PyBytes_GET_SIZE(plan->schema_table)) < 0 ||
         PUTS(&b, ",\"action\":\"") < 0 || put(&b, action, (Py_ssize_t)strlen(action)) < 0 ||
@@ -161,8 +165,12 @@ PyObject *build_event(PyObject *ident, int with_ident, PyObject *commit_time, co
     }
     if (rc != 0)
         goto check;
-    if (PUTS(&b, ",\"commitTime\":\"") < 0 || put_ascii_field(&b, commit_time) < 0 || PUTS(&b, "\"}") < 0)
+    if (PUTS(&b, ",\"commitTime\":\"") < 0 || put_ascii_field(&b, commit_time) < 0 || PUTS(&b, "\"}") < 0 ||
+        (ce != NULL && ce_close(&b, ce) < 0))
         goto done;
+    PyObject *headers = NULL;
+    if (ce != NULL && (rc = ce_headers(ce, ident, commit_time, &headers)) != 0)
+        goto check;
 
     PyObject *key;
     if (!want_key) {
@@ -172,14 +180,26 @@ PyObject *build_event(PyObject *ident, int with_ident, PyObject *commit_time, co
     } else {
         key = make_key(plan, new_cols, nnew, old_cols, nold);
     }
-    if (key == NULL)
+    if (key == NULL) {
+        Py_XDECREF(headers);
         goto done;
+    }
     PyObject *body = PyBytes_FromStringAndSize(b.data, b.len);
     if (body == NULL) {
         Py_DECREF(key);
+        Py_XDECREF(headers);
         goto done;
     }
-    if (plan->route == NULL) {
+    if (ce != NULL) {
+        PyObject *topic = plan->route == NULL ? Py_NewRef(Py_None)
+                                              : route_topic(plan, new_cols, nnew, old_cols, nold, old_kind);
+        if (topic != NULL) {
+            result = with_ident ? PyTuple_Pack(5, ident, body, key, topic, headers)
+                                : PyTuple_Pack(4, body, key, topic, headers);
+            Py_DECREF(topic);
+        }
+        Py_DECREF(headers);
+    } else if (plan->route == NULL) {
         result = with_ident ? PyTuple_Pack(3, ident, body, key) : PyTuple_Pack(2, body, key);
     } else {
         PyObject *topic = route_topic(plan, new_cols, nnew, old_cols, nold, old_kind);
@@ -225,8 +245,8 @@ PyObject *make_ident(PyObject *prefix, PyObject *number) {
 
 PyObject *hot_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "event(msg, plan, prefix, number, commit_time, want_key)");
+    if (nargs != 6 && nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "event(msg, plan, prefix, number, commit_time, want_key[, ce])");
         return NULL;
     }
     Plan plan;
@@ -263,7 +283,11 @@ PyObject *hot_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (read_change(s, n, ncolumns, spare_new, spare_old, &c) < 0)
         goto fallback;
     const char *action = c.tag == 'I' ? "INSERT" : c.tag == 'U' ? "UPDATE" : "DELETE";
-    result = build_event(ident, 1, args[4], &plan, action, c.new_cols, c.nnew, c.old_cols, c.nold, c.old_kind, want_key, n);
+    Ce ce;
+    if (nargs == 7 && args[6] != Py_None && read_ce("event", args[6], c.tag == 'I' ? 0 : c.tag == 'U' ? 1 : 2, &ce) < 0)
+        goto done;
+    result = build_event(ident, 1, args[4], &plan, action, c.new_cols, c.nnew, c.old_cols, c.nold, c.old_kind, want_key, n,
+                         nargs == 7 && args[6] != Py_None ? &ce : NULL);
     goto done;
 fallback:
     result = Py_NewRef(Py_None);
@@ -274,16 +298,23 @@ done:
     return result;
 }
 
-/* read_row(values, plan, ident, read_time, want_key) -> (body, key) | None
+/* read_row(values, plan, ident, read_time, want_key[, ce]) -> (body, key) | (body, key, topic, headers) | None
  *
  * A backfilled row: ``values`` holds each column's text form as bytes (None for NULL), in the plan's
  * column order, as pgoutput would send them in an Insert. The body is the INSERT's but for the action,
  * READ, so its data is byte for byte what the row's INSERT event carries. */
 PyObject *hot_read_row(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "read_row(values, plan, ident, read_time, want_key)");
+    if (nargs != 5 && nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "read_row(values, plan, ident, read_time, want_key[, ce])");
         return NULL;
+    }
+    Ce ce;
+    const Ce *wrap = NULL;
+    if (nargs == 6 && args[5] != Py_None) {
+        if (read_ce("read_row", args[5], 3, &ce) < 0)
+            return NULL;
+        wrap = &ce;
     }
     Plan plan;
     if (read_plan("read_row", args, args[2], args[3], &plan) < 0)
@@ -313,7 +344,7 @@ PyObject *hot_read_row(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
         result = valid < 0 ? NULL : Py_NewRef(Py_None);
         goto done;
     }
-    result = build_event(args[2], 0, args[3], &plan, "READ", cols, count, NULL, 0, 0, want_key, size);
+    result = build_event(args[2], 0, args[3], &plan, "READ", cols, count, NULL, 0, 0, want_key, size, wrap);
 done:
     if (cols != stack)
         PyMem_Free(cols);

@@ -2,19 +2,72 @@
  * Python twin: listener/publishers/nats.py (nats-py's publish and its reply parser).
  */
 #include "hotpath.h"
+#include <structmember.h>
 
-static PyObject *str_body, *str_id, *str_subject, *str_headers, *str_content_type;
+static PyObject *str_body, *str_id, *str_subject, *str_headers, *str_header_lines, *str_content_type,
+    *str_content_type_header;
 
-/* The attribute names read off each message, interned once (module init). */
+/* The attributes read off each message: a Message (a class with __slots__) keeps them at fixed offsets, which
+ * are looked up once per class and read directly, as its member descriptors do; anything else (another class,
+ * an attribute that is not a plain slot, an empty slot) goes through PyObject_GetAttr. */
+enum { ATTR_BODY, ATTR_ID, ATTR_SUBJECT, ATTR_HEADERS, ATTR_HEADER_LINES, ATTR_CONTENT_TYPE, ATTRS };
+static PyObject *attr_names[ATTRS];
+static PyTypeObject *slots_type; /* the class whose offsets are in attr_offsets (a strong reference) */
+static Py_ssize_t attr_offsets[ATTRS];
+
+static void learn_slots(PyTypeObject *type) {
+    Py_XSETREF(slots_type, (PyTypeObject *)Py_NewRef(type));
+    for (int i = 0; i < ATTRS; i++) {
+        attr_offsets[i] = -1;
+        PyObject *descr = type->tp_getattro == PyObject_GenericGetAttr ? _PyType_Lookup(type, attr_names[i]) : NULL;
+        if (descr != NULL && Py_IS_TYPE(descr, &PyMemberDescr_Type)) {
+            PyMemberDef *member = ((PyMemberDescrObject *)descr)->d_member;
+            if (member->type == T_OBJECT_EX && !(member->flags & READ_RESTRICTED))
+                attr_offsets[i] = member->offset;
+        }
+    }
+}
+
+/* message.<attribute>: a new reference, NULL with an exception set. */
+static inline PyObject *attr(PyObject *message, int which) {
+    if (Py_IS_TYPE(message, slots_type) && attr_offsets[which] >= 0) {
+        PyObject *value = *(PyObject **)((char *)message + attr_offsets[which]);
+        if (value != NULL)
+            return Py_NewRef(value);
+    }
+    return PyObject_GetAttr(message, attr_names[which]);
+}
+
+/* What a header line may hold as it is: HEADER_NAME in a name (printable ASCII but ':'), HEADER_VALUE in a
+ * value (printable ASCII and space). */
+enum { HEADER_NAME = 1, HEADER_VALUE = 2 };
+static unsigned char header_chars[256];
+
+/* The attribute names read off each message, interned once, and the table above (module init). */
 int frames_init(void) {
     str_body = PyUnicode_InternFromString("body");
     str_id = PyUnicode_InternFromString("id");
     str_subject = PyUnicode_InternFromString("subject");
     str_headers = PyUnicode_InternFromString("headers");
+    str_header_lines = PyUnicode_InternFromString("header_lines");
     str_content_type = PyUnicode_InternFromString("content_type");
-    if (str_body == NULL || str_id == NULL || str_subject == NULL || str_headers == NULL || str_content_type == NULL)
+    str_content_type_header = PyUnicode_InternFromString("content-type");
+    if (str_body == NULL || str_id == NULL || str_subject == NULL || str_headers == NULL || str_header_lines == NULL ||
+        str_content_type == NULL || str_content_type_header == NULL)
         return -1;
+    for (int c = 0x20; c <= 0x7E; c++)
+        header_chars[c] = (unsigned char)(HEADER_VALUE | (c != ' ' && c != ':' ? HEADER_NAME : 0));
+    PyObject *names[ATTRS] = {str_body, str_id, str_subject, str_headers, str_header_lines, str_content_type};
+    memcpy(attr_names, names, sizeof names);
     return 0;
+}
+
+/* Whether every byte of s[0..n) has the bit of header_chars. */
+static inline int all_header_chars(const unsigned char *s, Py_ssize_t n, unsigned char bit) {
+    unsigned char seen = bit;
+    for (Py_ssize_t i = 0; i < n; i++)
+        seen &= header_chars[s[i]];
+    return seen != 0;
 }
 
 /* An id nats-py would send unchanged in a header: printable ASCII, no spaces (so strip() and the
@@ -26,33 +79,62 @@ static int plain_header_value(const char *s, Py_ssize_t n) {
     return 1;
 }
 
+/* Header lines of interned names and values already found plain (strong references: an address is not reused
+ * while cached). CloudEvents' constant attributes are interned (formats.CloudEvents): each event's copy of them
+ * is written without looking at every byte again. Direct-mapped by the two addresses. */
+#define HEADER_CACHE 64
+static struct {
+    PyObject *name, *value;
+} header_cache[HEADER_CACHE];
+
+static inline size_t header_slot(PyObject *name, PyObject *value) {
+    uintptr_t h = ((uintptr_t)name >> 4) * 31u + ((uintptr_t)value >> 4);
+    return (size_t)((h ^ (h >> 6)) % HEADER_CACHE);
+}
+
 /* A header line "name: value\r\n" as the Python path writes it, when both are plain: a name of printable
  * ASCII without ':', a value of printable ASCII or spaces, not starting or ending with a space. 0: not plain. */
 static int put_header(Buf *b, PyObject *name, PyObject *value) {
-    Py_ssize_t name_len, value_len;
-    if (!PyUnicode_Check(name) || !PyUnicode_Check(value) || !PyUnicode_IS_ASCII(name) || !PyUnicode_IS_ASCII(value))
+    if (!PyUnicode_Check(name) || !PyUnicode_Check(value) || !PyUnicode_IS_COMPACT_ASCII(name) ||
+        !PyUnicode_IS_COMPACT_ASCII(value))
         return 0;
-    const char *name_text = PyUnicode_AsUTF8AndSize(name, &name_len);
-    const char *value_text = PyUnicode_AsUTF8AndSize(value, &value_len);
-    if (name_text == NULL || value_text == NULL || name_len == 0 || !plain_header_value(name_text, name_len) ||
-        memchr(name_text, ':', name_len) != NULL)
-        return 0;
-    for (Py_ssize_t i = 0; i < value_len; i++)
-        if ((unsigned char)value_text[i] < 0x20 || (unsigned char)value_text[i] > 0x7E)
+    const unsigned char *name_text = PyUnicode_1BYTE_DATA(name), *value_text = PyUnicode_1BYTE_DATA(value);
+    Py_ssize_t name_len = PyUnicode_GET_LENGTH(name), value_len = PyUnicode_GET_LENGTH(value);
+    size_t slot = header_slot(name, value);
+    if (header_cache[slot].name != name || header_cache[slot].value != value) {
+        if (name_len == 0 || !all_header_chars(name_text, name_len, HEADER_NAME) ||
+            !all_header_chars(value_text, value_len, HEADER_VALUE) ||
+            (value_len && (value_text[0] == ' ' || value_text[value_len - 1] == ' ')))
             return 0;
-    if (value_len && (value_text[0] == ' ' || value_text[value_len - 1] == ' '))
-        return 0;
-    if (put(b, name_text, name_len) < 0 || PUTS(b, ": ") < 0 || put(b, value_text, value_len) < 0 ||
-        PUTS(b, "\r\n") < 0)
+        if (PyUnicode_CHECK_INTERNED(name) && PyUnicode_CHECK_INTERNED(value) && PyUnicode_CheckExact(name) &&
+            PyUnicode_CheckExact(value)) {
+            PyObject *old_name = header_cache[slot].name, *old_value = header_cache[slot].value;
+            header_cache[slot].name = Py_NewRef(name);
+            header_cache[slot].value = Py_NewRef(value);
+            Py_XDECREF(old_name);
+            Py_XDECREF(old_value);
+        }
+    }
+    Py_ssize_t size = name_len + value_len + 4;
+    if (b->len + size > b->cap && buf_grow(b, size) < 0)
         return -1;
+    char *out = b->data + b->len;
+    memcpy(out, name_text, (size_t)name_len);
+    out[name_len] = ':';
+    out[name_len + 1] = ' ';
+    memcpy(out + name_len + 2, value_text, (size_t)value_len);
+    out[size - 2] = '\r';
+    out[size - 1] = '\n';
+    b->len += size;
     return 1;
 }
 
-/* The header lines of message.headers and message.content_type into b (emptied first).
+/* The header lines of message.headers, message.header_lines (as they are: the compiled path wrote them) and
+ * message.content_type into b (emptied first).
  * 1: written, 0: something needs the Python path, -1: error. */
 static int extra_headers(Buf *b, PyObject *message) {
     b->len = 0;
-    PyObject *headers = PyObject_GetAttr(message, str_headers);
+    PyObject *headers = attr(message, ATTR_HEADERS);
     if (headers == NULL)
         return -1;
     int rc = 1;
@@ -69,13 +151,21 @@ static int extra_headers(Buf *b, PyObject *message) {
     Py_DECREF(headers);
     if (rc != 1)
         return rc;
-    PyObject *content_type = PyObject_GetAttr(message, str_content_type);
+    PyObject *lines = attr(message, ATTR_HEADER_LINES);
+    if (lines == NULL)
+        return -1;
+    if (!PyBytes_Check(lines))
+        rc = 0;
+    else if (PyBytes_GET_SIZE(lines) && put(b, PyBytes_AS_STRING(lines), PyBytes_GET_SIZE(lines)) < 0)
+        rc = -1;
+    Py_DECREF(lines);
+    if (rc != 1)
+        return rc;
+    PyObject *content_type = attr(message, ATTR_CONTENT_TYPE);
     if (content_type == NULL)
         return -1;
     if (PyUnicode_Check(content_type) && PyUnicode_GET_LENGTH(content_type) > 0) {
-        PyObject *name = PyUnicode_FromString("content-type");
-        rc = name == NULL ? -1 : put_header(b, name, content_type);
-        Py_XDECREF(name);
+        rc = put_header(b, str_content_type_header, content_type);
     } else if (!PyUnicode_Check(content_type)) {
         rc = 0;
     }
@@ -120,7 +210,8 @@ static int frames_reserve(PyObject **out, Buf *b, Py_ssize_t need) {
 /* nats_frames(batch, prefixes, seq, limit, header_bytes) -> (frames: bytes, payload: int) | None
  *
  * One "HPUB <subject> <inbox>.<seq> <hdr> <total>\r\nNATS/1.0\r\nNats-Msg-Id: <id>\r\n<extra>\r\n<body>\r\n"
- * per message, seq counting up from seq + 1; extra: the lines of message.headers and message.content_type.
+ * per message, seq counting up from seq + 1; extra: the lines of message.headers, message.header_lines and
+ * message.content_type.
  * prefixes maps a subject to "HPUB <subject> <inbox>.". None when a message needs the Python path's checks
  * (unknown subject, too large, an id or header with odd characters). */
 PyObject *hot_nats_frames(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -160,9 +251,11 @@ PyObject *hot_nats_frames(PyObject *self, PyObject *const *args, Py_ssize_t narg
     b.cap = estimate > 0 ? estimate : 1;
     for (Py_ssize_t i = 0; i < count; i++) {
         PyObject *message = PyList_GET_ITEM(batch, i);
-        PyObject *body = PyObject_GetAttr(message, str_body);
-        PyObject *ident = body ? PyObject_GetAttr(message, str_id) : NULL;
-        PyObject *subject = ident ? PyObject_GetAttr(message, str_subject) : NULL;
+        if (!Py_IS_TYPE(message, slots_type))
+            learn_slots(Py_TYPE(message));
+        PyObject *body = attr(message, ATTR_BODY);
+        PyObject *ident = body ? attr(message, ATTR_ID) : NULL;
+        PyObject *subject = ident ? attr(message, ATTR_SUBJECT) : NULL;
         int rc = -1;
         if (subject == NULL)
             goto next;

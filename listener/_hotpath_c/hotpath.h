@@ -17,6 +17,7 @@
  *   sha256.c      SHA-256 / HMAC-SHA256 of the hash mask                              transforms.py (hmac)
  *   transforms.c  a table's transform: masks in keys and topics, the route           transforms.py
  *   event.c       the default event format: event(), read_row()                       event.py
+ *   cloudevents.c CloudEvents around it (the ce argument of event() and read_row())   formats.py (CloudEvents)
  *   debezium.c    the Debezium format: debezium_event(), debezium_read_row()          formats.py (Debezium)
  *   txn.c         a Begin message -> what its transaction's events share: begin()     event.py (begin)
  *   frames.c      NATS wire frames (HPUB) and JetStream acks                          publishers/nats.py
@@ -27,6 +28,10 @@
  * event(msg, plan, prefix, number, commit_time, want_key) -> (ident: str, body: bytes, key: bytes | None) | None
  *   the event id is prefix + number as 12 hex digits (the transaction's shared part and the change's
  *   bits, see listener.event.event_id_parts); with number None it is prefix as given
+ *
+ * event(..., want_key, ce) with publisher.format cloudevents (ce: see cloudevents.c) -> (ident, body, key, topic,
+ *   headers) | None: body in structured mode the whole CloudEvent, headers the binary mode's attribute headers
+ *   (a dict, or for a binding that takes lines their header lines as bytes; None in structured mode), topic None without a route; read_row(..., want_key, ce) -> (body, key, topic, headers)
  *
  * read_row(values, plan, ident, read_time, want_key) takes a backfilled row (each column's text form as
  * bytes, as an Insert would carry it) and writes the same body with action READ.
@@ -183,6 +188,19 @@ int published_text(const Plan *plan, Py_ssize_t i, const Col *c, char hex[64], c
 PyObject *route_topic(const Plan *plan, const Col *new_cols, Py_ssize_t nnew, const Col *old_cols, Py_ssize_t nold,
                       char old_kind);
 
+/* ---- CloudEvents (cloudevents.c) ---- */
+
+/* The CloudEvents of one action of a relation: head bytes (structured) or the constant headers (binary). */
+typedef struct {
+    PyObject *head, *id_name, *time_name;
+    int structured, lines, check_id;
+} Ce;
+
+int read_ce(const char *name, PyObject *ce, int action, Ce *out);
+int ce_open(Buf *b, const Ce *ce, PyObject *ident, PyObject *time);
+int ce_close(Buf *b, const Ce *ce);
+int ce_headers(const Ce *ce, PyObject *ident, PyObject *time, PyObject **headers);
+
 /* ---- events (event.c): the id of an event, also for debezium.c ---- */
 
 PyObject *make_ident(PyObject *prefix, PyObject *number);
@@ -205,7 +223,7 @@ void read_ident(const Blake2b *prepared, const Col *keys, Py_ssize_t nkeys, char
 int read_plan(const char *name, PyObject *const *args, PyObject *ident, PyObject *time, Plan *plan);
 PyObject *build_event(PyObject *ident, int with_ident, PyObject *commit_time, const Plan *plan, const char *action,
                       const Col *new_cols, Py_ssize_t nnew, const Col *old_cols, Py_ssize_t nold, char old_kind,
-                      int want_key, Py_ssize_t size_hint);
+                      int want_key, Py_ssize_t size_hint, const Ce *ce);
 
 /* ---- NATS frames (frames.c) ---- */
 

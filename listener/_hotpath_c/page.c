@@ -218,7 +218,7 @@ PyObject *hot_read_page(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                 goto done;
             memcpy(PyUnicode_1BYTE_DATA(ident), text, 36);
             PyObject *built = build_event(ident, 0, read_time, &plan, "READ", cols, ncolumns, NULL, 0, 0, want_key,
-                                          size);
+                                          size, NULL);
             if (built == NULL) {
                 Py_DECREF(ident);
                 goto done;

@@ -62,7 +62,7 @@ from listener.config import NatsPublisherConfig, redact_url
 from listener.delivery import Acks
 from listener.errors import BrokerConfigError, BrokerUnavailable, MessageRejected, MessageTooLarge, PublishError
 from listener.formats import NATS_HEADERS
-from listener.message import Message
+from listener.message import Message, parse_lines
 from listener.publishers.base import Publisher, tls_context
 
 log = logging.getLogger("listener.publishers.nats")
@@ -78,6 +78,8 @@ _ONE_LINE = str.maketrans({"\r": " ", "\n": " "})
 def extra_headers(message: Message) -> str:
     """The header lines a message carries beside Nats-Msg-Id (CloudEvents attributes, its content type)."""
     lines = [f"{name}: {value.translate(_ONE_LINE).strip()}\r\n" for name, value in (message.headers or {}).items()]
+    if message.header_lines:  # already lines (the compiled path's CloudEvents attributes)
+        lines.append(message.header_lines.decode())
     if message.content_type:
         lines.append(f"content-type: {message.content_type}\r\n")
     return "".join(lines)
@@ -459,7 +461,7 @@ class NatsPublisher(Publisher[NatsPublisherConfig]):
     def _too_large(self, message: Message) -> PublishError | None:
         # the header counts: a message over max_payload makes the server close the connection
         size = len(message.body) + _HEADER_BYTES + len(message.id)
-        if message.headers or message.content_type:
+        if message.headers or message.content_type or message.header_lines:
             size += len(extra_headers(message).encode())
         if size <= self._max_payload:
             return None
@@ -500,7 +502,7 @@ class NatsPublisher(Publisher[NatsPublisherConfig]):
             body = message.body
             value = message.id
             subject = message.subject
-            extra = extra_headers(message) if message.headers or message.content_type else ""
+            extra = extra_headers(message) if message.headers or message.content_type or message.header_lines else ""
             if len(body) + len(value) + len(extra) > limit:
                 too_large = self._too_large(message)  # counts bytes, not characters
                 if too_large is not None:
@@ -577,6 +579,8 @@ class NatsPublisher(Publisher[NatsPublisherConfig]):
             else:
                 window.last = seq
             headers = {"Nats-Msg-Id": message.id, **(message.headers or {})}
+            if message.header_lines:
+                headers.update(parse_lines(message.header_lines))
             if message.content_type:
                 headers["content-type"] = message.content_type
             try:
