@@ -16,13 +16,15 @@ Shapes: ``reference`` (the reference row: insert, update, delete in turn) and ``
 4 KB text column: an insert carries it, an update leaves it as unchanged TOAST, a delete has the key).
 The loop runs inside ``any()``, so callgrind's ``--toggle-collect=builtin_any`` counts it alone.
 ``--format`` (``publisher.format``, as ``bench.hotpath --formats`` names them: ``cloudevents``,
-``cloudevents-structured``, ``debezium``, ...): the events in that format, CloudEvents attributes as the NATS
-publisher's binding carries them.
+``cloudevents-structured``, ``debezium``, ``debezium-schemas``, ...): the events in that format, CloudEvents
+attributes as the NATS publisher's binding carries them; for Debezium the change's own LSN and the last
+commit's (its source block) are set per change as the reader sets them.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import struct
 import time
 from collections import deque
@@ -100,10 +102,16 @@ def main(argv: list[str] | None = None) -> int:
         streaming()
     change = built.change
     txn = built.begin(0x16B3748, 820_000_000_000_000)
+    if built.wants_lsn:  # Debezium: the reader sets each change's LSN; a commit was seen before
+        txn.xid = 7781
+        built.commit(0x16B3740)
+    lsns = iter(range(0x16B3750, 0x16B3750 + 64 * args.events, 64)) if built.wants_lsn else None
     in_flight: deque[tuple[list[Any], bytes]] = deque()
     state: dict[str, Any] = {"batch": [], "seq": 0, "sent": 0}
 
     def step(buf: bytes) -> None:
+        if lsns is not None:
+            txn.lsn = next(lsns)
         batch = state["batch"]
         batch.append(change(buf, txn))
         if len(batch) == BATCH:
@@ -116,10 +124,13 @@ def main(argv: list[str] | None = None) -> int:
             if len(in_flight) > 10:
                 in_flight.popleft()
 
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.process_time()
     any(map(step, data))  # type: ignore[func-returns-value]
     spent = time.process_time() - start
-    print(f"{args.shape}, {args.format}: {spent / args.events * 1e6:.2f} µs per event ({args.events:,} events)")
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    print(f"{args.shape} {args.format}: {spent / args.events * 1e6:.2f} µs per event ({args.events:,} events), "
+          f"{faults / args.events:.2f} page faults per event")
     return 0
 
 

@@ -528,7 +528,26 @@ done:
     return result;
 }
 
+/* The plans check_plan() accepted last (strong references): a plan is a tuple of immutable parts, so one
+ * checked stays valid; the events of a table come with the same plan object each time. */
+#define CHECKED_PLANS 8
+static PyObject *checked_plans[CHECKED_PLANS];
+static int checked_next = 0;
+
+static int check_plan_parts(PyObject *plan);
+
 static int check_plan(PyObject *plan) {
+    for (int k = 0; k < CHECKED_PLANS; k++)
+        if (checked_plans[k] == plan)
+            return 0;
+    if (check_plan_parts(plan) < 0)
+        return -1;
+    Py_XSETREF(checked_plans[checked_next], Py_NewRef(plan));
+    checked_next = (checked_next + 1) % CHECKED_PLANS;
+    return 0;
+}
+
+static int check_plan_parts(PyObject *plan) {
     if (!PyTuple_Check(plan) || PyTuple_GET_SIZE(plan) != DBZ_PLAN_SIZE)
         goto bad;
     for (int k = 0; k < 8; k += k == 2 ? 5 : 1) /* 0-2 and 7 */
@@ -571,6 +590,20 @@ bad:
     return -1;
 }
 
+/* PyLong_AsUnsignedLongLong / PyLong_AsLongLong, without their detour through a byte array for numbers of
+ * more than one digit (CPython 3.11) where a long is 64 bits: the same values and the same errors. */
+#if LONG_MAX == LLONG_MAX
+static unsigned long long as_u64(PyObject *v) {
+    return PyLong_AsUnsignedLong(v);
+}
+static long long as_i64(PyObject *v) {
+    return PyLong_AsLong(v);
+}
+#else
+#define as_u64 PyLong_AsUnsignedLongLong
+#define as_i64 PyLong_AsLongLong
+#endif
+
 /* An int or None argument: 1 with *value, 0 for None, -1 when it is neither a non-negative 64-bit int
  * (a ValueError/TypeError is set). */
 static int optional_u64(PyObject *arg, unsigned long long *value) {
@@ -580,7 +613,7 @@ static int optional_u64(PyObject *arg, unsigned long long *value) {
         PyErr_SetString(PyExc_TypeError, "debezium_event: xid, lsn and last_commit are int or None");
         return -1;
     }
-    *value = PyLong_AsUnsignedLongLong(arg);
+    *value = as_u64(arg);
     if (*value == (unsigned long long)-1 && PyErr_Occurred())
         return -1;
     return 1;
@@ -677,8 +710,8 @@ static void source_hmac(Source *src, PyObject *plan) {
  * (a number out of range), -1 an error. */
 static int read_source(Source *src, PyObject *commit_micros, PyObject *xid, PyObject *lsn, PyObject *last,
                        PyObject *now_ns) {
-    long long micros = PyLong_AsLongLong(commit_micros);
-    src->now_ns = PyLong_AsLongLong(now_ns);
+    long long micros = as_i64(commit_micros);
+    src->now_ns = as_i64(now_ns);
     if ((micros == -1 || src->now_ns == -1) && PyErr_Occurred())
         return -1;
     src->has_xid = optional_u64(xid, &src->xid);
@@ -707,7 +740,9 @@ static PyObject *build(PyObject *plan, const Source *src, char op, const Col *be
     PyObject *result = NULL;
     Buf b = {NULL, 0, 0};
     int using_scratch = 0, rc;
-    Py_ssize_t want = size_hint * 2 + 1024 + (value_head == Py_None ? 0 : PyBytes_GET_SIZE(value_head));
+    /* the schema (value_head, the same for every event of the table) is not written here but copied once
+     * into the body, before the payload written here */
+    Py_ssize_t want = size_hint * 2 + 1024;
     if (!scratch_busy) { /* the last event's buffer (a converter called from here could come back: then not) */
         scratch_busy = using_scratch = 1;
         b.data = scratch;
@@ -722,8 +757,6 @@ static PyObject *build(PyObject *plan, const Source *src, char op, const Col *be
             goto done;
         }
     }
-    if (value_head != Py_None && put(&b, PyBytes_AS_STRING(value_head), PyBytes_GET_SIZE(value_head)) < 0)
-        goto done;
     if (PUTS(&b, "{\"before\":") < 0)
         goto done;
     rc = before == NULL ? PUTS(&b, "null")
@@ -753,13 +786,25 @@ static PyObject *build(PyObject *plan, const Source *src, char op, const Col *be
         PUTS(&b, ",\"xmin\":null,\"origin\":null,\"origin_lsn\":null},\"transaction\":null,\"op\":\"") < 0 ||
         put(&b, &op, 1) < 0 || PUTS(&b, "\",\"ts_ms\":") < 0 || put_divided(&b, &now, 6, 1000000) < 0 ||
         PUTS(&b, ",\"ts_us\":") < 0 || put_divided(&b, &now, 3, 1000) < 0 || PUTS(&b, ",\"ts_ns\":") < 0 ||
-        put(&b, now.start, now.len) < 0 || PUTS(&b, "}") < 0 || (value_head != Py_None && PUTS(&b, "}") < 0))
+        put(&b, now.start, now.len) < 0 || PUTS(&b, "}") < 0)
         goto done;
     PyObject *key = want_key && PyTuple_GET_SIZE(PyTuple_GET_ITEM(plan, 4)) ? make_key(plan, &b, spans)
                                                                             : Py_NewRef(Py_None);
     if (key == NULL)
         goto done;
-    PyObject *body = PyBytes_FromStringAndSize(b.data, b.len);
+    PyObject *body;
+    if (value_head == Py_None) {
+        body = PyBytes_FromStringAndSize(b.data, b.len);
+    } else { /* {"schema":...,"payload": + the payload + } */
+        Py_ssize_t head_len = PyBytes_GET_SIZE(value_head);
+        body = PyBytes_FromStringAndSize(NULL, head_len + b.len + 1);
+        if (body != NULL) {
+            char *out = PyBytes_AS_STRING(body);
+            memcpy(out, PyBytes_AS_STRING(value_head), (size_t)head_len);
+            memcpy(out + head_len, b.data, (size_t)b.len);
+            out[head_len + b.len] = '}';
+        }
+    }
     if (body != NULL) {
         result = PyTuple_Pack(2, body, key);
         Py_DECREF(body);
