@@ -480,7 +480,7 @@ class EventBuilder:
                 self._read_moment = (read_time, moment_micros(read_time))
             read = hot.debezium_read_row(raw, info.debezium_plan, self._read_moment[1],
                                          self._debezium.last_commit,  # type: ignore[union-attr]
-                                         time.time_ns(), self._needs_key)
+                                         None, self._needs_key)
             if read is not None:
                 subject = info.subject if info.route is None else self._routed(info, read[2])  # type: ignore[misc]
                 return Message(ident, subject, read[0], info.schema, info.table, "READ", read[1])
@@ -560,7 +560,7 @@ class EventBuilder:
             if info.debezium_plan is not None:  # publisher.format debezium: time and position for its source block
                 done = hot.debezium_event(buf, info.debezium_plan, prefix, number, txn.commit_micros, txn.xid, txn.lsn,
                                           self._debezium.last_commit,  # type: ignore[union-attr]
-                                          time.time_ns(), self._needs_key)
+                                          None, self._needs_key)  # None: it reads time.time_ns()'s clock
             elif info.ce is not None:  # publisher.format cloudevents: the event wrapped in the same call
                 done = hot.event(buf, info.plan, prefix, number, txn.commit_time, self._needs_key,  # type: ignore[arg-type]
                                  info.ce)

@@ -69,13 +69,15 @@ class Module(Protocol):
 
     def debezium_event(
         self, msg: bytes, plan: DebeziumPlan, prefix: str, number: int | None, commit_micros: int, xid: int | None,
-        lsn: int | None, last_commit: int | None, now_ns: int, want_key: bool, /
+        lsn: int | None, last_commit: int | None, now_ns: int | None, want_key: bool, /
     ) -> tuple[str, bytes, bytes | None] | tuple[str, bytes, bytes | None, str | int] | None: ...
 
     def debezium_read_row(
-        self, values: list[bytes | None], plan: DebeziumPlan, read_micros: int, last_commit: int | None, now_ns: int,
-        want_key: bool, /
+        self, values: list[bytes | None], plan: DebeziumPlan, read_micros: int, last_commit: int | None,
+        now_ns: int | None, want_key: bool, /
     ) -> tuple[bytes, bytes | None] | tuple[bytes, bytes | None, str | int] | None: ...
+
+    def freeze_clock(self, ns: int | None, /) -> None: ...
 
     def begin(self, msg: bytes, slot_hash: int, /) -> tuple[int, str, int, str, int, int, int] | None: ...
 

@@ -14,6 +14,7 @@ import hmac
 import random
 import struct
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -697,9 +698,15 @@ def dbz_message(rng: random.Random, converters: tuple[Converter | None, ...]) ->
 
 
 @pytest.fixture
-def frozen_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+def frozen_clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """The envelope's ts_ms/ts_us/ts_ns are the time of writing: the same on both paths."""
     monkeypatch.setattr(time, "time_ns", lambda: 1_767_323_045_123_456_789)
+    module = hotpath.load()
+    if module is not None:  # the compiled path reads the same clock itself (now_ns None)
+        module.freeze_clock(1_767_323_045_123_456_789)
+    yield
+    if module is not None:
+        module.freeze_clock(None)
 
 
 @pytest.mark.usefixtures("frozen_clock")
@@ -804,6 +811,36 @@ def test_debezium_bad_arguments_raise_type_errors() -> None:
         fast.hot.debezium_event(msg, plan, "id", None, 0, "7", None, None, 0, True)  # type: ignore[arg-type]
     # a negative LSN (never sent) is the Python path's to write
     assert fast.hot.debezium_event(msg, plan, "id", None, 0, None, -1, None, 0, True) is None
+    with pytest.raises(ValueError):
+        fast.hot.freeze_clock(-5)
+
+
+@pytest.mark.parametrize("schemas", [False, True], ids=["schemas-disabled", "schemas-enabled"])
+def test_debezium_now_none_reads_the_clock_and_a_plan_checked_once_stays_valid(schemas: bool) -> None:
+    """now_ns None: the envelope's ts_* are the time of writing, read by the compiled path (time.time_ns's clock);
+    the same body as with that time given. A plan is checked once: its events after the first give the same."""
+    fast, _ = dbz_builders(dbz_relation("d", (0,)), True, schemas)
+    plan = fast.relations[OID].debezium_plan
+    assert plan is not None and fast.hot is not None
+    msg = insert_msg(OID, tuple_data(*[col_text(t) if t is not None else COL_NULL for t in [
+        "7", *[None] * (len(DBZ_COLUMNS) - 1)]]))
+    before = time.time_ns()
+    done = fast.hot.debezium_event(msg, plan, "id", None, 1, 2, 3, 4, None, True)
+    after = time.time_ns()
+    assert done is not None
+    body = orjson.loads(done[1])
+    envelope = body["payload"] if schemas else body
+    assert before <= envelope["ts_ns"] <= after
+    assert envelope["ts_ms"] == envelope["ts_ns"] // 1_000_000 and envelope["ts_us"] == envelope["ts_ns"] // 1000
+    for _ in range(3):
+        again = fast.hot.debezium_event(msg, plan, "id", None, 1, 2, 3, 4, envelope["ts_ns"], True)
+        assert again == done
+    fast.hot.freeze_clock(1_767_323_045_123_456_789)
+    try:
+        frozen = fast.hot.debezium_event(msg, plan, "id", None, 1, 2, 3, 4, None, True)
+    finally:
+        fast.hot.freeze_clock(None)
+    assert frozen == fast.hot.debezium_event(msg, plan, "id", None, 1, 2, 3, 4, 1_767_323_045_123_456_789, True)
 
 
 @pytest.mark.usefixtures("frozen_clock")

@@ -9,7 +9,8 @@
  *   msg: a pgoutput Insert/Update/Delete; the id as event() makes it (prefix + number in hex, or prefix
  *   when number is None); commit_micros: the transaction's commit time (protocol microseconds); xid, lsn
  *   (the change's own) and last_commit (the previous commit's LSN, Debezium's sequence) int or None;
- *   now_ns: time.time_ns() for the envelope's ts_*. None: the Python path takes the message.
+ *   now_ns: time.time_ns() for the envelope's ts_*, or None: the same clock read here (freeze_clock() fixes it
+ *   for tests). None (the answer): the Python path takes the message.
  *
  * debezium_read_row(values, plan, read_micros, last_commit, now_ns, want_key) -> (body, key) | None
  *   a backfilled row (each column's text form as bytes, None for NULL) as its READ event.
@@ -37,6 +38,7 @@
 
 #include <stdio.h>
 #include <stdlib.h>
+#include <time.h>
 
 /* Debezium's conversions (keep in step with listener/hotpath.py) */
 enum {
@@ -706,12 +708,38 @@ static void source_hmac(Source *src, PyObject *plan) {
         memcpy(&src->hmac, PyBytes_AS_STRING(hmac), sizeof(Hmac));
 }
 
-/* commit_micros, xid, lsn, last_commit, now_ns as Python gives them: 1 read, 0 the Python path's to write
+/* freeze_clock(ns): the time a now_ns of None stands for (tests: as they fix time.time_ns); None: the clock */
+static long long frozen_ns = -1;
+
+PyObject *hot_freeze_clock(PyObject *self, PyObject *ns) {
+    (void)self;
+    long long value = ns == Py_None ? -1 : PyLong_AsLongLong(ns);
+    if (value == -1 && PyErr_Occurred())
+        return NULL;
+    if (ns != Py_None && value < 0) {
+        PyErr_SetString(PyExc_ValueError, "freeze_clock: a time in nanoseconds since the epoch, or None");
+        return NULL;
+    }
+    frozen_ns = value;
+    Py_RETURN_NONE;
+}
+
+/* time.time_ns(): the real-time clock in nanoseconds since the epoch (-1: it failed) */
+static long long clock_now_ns(void) {
+    if (frozen_ns >= 0)
+        return frozen_ns;
+    struct timespec ts;
+    if (clock_gettime(CLOCK_REALTIME, &ts) != 0)
+        return -1;
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* commit_micros, xid, lsn, last_commit, now_ns (None: now) as Python gives them: 1 read, 0 the Python path's to write
  * (a number out of range), -1 an error. */
 static int read_source(Source *src, PyObject *commit_micros, PyObject *xid, PyObject *lsn, PyObject *last,
                        PyObject *now_ns) {
     long long micros = as_i64(commit_micros);
-    src->now_ns = as_i64(now_ns);
+    src->now_ns = now_ns == Py_None ? clock_now_ns() : as_i64(now_ns);
     if ((micros == -1 || src->now_ns == -1) && PyErr_Occurred())
         return -1;
     src->has_xid = optional_u64(xid, &src->xid);

@@ -235,6 +235,7 @@ PyObject *hot_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *hot_read_row(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *hot_debezium_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *hot_debezium_read_row(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *hot_freeze_clock(PyObject *self, PyObject *ns);
 PyObject *hot_begin(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *hot_nats_frames(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *hot_nats_acks(PyObject *self, PyObject *const *args, Py_ssize_t nargs);

@@ -77,17 +77,26 @@ int put_escaped(Buf *b, const unsigned char *s, Py_ssize_t n) {
             i += 8;
         }
         Py_ssize_t stop = i + 8 <= n ? i + 8 : n; /* the word with something to escape, or the tail */
+        if (stop - i < 8) { /* the tail: often clean */
+            Py_ssize_t j = i;
+            while (j < n && escape_kind[s[j]] == 0)
+                j++;
+            if (j == n)
+                break;
+        }
+        /* the clean run before it, this word with every byte escaped (6 bytes at most), the rest as it is and
+         * the quote: one check of room per word, then its bytes one by one */
+        if (buf_grow(b, (i - start) + 6 * (stop - i) + (n - stop) + 1) < 0)
+            return -1;
+        char *out = b->data + b->len;
+        memcpy(out, s + start, (size_t)(i - start));
+        out += i - start;
         for (; i < stop; i++) {
             unsigned char kind = escape_kind[s[i]];
-            if (kind == 0)
+            if (kind == 0) {
+                *out++ = (char)s[i];
                 continue;
-            /* the clean run before it, the escape (6 bytes at most), the rest as it is and the quote */
-            if (buf_grow(b, (i - start) + 6 + (n - i - 1) + 1) < 0)
-                return -1;
-            char *out = b->data + b->len;
-            memcpy(out, s + start, (size_t)(i - start));
-            out += i - start;
-            start = i + 1;
+            }
             *out++ = '\\';
             if (kind == 'u') {
                 static const char hex[] = "0123456789abcdef";
@@ -99,8 +108,9 @@ int put_escaped(Buf *b, const unsigned char *s, Py_ssize_t n) {
             } else {
                 *out++ = (char)kind;
             }
-            b->len = out - b->data;
         }
+        start = stop;
+        b->len = out - b->data;
     }
     memcpy(b->data + b->len, s + start, (size_t)(n - start));
     b->len += n - start;

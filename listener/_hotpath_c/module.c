@@ -13,6 +13,8 @@ static PyMethodDef methods[] = {
      "(ident, body, key) | None"},
     {"debezium_read_row", (PyCFunction)(void (*)(void))hot_debezium_read_row, METH_FASTCALL,
      "debezium_read_row(values, plan, read_micros, last_commit, now_ns, want_key) -> (body, key) | None"},
+    {"freeze_clock", hot_freeze_clock, METH_O,
+     "freeze_clock(ns | None): the time debezium_event's now_ns=None stands for (tests); None: the clock"},
     {"begin", (PyCFunction)(void (*)(void))hot_begin, METH_FASTCALL,
      "begin(msg, slot_hash) -> the fields of listener.event.Transaction for a Begin message | None"},
     {"nats_frames", (PyCFunction)(void (*)(void))hot_nats_frames, METH_FASTCALL,
