@@ -421,6 +421,23 @@ def test_compiled_frames_are_what_nats_py_would_send() -> None:
     assert hot.nats_frames([], prefixes, 0, 90, header) == (b"", 0)
 
 
+@pytest.mark.parametrize("sizes", [
+    [0, 1, 5000, 3, 300_000, 70_000, 1_000_000, 2],  # the room taken from the first frame is outgrown
+    [900_000] * 40,  # a large first frame: the room is not its size times the batch (16 MiB at first)
+], ids=["growing", "large"])
+def test_compiled_frames_of_any_sizes_are_what_nats_py_would_send(sizes: list[int]) -> None:
+    hot = compiled_hot_path()
+    prefixes = {"s.a": "HPUB s.a _INBOX.q."}
+    batch = [Message(f"id-{n}", "s.a", bytes([65 + n % 26]) * size, "public", "t", "INSERT")
+             for n, size in enumerate(sizes)]
+    header = len(b"NATS/1.0\r\nNats-Msg-Id: \r\n\r\n")
+    frames, payload = hot.nats_frames(batch, prefixes, 7, 1024 * 1024, header)
+    assert frames == b"".join(
+        command.hpub_cmd(m.subject, f"_INBOX.q.{8 + n}", b"NATS/1.0\r\nNats-Msg-Id: " + m.id.encode() +
+                         b"\r\n\r\n", m.body) for n, m in enumerate(batch))
+    assert payload == sum(sizes)
+
+
 @pytest.mark.parametrize("seq", [0, 8, 9, 98, 99, 999_998, 10**12 - 1, 2**62])
 def test_compiled_frames_count_sequence_numbers_like_nats_py(seq: int) -> None:
     """Reply subjects and sizes are written by the compiled path's own number formatting: across every
