@@ -1,8 +1,9 @@
 """The listener's per-event work in one process, without sockets: instruction counts that do not move.
 
-A pgoutput message -> ``EventBuilder.change`` (the compiled call) -> the ``Message`` -> batches of 2000 ->
-the NATS frames of each batch (``nats_frames``) -> the scan of their JetStream acks (``nats_acks``), with up
-to 10 batches held as in flight, and the listener's garbage-collector settings once streaming. CPU seconds
+A pgoutput message -> ``EventBuilder.change`` (the compiled call) -> the ``Message`` -> batches of 2000
+events or of delivery's byte limit (``delivery.BATCH_BYTES``), whichever comes first -> the NATS frames of
+each batch (``nats_frames``) -> the scan of their JetStream acks (``nats_acks``), with up to 10 batches held
+as in flight, and the listener's allocator and garbage-collector settings once streaming. CPU seconds
 on a shared machine move by ±30% from run to run; valgrind's instruction counts of this loop do not::
 
     python -m bench.pipeline --shape wide --events 20000           # µs per event (process CPU time)
@@ -31,7 +32,7 @@ from collections import deque
 from typing import Any
 
 from bench import hotpath as bh
-from listener import cli, types
+from listener import cli, delivery, malloc, types
 from listener.config import Config
 from listener.event import EventBuilder
 from listener.pgoutput import Column, Relation
@@ -95,8 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     hot = built.hot
     assert hot is not None
     data = [message(args.shape, i) for i in range(args.events)]
-    answers = [acks(start, min(BATCH, args.events - start)) for start in range(0, args.events, BATCH)]
+    # a batch is sealed at BATCH events or at delivery's byte limit, as the listener seals them (the frames of a
+    # batch over glibc's mmap threshold would be mapped afresh each time); the acks of a batch of n events
+    answers: dict[int, bytes] = {}
+    sealed_at = getattr(delivery, "BATCH_BYTES", 1 << 62)  # absent in builds before it (A/B runs)
     prefixes = {f"bench.public_{t}": f"HPUB bench.public_{t} {INBOX}." for t in ("bench_ref", "bench_wide")}
+    malloc.fix_mmap_threshold()  # the listener's allocator settings (listener/malloc.py)
     streaming = getattr(cli, "_collector_for_streaming", None)  # absent in builds before it (A/B runs)
     if streaming is not None:
         streaming()
@@ -107,20 +112,26 @@ def main(argv: list[str] | None = None) -> int:
         built.commit(0x16B3740)
     lsns = iter(range(0x16B3750, 0x16B3750 + 64 * args.events, 64)) if built.wants_lsn else None
     in_flight: deque[tuple[list[Any], bytes]] = deque()
-    state: dict[str, Any] = {"batch": [], "seq": 0, "sent": 0}
+    state: dict[str, Any] = {"batch": [], "seq": 0, "sent": 0, "bytes": 0}
 
     def step(buf: bytes) -> None:
         if lsns is not None:
             txn.lsn = next(lsns)
         batch = state["batch"]
-        batch.append(change(buf, txn))
-        if len(batch) == BATCH:
+        event = change(buf, txn)
+        batch.append(event)
+        state["bytes"] += len(event.body)
+        if len(batch) == BATCH or state["bytes"] >= sealed_at:
             frames, _ = hot.nats_frames(batch, prefixes, state["seq"], 1 << 20, _HEADER_BYTES)
-            hot.nats_acks(answers[state["sent"]], b"1")
+            answer = answers.get(len(batch))
+            if answer is None:
+                answer = answers[len(batch)] = acks(0, len(batch))
+            hot.nats_acks(answer, b"1")
             state["sent"] += 1
             state["seq"] += len(batch)
             in_flight.append((batch, frames))
             state["batch"] = []
+            state["bytes"] = 0
             if len(in_flight) > 10:
                 in_flight.popleft()
 
