@@ -78,8 +78,11 @@ CHUNK_BUDGET_SHARE = 4
 PIECE_SHARE = 4
 #: rows of one FETCH, at most (what a piece can overshoot by when rows grow much larger than those before)
 PIECE_ROWS_MAX = 1000
-#: how often a chunk waiting for room under maxInFlightBytes looks again (seconds)
+#: how often a chunk waiting for room under maxInFlightBytes, or for its acknowledgement, looks again (seconds)
+#: when nothing tells it that acknowledgements came (``run`` without ``acked``)
 ROOM_POLL = 0.01
+#: the same when told (a safety net only: each acknowledgement and each chunk handed over wakes the waits)
+NOTIFIED_POLL = 1.0
 #: how often progress is logged while a backfill runs (seconds)
 PROGRESS_INTERVAL = 5.0
 
@@ -312,6 +315,9 @@ class Backfiller:
         self.running: Request | None = None
         self._in_flight_bytes: Callable[[], int] = lambda: 0
         self._unacked = 0  # bytes of the chunks handed to delivery, not yet acknowledged
+        #: a future done at delivery's next acknowledgement (None: the waits poll, :data:`ROOM_POLL`)
+        self._acked: Callable[[], Awaitable[None]] | None = None
+        self._waiters: list[asyncio.Future[None]] = []  # woken when a chunk is handed over or acknowledged
 
     # -- the reader's side -------------------------------------------------------------------------
 
@@ -366,6 +372,7 @@ class Backfiller:
             self.watching.setdefault(chunk.oid, []).append(chunk)
             return None
         self._chunks.pop(key, None)
+        self._wake()  # held_bytes dropped: a chunk waiting for room may go
         chunks = self.watching.get(chunk.oid, [])
         if chunk in chunks:
             chunks.remove(chunk)
@@ -412,12 +419,16 @@ class Backfiller:
         stopping: asyncio.Event,
         load_types: Callable[[list[int]], Awaitable[None]],
         in_flight_bytes: Callable[[], int] = lambda: 0,
+        acked: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """Poll for requests and run them, one at a time, until cancelled (the session ends). ``confirmed``
         is the LSN delivery may confirm; ``load_types`` describes user-defined types to the converters;
-        ``in_flight_bytes`` the bytes of events delivery holds, not yet acknowledged."""
+        ``in_flight_bytes`` the bytes of events delivery holds, not yet acknowledged; ``acked`` an awaitable
+        done at delivery's next acknowledgement (:meth:`Delivery.acked`), which the waits for room and for a
+        chunk's acknowledgement await instead of polling."""
         self._load_types = load_types
         self._in_flight_bytes = in_flight_bytes
+        self._acked = acked
         conn = await self._connect()
         try:
             version = (await catalog.server_info(conn)).version
@@ -616,10 +627,11 @@ class Backfiller:
         while confirmed() < lsn:
             if stopping.is_set():
                 return False
-            await _sleep(stopping, 0.01)
+            await self._changed(stopping)
         published = chunk.sent
         self._unacked -= chunk.size
         chunk.size = 0
+        self._wake()  # in_flight_bytes() may have dropped: a chunk waiting for room may go
         table = chunk.table
         await conn.execute(catalog.BACKFILL_PROGRESS_QUERY,
                            (table.qualified, list(chunk.last_key or ()), published, request.id))
@@ -653,7 +665,32 @@ class Backfiller:
         while not stopping.is_set() and (self._unacked or self._chunks):
             if self.in_flight_bytes() + self.held_bytes() <= room:
                 return
-            await _sleep(stopping, ROOM_POLL)
+            await self._changed(stopping)
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _changed(self, stopping: asyncio.Event) -> None:
+        """Wait until delivery acknowledges events, a chunk is handed over or acknowledged, or ``stopping``;
+        without ``acked`` (or as a safety net) at most a poll interval. The caller checks its condition
+        before calling, with no await in between, so a wake-up between the check and this wait is not lost
+        (the waiters are registered here, before the first await)."""
+        if stopping.is_set():
+            return
+        own: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(own)
+        waits: list[asyncio.Future[Any]] = [own, asyncio.ensure_future(stopping.wait())]
+        if self._acked is not None:
+            waits.append(asyncio.ensure_future(self._acked()))
+        try:
+            await asyncio.wait(waits, timeout=ROOM_POLL if self._acked is None else NOTIFIED_POLL,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waits:
+                waiter.cancel()
 
     async def _read_chunk(
         self,
