@@ -67,7 +67,8 @@ from listener.replication import SESSION_OPTIONS, describe_pg_error
 
 log = logging.getLogger("listener.backfill")
 
-#: how often the state table is checked for new requests (seconds)
+#: how often the state table is checked for new requests (seconds); a request announced on
+#: :data:`catalog.BACKFILL_CHANNEL` (:func:`request_backfill` does) is looked at when it comes
 POLL_INTERVAL = 0.5
 #: chunks of one table published and not yet acknowledged, at most (memory: about this many chunks of
 #: events, plus two pages of rows being read; in bytes, see :func:`chunk_budget`)
@@ -432,10 +433,11 @@ class Backfiller:
         conn = await self._connect()
         try:
             version = (await catalog.server_info(conn)).version
+            await conn.execute(catalog.LISTEN_BACKFILL_QUERY)
             while not stopping.is_set():
                 request = await self._next(conn)
                 if request is None:
-                    await _sleep(stopping, POLL_INTERVAL)
+                    await _announced(conn, stopping, POLL_INTERVAL)
                     continue
                 try:
                     await self._run_one(conn, version, request, confirmed, stopping)
@@ -919,11 +921,25 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-async def _sleep(stopping: asyncio.Event, seconds: float) -> None:
+async def _announced(conn: psycopg.AsyncConnection[Any], stopping: asyncio.Event, seconds: float) -> None:
+    """Wait until a request is announced on the connection (it LISTENs on :data:`catalog.BACKFILL_CHANNEL`),
+    ``stopping`` is set, or ``seconds`` passed. Announcements that came during other queries are in psycopg's
+    backlog and end the wait at once."""
+
+    async def first() -> None:
+        async for _ in conn.notifies(timeout=seconds, stop_after=1):
+            pass
+
+    announced = asyncio.ensure_future(first())
+    stopped = asyncio.ensure_future(stopping.wait())
     try:
-        await asyncio.wait_for(stopping.wait(), seconds)
-    except TimeoutError:
-        pass
+        await asyncio.wait([announced, stopped], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not announced.done():
+            announced.cancel()  # no query in flight: the connection only stops waiting for notifications
+        with contextlib.suppress(asyncio.CancelledError):
+            await announced
 
 
 # --------------------------------------------------------------------------------------------------
@@ -936,7 +952,10 @@ async def request_backfill(
     """Queue a backfill; its id, or None when ``name`` was requested for this slot before."""
     await ensure_state_table(conn)
     row = await fetch_one(conn, catalog.REQUEST_BACKFILL_QUERY, (slot, name, list(tables), where))
-    return int(row[0]) if row is not None else None
+    if row is None:
+        return None
+    await fetch_one(conn, catalog.NOTIFY_BACKFILL_QUERY, (catalog.BACKFILL_CHANNEL, slot))  # at commit
+    return int(row[0])
 
 
 async def validate_request(
