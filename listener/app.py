@@ -362,6 +362,7 @@ class Listener:
                 self._stopping,
                 lambda oids: db.load_types(self.registry, oids),
                 lambda: self.delivery.in_flight_bytes,
+                self.delivery.acked,
             ),
             name="backfills",
         )

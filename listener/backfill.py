@@ -67,7 +67,8 @@ from listener.replication import SESSION_OPTIONS, describe_pg_error
 
 log = logging.getLogger("listener.backfill")
 
-#: how often the state table is checked for new requests (seconds)
+#: how often the state table is checked for new requests (seconds); a request announced on
+#: :data:`catalog.BACKFILL_CHANNEL` (:func:`request_backfill` does) is looked at when it comes
 POLL_INTERVAL = 0.5
 #: chunks of one table published and not yet acknowledged, at most (memory: about this many chunks of
 #: events, plus two pages of rows being read; in bytes, see :func:`chunk_budget`)
@@ -78,8 +79,11 @@ CHUNK_BUDGET_SHARE = 4
 PIECE_SHARE = 4
 #: rows of one FETCH, at most (what a piece can overshoot by when rows grow much larger than those before)
 PIECE_ROWS_MAX = 1000
-#: how often a chunk waiting for room under maxInFlightBytes looks again (seconds)
+#: how often a chunk waiting for room under maxInFlightBytes, or for its acknowledgement, looks again (seconds)
+#: when nothing tells it that acknowledgements came (``run`` without ``acked``)
 ROOM_POLL = 0.01
+#: the same when told (a safety net only: each acknowledgement and each chunk handed over wakes the waits)
+NOTIFIED_POLL = 1.0
 #: how often progress is logged while a backfill runs (seconds)
 PROGRESS_INTERVAL = 5.0
 
@@ -312,6 +316,9 @@ class Backfiller:
         self.running: Request | None = None
         self._in_flight_bytes: Callable[[], int] = lambda: 0
         self._unacked = 0  # bytes of the chunks handed to delivery, not yet acknowledged
+        #: a future done at delivery's next acknowledgement (None: the waits poll, :data:`ROOM_POLL`)
+        self._acked: Callable[[], Awaitable[None]] | None = None
+        self._waiters: list[asyncio.Future[None]] = []  # woken when a chunk is handed over or acknowledged
 
     # -- the reader's side -------------------------------------------------------------------------
 
@@ -366,6 +373,7 @@ class Backfiller:
             self.watching.setdefault(chunk.oid, []).append(chunk)
             return None
         self._chunks.pop(key, None)
+        self._wake()  # held_bytes dropped: a chunk waiting for room may go
         chunks = self.watching.get(chunk.oid, [])
         if chunk in chunks:
             chunks.remove(chunk)
@@ -412,19 +420,24 @@ class Backfiller:
         stopping: asyncio.Event,
         load_types: Callable[[list[int]], Awaitable[None]],
         in_flight_bytes: Callable[[], int] = lambda: 0,
+        acked: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """Poll for requests and run them, one at a time, until cancelled (the session ends). ``confirmed``
         is the LSN delivery may confirm; ``load_types`` describes user-defined types to the converters;
-        ``in_flight_bytes`` the bytes of events delivery holds, not yet acknowledged."""
+        ``in_flight_bytes`` the bytes of events delivery holds, not yet acknowledged; ``acked`` an awaitable
+        done at delivery's next acknowledgement (:meth:`Delivery.acked`), which the waits for room and for a
+        chunk's acknowledgement await instead of polling."""
         self._load_types = load_types
         self._in_flight_bytes = in_flight_bytes
+        self._acked = acked
         conn = await self._connect()
         try:
             version = (await catalog.server_info(conn)).version
+            await conn.execute(catalog.LISTEN_BACKFILL_QUERY)
             while not stopping.is_set():
                 request = await self._next(conn)
                 if request is None:
-                    await _sleep(stopping, POLL_INTERVAL)
+                    await _announced(conn, stopping, POLL_INTERVAL)
                     continue
                 try:
                     await self._run_one(conn, version, request, confirmed, stopping)
@@ -616,10 +629,11 @@ class Backfiller:
         while confirmed() < lsn:
             if stopping.is_set():
                 return False
-            await _sleep(stopping, 0.01)
+            await self._changed(stopping)
         published = chunk.sent
         self._unacked -= chunk.size
         chunk.size = 0
+        self._wake()  # in_flight_bytes() may have dropped: a chunk waiting for room may go
         table = chunk.table
         await conn.execute(catalog.BACKFILL_PROGRESS_QUERY,
                            (table.qualified, list(chunk.last_key or ()), published, request.id))
@@ -653,7 +667,32 @@ class Backfiller:
         while not stopping.is_set() and (self._unacked or self._chunks):
             if self.in_flight_bytes() + self.held_bytes() <= room:
                 return
-            await _sleep(stopping, ROOM_POLL)
+            await self._changed(stopping)
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _changed(self, stopping: asyncio.Event) -> None:
+        """Wait until delivery acknowledges events, a chunk is handed over or acknowledged, or ``stopping``;
+        without ``acked`` (or as a safety net) at most a poll interval. The caller checks its condition
+        before calling, with no await in between, so a wake-up between the check and this wait is not lost
+        (the waiters are registered here, before the first await)."""
+        if stopping.is_set():
+            return
+        own: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(own)
+        waits: list[asyncio.Future[Any]] = [own, asyncio.ensure_future(stopping.wait())]
+        if self._acked is not None:
+            waits.append(asyncio.ensure_future(self._acked()))
+        try:
+            await asyncio.wait(waits, timeout=ROOM_POLL if self._acked is None else NOTIFIED_POLL,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waits:
+                waiter.cancel()
 
     async def _read_chunk(
         self,
@@ -882,11 +921,25 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-async def _sleep(stopping: asyncio.Event, seconds: float) -> None:
+async def _announced(conn: psycopg.AsyncConnection[Any], stopping: asyncio.Event, seconds: float) -> None:
+    """Wait until a request is announced on the connection (it LISTENs on :data:`catalog.BACKFILL_CHANNEL`),
+    ``stopping`` is set, or ``seconds`` passed. Announcements that came during other queries are in psycopg's
+    backlog and end the wait at once."""
+
+    async def first() -> None:
+        async for _ in conn.notifies(timeout=seconds, stop_after=1):
+            pass
+
+    announced = asyncio.ensure_future(first())
+    stopped = asyncio.ensure_future(stopping.wait())
     try:
-        await asyncio.wait_for(stopping.wait(), seconds)
-    except TimeoutError:
-        pass
+        await asyncio.wait([announced, stopped], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not announced.done():
+            announced.cancel()  # no query in flight: the connection only stops waiting for notifications
+        with contextlib.suppress(asyncio.CancelledError):
+            await announced
 
 
 # --------------------------------------------------------------------------------------------------
@@ -899,7 +952,10 @@ async def request_backfill(
     """Queue a backfill; its id, or None when ``name`` was requested for this slot before."""
     await ensure_state_table(conn)
     row = await fetch_one(conn, catalog.REQUEST_BACKFILL_QUERY, (slot, name, list(tables), where))
-    return int(row[0]) if row is not None else None
+    if row is None:
+        return None
+    await fetch_one(conn, catalog.NOTIFY_BACKFILL_QUERY, (catalog.BACKFILL_CHANNEL, slot))  # at commit
+    return int(row[0])
 
 
 async def validate_request(

@@ -806,6 +806,11 @@ FORMAT_TYPE_QUERY = (
     " FROM unnest(%s::int8[], %s::int4[]) AS t(oid, mod)"
 )
 
+#: the channel a new backfill request is announced on (payload: the slot), so that the listener starts it at
+#: once instead of at its next look at the state table (a request by plain SQL waits for that look)
+BACKFILL_CHANNEL = "wal_listener_backfill"
+NOTIFY_BACKFILL_QUERY = "SELECT pg_catalog.pg_notify(%s, %s)"
+LISTEN_BACKFILL_QUERY = sql.SQL("LISTEN {}").format(sql.Identifier(BACKFILL_CHANNEL))
 #: a backfill request (what `wal-listener backfill`, the operator and plain SQL do); nothing if the name
 #: was requested before for this slot
 REQUEST_BACKFILL_QUERY = (

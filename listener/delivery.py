@@ -280,6 +280,8 @@ class Delivery:
         self._settled.set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._sender: asyncio.Task[None] | None = None
+        #: futures done at the next acknowledgement (see :meth:`acked`)
+        self._ack_waiters: list[asyncio.Future[None]] = []
 
     # -- reader side ------------------------------------------------------------------------------
 
@@ -421,6 +423,19 @@ class Delivery:
             self._open.lsn = 0
             self._advance(lsn, 0.0)
 
+    def acked(self) -> asyncio.Future[None]:
+        """A future done the next time events are acknowledged (:attr:`in_flight_bytes` drops) or
+        :attr:`confirmed_lsn` moves: a task waiting for either awaits it instead of polling (the backfill)."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._ack_waiters.append(waiter)
+        return waiter
+
+    def _wake_acked(self) -> None:
+        waiters, self._ack_waiters = self._ack_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
     @property
     def failing(self) -> bool:
         """True while some event is not acknowledged and being retried."""
@@ -510,6 +525,8 @@ class Delivery:
             self._grant()
             if self._in_flight <= self._resume_at and self._in_flight_bytes <= self._resume_bytes:
                 self._space.set()
+            if self._ack_waiters and acked:
+                self._wake_acked()
             if not failed:
                 break
             if not backoff.attempt:
@@ -575,13 +592,18 @@ class Delivery:
                 advanced = True
         if not self._pending:
             self._settled.set()
-        if advanced and self.on_confirmable is not None:
-            self.on_confirmable()
+        if advanced:
+            if self._ack_waiters:
+                self._wake_acked()
+            if self.on_confirmable is not None:
+                self.on_confirmable()
 
     def _advance(self, lsn: int, commit_time: float) -> None:
         if lsn > self.confirmed_lsn:
             self.confirmed_lsn = lsn
             if commit_time:
                 self.confirmed_commit_time = commit_time
+            if self._ack_waiters:
+                self._wake_acked()
             if self.on_confirmable is not None:
                 self.on_confirmable()

@@ -150,6 +150,38 @@ async def test_until_settled_ends_when_the_last_batch_in_flight_is_settled(make_
     assert await d.until_settled(0.0) is False  # nothing in flight: no early end
 
 
+async def test_acked_is_done_when_bytes_drop_and_when_the_confirmed_lsn_moves(make_delivery: Factory) -> None:
+    """What the backfill awaits instead of polling: a batch acknowledged out of order (bytes drop, nothing
+    confirmable yet) ends one wait; the confirmable LSN moving ends the next; a wait with nothing happening
+    stays open."""
+    pub = FakePublisher(hold=True)
+    d = make_delivery(pub, batch_size=1)
+    d.add(msg("a"))
+    d.commit(100, 1.0)
+    d.add(msg("b"))
+    d.commit(200, 1.0)
+    d.seal()
+    await pub.wait_sends(2)
+    first = d.acked()
+    await settle()
+    assert not first.done()
+    pub.release(1)  # the second batch: its bytes are freed, the LSN cannot move past the first one
+    async with asyncio.timeout(5):
+        await first
+    assert d.confirmed_lsn == 0 and d.in_flight == 1
+    second = d.acked()
+    await settle()
+    assert not second.done()
+    pub.release(0)
+    async with asyncio.timeout(5):
+        await second
+    assert d.confirmed_lsn == 200
+    third = d.acked()
+    d.commit(300, 1.0)
+    d.seal()  # nothing in flight: confirmable at once, from the reader's side
+    assert third.done() and d.confirmed_lsn == 300
+
+
 async def test_confirms_a_transaction_after_all_its_events_are_acked(make_delivery: Factory) -> None:
     pub = FakePublisher(hold=True)
     d = make_delivery(pub)
