@@ -27,6 +27,7 @@ from bench.workload import USERS_HASH_KEY, USERS_TRANSFORM
 from listener import types
 from listener.config import Config
 from listener.event import EventBuilder
+from listener.formats import Binding
 from listener.pgoutput import Column, Relation
 
 OID = 16384
@@ -76,8 +77,11 @@ def messages(i: int, users: bool = False) -> dict[str, bytes]:
 FORMATS = ("wal-listener", "cloudevents", "cloudevents-structured", "debezium", "debezium-schemas")
 
 
-def builder(compiled: bool, fmt: str = "wal-listener", transform: str | None = None) -> EventBuilder:
-    """``transform``: a key of :data:`TRANSFORMS` (the users row), or None (the reference row)."""
+def builder(
+    compiled: bool, fmt: str = "wal-listener", transform: str | None = None, binding: Binding | None = None
+) -> EventBuilder:
+    """``transform``: a key of :data:`TRANSFORMS` (the users row), or None (the reference row); ``binding``: the
+    publisher's CloudEvents binding (a publisher class's ``cloudevents``), else the default one."""
     publisher: dict[str, object] = {"type": "nats", "address": "localhost:4222", "topic": "bench",
                                     "format": fmt.removesuffix("-structured").removesuffix("-schemas")}
     if fmt == "cloudevents-structured":
@@ -90,7 +94,8 @@ def builder(compiled: bool, fmt: str = "wal-listener", transform: str | None = N
         listener.update(transforms=[{**entry, "tables": ["bench_users"]}], transformsHashKey=USERS_HASH_KEY)
     cfg = Config.model_validate({"listener": listener, "database": {"name": "db", "user": "u"},
                                  "publisher": publisher})
-    built = EventBuilder(cfg, types.TypeRegistry(), needs_key=False, compiled=compiled)
+    more: dict[str, Any] = {} if binding is None else {"binding": binding}
+    built = EventBuilder(cfg, types.TypeRegistry(), needs_key=False, compiled=compiled, **more)
     if compiled and built.hot is None:
         raise SystemExit("bench.hotpath: listener._hotpath is not built (pip install -e . with a C compiler)")
     table, columns = ("bench_ref", COLUMNS) if transform is None else ("bench_users", USERS_COLUMNS)

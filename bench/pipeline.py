@@ -33,8 +33,6 @@ from typing import Any
 
 from bench import hotpath as bh
 from listener import cli, delivery, malloc, types
-from listener.config import Config
-from listener.event import EventBuilder
 from listener.pgoutput import Column, Relation
 from listener.publishers.nats import _HEADER_BYTES, NatsPublisher
 
@@ -66,31 +64,13 @@ def acks(first: int, count: int) -> bytes:
                     for s in range(first + 1, first + count + 1))
 
 
-def builder(fmt: str) -> EventBuilder:
-    """The compiled event builder of ``fmt`` (bench.hotpath's configuration) as the NATS publisher has it."""
-    publisher: dict[str, object] = {"type": "nats", "address": "localhost:4222", "topic": "bench",
-                                    "format": fmt.removesuffix("-structured").removesuffix("-schemas")}
-    if fmt == "cloudevents-structured":
-        publisher["cloudEvents"] = {"mode": "structured"}
-    if fmt == "debezium-schemas":
-        publisher["debezium"] = {"schemas": True}
-    cfg = Config.model_validate({"listener": {"slotName": "bench"}, "database": {"name": "db", "user": "u"},
-                                 "publisher": publisher})
-    built = EventBuilder(cfg, types.TypeRegistry(), needs_key=False, binding=NatsPublisher.cloudevents)
-    if built.hot is None:
-        raise SystemExit("bench.pipeline: listener._hotpath is not built (pip install -e . with a C compiler)")
-    columns = tuple(Column(n, oid, -1, key) for n, oid, key in bh.COLUMNS)
-    built.add_relation(Relation(bh.OID, "public", "bench_ref", "d", columns))
-    return built
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.pipeline", description=__doc__.split("\n")[0])
     p.add_argument("--shape", choices=("reference", "wide"), default="reference")
     p.add_argument("--events", type=int, default=20000)
     p.add_argument("--format", choices=bh.FORMATS, default="wal-listener")
     args = p.parse_args(argv)
-    built = builder(args.format)
+    built = bh.builder(True, args.format, binding=NatsPublisher.cloudevents)  # CloudEvents as NATS carries them
     built.add_relation(Relation(WIDE_OID, "public", "bench_wide", "d", tuple(
         Column(n, oid, -1, key) for n, oid, key in [*bh.COLUMNS, ("body", types.TEXT, False)])))
     hot = built.hot
