@@ -59,16 +59,22 @@ async def stream_messages(url: str, stream: str) -> int:
         await nc.close()
 
 
-async def test_batch_arrives_as_nats_py_would_publish_it_in_order(nats_server: NatsServer) -> None:
-    stream = unique_stream()
+async def watch(url: str, stream: str) -> tuple[Client, list[Msg]]:
+    """A core NATS subscriber to the stream's subjects and the messages it sees (close it when done)."""
     seen: list[Msg] = []
 
     async def see(msg: Msg) -> None:
         seen.append(msg)
 
-    watcher = await nats.connect(nats_server.url)  # a core subscriber sees every publish as written
+    watcher = await nats.connect(url)
     await watcher.subscribe(f"{stream}.>", cb=see)
     await watcher.flush()
+    return watcher, seen
+
+
+async def test_batch_arrives_as_nats_py_would_publish_it_in_order(nats_server: NatsServer) -> None:
+    stream = unique_stream()
+    watcher, seen = await watch(nats_server.url, stream)  # a core subscriber sees every publish as written
     publisher = make_publisher(config(nats_server.address, stream), 5.0)
     assert isinstance(publisher, NatsPublisher)
     await publisher.connect()
@@ -508,14 +514,7 @@ def test_compiled_frames_longer_than_their_estimate_are_written_whole(count: int
 async def test_a_formats_headers_arrive_with_each_message(nats_server: NatsServer) -> None:
     """Headers (CloudEvents attributes) reach a subscriber on the compiled and on the Python path alike."""
     stream = unique_stream()
-    seen: list[Msg] = []
-
-    async def see(msg: Msg) -> None:
-        seen.append(msg)
-
-    watcher = await nats.connect(nats_server.url)
-    await watcher.subscribe(f"{stream}.>", cb=see)
-    await watcher.flush()
+    watcher, seen = await watch(nats_server.url, stream)  # a core subscriber sees every publish as written
     publisher = make_publisher(config(nats_server.address, stream), 5.0)
     await publisher.connect()
     try:
@@ -541,14 +540,7 @@ async def test_header_lines_arrive_as_the_headers_they_spell(
         monkeypatch.setattr("listener.publishers.nats._BULK_ATTRIBUTES", ("_no_such_attribute",))
         monkeypatch.setattr(NatsPublisher, "_take_acks_from_parser", lambda *_: None)
     stream = unique_stream()
-    seen: list[Msg] = []
-
-    async def see(msg: Msg) -> None:
-        seen.append(msg)
-
-    watcher = await nats.connect(nats_server.url)
-    await watcher.subscribe(f"{stream}.>", cb=see)
-    await watcher.flush()
+    watcher, seen = await watch(nats_server.url, stream)  # a core subscriber sees every publish as written
     publisher = make_publisher(config(nats_server.address, stream), 5.0)
     await publisher.connect()
     batches = [[message(stream, n) for n in range(3)], [message(stream, n) for n in range(3, 6)]]
