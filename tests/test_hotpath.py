@@ -190,6 +190,37 @@ def test_random_changes_match_the_python_path(
     assert (marked > 50) == (needs_key and identity != "n")  # a DELETE without a key has no tombstone
 
 
+
+@pytest.mark.usefixtures("frozen_clock")
+@pytest.mark.parametrize("fmt", ["wal-listener", "debezium"])
+def test_a_table_wider_than_the_stack_arrays_matches_the_python_path(fmt: str) -> None:
+    """80 columns: the compiled path takes its column arrays from the heap (more than 64), writes the events
+    itself and writes what the Python path writes."""
+    rng = random.Random(fmt)
+    rel = Relation(OID, "public", "wide", "d", tuple(
+        Column(f"c{i}", types.INT8 if i % 2 else types.TEXT, -1, i == 0) for i in range(80)))
+    fast, slow = builders(rel, True) if fmt == "wal-listener" else dbz_builders(rel, True, False)
+
+    def row() -> bytes:
+        values = [str(rng.randrange(-10**12, 10**12)) if i % 2 else rng.choice(TEXTS) for i in range(80)]
+        return tuple_data(*(COL_NULL if i and rng.random() < 0.1 else col_text(v) for i, v in enumerate(values)))
+
+    fast_txn, slow_txn = (b.begin(0x1_6B37_4D48, 820_000_000_000_000) for b in (fast, slow))
+    for txn in (fast_txn, slow_txn):
+        txn.xid, txn.lsn = 7781, 0x1_6B37_4D50
+    hot, info = fast.hot, fast.relations[OID]
+    assert hot is not None and (info.plan if fmt == "wal-listener" else info.debezium_plan) is not None
+
+    def compiled(msg: bytes) -> Any:
+        if info.debezium_plan is not None:
+            return hot.debezium_event(msg, info.debezium_plan, "x", None, 0, 7781, 0x1_6B37_4D50, 0, None, True)
+        return hot.event(msg, info.plan, "x", None, "y", True)  # type: ignore[arg-type]
+
+    for msg in [insert_msg(OID, row()), update_msg(OID, row(), row(), b"O"), delete_msg(OID, b"K", row())] * 20:
+        assert outcome(fast, msg, fast_txn) == outcome(slow, msg, slow_txn)
+        assert compiled(msg) is not None  # the compiled path wrote it, not the Python one
+
+
 #: characters that must be escaped in a JSON string, and their neighbours that must not be
 ESCAPED_CHARACTERS = ['"', "\\", "\x00", "\x08", "\t", "\n", "\x0c", "\r", "\x1f"]
 CLEAN_NEIGHBOURS = [" ", "!", "#", "[", "]", "\x7f", "é", "日"]

@@ -886,61 +886,47 @@ PyObject *hot_debezium_event(PyObject *self, PyObject *const *args, Py_ssize_t n
     if (want_key < 0)
         return NULL;
     Py_ssize_t ncolumns = PyTuple_GET_SIZE(PyTuple_GET_ITEM(plan, 3));
-    PyObject *ident = make_ident(args[2], args[3]);
-    if (ident == NULL)
+    HeldChange h;
+    int held = hold_change(&h, args[0], args[2], args[3], ncolumns);
+    if (held < 0)
         return NULL;
-    Py_buffer view;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
-        Py_DECREF(ident);
-        return NULL;
-    }
-    const unsigned char *s = view.buf;
-    Py_ssize_t n = view.len;
     PyObject *result = NULL, *built = NULL;
-    Col stack_new[STACK_COLUMNS], stack_old[STACK_COLUMNS];
     Span stack_spans[STACK_COLUMNS];
-    void *heap = NULL;
-    Col *spare_new = stack_new, *spare_old = stack_old;
     Span *spans = stack_spans;
-
+    if (held == 0) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
     if (ncolumns > STACK_COLUMNS) {
-        heap = PyMem_Malloc((sizeof(Col) * 2 + sizeof(Span)) * (size_t)ncolumns);
-        if (heap == NULL) {
+        spans = PyMem_Malloc(sizeof(Span) * (size_t)ncolumns);
+        if (spans == NULL) {
             PyErr_NoMemory();
             goto done;
         }
-        spare_new = heap;
-        spare_old = spare_new + ncolumns;
-        spans = (Span *)(spare_old + ncolumns);
     }
-    Change c;
-    if (read_change(s, n, ncolumns, spare_new, spare_old, &c) < 0)
-        goto fallback;
-    char op = c.tag == 'I' ? 'c' : c.tag == 'U' ? 'u' : 'd';
+    const Change *c = &h.c;
+    char op = c->tag == 'I' ? 'c' : c->tag == 'U' ? 'u' : 'd';
     /* an UPDATE's before: the old row only when it is complete (REPLICA IDENTITY FULL) */
-    const Col *before = c.tag == 'D' || c.old_kind == 'O' ? c.old_cols : NULL;
-    built = build(plan, &src, op, before, c.nold, c.new_cols, c.nnew, spans, n, want_key);
+    const Col *before = c->tag == 'D' || c->old_kind == 'O' ? c->old_cols : NULL;
+    built = build(plan, &src, op, before, c->nold, c->new_cols, c->nnew, spans, h.view.len, want_key);
     if (built == NULL || built == Py_None) {
         result = built;
         goto done;
     }
     if (routed) {
-        PyObject *topic = route_topic(&route, c.new_cols, c.nnew, c.old_cols, c.nold, c.old_kind);
+        PyObject *topic = route_topic(&route, c->new_cols, c->nnew, c->old_cols, c->nold, c->old_kind);
         if (topic != NULL) {
-            result = PyTuple_Pack(4, ident, PyTuple_GET_ITEM(built, 0), PyTuple_GET_ITEM(built, 1), topic);
+            result = PyTuple_Pack(4, h.ident, PyTuple_GET_ITEM(built, 0), PyTuple_GET_ITEM(built, 1), topic);
             Py_DECREF(topic);
         }
     } else {
-        result = PyTuple_Pack(3, ident, PyTuple_GET_ITEM(built, 0), PyTuple_GET_ITEM(built, 1));
+        result = PyTuple_Pack(3, h.ident, PyTuple_GET_ITEM(built, 0), PyTuple_GET_ITEM(built, 1));
     }
     Py_DECREF(built);
-    goto done;
-fallback:
-    result = Py_NewRef(Py_None);
 done:
-    Py_DECREF(ident);
-    PyMem_Free(heap);
-    PyBuffer_Release(&view);
+    if (spans != stack_spans)
+        PyMem_Free(spans);
+    release_change(&h);
     return result;
 }
 

@@ -243,6 +243,36 @@ PyObject *make_ident(PyObject *prefix, PyObject *number) {
     return ident;
 }
 
+int hold_change(HeldChange *h, PyObject *msg, PyObject *prefix, PyObject *number, Py_ssize_t ncolumns) {
+    h->heap = NULL;
+    h->ident = make_ident(prefix, number);
+    if (h->ident == NULL)
+        return -1;
+    if (PyObject_GetBuffer(msg, &h->view, PyBUF_SIMPLE) < 0) {
+        Py_CLEAR(h->ident);
+        return -1;
+    }
+    Col *spare_new = h->stack_new, *spare_old = h->stack_old;
+    if (ncolumns > STACK_COLUMNS) {
+        h->heap = PyMem_Malloc(sizeof(Col) * (size_t)ncolumns * 2);
+        if (h->heap == NULL) {
+            PyErr_NoMemory();
+            release_change(h);
+            return -1;
+        }
+        spare_new = h->heap;
+        spare_old = h->heap + ncolumns;
+    }
+    return read_change(h->view.buf, h->view.len, ncolumns, spare_new, spare_old, &h->c) < 0 ? 0 : 1;
+}
+
+void release_change(HeldChange *h) {
+    Py_CLEAR(h->ident);
+    PyMem_Free(h->heap);
+    h->heap = NULL;
+    PyBuffer_Release(&h->view);
+}
+
 PyObject *hot_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     if (nargs != 6 && nargs != 7) {
@@ -252,49 +282,27 @@ PyObject *hot_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     Plan plan;
     if (read_plan("event", args, args[2], args[4], &plan) < 0)
         return NULL;
-    Py_ssize_t ncolumns = plan.ncolumns;
     int want_key = PyObject_IsTrue(args[5]);
     if (want_key < 0)
         return NULL;
-    PyObject *ident = make_ident(args[2], args[3]);
-    if (ident == NULL)
+    HeldChange h;
+    int held = hold_change(&h, args[0], args[2], args[3], plan.ncolumns);
+    if (held < 0)
         return NULL;
-    Py_buffer view;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
-        Py_DECREF(ident);
-        return NULL;
-    }
-    const unsigned char *s = view.buf;
-    Py_ssize_t n = view.len;
     PyObject *result = NULL;
-    Col stack_new[STACK_COLUMNS], stack_old[STACK_COLUMNS];
-    Col *heap = NULL, *spare_new = stack_new, *spare_old = stack_old;
-
-    if (ncolumns > STACK_COLUMNS) {
-        heap = PyMem_Malloc(sizeof(Col) * (size_t)ncolumns * 2);
-        if (heap == NULL) {
-            PyErr_NoMemory();
-            goto done;
-        }
-        spare_new = heap;
-        spare_old = heap + ncolumns;
-    }
-    Change c;
-    if (read_change(s, n, ncolumns, spare_new, spare_old, &c) < 0)
-        goto fallback;
-    const char *action = c.tag == 'I' ? "INSERT" : c.tag == 'U' ? "UPDATE" : "DELETE";
-    Ce ce;
-    if (nargs == 7 && args[6] != Py_None && read_ce("event", args[6], c.tag == 'I' ? 0 : c.tag == 'U' ? 1 : 2, &ce) < 0)
+    if (held == 0) {
+        result = Py_NewRef(Py_None);
         goto done;
-    result = build_event(ident, 1, args[4], &plan, action, c.new_cols, c.nnew, c.old_cols, c.nold, c.old_kind, want_key, n,
-                         nargs == 7 && args[6] != Py_None ? &ce : NULL);
-    goto done;
-fallback:
-    result = Py_NewRef(Py_None);
+    }
+    const Change *c = &h.c;
+    const char *action = c->tag == 'I' ? "INSERT" : c->tag == 'U' ? "UPDATE" : "DELETE";
+    Ce ce;
+    if (nargs == 7 && args[6] != Py_None && read_ce("event", args[6], c->tag == 'I' ? 0 : c->tag == 'U' ? 1 : 2, &ce) < 0)
+        goto done;
+    result = build_event(h.ident, 1, args[4], &plan, action, c->new_cols, c->nnew, c->old_cols, c->nold, c->old_kind,
+                         want_key, h.view.len, nargs == 7 && args[6] != Py_None ? &ce : NULL);
 done:
-    Py_DECREF(ident);
-    PyMem_Free(heap);
-    PyBuffer_Release(&view);
+    release_change(&h);
     return result;
 }
 

@@ -201,9 +201,23 @@ int ce_open(Buf *b, const Ce *ce, PyObject *ident, PyObject *time);
 int ce_close(Buf *b, const Ce *ce);
 int ce_headers(const Ce *ce, PyObject *ident, PyObject *time, PyObject **headers);
 
-/* ---- events (event.c): the id of an event, also for debezium.c ---- */
+/* ---- events (event.c): the id of an event and the change message it is built from, also for debezium.c ---- */
 
 PyObject *make_ident(PyObject *prefix, PyObject *number);
+
+/* A change message held while its event is built: its buffer, its id, room for its columns (here up to
+ * STACK_COLUMNS, else on the heap) and the change as read_change() found it. */
+typedef struct {
+    Py_buffer view;
+    PyObject *ident;
+    Col stack_new[STACK_COLUMNS], stack_old[STACK_COLUMNS];
+    Col *heap;
+    Change c;
+} HeldChange;
+/* 1: read; 0: not a change the compiled path reads (the Python path takes it); both hold h until
+ * release_change(). -1: an error, nothing held. */
+int hold_change(HeldChange *h, PyObject *msg, PyObject *prefix, PyObject *number, Py_ssize_t ncolumns);
+void release_change(HeldChange *h);
 
 /* ---- READ ids (blake2b.c) ---- */
 
