@@ -192,6 +192,10 @@ def _event_loop_policy() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     collecting = gc.isenabled()
+    if args.command is None:
+        # pydantic looks for plugins among the entry points of every installed distribution the first time a
+        # model validates (~5 ms of the start); the listener uses none. Set the variable (even empty) to load them.
+        os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
     if args.command is None and collecting:
         # the listener's start allocates a million objects (imports, the config's models) and frees few: the
         # collector stays off until _collector_for_streaming collects once and freezes what is left

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -18,7 +20,14 @@ from nats.protocol import command
 from nats.protocol.parser import Parser
 
 from listener.config import PublisherConfig, parse_publisher
-from listener.errors import AckTimeout, BrokerUnavailable, MessageRejected, MessageTooLarge, PublishError
+from listener.errors import (
+    AckTimeout,
+    BrokerConfigError,
+    BrokerUnavailable,
+    MessageRejected,
+    MessageTooLarge,
+    PublishError,
+)
 from listener.message import Message
 from listener.publishers import make_publisher
 from listener.publishers.nats import NatsPublisher, _Written
@@ -151,6 +160,74 @@ async def test_jetstream_rejection_is_a_publish_error(nats_server: NatsServer) -
     assert results[:3] == [None] * 3
     assert all(isinstance(r, MessageRejected) and r.retryable and "JetStream rejected the message" in str(r)
                for r in results[3:]), results
+
+
+async def test_the_stream_is_created_with_the_topics_subjects_and_duplicate_window(nats_server: NatsServer) -> None:
+    stream = unique_stream()
+    publisher = NatsPublisher(config(nats_server.address, stream, duplicateWindow="90s"))
+    await publisher.connect()
+    await publisher.close()
+    nc = await nats.connect(nats_server.url)
+    try:
+        info = await nc.jetstream().stream_info(stream)
+    finally:
+        await nc.close()
+    assert info.config.subjects == [f"{stream}.>"]
+    assert info.config.duplicate_window == 90
+    assert (info.config.storage, info.config.retention, info.config.num_replicas) == ("file", "limits", 1)
+
+
+async def test_a_stream_without_the_topics_subjects_is_refused_with_the_fix(nats_server: NatsServer) -> None:
+    stream = unique_stream()
+    nc = await nats.connect(nats_server.url)
+    try:
+        await nc.jetstream().add_stream(name=stream, subjects=[f"elsewhere_{stream}.>"])
+    finally:
+        await nc.close()
+    publisher = NatsPublisher(config(nats_server.address, stream))
+    with pytest.raises(BrokerConfigError, match=rf"stream '{stream}' exists with subjects \['elsewhere_{stream}\.>'\]; "
+                                                rf"it must include '{stream}\.>'"):
+        await publisher.connect()
+    assert not publisher.ready
+
+
+async def test_a_server_without_jetstream_is_refused_with_the_fix(make_nats: Callable[..., NatsServer]) -> None:
+    server = make_nats(jetstream=False)
+    publisher = NatsPublisher(config(server.address, unique_stream()))
+    with pytest.raises(BrokerConfigError, match=r"^nats: JetStream is not enabled on 127\.0\.0\.1:\d+; "
+                                                r"start nats-server with -js$"):
+        await publisher.connect()
+
+
+def test_nats_py_loads_its_jetstream_client_only_once_it_needs_it(nats_server: NatsServer) -> None:
+    # in a process of its own: this one imported nats-py whole before the publisher could defer a part
+    script = f"""
+import asyncio, sys
+from listener.config import parse_publisher
+from listener.message import Message
+from listener.publishers.nats import NatsPublisher
+import nats.errors
+
+async def main():
+    publisher = NatsPublisher(parse_publisher({{"type": "nats", "address": "{nats_server.address}", "topic": "lazy"}}))
+    await publisher.connect()
+    message = Message(id="00000000-0000-0000-0000-000000000001", subject="lazy.public_users", body=b"{{}}",
+                      schema="public", table="users", action="INSERT")
+    assert await (await publisher.send([message])) == [None]
+    assert "nats.js.api" not in sys.modules, "nats.js was imported on the way"
+    try:  # nobody answers: the server's reply has a status header, which nats-py reads with nats.js.api
+        await publisher._nc.request("nobody.listens.here", b"", timeout=5)
+    except nats.errors.NoRespondersError:
+        pass
+    else:
+        raise AssertionError("a request nobody answers was answered")
+    assert sys.modules["nats.js"] is nats.js and nats.js.api.Header.STATUS.value == "Status"
+    await publisher.close()
+
+asyncio.run(main())
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_ack_bodies() -> None:

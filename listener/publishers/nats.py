@@ -22,39 +22,60 @@ regex parser sees them; every other frame, and other subscriptions of the client
 Where the client does not have the internals this relies on, it falls back to ``publish`` and the
 subscription callback.
 """
-# ruff: noqa: E402  (nats-py is imported after _import_nats_without_aiohttp)
+# ruff: noqa: E402  (nats-py is imported after _import_nats_lean)
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import re
 import sys
+import types
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
 
-def _import_nats_without_aiohttp() -> None:
-    """nats-py imports aiohttp when it is installed, only for ``ws://`` servers (not a publisher.address
-    this listener takes): a fifth of the listener's start-up time. Keep it from nats-py's import."""
-    if "nats" in sys.modules or "aiohttp" in sys.modules:
+class _Deferred(types.ModuleType):
+    """Stands in for a module nats-py imports but the publisher does not use (``nats.js``, JetStream's
+    client: ~40 dataclasses, a twelfth of the listener's start-up): the real module is imported the
+    first time anything asks it for an attribute (nats-py reads ``nats.js.api`` when a reply carries a
+    status header), and from then on is the one ``sys.modules`` and the ``nats`` package hold."""
+
+    def __getattr__(self, name: str) -> Any:
+        if sys.modules.get(self.__name__) is self:
+            del sys.modules[self.__name__]
+        return getattr(importlib.import_module(self.__name__), name)
+
+
+def _import_nats_lean() -> None:
+    """Import nats-py without what the listener never uses: aiohttp (nats-py imports it when installed,
+    only for ``ws://`` servers, not a publisher.address this listener takes) and ``nats.js`` (until used;
+    the stream is looked up and created through JetStream's API subjects directly)."""
+    if "nats" in sys.modules:
         return
-    sys.modules["aiohttp"] = None  # type: ignore[assignment]  # "import aiohttp" raises ImportError
+    missing = "aiohttp" not in sys.modules
+    if missing:
+        sys.modules["aiohttp"] = None  # type: ignore[assignment]  # "import aiohttp" raises ImportError
+    deferred = _Deferred("nats.js")
+    sys.modules.setdefault("nats.js", deferred)
     try:
-        import nats.aio.transport  # noqa: F401
+        import nats.aio.client
     finally:
-        del sys.modules["aiohttp"]
+        if missing:
+            del sys.modules["aiohttp"]
+    if sys.modules.get("nats.js") is deferred and not hasattr(nats, "js"):
+        nats.js = deferred  # what "import nats.js" would have set
 
 
-_import_nats_without_aiohttp()
+_import_nats_lean()
 
 import nats
 import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js.errors import NotFoundError
 from nats.protocol import parser as nats_parser
 
 from listener import hotpath
@@ -251,30 +272,44 @@ class NatsPublisher(Publisher[NatsPublisherConfig]):
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
 
-    async def _ensure_stream(self) -> None:
+    async def _stream_api(self, verb: str, body: bytes = b"") -> dict[str, Any]:
+        """One request to JetStream's API for the stream ``publisher.topic`` (``$JS.API.STREAM.<verb>.<name>``):
+        its JSON answer, which has ``error`` when JetStream refused."""
         assert self._nc is not None
-        js = self._nc.jetstream(timeout=10)
+        where = redact_url(self.cfg.address)
+        try:
+            reply = await self._nc.request(f"$JS.API.STREAM.{verb}.{self.cfg.topic}", body, timeout=10)
+        except nats.errors.NoRespondersError:
+            raise BrokerConfigError(
+                f"nats: JetStream is not enabled on {where}; start nats-server with -js") from None
+        except nats.errors.TimeoutError:
+            raise BrokerConfigError(
+                f"nats: JetStream does not answer on {where}; start nats-server with -js") from None
+        answer: dict[str, Any] = orjson.loads(reply.data)
+        if answer.get("error", {}).get("code") == 503:
+            raise BrokerConfigError(
+                f"nats: JetStream is not enabled on {where}; start nats-server with -js") from None
+        return answer
+
+    async def _ensure_stream(self) -> None:
+        """Check that the stream ``publisher.topic`` takes ``<topic>.>``; create it when missing."""
         name = self.cfg.topic
         subjects = [f"{name}.>"]
-        try:
-            info = await js.stream_info(name)
-        except NotFoundError:
-            try:
-                await js.add_stream(name=name, subjects=subjects,
-                                    duplicate_window=self.cfg.duplicate_window.total_seconds())
-            except nats.js.errors.BadRequestError as exc:
-                raise BrokerConfigError(f"nats: cannot create JetStream stream {name!r}: {exc.description}") from None
+        info = await self._stream_api("INFO")
+        if info.get("error", {}).get("code") == 404:
+            stream = {"name": name, "subjects": subjects, "retention": "limits", "storage": "file",
+                      "discard": "old", "num_replicas": 1,
+                      "duplicate_window": int(self.cfg.duplicate_window.total_seconds() * 1e9)}
+            created = await self._stream_api("CREATE", orjson.dumps(stream))
+            if "error" in created:
+                reason = created["error"].get("description") or created["error"]
+                raise BrokerConfigError(f"nats: cannot create JetStream stream {name!r}: {reason}")
             log.info("created JetStream stream", extra={"fields": {"stream": name, "subjects": subjects}})
             return
-        except nats.js.errors.ServiceUnavailableError:
-            raise BrokerConfigError(
-                f"nats: JetStream is not enabled on {redact_url(self.cfg.address)}; start nats-server with -js"
-            ) from None
-        except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
-            raise BrokerConfigError(
-                f"nats: JetStream does not answer on {redact_url(self.cfg.address)}; start nats-server with -js"
-            ) from None
-        have = list(info.config.subjects or [])
+        if "error" in info:
+            reason = info["error"].get("description") or info["error"]
+            raise BrokerConfigError(f"nats: cannot read JetStream stream {name!r}: {reason}")
+        have = list(info.get("config", {}).get("subjects") or [])
         if not any(s in (f"{name}.>", ">") for s in have):
             raise BrokerConfigError(
                 f"nats: stream {name!r} exists with subjects {have}; it must include '{name}.>' "

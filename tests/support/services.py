@@ -313,7 +313,8 @@ class Database:
 class NatsServer(Controllable, throwaway.NatsServer):
     """:class:`listener.throwaway.NatsServer` (``nats-server -js``) that can be restarted and paused;
     ``monitor=True`` also serves the HTTP monitoring endpoints (``monitor_url``); ``max_payload`` raises
-    the largest message the server takes (1 MB by default; nats-server allows up to 64 MB)."""
+    the largest message the server takes (1 MB by default; nats-server allows up to 64 MB);
+    ``jetstream=False`` starts it without JetStream (core NATS only)."""
 
     def __init__(
         self,
@@ -321,11 +322,13 @@ class NatsServer(Controllable, throwaway.NatsServer):
         *,
         monitor: bool = False,
         max_payload: int | None = None,
+        jetstream: bool = True,
         base_dir: str | os.PathLike[str] | None = None,
         binary: str | os.PathLike[str] | None = None,
     ) -> None:
         self._monitor_port = free_port() if monitor else None
         self._max_payload = max_payload
+        self._jetstream = jetstream
         super().__init__(port, base_dir=base_dir, binary=binary)
 
     @property
@@ -337,6 +340,8 @@ class NatsServer(Controllable, throwaway.NatsServer):
 
     def _command(self) -> list[str]:
         cmd = super()._command()
+        if not self._jetstream:
+            cmd.remove("-js")
         if self._monitor_port:
             cmd += ["-m", str(self._monitor_port)]
         if self._max_payload:
@@ -345,6 +350,14 @@ class NatsServer(Controllable, throwaway.NatsServer):
             config.write_text(f"max_payload: {self._max_payload}\nmax_pending: {2 * self._max_payload}\n")
             cmd += ["-c", str(config)]
         return cmd
+
+    def _probe(self) -> None:
+        if self._jetstream:
+            super()._probe()  # also checks that JetStream is on
+            return
+        with socket.create_connection((LOCALHOST, self._port), timeout=2) as s:
+            if not s.makefile("rb").readline().startswith(b"INFO "):
+                raise ThrowawayError(f"nats-server on port {self._port} did not greet")
 
 
 # --------------------------------------------------------------------------------------------------
