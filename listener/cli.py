@@ -170,9 +170,9 @@ def _collector_for_streaming() -> None:
     fifth of the listener's CPU once streaming. The start-up objects are frozen (never traversed again) and
     the first generation collects after 10,000 allocations instead of 700; the events themselves hold no
     cycles, so what the collector finds is unchanged, only found less often. The collector was off until
-    here (main): the start-up's imports and config collected about 130 times for the little garbage that
-    this one collection finds."""
-    gc.collect()
+    here (main): the start-up's imports and config collected about 130 times for little garbage. That garbage
+    is frozen with the rest instead of collected (~900 objects, against ~81,000 the collection would have
+    walked for them: 22 ms, a twelfth of the start-up)."""
     gc.freeze()
     _, second, third = gc.get_threshold()
     gc.set_threshold(GC_THRESHOLD, second, third)
