@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from listener.prom import Counter, Gauge, Registry, Tally
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.core import CounterMetricFamily
-
-REGISTRY = CollectorRegistry(auto_describe=True)
+REGISTRY = Registry()
 
 PUBLISHED = Counter(
     "published_events", "Events acknowledged by the broker.", ["subject", "table"], registry=REGISTRY
@@ -35,25 +32,6 @@ CONVERSION_ERRORS = Counter(
     "conversion_errors", "Column values published as text because they could not be converted.",
     ["table", "column"], registry=REGISTRY,
 )
-
-
-class Tally:
-    """A counter the hot path adds to per event: a dict of label values -> count (an increment is a dict
-    update, not a lock), read by Prometheus when scraped."""
-
-    def __init__(self, name: str, documentation: str, labelnames: list[str], registry: CollectorRegistry) -> None:
-        self.name, self.documentation, self.labelnames = name, documentation, labelnames
-        self.counts: dict[tuple[str, ...], int] = {}
-        registry.register(self)
-
-    def describe(self) -> Iterator[CounterMetricFamily]:
-        yield CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
-
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        for labels, value in list(self.counts.items()):
-            family.add_metric(labels, value)
-        yield family
 
 
 TRANSFORM_FALLBACKS = Tally(

@@ -2,7 +2,7 @@
 
 ``/healthz`` answers while the event loop runs (a stuck loop cannot answer); ``/ready`` answers 200
 only while the replication stream and the broker are both up, and says which is not otherwise.
-``/metrics`` is Prometheus' text format. Nothing here ever prints a password or DSN.
+``/metrics`` is Prometheus' text format (listener.prom). Nothing here ever prints a password or DSN.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from listener.config import Config, redact_url, url_passwords
 from listener.metrics import REGISTRY
+from listener.prom import CONTENT_TYPE, exposition
 
 
 class Redactor:
@@ -176,7 +176,7 @@ class HttpServer:
 
 
 def metrics_route() -> tuple[int, str, bytes]:
-    return 200, CONTENT_TYPE_LATEST, generate_latest(REGISTRY)
+    return 200, CONTENT_TYPE, exposition(REGISTRY)
 
 
 class Health:

@@ -295,22 +295,18 @@ def crd_page() -> str:
 def metrics_page() -> str:
     from listener import metrics
 
-    registry = metrics.REGISTRY
-    labels: dict[str, tuple[str, ...]] = {}
-    for collector in list(getattr(registry, "_collector_to_names", {})):
-        for family in collector.describe():
-            labels[family.name] = tuple(getattr(collector, "_labelnames", None) or getattr(collector, "labelnames", ()))
     rows = []
-    for family in registry.collect():
+    for family in metrics.REGISTRY.collect():
         name = f"{family.name}_total" if family.type == "counter" else family.name
-        rows.append([f"{_anchor(name)}`{name}`", family.type, ", ".join(f"`{n}`" for n in labels.get(family.name, ())),
+        rows.append([f"{_anchor(name)}`{name}`", family.type, ", ".join(f"`{n}`" for n in family.labelnames),
                      _prose(family.documentation)])
     return "\n".join([
         "# Metrics reference\n",
         "Every metric family the listener registers (`listener/metrics.py`), generated from its Prometheus "
         "registry when this site is built. They are served at `monitoring.promAddr` (`/metrics`, port 2112 by "
-        "default). Counters are exposed with the `_total` suffix, as queried. What to watch and the alerts built "
-        "on them: [Observability](../observability.md).\n",
+        "default), in Prometheus' text format 0.0.4. Counters are exposed with the `_total` suffix, as queried, "
+        "and without `_created` series. What to watch and the alerts built on them: "
+        "[Observability](../observability.md).\n",
         _table(["metric", "type", "labels", "help"], rows),
     ])
 
