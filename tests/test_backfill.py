@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+import sys
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ import yaml
 
 from listener import catalog
 from listener.backfill import backfills, request_backfill
+from listener.backfill_cli import _Bar
 from tests.support.harness import (
     ListenerProcess,
     Received,
@@ -255,6 +258,11 @@ async def _all(dsn: str, slot: str) -> list[Any]:
         return await backfills(conn, slot)
 
 
+async def _lines(stream: asyncio.StreamReader | None, into: list[str]) -> None:
+    while stream is not None and (line := await stream.readline()):
+        into.append(line.decode().rstrip("\n"))
+
+
 async def test_cli_backfill_with_where_shows_progress_and_exits_0(
     fresh_db: str, pg: PostgresServer, nats_server: NatsServer, tmp_path: Path
 ) -> None:
@@ -263,26 +271,53 @@ async def test_cli_backfill_with_where_shows_progress_and_exits_0(
               "ANALYZE counters")
     topic = unique("bfc")
     cfg = nats_config(pg.port, fresh_db, nats_server.url, topic, snapshot={"chunkSize": 40})  # 1,250 chunks
+    slot = cfg["listener"]["slotName"]
     config_file = tmp_path / "config.yml"
     config_file.write_text(yaml.safe_dump(cfg))
+    out: list[str] = []
+    err: list[str] = []
+
+    async def rows_done() -> int:
+        state = await _state(dsn, slot, "v3")
+        return int(state.rows_done) if state is not None else 0
+
     async with running(cfg):
-        run = await asyncio.to_thread(
-            run_cli, ["--config", str(config_file), "backfill", "public.counters", "--where", "v = 3", "--name", "v3"]
+        cli = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "listener.cli", "--config", str(config_file), "backfill", "public.counters",
+            "--where", "v = 3", "--name", "v3", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )
+        reading = asyncio.gather(_lines(cli.stdout, out), _lines(cli.stderr, err))
+        # A fast machine backfills these rows in less than the 2 s between two progress lines: the table is
+        # locked to hold the backfill still, first for those 2 s, then again as soon as it moved, until the CLI
+        # has shown its rate. The rows and what is printed are the same as in an unhindered backfill.
+        async with await psycopg.AsyncConnection.connect(dsn) as locker:
+            await wait_until(lambda: bool(err), 30, "the first progress line")
+            await locker.execute("LOCK TABLE counters IN ACCESS EXCLUSIVE MODE")
+            await asyncio.sleep(_Bar.EVERY)
+            held = await rows_done()
+            await locker.commit()
+            await wait_until(lambda: _changed(rows_done(), held), 30, "the backfill to move on")
+            await locker.execute("LOCK TABLE counters IN ACCESS EXCLUSIVE MODE")
+            await wait_until(lambda: any("rows/s" in line for line in err), 30, "a progress line with the rate")
+            await locker.commit()
+        returncode = await asyncio.wait_for(cli.wait(), 60)
+        await reading
         status = await asyncio.to_thread(run_cli, ["backfill", "--status", "--config", str(config_file)])
-    assert run.returncode == 0, run.stderr
+    assert returncode == 0, err
     # the results on stdout, the progress on stderr
-    assert run.stdout.splitlines() == ["backfill v3 queued for slot " + cfg["listener"]["slotName"] + ": "
-                                       "public.counters", "backfill v3 done: 50,000 rows"]
-    lines = run.stderr.strip().splitlines()
-    progress = [line for line in lines if "rows/s" in line]  # rows done / the planner's estimate, rate, ETA
+    assert out == ["backfill v3 queued for slot " + slot + ": public.counters", "backfill v3 done: 50,000 rows"]
+    progress = [line for line in err if "rows/s" in line]  # rows done / the planner's estimate, rate, ETA
     estimate = r"\] [\d,]+/(4[5-9]|5[0-5]),\d{3} rows \(\d+%\)"  # the planner's, about 50,000
-    assert progress and all(re.search(estimate, line) for line in progress), lines
-    assert any("ETA" in line for line in progress), lines
-    assert len(set(lines)) == len(lines), lines  # no line repeated while nothing moved
+    assert progress and all(re.search(estimate, line) for line in progress), err
+    assert any("ETA" in line for line in progress), err
+    assert len(set(err)) == len(err), err  # no line repeated while nothing moved
     assert "v3" in status.stdout and "done" in status.stdout and "public.counters" in status.stdout
     events = await read_stream(nats_server.url, topic, 50000, timeout=30)
     assert sorted(r.event["data"]["id"] for r in events) == list(range(3, 500001, 10))
+
+
+async def _changed(now: Awaitable[int], before: int) -> bool:
+    return await now != before
 
 
 async def test_a_table_never_analyzed_gets_an_estimate_and_one_chunk_prints_no_progress(
