@@ -33,6 +33,7 @@ from typing import Any
 
 from bench import hotpath as bh
 from listener import cli, delivery, malloc, types
+from listener.message import Message
 from listener.pgoutput import Column, Relation
 from listener.publishers.nats import _HEADER_BYTES, NatsPublisher
 
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         built.commit(0x16B3740)
     lsns = iter(range(0x16B3750, 0x16B3750 + 64 * args.events, 64)) if built.wants_lsn else None
     in_flight: deque[tuple[list[Any], bytes]] = deque()
+    headed = hasattr(Message, "rest")
     state: dict[str, Any] = {"batch": [], "seq": 0, "sent": 0, "bytes": 0}
 
     def step(buf: bytes) -> None:
@@ -100,7 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         batch = state["batch"]
         event: Any = change(buf, txn)  # never filtered out here
         batch.append(event)
-        state["bytes"] += len(event.body)
+        if headed:  # as delivery.add counts it: a HeadedMessage's head and rest, not joined
+            state["bytes"] += len(event.rest) if event.head is None else len(event.rest) + len(event.head)
+        else:  # a build before HeadedMessage (A/B runs)
+            state["bytes"] += len(event.body)
         if len(batch) == BATCH or state["bytes"] >= sealed_at:
             frames, _ = hot.nats_frames(batch, prefixes, state["seq"], 1 << 20, _HEADER_BYTES) or (b"", 0)
             answer = answers.get(len(batch))
