@@ -537,6 +537,24 @@ def test_compiled_frames_of_headed_messages_are_what_nats_py_would_send() -> Non
     assert hot.nats_frames([over], prefixes, 0, 80, header) is None  # the Python path says it is too large
 
 
+def test_frames_written_again_from_the_batch_are_the_frames_written() -> None:
+    """A batch the compiled path wrote whole keeps no copy of its frames until its acks: after a reconnect they are
+    written again from the batch, the same bytes (its HeadedMessages joined since or not)."""
+    hot = compiled_hot_path()
+    inbox = "_INBOX.xyz"
+    prefixes = {f"s.{name}": f"HPUB s.{name} {inbox}." for name in ("a", "b")}
+    head = b'{"schema":{"type":"struct"},"payload":'
+    batch: list[Message] = [
+        HeadedMessage(head, f"id-{n}", f"s.{'ab'[n % 2]}", b'{"n":%d}}' % n, "public", "t", "INSERT") if n % 3
+        else Message(f"id-{n}", "s.a", b'{"n": %d}' % n, "public", "t", "INSERT", header_lines=b"ce-id: x\r\n")
+        for n in range(20)]
+    frames, _ = hot.nats_frames(batch, prefixes, 41, 1024 * 1024, len(b"NATS/1.0\r\nNats-Msg-Id: \r\n\r\n"))
+    assert batch[1].body.startswith(head)  # joined since
+    written = _Written(None, 42, 61, b"", None, batch, inbox)  # type: ignore[arg-type]
+    assert written.wire(hot) == frames
+    assert _Written(None, 42, 61, b"kept", [4], None, inbox).wire(hot) == b"kept"  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("path", ["compiled", "python", "one by one"])
 async def test_headed_messages_arrive_whole(
     nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch, path: str
