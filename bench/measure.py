@@ -107,6 +107,12 @@ class ListenerProcess:
             return 0.0
         return float(t.user + t.system)
 
+    def counters(self) -> dict[str, float]:
+        """What the listener used so far, by kind: CPU seconds in user space and in the kernel, minor page
+        faults, context switches, read/write system calls and their bytes (/proc/PID/io: a socket's too).
+        Empty when the process is gone."""
+        return process_counters(self._ps)
+
     def stop(self, timeout: float = 60.0) -> int | None:
         """SIGTERM (drain, confirm, exit 0); SIGKILL if it takes longer than ``timeout``."""
         proc = self.proc
@@ -205,6 +211,26 @@ def process_cpu(proc: psutil.Process | None) -> float | None:
     return float(t.user + t.system)
 
 
+def process_counters(proc: psutil.Process | None) -> dict[str, float]:
+    """ListenerProcess.counters of any process (empty when it is gone or /proc does not say)."""
+    if proc is None:
+        return {}
+    try:
+        t = proc.cpu_times()
+        found: dict[str, float] = {"user_s": t.user, "system_s": t.system}
+        ctx = proc.num_ctx_switches()
+        found.update(voluntary_switches=ctx.voluntary, involuntary_switches=ctx.involuntary)
+        stat = Path(f"/proc/{proc.pid}/stat").read_text()
+        found["minor_faults"] = int(stat[stat.rindex(")") + 2:].split()[7])  # field 10, minflt
+        for line in Path(f"/proc/{proc.pid}/io").read_text().splitlines():
+            name, _, value = line.partition(": ")
+            if name in ("rchar", "wchar", "syscr", "syscw"):
+                found[name] = int(value)
+    except (psutil.Error, OSError, ValueError, IndexError):
+        return {}
+    return found
+
+
 def create_slot(dsn: str, slot: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
@@ -245,6 +271,8 @@ class RunResult:
     bench_cpu_s: float | None = None  # this benchmark process over the run
     #: the listener's CPU from the moment it was streaming (startup -- imports, connecting -- left out)
     streaming_cpu_s: float | None = None
+    #: ListenerProcess.counters over the same time (user/system CPU, faults, syscalls, bytes)
+    streaming_counters: dict[str, float] = field(default_factory=dict)
 
     @property
     def other_cpu_s(self) -> float | None:
@@ -284,6 +312,7 @@ async def run_until_confirmed(
         last_lsn, last_progress, last_rss = start_lsn, t0, 0.0
         startup: float | None = None
         cpu_at_streaming: float | None = None
+        counters_at_streaming: dict[str, float] = {}
         walsender: psutil.Process | None = None
         progress: list[tuple[float, int]] = []
         timeline: dict[str, float] = {}
@@ -301,6 +330,7 @@ async def run_until_confirmed(
             if active_pid is not None and startup is None:
                 startup = timeline["streaming"] = now - t0
                 cpu_at_streaming = lp.cpu_seconds()
+                counters_at_streaming = lp.counters()
                 with contextlib.suppress(psutil.Error):
                     walsender = psutil.Process(active_pid)
                 if on_streaming is not None:
@@ -313,6 +343,7 @@ async def run_until_confirmed(
                 walsender_cpu = process_cpu(walsender)
                 broker1 = broker_cpu() if broker_cpu is not None else None
                 machine1, me1 = machine_busy(), process_cpu(me)
+                counters = lp.counters()
                 break
             if not lp.alive:
                 raise BrokerFailed(f"the listener exited with code {lp.proc.returncode if lp.proc else '?'}: "
@@ -328,8 +359,9 @@ async def run_until_confirmed(
     return RunResult(elapsed, startup if startup is not None else elapsed, lp.peak_rss_mb(), cpu,
                      walsender_cpu, None if broker0 is None or broker1 is None else broker1 - broker0,
                      machine1 - machine0, None if me0 is None or me1 is None else me1 - me0,
-                     None if cpu_at_streaming is None else cpu - cpu_at_streaming, progress,
-                     {k: round(v, 3) for k, v in timeline.items()})
+                     None if cpu_at_streaming is None else cpu - cpu_at_streaming,
+                     {k: v - counters_at_streaming[k] for k, v in counters.items() if k in counters_at_streaming},
+                     progress, {k: round(v, 3) for k, v in timeline.items()})
 
 
 async def wait_streaming(lp: ListenerProcess, dsn: str, slot: str, timeout: float = 60.0) -> float:

@@ -160,6 +160,14 @@ def _delta(before: float | None, after: float | None) -> float | None:
     return None if before is None or after is None else round(after - before, 2)
 
 
+def _per_event(counters: dict[str, float], events: int) -> dict[str, float]:
+    """ListenerProcess.counters once streaming, per event (CPU in µs)."""
+    if not counters or not events:
+        return {}
+    return {("user_us" if k == "user_s" else "system_us" if k == "system_s" else k):
+            round((1e6 if k.endswith("_s") else 1) * v / events, 4) for k, v in counters.items()}
+
+
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f}"
 
@@ -511,6 +519,7 @@ class Bench:
                              else round(1e6 * res.streaming_cpu_s / work.events, 2),
                              "walsender_cpu_per_change_us": None if res.walsender_cpu_s is None
                              else round(1e6 * res.walsender_cpu_s / work.events, 2),
+                             "streaming_per_event": _per_event(res.streaming_counters, work.events),
                              "timeline_s": res.timeline,
                              "rss_samples_mb": [(round(t, 2), round(r, 1)) for t, r in lp.rss_samples[::5]]})
             self.rows.append(row)
@@ -531,6 +540,11 @@ class Bench:
                     f" (listener once streaming = {res.streaming_cpu_s / res.walsender_cpu_s:.2f}x the walsender)"
                 say(f"      CPU per event: listener {1e6 * res.cpu_s / work.events:.2f} µs{streaming}, "
                     f"walsender {1e6 * res.walsender_cpu_s / work.events:.2f} µs per change{ratio}")
+            per = row.extra["streaming_per_event"]
+            if per:
+                say(f"      once streaming, per event: user {per['user_us']:.2f} µs, system {per['system_us']:.2f} µs, "
+                    f"{per['minor_faults']:.2f} page faults; {per['syscw']:.3f} writes ({per['wchar']:,.0f} B), "
+                    f"{per['syscr']:.3f} reads ({per['rchar']:,.0f} B), {per['voluntary_switches']:.3f} waits")
         except Exception as exc:
             self.skip(broker.name, f"{work.name}: {type(exc).__name__}: {exc}")
         finally:

@@ -296,10 +296,12 @@ class Delivery:
         Called per event: the common case is an append, a countdown and two comparisons (see :meth:`_grant`)."""
         messages = self._open.messages
         messages.append(message)
-        left = self._bytes_left - len(message.body)  # message_size, inlined
+        left = self._bytes_left - len(message.rest)  # message_size, inlined
         key = message.key
         if key:
             left -= len(key)
+        if message.head is not None:  # a HeadedMessage's head, shared with other events, counts in each
+            left -= len(message.head)
         self._bytes_left = left
         if left <= 0 or len(messages) >= self._events_until:
             return self._limit()

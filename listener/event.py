@@ -52,7 +52,7 @@ from listener.formats import (
     message_key,
     moment_micros,
 )
-from listener.message import Message
+from listener.message import HeadedMessage, Message
 from listener.pgoutput import PG_EPOCH, UNCHANGED, Relation, Tuple
 from listener.transforms import FALLBACK_REASONS, RelationTransform, Route, Transforms
 from listener.types import Converter, TypeRegistry
@@ -175,6 +175,9 @@ class RelationInfo:
     ce_lines: bool = False  # its binary mode's attributes come as Message.header_lines (formats.Binding.lines)
     debezium: DebeziumTable | None = None  # publisher.format debezium: what its events share (schemas...)
     debezium_plan: hotpath.DebeziumPlan | None = None  # its compiled path's plan (a table without a transform)
+    #: makes the compiled path's events, called as Message is: Message, or with publisher.debezium.schemas a
+    #: HeadedMessage of the table's schema head (the plan's value_head) and what the compiled path wrote after it
+    make: Callable[..., Message] = Message
     #: the table's transform (None: no entry of listener.transforms names it); names, converters and the
     #: indexes above are then those of the columns it keeps
     transform: RelationTransform | None = None
@@ -316,6 +319,8 @@ class EventBuilder:
                 info.debezium_plan = hotpath.debezium_plan(self._debezium.source_parts(rel.schema, rel.name), names,
                                                            converters, info.debezium, key_index, transform,
                                                            self._hmac, routed)
+                if info.debezium_plan[5] is not None:
+                    info.make = functools.partial(HeadedMessage, info.debezium_plan[5])
         elif self.hot is not None:
             info.plan = hotpath.plan(rel.schema, rel.name, all_names, all_converters, identity, key_index,
                                      transform, None if transform is None else self._hmac)
@@ -483,7 +488,7 @@ class EventBuilder:
                                          None, self._needs_key)
             if read is not None:
                 subject = info.subject if info.route is None else self._routed(info, read[2])  # type: ignore[misc]
-                return Message(ident, subject, read[0], info.schema, info.table, "READ", read[1])
+                return info.make(ident, subject, read[0], info.schema, info.table, "READ", read[1])
         if hot is not None and info.plan is not None:
             done = hot.read_row(raw, info.plan, ident, read_time, self._needs_key, info.ce)
             if done is not None:
@@ -578,8 +583,9 @@ class EventBuilder:
                 elif info.ce is not None:
                     message = Message(done[0], subject, done[1], info.schema, info.table, action, done[2],
                                       done[4], self._finish.content_type)  # type: ignore[misc, union-attr]
-                else:
-                    message = Message(done[0], subject, done[1], info.schema, info.table, action, done[2])
+                else:  # make: with Debezium's schemas a HeadedMessage (done[1] follows the schema head)
+                    make = info.make  # called from a local: a call of the attribute is looked up as a method
+                    message = make(done[0], subject, done[1], info.schema, info.table, action, done[2])
                 if action == "DELETE" and self._tombstones:
                     message.tombstone = message.key is not None
                 return message if self._finish is None or info.ce is not None else self._finish(message,

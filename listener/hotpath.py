@@ -47,7 +47,8 @@ Plan = tuple[
 
 #: publisher.format debezium: (source parts, columns (prefix, code, converter, placeholder JSON), key_index,
 #: value head, key head, a READ event's source part, the prepared hash key of a transform, the table's default
-#: plan when its transform has a topic route): see _hotpath_c/debezium.c
+#: plan when its transform has a topic route): see _hotpath_c/debezium.c. With a value head (schemas) the bodies
+#: debezium_event and debezium_read_row answer are what follows it: the event is the value head + the body
 DebeziumPlan = tuple[
     bytes, bytes, bytes, tuple[tuple[bytes, int, Converter | None, bytes], ...], tuple[int, ...], bytes | None,
     bytes | None, bytes, bytes | None, Plan | None,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 
 @dataclass(slots=True)
@@ -27,6 +28,20 @@ class Message:
     #: the CloudEvents attributes as the compiled path renders them for a binding that takes lines
     #: (:attr:`listener.formats.Binding.lines`), in place of ``headers``
     header_lines: bytes = b""
+    #: the bytes the event starts with, before what the body slot holds (:attr:`rest`): None but in a
+    #: :class:`HeadedMessage` (only its ``body`` joins them), where ``head + rest`` is the event
+    head: bytes | None = field(default=None, init=False, repr=False)
+
+    if TYPE_CHECKING:  # the body slot under a second name, set below the class
+
+        @property
+        def rest(self) -> bytes:
+            """The body slot as it is: the event after :attr:`head` (the whole event when that is None), never
+            joined."""
+            return b""
+
+        @rest.setter
+        def rest(self, value: bytes) -> None: ...
 
     def attributes(self) -> dict[str, str]:
         """Metadata every broker carries beside the body (headers / attributes / properties)."""
@@ -40,6 +55,49 @@ class Message:
         return found
 
 
+Message.rest = Message.__dict__["body"]  # type: ignore[method-assign]  # read by delivery's count and the NATS frames
+
+
+class HeadedMessage(Message):
+    """An event whose body is ``head``, bytes many events share (Debezium's schema block, rendered once per
+    table), followed by ``rest``, its own bytes. ``body`` joins them when read and keeps the join (every broker
+    that needs one buffer reads it); the NATS frames write the two parts one after the other and never join
+    them, so the event's bytes are written once, into the frames, instead of into a body and again into them."""
+
+    __slots__ = ()
+
+    def __init__(self, head: bytes, id: str, subject: str, rest: bytes, schema: str, table: str,
+                 action: str, key: bytes | None = None) -> None:
+        self.id = id
+        self.subject = subject
+        self.rest = rest
+        self.schema = schema
+        self.table = table
+        self.action = action
+        self.key = key
+        self.headers = None
+        self.content_type = ""
+        self.tombstone = False
+        self.header_lines = b""
+        self.head = head
+
+    @property
+    def body(self) -> bytes:
+        """The whole event: ``head + rest``, joined once."""
+        head = self.head
+        if head is None:
+            return self.rest
+        whole = head + self.rest
+        self.rest = whole
+        self.head = None
+        return whole
+
+    @body.setter
+    def body(self, value: bytes) -> None:
+        self.rest = value
+        self.head = None
+
+
 def parse_lines(lines: bytes) -> dict[str, str]:
     """Header lines ("name: value\r\n" each, :attr:`Message.header_lines`) as a dict."""
     found = {}
@@ -51,6 +109,12 @@ def parse_lines(lines: bytes) -> dict[str, str]:
 
 
 def message_size(message: Message) -> int:
-    """The bytes an event holds, as ``listener.maxInFlightBytes`` counts them: its body and its key."""
-    key = message.key
-    return len(message.body) + len(key) if key else len(message.body)
+    """The bytes an event holds, as ``listener.maxInFlightBytes`` counts them: its body and its key (a
+    :class:`HeadedMessage`'s head counted as part of its body, though many events share it)."""
+    size = len(message.rest)
+    key, head = message.key, message.head
+    if key:
+        size += len(key)
+    if head is not None:
+        size += len(head)
+    return size

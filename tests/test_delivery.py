@@ -17,7 +17,7 @@ from listener import metrics
 from listener.config import NatsPublisherConfig
 from listener.delivery import AckResults, Acks, Delivery, publish
 from listener.errors import AckTimeout, BrokerConfigError, MessageRejected, MessageTooLarge, PublishError
-from listener.message import Message, message_size
+from listener.message import HeadedMessage, Message, message_size
 from listener.publishers.base import Publisher
 
 RETRY_CAP = 0.05  # seconds: the backoff between retries stays tiny
@@ -535,6 +535,39 @@ async def test_full_at_max_in_flight_bytes_counting_bodies_and_keys(make_deliver
     await drained(d)
     assert d.in_flight_bytes == 0 and d.in_flight == 0
     assert metrics.REGISTRY.get_sample_value("in_flight_bytes") == 0
+
+
+def test_a_headed_message_is_its_head_and_rest() -> None:
+    """A HeadedMessage's body is its head and rest joined (once, then kept); setting it replaces both; its size
+    counts the head, without joining."""
+    m = HeadedMessage(b'{"schema":1,"payload":', "m0", "wal.public_docs", b"{}}", "public", "docs", "INSERT", b"k")
+    assert message_size(m) == len(b'{"schema":1,"payload":{}}') + 1 and m.head and m.rest == b"{}}"
+    assert m.body == b'{"schema":1,"payload":{}}' and (m.head, m.rest) == (None, m.body)
+    assert message_size(m) == len(m.body) + 1
+    m.body = b"{}"
+    assert (m.head, m.rest, m.body) == (None, b"{}", b"{}")
+    plain = Message("m1", "wal.public_docs", b"{}", "public", "docs", "INSERT")
+    assert (plain.head, plain.rest) == (None, b"{}")
+
+
+async def test_headed_messages_count_their_heads_without_joining_them(make_delivery: Factory) -> None:
+    pub = FakePublisher(hold=True)
+    d = make_delivery(pub, max_in_flight=1000, batch_size=1000, max_in_flight_bytes=4 * MIB)
+    head = b"h" * (MIB // 2)  # shared by every event, counted in each
+
+    def headed(ident: str) -> HeadedMessage:
+        return HeadedMessage(head, ident, "wal.public_docs", b"x" * (MIB // 2 - 3), "public", "docs", "INSERT", b"key")
+
+    added = [headed(f"m{i}") for i in range(4)]
+    assert not any(d.add(m) for m in added[:3])
+    assert d.in_flight_bytes == 3 * MIB and not d.full
+    assert d.add(added[3])  # the fourth MiB reaches the bound
+    await pub.wait_sends(4)
+    for index in range(4):
+        pub.release(index)
+    await drained(d)
+    assert d.in_flight_bytes == 0 and d.in_flight == 0
+    assert all(m.head is head for m in added)  # never joined on the way
 
 
 async def test_resumes_only_when_a_whole_batch_of_bytes_fits(make_delivery: Factory) -> None:

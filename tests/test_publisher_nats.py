@@ -28,7 +28,7 @@ from listener.errors import (
     MessageTooLarge,
     PublishError,
 )
-from listener.message import Message
+from listener.message import HeadedMessage, Message
 from listener.publishers import make_publisher
 from listener.publishers.nats import NatsPublisher, _Written
 from tests.support.events import compiled_hot_path
@@ -586,6 +586,78 @@ def test_compiled_frames_longer_than_their_estimate_are_written_whole(count: int
                                                _nats_py_header_block(_nats_py_headers(m)), m.body)
                               for n, m in enumerate(batch))
     assert payload == 0
+
+
+def test_compiled_frames_of_headed_messages_are_what_nats_py_would_send() -> None:
+    """A HeadedMessage (Debezium's schema head shared by a table's events, then the event's own bytes) is framed
+    as its whole body, head and rest one after the other, without joining them: byte for byte nats-py's frames of
+    the joined body, beside plain messages, heads of any size, a rest that is empty, one already joined; the
+    limit counts the head."""
+    hot = compiled_hot_path()
+    prefixes = {"s.a": "HPUB s.a _INBOX.q."}
+    heads = [b'{"schema":{"type":"struct"},"payload":', b"h" * 5000, b"x"]
+    batch: list[Message] = []
+    for n in range(30):
+        rest = b'{"n":%d}}' % n * (n % 4)
+        batch.append(Message(f"id-{n}", "s.a", heads[n % 3] + rest, "public", "t", "INSERT") if n % 5 == 4
+                     else HeadedMessage(heads[n % 3], f"id-{n}", "s.a", rest, "public", "t", "INSERT"))
+    assert batch[7].body == heads[1] + b'{"n":7}}' * 3  # joined once, kept joined: framed the same
+    header = len(b"NATS/1.0\r\nNats-Msg-Id: \r\n\r\n")
+    frames, payload = hot.nats_frames(batch, prefixes, 7, 1024 * 1024, header)
+    assert all(m.head for n, m in enumerate(batch) if n % 5 != 4 and n != 7)  # nothing was joined to frame it
+    whole = [(m.head or b"") + m.rest for m in batch]
+    assert frames == b"".join(
+        command.hpub_cmd(m.subject, f"_INBOX.q.{8 + n}", b"NATS/1.0\r\nNats-Msg-Id: " + m.id.encode() +
+                         b"\r\n\r\n", whole[n]) for n, m in enumerate(batch))
+    assert payload == sum(map(len, whole))
+    over = HeadedMessage(b"h" * 80, "id-1", "s.a", b"{}}", "public", "t", "INSERT")  # its rest alone fits
+    assert hot.nats_frames([over], prefixes, 0, 80, header) is None  # the Python path says it is too large
+
+
+def test_frames_written_again_from_the_batch_are_the_frames_written() -> None:
+    """A batch the compiled path wrote whole keeps no copy of its frames until its acks: after a reconnect they are
+    written again from the batch, the same bytes (its HeadedMessages joined since or not)."""
+    hot = compiled_hot_path()
+    inbox = "_INBOX.xyz"
+    prefixes = {f"s.{name}": f"HPUB s.{name} {inbox}." for name in ("a", "b")}
+    head = b'{"schema":{"type":"struct"},"payload":'
+    batch: list[Message] = [
+        HeadedMessage(head, f"id-{n}", f"s.{'ab'[n % 2]}", b'{"n":%d}}' % n, "public", "t", "INSERT") if n % 3
+        else Message(f"id-{n}", "s.a", b'{"n": %d}' % n, "public", "t", "INSERT", header_lines=b"ce-id: x\r\n")
+        for n in range(20)]
+    frames, _ = hot.nats_frames(batch, prefixes, 41, 1024 * 1024, len(b"NATS/1.0\r\nNats-Msg-Id: \r\n\r\n"))
+    assert batch[1].body.startswith(head)  # joined since
+    written = _Written(None, 42, 61, b"", None, batch, inbox)  # type: ignore[arg-type]
+    assert written.wire(hot) == frames
+    assert _Written(None, 42, 61, b"kept", [4], None, inbox).wire(hot) == b"kept"  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("path", ["compiled", "python", "one by one"])
+async def test_headed_messages_arrive_whole(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """HeadedMessages reach a subscriber as their whole bodies on every write path: the compiled frames, the bulk
+    path's Python loop and publish() one by one."""
+    if path == "one by one":
+        monkeypatch.setattr("listener.publishers.nats._BULK_ATTRIBUTES", ("_no_such_attribute",))
+        monkeypatch.setattr(NatsPublisher, "_take_acks_from_parser", lambda *_: None)
+    stream = unique_stream()
+    watcher, seen = await watch(nats_server.url, stream)
+    publisher = make_publisher(config(nats_server.address, stream), 5.0)
+    if path == "python":
+        monkeypatch.setattr(publisher, "_hot", None)
+    await publisher.connect()
+    head = b'{"schema":{"type":"struct","fields":[]},"payload":'
+    batch = [HeadedMessage(head, f"id-{n}", f"{stream}.public_t", b'{"n":%d}}' % n, "public", "t", "INSERT")
+             for n in range(5)]
+    try:
+        assert await (await publisher.send(batch)) == [None] * 5
+        await wait_until(lambda: len(seen) >= 5, 10, "every publish")
+    finally:
+        await publisher.close()
+        await watcher.close()
+    assert [m.data for m in seen] == [b'{"schema":{"type":"struct","fields":[]},"payload":{"n":%d}}' % n
+                                      for n in range(5)]
 
 
 async def test_a_formats_headers_arrive_with_each_message(nats_server: NatsServer) -> None:

@@ -6,6 +6,8 @@
  *
  * debezium_event(msg, plan, prefix, number, commit_micros, xid, lsn, last_commit, now_ns, want_key)
  *   -> (ident: str, body: bytes, key: bytes | None) | None
+ *   body: the event, or with a value_head (schemas) what follows it: the event is value_head + body (the
+ *   schema head is not copied into each event: a message.HeadedMessage carries it beside the body)
  *   msg: a pgoutput Insert/Update/Delete; the id as event() makes it (prefix + number in hex, or prefix
  *   when number is None); commit_micros: the transaction's commit time (protocol microseconds); xid, lsn
  *   (the change's own) and last_commit (the previous commit's LSN, Debezium's sequence) int or None;
@@ -13,7 +15,7 @@
  *   for tests). None (the answer): the Python path takes the message.
  *
  * debezium_read_row(values, plan, read_micros, last_commit, now_ns, want_key) -> (body, key) | None
- *   a backfilled row (each column's text form as bytes, None for NULL) as its READ event.
+ *   a backfilled row (each column's text form as bytes, None for NULL) as its READ event (body as above).
  *
  * plan = (source_head, source_db, source_table, columns, key_index, value_head, key_head, source_db_read):
  *   source_head  ',"source":{"version":...,"connector":"postgresql","name":"...","ts_ms":'
@@ -768,8 +770,8 @@ static PyObject *build(PyObject *plan, const Source *src, char op, const Col *be
     PyObject *result = NULL;
     Buf b = {NULL, 0, 0};
     int using_scratch = 0, rc;
-    /* the schema (value_head, the same for every event of the table) is not written here but copied once
-     * into the body, before the payload written here */
+    /* the schema (value_head, the same for every event of the table) is not written here: the body is what
+     * follows it, the payload written here and the envelope's closing brace */
     Py_ssize_t want = size_hint * 2 + 1024;
     if (!scratch_busy) { /* the last event's buffer (a converter called from here could come back: then not) */
         scratch_busy = using_scratch = 1;
@@ -820,19 +822,12 @@ static PyObject *build(PyObject *plan, const Source *src, char op, const Col *be
                                                                             : Py_NewRef(Py_None);
     if (key == NULL)
         goto done;
-    PyObject *body;
-    if (value_head == Py_None) {
-        body = PyBytes_FromStringAndSize(b.data, b.len);
-    } else { /* {"schema":...,"payload": + the payload + } */
-        Py_ssize_t head_len = PyBytes_GET_SIZE(value_head);
-        body = PyBytes_FromStringAndSize(NULL, head_len + b.len + 1);
-        if (body != NULL) {
-            char *out = PyBytes_AS_STRING(body);
-            memcpy(out, PyBytes_AS_STRING(value_head), (size_t)head_len);
-            memcpy(out + head_len, b.data, (size_t)b.len);
-            out[head_len + b.len] = '}';
-        }
+    /* {"schema":...,"payload": (value_head, not copied) + the payload + } */
+    if (value_head != Py_None && PUTS(&b, "}") < 0) {
+        Py_DECREF(key);
+        goto done;
     }
+    PyObject *body = PyBytes_FromStringAndSize(b.data, b.len);
     if (body != NULL) {
         result = PyTuple_Pack(2, body, key);
         Py_DECREF(body);

@@ -4,13 +4,16 @@
 #include "hotpath.h"
 #include <structmember.h>
 
-static PyObject *str_body, *str_id, *str_subject, *str_headers, *str_header_lines, *str_content_type,
+static PyObject *str_rest, *str_head, *str_id, *str_subject, *str_headers, *str_header_lines, *str_content_type,
     *str_content_type_header;
 
 /* The attributes read off each message: a Message (a class with __slots__) keeps them at fixed offsets, which
  * are looked up once per class and read directly, as its member descriptors do; anything else (another class,
- * an attribute that is not a plain slot, an empty slot) goes through PyObject_GetAttr. */
-enum { ATTR_BODY, ATTR_ID, ATTR_SUBJECT, ATTR_HEADERS, ATTR_HEADER_LINES, ATTR_CONTENT_TYPE, ATTRS };
+ * an attribute that is not a plain slot, an empty slot) goes through PyObject_GetAttr. The body is read as its
+ * two parts, head and rest (the body slot under a second name): a message.HeadedMessage's head, bytes many
+ * events share, is not joined to its own bytes (as reading its body would) but written into the frames before
+ * them; a plain Message's head is None. */
+enum { ATTR_REST, ATTR_HEAD, ATTR_ID, ATTR_SUBJECT, ATTR_HEADERS, ATTR_HEADER_LINES, ATTR_CONTENT_TYPE, ATTRS };
 static PyObject *attr_names[ATTRS];
 static PyTypeObject *slots_type; /* the class whose offsets are in attr_offsets (a strong reference) */
 static Py_ssize_t attr_offsets[ATTRS];
@@ -45,19 +48,21 @@ static unsigned char header_chars[256];
 
 /* The attribute names read off each message, interned once, and the table above (module init). */
 int frames_init(void) {
-    str_body = PyUnicode_InternFromString("body");
+    str_rest = PyUnicode_InternFromString("rest");
+    str_head = PyUnicode_InternFromString("head");
     str_id = PyUnicode_InternFromString("id");
     str_subject = PyUnicode_InternFromString("subject");
     str_headers = PyUnicode_InternFromString("headers");
     str_header_lines = PyUnicode_InternFromString("header_lines");
     str_content_type = PyUnicode_InternFromString("content_type");
     str_content_type_header = PyUnicode_InternFromString("content-type");
-    if (str_body == NULL || str_id == NULL || str_subject == NULL || str_headers == NULL || str_header_lines == NULL ||
+    if (str_rest == NULL || str_head == NULL || str_id == NULL || str_subject == NULL || str_headers == NULL || str_header_lines == NULL ||
         str_content_type == NULL || str_content_type_header == NULL)
         return -1;
     for (int c = 0x20; c <= 0x7E; c++)
         header_chars[c] = (unsigned char)(HEADER_VALUE | (c != ' ' && c != ':' ? HEADER_NAME : 0));
-    PyObject *names[ATTRS] = {str_body, str_id, str_subject, str_headers, str_header_lines, str_content_type};
+    PyObject *names[ATTRS] = {str_rest, str_head, str_id, str_subject, str_headers, str_header_lines,
+                              str_content_type};
     memcpy(attr_names, names, sizeof names);
     return 0;
 }
@@ -211,7 +216,7 @@ static int frames_reserve(PyObject **out, Buf *b, Py_ssize_t need) {
  *
  * One "HPUB <subject> <inbox>.<seq> <hdr> <total>\r\nNATS/1.0\r\nNats-Msg-Id: <id>\r\n<extra>\r\n<body>\r\n"
  * per message, seq counting up from seq + 1; extra: the lines of message.headers, message.header_lines and
- * message.content_type.
+ * message.content_type; body: message.head then message.rest (message.body, never joined here).
  * prefixes maps a subject to "HPUB <subject> <inbox>.". None when a message needs the Python path's checks
  * (unknown subject, too large, an id or header with odd characters). */
 PyObject *hot_nats_frames(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -238,11 +243,17 @@ PyObject *hot_nats_frames(PyObject *self, PyObject *const *args, Py_ssize_t narg
      * body, and twice memory over glibc's mmap threshold that the kernel faults in page by page. */
     Py_ssize_t estimate = 0;
     for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *body = PyObject_GetAttr(PyList_GET_ITEM(batch, i), str_body);
-        if (body == NULL)
-            return NULL;
-        estimate += (PyBytes_Check(body) ? PyBytes_GET_SIZE(body) : 0) + FRAME_LINE_ESTIMATE;
-        Py_DECREF(body);
+        PyObject *message = PyList_GET_ITEM(batch, i);
+        if (!Py_IS_TYPE(message, slots_type))
+            learn_slots(Py_TYPE(message));
+        for (int which = ATTR_REST; which <= ATTR_HEAD; which++) {
+            PyObject *part = attr(message, which);
+            if (part == NULL)
+                return NULL;
+            estimate += PyBytes_Check(part) ? PyBytes_GET_SIZE(part) : 0;
+            Py_DECREF(part);
+        }
+        estimate += FRAME_LINE_ESTIMATE;
     }
     PyObject *out = PyBytes_FromStringAndSize(NULL, estimate > 0 ? estimate : 1);
     if (out == NULL)
@@ -253,14 +264,16 @@ PyObject *hot_nats_frames(PyObject *self, PyObject *const *args, Py_ssize_t narg
         PyObject *message = PyList_GET_ITEM(batch, i);
         if (!Py_IS_TYPE(message, slots_type))
             learn_slots(Py_TYPE(message));
-        PyObject *body = attr(message, ATTR_BODY);
+        PyObject *shared = attr(message, ATTR_HEAD);
+        PyObject *body = shared ? attr(message, ATTR_REST) : NULL;
         PyObject *ident = body ? attr(message, ATTR_ID) : NULL;
         PyObject *subject = ident ? attr(message, ATTR_SUBJECT) : NULL;
         int rc = -1;
         if (subject == NULL)
             goto next;
         rc = FALLBACK;
-        if (!PyBytes_Check(body) || !PyUnicode_Check(ident) || !PyUnicode_Check(subject))
+        if ((shared != Py_None && !PyBytes_Check(shared)) || !PyBytes_Check(body) || !PyUnicode_Check(ident) ||
+            !PyUnicode_Check(subject))
             goto next;
         PyObject *prefix = PyDict_GetItemWithError(prefixes, subject); /* borrowed */
         if (prefix == NULL) {
@@ -274,7 +287,8 @@ PyObject *hot_nats_frames(PyObject *self, PyObject *const *args, Py_ssize_t narg
             rc = PyErr_Occurred() ? -1 : FALLBACK;
             goto next;
         }
-        Py_ssize_t body_len = PyBytes_GET_SIZE(body);
+        Py_ssize_t head_len = shared == Py_None ? 0 : PyBytes_GET_SIZE(shared);
+        Py_ssize_t body_len = head_len + PyBytes_GET_SIZE(body);
         int extra_rc = extra_headers(&extra, message);
         if (extra_rc <= 0) {
             rc = extra_rc < 0 ? -1 : FALLBACK;
@@ -297,15 +311,35 @@ PyObject *hot_nats_frames(PyObject *self, PyObject *const *args, Py_ssize_t narg
             rc = -1;
             goto next;
         }
-        if (put(&b, prefix_text, prefix_len) < 0 || put(&b, numbers, written) < 0 || put(&b, id_text, id_len) < 0 ||
-            PUTS(&b, "\r\n") < 0 || (extra.len && put(&b, extra.data, extra.len) < 0) || PUTS(&b, "\r\n") < 0 ||
-            put(&b, PyBytes_AS_STRING(body), body_len) < 0 || PUTS(&b, "\r\n") < 0) {
-            rc = -1;
-            goto next;
+        /* the room is there: the parts written one after the other */
+        char *at = b.data + b.len;
+        memcpy(at, prefix_text, (size_t)prefix_len);
+        at += prefix_len;
+        memcpy(at, numbers, (size_t)written);
+        at += written;
+        memcpy(at, id_text, (size_t)id_len);
+        at += id_len;
+        *at++ = '\r';
+        *at++ = '\n';
+        if (extra.len) {
+            memcpy(at, extra.data, (size_t)extra.len);
+            at += extra.len;
         }
+        *at++ = '\r';
+        *at++ = '\n';
+        if (head_len) {
+            memcpy(at, PyBytes_AS_STRING(shared), (size_t)head_len);
+            at += head_len;
+        }
+        memcpy(at, PyBytes_AS_STRING(body), (size_t)(body_len - head_len));
+        at += body_len - head_len;
+        *at++ = '\r';
+        *at++ = '\n';
+        b.len = at - b.data;
         payload += body_len;
         rc = 0;
     next:
+        Py_XDECREF(shared);
         Py_XDECREF(body);
         Py_XDECREF(ident);
         Py_XDECREF(subject);

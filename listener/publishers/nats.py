@@ -113,17 +113,32 @@ _BULK_ATTRIBUTES = ("_send_command", "_flush_pending", "_flush_queue", "_max_pen
 
 class _Written:
     """The publishes of one batch on the wire: the sequence numbers ``first``..``last`` their reply subjects
-    carry, the batch index of each (``indices[seq - first]``; None: ``seq - first`` itself) and the frames
-    (sent again first after a reconnect)."""
+    carry, the batch index of each (``indices[seq - first]``; None: ``seq - first`` itself) and what gives their
+    frames again (sent again first after a reconnect): the frames as written by the bulk path's Python loop, or
+    the batch whose frames the compiled path wrote, all of them, with the reply subjects of ``inbox``: written
+    again, the same bytes, only when needed. Holding the frames of every batch until its acks (a copy of every
+    event in flight, 64 MiB of them under the default bound) was the cost of large events: their memory came back
+    cold and page by page, batch after batch."""
 
-    __slots__ = ("acks", "first", "frames", "indices", "last")
+    __slots__ = ("acks", "batch", "first", "frames", "inbox", "indices", "last")
 
-    def __init__(self, acks: Acks, first: int, last: int, frames: bytes, indices: list[int] | None = None) -> None:
+    def __init__(self, acks: Acks, first: int, last: int, frames: bytes, indices: list[int] | None = None,
+                 batch: list[Message] | None = None, inbox: str = "") -> None:
         self.acks = acks
         self.first = first
         self.last = last
-        self.frames = frames  # the HPUB frames as written (bulk path)
+        self.frames = frames  # the HPUB frames as written (the bulk path's Python loop)
         self.indices = indices
+        self.batch = batch  # or the batch the compiled path wrote whole (frames empty)
+        self.inbox = inbox
+
+    def wire(self, hot: hotpath.Module | None) -> bytes:
+        """The frames as they were written (b"": none to send again)."""
+        if self.frames or self.batch is None or hot is None:
+            return self.frames
+        prefixes = {subject: f"HPUB {subject} {self.inbox}." for subject in {m.subject for m in self.batch}}
+        built = hot.nats_frames(self.batch, prefixes, self.first - 1, 1 << 62, _HEADER_BYTES)
+        return built[0] if built is not None else b""
 
     def settle(self, seq: int, stop: int, outcome: PublishError | None) -> None:
         """The publishes ``seq``..``stop - 1`` (within this batch) got ``outcome``."""
@@ -463,17 +478,21 @@ class NatsPublisher(Publisher[NatsPublisherConfig]):
         a later change of a row landing before an earlier one. So every unacked batch's frames go to the
         front of the buffer, in the order they were first sent; JetStream drops the copies it already
         stored (Nats-Msg-Id) and the acks that come back settle the batches."""
-        unacked = sorted((w for acks, w in self._batches.items() if not acks.done and w.frames), key=lambda w: w.first)
-        if unacked:
+        unacked = sorted((w for acks, w in self._batches.items() if not acks.done and (w.frames or w.batch)),
+                         key=lambda w: w.first)
+        frames = b"".join(w.wire(self._hot) for w in unacked)
+        if frames:
             try:
-                await nc._send_command(b"".join(p.frames for p in unacked), priority=True)
+                await nc._send_command(frames, priority=True)
             except Exception as exc:  # the batches then fail by their ack timeout and are retried
                 log.warning("nats: cannot queue unacked events again", extra={"fields": {"error": str(exc)}})
 
-    def _written(self, acks: Acks, first: int, last: int, frames: bytes, indices: list[int] | None = None) -> None:
-        """Publishes ``first``..``last`` of ``acks``'s batch are on their way: remember them until settled."""
+    def _written(self, acks: Acks, first: int, last: int, frames: bytes, indices: list[int] | None = None,
+                 batch: list[Message] | None = None) -> None:
+        """Publishes ``first``..``last`` of ``acks``'s batch are on their way: remember them until settled
+        (``frames``, or the ``batch`` the compiled path wrote them from)."""
         if last >= first and not acks.done:
-            window = self._batches[acks] = _Written(acks, first, last, frames, indices)
+            window = self._batches[acks] = _Written(acks, first, last, frames, indices, batch, self._inbox)
             self._windows.append(window)
             acks.add_done_callback(self._forget)
 
@@ -527,7 +546,9 @@ class NatsPublisher(Publisher[NatsPublisherConfig]):
         built = None
         if self._hot is not None and refused is None and room < 0 and isinstance(batch, list):
             built = self._hot.nats_frames(batch, subjects, seq, limit, _HEADER_BYTES)
+        whole: list[Message] | None = None
         if built is not None:  # every message was plain: frames written in one go, seq numbers in order
+            whole = batch  # type: ignore[assignment]  # a list (checked above)
             parts.append(built[0])
             payload = built[1]
             seq += len(batch)
@@ -572,7 +593,10 @@ class NatsPublisher(Publisher[NatsPublisherConfig]):
         if not parts:
             return
         frames = b"".join(parts)
-        self._written(acks, first + 1, seq, frames, None if built is not None else indices)
+        if whole is not None:  # written again from the batch if ever needed, not held until the acks
+            self._written(acks, first + 1, seq, b"", None, whole)
+        else:
+            self._written(acks, first + 1, seq, frames, indices)
         try:
             await nc._send_command(frames)
             if nc._flush_queue is not None and nc._flush_queue.empty():
