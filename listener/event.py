@@ -115,14 +115,17 @@ PageRead = tuple[list[Message | None], list[RowKey | None], int, int]
 PageReader = Callable[[int, bytes, tuple[int, ...], str], PageRead]
 
 
-#: the fields of Message, in order, that read_page sets without calling the class (the last three: defaults)
-_MESSAGE_FIELDS = ("id", "subject", "body", "schema", "table", "action", "key", "headers", "content_type", "tombstone")
+#: the fields of Message, in order, that read_page sets without calling the class (those after the first seven:
+#: their defaults)
+_MESSAGE_FIELDS = ("id", "subject", "body", "schema", "table", "action", "key", "headers", "content_type", "tombstone",
+                   "header_lines", "head")
 
 
 @functools.cache
 def _message_slots() -> tuple[tuple[Any, ...] | None, tuple[Any, ...] | None]:
-    """For read_page: the member descriptors of Message's fields and the defaults of the last three, so that it
-    fills each event's slots directly; (None, None) — it calls the class — when Message is no longer shaped so."""
+    """For read_page: the member descriptors of Message's fields and the defaults of those it does not set from
+    the row, so that it fills each event's slots directly; (None, None) — it calls the class, about twice as
+    slow — when Message is no longer shaped so (a field added to Message belongs in _MESSAGE_FIELDS)."""
     found = dataclasses.fields(Message)
     if tuple(f.name for f in found) != _MESSAGE_FIELDS or not hasattr(Message, "__slots__"):
         return None, None

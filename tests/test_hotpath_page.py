@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 from listener import hotpath, types
-from listener.event import EventBuilder, read_event_ids, read_id_seed
+from listener.event import EventBuilder, _message_slots, read_event_ids, read_id_seed
 from listener.message import Message
 from listener.pgoutput import Column, Relation
 from listener.replication import SESSION_OPTIONS
@@ -186,3 +186,12 @@ def test_text_that_is_not_utf8_is_left_to_the_python_path(pg: PostgresServer) ->
     finally:
         pg.drop_database(name)
 
+
+
+def test_read_page_fills_every_field_of_message_itself() -> None:
+    # read_page sets each READ event's slots directly; when Message gains a field it does not know, it quietly
+    # falls back to calling the class for every row (about twice as slow), as it did once header_lines came
+    slots, defaults = _message_slots()
+    assert slots is not None and defaults is not None, "listener.event._MESSAGE_FIELDS misses a field of Message"
+    made = Message("id", "subject", b"{}", "public", "t", "READ", b"k")
+    assert [getattr(made, d.__name__) for d in slots[7:]] == list(defaults)

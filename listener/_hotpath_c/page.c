@@ -38,16 +38,19 @@ PyObject *hot_set_libpq_results(PyObject *self, PyObject *const *args, Py_ssize_
     Py_RETURN_NONE;
 }
 
-/* The fields of listener.message.Message in its order, and how many read_page() sets from the row. */
-#define MESSAGE_FIELDS 10
+/* The most fields of listener.message.Message read_page() fills itself, and how many of them it sets from the
+ * row (the first ones, in field order; the others take their defaults). */
+#define MESSAGE_FIELDS 16
 #define MESSAGE_SET 7
 
 /* Where each field of the Message class lives in its instances, from the member descriptors of its slots
- * (fields: a tuple of them, in field order); 0 when they are not plain object slots. */
-static int message_offsets(PyObject *fields, Py_ssize_t offsets[MESSAGE_FIELDS]) {
-    if (!PyTuple_Check(fields) || PyTuple_GET_SIZE(fields) != MESSAGE_FIELDS)
+ * (fields: a tuple of them, in field order): how many there are, or 0 when they are not plain object slots
+ * or more than MESSAGE_FIELDS. */
+static Py_ssize_t message_offsets(PyObject *fields, Py_ssize_t offsets[MESSAGE_FIELDS]) {
+    if (!PyTuple_Check(fields) || PyTuple_GET_SIZE(fields) <= MESSAGE_SET || PyTuple_GET_SIZE(fields) > MESSAGE_FIELDS)
         return 0;
-    for (Py_ssize_t i = 0; i < MESSAGE_FIELDS; i++) {
+    Py_ssize_t n = PyTuple_GET_SIZE(fields);
+    for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *d = PyTuple_GET_ITEM(fields, i);
         if (!PyObject_TypeCheck(d, &PyMemberDescr_Type))
             return 0;
@@ -56,16 +59,17 @@ static int message_offsets(PyObject *fields, Py_ssize_t offsets[MESSAGE_FIELDS])
             return 0;
         offsets[i] = m->offset;
     }
-    return 1;
+    return n;
 }
 
-/* A Message without its __init__: every slot set (a new reference each), the last three to their defaults. */
-static PyObject *new_message(PyTypeObject *cls, const Py_ssize_t offsets[MESSAGE_FIELDS],
+/* A Message without its __init__: each of its n slots set (a new reference each), those after the first
+ * MESSAGE_SET to their defaults. */
+static PyObject *new_message(PyTypeObject *cls, Py_ssize_t n, const Py_ssize_t offsets[MESSAGE_FIELDS],
                              PyObject *const values[MESSAGE_FIELDS]) {
     PyObject *m = cls->tp_alloc(cls, 0);
     if (m == NULL)
         return NULL;
-    for (Py_ssize_t i = 0; i < MESSAGE_FIELDS; i++)
+    for (Py_ssize_t i = 0; i < n; i++)
         *(PyObject **)((char *)m + offsets[i]) = Py_NewRef(values[i]);
     return m;
 }
@@ -144,15 +148,15 @@ PyObject *hot_read_page(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     PyObject *cls = PyTuple_GET_ITEM(message, 0), *defaults = PyTuple_GET_ITEM(message, 6);
     Py_ssize_t offsets[MESSAGE_FIELDS];
     PyObject *fields[MESSAGE_FIELDS];
-    int direct = PyType_Check(cls) && PyTuple_Check(defaults) &&
-                 PyTuple_GET_SIZE(defaults) == MESSAGE_FIELDS - MESSAGE_SET &&
-                 message_offsets(PyTuple_GET_ITEM(message, 5), offsets);
+    Py_ssize_t nfields = PyType_Check(cls) && PyTuple_Check(defaults)
+                             ? message_offsets(PyTuple_GET_ITEM(message, 5), offsets) : 0;
+    int direct = nfields > 0 && PyTuple_GET_SIZE(defaults) == nfields - MESSAGE_SET;
     if (direct) {
         fields[1] = PyTuple_GET_ITEM(message, 1);
         fields[3] = PyTuple_GET_ITEM(message, 2);
         fields[4] = PyTuple_GET_ITEM(message, 3);
         fields[5] = PyTuple_GET_ITEM(message, 4);
-        for (Py_ssize_t i = MESSAGE_SET; i < MESSAGE_FIELDS; i++)
+        for (Py_ssize_t i = MESSAGE_SET; i < nfields; i++)
             fields[i] = PyTuple_GET_ITEM(defaults, i - MESSAGE_SET);
     }
     Blake2b prepared;
@@ -227,7 +231,7 @@ PyObject *hot_read_page(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                 fields[0] = ident;
                 fields[2] = PyTuple_GET_ITEM(built, 0);
                 fields[6] = PyTuple_GET_ITEM(built, 1);
-                event = new_message((PyTypeObject *)cls, offsets, fields);
+                event = new_message((PyTypeObject *)cls, nfields, offsets, fields);
             } else if (built != Py_None) {
                 PyObject *call[7] = {ident, PyTuple_GET_ITEM(message, 1), PyTuple_GET_ITEM(built, 0),
                                      PyTuple_GET_ITEM(message, 2), PyTuple_GET_ITEM(message, 3),
