@@ -722,7 +722,9 @@ async def test_a_keyless_table_asked_for_updates_gets_a_condition_and_nothing_is
     rows = _q(pg, db_with_tables, "SELECT p.pubname, p.pubupdate, p.pubviaroot, t.tablename FROM pg_publication p"
               " JOIN pg_publication_tables t USING (pubname) ORDER BY 1, 4")
     assert rows == [(pub, False, True, "users"), (pub, False, True, "users"), (f"{pub}_inserts", False, True, "nopk")]
-    assert cluster.status(name)["publication"]["tables"] == ["public.nopk", "public.users", "shop.users"]
+    # the status's publication comes with the reconcile's last patch, which may land after SlotReady
+    tables = await cluster.wait(lambda: cluster.status(name)["publication"]["tables"], what="the status's publication")
+    assert tables == ["public.nopk", "public.users", "shop.users"]
     _q(pg, db_with_tables, "UPDATE public.nopk SET a = 2")
 
 
