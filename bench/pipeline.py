@@ -34,7 +34,7 @@ from typing import Any
 
 from bench import hotpath as bh
 from listener import cli, delivery, malloc, types
-from listener.message import Message
+from listener.message import message_size
 from listener.pgoutput import Column, Relation
 from listener.publishers.nats import _HEADER_BYTES, NatsPublisher, _Written
 
@@ -94,7 +94,6 @@ def main(argv: list[str] | None = None) -> int:
         built.commit(0x16B3740)
     lsns = iter(range(0x16B3750, 0x16B3750 + 64 * args.events, 64)) if built.wants_lsn else None
     in_flight: deque[tuple[list[Any], bytes]] = deque()
-    headed = hasattr(Message, "rest")
     # the publisher holds each batch until its acks, and its frames too in builds before it wrote them again from
     # the batch when needed (A/B runs)
     keeps_frames = "batch" not in _Written.__slots__
@@ -106,10 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         batch = state["batch"]
         event: Any = change(buf, txn)  # never filtered out here
         batch.append(event)
-        if headed:  # as delivery.add counts it: a HeadedMessage's head and rest, not joined
-            state["bytes"] += len(event.rest) if event.head is None else len(event.rest) + len(event.head)
-        else:  # a build before HeadedMessage (A/B runs)
-            state["bytes"] += len(event.body)
+        state["bytes"] += message_size(event)  # as delivery counts it (a HeadedMessage's head and rest, not joined)
         if len(batch) == BATCH or state["bytes"] >= sealed_at:
             frames, _ = hot.nats_frames(batch, prefixes, state["seq"], 1 << 20, _HEADER_BYTES) or (b"", 0)
             answer = answers.get(len(batch))

@@ -106,6 +106,11 @@ def extra_headers(message: Message) -> str:
     return "".join(lines)
 
 
+def hpub_prefix(subject: str, inbox: str) -> str:
+    """The start of a publish's HPUB line up to its reply subject's sequence number: ``HPUB <subject> <inbox>.``"""
+    return f"HPUB {subject} {inbox}."
+
+
 # the client internals the bulk path writes through (nats-py 2.x)
 _BULK_ATTRIBUTES = ("_send_command", "_flush_pending", "_flush_queue", "_max_pending_size", "pending_data_size",
                     "stats")
@@ -136,7 +141,7 @@ class _Written:
         """The frames as they were written (b"": none to send again)."""
         if self.frames or self.batch is None or hot is None:
             return self.frames
-        prefixes = {subject: f"HPUB {subject} {self.inbox}." for subject in {m.subject for m in self.batch}}
+        prefixes = {subject: hpub_prefix(subject, self.inbox) for subject in {m.subject for m in self.batch}}
         built = hot.nats_frames(self.batch, prefixes, self.first - 1, 1 << 62, _HEADER_BYTES)
         return built[0] if built is not None else b""
 
@@ -615,7 +620,7 @@ class NatsPublisher(Publisher[NatsPublisherConfig]):
             return None
         if len(self._subjects) > 10000:
             self._subjects.clear()
-        prefix = self._subjects[subject] = f"HPUB {subject} {self._inbox}."
+        prefix = self._subjects[subject] = hpub_prefix(subject, self._inbox)
         return prefix
 
     async def _send_each(self, nc: Client, batch: Sequence[Message], acks: Acks) -> None:
