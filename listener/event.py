@@ -27,7 +27,7 @@ import struct
 import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -185,6 +185,8 @@ class RelationInfo:
     #: indexes above are then those of the columns it keeps
     transform: RelationTransform | None = None
     route: Route | None = None  # the transform's topic template
+    #: with a route: transform_fallbacks_total's count per reason (FALLBACK_REASONS), taken at its first fallback
+    fallbacks: list[list[int] | None] = field(default_factory=lambda: [None] * len(FALLBACK_REASONS))
 
 
 @dataclass(slots=True)
@@ -348,11 +350,13 @@ class EventBuilder:
 
     def _routed(self, info: RelationInfo, topic: str | int) -> str:
         """A route's answer -> the topic: the rendered one, or the table's (the reason counted)."""
-        if isinstance(topic, str):
-            return topic
-        labels = (info.table, FALLBACK_REASONS[topic - 1])
-        counts = metrics.TRANSFORM_FALLBACKS.counts
-        counts[labels] = counts.get(labels, 0) + 1
+        if type(topic) is not int:  # (isinstance(topic, str) looks for __class__ on an int: 3 times slower)
+            return topic  # type: ignore[return-value]  # a str
+        cell = info.fallbacks[topic - 1]
+        if cell is None:
+            labels = (info.table, FALLBACK_REASONS[topic - 1])
+            cell = info.fallbacks[topic - 1] = metrics.TRANSFORM_FALLBACKS.cell(labels)
+        cell[0] += 1
         return info.subject
 
     def announced_columns(self, info: RelationInfo, columns: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -579,7 +583,7 @@ class EventBuilder:
                 subject = info.subject
                 if info.route is not None:
                     routed: str | int = done[3]  # type: ignore[misc, assignment]
-                    subject = routed if isinstance(routed, str) else self._routed(info, routed)
+                    subject = routed if type(routed) is str else self._routed(info, routed)
                 if info.ce_lines:
                     message = Message(done[0], subject, done[1], info.schema, info.table, action, done[2], None,
                                       self._finish.content_type, False, done[4])  # type: ignore[misc, union-attr, arg-type]

@@ -253,21 +253,29 @@ class Gauge(_Metric[GaugeChild]):
 
 
 class Tally:
-    """A counter the hot path adds to per event: a dict of label values -> count (an increment is a dict
-    update, ``counts[labels] = counts.get(labels, 0) + 1``), exposed as ``NAME_total``."""
+    """A counter the hot path adds to per event without a lookup: ``cell(labels)`` once (a one-item list, the
+    count of those label values), then ``cell[0] += 1`` per event. Exposed as ``NAME_total``; label values
+    whose cell was taken but never counted have no sample."""
 
     def __init__(self, name: str, documentation: str, labelnames: Iterable[str], *,
                  registry: Registry | None = None) -> None:
         self.name, self.documentation = name, documentation
         self.labelnames = _check_names(name, labelnames)
-        self.counts: dict[tuple[str, ...], int] = {}
+        self.cells: dict[tuple[str, ...], list[int]] = {}
         if registry is not None:
             registry.register(self)
 
+    def cell(self, labels: tuple[str, ...]) -> list[int]:
+        """The count of ``labels`` (the same list every time), to add to in place."""
+        found = self.cells.get(labels)
+        if found is None:
+            found = self.cells[labels] = [0]
+        return found
+
     def collect(self) -> Iterator[Family]:
         name, labelnames = self.name + "_total", self.labelnames
-        samples = [Sample(name, dict(zip(labelnames, key, strict=True)), float(count))
-                   for key, count in list(self.counts.items())]
+        samples = [Sample(name, dict(zip(labelnames, key, strict=True)), float(cell[0]))
+                   for key, cell in list(self.cells.items()) if cell[0]]
         yield Family(self.name, self.documentation, "counter", labelnames, samples)
 
 

@@ -477,6 +477,32 @@ def test_backfilled_rows_with_transforms_match_the_python_path(name: str) -> Non
     assert taken > 50
 
 
+def test_routed_topics_at_the_length_limit_and_past_the_topic_cache_match_the_python_path() -> None:
+    """The compiled route renders its topic in a fixed buffer of the limit's size (249 bytes) and keeps the
+    last topics it made for reuse: names one byte either side of the limit (a 3-byte escape crossing it too)
+    and 600 tenants in turn, twice (more than the compiled path keeps), give the Python path's topics."""
+    fast, slow = builders(relation("d", (0,)), True, transforms=[{"tables": ['ev"ents'], "topic": "by.{ref}"}])
+    fast_txn = fast.begin(0x1_6B37_4D48, 820_000_000_000_000)
+    slow_txn = slow.begin(0x1_6B37_4D48, 820_000_000_000_000)
+    room = 249 - len("wal_listener.by.")
+    refs = ["a" * (room - 1), "a" * room, "a" * (room + 1), "a" * (room - 3) + ".", "a" * (room - 2) + ".",
+            "é" * (room // 6), "é" * (room // 6 + 1)]  # "." is written "_2e", "é" "_c3_a9"
+    refs += [f"tenant {n % 600}" for n in range(1200)]
+    subjects = []
+    for ref in refs:
+        values = list(TYPICAL)
+        values[13] = col_text(ref)
+        msg = insert_msg(OID, tuple_data(*values))
+        got = outcome(fast, msg, fast_txn)
+        assert got == outcome(slow, msg, slow_txn), ref
+        subjects.append(got[1])
+    own = 'wal_listener.public_ev"ents'  # too long: the table's own topic
+    assert subjects[:7] == ["wal_listener.by." + "a" * (room - 1), "wal_listener.by." + "a" * room, own,
+                            "wal_listener.by." + "a" * (room - 3) + "_2e", own,
+                            "wal_listener.by." + "_c3_a9" * (room // 6), own]
+    assert subjects[7] == "wal_listener.by.tenant_200" and subjects[607] == subjects[7]
+
+
 def test_a_typical_row_with_a_transform_stays_on_the_compiled_path() -> None:
     """What a transform does, on the compiled path: columns left out, masks, the topic and the key."""
     fast, _ = builders(relation("d", (0,)), True, transforms=[TRANSFORMS["exclude, every mask, topic, key"]])

@@ -46,7 +46,8 @@ def sample_registry() -> Registry:
                         ("fraction", 0.25), ("tiny", 1e-7), ("huge", 1.5e20)):
         odd.labels(kind).set(value)
     tally = Tally("fallbacks", "Fallbacks.", ["table", "reason"], registry=registry)
-    tally.counts[("public.t", "null")] = 4
+    tally.cell(("public.t", "null"))[0] += 4
+    tally.cell(("public.t", "empty"))  # taken, never counted: no sample
     return registry
 
 

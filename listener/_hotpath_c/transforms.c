@@ -29,6 +29,38 @@ int published_text(const Plan *plan, Py_ssize_t i, const Col *c, char hex[64], c
     }
 }
 
+/* The last topics rendered, by a hash of their bytes: a table routed by a column's value sends its events to few
+ * topics, and each event that reuses its topic's str skips decoding one (and the publishers' dict lookups by
+ * topic find its hash cached). Only ever a cache: a topic not found here is decoded as before. */
+#define TOPIC_SETS 64
+#define TOPIC_WAYS 4
+static PyObject *topic_cache[TOPIC_SETS][TOPIC_WAYS];
+static unsigned char topic_next[TOPIC_SETS]; /* the way a miss replaces next, in turn */
+
+static PyObject *topic_str(const char *s, Py_ssize_t n) {
+    uint32_t h = 2166136261u; /* FNV-1a, then mixed: its low bits alone put many names in one set */
+    for (Py_ssize_t i = 0; i < n; i++)
+        h = (h ^ (unsigned char)s[i]) * 16777619u;
+    h = (h ^ (h >> 16)) * 0x45d9f3bu;
+    h ^= h >> 16;
+    PyObject **set = topic_cache[h % TOPIC_SETS];
+    for (int w = 0; w < TOPIC_WAYS && set[w] != NULL; w++) {
+        Py_ssize_t size;
+        const char *cached = PyUnicode_AsUTF8AndSize(set[w], &size);
+        if (cached == NULL)
+            PyErr_Clear();
+        else if (size == n && memcmp(cached, s, (size_t)n) == 0)
+            return Py_NewRef(set[w]);
+    }
+    PyObject *topic = PyUnicode_DecodeUTF8(s, n, "strict");
+    if (topic != NULL) {
+        unsigned char *next = &topic_next[h % TOPIC_SETS];
+        Py_XSETREF(set[*next], Py_NewRef(topic));
+        *next = (unsigned char)((*next + 1) % TOPIC_WAYS);
+    }
+    return topic;
+}
+
 /* The topic of an event from its plan's route: the rendered name (str) or the fallback reason (int).
  * Values come from the new row, else (an unchanged TOAST value, a DELETE) from the old one where it
  * holds them (all of a 'O' row, the identity of a 'K' key). */
@@ -36,16 +68,20 @@ PyObject *route_topic(const Plan *plan, const Col *new_cols, Py_ssize_t nnew, co
                              Py_ssize_t nold, char old_kind) {
     static const char digits[] = "0123456789abcdef";
     PyObject *head = PyTuple_GET_ITEM(plan->route, 0), *parts = PyTuple_GET_ITEM(plan->route, 1);
-    Buf b = {NULL, 0, 0};
-    PyObject *result = NULL;
+    char out[MAX_TOPIC_BYTES];
+    Py_ssize_t len = PyBytes_GET_SIZE(head);
     long reason = 0;
-    if (put(&b, PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head)) < 0)
-        goto done;
+    int too_long = len > MAX_TOPIC_BYTES; /* the name is written while it fits; the other reasons come first */
+    if (!too_long)
+        memcpy(out, PyBytes_AS_STRING(head), (size_t)len);
     for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(parts) && !reason; k++) {
         PyObject *part = PyTuple_GET_ITEM(parts, k);
         if (PyBytes_Check(part)) {
-            if (put(&b, PyBytes_AS_STRING(part), PyBytes_GET_SIZE(part)) < 0)
-                goto done;
+            Py_ssize_t n = PyBytes_GET_SIZE(part);
+            too_long = too_long || n > MAX_TOPIC_BYTES - len;
+            if (!too_long)
+                memcpy(out + len, PyBytes_AS_STRING(part), (size_t)n);
+            len += too_long ? 0 : n;
             continue;
         }
         Py_ssize_t i = PyLong_AsSsize_t(part);
@@ -59,36 +95,34 @@ PyObject *route_topic(const Plan *plan, const Col *new_cols, Py_ssize_t nnew, co
         }
         char hex[64];
         const unsigned char *text = NULL;
-        Py_ssize_t len = 0;
+        Py_ssize_t n = 0;
         if (c == NULL) {
             reason = ROUTE_MISSING;
-        } else if (!published_text(plan, i, c, hex, &text, &len)) {
+        } else if (!published_text(plan, i, c, hex, &text, &n)) {
             reason = ROUTE_NULL;
-        } else if (len == 0) {
+        } else if (n == 0) {
             reason = ROUTE_EMPTY;
         } else {
-            if (buf_grow(&b, len * 3) < 0)
-                goto done;
-            char *out = b.data + b.len;
-            for (Py_ssize_t j = 0; j < len; j++) {
+            for (Py_ssize_t j = 0; j < n && !too_long; j++) {
                 unsigned char ch = text[j];
                 if ((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || is_digit(ch) || ch == '-') {
-                    *out++ = (char)ch;
+                    too_long = len + 1 > MAX_TOPIC_BYTES;
+                    if (!too_long)
+                        out[len++] = (char)ch;
                 } else {
-                    *out++ = '_';
-                    *out++ = digits[ch >> 4];
-                    *out++ = digits[ch & 15];
+                    too_long = len + 3 > MAX_TOPIC_BYTES;
+                    if (!too_long) {
+                        out[len++] = '_';
+                        out[len++] = digits[ch >> 4];
+                        out[len++] = digits[ch & 15];
+                    }
                 }
             }
-            b.len = out - b.data;
         }
     }
-    if (!reason && b.len > MAX_TOPIC_BYTES)
+    if (!reason && too_long)
         reason = ROUTE_TOO_LONG;
-    result = reason ? PyLong_FromLong(reason) : PyUnicode_DecodeUTF8(b.data, b.len, "strict");
-done:
-    PyMem_Free(b.data);
-    return result;
+    return reason ? PyLong_FromLong(reason) : topic_str(out, len);
 }
 
 /* The transform part of a plan (hmac, route), checked; every column's code is looked at only here. */
@@ -106,7 +140,7 @@ int read_transform(const char *name, PyObject *transform, Plan *plan) {
     plan->masked = 1;
     plan->route = route == Py_None ? NULL : route;
     for (Py_ssize_t i = 0; i < plan->ncolumns; i++) {
-        if (column_code(plan, i) == CODE_HASH && hmac == Py_None) {
+        if (hmac == Py_None && column_code(plan, i) == CODE_HASH) {
             PyErr_Format(PyExc_TypeError, "%s: a hashed column needs the prepared hmac key", name);
             return -1;
         }
