@@ -16,6 +16,8 @@ Against another checkout's build (its compiled module built in place), from this
 
 Shapes: ``reference`` (the reference row: insert, update, delete in turn) and ``wide`` (the same plus a
 4 KB text column: an insert carries it, an update leaves it as unchanged TOAST, a delete has the key).
+``--transform NAME`` (the reference shape): the users row of ``bench.hotpath --transforms`` with that transform
+(``none``, ``users``...), its topics routed by tenant as the users transform routes them.
 The loop runs inside ``any()``, so callgrind's ``--toggle-collect=builtin_any`` counts it alone.
 ``--format`` (``publisher.format``, as ``bench.hotpath --formats`` names them: ``cloudevents``,
 ``cloudevents-structured``, ``debezium``, ``debezium-schemas``, ...): the events in that format, CloudEvents
@@ -43,9 +45,9 @@ INBOX = "_INBOX.abcdefghijklmnopqrstuv"
 WIDE_OID = bh.OID + 1
 
 
-def message(shape: str, i: int) -> bytes:
-    """Change ``i`` of the shape, as pgoutput sends it."""
-    m = bh.messages(i)
+def message(shape: str, i: int, users: bool = False) -> bytes:
+    """Change ``i`` of the shape, as pgoutput sends it (``users``: the users row of ``bench.hotpath``)."""
+    m = bh.messages(i, users)
     if shape != "wide":
         return [m["insert"], m["update"], m["delete"]][i % 3]
     head = struct.pack(">I", WIDE_OID)
@@ -71,18 +73,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", choices=("reference", "wide"), default="reference")
     p.add_argument("--events", type=int, default=20000)
     p.add_argument("--format", choices=bh.FORMATS, default="wal-listener")
+    p.add_argument("--transform", choices=tuple(bh.TRANSFORMS), default=None,
+                   help="the users row (reference shape) with this transform of bench.hotpath --transforms")
     args = p.parse_args(argv)
-    built = bh.builder(True, args.format, binding=NatsPublisher.cloudevents)  # CloudEvents as NATS carries them
+    if args.transform is not None and args.shape == "wide":
+        p.error("--transform takes the reference shape")
+    built = bh.builder(True, args.format, args.transform, binding=NatsPublisher.cloudevents)  # CE as NATS carries them
     built.add_relation(Relation(WIDE_OID, "public", "bench_wide", "d", tuple(
         Column(n, oid, -1, key) for n, oid, key in [*bh.COLUMNS, ("body", types.TEXT, False)])))
     hot = built.hot
     assert hot is not None
-    data = [message(args.shape, i) for i in range(args.events)]
+    data = [message(args.shape, i, args.transform is not None) for i in range(args.events)]
     # a batch is sealed at BATCH events or at delivery's byte limit, as the listener seals them (the frames of a
     # batch over glibc's mmap threshold would be mapped afresh each time); the acks of a batch of n events
     answers: dict[int, bytes] = {}
     sealed_at = getattr(delivery, "BATCH_BYTES", 1 << 62)  # absent in builds before it (A/B runs)
-    prefixes = {f"bench.public_{t}": f"HPUB bench.public_{t} {INBOX}." for t in ("bench_ref", "bench_wide")}
+    subjects = [f"bench.public_{t}" for t in ("bench_ref", "bench_wide", "bench_users")]
+    subjects += [f"bench.users.{tenant}" for tenant in range(20)]  # routed by the users transform's topic
+    prefixes = {subject: f"HPUB {subject} {INBOX}." for subject in subjects}
     malloc.fix_mmap_threshold()  # the listener's allocator settings (listener/malloc.py)
     streaming = getattr(cli, "_collector_for_streaming", None)  # absent in builds before it (A/B runs)
     if streaming is not None:
@@ -107,7 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         batch.append(event)
         state["bytes"] += message_size(event)  # as delivery counts it (a HeadedMessage's head and rest, not joined)
         if len(batch) == BATCH or state["bytes"] >= sealed_at:
-            frames, _ = hot.nats_frames(batch, prefixes, state["seq"], 1 << 20, _HEADER_BYTES) or (b"", 0)
+            written = hot.nats_frames(batch, prefixes, state["seq"], 1 << 20, _HEADER_BYTES)
+            if written is None:
+                raise SystemExit("bench.pipeline: a batch left the compiled NATS frames (a subject without a prefix?)")
+            frames = written[0]
             answer = answers.get(len(batch))
             if answer is None:
                 answer = answers[len(batch)] = acks(0, len(batch))
@@ -125,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     any(map(step, data))
     spent = time.process_time() - start
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-    print(f"{args.shape} {args.format}: {spent / args.events * 1e6:.2f} µs per event ({args.events:,} events), "
+    shown = args.shape if args.transform is None else f"users ({args.transform})"
+    print(f"{shown} {args.format}: {spent / args.events * 1e6:.2f} µs per event ({args.events:,} events), "
           f"{faults / args.events:.2f} page faults per event")
     return 0
 

@@ -107,7 +107,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--transform", action="store_true", help="the same as --variants transform")
     p.add_argument("--baseline", default="",
                    help="reference and wide phases: also stream the WAL with the listener of this other checkout (its "
-                        "listener/ with the C extension built in place) and compare, like a variant")
+                        "listener/ with the C extension built in place) and compare, like a variant; with --variants, "
+                        "that listener runs each variant's config too ('<variant> baseline')")
     p.add_argument("--variant-runs", "--transform-runs", type=int, default=3, dest="variant_runs",
                    help="--variants: listener runs of each kind, alternating, compared by their medians (3)")
     p.add_argument("--profile", action="store_true",
@@ -244,7 +245,10 @@ class Bench:
         try:
             await self.setup()
             if "reference" in a.phases:
-                chosen = [wl.VARIANTS[v] for v in a.variants] + ([wl.baseline(a.baseline)] if a.baseline else [])
+                named = [wl.VARIANTS[v] for v in a.variants]
+                # with --baseline: the other checkout's listener in the default config and in each variant's
+                chosen = [*named, *([wl.baseline(a.baseline), *(wl.baseline(a.baseline, v) for v in named)]
+                                    if a.baseline else [])]
                 await self.throughput(wl.reference(a.rows), profile=a.profile,
                                       variants=[v for v in chosen if v.workload == "reference"])
                 on_users = [v for v in chosen if v.workload == "users"]

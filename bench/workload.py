@@ -147,10 +147,13 @@ VARIANTS = {v.name: v for v in (
 )}
 
 
-def baseline(source: str) -> Variant:
-    """The listener of another checkout with the default config (``bench.run --baseline DIR``): e.g.
+def baseline(source: str, of: Variant | None = None) -> Variant:
+    """The listener of another checkout (``bench.run --baseline DIR``) with the default config, or with the
+    config of the variant ``of`` (named ``<variant> baseline``): e.g.
     ``git archive main | tar -x -C DIR && (cd DIR && python setup.py build_ext --inplace)``."""
-    return Variant("baseline", "reference", {}, {}, Path(source).resolve())
+    if of is None:
+        return Variant("baseline", "reference", {}, {}, Path(source).resolve())
+    return Variant(f"{of.name} baseline", of.workload, of.listener, of.publisher, Path(source).resolve())
 
 
 def write_users(rows: int) -> Callable[[psycopg.Connection], None]:
