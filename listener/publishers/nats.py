@@ -13,9 +13,7 @@ bytes nats-py's ``publish`` writes for a message with one header) as one command
 pending buffer and kicks its flusher once, instead of one ``publish`` call per event. nats-py's
 buffering rules still hold: while the client is reconnecting the frames wait in its pending buffer
 (up to ``pending_size``; what does not fit fails with :class:`BrokerUnavailable`, and so does everything
-after it in the batch, so nothing overtakes a message that has to be sent again); while connected, a publish
-that finds more than :data:`WRITE_BACKLOG` bytes the socket has not taken waits for the flusher to write them
-(at most ``ackTimeout``). When the connection
+after it in the batch, so nothing overtakes a message that has to be sent again). When the connection
 breaks, the frames of every batch not fully acknowledged are put at the front of the buffer again, so
 that after the reconnect nothing written later is stored before them. Acks are taken from
 the protocol parser directly for our reply subscription (no ``Msg`` object, queue hop or callback
