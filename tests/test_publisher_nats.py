@@ -8,7 +8,6 @@ import asyncio
 import random
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -31,9 +30,9 @@ from listener.errors import (
 )
 from listener.message import HeadedMessage, Message
 from listener.publishers import make_publisher
-from listener.publishers.nats import WRITE_BACKLOG, NatsPublisher, _write_backlog, _Written
+from listener.publishers.nats import NatsPublisher, _Written
 from tests.support.events import compiled_hot_path
-from tests.support.harness import metric, publish_until_acked, wait_until
+from tests.support.harness import metric, wait_until
 from tests.support.proxy import TcpProxy
 from tests.support.services import NatsServer
 
@@ -764,33 +763,3 @@ async def test_unacknowledged_batch_fails_by_ack_timeout_and_late_acks_are_ignor
     finally:
         await publisher.close()
     assert await stream_messages(nats_server.url, stream) == 10
-
-
-async def test_a_publish_waits_for_the_socket_past_the_write_backlog_but_never_past_ack_timeout(
-    nats_server: NatsServer, make_proxy: Callable[..., TcpProxy]
-) -> None:
-    """nats-server reads slower than the listener writes large events: once the frames the socket has not taken
-    pass WRITE_BACKLOG, a publish returns only when they are written, instead of piling up to twice the client's
-    pending buffer. A server that stops reading holds a publish back for ackTimeout at most (its acks' deadline
-    reports it), and what was written then arrives once it reads again."""
-    proxy = make_proxy("127.0.0.1", nats_server.port)
-    stream = unique_stream()
-    publisher = NatsPublisher(config(proxy.address, stream), ack_timeout=1.0)
-    await publisher.connect()
-    body = b'"' + b"x" * 250_000 + b'"'
-    batches = [[message(stream, b * 8 + n, body=body) for n in range(8)] for b in range(10)]  # 20 MB
-    try:
-        proxy.pause()  # the server reads nothing: the kernel's buffers fill, then the client's
-        held: list[tuple[float, int]] = []
-        for batch in batches:
-            started = time.monotonic()
-            await publisher.send(batch)
-            held.append((time.monotonic() - started, _write_backlog(publisher._nc)))
-        over = [seconds for seconds, backlog in held if backlog > WRITE_BACKLOG]
-        assert over, f"the stall never filled the write backlog: {held}"
-        assert all(0.8 <= seconds < 2.5 for seconds in over), held  # held back, for about ackTimeout
-        proxy.resume()
-        await publish_until_acked(publisher, [m for batch in batches for m in batch])
-    finally:
-        await publisher.close()
-    assert await stream_messages(nats_server.url, stream) == 80

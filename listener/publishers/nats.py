@@ -111,20 +111,6 @@ def hpub_prefix(subject: str, inbox: str) -> str:
     return f"HPUB {subject} {inbox}."
 
 
-#: frames written but not yet taken by the socket (the client's pending buffer and the transport's), at most,
-#: while connected: past it, the publish of a batch returns once the flusher has written them (its drain, at
-#: most ackTimeout). nats-server is slower than the listener, so without it they piled up to twice pending_size
-#: (32 MiB each): with 3.8 KB events (Debezium with schemas) peak RSS 125-136 MB, with it 89-92 MB.
-WRITE_BACKLOG = 8 * 1024 * 1024
-
-
-def _write_backlog(nc: Any) -> int:
-    """The bytes ``nc`` holds that the socket did not take yet (its pending buffer and its transport's)."""
-    transport = getattr(getattr(getattr(nc, "_transport", None), "_io_writer", None), "transport", None)
-    queued = transport.get_write_buffer_size() if transport is not None else 0
-    return int(nc.pending_data_size) + int(queued)
-
-
 # the client internals the bulk path writes through (nats-py 2.x)
 _BULK_ATTRIBUTES = ("_send_command", "_flush_pending", "_flush_queue", "_max_pending_size", "pending_data_size",
                     "stats")
@@ -620,10 +606,6 @@ class NatsPublisher(Publisher[NatsPublisherConfig]):
             await nc._send_command(frames)
             if nc._flush_queue is not None and nc._flush_queue.empty():
                 await nc._flush_pending()
-            if room < 0 and _write_backlog(nc) > WRITE_BACKLOG:
-                # bounded: a server that stops reading is for the acks' timeout to report, not a reason to hang
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(nc._flush_pending(force_flush=True), self.ack_timeout)
         except Exception as exc:
             window = self._batches.get(acks)
             if window is not None:
