@@ -23,7 +23,7 @@ import struct
 import time
 from typing import Any
 
-from bench.workload import USERS_HASH_KEY, USERS_TRANSFORM
+from bench.workload import USERS_HASH_KEY, USERS_TENANTS, USERS_TRANSFORM
 from listener import types
 from listener.config import Config
 from listener.event import EventBuilder
@@ -66,7 +66,7 @@ def messages(i: int, users: bool = False) -> dict[str, bytes]:
            f"{{tag-{i % 10},group-{i % 7}}}",
            f'{{"i": {i}, "label": "item {i}", "nested": {{"even": {str(i % 2 == 0).lower()}, "score": {i % 100}}}}}']
     if users:
-        row += [str(i % 20), f"user-{i}@example.com", f"+1-555-{i:07d}", f"{i:032x}"]
+        row += [str(i % USERS_TENANTS), f"user-{i}@example.com", f"+1-555-{i:07d}", f"{i:032x}"]
     head = struct.pack(">I", OID)
     key = [str(i)] + [None] * (len(row) - 1)
     return {"insert": b"I" + head + b"N" + _tuple(row),  # type: ignore[arg-type]

@@ -35,6 +35,7 @@ from collections import deque
 from typing import Any
 
 from bench import hotpath as bh
+from bench.workload import USERS_TENANTS
 from listener import cli, delivery, malloc, types
 from listener.message import message_size
 from listener.pgoutput import Column, Relation
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     answers: dict[int, bytes] = {}
     sealed_at = getattr(delivery, "BATCH_BYTES", 1 << 62)  # absent in builds before it (A/B runs)
     subjects = [f"bench.public_{t}" for t in ("bench_ref", "bench_wide", "bench_users")]
-    subjects += [f"bench.users.{tenant}" for tenant in range(20)]  # routed by the users transform's topic
+    subjects += [f"bench.users.{tenant}" for tenant in range(USERS_TENANTS)]  # the users transform's topics
+    # written out, not listener.publishers.nats.hpub_prefix: older builds run this too (A/B) and lack it
     prefixes = {subject: f"HPUB {subject} {INBOX}." for subject in subjects}
     malloc.fix_mmap_threshold()  # the listener's allocator settings (listener/malloc.py)
     streaming = getattr(cli, "_collector_for_streaming", None)  # absent in builds before it (A/B runs)

@@ -108,7 +108,9 @@ def write_reference(rows: int) -> Callable[[psycopg.Connection], None]:
     return write
 
 
-USERS_VALUES = f"""{VALUES}, i %% 20, 'user-' || i || '@example.com', '+1-555-' || lpad(i::text, 7, '0'),
+#: bench_users rows spread over this many tenant_id values (the users transform routes a topic per tenant)
+USERS_TENANTS = 20
+USERS_VALUES = f"""{VALUES}, i %% {USERS_TENANTS}, 'user-' || i || '@example.com', '+1-555-' || lpad(i::text, 7, '0'),
        md5(i::text)"""
 #: the transform of bench_users (listener.transforms): exclude one column, hash one, redact one, route by one
 USERS_TRANSFORM = {
