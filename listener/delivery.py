@@ -8,7 +8,10 @@ acknowledgements are awaited concurrently, so many batches are in flight at once
 The promise: :attr:`Delivery.confirmed_lsn` only moves to a transaction's end LSN when every event of
 that transaction and of every earlier one was acknowledged. A failed event is retried with backoff,
 never skipped (``onError: skip`` sends an event the broker will never accept to the dead-letter topic
-instead, and counts it). In-flight events are bounded twice, in events by ``maxInFlight`` and in bytes
+instead, and counts it). Retries keep the commit order: a batch is sent again only once every batch
+before it is acknowledged, and no newer batch is handed over while one waits to be sent again (except
+behind a batch whose events the broker refuses for good, under ``onError: halt``: that one holds nothing
+back). In-flight events are bounded twice, in events by ``maxInFlight`` and in bytes
 by ``maxInFlightBytes`` (an event's body and key, :func:`~listener.message.message_size`): the reader
 waits when either is reached, so memory stays flat whatever the size of a transaction or of its rows.
 A single event larger than the byte bound still goes (the bound is then reached by it alone: nothing
@@ -74,12 +77,13 @@ class Acks:
     then fails with :class:`AckTimeout`.
     """
 
-    __slots__ = ("_on_timeout", "_timer", "broker", "future", "left", "results", "timed_out")
+    __slots__ = ("_on_timeout", "_timer", "broker", "future", "left", "results", "retry", "timed_out")
 
-    def __init__(self, size: int, broker: str = "") -> None:
+    def __init__(self, size: int, broker: str = "", retry: bool = False) -> None:
         self.results: list[Any] = [_WAITING] * size
         self.left = size  # messages without an outcome
         self.broker = broker
+        self.retry = retry  # the batch's messages were handed to the publisher before (this is a retry)
         self.timed_out = False  # the deadline passed with messages still waiting
         self.future: asyncio.Future[AckResults] = asyncio.get_running_loop().create_future()
         self._timer: asyncio.TimerHandle | None = None
@@ -170,11 +174,13 @@ class Acks:
         return self.future.__await__()
 
 
-async def publish(publisher: Publisher[Any], messages: Sequence[Message], ack_timeout: float) -> Acks:
+async def publish(publisher: Publisher[Any], messages: Sequence[Message], ack_timeout: float,
+                  retry: bool = False) -> Acks:
     """Hand ``messages`` to ``publisher`` with a new tracker whose deadline is ``ack_timeout`` seconds from
-    now; await the tracker for the results. A publisher that raises fails the whole batch, except with a
-    :class:`BrokerConfigError` (a destination that can never work), which is raised."""
-    acks = Acks(len(messages), publisher.broker)
+    now (``retry``: they were handed over before); await the tracker for the results. A publisher that
+    raises fails the whole batch, except with a :class:`BrokerConfigError` (a destination that can never
+    work), which is raised."""
+    acks = Acks(len(messages), publisher.broker, retry)
     acks.expire_after(ack_timeout)
     try:
         await publisher.publish(messages, acks)
@@ -195,6 +201,10 @@ class Batch:
     lsn: int = 0  # the end LSN of the last transaction that committed inside this batch
     commit_time: float = 0.0  # unix time of that commit (for the lag in seconds)
     done: bool = False
+    #: some of its events failed in a way that may pass (they are re-sent in order, nothing newer goes meanwhile)
+    blocking: bool = False
+    #: every event it still has failed for good (``onError: halt``): re-sent alone, holding nothing back
+    stuck: bool = False
 
 
 class Backoff:
@@ -257,6 +267,10 @@ class Delivery:
         # the same in bytes
         self._resume_bytes = max_in_flight_bytes - min(self.max_batch_bytes, max_in_flight_bytes // 2)
         self._retrying = 0  # batches with events being retried
+        self._blocking = 0  # batches whose events failed in a way that may pass (Batch.blocking)
+        self._unblocked = asyncio.Event()  # set while _blocking is 0: the sender may hand over new batches
+        self._unblocked.set()
+        self._progress: list[asyncio.Future[None]] = []  # woken when a batch is done or stuck (see _turn)
         self._lingering = False  # the open batch waits for an earlier batch's acks (see caught_up)
         #: published_events_total's counter per (subject, table), looked up once (topics routed by column
         #: values give a batch many subjects; a lookup costs more than the increment)
@@ -433,10 +447,7 @@ class Delivery:
         return waiter
 
     def _wake_acked(self) -> None:
-        waiters, self._ack_waiters = self._ack_waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        self._wake(self._ack_waiters)
 
     @property
     def failing(self) -> bool:
@@ -478,15 +489,17 @@ class Delivery:
     async def _send_loop(self) -> None:
         while True:
             batch = await self._queue.get()
+            if self._blocking:  # nothing newer overtakes events waiting to be sent again
+                await self._unblocked.wait()
             acks = await self._send(batch.messages)
             task = asyncio.create_task(self._settle(batch, batch.messages, acks))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _send(self, messages: list[Message]) -> Acks:
+    async def _send(self, messages: list[Message], retry: bool = False) -> Acks:
         """Hand messages to the publisher (see :func:`publish`); a :class:`BrokerConfigError` stops the listener."""
         try:
-            return await publish(self.publisher, messages, self.ack_timeout)
+            return await publish(self.publisher, messages, self.ack_timeout, retry)
         except BrokerConfigError as exc:
             self.fatal = exc
             if self.on_fatal is not None:
@@ -500,6 +513,7 @@ class Delivery:
         while True:
             results = await acks
             failed: list[Message] = []
+            passing = False  # some failure may pass: the batch is re-sent in its turn (see _turn)
             published: dict[tuple[str, str], int] = {}  # counted once per subject and table, not per event
             for message, result in zip(messages, results, strict=True):
                 if result is None:
@@ -508,8 +522,10 @@ class Delivery:
                 elif not result.retryable and self.on_error == "skip":
                     if not await self._dead_letter(message, result):
                         failed.append(message)
+                        passing = True
                 else:
                     failed.append(message)
+                    passing = passing or result.retryable
                     metrics.PUBLISH_ERRORS.labels(result.reason).inc()
             for labels, count in published.items():
                 counter = self._published.get(labels)
@@ -531,6 +547,9 @@ class Delivery:
                 self._wake_acked()
             if not failed:
                 break
+            batch.stuck = not passing
+            self._block(batch, passing)
+            self._wake(self._progress)  # a batch waiting for its turn may go when this one is stuck
             if not backoff.attempt:
                 self._retrying += 1
             delay = backoff.next()
@@ -547,15 +566,57 @@ class Delivery:
                                   "subject": failed[0].subject}},
             )
             await asyncio.sleep(delay)
+            if batch.blocking:
+                await self._turn(batch)
             messages = failed
-            acks = await self._send(messages)
+            acks = await self._send(messages, retry=True)
+        batch.done = True
         if backoff.attempt:
             self._retrying -= 1
             log.info("publish recovered", extra={"fields": {"attempts": backoff.attempt + 1}})
-        batch.done = True
+            batch.stuck = False
+            self._block(batch, False)
+        if self._progress:  # batches waiting for their turn (see _turn)
+            self._wake(self._progress)
         if self._lingering:
             self.seal()
         self._retire()
+
+    def _block(self, batch: Batch, blocking: bool) -> None:
+        """Mark whether ``batch`` has events that failed in a way that may pass: while any batch has, the
+        sender hands over no newer batch."""
+        if blocking == batch.blocking:
+            return
+        batch.blocking = blocking
+        self._blocking += 1 if blocking else -1
+        if self._blocking:
+            self._unblocked.clear()
+        else:
+            self._unblocked.set()
+
+    async def _turn(self, batch: Batch) -> None:
+        """Wait until every batch before ``batch`` is acknowledged or stuck. So events sent again go out in the
+        order they were first sent, and a later change of a row is not stored ahead of an earlier one that is
+        still being retried."""
+        while True:
+            for earlier in self._pending:
+                if earlier is batch:
+                    return
+                if not earlier.done and not earlier.stuck:
+                    break
+            else:
+                return
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._progress.append(waiter)
+            await waiter
+
+    @staticmethod
+    def _wake(waiters: list[asyncio.Future[None]]) -> None:
+        """Complete and forget every future in ``waiters``."""
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        waiters.clear()
 
     async def _dead_letter(self, message: Message, error: PublishError) -> bool:
         body = orjson.dumps({"error": str(error), "subject": message.subject, "event": orjson.Fragment(message.body)})

@@ -723,16 +723,33 @@ async def test_caught_up_again_while_a_batch_waits_sends_what_was_read_meanwhile
     assert d.confirmed_lsn == 40
 
 
-async def test_caught_up_does_not_hold_events_back_while_others_are_retried(make_delivery: Factory) -> None:
+async def test_events_read_while_an_earlier_one_is_retried_go_out_after_it(make_delivery: Factory) -> None:
     pub = FakePublisher()
-    pub.script("a", MessageRejected("nack"), MessageRejected("nack"), MessageRejected("nack"))
-    d = make_delivery(pub, retry_cap=5.0)
+    pub.script("a", MessageRejected("nack"), MessageRejected("nack"))
+    d = make_delivery(pub)
+    d.add(msg("a"))
+    d.commit(10, 1.0)
+    d.caught_up()
+    await until(lambda: d.failing)
+    d.add(msg("b"))
+    d.commit(20, 2.0)
+    d.caught_up()
+    await drained(d)
+    assert pub.sent_ids() == ["a", "a", "a", "b"]  # "b" waited until "a" was stored
+    assert d.confirmed_lsn == 20
+
+
+async def test_an_event_refused_for_good_holds_nothing_back(make_delivery: Factory) -> None:
+    pub = FakePublisher()
+    pub.script("a", *[MessageRejected("rejected", retryable=False)] * 3)
+    d = make_delivery(pub, retry_cap=5.0, on_error="halt")
     d.add(msg("a"))
     d.caught_up()
     await until(lambda: d.failing)
     d.add(msg("b"))
-    d.caught_up()
+    d.caught_up()  # sent at once: no lingering behind a batch that is being retried
     await until(lambda: "b" in pub.sent_ids())
+    assert pub.sent_ids() == ["a", "b"]
 async def test_published_events_metric_counts_acks(make_delivery: Factory) -> None:
     pub = FakePublisher()
     pub.script("p2", PublishError("once"))
@@ -828,27 +845,63 @@ async def test_failing_flag_while_retrying(make_delivery: Factory) -> None:
     assert d.confirmed_lsn == 5
 
 
-async def test_failing_stays_true_while_another_batch_is_still_retrying(make_delivery: Factory) -> None:
+async def test_a_batch_sent_again_waits_for_the_answer_to_an_earlier_first_attempt(make_delivery: Factory) -> None:
     pub = FakePublisher(hold=True)
-    pub.script("a", PublishError("a1"))
     pub.script("b", PublishError("b1"))
     d = make_delivery(pub, batch_size=1)
     d.add(msg("a"))
     d.add(msg("b"))
     d.commit(10, 1.0)
+    d.seal()
     await pub.wait_sends(2)
+    pub.release(1)  # "b" fails while "a" has no answer yet: should "a" fail too, it must go first
+    await until(lambda: d.failing)
+    for _ in range(5):
+        await asyncio.sleep(RETRY_CAP)  # several backoffs pass: "b" still waits for its turn
+    assert pub.sent_ids() == ["a", "b"]
     pub.release(0)
+    await pub.wait_sends(3)
+    pub.release(2)
+    await drained(d)
+    assert pub.sent_ids() == ["a", "b", "b"]
+    assert d.confirmed_lsn == 10
+
+
+async def test_batches_are_sent_again_in_order_each_after_the_earlier_ones_are_acked(make_delivery: Factory) -> None:
+    pub = FakePublisher(hold=True)
+    pub.script("a", PublishError("a1"))
+    pub.script("b", PublishError("b1"))
+    pub.script("c", PublishError("c1"))
+    d = make_delivery(pub, batch_size=1)
+    d.add(msg("a"))
+    d.add(msg("b"))
+    d.add(msg("c"))
+    d.commit(10, 1.0)
+    d.seal()
+    await pub.wait_sends(3)
+    pub.release(2)  # "c" fails first, then "b", then "a": each waits for its backoff, then for its turn
+    await until(lambda: d.failing)
     pub.release(1)
-    await pub.wait_sends(4)  # both are being retried
-    assert d.failing
-    retry_of_a = next(i for i, batch in enumerate(pub.sends) if i >= 2 and batch[0].id == "a")
-    retry_of_b = 5 - retry_of_a
-    pub.release(retry_of_a)
-    await until(lambda: d.in_flight == 1)
+    pub.release(0)
+    await pub.wait_sends(4)
+    await settle()
+    assert pub.sent_ids() == ["a", "b", "c", "a"]  # the others wait for "a" to be acknowledged
+    d.add(msg("d"))
+    d.seal()  # nothing newer goes while events wait to be sent again
+    pub.release(3)
+    await pub.wait_sends(5)
+    await settle()
+    assert pub.sent_ids()[4:] == ["b"]
     assert d.failing  # "b" has not been acknowledged yet
-    pub.release(retry_of_b)
+    pub.release(4)
+    await pub.wait_sends(6)
+    pub.release(5)
+    await pub.wait_sends(7)
+    assert pub.sent_ids()[5:] == ["c", "d"]
+    pub.release(6)
     await drained(d)
     assert not d.failing
+    assert d.confirmed_lsn == 10
 
 
 async def test_retryable_rejection_with_skip_is_retried_not_dead_lettered(make_delivery: Factory) -> None:

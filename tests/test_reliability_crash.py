@@ -154,6 +154,42 @@ async def test_postgres_and_nats_restarted_and_crashed_mid_stream(
     assert await asyncio.to_thread(proc.terminate) == 0
 
 
+async def test_nats_frozen_past_the_ack_timeout_then_killed_keeps_every_row_in_order(
+    fresh_db: str, pg: PostgresServer, make_nats: Callable[..., NatsServer]
+) -> None:
+    # Batches time out while the server is frozen, then the server dies with their frames unread. The
+    # batches still waiting for an answer are written again first after the reconnect; the timed-out ones,
+    # re-sent by the delivery stage behind them, used to land after later changes of the same rows.
+    broker = make_nats()
+    dsn = pg.dsn(fresh_db)
+    await sql(dsn, Workload.CREATE)
+    topic = unique("frozen_killed")
+    cfg = nats_config(pg.port, fresh_db, broker.url, topic, ackTimeout="1s")
+
+    def crash() -> None:
+        broker.kill()
+        broker.start()
+
+    async with running(cfg) as listener:
+        load = Workload(dsn, transactions=100_000, inserts=5, updates=3, pace=0.01).start()
+        try:
+            for _ in range(3):
+                rows = load.rows
+                await wait_until(lambda rows=rows: load.rows >= rows + 100, 60, "commits before the freeze")
+                broker.pause()
+                await wait_until(lambda: listener.delivery.failing, 15, "a batch to time out")
+                await asyncio.to_thread(crash)
+                await wait_until(lambda: not listener.delivery.failing, 60, "the retries to be acknowledged")
+        finally:
+            load.stop()
+            load.join()
+        await caught_up(dsn, cfg["listener"]["slotName"], 90)
+    truth = await table_truth(dsn)
+    assert len(truth) == load.rows
+    report = check(truth, [r.event for r in await read_jetstream(broker.url, topic)])
+    report.assert_ok(duplicates=False)
+
+
 async def test_broker_frozen_longer_than_ack_timeout_waits_bounded_then_recovers(
     fresh_db: str, pg: PostgresServer, make_nats: Callable[..., NatsServer]
 ) -> None:

@@ -14,8 +14,9 @@ pending buffer and kicks its flusher once, instead of one ``publish`` call per e
 buffering rules still hold: while the client is reconnecting the frames wait in its pending buffer
 (up to ``pending_size``; what does not fit fails with :class:`BrokerUnavailable`, and so does everything
 after it in the batch, so nothing overtakes a message that has to be sent again). When the connection
-breaks, the frames of every batch not fully acknowledged are put at the front of the buffer again, so
-that after the reconnect nothing written later is stored before them. Acks are taken from
+breaks, the frames of every batch not fully acknowledged (and of first attempts that timed out before the
+server answered anything after them) are put at the front of the buffer again, so that after the reconnect
+nothing written later is stored before them. Acks are taken from
 the protocol parser directly for our reply subscription (no ``Msg`` object, queue hop or callback
 task per ack), and runs of complete ack frames at the start of a read are cut off before nats-py's
 regex parser sees them; every other frame, and other subscriptions of the client, go nats-py's way.
@@ -27,6 +28,7 @@ subscription callback.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import importlib
 import logging
@@ -178,6 +180,10 @@ class NatsPublisher(Publisher[NatsPublisherConfig]):
         self._seq = 0
         self._windows: deque[_Written] = deque()  # batches with publishes on the wire, in sequence order
         self._batches: dict[Acks, _Written] = {}  # the same, by tracker
+        # first attempts that timed out with no answer from the server for anything after them: their frames
+        # may be lost with the connection while later ones are not, so they are written again first too
+        # (see _resend_unacked); in sequence order
+        self._expired: list[_Written] = []
         self._max_payload = 1024 * 1024
         self._closing = False  # close() was called: a closed client is not re-opened
         self._reopening: asyncio.Task[None] | None = None
@@ -441,6 +447,10 @@ class NatsPublisher(Publisher[NatsPublisherConfig]):
     def _settle(self, seq: int, stop: int, outcome: PublishError | None) -> None:
         """The publishes with sequence numbers ``seq``..``stop - 1`` got ``outcome`` (an ack of a publish
         whose batch is settled already -- it timed out and was retried -- settles nothing)."""
+        expired = self._expired
+        if expired and expired[0].last < seq:  # the server answered something after them: it had them
+            while expired and expired[0].last < seq:
+                del expired[0]
         windows = self._windows
         while windows and windows[0].acks.done:
             windows.popleft()
@@ -482,9 +492,11 @@ class NatsPublisher(Publisher[NatsPublisherConfig]):
         written after them wait in the client's buffer and would be stored first after the reconnect --
         a later change of a row landing before an earlier one. So every unacked batch's frames go to the
         front of the buffer, in the order they were first sent; JetStream drops the copies it already
-        stored (Nats-Msg-Id) and the acks that come back settle the batches."""
-        unacked = sorted((w for acks, w in self._batches.items() if not acks.done and (w.frames or w.batch)),
-                         key=lambda w: w.first)
+        stored (Nats-Msg-Id) and the acks that come back settle the batches. The first attempts that timed
+        out before (a server frozen longer than ackTimeout, then gone) go too, in their place: the delivery
+        stage re-sends their events, but behind batches written after them."""
+        unacked = sorted([*(w for acks, w in self._batches.items() if not acks.done and (w.frames or w.batch)),
+                          *self._expired], key=lambda w: w.first)
         frames = b"".join(w.wire(self._hot) for w in unacked)
         if frames:
             try:
@@ -507,6 +519,8 @@ class NatsPublisher(Publisher[NatsPublisherConfig]):
         if window is not None:
             with contextlib.suppress(ValueError):
                 self._windows.remove(window)
+            if acks.timed_out and not acks.retry and (window.frames or window.batch):
+                bisect.insort(self._expired, window, key=lambda w: w.first)
 
     async def publish(self, batch: Sequence[Message], acks: Acks) -> None:
         nc = self._nc
