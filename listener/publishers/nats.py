@@ -495,7 +495,10 @@ class NatsPublisher(Publisher[NatsPublisherConfig]):
         stored (Nats-Msg-Id) and the acks that come back settle the batches. The first attempts that timed
         out before (a server frozen longer than ackTimeout, then gone) go too, in their place: the delivery
         stage re-sends their events, but behind batches written after them."""
-        unacked = sorted([*(w for acks, w in self._batches.items() if not acks.done and (w.frames or w.batch)),
+        # a first attempt whose ackTimeout has just passed is still in _batches until _forget runs (a callback
+        # the event loop has not called yet): it goes too
+        unacked = sorted([*(w for acks, w in self._batches.items()
+                            if (not acks.done or (acks.timed_out and not acks.retry)) and (w.frames or w.batch)),
                           *self._expired], key=lambda w: w.first)
         frames = b"".join(w.wire(self._hot) for w in unacked)
         if frames:
