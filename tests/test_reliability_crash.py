@@ -48,6 +48,12 @@ async def caught_up(dsn: str, slot: str, timeout: float = 60) -> None:
     await wait_until(done, timeout, "the slot to confirm the end of the WAL")
 
 
+def kill_and_start(server: PostgresServer | NatsServer) -> None:
+    """``kill -9`` the server, then start it again (same port, same data)."""
+    server.kill()
+    server.start()
+
+
 async def test_kill_9_four_times_under_load_loses_nothing_and_replays_only_the_unconfirmed_tail(
     fresh_db: str, pg: PostgresServer, nats_server: NatsServer, tmp_path: Path, procs: list[ListenerProcess]
 ) -> None:
@@ -116,19 +122,11 @@ async def test_postgres_and_nats_restarted_and_crashed_mid_stream(
     await wait_until(streaming(proc), 30, "streaming")
     load = Workload(dsn, transactions=100_000, inserts=5, updates=3, pace=0.01).start()
     try:
-        def crash_pg() -> None:
-            pg.kill()
-            pg.start()
-
-        def crash_nats() -> None:
-            broker.kill()
-            broker.start()
-
         faults: list[tuple[str, Callable[[], object]]] = [
             ("postgres restart", pg.restart),
-            ("postgres crash (kill -9)", crash_pg),
+            ("postgres crash (kill -9)", lambda: kill_and_start(pg)),
             ("nats restart", broker.restart),
-            ("nats crash (kill -9)", crash_nats),
+            ("nats crash (kill -9)", lambda: kill_and_start(broker)),
         ]
         for number, (_name, fault) in enumerate(faults, start=1):
             def committed(target: int = load.rows + 100) -> bool:
@@ -165,11 +163,6 @@ async def test_nats_frozen_past_the_ack_timeout_then_killed_keeps_every_row_in_o
     await sql(dsn, Workload.CREATE)
     topic = unique("frozen_killed")
     cfg = nats_config(pg.port, fresh_db, broker.url, topic, ackTimeout="1s")
-
-    def crash() -> None:
-        broker.kill()
-        broker.start()
-
     async with running(cfg) as listener:
         load = Workload(dsn, transactions=100_000, inserts=5, updates=3, pace=0.01).start()
         try:
@@ -178,7 +171,7 @@ async def test_nats_frozen_past_the_ack_timeout_then_killed_keeps_every_row_in_o
                 await wait_until(lambda rows=rows: load.rows >= rows + 100, 60, "commits before the freeze")
                 broker.pause()
                 await wait_until(lambda: listener.delivery.failing, 15, "a batch to time out")
-                await asyncio.to_thread(crash)
+                await asyncio.to_thread(kill_and_start, broker)
                 await wait_until(lambda: not listener.delivery.failing, 60, "the retries to be acknowledged")
         finally:
             load.stop()
