@@ -741,8 +741,11 @@ async def test_without_a_table_list_all_tables_is_refused_while_a_table_has_no_i
 
     # the table gets a key: FOR ALL TABLES is made; a keyless table created later is reported
     _q(pg, db_with_tables, "ALTER TABLE public.nopk ADD PRIMARY KEY (a)")
+    # the status timer may say SlotReady as soon as the reconcile made the slot, before that reconcile writes
+    # status.publication: wait for the publication itself
+    await cluster.wait(lambda: (cluster.status(name).get("publication") or {}).get("allTables") is True,
+                       timeout=60, what="status.publication.allTables")
     await cluster.wait_condition(name, "SlotReady", "True", timeout=60)
-    assert cluster.status(name)["publication"]["allTables"] is True
     _q(pg, db_with_tables, "CREATE TABLE public.later (a int)")
     await cluster.wait(
         lambda: cluster.status(name)["publication"].get("tablesWithoutIdentity") == ["public.later"],
