@@ -26,6 +26,7 @@ from listener.errors import (
 )
 from listener.event import event_id, slot_hash
 from listener.observability import JsonFormatter, Redactor
+from listener.publishers.base import Readiness
 from listener.replication import ReplicationStream, one_line
 from tests.support.checker import check, id_lsn
 from tests.support.harness import nats_config
@@ -199,3 +200,25 @@ def test_only_the_configured_brokers_library_is_imported() -> None:
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     # the event and delivery stages do not import the broker package; the app imports the interface only
     assert run.stdout.strip() == "[] ['listener.publishers.base'] ['nats']", run.stdout + run.stderr
+
+
+async def test_a_broker_back_is_announced_once_whether_an_ack_or_the_probe_notices_it() -> None:
+    # Kafka's client sends records again by itself: one acknowledged after an outage can mark the broker up
+    # before the probe does, and the publisher must still re-check its topics (a broker back may be a wiped one)
+    back: list[str] = []
+    readiness = Readiness("kafka", "broker x", logging.getLogger("test"))
+
+    async def unanswered() -> None:
+        await asyncio.Event().wait()
+
+    readiness.start(unanswered, 3600, lambda: back.append("back"))
+    try:
+        readiness.up()
+        assert back == []  # up from the start: nothing came back
+        readiness.down("connection refused")
+        assert not readiness.is_up
+        readiness.up()
+        readiness.up()
+        assert readiness.is_up and back == ["back"]
+    finally:
+        await readiness.stop()

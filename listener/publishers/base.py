@@ -120,7 +120,8 @@ class Readiness:
     :meth:`down` on a connection-type failure (logged once; the publisher then refuses new batches at
     once instead of piling them up in the client), :meth:`up` on an acknowledgement. A probe run every
     ``interval`` seconds (:meth:`start`) notices an idle broker going away and coming back; ``back`` is
-    called when it does come back (before the publisher is ready again).
+    called when it does come back (before the publisher is ready again), whichever notices it first: the
+    probe, or an acknowledgement of something the client sent again by itself.
     """
 
     def __init__(self, broker: str, where: str, log: logging.Logger) -> None:
@@ -129,9 +130,13 @@ class Readiness:
         self.log = log
         self.is_up = False
         self._probe: asyncio.Task[None] | None = None
+        self._back: Callable[[], None] | None = None
 
     def up(self) -> None:
-        self.is_up = True
+        if not self.is_up:
+            self.is_up = True
+            if self._back is not None:
+                self._back()
 
     def down(self, why: object) -> None:
         if self.is_up:
@@ -143,8 +148,9 @@ class Readiness:
               back: Callable[[], None] | None = None) -> None:
         """Up, and probing with ``check`` (which raises when the broker cannot be reached)."""
         self.is_up = True
+        self._back = back
         if self._probe is None:
-            self._probe = asyncio.create_task(self._run(check, interval, back), name=f"{self.broker}-probe")
+            self._probe = asyncio.create_task(self._run(check, interval), name=f"{self.broker}-probe")
 
     async def stop(self) -> None:
         self.is_up = False
@@ -154,8 +160,7 @@ class Readiness:
             with contextlib.suppress(asyncio.CancelledError):
                 await probe
 
-    async def _run(self, check: Callable[[], Awaitable[object]], interval: float,
-                   back: Callable[[], None] | None) -> None:
+    async def _run(self, check: Callable[[], Awaitable[object]], interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
             try:
@@ -168,9 +173,7 @@ class Readiness:
             else:
                 if not self.is_up:
                     self.log.info("%s: %s is reachable again", self.broker, self.where)
-                    if back is not None:
-                        back()
-                self.is_up = True
+                    self.up()
 
 
 def tls_context(cfg: TLSPublisherConfig, broker: str) -> ssl.SSLContext | None:
