@@ -574,7 +574,6 @@ class Delivery:
         if backoff.attempt:
             self._retrying -= 1
             log.info("publish recovered", extra={"fields": {"attempts": backoff.attempt + 1}})
-            batch.stuck = False
             self._block(batch, False)
         if self._progress:  # batches waiting for their turn (see _turn)
             self._wake(self._progress)

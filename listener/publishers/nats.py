@@ -147,6 +147,16 @@ class _Written:
         built = hot.nats_frames(self.batch, prefixes, self.first - 1, 1 << 62, _HEADER_BYTES)
         return built[0] if built is not None else b""
 
+    @property
+    def rewritable(self) -> bool:
+        """Its frames can be written again (:meth:`wire` gives them)."""
+        return bool(self.frames or self.batch)
+
+    @property
+    def expired(self) -> bool:
+        """A first attempt whose ackTimeout passed: its frames may have died unanswered with the connection."""
+        return self.acks.timed_out and not self.acks.retry and self.rewritable
+
     def settle(self, seq: int, stop: int, outcome: PublishError | None) -> None:
         """The publishes ``seq``..``stop - 1`` (within this batch) got ``outcome``."""
         indices = self.indices
@@ -448,9 +458,8 @@ class NatsPublisher(Publisher[NatsPublisherConfig]):
         """The publishes with sequence numbers ``seq``..``stop - 1`` got ``outcome`` (an ack of a publish
         whose batch is settled already -- it timed out and was retried -- settles nothing)."""
         expired = self._expired
-        if expired and expired[0].last < seq:  # the server answered something after them: it had them
-            while expired and expired[0].last < seq:
-                del expired[0]
+        while expired and expired[0].last < seq:  # the server answered something after them: it had them
+            del expired[0]
         windows = self._windows
         while windows and windows[0].acks.done:
             windows.popleft()
@@ -497,8 +506,7 @@ class NatsPublisher(Publisher[NatsPublisherConfig]):
         stage re-sends their events, but behind batches written after them."""
         # a first attempt whose ackTimeout has just passed is still in _batches until _forget runs (a callback
         # the event loop has not called yet): it goes too
-        unacked = sorted([*(w for acks, w in self._batches.items()
-                            if (not acks.done or (acks.timed_out and not acks.retry)) and (w.frames or w.batch)),
+        unacked = sorted([*(w for w in self._batches.values() if (not w.acks.done and w.rewritable) or w.expired),
                           *self._expired], key=lambda w: w.first)
         frames = b"".join(w.wire(self._hot) for w in unacked)
         if frames:
@@ -522,7 +530,7 @@ class NatsPublisher(Publisher[NatsPublisherConfig]):
         if window is not None:
             with contextlib.suppress(ValueError):
                 self._windows.remove(window)
-            if acks.timed_out and not acks.retry and (window.frames or window.batch):
+            if window.expired:
                 bisect.insort(self._expired, window, key=lambda w: w.first)
 
     async def publish(self, batch: Sequence[Message], acks: Acks) -> None:
