@@ -62,7 +62,8 @@ class HeadedMessage(Message):
     """An event whose body is ``head``, bytes many events share (Debezium's schema block, rendered once per
     table), followed by ``rest``, its own bytes. ``body`` joins them when read and keeps the join (every broker
     that needs one buffer reads it); the NATS frames write the two parts one after the other and never join
-    them, so the event's bytes are written once, into the frames, instead of into a body and again into them."""
+    them, so the event's bytes are written once, into the frames, instead of into a body and again into them
+    (and a head of 1 KiB or more not even there: the frames are cut around it and it goes to the socket as is)."""
 
     __slots__ = ()
 

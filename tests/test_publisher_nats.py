@@ -592,7 +592,8 @@ def test_compiled_frames_of_headed_messages_are_what_nats_py_would_send() -> Non
     """A HeadedMessage (Debezium's schema head shared by a table's events, then the event's own bytes) is framed
     as its whole body, head and rest one after the other, without joining them: byte for byte nats-py's frames of
     the joined body, beside plain messages, heads of any size, a rest that is empty, one already joined; the
-    limit counts the head."""
+    limit counts the head. A long head is not even copied into the frames: they come in parts, the head itself
+    one of them each time."""
     hot = compiled_hot_path()
     prefixes = {"s.a": "HPUB s.a _INBOX.q."}
     heads = [b'{"schema":{"type":"struct"},"payload":', b"h" * 5000, b"x"]
@@ -606,10 +607,17 @@ def test_compiled_frames_of_headed_messages_are_what_nats_py_would_send() -> Non
     frames, payload = hot.nats_frames(batch, prefixes, 7, 1024 * 1024, header)
     assert all(m.head for n, m in enumerate(batch) if n % 5 != 4 and n != 7)  # nothing was joined to frame it
     whole = [(m.head or b"") + m.rest for m in batch]
-    assert frames == b"".join(
+    assert isinstance(frames, list)
+    assert b"".join(frames) == b"".join(
         command.hpub_cmd(m.subject, f"_INBOX.q.{8 + n}", b"NATS/1.0\r\nNats-Msg-Id: " + m.id.encode() +
                          b"\r\n\r\n", whole[n]) for n, m in enumerate(batch))
     assert payload == sum(map(len, whole))
+    long_head = [part for part in frames if part is heads[1]]
+    assert len(long_head) == sum(1 for n, m in enumerate(batch) if m.head is heads[1])  # every one, as it is
+    copied = b"|".join(part for part in frames if part is not heads[1]).count(b"h" * 5000)
+    assert copied == sum(1 for n, m in enumerate(batch) if m.head is None and whole[n].startswith(heads[1]))
+    short = [HeadedMessage(heads[0], f"id-{n}", "s.a", b"{}}", "public", "t", "INSERT") for n in range(3)]
+    assert isinstance(hot.nats_frames(short, prefixes, 0, 1024 * 1024, header)[0], bytes)  # short heads: one buffer
     over = HeadedMessage(b"h" * 80, "id-1", "s.a", b"{}}", "public", "t", "INSERT")  # its rest alone fits
     assert hot.nats_frames([over], prefixes, 0, 80, header) is None  # the Python path says it is too large
 
@@ -620,15 +628,18 @@ def test_frames_written_again_from_the_batch_are_the_frames_written() -> None:
     hot = compiled_hot_path()
     inbox = "_INBOX.xyz"
     prefixes = {f"s.{name}": f"HPUB s.{name} {inbox}." for name in ("a", "b")}
-    head = b'{"schema":{"type":"struct"},"payload":'
+    heads = [b'{"schema":{"type":"struct"},"payload":',
+             b'{"schema":{"type":"struct","x":"%s"},"payload":' % (b"y" * 2000)]
     batch: list[Message] = [
-        HeadedMessage(head, f"id-{n}", f"s.{'ab'[n % 2]}", b'{"n":%d}}' % n, "public", "t", "INSERT") if n % 3
+        HeadedMessage(heads[n % 4 // 2], f"id-{n}", f"s.{'ab'[n % 2]}", b'{"n":%d}}' % n, "public", "t", "INSERT")
+        if n % 3
         else Message(f"id-{n}", "s.a", b'{"n": %d}' % n, "public", "t", "INSERT", header_lines=b"ce-id: x\r\n")
         for n in range(20)]
-    frames, _ = hot.nats_frames(batch, prefixes, 41, 1024 * 1024, len(b"NATS/1.0\r\nNats-Msg-Id: \r\n\r\n"))
-    assert batch[1].body.startswith(head)  # joined since
+    parts, _ = hot.nats_frames(batch, prefixes, 41, 1024 * 1024, len(b"NATS/1.0\r\nNats-Msg-Id: \r\n\r\n"))
+    assert isinstance(parts, list)  # the long head was not copied: the frames came in parts
+    assert batch[1].body.startswith(heads[0]) and batch[2].body.startswith(heads[1])  # joined since
     written = _Written(None, 42, 61, b"", None, batch, inbox)  # type: ignore[arg-type]
-    assert written.wire(hot) == frames
+    assert written.wire(hot) == b"".join(parts)
     assert _Written(None, 42, 61, b"kept", [4], None, inbox).wire(hot) == b"kept"  # type: ignore[arg-type]
 
 
@@ -637,7 +648,8 @@ async def test_headed_messages_arrive_whole(
     nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch, path: str
 ) -> None:
     """HeadedMessages reach a subscriber as their whole bodies on every write path: the compiled frames, the bulk
-    path's Python loop and publish() one by one."""
+    path's Python loop and publish() one by one; with a short head copied into the frames and with a long one
+    (the compiled path hands that one to the socket as it is, between the frames' parts)."""
     if path == "one by one":
         monkeypatch.setattr("listener.publishers.nats._BULK_ATTRIBUTES", ("_no_such_attribute",))
         monkeypatch.setattr(NatsPublisher, "_take_acks_from_parser", lambda *_: None)
@@ -647,8 +659,11 @@ async def test_headed_messages_arrive_whole(
     if path == "python":
         monkeypatch.setattr(publisher, "_hot", None)
     await publisher.connect()
-    head = b'{"schema":{"type":"struct","fields":[]},"payload":'
-    batch = [HeadedMessage(head, f"id-{n}", f"{stream}.public_t", b'{"n":%d}}' % n, "public", "t", "INSERT")
+    short = b'{"schema":{"type":"struct","fields":[]},"payload":'
+    long = b'{"schema":{"type":"struct","fields":[' + b",".join(b'{"field":"f%d"}' % n for n in range(200)) + \
+        b'],"name":"v"},"payload":'
+    heads = [short, long, long, short, long]
+    batch = [HeadedMessage(heads[n], f"id-{n}", f"{stream}.public_t", b'{"n":%d}}' % n, "public", "t", "INSERT")
              for n in range(5)]
     try:
         assert await (await publisher.send(batch)) == [None] * 5
@@ -656,8 +671,7 @@ async def test_headed_messages_arrive_whole(
     finally:
         await publisher.close()
         await watcher.close()
-    assert [m.data for m in seen] == [b'{"schema":{"type":"struct","fields":[]},"payload":{"n":%d}}' % n
-                                      for n in range(5)]
+    assert [m.data for m in seen] == [heads[n] + b'{"n":%d}}' % n for n in range(5)]
 
 
 async def test_a_formats_headers_arrive_with_each_message(nats_server: NatsServer) -> None:

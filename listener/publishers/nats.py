@@ -10,7 +10,9 @@ their commit order: one connection, sent in order.
 
 The hot path works in bulk. ``publish`` writes the ``HPUB`` frames of a whole batch itself (the same
 bytes nats-py's ``publish`` writes for a message with one header) as one command into the client's
-pending buffer and kicks its flusher once, instead of one ``publish`` call per event. nats-py's
+pending buffer and kicks its flusher once, instead of one ``publish`` call per event; a long head many
+events share (Debezium's schema block) is not copied into them: the frames come in parts around it, and
+uvloop writes the parts as they are with ``writev`` (asyncio's own loop joins them first). nats-py's
 buffering rules still hold: while the client is reconnecting the frames wait in its pending buffer
 (up to ``pending_size``; what does not fit fails with :class:`BrokerUnavailable`, and so does everything
 after it in the batch, so nothing overtakes a message that has to be sent again). When the connection
@@ -115,7 +117,7 @@ def hpub_prefix(subject: str, inbox: str) -> str:
 
 # the client internals the bulk path writes through (nats-py 2.x)
 _BULK_ATTRIBUTES = ("_send_command", "_flush_pending", "_flush_queue", "_max_pending_size", "pending_data_size",
-                    "stats")
+                    "stats", "_pending", "_pending_data_size")
 
 
 class _Written:
@@ -145,7 +147,9 @@ class _Written:
             return self.frames
         prefixes = {subject: hpub_prefix(subject, self.inbox) for subject in {m.subject for m in self.batch}}
         built = hot.nats_frames(self.batch, prefixes, self.first - 1, 1 << 62, _HEADER_BYTES)
-        return built[0] if built is not None else b""
+        if built is None:
+            return b""
+        return built[0] if isinstance(built[0], bytes) else b"".join(built[0])
 
     @property
     def rewritable(self) -> bool:
@@ -579,7 +583,11 @@ class NatsPublisher(Publisher[NatsPublisherConfig]):
         whole: list[Message] | None = None
         if built is not None:  # every message was plain: frames written in one go, seq numbers in order
             whole = batch  # type: ignore[assignment]  # a list (checked above)
-            parts.append(built[0])
+            frames = built[0]
+            if isinstance(frames, bytes):
+                parts.append(frames)
+            else:  # cut around the shared heads (Debezium's schema block), which are not copied
+                parts = frames
             payload = built[1]
             seq += len(batch)
             batch = ()
@@ -622,13 +630,19 @@ class NatsPublisher(Publisher[NatsPublisherConfig]):
         self._seq = seq
         if not parts:
             return
-        frames = b"".join(parts)
         if whole is not None:  # written again from the batch if ever needed, not held until the acks
             self._written(acks, first + 1, seq, b"", None, whole)
         else:
-            self._written(acks, first + 1, seq, frames, indices)
+            parts = [b"".join(parts)]
+            self._written(acks, first + 1, seq, parts[0], indices)
         try:
-            await nc._send_command(frames)
+            if len(parts) == 1:
+                await nc._send_command(parts[0])
+            else:  # what _send_command does, for many parts at once: the client's flusher writes them as they are
+                nc._pending.extend(parts)
+                nc._pending_data_size += sum(map(len, parts))
+                if 0 < nc._max_pending_size < nc._pending_data_size:
+                    await nc._flush_pending(force_flush=True)
             if nc._flush_queue is not None and nc._flush_queue.empty():
                 await nc._flush_pending()
         except Exception as exc:
