@@ -21,10 +21,16 @@ static const uint8_t SIGMA[12][16] = {
 static inline uint64_t rotr64(uint64_t x, int n) { return (x >> n) | (x << (64 - n)); }
 
 static inline uint64_t load64(const unsigned char *p) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    uint64_t v; /* one load where the words are little-endian already */
+    memcpy(&v, p, sizeof v);
+    return v;
+#else
     uint64_t v = 0;
     for (int i = 7; i >= 0; i--)
         v = (v << 8) | p[i];
     return v;
+#endif
 }
 
 #define MIX(a, b, c, d, x, y)                                                                                         \
@@ -51,6 +57,9 @@ static void compress(Blake2b *s, const unsigned char block[128], int last) {
     v[13] ^= s->t[1];
     if (last)
         v[14] = ~v[14];
+    /* unrolled, the message schedule's indices are constants and m[] and v[] stay in registers: a row's id took
+     * ~300 ns at -O2 with the loop, 8% of a backfill's CPU */
+#pragma GCC unroll 12
     for (int r = 0; r < 12; r++) {
         const uint8_t *g = SIGMA[r];
         MIX(0, 4, 8, 12, m[g[0]], m[g[1]]);
