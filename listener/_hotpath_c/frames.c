@@ -351,7 +351,8 @@ PyObject *hot_nats_frames(PyObject *self, PyObject *const *args, Py_ssize_t narg
         memcpy(numbers + written, head, sizeof head - 1);
         written += (Py_ssize_t)sizeof head - 1;
         int cut = head_len >= SHARED_HEAD_MIN; /* the head is a part of its own, not copied */
-        if (frames_reserve(&out, &b, prefix_len + written + id_len + 2 + extra.len + 2 + (cut ? 0 : body_len + 2)) < 0) {
+        Py_ssize_t frame_len = prefix_len + written + id_len + 2 + extra.len + 2 + (cut ? 0 : body_len + 2);
+        if (frames_reserve(&out, &b, frame_len) < 0) {
             rc = -1;
             goto next;
         }
