@@ -179,6 +179,15 @@ def _collector_for_streaming() -> None:
     gc.enable()
 
 
+def _import_lean() -> None:
+    """Import psycopg and pydantic's plugin loader without ``importlib.metadata`` (see listener.lean)."""
+    from listener.lean import metadata_versions_only
+
+    with metadata_versions_only():  # imported for their side effect: in sys.modules for the stages and models
+        import psycopg  # noqa: F401
+        import pydantic.plugin._loader  # noqa: F401
+
+
 def _event_loop_policy() -> None:
     import asyncio
 
@@ -246,6 +255,7 @@ def _command(args: argparse.Namespace) -> int:
 
             return asyncio.run(run_schema_command(load(args.config, []), args.tables, sys.stdout))
         _event_loop_policy()
+        _import_lean()
         return asyncio.run(_serve(args.config))
     except (ConfigError, BrokerConfigError) as exc:
         for line in str(exc).splitlines():  # a config with several problems: one line each

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from listener.backfill import Request
@@ -166,3 +167,38 @@ def test_backfill_progress_is_shown_only_when_rows_move() -> None:
     bar.update(running(500))
     (line,) = bar.out.getvalue().splitlines()
     assert re.fullmatch(r"500 rows [\d,]+ rows/s public\.t", line), line
+
+
+def test_the_listeners_start_reads_no_package_metadata_and_the_versions_are_right() -> None:
+    # psycopg, psycopg-binary and nats-py ask importlib.metadata for their versions when imported: the listener's
+    # start answers from the .dist-info names instead (listener.lean) and never imports the real module
+    code = (
+        "import sys\n"
+        "from listener import cli\n"
+        "cli._import_lean()\n"
+        "import listener.publishers.nats, psycopg, psycopg_binary, nats.aio.client\n"
+        "print('importlib.metadata' in sys.modules, psycopg.__version__, psycopg_binary.__version__,"
+        " nats.aio.client.__version__, psycopg.pq.__impl__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    import importlib.metadata
+
+    expected = [importlib.metadata.version(name) for name in ("psycopg", "psycopg-binary", "nats-py")]
+    assert done.stdout.split() == ["False", *expected, "binary"]
+
+
+def test_the_metadata_stand_in_leaves_the_rest_to_the_real_module() -> None:
+    import importlib.metadata
+
+    from listener.lean import _VersionsOnly, metadata_versions_only
+
+    lean = _VersionsOnly()
+    assert lean.version("PSYCOPG.binary") == importlib.metadata.version("psycopg-binary")  # names as packaging
+    with pytest.raises(importlib.metadata.PackageNotFoundError):
+        lean.version("no-such-distribution-here")
+    assert lean.PackageNotFoundError is importlib.metadata.PackageNotFoundError
+    scripts = importlib.metadata.entry_points(group="console_scripts")
+    assert list(lean.entry_points(group="console_scripts")) == list(scripts)
+    with metadata_versions_only():  # the real module was imported already: nothing to stand in for
+        assert sys.modules["importlib.metadata"] is importlib.metadata

@@ -41,6 +41,8 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
+from listener.lean import metadata_versions_only
+
 
 class _Deferred(types.ModuleType):
     """Stands in for a module nats-py imports but the publisher does not use (``nats.js``, JetStream's
@@ -56,8 +58,9 @@ class _Deferred(types.ModuleType):
 
 def _import_nats_lean() -> None:
     """Import nats-py without what the listener never uses: aiohttp (nats-py imports it when installed,
-    only for ``ws://`` servers, not a publisher.address this listener takes) and ``nats.js`` (until used;
-    the stream is looked up and created through JetStream's API subjects directly)."""
+    only for ``ws://`` servers, not a publisher.address this listener takes), ``nats.js`` (until used;
+    the stream is looked up and created through JetStream's API subjects directly) and importlib.metadata
+    (listener.lean)."""
     if "nats" in sys.modules:
         return
     missing = "aiohttp" not in sys.modules
@@ -66,7 +69,8 @@ def _import_nats_lean() -> None:
     deferred = _Deferred("nats.js")
     sys.modules.setdefault("nats.js", deferred)
     try:
-        import nats.aio.client
+        with metadata_versions_only():  # nats-py asks importlib.metadata for its own version
+            import nats.aio.client
     finally:
         if missing:
             del sys.modules["aiohttp"]
