@@ -640,13 +640,11 @@ class NatsPublisher(Publisher[NatsPublisherConfig]):
             parts = [b"".join(parts)]
             self._written(acks, first + 1, seq, parts[0], indices)
         try:
-            if len(parts) == 1:
-                await nc._send_command(parts[0])
-            else:  # what _send_command does, for many parts at once: the client's flusher writes them as they are
-                nc._pending.extend(parts)
-                nc._pending_data_size += sum(map(len, parts))
-                if 0 < nc._max_pending_size < nc._pending_data_size:
-                    await nc._flush_pending(force_flush=True)
+            # what _send_command does, for any number of parts at once: the client's flusher writes them as they are
+            nc._pending.extend(parts)
+            nc._pending_data_size += sum(map(len, parts))
+            if 0 < nc._max_pending_size < nc._pending_data_size:
+                await nc._flush_pending(force_flush=True)
             if nc._flush_queue is not None and nc._flush_queue.empty():
                 await nc._flush_pending()
         except Exception as exc:
