@@ -229,9 +229,11 @@ CLEAN_NEIGHBOURS = [" ", "!", "#", "[", "]", "\x7f", "é", "日"]
 
 @pytest.mark.parametrize("special", ESCAPED_CHARACTERS + CLEAN_NEIGHBOURS)
 def test_text_is_escaped_like_the_python_path_at_every_offset(special: str) -> None:
-    """The compiled path scans text for what JSON escapes a word (8 bytes) at a time: one such character
-    at every offset of texts up to 40 bytes long, two of them at every distance, and 4 KB texts (the
-    wide workload's) with it near the end, are written byte for byte as the Python path writes them."""
+    """The compiled path scans text for what JSON escapes 16 bytes, then a word (8 bytes), at a time, and
+    escapes each such character found in a block by its bit: one such character at every offset of texts up
+    to 40 bytes long, two of them at every distance, runs of them (every byte, every other byte) across the
+    blocks, and 4 KB texts (the wide workload's) with it near the end, are written byte for byte as the
+    Python path writes them."""
     fast, slow = builders(relation("d", (0,)), needs_key=True)
     txn_fast, txn_slow = fast.begin(0x10, 0), slow.begin(0x10, 0)
     texts = []
@@ -240,6 +242,8 @@ def test_text_is_escaped_like_the_python_path_at_every_offset(special: str) -> N
             texts.append("a" * at + special + "b" * (length - at - 1))
     for gap in range(0, 20):
         texts.append("x" * 5 + special + "y" * gap + special + "z" * 3)
+    for count in range(1, 41):
+        texts += [special * count, "a" + special * count, ("b" + special) * count, ("cd" + special) * count]
     body = "0123456789abcdef" * 256  # 4 KB
     texts += [body, body + special, body[:-9] + special + body[-8:], special + body, body.replace("7", special)]
     plan = fast.relations[OID].plan

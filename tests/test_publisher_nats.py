@@ -504,6 +504,28 @@ def test_compiled_frames_are_what_nats_py_would_send() -> None:
     assert hot.nats_frames([], prefixes, 0, 90, header) == (b"", 0)
 
 
+@pytest.mark.parametrize("char", [" ", "\x00", "\t", "\r", "\x7f", "\x80", "é", "!", "~"])
+def test_ids_are_checked_at_every_offset(char: str) -> None:
+    """The compiled frames check an id 8 bytes at a time: a character nats-py would strip or escape (a space,
+    a control, DEL, non-ASCII) at any offset of ids up to 24 characters sends the batch to the Python path;
+    the printable characters at the ends of the range ("!" and "~") are framed as nats-py frames them."""
+    hot = compiled_hot_path()
+    prefixes = {"s.a": "HPUB s.a _INBOX.q."}
+    header = len(b"NATS/1.0\r\nNats-Msg-Id: \r\n\r\n")
+    plain = char in "!~"
+    for length in range(1, 25):
+        for at in range(length):
+            ident = "a" * at + char + "b" * (length - at - 1)
+            message = Message(ident, "s.a", b"{}", "public", "t", "INSERT")
+            written = hot.nats_frames([message], prefixes, 0, 1024, header)
+            if not plain:
+                assert written is None, ident
+                continue
+            assert written is not None, ident
+            assert written[0] == command.hpub_cmd(
+                "s.a", "_INBOX.q.1", b"NATS/1.0\r\nNats-Msg-Id: " + ident.encode() + b"\r\n\r\n", b"{}"), ident
+
+
 @pytest.mark.parametrize("sizes", [
     [0, 1, 5000, 3, 300_000, 70_000, 1_000_000, 2],  # the room taken from the first frame is outgrown
     [900_000] * 40,  # a large first frame: the room is not its size times the batch (16 MiB at first)

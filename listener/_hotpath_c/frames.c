@@ -78,7 +78,15 @@ static inline int all_header_chars(const unsigned char *s, Py_ssize_t n, unsigne
 /* An id nats-py would send unchanged in a header: printable ASCII, no spaces (so strip() and the
  * CR/LF replacement of the Python path leave it as it is). */
 static int plain_header_value(const char *s, Py_ssize_t n) {
-    for (Py_ssize_t i = 0; i < n; i++)
+    const uint64_t ones = 0x0101010101010101ULL, high = 0x8080808080808080ULL;
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8) { /* 8 bytes at a time: is one below 0x21, or one above 0x7E (0x7F or more)? */
+        uint64_t w;
+        memcpy(&w, s + i, 8);
+        if ((((w - ones * 0x21) & ~w) | ((w + ones) | w)) & high)
+            return 0;
+    }
+    for (; i < n; i++)
         if ((unsigned char)s[i] < 0x21 || (unsigned char)s[i] > 0x7E)
             return 0;
     return 1;

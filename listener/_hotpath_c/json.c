@@ -47,7 +47,7 @@ static inline uint64_t word_needs_escape(uint64_t w) {
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
-/* Nonzero when one of the 16 bytes at p needs escaping (x86-64 always has SSE2). */
+/* Which of the 16 bytes at p need escaping: bit k set for byte k (x86-64 always has SSE2). */
 static inline int block_needs_escape(const unsigned char *p) {
     __m128i v = _mm_loadu_si128((const __m128i *)p);
     __m128i control = _mm_cmpeq_epi8(_mm_min_epu8(v, _mm_set1_epi8(0x1f)), v); /* v <= 0x1f, unsigned */
@@ -57,60 +57,83 @@ static inline int block_needs_escape(const unsigned char *p) {
 }
 #endif
 
+/* The escape of one byte at out (\" \\ \b \t \n \f \r, or \u00xx for other controls): its length, 6 at most. */
+static inline Py_ssize_t write_escape(char *out, unsigned char c) {
+    static const char hex[] = "0123456789abcdef";
+    unsigned char kind = escape_kind[c];
+    out[0] = '\\';
+    if (kind != 'u') {
+        out[1] = (char)kind;
+        return 2;
+    }
+    memcpy(out + 1, "u00", 3);
+    out[4] = hex[c >> 4];
+    out[5] = hex[c & 15];
+    return 6;
+}
+
+/* s[start..at) as it is, then s[at] escaped. The room checked is for the rest of s as it is too, and the
+ * closing quote: what put_escaped reserved at first stays true after every escape. A short run is copied as
+ * 16 bytes (those past it are overwritten next), with 16 more bytes of room for that. */
+static inline int put_run_and_escape(Buf *b, const unsigned char *s, Py_ssize_t start, Py_ssize_t at,
+                                     Py_ssize_t n) {
+    if (buf_grow(b, (n - start) + 6 + 16) < 0)
+        return -1;
+    char *out = b->data + b->len;
+#if defined(__SSE2__)
+    if (at - start <= 16 && start + 16 <= n)
+        _mm_storeu_si128((__m128i *)out, _mm_loadu_si128((const __m128i *)(s + start)));
+    else
+#endif
+        memcpy(out, s + start, (size_t)(at - start));
+    out += at - start;
+    out += write_escape(out, s[at]);
+    b->len = out - b->data;
+    return 0;
+}
+
 int put_escaped(Buf *b, const unsigned char *s, Py_ssize_t n) {
     /* room for the text as it is and a closing quote; each escape makes room for its own few more bytes
      * (reserving the worst case, 6 bytes a byte, made every 4 KB value grow the buffer to 24 KB) */
     if (buf_grow(b, n + 1) < 0)
         return -1;
-    Py_ssize_t start = 0, i = 0;
-    while (i < n) {
-        /* clean runs 16 bytes, then a word, at a time (wide rows: kilobytes of text with nothing to escape) */
+    Py_ssize_t start = 0, i = 0; /* s[start..] is not written yet; s[..i) is scanned */
 #if defined(__SSE2__)
-        while (i + 16 <= n && !block_needs_escape(s + i))
+    /* 16 bytes at a time: the mask of those to escape, each found by its bit (a JSON document as a string,
+     * Debezium's json columns: a quote every few bytes) */
+    for (;;) {
+        unsigned mask = 0;
+        while (i + 16 <= n && (mask = (unsigned)block_needs_escape(s + i)) == 0) /* clean text: kilobytes */
             i += 16;
+        if (mask == 0)
+            break;
+        do {
+            Py_ssize_t at = i + __builtin_ctz(mask);
+            if (put_run_and_escape(b, s, start, at, n) < 0)
+                return -1;
+            start = at + 1;
+            mask &= mask - 1;
+        } while (mask);
+        i += 16;
+    }
 #endif
-        while (i + 8 <= n) {
+    /* the rest (all of it without SSE2): clean words skipped 8 bytes at a time, the others byte by byte */
+    while (i < n) {
+        if (i + 8 <= n) {
             uint64_t word;
             memcpy(&word, s + i, 8);
-            if (word_needs_escape(word))
-                break;
-            i += 8;
-        }
-        Py_ssize_t stop = i + 8 <= n ? i + 8 : n; /* the word with something to escape, or the tail */
-        if (stop - i < 8) { /* the tail: often clean */
-            Py_ssize_t j = i;
-            while (j < n && escape_kind[s[j]] == 0)
-                j++;
-            if (j == n)
-                break;
-        }
-        /* the clean run before it, this word with every byte escaped (6 bytes at most), the rest as it is and
-         * the quote: one check of room per word, then its bytes one by one */
-        if (buf_grow(b, (i - start) + 6 * (stop - i) + (n - stop) + 1) < 0)
-            return -1;
-        char *out = b->data + b->len;
-        memcpy(out, s + start, (size_t)(i - start));
-        out += i - start;
-        for (; i < stop; i++) {
-            unsigned char kind = escape_kind[s[i]];
-            if (kind == 0) {
-                *out++ = (char)s[i];
+            if (!word_needs_escape(word)) {
+                i += 8;
                 continue;
             }
-            *out++ = '\\';
-            if (kind == 'u') {
-                static const char hex[] = "0123456789abcdef";
-                *out++ = 'u';
-                *out++ = '0';
-                *out++ = '0';
-                *out++ = hex[s[i] >> 4];
-                *out++ = hex[s[i] & 15];
-            } else {
-                *out++ = (char)kind;
-            }
         }
-        start = stop;
-        b->len = out - b->data;
+        for (Py_ssize_t stop = i + 8 <= n ? i + 8 : n; i < stop; i++) {
+            if (escape_kind[s[i]] == 0)
+                continue;
+            if (put_run_and_escape(b, s, start, i, n) < 0)
+                return -1;
+            start = i + 1;
+        }
     }
     memcpy(b->data + b->len, s + start, (size_t)(n - start));
     b->len += n - start;
