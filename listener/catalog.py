@@ -501,6 +501,8 @@ PARTITIONED_WITHOUT_ROOT_QUERY = (
 
 @dataclass(frozen=True, slots=True)
 class ServerInfo:
+    """What the listener checks of the server before it streams."""
+
     wal_level: str
     version: int  # server_version_num, e.g. 150007
 

@@ -196,6 +196,8 @@ async def publish(publisher: Publisher[Any], messages: Sequence[Message], ack_ti
 
 @dataclass(slots=True)
 class Batch:
+    """Events handed to the publisher together, and where their acknowledgement moves the slot."""
+
     messages: list[Message] = field(default_factory=list)
     size: int = 0  # the bytes of its messages (message_size)
     lsn: int = 0  # the end LSN of the last transaction that committed inside this batch

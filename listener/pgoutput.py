@@ -65,6 +65,8 @@ def parse_lsn(text: str) -> int:
 
 @dataclass(slots=True, frozen=True)
 class Begin:
+    """A transaction starts ('B')."""
+
     final_lsn: int  # LSN of the commit record: the transaction's identity in the WAL
     commit_time: int  # microseconds since 2000-01-01 UTC
     xid: int
@@ -72,6 +74,8 @@ class Begin:
 
 @dataclass(slots=True, frozen=True)
 class Commit:
+    """A transaction commits ('C')."""
+
     flags: int
     commit_lsn: int
     end_lsn: int  # the position to confirm once the transaction is delivered
@@ -80,12 +84,16 @@ class Commit:
 
 @dataclass(slots=True, frozen=True)
 class Origin:
+    """The replication origin the transaction came from ('O'), when it has one."""
+
     commit_lsn: int
     name: str
 
 
 @dataclass(slots=True, frozen=True)
 class Column:
+    """One column of a Relation message."""
+
     name: str
     type_oid: int
     type_modifier: int
@@ -94,6 +102,8 @@ class Column:
 
 @dataclass(slots=True, frozen=True)
 class Relation:
+    """A table's description ('R'): sent before its first change in a session, again after its definition changes."""
+
     oid: int
     schema: str
     name: str
@@ -103,6 +113,8 @@ class Relation:
 
 @dataclass(slots=True, frozen=True)
 class Type:
+    """A user-defined type's name ('Y'), sent before the first change that has a column of that type."""
+
     oid: int
     schema: str
     name: str
@@ -110,12 +122,16 @@ class Type:
 
 @dataclass(slots=True, frozen=True)
 class Insert:
+    """A new row ('I')."""
+
     relation_oid: int
     new: Tuple
 
 
 @dataclass(slots=True, frozen=True)
 class Update:
+    """A changed row ('U'): the old key or row when the replica identity sends it, and the new row."""
+
     relation_oid: int
     old: Tuple | None
     old_kind: str | None  # "K": key columns only, "O": the whole old row (REPLICA IDENTITY FULL)
@@ -124,6 +140,8 @@ class Update:
 
 @dataclass(slots=True, frozen=True)
 class Delete:
+    """A deleted row ('D'): its key, or the whole old row under REPLICA IDENTITY FULL."""
+
     relation_oid: int
     old: Tuple
     old_kind: str
@@ -131,6 +149,8 @@ class Delete:
 
 @dataclass(slots=True, frozen=True)
 class Truncate:
+    """Tables truncated in one statement ('T')."""
+
     relation_oids: tuple[int, ...]
     cascade: bool
     restart_identity: bool
@@ -138,6 +158,8 @@ class Truncate:
 
 @dataclass(slots=True, frozen=True)
 class LogicalMessage:
+    """A message written with pg_logical_emit_message ('M')."""
+
     transactional: bool
     lsn: int
     prefix: str
