@@ -613,15 +613,15 @@ def test_compiled_frames_longer_than_their_estimate_are_written_whole(count: int
 def test_compiled_frames_of_headed_messages_are_what_nats_py_would_send() -> None:
     """A HeadedMessage (Debezium's schema head shared by a table's events, then the event's own bytes) is framed
     as its whole body, head and rest one after the other, without joining them: byte for byte nats-py's frames of
-    the joined body, beside plain messages, heads of any size, a rest that is empty, one already joined; the
-    limit counts the head. A long head is not even copied into the frames: they come in parts, the head itself
+    the joined body, beside plain messages, heads of any size, a rest that is empty or long, one already joined;
+    the limit counts the head. A long head is not even copied into the frames: they come in parts, the head itself
     one of them each time."""
     hot = compiled_hot_path()
     prefixes = {"s.a": "HPUB s.a _INBOX.q."}
     heads = [b'{"schema":{"type":"struct"},"payload":', b"h" * 5000, b"x"]
     batch: list[Message] = []
     for n in range(30):
-        rest = b'{"n":%d}}' % n * (n % 4)
+        rest = b'{"n":%d}}' % n * (n % 4) if n != 13 else b"r" * 100_000  # a long rest after a long head too
         batch.append(Message(f"id-{n}", "s.a", heads[n % 3] + rest, "public", "t", "INSERT") if n % 5 == 4
                      else HeadedMessage(heads[n % 3], f"id-{n}", "s.a", rest, "public", "t", "INSERT"))
     assert batch[7].body == heads[1] + b'{"n":7}}' * 3  # joined once, kept joined: framed the same

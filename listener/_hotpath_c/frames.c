@@ -202,10 +202,13 @@ static Py_ssize_t put_decimal(char *out, long long n) {
 }
 
 /* Room for need more bytes in out, the bytes object b writes into (b->data is its buffer): grown (doubled, at
- * least) by resizing the object itself, so that the frames are written once, into the bytes returned. */
+ * least) by resizing the object itself, so that the frames are written once, into the bytes returned. Without
+ * out (the frames cut into parts), b is a buffer of its own. */
 static int frames_reserve(PyObject **out, Buf *b, Py_ssize_t need) {
     if (b->len + need <= b->cap)
         return 0;
+    if (*out == NULL)
+        return buf_grow(b, need);
     Py_ssize_t cap = b->cap * 2;
     if (cap < b->len + need)
         cap = b->len + need;
@@ -227,26 +230,19 @@ static int frames_reserve(PyObject **out, Buf *b, Py_ssize_t need) {
  * reference workload: 0.9 us of 7 us an event); one head in the processor's cache is copied from there. */
 #define SHARED_HEAD_MIN 1024
 
-/* Seal the frames written so far (*out, b) as a part of parts, and start another holding need bytes (grown
- * later if more is written). */
-static int frames_cut(PyObject *parts, PyObject **out, Buf *b, Py_ssize_t need) {
-    if (b->len > 0) {
-        if (_PyBytes_Resize(out, b->len) < 0)
-            return -1;
-        int rc = PyList_Append(parts, *out);
-        Py_CLEAR(*out);
-        if (rc < 0)
-            return -1;
-    } else {
-        Py_CLEAR(*out);
-    }
-    *out = PyBytes_FromStringAndSize(NULL, need);
-    if (*out == NULL)
+/* Seal the frames written so far into b as a part of parts, a bytes object of their exact size, and empty b
+ * for the next part. (A part written straight into a bytes object sized by an estimate was resized down once
+ * for every event: glibc split each block and freed the rest, costlier than copying the part out.) */
+static int frames_cut(PyObject *parts, Buf *b) {
+    if (b->len == 0)
+        return 0;
+    PyObject *part = PyBytes_FromStringAndSize(b->data, b->len);
+    if (part == NULL)
         return -1;
-    b->data = PyBytes_AS_STRING(*out);
-    b->cap = need;
+    int rc = PyList_Append(parts, part);
+    Py_DECREF(part);
     b->len = 0;
-    return 0;
+    return rc;
 }
 
 /* nats_frames(batch, prefixes, seq, limit, header_bytes) -> (frames: bytes | list[bytes], payload: int) | None
@@ -282,7 +278,7 @@ PyObject *hot_nats_frames(PyObject *self, PyObject *const *args, Py_ssize_t narg
      * body, and twice memory over glibc's mmap threshold that the kernel faults in page by page. */
     Py_ssize_t estimate = 0;
     int shared_heads = 0;
-    PyObject *parts = NULL; /* the parts written, when a head is shared (then out holds the last one) */
+    PyObject *parts = NULL; /* the parts written, when a head is shared (then b holds the next one, out is unused) */
     for (Py_ssize_t i = 0; i < count; i++) {
         PyObject *message = PyList_GET_ITEM(batch, i);
         if (!Py_IS_TYPE(message, slots_type))
@@ -300,17 +296,17 @@ PyObject *hot_nats_frames(PyObject *self, PyObject *const *args, Py_ssize_t narg
         }
         estimate += FRAME_LINE_ESTIMATE;
     }
-    if (shared_heads) { /* cut into a part per message: each starts small and grows as needed */
+    if (shared_heads) { /* cut into a part per message, each written into b (a buffer of its own) first */
         parts = PyList_New(0);
-        if (parts == NULL)
+        if (parts == NULL || buf_grow(&b, 4 * FRAME_LINE_ESTIMATE) < 0)
             goto done;
-        estimate = FRAME_LINE_ESTIMATE;
+    } else {
+        out = PyBytes_FromStringAndSize(NULL, estimate > 0 ? estimate : 1);
+        if (out == NULL)
+            goto done;
+        b.data = PyBytes_AS_STRING(out);
+        b.cap = estimate > 0 ? estimate : 1;
     }
-    out = PyBytes_FromStringAndSize(NULL, estimate > 0 ? estimate : 1);
-    if (out == NULL)
-        goto done;
-    b.data = PyBytes_AS_STRING(out);
-    b.cap = estimate > 0 ? estimate : 1;
     for (Py_ssize_t i = 0; i < count; i++) {
         PyObject *message = PyList_GET_ITEM(batch, i);
         if (!Py_IS_TYPE(message, slots_type))
@@ -382,8 +378,8 @@ PyObject *hot_nats_frames(PyObject *self, PyObject *const *args, Py_ssize_t narg
         *at++ = '\n';
         if (cut) {
             b.len = at - b.data;
-            if (frames_cut(parts, &out, &b, body_len - head_len + 2 + FRAME_LINE_ESTIMATE) < 0 ||
-                PyList_Append(parts, shared) < 0) {
+            if (frames_cut(parts, &b) < 0 || PyList_Append(parts, shared) < 0 ||
+                frames_reserve(&out, &b, body_len - head_len + 2) < 0) {
                 rc = -1;
                 goto next;
             }
@@ -412,7 +408,7 @@ PyObject *hot_nats_frames(PyObject *self, PyObject *const *args, Py_ssize_t narg
         }
     }
     if (parts != NULL) {
-        if (frames_cut(parts, &out, &b, 0) == 0)
+        if (frames_cut(parts, &b) == 0)
             result = Py_BuildValue("(OL)", parts, payload);
     } else if (_PyBytes_Resize(&out, b.len) == 0) { /* the unused estimate back; out is NULL when this failed */
         result = Py_BuildValue("(OL)", out, payload);
@@ -420,6 +416,8 @@ PyObject *hot_nats_frames(PyObject *self, PyObject *const *args, Py_ssize_t narg
 done:
     Py_XDECREF(parts);
     Py_XDECREF(out);
+    if (shared_heads) /* b was a buffer of its own */
+        PyMem_Free(b.data);
     PyMem_Free(extra.data);
     return result;
 }
