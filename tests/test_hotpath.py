@@ -608,6 +608,25 @@ def test_cloudevents_of_a_typical_row_are_written_by_the_compiled_path(mode: str
         fast.hot.event(insert_msg(OID, tuple_data(*TYPICAL)), info.plan, "id-", 1, "t", True, ("bad",))
 
 
+@pytest.mark.parametrize("char", [" ", "\x00", "\r", "\x7f", "é", "!", "~"])
+def test_cloudevents_times_nats_py_would_change_are_left_to_the_python_path(char: str) -> None:
+    """The compiled ce-time header line checks the time 8 bytes at a time (as the frames check ids): a character
+    nats-py would strip or escape at any offset of times up to 32 characters leaves the event to the Python path;
+    "!" and "~", the ends of the printable range, are written into the line."""
+    fast, _ = ce_builders("binary", CE_BINDINGS["nats"], None)
+    info = fast.relations[OID]
+    assert info.plan is not None and info.ce is not None and fast.hot is not None
+    msg = insert_msg(OID, tuple_data(*TYPICAL))
+    for length in range(1, 33):
+        for at in range(length):
+            time = "1" * at + char + "2" * (length - at - 1)
+            done = fast.hot.event(msg, info.plan, "id-", 1, time, True, info.ce)
+            if char in "!~":
+                assert done is not None and done[4].endswith(b"ce-time: " + time.encode() + b"\r\n"), time
+            else:
+                assert done is None, time
+
+
 @pytest.mark.parametrize("length", [*range(0, 130), 1000, 65536])
 def test_the_compiled_hmac_is_hmac_sha256(length: int) -> None:
     """The C implementation of HMAC-SHA256 against Python's (OpenSSL's), over every padding case and keys

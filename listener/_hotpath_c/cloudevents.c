@@ -82,9 +82,8 @@ int ce_headers(const Ce *ce, PyObject *ident, PyObject *time, PyObject **headers
         if (!PyUnicode_IS_ASCII(time) || !PyUnicode_IS_ASCII(ident) || time_len == 0)
             return FALLBACK;
         const Py_UCS1 *t = PyUnicode_1BYTE_DATA(time);
-        for (Py_ssize_t i = 0; i < time_len; i++)
-            if (t[i] < 0x21 || t[i] > 0x7E)
-                return FALLBACK; /* the Python path writes what nats-py would of it */
+        if (!visible_ascii(t, time_len))
+            return FALLBACK; /* the Python path writes what nats-py would of it */
         Py_ssize_t head_len = PyBytes_GET_SIZE(ce->head), id_len = PyUnicode_GET_LENGTH(ident);
         Py_ssize_t id_name_len = PyUnicode_GET_LENGTH(ce->id_name), time_name_len = PyUnicode_GET_LENGTH(ce->time_name);
         PyObject *lines = PyBytes_FromStringAndSize(NULL, head_len + id_name_len + id_len + time_name_len + time_len + 2);

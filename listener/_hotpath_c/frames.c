@@ -75,23 +75,6 @@ static inline int all_header_chars(const unsigned char *s, Py_ssize_t n, unsigne
     return seen != 0;
 }
 
-/* An id nats-py would send unchanged in a header: printable ASCII, no spaces (so strip() and the
- * CR/LF replacement of the Python path leave it as it is). */
-static int plain_header_value(const char *s, Py_ssize_t n) {
-    const uint64_t ones = 0x0101010101010101ULL, high = 0x8080808080808080ULL;
-    Py_ssize_t i = 0;
-    for (; i + 8 <= n; i += 8) { /* 8 bytes at a time: is one below 0x21, or one above 0x7E (0x7F or more)? */
-        uint64_t w;
-        memcpy(&w, s + i, 8);
-        if ((((w - ones * 0x21) & ~w) | ((w + ones) | w)) & high)
-            return 0;
-    }
-    for (; i < n; i++)
-        if ((unsigned char)s[i] < 0x21 || (unsigned char)s[i] > 0x7E)
-            return 0;
-    return 1;
-}
-
 /* Header lines of interned names and values already found plain (strong references: an address is not reused
  * while cached). CloudEvents' constant attributes are interned (formats.CloudEvents): each event's copy of them
  * is written without looking at every byte again. Direct-mapped by the two addresses. */
@@ -341,7 +324,7 @@ PyObject *hot_nats_frames(PyObject *self, PyObject *const *args, Py_ssize_t narg
             rc = extra_rc < 0 ? -1 : FALLBACK;
             goto next;
         }
-        if (id_len == 0 || !plain_header_value(id_text, id_len) || body_len + id_len + extra.len > limit)
+        if (id_len == 0 || !visible_ascii((const unsigned char *)id_text, id_len) || body_len + id_len + extra.len > limit)
             goto next;
         Py_ssize_t header = header_bytes + id_len + extra.len;
         char numbers[96];

@@ -117,6 +117,24 @@ static inline int put(Buf *b, const char *s, Py_ssize_t n) {
 
 static inline int is_digit(unsigned char c) { return c >= '0' && c <= '9'; }
 
+/* Whether every byte of s[0..n) is printable ASCII but space (0x21..0x7E): a header value nats-py sends as it is
+ * (its strip() and CR/LF replacement leave it unchanged). 8 bytes at a time: does a word hold a byte below 0x21,
+ * or one of 0x7F or more? */
+static inline int visible_ascii(const unsigned char *s, Py_ssize_t n) {
+    const uint64_t ones = 0x0101010101010101ULL, high = 0x8080808080808080ULL;
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t w;
+        memcpy(&w, s + i, 8);
+        if ((((w - ones * 0x21) & ~w) | ((w + ones) | w)) & high)
+            return 0;
+    }
+    for (; i < n; i++)
+        if (s[i] < 0x21 || s[i] > 0x7E)
+            return 0;
+    return 1;
+}
+
 /* ---- decoded tuples (decode.c) ---- */
 
 /* One column of a decoded tuple: 't' text (ptr, len) or 'n' null. */
