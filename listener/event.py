@@ -132,6 +132,23 @@ def _message_slots() -> tuple[tuple[Any, ...] | None, tuple[Any, ...] | None]:
     return tuple(Message.__dict__[name] for name in _MESSAGE_FIELDS), tuple(f.default for f in found[7:])
 
 
+def _change_shape(info: RelationInfo) -> hotpath.MessageShape | None:
+    """For the compiled event() and debezium_event(): what the table's change events share, so that they come back
+    made as Messages (or, with Debezium's schemas, HeadedMessages of the table's schema head); None: they come
+    back as tuples and ``info.make`` makes them (a topic route, CloudEvents, or Message shaped otherwise)."""
+    fields, defaults = _message_slots()
+    if fields is None or defaults is None or info.route is not None or info.ce is not None:
+        return None
+    cls: type[Message] = Message
+    if info.debezium_plan is not None and info.debezium_plan[5] is not None:
+        cls, defaults = HeadedMessage, (*defaults[:-1], info.debezium_plan[5])
+    return cls, info.subject, info.schema, info.table, _ACTIONS, fields, defaults
+
+
+#: the actions of change events in the order the compiled path picks them by the message's tag (I, U, D)
+_ACTIONS = (CHANGE_ACTIONS[0x49], CHANGE_ACTIONS[0x55], CHANGE_ACTIONS[0x44])
+
+
 def hashed_uuid(hexed: str) -> str:
     """A UUID (version 8, RFC 9562 variant) made of a 128-bit hash in hex."""
     return f"{hexed[:8]}-{hexed[8:12]}-8{hexed[13:16]}-{_VARIANT[hexed[16]]}{hexed[17:20]}-{hexed[20:]}"
@@ -181,6 +198,8 @@ class RelationInfo:
     #: makes the compiled path's events, called as Message is: Message, or with publisher.debezium.schemas a
     #: HeadedMessage of the table's schema head (the plan's value_head) and what the compiled path wrote after it
     make: Callable[..., Message] = Message
+    #: what the compiled path takes to make the table's change events itself (_change_shape; None: make makes them)
+    shape: hotpath.MessageShape | None = None
     #: the table's transform (None: no entry of listener.transforms names it); names, converters and the
     #: indexes above are then those of the columns it keeps
     transform: RelationTransform | None = None
@@ -332,6 +351,8 @@ class EventBuilder:
             if self._finish is not None:
                 info.ce = self._finish.compiled(rel.schema, rel.name)
                 info.ce_lines = info.ce[1] is not None and isinstance(info.ce[0][0], bytes)
+        if info.plan is not None or info.debezium_plan is not None:
+            info.shape = _change_shape(info)
         return info
 
     def _warn_key(self, rel: Relation, left_out: list[str]) -> None:
@@ -569,14 +590,29 @@ class EventBuilder:
             else:
                 prefix, number = self._ident(txn, ordinal), None
             done: tuple[Any, ...] | None  # (ident, body, key[, topic][, headers]): see hotpath.Module.event
-            if info.debezium_plan is not None:  # publisher.format debezium: time and position for its source block
+            shape = info.shape
+            if shape is not None:  # the compiled call makes the Message (made: None when it leaves the change)
+                if info.debezium_plan is not None:
+                    made = hot.debezium_event(buf, info.debezium_plan, prefix, number, txn.commit_micros, txn.xid,
+                                              txn.lsn, self._debezium.last_commit,  # type: ignore[union-attr]
+                                              None, self._needs_key, shape)
+                else:
+                    made = hot.event(buf, info.plan, prefix, number, txn.commit_time,  # type: ignore[arg-type]
+                                     self._needs_key, None, shape)
+                if made is not None:
+                    txn.ordinal = ordinal
+                    if action == "DELETE" and self._tombstones:
+                        made.tombstone = made.key is not None
+                    return made if self._finish is None else self._finish(made, txn.commit_time)
+                done = None
+            elif info.debezium_plan is not None:  # publisher.format debezium with a route: time and position too
                 done = hot.debezium_event(buf, info.debezium_plan, prefix, number, txn.commit_micros, txn.xid, txn.lsn,
                                           self._debezium.last_commit,  # type: ignore[union-attr]
                                           None, self._needs_key)  # None: it reads time.time_ns()'s clock
             elif info.ce is not None:  # publisher.format cloudevents: the event wrapped in the same call
                 done = hot.event(buf, info.plan, prefix, number, txn.commit_time, self._needs_key,  # type: ignore[arg-type]
                                  info.ce)
-            else:
+            else:  # a topic route (or a Message only its class can make)
                 done = hot.event(buf, info.plan, prefix, number, txn.commit_time, self._needs_key)  # type: ignore[arg-type]
             if done is not None:
                 txn.ordinal = ordinal

@@ -20,13 +20,16 @@ import logging
 import os
 import re
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, overload
 
 import orjson
 
 from listener import formats, types
 from listener.transforms import RelationTransform
 from listener.types import ArrayConverter, Converter
+
+if TYPE_CHECKING:
+    from listener.message import Message
 
 log = logging.getLogger("listener.hotpath")
 
@@ -54,13 +57,25 @@ DebeziumPlan = tuple[
     bytes | None, bytes, bytes | None, Plan | None,
 ]
 
+#: event() and debezium_event() make the Message themselves from (class, subject, schema, table, the actions of
+#: Insert, Update and Delete, the member descriptors of the class's slots in field order, the defaults of those
+#: after the first seven): see _hotpath_c/message.c and listener.event._change_shape
+MessageShape = tuple[type, str, str, str, tuple[str, str, str], tuple[Any, ...], tuple[Any, ...]]
+
 
 class Module(Protocol):
+    @overload
     def event(
         self, msg: bytes, plan: Plan, prefix: str, number: int | None, commit_time: str, want_key: bool,
         ce: formats.CompiledCloudEvents | None = None, /
     ) -> (tuple[str, bytes, bytes | None] | tuple[str, bytes, bytes | None, str | int]
           | tuple[str, bytes, bytes | None, str | int | None, dict[str, str] | None] | None): ...
+
+    @overload
+    def event(
+        self, msg: bytes, plan: Plan, prefix: str, number: int | None, commit_time: str, want_key: bool,
+        ce: None, shape: MessageShape, /
+    ) -> Message | None: ...
 
     def read_row(
         self, values: list[bytes | None], plan: Plan, ident: str, read_time: str, want_key: bool,
@@ -68,10 +83,17 @@ class Module(Protocol):
     ) -> (tuple[bytes, bytes | None] | tuple[bytes, bytes | None, str | int]
           | tuple[bytes, bytes | None, str | int | None, dict[str, str] | None] | None): ...
 
+    @overload
     def debezium_event(
         self, msg: bytes, plan: DebeziumPlan, prefix: str, number: int | None, commit_micros: int, xid: int | None,
         lsn: int | None, last_commit: int | None, now_ns: int | None, want_key: bool, /
     ) -> tuple[str, bytes, bytes | None] | tuple[str, bytes, bytes | None, str | int] | None: ...
+
+    @overload
+    def debezium_event(
+        self, msg: bytes, plan: DebeziumPlan, prefix: str, number: int | None, commit_micros: int, xid: int | None,
+        lsn: int | None, last_commit: int | None, now_ns: int | None, want_key: bool, shape: MessageShape, /
+    ) -> Message | None: ...
 
     def debezium_read_row(
         self, values: list[bytes | None], plan: DebeziumPlan, read_micros: int, last_commit: int | None,

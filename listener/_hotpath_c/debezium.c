@@ -14,6 +14,9 @@
  *   now_ns: time.time_ns() for the envelope's ts_*, or None: the same clock read here (freeze_clock() fixes it
  *   for tests). None (the answer): the Python path takes the message.
  *
+ * debezium_event(..., want_key, shape) -> Message | None: the event made as a listener.message.Message (with
+ *   schemas a HeadedMessage, the shape's class) for a table without a topic route: see message.c.
+ *
  * debezium_read_row(values, plan, read_micros, last_commit, now_ns, want_key) -> (body, key) | None
  *   a backfilled row (each column's text form as bytes, None for NULL) as its READ event (body as above).
  *
@@ -855,9 +858,9 @@ done:
 
 PyObject *hot_debezium_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 10) {
+    if (nargs != 10 && nargs != 11) {
         PyErr_SetString(PyExc_TypeError, "debezium_event(msg, plan, prefix, number, commit_micros, xid, lsn, "
-                                         "last_commit, now_ns, want_key)");
+                                         "last_commit, now_ns, want_key[, shape])");
         return NULL;
     }
     PyObject *plan = args[1];
@@ -874,6 +877,14 @@ PyObject *hot_debezium_event(PyObject *self, PyObject *const *args, Py_ssize_t n
     int routed = read_route("debezium_event", plan, &route);
     if (routed < 0)
         return NULL;
+    MessageShape *shape = NULL;
+    int shaped = nargs == 11 ? change_shape("debezium_event", args[10], &shape) : 0;
+    if (shaped < 0)
+        return NULL;
+    if (shaped && routed) {
+        PyErr_SetString(PyExc_ValueError, "debezium_event: a shape is for events without a topic route");
+        return NULL;
+    }
     int read = read_source(&src, args[4], args[5], args[6], args[7], args[8]);
     if (read <= 0)
         return read < 0 ? NULL : Py_NewRef(Py_None);
@@ -914,6 +925,9 @@ PyObject *hot_debezium_event(PyObject *self, PyObject *const *args, Py_ssize_t n
             result = PyTuple_Pack(4, h.ident, PyTuple_GET_ITEM(built, 0), PyTuple_GET_ITEM(built, 1), topic);
             Py_DECREF(topic);
         }
+    } else if (shaped) {
+        result = shaped_message(shape, h.ident, PyTuple_GET_ITEM(built, 0), PyTuple_GET_ITEM(built, 1),
+                                PyTuple_GET_ITEM(shape->shared[3], op == 'c' ? 0 : op == 'u' ? 1 : 2));
     } else {
         result = PyTuple_Pack(3, h.ident, PyTuple_GET_ITEM(built, 0), PyTuple_GET_ITEM(built, 1));
     }

@@ -273,10 +273,44 @@ void release_change(HeldChange *h) {
     PyBuffer_Release(&h->view);
 }
 
+/* The shape given to event() or debezium_event() (None: none), its action a tuple of the three changes' (INSERT,
+ * UPDATE, DELETE), read into *shape: 1, or 0 for None, -1 an error. The last shape read is kept (with a reference
+ * to its tuple, whose items it borrows): the events of one table come one after the other. */
+int change_shape(const char *name, PyObject *arg, MessageShape **shape) {
+    static PyObject *last;
+    static MessageShape read;
+    if (arg == Py_None)
+        return 0;
+    if (arg != last) {
+        Py_CLEAR(last);
+        if (message_shape(arg, &read) < 0)
+            return -1;
+        PyObject *actions = read.shared[3];
+        if (!PyTuple_Check(actions) || PyTuple_GET_SIZE(actions) != 3) {
+            PyErr_Format(PyExc_TypeError, "%s: the shape's action is the tuple of INSERT, UPDATE and DELETE", name);
+            return -1;
+        }
+        last = Py_NewRef(arg);
+    }
+    *shape = &read;
+    return 1;
+}
+
+/* (ident, body, key) as the event of the shape for the change tagged tag ('I', 'U' or 'D'); built released. */
+PyObject *change_message(MessageShape *shape, char tag, PyObject *built) {
+    if (built == NULL || built == Py_None)
+        return built;
+    PyObject *action = PyTuple_GET_ITEM(shape->shared[3], tag == 'I' ? 0 : tag == 'U' ? 1 : 2);
+    PyObject *m = shaped_message(shape, PyTuple_GET_ITEM(built, 0), PyTuple_GET_ITEM(built, 1),
+                                 PyTuple_GET_ITEM(built, 2), action);
+    Py_DECREF(built);
+    return m;
+}
+
 PyObject *hot_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 6 && nargs != 7) {
-        PyErr_SetString(PyExc_TypeError, "event(msg, plan, prefix, number, commit_time, want_key[, ce])");
+    if (nargs < 6 || nargs > 8) {
+        PyErr_SetString(PyExc_TypeError, "event(msg, plan, prefix, number, commit_time, want_key[, ce[, shape]])");
         return NULL;
     }
     Plan plan;
@@ -285,6 +319,15 @@ PyObject *hot_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     int want_key = PyObject_IsTrue(args[5]);
     if (want_key < 0)
         return NULL;
+    PyObject *ce_arg = nargs >= 7 && args[6] != Py_None ? args[6] : NULL;
+    MessageShape *shape = NULL;
+    int shaped = nargs == 8 ? change_shape("event", args[7], &shape) : 0;
+    if (shaped < 0)
+        return NULL;
+    if (shaped && (ce_arg != NULL || plan.route != NULL)) {
+        PyErr_SetString(PyExc_ValueError, "event: a shape is for events without CloudEvents or a topic route");
+        return NULL;
+    }
     HeldChange h;
     int held = hold_change(&h, args[0], args[2], args[3], plan.ncolumns);
     if (held < 0)
@@ -297,10 +340,12 @@ PyObject *hot_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     const Change *c = &h.c;
     const char *action = c->tag == 'I' ? "INSERT" : c->tag == 'U' ? "UPDATE" : "DELETE";
     Ce ce;
-    if (nargs == 7 && args[6] != Py_None && read_ce("event", args[6], c->tag == 'I' ? 0 : c->tag == 'U' ? 1 : 2, &ce) < 0)
+    if (ce_arg != NULL && read_ce("event", ce_arg, c->tag == 'I' ? 0 : c->tag == 'U' ? 1 : 2, &ce) < 0)
         goto done;
     result = build_event(h.ident, 1, args[4], &plan, action, c->new_cols, c->nnew, c->old_cols, c->nold, c->old_kind,
-                         want_key, h.view.len, nargs == 7 && args[6] != Py_None ? &ce : NULL);
+                         want_key, h.view.len, ce_arg != NULL ? &ce : NULL);
+    if (shaped)
+        result = change_message(shape, c->tag, result);
 done:
     release_change(&h);
     return result;

@@ -23,6 +23,7 @@
  *   frames.c      NATS wire frames (HPUB) and JetStream acks                          publishers/nats.py
  *   blake2b.c     BLAKE2b, the ids of READ events                                     event.py (read_event_ids)
  *   page.c        a backfill page (libpq PGresult) -> READ events: read_page()        event.py (read_page)
+ *   message.c     the events as Message objects, made without calling the class      message.py (Message)
  *   module.c      the method table and module init                                    hotpath.py
  *
  * event(msg, plan, prefix, number, commit_time, want_key) -> (ident: str, body: bytes, key: bytes | None) | None
@@ -32,6 +33,9 @@
  * event(..., want_key, ce) with publisher.format cloudevents (ce: see cloudevents.c) -> (ident, body, key, topic,
  *   headers) | None: body in structured mode the whole CloudEvent, headers the binary mode's attribute headers
  *   (a dict, or for a binding that takes lines their header lines as bytes; None in structured mode), topic None without a route; read_row(..., want_key, ce) -> (body, key, topic, headers)
+ *
+ * event(..., want_key, None, shape) -> Message | None: the event made as a listener.message.Message (see
+ *   message.c; for a table without CloudEvents or a topic route), not as a tuple the caller makes one of
  *
  * read_row(values, plan, ident, read_time, want_key) takes a backfilled row (each column's text form as
  * bytes, as an Insert would carry it) and writes the same body with action READ.
@@ -256,6 +260,33 @@ int read_plan(const char *name, PyObject *const *args, PyObject *ident, PyObject
 PyObject *build_event(PyObject *ident, int with_ident, PyObject *commit_time, const Plan *plan, const char *action,
                       const Col *new_cols, Py_ssize_t nnew, const Col *old_cols, Py_ssize_t nold, char old_kind,
                       int want_key, Py_ssize_t size_hint, const Ce *ce);
+
+/* ---- events as Message objects (message.c), for event.c, debezium.c and page.c ---- */
+
+/* The most fields of listener.message.Message filled here, and how many of them come from the event (the first
+ * ones, in field order: id, subject, body, schema, table, action, key; the others take the shape's defaults). */
+#define MESSAGE_FIELDS 16
+#define MESSAGE_SET 7
+
+/* What the events of one table share, read from a shape (cls, subject, schema, table, action, fields, defaults):
+ * the class; subject, schema, table and action; and, when fields are the member descriptors of the class's
+ * slots in field order and defaults the values of those after the first MESSAGE_SET, where each slot lives
+ * (n > 0: the events are made without calling the class). */
+typedef struct {
+    PyTypeObject *cls;
+    PyObject *shared[4];
+    Py_ssize_t n;
+    Py_ssize_t offsets[MESSAGE_FIELDS];
+    PyObject *values[MESSAGE_FIELDS];
+} MessageShape;
+
+/* 1: made directly; 0: made by calling the class (fields or defaults do not fit); -1: not a shape (an error). */
+int message_shape(PyObject *message, MessageShape *shape);
+/* A new event of the shape; action: its own (NULL: the shape's). Left out of the cyclic collector. */
+PyObject *shaped_message(MessageShape *shape, PyObject *ident, PyObject *body, PyObject *key, PyObject *action);
+/* For event() and debezium_event() (event.c): the shape argument, and the event of a change made from it. */
+int change_shape(const char *name, PyObject *arg, MessageShape **shape);
+PyObject *change_message(MessageShape *shape, char tag, PyObject *built);
 
 /* ---- NATS frames (frames.c) ---- */
 

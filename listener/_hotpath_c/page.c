@@ -4,7 +4,6 @@
  * Python twin: listener.event.EventBuilder.read_page (the rows as psycopg's get_value gives them).
  */
 #include "hotpath.h"
-#include <structmember.h>
 
 typedef int (*count_fn)(const void *result);
 typedef char *(*getvalue_fn)(const void *result, int row, int column);
@@ -36,42 +35,6 @@ PyObject *hot_set_libpq_results(PyObject *self, PyObject *const *args, Py_ssize_
     pq_getisnull = (cell_fn)f[3];
     pq_getlength = (cell_fn)f[4];
     Py_RETURN_NONE;
-}
-
-/* The most fields of listener.message.Message read_page() fills itself, and how many of them it sets from the
- * row (the first ones, in field order; the others take their defaults). */
-#define MESSAGE_FIELDS 16
-#define MESSAGE_SET 7
-
-/* Where each field of the Message class lives in its instances, from the member descriptors of its slots
- * (fields: a tuple of them, in field order): how many there are, or 0 when they are not plain object slots
- * or more than MESSAGE_FIELDS. */
-static Py_ssize_t message_offsets(PyObject *fields, Py_ssize_t offsets[MESSAGE_FIELDS]) {
-    if (!PyTuple_Check(fields) || PyTuple_GET_SIZE(fields) <= MESSAGE_SET || PyTuple_GET_SIZE(fields) > MESSAGE_FIELDS)
-        return 0;
-    Py_ssize_t n = PyTuple_GET_SIZE(fields);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *d = PyTuple_GET_ITEM(fields, i);
-        if (!PyObject_TypeCheck(d, &PyMemberDescr_Type))
-            return 0;
-        PyMemberDef *m = ((PyMemberDescrObject *)d)->d_member;
-        if (m->type != T_OBJECT_EX || (m->flags & READONLY))
-            return 0;
-        offsets[i] = m->offset;
-    }
-    return n;
-}
-
-/* A Message without its __init__: each of its n slots set (a new reference each), those after the first
- * MESSAGE_SET to their defaults. */
-static PyObject *new_message(PyTypeObject *cls, Py_ssize_t n, const Py_ssize_t offsets[MESSAGE_FIELDS],
-                             PyObject *const values[MESSAGE_FIELDS]) {
-    PyObject *m = cls->tp_alloc(cls, 0);
-    if (m == NULL)
-        return NULL;
-    for (Py_ssize_t i = 0; i < n; i++)
-        *(PyObject **)((char *)m + offsets[i]) = Py_NewRef(values[i]);
-    return m;
 }
 
 /* page_sizes(result_ptr) -> (value_bytes, largest_row): the bytes of every non-NULL value of a FETCH result
@@ -145,20 +108,9 @@ PyObject *hot_read_page(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     int want_key = PyObject_IsTrue(args[5]);
     if (want_key < 0)
         return NULL;
-    PyObject *cls = PyTuple_GET_ITEM(message, 0), *defaults = PyTuple_GET_ITEM(message, 6);
-    Py_ssize_t offsets[MESSAGE_FIELDS];
-    PyObject *fields[MESSAGE_FIELDS];
-    Py_ssize_t nfields = PyType_Check(cls) && PyTuple_Check(defaults)
-                             ? message_offsets(PyTuple_GET_ITEM(message, 5), offsets) : 0;
-    int direct = nfields > 0 && PyTuple_GET_SIZE(defaults) == nfields - MESSAGE_SET;
-    if (direct) {
-        fields[1] = PyTuple_GET_ITEM(message, 1);
-        fields[3] = PyTuple_GET_ITEM(message, 2);
-        fields[4] = PyTuple_GET_ITEM(message, 3);
-        fields[5] = PyTuple_GET_ITEM(message, 4);
-        for (Py_ssize_t i = MESSAGE_SET; i < nfields; i++)
-            fields[i] = PyTuple_GET_ITEM(defaults, i - MESSAGE_SET);
-    }
+    MessageShape shape;
+    if (message_shape(message, &shape) < 0)
+        return NULL;
     Blake2b prepared;
     memcpy(&prepared, PyBytes_AS_STRING(ids), sizeof(prepared));
     Py_ssize_t ncolumns = pq_nfields(res), nrows = pq_ntuples(res), nkeys = PyTuple_GET_SIZE(key_index);
@@ -227,23 +179,8 @@ PyObject *hot_read_page(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                 Py_DECREF(ident);
                 goto done;
             }
-            if (built != Py_None && direct) {
-                fields[0] = ident;
-                fields[2] = PyTuple_GET_ITEM(built, 0);
-                fields[6] = PyTuple_GET_ITEM(built, 1);
-                event = new_message((PyTypeObject *)cls, nfields, offsets, fields);
-            } else if (built != Py_None) {
-                PyObject *call[7] = {ident, PyTuple_GET_ITEM(message, 1), PyTuple_GET_ITEM(built, 0),
-                                     PyTuple_GET_ITEM(message, 2), PyTuple_GET_ITEM(message, 3),
-                                     PyTuple_GET_ITEM(message, 4), PyTuple_GET_ITEM(built, 1)};
-                event = PyObject_Vectorcall(cls, call, 7, NULL);
-            }
             if (built != Py_None) {
-                /* A Message holds text, bytes and None: no cycle can pass through it. It lives until the broker
-                 * acknowledged it (a chunk and those in flight: tens of thousands), and the cyclic collector would
-                 * walk each of them again at every collection of an older generation. */
-                if (event != NULL && PyObject_GC_IsTracked(event))
-                    PyObject_GC_UnTrack(event);
+                event = shaped_message(&shape, ident, PyTuple_GET_ITEM(built, 0), PyTuple_GET_ITEM(built, 1), NULL);
                 key = event == NULL ? NULL : PyTuple_New(nkeys);
                 for (Py_ssize_t k = 0; key != NULL && k < nkeys; k++) {
                     PyObject *part = key_cols[k].kind == 'n'
