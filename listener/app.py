@@ -527,7 +527,8 @@ class Listener:
         builder = self.builder
         relations = builder.relations
         decode = pgoutput.decode
-        change = builder.change
+        hot_change, compiled, debezium = builder.hot_change, builder.compiled, builder.debezium
+        change = builder.change_rest  # for what hot_change leaves
         begin = builder.begin_message
         committed = builder.commit
         read_batch = stream.read_batch
@@ -561,7 +562,10 @@ class Listener:
                     if announcing:
                         announcing = False
                         await self._announce(db, txn, (_U32(buf, 1)[0],))  # type: ignore[arg-type]
-                    out = change(buf, txn)  # type: ignore[arg-type]
+                    if hot_change is not None:
+                        out = hot_change(buf, compiled, txn, debezium)
+                    if out is None:
+                        out = change(buf, txn)  # type: ignore[arg-type]
                 elif tag == 0x42:  # Begin: once per transaction, which is once per row in OLTP workloads
                     txn = begin(buf)
                 elif tag == 0x43:  # Commit

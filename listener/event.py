@@ -147,6 +147,8 @@ def _change_shape(info: RelationInfo) -> hotpath.MessageShape | None:
 
 #: the actions of change events in the order the compiled path picks them by the message's tag (I, U, D)
 _ACTIONS = (CHANGE_ACTIONS[0x49], CHANGE_ACTIONS[0x55], CHANGE_ACTIONS[0x44])
+#: how hot_change is told which actions of a table are published
+_ACTION_BITS = {"INSERT": 1, "UPDATE": 2, "DELETE": 4}
 
 
 def hashed_uuid(hexed: str) -> str:
@@ -222,6 +224,11 @@ class Transaction:
     lsn: int | None = None  # the current change's own LSN, kept only when EventBuilder.wants_lsn
 
 
+#: the slots of Transaction the compiled change() reads (ordinal: and counts up)
+_TRANSACTION_FIELDS = tuple(Transaction.__dict__[name] for name in (
+    "ordinal", "id_prefix", "id_base", "commit_time", "commit_micros", "xid", "lsn"))
+
+
 class EventBuilder:
     """Builds :class:`Message` objects from decoded changes, applying the filter and topic naming."""
 
@@ -259,12 +266,23 @@ class EventBuilder:
         self.hot = hotpath.load() if compiled else None
         #: Begin messages decoded and their shared parts written in one compiled call (every format)
         self._begin_hot = self.hot.begin if self.hot is not None else None
+        #: a change of a table in :attr:`_compiled` made a Message in one compiled call (the reader calls it first)
+        self.hot_change = None if self.hot is None else self.hot.change
+        #: what hot_change takes per table, by relation oid (see _compiled_table)
+        self.compiled: dict[int, hotpath.CompiledTable] = {}
+        if self.hot is not None:
+            self.hot.transaction_fields(_TRANSACTION_FIELDS)
         #: a backfill chunk's read time and its protocol microseconds (Debezium's READ events, compiled)
         self._read_moment: tuple[str, int] = ("", 0)
         #: listener.transforms: columns left out, masks, topics and keys per table
         self.transforms = Transforms(cfg.listener, f"{self._topic}.{self._prefix}")
         self._hmac = self.hot.hmac_prepare(self.transforms.hash_key) if self.hot and self.transforms.hash_key else None
         self._keys_warned: set[tuple[str, str]] = set()
+
+    @property
+    def debezium(self) -> Debezium | None:
+        """publisher.format debezium: what its events share (the last commit's LSN, which hot_change reads)."""
+        return self._debezium
 
     def subject(self, schema: str, table: str) -> str:
         return self._subject(f"{schema}_{table}")
@@ -278,7 +296,24 @@ class EventBuilder:
         """Register a table of the stream (see :meth:`relation_info`)."""
         info = self.relation_info(rel, primary_key, facts)
         self.relations[rel.oid] = info
+        compiled = self._compiled_table(info)
+        if compiled is None:
+            self.compiled.pop(rel.oid, None)
+        else:
+            self.compiled[rel.oid] = compiled
         return info
+
+    def _compiled_table(self, info: RelationInfo) -> hotpath.CompiledTable | None:
+        """For hot_change: (debezium, plan, shape, the actions published as bits, tombstones, want_key), when the
+        compiled path makes the table's change events whole (no route, no CloudEvents); else None."""
+        if info.shape is None or self._finish is not None:
+            return None
+        bits = sum(bit for action, bit in _ACTION_BITS.items() if action in info.actions)
+        if info.debezium_plan is not None:
+            return True, info.debezium_plan, info.shape, bits, self._tombstones, self._needs_key
+        if info.plan is not None:
+            return False, info.plan, info.shape, bits, self._tombstones, self._needs_key
+        return None
 
     def relation_info(
         self, rel: Relation, primary_key: tuple[str, ...] = (), facts: Mapping[str, ColumnFacts] | None = None
@@ -576,6 +611,15 @@ class EventBuilder:
     def change(self, buf: bytes, txn: Transaction) -> Message | None:
         """An Insert, Update or Delete message -> its event (None: filtered out). The compiled path
         writes the body when it can; the Python stages take the message when it cannot."""
+        if self.hot_change is not None:
+            made = self.hot_change(buf, self.compiled, txn, self._debezium)
+            if made is not None:
+                return made
+        return self.change_rest(buf, txn)
+
+    def change_rest(self, buf: bytes, txn: Transaction) -> Message | None:
+        """:meth:`change` for a message :attr:`hot_change` left (the reader calls the two itself): a table it does
+        not make whole, an action not published, or a value the compiled path leaves to Python."""
         info = self.relations[_U32(buf, 1)[0]]
         hot = self.hot
         if hot is not None and (info.plan is not None or info.debezium_plan is not None):

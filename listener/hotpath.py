@@ -61,6 +61,9 @@ DebeziumPlan = tuple[
 #: Insert, Update and Delete, the member descriptors of the class's slots in field order, the defaults of those
 #: after the first seven): see _hotpath_c/message.c and listener.event._change_shape
 MessageShape = tuple[type, str, str, str, tuple[str, str, str], tuple[Any, ...], tuple[Any, ...]]
+#: change() per table: (debezium, its plan, shape, the actions published: INSERT 1 | UPDATE 2 | DELETE 4,
+#: tombstones, want_key): see _hotpath_c/message.c and listener.event.EventBuilder._compiled_table
+CompiledTable = tuple[bool, "Plan | DebeziumPlan", MessageShape, int, bool, bool]
 
 
 class Module(Protocol):
@@ -94,6 +97,10 @@ class Module(Protocol):
         self, msg: bytes, plan: DebeziumPlan, prefix: str, number: int | None, commit_micros: int, xid: int | None,
         lsn: int | None, last_commit: int | None, now_ns: int | None, want_key: bool, shape: MessageShape, /
     ) -> Message | None: ...
+
+    def change(self, msg: bytes, compiled: dict[int, CompiledTable], txn: Any, debezium: Any, /) -> Message | None: ...
+
+    def transaction_fields(self, fields: tuple[Any, ...], /) -> None: ...
 
     def debezium_read_row(
         self, values: list[bytes | None], plan: DebeziumPlan, read_micros: int, last_commit: int | None,

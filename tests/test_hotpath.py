@@ -367,6 +367,44 @@ def test_the_compiled_path_makes_the_message_the_class_would(action: str) -> Non
     assert hot.event(msg, info.plan, "id-", 0x1234, when, True, None, no_slots) == expected  # type: ignore[arg-type]
 
 
+def test_change_makes_the_event_in_one_call_and_leaves_the_rest_to_python() -> None:
+    """change() makes a published change of a compiled table whole and counts the transaction's ordinal; an
+    action the filter leaves out, another table or a transaction without an id prefix it leaves (None) to
+    EventBuilder.change_rest, which publishes the same events."""
+    compiled_hot_path()
+    cfg = make_config(tables={'ev"ents': ["insert", "update"]})  # DELETE not published
+    built = EventBuilder(cfg, types.TypeRegistry(), needs_key=True)
+    slow = EventBuilder(cfg, types.TypeRegistry(), needs_key=True, compiled=False)
+    for b in (built, slow):
+        b.add_relation(relation("d", (0,)))
+    hot = built.hot
+    assert hot is not None and built.hot_change is not None and OID in built.compiled
+    row = tuple_data(*TYPICAL)
+    key = tuple_data(*(b"t" + struct.pack(">i", 2) + b"42" if i == 0 else COL_NULL for i in range(len(COLUMNS))))
+    txn, slow_txn = built.begin(0x16B374D48, 820_000_000_000_000), slow.begin(0x16B374D48, 820_000_000_000_000)
+    made = built.hot_change(insert_msg(OID, row), built.compiled, txn, None)
+    assert type(made) is Message and txn.ordinal == 1 and made.action == "INSERT"
+    assert outcome(slow, insert_msg(OID, row), slow_txn)[:-1] == (
+        made.id, made.subject, made.body, made.key, made.action, made.schema, made.table, made.tombstone,
+        made.headers, made.content_type, made.header_lines)
+    left = [delete_msg(OID, b"K", key), insert_msg(OID + 1, row)]  # not published; a table it was not given
+    for msg in left:
+        assert built.hot_change(msg, built.compiled, txn, None) is None and txn.ordinal == 1
+    assert built.change_rest(left[0], txn) is None and txn.ordinal == 2  # counted as the Python path counts it
+    no_prefix = Transaction(0x16B374D48, txn.commit_time)
+    assert built.hot_change(update_msg(OID, row), built.compiled, no_prefix, None) is None
+    assert built.change(update_msg(OID, row), no_prefix) is not None and no_prefix.ordinal == 1
+    with pytest.raises(TypeError):
+        hot.change(insert_msg(OID, row), [], txn, None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="a compiled table is"):
+        hot.change(insert_msg(OID, row), {OID: (False, built.compiled[OID][1])}, txn, None)  # type: ignore[dict-item]
+    with pytest.raises(TypeError, match="transaction_fields"):
+        hot.transaction_fields((Transaction.__dict__["ordinal"],))
+    with pytest.raises(TypeError, match="transaction_fields"):
+        hot.transaction_fields(tuple(Message.__dict__[n] for n in ("id", "subject", "body", "schema", "table",
+                                                                    "action", "key")) + ("x",))
+
+
 def test_a_shape_that_is_not_one_raises_a_type_error() -> None:
     fast, _ = builders(relation("d", (0,)), needs_key=False)
     info = fast.relations[OID]

@@ -225,7 +225,7 @@ done:
 PyObject *make_ident(PyObject *prefix, PyObject *number) {
     if (number == Py_None)
         return Py_NewRef(prefix);
-    unsigned long long n = PyLong_AsUnsignedLongLong(number);
+    unsigned long long n = small_unsigned(number);
     if (n == (unsigned long long)-1 && PyErr_Occurred())
         return NULL;
     if (!PyUnicode_IS_ASCII(prefix) || n >> 48) {

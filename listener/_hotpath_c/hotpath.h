@@ -23,7 +23,8 @@
  *   frames.c      NATS wire frames (HPUB) and JetStream acks                          publishers/nats.py
  *   blake2b.c     BLAKE2b, the ids of READ events                                     event.py (read_event_ids)
  *   page.c        a backfill page (libpq PGresult) -> READ events: read_page()        event.py (read_page)
- *   message.c     the events as Message objects, made without calling the class      message.py (Message)
+ *   message.c     the events as Message objects, made without calling the class;     message.py (Message),
+ *                 change(): a change message of a compiled table to its Message      event.py (change)
  *   module.c      the method table and module init                                    hotpath.py
  *
  * event(msg, plan, prefix, number, commit_time, want_key) -> (ident: str, body: bytes, key: bytes | None) | None
@@ -137,6 +138,15 @@ static inline int visible_ascii(const unsigned char *s, Py_ssize_t n) {
         if (s[i] < 0x21 || s[i] > 0x7E)
             return 0;
     return 1;
+}
+
+/* v as unsigned long long, cheaply when it is an int of at most two digits (60 bits) and not negative: the ids'
+ * numbers. PyLong_AsUnsignedLongLong goes through _PyLong_AsByteArray, about 200 instructions; anything else still
+ * does (and raises what it raises). */
+static inline unsigned long long small_unsigned(PyObject *v) {
+    if (PyLong_CheckExact(v) && Py_SIZE(v) >= 0 && Py_SIZE(v) <= 2)
+        return PyLong_AsUnsignedLongLongMask(v);
+    return PyLong_AsUnsignedLongLong(v);
 }
 
 /* ---- decoded tuples (decode.c) ---- */
@@ -312,5 +322,7 @@ PyObject *hot_blake2b_prepare(PyObject *self, PyObject *const *args, Py_ssize_t 
 PyObject *hot_set_libpq_results(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *hot_read_page(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *hot_page_sizes(PyObject *self, PyObject *arg);
+PyObject *hot_transaction_fields(PyObject *self, PyObject *fields);
+PyObject *hot_change(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 
 #endif

@@ -5,11 +5,10 @@
 
 #include <structmember.h>
 
-/* Where each field of the Message class lives in its instances, from the member descriptors of its slots
- * (fields: a tuple of them, in field order): how many there are, or 0 when they are not plain object slots
- * or more than MESSAGE_FIELDS. */
-static Py_ssize_t message_offsets(PyObject *fields, Py_ssize_t offsets[MESSAGE_FIELDS]) {
-    if (!PyTuple_Check(fields) || PyTuple_GET_SIZE(fields) <= MESSAGE_SET || PyTuple_GET_SIZE(fields) > MESSAGE_FIELDS)
+/* Where each member descriptor of fields (a tuple, in field order) keeps its value in instances of its class: how
+ * many there are, or 0 when they are not writable object slots, fewer than least or more than MESSAGE_FIELDS. */
+static Py_ssize_t slot_offsets(PyObject *fields, Py_ssize_t least, Py_ssize_t offsets[MESSAGE_FIELDS]) {
+    if (!PyTuple_Check(fields) || PyTuple_GET_SIZE(fields) < least || PyTuple_GET_SIZE(fields) > MESSAGE_FIELDS)
         return 0;
     Py_ssize_t n = PyTuple_GET_SIZE(fields);
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -40,7 +39,7 @@ int message_shape(PyObject *message, MessageShape *shape) {
     shape->cls = (PyTypeObject *)cls;
     for (int i = 1; i <= 4; i++)
         shape->shared[i - 1] = PyTuple_GET_ITEM(message, i);
-    Py_ssize_t n = PyTuple_Check(defaults) ? message_offsets(fields, shape->offsets) : 0;
+    Py_ssize_t n = PyTuple_Check(defaults) ? slot_offsets(fields, MESSAGE_SET + 1, shape->offsets) : 0;
     if (n == 0 || PyTuple_GET_SIZE(defaults) != n - MESSAGE_SET)
         return 0;
     /* the class, or a subclass of it that adds no slots (HeadedMessage): its instances have them at these offsets */
@@ -79,4 +78,144 @@ PyObject *shaped_message(MessageShape *shape, PyObject *ident, PyObject *body, P
     if (m != NULL && PyObject_GC_IsTracked(m))
         PyObject_GC_UnTrack(m);
     return m;
+}
+
+/* ---- change(): a change message of a compiled table straight to its Message (Python twin: EventBuilder.change) */
+
+/* The fields of listener.event.Transaction change() reads (and, for ordinal, writes), by the member descriptors
+ * transaction_fields() was given once. */
+enum { TXN_ORDINAL, TXN_ID_PREFIX, TXN_ID_BASE, TXN_COMMIT_TIME, TXN_COMMIT_MICROS, TXN_XID, TXN_LSN, TXN_FIELDS };
+static PyTypeObject *txn_type;
+static Py_ssize_t txn_offsets[TXN_FIELDS];
+static PyObject *str_last_commit, *str_tombstone, *str_key;
+
+PyObject *hot_transaction_fields(PyObject *self, PyObject *fields) {
+    (void)self;
+    Py_ssize_t offsets[MESSAGE_FIELDS];
+    if (!PyTuple_Check(fields) || PyTuple_GET_SIZE(fields) != TXN_FIELDS) {
+        PyErr_SetString(PyExc_TypeError, "transaction_fields: the member descriptors of ordinal, id_prefix, id_base, "
+                                         "commit_time, commit_micros, xid and lsn");
+        return NULL;
+    }
+    PyTypeObject *owner = NULL;
+    for (Py_ssize_t i = 0; i < TXN_FIELDS; i++) {
+        PyObject *d = PyTuple_GET_ITEM(fields, i);
+        if (!PyObject_TypeCheck(d, &PyMemberDescr_Type) || (owner != NULL && PyDescr_TYPE(d) != owner)) {
+            PyErr_SetString(PyExc_TypeError, "transaction_fields: member descriptors of one class's slots");
+            return NULL;
+        }
+        owner = PyDescr_TYPE(d);
+    }
+    if (slot_offsets(fields, TXN_FIELDS, offsets) != TXN_FIELDS) {
+        PyErr_SetString(PyExc_TypeError, "transaction_fields: each field a writable object slot");
+        return NULL;
+    }
+    if (str_last_commit == NULL && ((str_last_commit = PyUnicode_InternFromString("last_commit")) == NULL ||
+                                    (str_tombstone = PyUnicode_InternFromString("tombstone")) == NULL ||
+                                    (str_key = PyUnicode_InternFromString("key")) == NULL))
+        return NULL;
+    memcpy(txn_offsets, offsets, sizeof txn_offsets);
+    Py_XSETREF(txn_type, (PyTypeObject *)Py_NewRef(owner));
+    Py_RETURN_NONE;
+}
+
+/* A field of txn (borrowed), NULL when unset. */
+static inline PyObject *txn_field(PyObject *txn, int which) {
+    return *(PyObject **)((char *)txn + txn_offsets[which]);
+}
+
+/* change(msg, compiled, txn, debezium) -> Message | None
+ *
+ * msg: a pgoutput Insert, Update or Delete; compiled: the tables whose change events are made here, by relation
+ * oid: (debezium: bool, plan (event()'s, or debezium_event()'s when debezium), shape, actions (a bit each for
+ * INSERT 1, UPDATE 2, DELETE 4: those published), tombstones, want_key); txn: the Transaction (its ordinal counted
+ * up when the event is made); debezium: what has last_commit (publisher.format debezium), else None.
+ * None: the caller's Python path takes the message (another table, an action not published, a transaction
+ * without an id prefix, or whatever event() and debezium_event() leave to it). */
+PyObject *hot_change(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4 || !PyBytes_Check(args[0]) || !PyDict_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "change(msg: bytes, compiled: dict, txn, debezium)");
+        return NULL;
+    }
+    PyObject *msg = args[0], *txn = args[2];
+    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(msg);
+    if (txn_type == NULL || Py_TYPE(txn) != txn_type || PyBytes_GET_SIZE(msg) < 5)
+        Py_RETURN_NONE;
+    int bit = p[0] == 'I' ? 1 : p[0] == 'U' ? 2 : p[0] == 'D' ? 4 : 0;
+    PyObject *oid = PyLong_FromUnsignedLong((unsigned long)p[1] << 24 | (unsigned long)p[2] << 16 |
+                                            (unsigned long)p[3] << 8 | p[4]);
+    if (oid == NULL)
+        return NULL;
+    PyObject *entry = PyDict_GetItemWithError(args[1], oid);
+    Py_DECREF(oid);
+    if (entry == NULL)
+        return PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
+    if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 6) {
+        PyErr_SetString(PyExc_TypeError, "change: a compiled table is (debezium, plan, shape, actions, tombstones, "
+                                         "want_key)");
+        return NULL;
+    }
+    long actions = PyLong_AsLong(PyTuple_GET_ITEM(entry, 3));
+    if (actions == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *prefix = txn_field(txn, TXN_ID_PREFIX), *ordinal_obj = txn_field(txn, TXN_ORDINAL),
+             *base_obj = txn_field(txn, TXN_ID_BASE);
+    if (!(actions & bit) || prefix == NULL || !PyUnicode_Check(prefix) || PyUnicode_GET_LENGTH(prefix) == 0 ||
+        ordinal_obj == NULL || !PyLong_CheckExact(ordinal_obj) || base_obj == NULL || !PyLong_CheckExact(base_obj))
+        Py_RETURN_NONE;
+    long long ordinal = PyLong_AsLongLong(ordinal_obj);
+    unsigned long long base = small_unsigned(base_obj);
+    if (PyErr_Occurred())
+        return NULL;
+    ordinal += 1;
+    PyObject *number = PyLong_FromUnsignedLongLong(base | ((unsigned long long)ordinal & 0x3FFFFFF));
+    if (number == NULL)
+        return NULL;
+    PyObject *made;
+    int debezium = PyObject_IsTrue(PyTuple_GET_ITEM(entry, 0));
+    PyObject *plan = PyTuple_GET_ITEM(entry, 1), *shape = PyTuple_GET_ITEM(entry, 2),
+             *want_key = PyTuple_GET_ITEM(entry, 5);
+    if (debezium > 0) {
+        PyObject *micros = txn_field(txn, TXN_COMMIT_MICROS), *xid = txn_field(txn, TXN_XID),
+                 *lsn = txn_field(txn, TXN_LSN);
+        PyObject *last = args[3] == Py_None ? Py_NewRef(Py_None) : PyObject_GetAttr(args[3], str_last_commit);
+        if (last == NULL || micros == NULL || xid == NULL || lsn == NULL) {
+            Py_XDECREF(last);
+            Py_DECREF(number);
+            return last == NULL ? NULL : Py_NewRef(Py_None);
+        }
+        PyObject *call[11] = {msg, plan, prefix, number, micros, xid, lsn, last, Py_None, want_key, shape};
+        made = hot_debezium_event(self, call, 11);
+        Py_DECREF(last);
+    } else if (debezium == 0) {
+        PyObject *time = txn_field(txn, TXN_COMMIT_TIME);
+        if (time == NULL) {
+            Py_DECREF(number);
+            Py_RETURN_NONE;
+        }
+        PyObject *call[8] = {msg, plan, prefix, number, time, want_key, Py_None, shape};
+        made = hot_event(self, call, 8);
+    } else {
+        made = NULL;
+    }
+    Py_DECREF(number);
+    if (made == NULL || made == Py_None)
+        return made;
+    PyObject *counted = PyLong_FromLongLong(ordinal);
+    if (counted == NULL) {
+        Py_DECREF(made);
+        return NULL;
+    }
+    PyObject **slot = (PyObject **)((char *)txn + txn_offsets[TXN_ORDINAL]);
+    Py_SETREF(*slot, counted);
+    if (bit == 4 && PyObject_IsTrue(PyTuple_GET_ITEM(entry, 4)) > 0) { /* a tombstone follows a DELETE with a key */
+        PyObject *key = PyObject_GetAttr(made, str_key);
+        int set = key == NULL ? -1 : PyObject_SetAttr(made, str_tombstone, key != Py_None ? Py_True : Py_False);
+        Py_XDECREF(key);
+        if (set < 0) {
+            Py_DECREF(made);
+            return NULL;
+        }
+    }
+    return made;
 }
