@@ -401,8 +401,8 @@ def test_change_makes_the_event_in_one_call_and_leaves_the_rest_to_python() -> N
     with pytest.raises(TypeError, match="transaction_fields"):
         hot.transaction_fields((Transaction.__dict__["ordinal"],))
     with pytest.raises(TypeError, match="transaction_fields"):
-        hot.transaction_fields(tuple(Message.__dict__[n] for n in ("id", "subject", "body", "schema", "table",
-                                                                    "action", "key")) + ("x",))
+        names = ("id", "subject", "body", "schema", "table", "action", "key")
+        hot.transaction_fields((*(Message.__dict__[n] for n in names[:6]), "x"))
 
 
 def test_a_shape_that_is_not_one_raises_a_type_error() -> None:
