@@ -135,9 +135,10 @@ def _message_slots() -> tuple[tuple[Any, ...] | None, tuple[Any, ...] | None]:
 def _change_shape(info: RelationInfo) -> hotpath.MessageShape | None:
     """For the compiled event() and debezium_event(): what the table's change events share, so that they come back
     made as Messages (or, with Debezium's schemas, HeadedMessages of the table's schema head); None: they come
-    back as tuples and ``info.make`` makes them (a topic route, CloudEvents, or Message shaped otherwise)."""
+    back as tuples and ``info.make`` makes them (CloudEvents, or Message shaped otherwise). With a topic route the
+    subject is the topic each change's values give."""
     fields, defaults = _message_slots()
-    if fields is None or defaults is None or info.route is not None or info.ce is not None:
+    if fields is None or defaults is None or info.ce is not None:
         return None
     cls: type[Message] = Message
     if info.debezium_plan is not None and info.debezium_plan[5] is not None:
@@ -200,7 +201,8 @@ class RelationInfo:
     #: makes the compiled path's events, called as Message is: Message, or with publisher.debezium.schemas a
     #: HeadedMessage of the table's schema head (the plan's value_head) and what the compiled path wrote after it
     make: Callable[..., Message] = Message
-    #: what the compiled path takes to make the table's change events itself (_change_shape; None: make makes them)
+    #: what the compiled path takes to make the table's change events itself (_change_shape; None: make makes them);
+    #: EventBuilder.change_rest uses it only without a topic route
     shape: hotpath.MessageShape | None = None
     #: the table's transform (None: no entry of listener.transforms names it); names, converters and the
     #: indexes above are then those of the columns it keeps
@@ -304,15 +306,17 @@ class EventBuilder:
         return info
 
     def _compiled_table(self, info: RelationInfo) -> hotpath.CompiledTable | None:
-        """For hot_change: (debezium, plan, shape, the actions published as bits, tombstones, want_key), when the
-        compiled path makes the table's change events whole (no route, no CloudEvents); else None."""
+        """For hot_change: (debezium, plan, shape, the actions published as bits, tombstones, want_key, routed), when
+        the compiled path makes the table's change events whole (no CloudEvents); else None. routed: with a topic
+        route, what counts a change's fallback reason and answers the table's subject (:meth:`_routed`)."""
         if info.shape is None or self._finish is not None:
             return None
         bits = sum(bit for action, bit in _ACTION_BITS.items() if action in info.actions)
+        routed = None if info.route is None else functools.partial(self._routed, info)
         if info.debezium_plan is not None:
-            return True, info.debezium_plan, info.shape, bits, self._tombstones, self._needs_key
+            return True, info.debezium_plan, info.shape, bits, self._tombstones, self._needs_key, routed
         if info.plan is not None:
-            return False, info.plan, info.shape, bits, self._tombstones, self._needs_key
+            return False, info.plan, info.shape, bits, self._tombstones, self._needs_key, routed
         return None
 
     def relation_info(
@@ -634,7 +638,7 @@ class EventBuilder:
             else:
                 prefix, number = self._ident(txn, ordinal), None
             done: tuple[Any, ...] | None  # (ident, body, key[, topic][, headers]): see hotpath.Module.event
-            shape = info.shape
+            shape = info.shape if info.route is None else None  # a route's fallbacks are counted below
             if shape is not None:  # the compiled call makes the Message (made: None when it leaves the change)
                 if info.debezium_plan is not None:
                     made = hot.debezium_event(buf, info.debezium_plan, prefix, number, txn.commit_micros, txn.xid,

@@ -19,7 +19,7 @@ import ctypes
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, overload
 
 import orjson
@@ -62,8 +62,9 @@ DebeziumPlan = tuple[
 #: after the first seven): see _hotpath_c/message.c and listener.event._change_shape
 MessageShape = tuple[type, str, str, str, tuple[str, str, str], tuple[Any, ...], tuple[Any, ...]]
 #: change() per table: (debezium, its plan, shape, the actions published: INSERT 1 | UPDATE 2 | DELETE 4,
-#: tombstones, want_key): see _hotpath_c/message.c and listener.event.EventBuilder._compiled_table
-CompiledTable = tuple[bool, "Plan | DebeziumPlan", MessageShape, int, bool, bool]
+#: tombstones, want_key, with a topic route what takes a fallback reason and answers the subject): see
+#: _hotpath_c/message.c and listener.event.EventBuilder._compiled_table
+CompiledTable = tuple[bool, "Plan | DebeziumPlan", MessageShape, int, bool, bool, "Callable[[int], str] | None"]
 
 
 class Module(Protocol):

@@ -28,6 +28,7 @@ from listener.formats import CE_HEADERS, NATS_HEADERS, Binding, debezium_convert
 from listener.message import HeadedMessage, Message
 from listener.pgoutput import Column, Relation
 from listener.publishers.nats import extra_headers
+from listener.transforms import FALLBACK_REASONS
 from listener.types import Converter
 from tests.support.events import compiled_hot_path, make_config
 from tests.support.pgwire import COL_NULL, COL_UNCHANGED, col_text, delete_msg, insert_msg, tuple_data, update_msg
@@ -585,6 +586,16 @@ def test_routed_topics_at_the_length_limit_and_past_the_topic_cache_match_the_py
                             "wal_listener.by." + "a" * (room - 3) + "_2e", own,
                             "wal_listener.by." + "_c3_a9" * (room // 6), own]
     assert subjects[7] == "wal_listener.by.tenant_200" and subjects[607] == subjects[7]
+    # the compiled change() made them; a topic too long goes to the table's own, its reason counted once
+    info = fast.relations[OID]
+    assert fast.hot_change is not None and OID in fast.compiled and info.route is not None
+    cell = info.fallbacks[FALLBACK_REASONS.index("too_long")]
+    assert cell is not None
+    counted = cell[0]
+    values = list(TYPICAL)
+    values[13] = col_text("a" * (room + 1))
+    made = fast.hot_change(insert_msg(OID, tuple_data(*values)), fast.compiled, fast_txn, None)
+    assert made is not None and made.subject == own and cell[0] == counted + 1
 
 
 def test_a_typical_row_with_a_transform_stays_on_the_compiled_path() -> None:

@@ -296,13 +296,14 @@ int change_shape(const char *name, PyObject *arg, MessageShape **shape) {
     return 1;
 }
 
-/* (ident, body, key) as the event of the shape for the change tagged tag ('I', 'U' or 'D'); built released. */
-PyObject *change_message(MessageShape *shape, char tag, PyObject *built) {
+/* (ident, body, key) as the event of the shape for the change tagged tag ('I', 'U' or 'D') sent to subject (NULL:
+ * the shape's); built released. */
+PyObject *change_message(MessageShape *shape, char tag, PyObject *built, PyObject *subject) {
     if (built == NULL || built == Py_None)
         return built;
     PyObject *action = PyTuple_GET_ITEM(shape->shared[3], tag == 'I' ? 0 : tag == 'U' ? 1 : 2);
     PyObject *m = shaped_message(shape, PyTuple_GET_ITEM(built, 0), PyTuple_GET_ITEM(built, 1),
-                                 PyTuple_GET_ITEM(built, 2), action);
+                                 PyTuple_GET_ITEM(built, 2), action, subject);
     Py_DECREF(built);
     return m;
 }
@@ -345,7 +346,7 @@ PyObject *hot_event(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     result = build_event(h.ident, 1, args[4], &plan, action, c->new_cols, c->nnew, c->old_cols, c->nold, c->old_kind,
                          want_key, h.view.len, ce_arg != NULL ? &ce : NULL);
     if (shaped)
-        result = change_message(shape, c->tag, result);
+        result = change_message(shape, c->tag, result, NULL);
 done:
     release_change(&h);
     return result;

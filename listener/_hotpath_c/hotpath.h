@@ -292,11 +292,12 @@ typedef struct {
 
 /* 1: made directly; 0: made by calling the class (fields or defaults do not fit); -1: not a shape (an error). */
 int message_shape(PyObject *message, MessageShape *shape);
-/* A new event of the shape; action: its own (NULL: the shape's). Left out of the cyclic collector. */
-PyObject *shaped_message(MessageShape *shape, PyObject *ident, PyObject *body, PyObject *key, PyObject *action);
+/* A new event of the shape; action, subject: its own (NULL: the shape's). Left out of the cyclic collector. */
+PyObject *shaped_message(MessageShape *shape, PyObject *ident, PyObject *body, PyObject *key, PyObject *action,
+                         PyObject *subject);
 /* For event() and debezium_event() (event.c): the shape argument, and the event of a change made from it. */
 int change_shape(const char *name, PyObject *arg, MessageShape **shape);
-PyObject *change_message(MessageShape *shape, char tag, PyObject *built);
+PyObject *change_message(MessageShape *shape, char tag, PyObject *built, PyObject *subject);
 
 /* ---- NATS frames (frames.c) ---- */
 

@@ -52,10 +52,13 @@ int message_shape(PyObject *message, MessageShape *shape) {
     return 1;
 }
 
-PyObject *shaped_message(MessageShape *shape, PyObject *ident, PyObject *body, PyObject *key, PyObject *action) {
-    PyObject *subject = shape->shared[0], *schema = shape->shared[1], *table = shape->shared[2], *m;
+PyObject *shaped_message(MessageShape *shape, PyObject *ident, PyObject *body, PyObject *key, PyObject *action,
+                         PyObject *subject) {
+    PyObject *schema = shape->shared[1], *table = shape->shared[2], *m;
     if (action == NULL)
         action = shape->shared[3];
+    if (subject == NULL)
+        subject = shape->shared[0];
     if (shape->n == 0) {
         PyObject *call[7] = {ident, subject, body, schema, table, action, key};
         m = PyObject_Vectorcall((PyObject *)shape->cls, call, 7, NULL);
@@ -128,8 +131,10 @@ static inline PyObject *txn_field(PyObject *txn, int which) {
  *
  * msg: a pgoutput Insert, Update or Delete; compiled: the tables whose change events are made here, by relation
  * oid: (debezium: bool, plan (event()'s, or debezium_event()'s when debezium), shape, actions (a bit each for
- * INSERT 1, UPDATE 2, DELETE 4: those published), tombstones, want_key); txn: the Transaction (its ordinal counted
- * up when the event is made); debezium: what has last_commit (publisher.format debezium), else None.
+ * INSERT 1, UPDATE 2, DELETE 4: those published), tombstones, want_key, routed); routed: None, or for a table with
+ * a topic route what takes a change's fallback reason (an int) and answers the subject (it counts the reason);
+ * txn: the Transaction (its ordinal counted up when the event is made); debezium: what has last_commit
+ * (publisher.format debezium), else None.
  * None: the caller's Python path takes the message (another table, an action not published, a transaction
  * without an id prefix, or whatever event() and debezium_event() leave to it). */
 PyObject *hot_change(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -150,9 +155,9 @@ PyObject *hot_change(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     Py_DECREF(oid);
     if (entry == NULL)
         return PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
-    if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 6) {
+    if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 7) {
         PyErr_SetString(PyExc_TypeError, "change: a compiled table is (debezium, plan, shape, actions, tombstones, "
-                                         "want_key)");
+                                         "want_key, routed)");
         return NULL;
     }
     long actions = PyLong_AsLong(PyTuple_GET_ITEM(entry, 3));
@@ -174,7 +179,9 @@ PyObject *hot_change(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     PyObject *made;
     int debezium = PyObject_IsTrue(PyTuple_GET_ITEM(entry, 0));
     PyObject *plan = PyTuple_GET_ITEM(entry, 1), *shape = PyTuple_GET_ITEM(entry, 2),
-             *want_key = PyTuple_GET_ITEM(entry, 5);
+             *want_key = PyTuple_GET_ITEM(entry, 5), *routed = PyTuple_GET_ITEM(entry, 6);
+    /* a table with a topic route: the event comes as (ident, body, key, topic) and is made here */
+    PyObject *given = routed == Py_None ? shape : Py_None;
     if (debezium > 0) {
         PyObject *micros = txn_field(txn, TXN_COMMIT_MICROS), *xid = txn_field(txn, TXN_XID),
                  *lsn = txn_field(txn, TXN_LSN);
@@ -184,8 +191,8 @@ PyObject *hot_change(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
             Py_DECREF(number);
             return last == NULL ? NULL : Py_NewRef(Py_None);
         }
-        PyObject *call[11] = {msg, plan, prefix, number, micros, xid, lsn, last, Py_None, want_key, shape};
-        made = hot_debezium_event(self, call, 11);
+        PyObject *call[11] = {msg, plan, prefix, number, micros, xid, lsn, last, Py_None, want_key, given};
+        made = hot_debezium_event(self, call, given == Py_None ? 10 : 11);
         Py_DECREF(last);
     } else if (debezium == 0) {
         PyObject *time = txn_field(txn, TXN_COMMIT_TIME);
@@ -193,7 +200,7 @@ PyObject *hot_change(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
             Py_DECREF(number);
             Py_RETURN_NONE;
         }
-        PyObject *call[8] = {msg, plan, prefix, number, time, want_key, Py_None, shape};
+        PyObject *call[8] = {msg, plan, prefix, number, time, want_key, Py_None, given};
         made = hot_event(self, call, 8);
     } else {
         made = NULL;
@@ -201,6 +208,24 @@ PyObject *hot_change(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     Py_DECREF(number);
     if (made == NULL || made == Py_None)
         return made;
+    if (routed != Py_None) { /* the topic the route gave, or the table's subject (routed counts the reason) */
+        MessageShape *read;
+        PyObject *topic = PyTuple_Check(made) && PyTuple_GET_SIZE(made) == 4 ? PyTuple_GET_ITEM(made, 3) : NULL;
+        PyObject *subject = topic == NULL     ? NULL
+                            : PyUnicode_Check(topic) ? Py_NewRef(topic)
+                                                     : PyObject_CallOneArg(routed, topic);
+        if (subject == NULL || change_shape("change", shape, &read) < 0) {
+            if (subject == NULL && !PyErr_Occurred())
+                PyErr_SetString(PyExc_TypeError, "change: a routed table's event is (ident, body, key, topic)");
+            Py_XDECREF(subject);
+            Py_DECREF(made);
+            return NULL;
+        }
+        made = change_message(read, (char)p[0], made, subject);
+        Py_DECREF(subject);
+        if (made == NULL)
+            return NULL;
+    }
     PyObject *counted = PyLong_FromLongLong(ordinal);
     if (counted == NULL) {
         Py_DECREF(made);

@@ -180,7 +180,8 @@ PyObject *hot_read_page(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                 goto done;
             }
             if (built != Py_None) {
-                event = shaped_message(&shape, ident, PyTuple_GET_ITEM(built, 0), PyTuple_GET_ITEM(built, 1), NULL);
+                event = shaped_message(&shape, ident, PyTuple_GET_ITEM(built, 0), PyTuple_GET_ITEM(built, 1), NULL,
+                                       NULL);
                 key = event == NULL ? NULL : PyTuple_New(nkeys);
                 for (Py_ssize_t k = 0; key != NULL && k < nkeys; k++) {
                     PyObject *part = key_cols[k].kind == 'n'
