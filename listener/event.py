@@ -268,7 +268,7 @@ class EventBuilder:
         self.hot = hotpath.load() if compiled else None
         #: Begin messages decoded and their shared parts written in one compiled call (every format)
         self._begin_hot = self.hot.begin if self.hot is not None else None
-        #: a change of a table in :attr:`_compiled` made a Message in one compiled call (the reader calls it first)
+        #: a change of a table in :attr:`compiled` made a Message in one compiled call (the reader calls it first)
         self.hot_change = None if self.hot is None else self.hot.change
         #: what hot_change takes per table, by relation oid (see _compiled_table)
         self.compiled: dict[int, hotpath.CompiledTable] = {}
