@@ -927,7 +927,7 @@ PyObject *hot_debezium_event(PyObject *self, PyObject *const *args, Py_ssize_t n
         }
     } else if (shaped) {
         result = shaped_message(shape, h.ident, PyTuple_GET_ITEM(built, 0), PyTuple_GET_ITEM(built, 1),
-                                PyTuple_GET_ITEM(shape->shared[3], op == 'c' ? 0 : op == 'u' ? 1 : 2), NULL);
+                                shape_action(shape, c->tag), NULL);
     } else {
         result = PyTuple_Pack(3, h.ident, PyTuple_GET_ITEM(built, 0), PyTuple_GET_ITEM(built, 1));
     }

@@ -301,9 +301,8 @@ int change_shape(const char *name, PyObject *arg, MessageShape **shape) {
 PyObject *change_message(MessageShape *shape, char tag, PyObject *built, PyObject *subject) {
     if (built == NULL || built == Py_None)
         return built;
-    PyObject *action = PyTuple_GET_ITEM(shape->shared[3], tag == 'I' ? 0 : tag == 'U' ? 1 : 2);
     PyObject *m = shaped_message(shape, PyTuple_GET_ITEM(built, 0), PyTuple_GET_ITEM(built, 1),
-                                 PyTuple_GET_ITEM(built, 2), action, subject);
+                                 PyTuple_GET_ITEM(built, 2), shape_action(shape, tag), subject);
     Py_DECREF(built);
     return m;
 }

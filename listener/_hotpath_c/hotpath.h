@@ -295,6 +295,10 @@ int message_shape(PyObject *message, MessageShape *shape);
 /* A new event of the shape; action, subject: its own (NULL: the shape's). Left out of the cyclic collector. */
 PyObject *shaped_message(MessageShape *shape, PyObject *ident, PyObject *body, PyObject *key, PyObject *action,
                          PyObject *subject);
+/* The shape's action for the change tagged tag ('I', 'U' or 'D'): its shared action is the tuple of the three. */
+static inline PyObject *shape_action(const MessageShape *shape, char tag) {
+    return PyTuple_GET_ITEM(shape->shared[3], tag == 'I' ? 0 : tag == 'U' ? 1 : 2);
+}
 /* For event() and debezium_event() (event.c): the shape argument, and the event of a change made from it. */
 int change_shape(const char *name, PyObject *arg, MessageShape **shape);
 PyObject *change_message(MessageShape *shape, char tag, PyObject *built, PyObject *subject);

@@ -100,19 +100,16 @@ PyObject *hot_transaction_fields(PyObject *self, PyObject *fields) {
                                          "commit_time, commit_micros, xid and lsn");
         return NULL;
     }
-    PyTypeObject *owner = NULL;
-    for (Py_ssize_t i = 0; i < TXN_FIELDS; i++) {
-        PyObject *d = PyTuple_GET_ITEM(fields, i);
-        if (!PyObject_TypeCheck(d, &PyMemberDescr_Type) || (owner != NULL && PyDescr_TYPE(d) != owner)) {
-            PyErr_SetString(PyExc_TypeError, "transaction_fields: member descriptors of one class's slots");
-            return NULL;
-        }
-        owner = PyDescr_TYPE(d);
-    }
     if (slot_offsets(fields, TXN_FIELDS, offsets) != TXN_FIELDS) {
         PyErr_SetString(PyExc_TypeError, "transaction_fields: each field a writable object slot");
         return NULL;
     }
+    PyTypeObject *owner = PyDescr_TYPE(PyTuple_GET_ITEM(fields, 0));
+    for (Py_ssize_t i = 1; i < TXN_FIELDS; i++)
+        if (PyDescr_TYPE(PyTuple_GET_ITEM(fields, i)) != owner) {
+            PyErr_SetString(PyExc_TypeError, "transaction_fields: member descriptors of one class's slots");
+            return NULL;
+        }
     if (str_last_commit == NULL && ((str_last_commit = PyUnicode_InternFromString("last_commit")) == NULL ||
                                     (str_tombstone = PyUnicode_InternFromString("tombstone")) == NULL ||
                                     (str_key = PyUnicode_InternFromString("key")) == NULL))
