@@ -639,7 +639,9 @@ class EventBuilder:
                 prefix, number = self._ident(txn, ordinal), None
             done: tuple[Any, ...] | None  # (ident, body, key[, topic][, headers]): see hotpath.Module.event
             shape = info.shape if info.route is None else None  # a route's fallbacks are counted below
-            if shape is not None:  # the compiled call makes the Message (made: None when it leaves the change)
+            if info.shape is not None and txn.id_prefix and info.oid in self.compiled:
+                done = None  # hot_change made this very call and left the change to Python: not again here
+            elif shape is not None:  # the compiled call makes the Message (made: None when it leaves the change)
                 if info.debezium_plan is not None:
                     made = hot.debezium_event(buf, info.debezium_plan, prefix, number, txn.commit_micros, txn.xid,
                                               txn.lsn, self._debezium.last_commit,  # type: ignore[union-attr]

@@ -395,6 +395,21 @@ def test_change_makes_the_event_in_one_call_and_leaves_the_rest_to_python() -> N
     no_prefix = Transaction(0x16B374D48, txn.commit_time)
     assert built.hot_change(update_msg(OID, row), built.compiled, no_prefix, None) is None
     assert built.change(update_msg(OID, row), no_prefix) is not None and no_prefix.ordinal == 1
+    # text that is not UTF-8, which the compiled path leaves to Python: change() tries the compiled call once (in
+    # hot_change), then Python takes it (here: the error it raises)
+    calls: list[str] = []
+
+    class Counting:
+        def __getattr__(self, name: str) -> Any:
+            calls.append(name)
+            return getattr(hot, name)
+
+    odd = tuple_data(*[b"t" + struct.pack(">i", 1) + b"\xff" if i == 2 else v for i, v in enumerate(TYPICAL)])
+    built.hot = Counting()  # type: ignore[assignment]
+    txn, slow_txn = built.begin(0x16B374E00, 820_000_000_000_000), slow.begin(0x16B374E00, 820_000_000_000_000)
+    assert outcome(built, insert_msg(OID, odd), txn) == outcome(slow, insert_msg(OID, odd), slow_txn)
+    assert calls.count("event") == 0 and txn.ordinal == slow_txn.ordinal
+    built.hot = hot
     with pytest.raises(TypeError):
         hot.change(insert_msg(OID, row), [], txn, None)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="a compiled table is"):
