@@ -308,11 +308,12 @@ class EventBuilder:
     def _compiled_table(self, info: RelationInfo) -> hotpath.CompiledTable | None:
         """For hot_change: (debezium, plan, shape, the actions published as bits, tombstones, want_key, routed), when
         the compiled path makes the table's change events whole (no CloudEvents); else None. routed: with a topic
-        route, what counts a change's fallback reason and answers the table's subject (:meth:`_routed`)."""
+        route, (the table's fallback counts, its subject, what counts a reason not counted yet (:meth:`_routed`)):
+        a fallback adds to its reason's count in place once the count exists."""
         if info.shape is None or self._finish is not None:
             return None
         bits = sum(bit for action, bit in _ACTION_BITS.items() if action in info.actions)
-        routed = None if info.route is None else functools.partial(self._routed, info)
+        routed = None if info.route is None else (info.fallbacks, info.subject, functools.partial(self._routed, info))
         if info.debezium_plan is not None:
             return True, info.debezium_plan, info.shape, bits, self._tombstones, self._needs_key, routed
         if info.plan is not None:

@@ -611,6 +611,23 @@ def test_routed_topics_at_the_length_limit_and_past_the_topic_cache_match_the_py
     values[13] = col_text("a" * (room + 1))
     made = fast.hot_change(insert_msg(OID, tuple_data(*values)), fast.compiled, fast_txn, None)
     assert made is not None and made.subject == own and cell[0] == counted + 1
+    # once the reason's count exists, change() adds to it in place: what counts a new reason is not called
+    entry = fast.compiled[OID]
+    route = entry[6]
+    assert route is not None and route[0] is info.fallbacks
+
+    def uncalled(reason: int) -> str:
+        raise AssertionError(f"called for reason {reason}")
+
+    moved = {OID: (*entry[:6], (route[0], route[1], uncalled))}
+    made = fast.hot_change(insert_msg(OID, tuple_data(*values)), moved, fast_txn, None)  # type: ignore[arg-type]
+    assert made is not None and made.subject == own and cell[0] == counted + 2
+    # a reason without a count yet goes to it (here: what it raises), and a route that is not one is refused
+    info.fallbacks[FALLBACK_REASONS.index("too_long")] = None
+    with pytest.raises(AssertionError, match="called for reason"):
+        fast.hot_change(insert_msg(OID, tuple_data(*values)), moved, fast_txn, None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="a route is"):
+        fast.hot_change(insert_msg(OID, tuple_data(*values)), {OID: (*entry[:6], route[2])}, fast_txn, None)  # type: ignore[dict-item]
 
 
 def test_a_typical_row_with_a_transform_stays_on_the_compiled_path() -> None:

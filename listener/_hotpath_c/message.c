@@ -124,12 +124,39 @@ static inline PyObject *txn_field(PyObject *txn, int which) {
     return *(PyObject **)((char *)txn + txn_offsets[which]);
 }
 
+/* The subject of a routed table's event whose route gave topic: the topic itself (a str), or for a fallback reason
+ * (an int, 1-based) the table's subject, the reason counted. routed is (cells, subject, count): cells the counts
+ * per reason (a list of [int] | None), subject the table's, count what counts a reason whose cell does not exist
+ * yet and answers the subject (Python twin: EventBuilder._routed). */
+static PyObject *routed_subject(PyObject *routed, PyObject *topic) {
+    if (PyUnicode_Check(topic))
+        return Py_NewRef(topic);
+    if (!PyTuple_Check(routed) || PyTuple_GET_SIZE(routed) != 3 || !PyList_Check(PyTuple_GET_ITEM(routed, 0)) ||
+        !PyLong_CheckExact(topic)) {
+        PyErr_SetString(PyExc_TypeError, "change: a route is (cells: list, subject: str, count), its topic str | int");
+        return NULL;
+    }
+    PyObject *cells = PyTuple_GET_ITEM(routed, 0);
+    Py_ssize_t reason = PyLong_AsSsize_t(topic);
+    if (reason == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *cell = reason >= 1 && reason <= PyList_GET_SIZE(cells) ? PyList_GET_ITEM(cells, reason - 1) : NULL;
+    if (cell == NULL || !PyList_CheckExact(cell) || PyList_GET_SIZE(cell) != 1)
+        return PyObject_CallOneArg(PyTuple_GET_ITEM(routed, 2), topic);
+    PyObject *one = PyLong_FromLong(1);
+    PyObject *count = one == NULL ? NULL : PyNumber_Add(PyList_GET_ITEM(cell, 0), one);
+    Py_XDECREF(one);
+    if (count == NULL || PyList_SetItem(cell, 0, count) < 0)
+        return NULL;
+    return Py_NewRef(PyTuple_GET_ITEM(routed, 1));
+}
+
 /* change(msg, compiled, txn, debezium) -> Message | None
  *
  * msg: a pgoutput Insert, Update or Delete; compiled: the tables whose change events are made here, by relation
  * oid: (debezium: bool, plan (event()'s, or debezium_event()'s when debezium), shape, actions (a bit each for
  * INSERT 1, UPDATE 2, DELETE 4: those published), tombstones, want_key, routed); routed: None, or for a table with
- * a topic route what takes a change's fallback reason (an int) and answers the subject (it counts the reason);
+ * a topic route (cells, subject, count) (routed_subject);
  * txn: the Transaction (its ordinal counted up when the event is made); debezium: what has last_commit
  * (publisher.format debezium), else None.
  * None: the caller's Python path takes the message (another table, an action not published, a transaction
@@ -208,9 +235,7 @@ PyObject *hot_change(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (routed != Py_None) { /* the topic the route gave, or the table's subject (routed counts the reason) */
         MessageShape *read;
         PyObject *topic = PyTuple_Check(made) && PyTuple_GET_SIZE(made) == 4 ? PyTuple_GET_ITEM(made, 3) : NULL;
-        PyObject *subject = topic == NULL     ? NULL
-                            : PyUnicode_Check(topic) ? Py_NewRef(topic)
-                                                     : PyObject_CallOneArg(routed, topic);
+        PyObject *subject = topic == NULL ? NULL : routed_subject(routed, topic);
         if (subject == NULL || change_shape("change", shape, &read) < 0) {
             if (subject == NULL && !PyErr_Occurred())
                 PyErr_SetString(PyExc_TypeError, "change: a routed table's event is (ident, body, key, topic)");
