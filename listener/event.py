@@ -132,15 +132,18 @@ def _message_slots() -> tuple[tuple[Any, ...] | None, tuple[Any, ...] | None]:
     return tuple(Message.__dict__[name] for name in _MESSAGE_FIELDS), tuple(f.default for f in found[7:])
 
 
-def _change_shape(info: RelationInfo) -> hotpath.MessageShape | None:
+def _change_shape(info: RelationInfo, content_type: str | None = None) -> hotpath.MessageShape | None:
     """For the compiled event() and debezium_event(): what the table's change events share, so that they come back
     made as Messages (or, with Debezium's schemas, HeadedMessages of the table's schema head); None: they come
     back as tuples and ``info.make`` makes them (CloudEvents, or Message shaped otherwise). With a topic route the
-    subject is the topic each change's values give."""
+    subject is the topic each change's values give. ``content_type``: for a CloudEvents table, the content type
+    of its events, for the compiled change() (which makes them from event()'s tuples); None for any other."""
     fields, defaults = _message_slots()
-    if fields is None or defaults is None or info.ce is not None:
+    if fields is None or defaults is None or (info.ce is not None) != (content_type is not None):
         return None
     cls: type[Message] = Message
+    if content_type is not None:  # headers, content_type, ... (_MESSAGE_FIELDS)
+        defaults = (defaults[0], content_type, *defaults[2:])
     if info.debezium_plan is not None and info.debezium_plan[5] is not None:
         cls, defaults = HeadedMessage, (*defaults[:-1], info.debezium_plan[5])
     return cls, info.subject, info.schema, info.table, _ACTIONS, fields, defaults
@@ -306,18 +309,22 @@ class EventBuilder:
         return info
 
     def _compiled_table(self, info: RelationInfo) -> hotpath.CompiledTable | None:
-        """For hot_change: (debezium, plan, shape, the actions published as bits, tombstones, want_key, routed), when
-        the compiled path makes the table's change events whole (no CloudEvents); else None. routed: with a topic
-        route, (the table's fallback counts, its subject, what counts a reason not counted yet (:meth:`_routed`)):
-        a fallback adds to its reason's count in place once the count exists."""
-        if info.shape is None or self._finish is not None:
+        """For hot_change: (debezium, plan, shape, the actions published as bits, tombstones, want_key, routed, ce),
+        when the compiled path makes the table's change events whole; else None. routed: with a topic route, (the
+        table's fallback counts, its subject, what counts a reason not counted yet (:meth:`_routed`)): a fallback
+        adds to its reason's count in place once the count exists. ce: the table's compiled CloudEvents
+        (publisher.format cloudevents), whose shape carries their content type."""
+        shape = info.shape
+        if self._finish is not None:  # CloudEvents: made whole where the compiled path wraps them
+            shape = None if info.ce is None else _change_shape(info, self._finish.content_type)
+        if shape is None:
             return None
         bits = sum(bit for action, bit in _ACTION_BITS.items() if action in info.actions)
         routed = None if info.route is None else (info.fallbacks, info.subject, functools.partial(self._routed, info))
         if info.debezium_plan is not None:
-            return True, info.debezium_plan, info.shape, bits, self._tombstones, self._needs_key, routed
+            return True, info.debezium_plan, shape, bits, self._tombstones, self._needs_key, routed, None
         if info.plan is not None:
-            return False, info.plan, info.shape, bits, self._tombstones, self._needs_key, routed
+            return False, info.plan, shape, bits, self._tombstones, self._needs_key, routed, info.ce
         return None
 
     def relation_info(
@@ -640,7 +647,7 @@ class EventBuilder:
                 prefix, number = self._ident(txn, ordinal), None
             done: tuple[Any, ...] | None  # (ident, body, key[, topic][, headers]): see hotpath.Module.event
             shape = info.shape if info.route is None else None  # a route's fallbacks are counted below
-            if info.shape is not None and txn.id_prefix and info.oid in self.compiled:
+            if txn.id_prefix and info.oid in self.compiled:
                 done = None  # hot_change made this very call and left the change to Python: not again here
             elif shape is not None:  # the compiled call makes the Message (made: None when it leaves the change)
                 if info.debezium_plan is not None:

@@ -62,9 +62,10 @@ DebeziumPlan = tuple[
 #: after the first seven): see _hotpath_c/message.c and listener.event._change_shape
 MessageShape = tuple[type, str, str, str, tuple[str, str, str], tuple[Any, ...], tuple[Any, ...]]
 #: change() per table: (debezium, its plan, shape, the actions published: INSERT 1 | UPDATE 2 | DELETE 4,
-#: tombstones, want_key, with a topic route its RoutedTopics): see _hotpath_c/message.c and
-#: listener.event.EventBuilder._compiled_table
-CompiledTable = tuple[bool, "Plan | DebeziumPlan", MessageShape, int, bool, bool, "RoutedTopics | None"]
+#: tombstones, want_key, with a topic route its RoutedTopics, with CloudEvents the table's compiled ones): see
+#: _hotpath_c/message.c and listener.event.EventBuilder._compiled_table
+CompiledTable = tuple[bool, "Plan | DebeziumPlan", MessageShape, int, bool, bool, "RoutedTopics | None",
+                      "formats.CompiledCloudEvents | None"]
 #: a routed table's fallbacks: (the count per reason, a [int] each once it exists, the table's subject, what counts
 #: a reason without a count yet and answers the subject)
 RoutedTopics = tuple[list[list[int] | None], str, "Callable[[int], str]"]

@@ -619,7 +619,7 @@ def test_routed_topics_at_the_length_limit_and_past_the_topic_cache_match_the_py
     def uncalled(reason: int) -> str:
         raise AssertionError(f"called for reason {reason}")
 
-    moved = {OID: (*entry[:6], (route[0], route[1], uncalled))}
+    moved = {OID: (*entry[:6], (route[0], route[1], uncalled), None)}
     made = fast.hot_change(insert_msg(OID, tuple_data(*values)), moved, fast_txn, None)  # type: ignore[arg-type]
     assert made is not None and made.subject == own and cell[0] == counted + 2
     # a reason without a count yet goes to it (here: what it raises), and a route that is not one is refused
@@ -627,7 +627,7 @@ def test_routed_topics_at_the_length_limit_and_past_the_topic_cache_match_the_py
     with pytest.raises(AssertionError, match="called for reason"):
         fast.hot_change(insert_msg(OID, tuple_data(*values)), moved, fast_txn, None)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="a route is"):
-        fast.hot_change(insert_msg(OID, tuple_data(*values)), {OID: (*entry[:6], route[2])}, fast_txn, None)  # type: ignore[dict-item]
+        fast.hot_change(insert_msg(OID, tuple_data(*values)), {OID: (*entry[:6], route[2], None)}, fast_txn, None)  # type: ignore[dict-item]
 
 
 def test_a_typical_row_with_a_transform_stays_on_the_compiled_path() -> None:
@@ -729,6 +729,29 @@ def test_cloudevents_of_a_typical_row_are_written_by_the_compiled_path(mode: str
         assert list(done[4]) == ["ce_specversion", "ce_type", "ce_source", "ce_subject", "ce_id", "ce_time"]
     with pytest.raises(TypeError):
         fast.hot.event(insert_msg(OID, tuple_data(*TYPICAL)), info.plan, "id-", 1, "t", True, ("bad",))
+
+
+@pytest.mark.parametrize("mode,binding", [("structured", "nats"), ("binary", "nats"), ("binary", "kafka")])
+def test_change_makes_cloudevents_in_one_call(mode: str, binding: str) -> None:
+    """The compiled change() makes a CloudEvents table's Message itself, the one the Python path makes: the
+    content type from the table's shape, the attributes as header lines (a binding that takes lines: the Python
+    path's dict written as lines), as a dict, or none (structured mode); a Debezium table with CloudEvents is
+    refused."""
+    fast, slow = ce_builders(mode, CE_BINDINGS[binding], None)
+    entry = fast.compiled[OID]
+    assert fast.hot_change is not None and entry[7] is fast.relations[OID].ce
+    fast_txn = fast.begin(0x1_6B37_4D48, 820_000_000_000_000)
+    slow_txn = slow.begin(0x1_6B37_4D48, 820_000_000_000_000)
+    for msg in (insert_msg(OID, tuple_data(*TYPICAL)), delete_msg(OID, b"O", tuple_data(*TYPICAL))):
+        made = fast.hot_change(msg, fast.compiled, fast_txn, None)
+        assert made is not None and fast_txn.ordinal == slow_txn.ordinal + 1
+        python = slow.change(msg, slow_txn)
+        assert python is not None and ce_message(made) == ce_message(python)
+        assert made.content_type == python.content_type and made.tombstone is python.tombstone is False
+        assert bool(made.header_lines) == (mode == "binary" and binding == "nats")
+        assert (made.headers is not None) == (mode == "binary" and binding != "nats")
+    with pytest.raises(TypeError, match="no CloudEvents"):
+        fast.hot_change(insert_msg(OID, tuple_data(*TYPICAL)), {OID: (True, *entry[1:])}, fast_txn, None)
 
 
 @pytest.mark.parametrize("char", [" ", "\x00", "\r", "\x7f", "é", "!", "~"])

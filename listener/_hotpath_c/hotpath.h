@@ -277,6 +277,9 @@ PyObject *build_event(PyObject *ident, int with_ident, PyObject *commit_time, co
  * ones, in field order: id, subject, body, schema, table, action, key; the others take the shape's defaults). */
 #define MESSAGE_FIELDS 16
 #define MESSAGE_SET 7
+/* Where headers and header_lines are in that order (listener.event._MESSAGE_FIELDS) */
+#define MESSAGE_HEADERS 7
+#define MESSAGE_HEADER_LINES 10
 
 /* What the events of one table share, read from a shape (cls, subject, schema, table, action, fields, defaults):
  * the class; subject, schema, table and action; and, when fields are the member descriptors of the class's

@@ -90,7 +90,7 @@ PyObject *shaped_message(MessageShape *shape, PyObject *ident, PyObject *body, P
 enum { TXN_ORDINAL, TXN_ID_PREFIX, TXN_ID_BASE, TXN_COMMIT_TIME, TXN_COMMIT_MICROS, TXN_XID, TXN_LSN, TXN_FIELDS };
 static PyTypeObject *txn_type;
 static Py_ssize_t txn_offsets[TXN_FIELDS];
-static PyObject *str_last_commit, *str_tombstone, *str_key;
+static PyObject *str_last_commit, *str_tombstone, *str_key, *str_headers, *str_header_lines;
 
 PyObject *hot_transaction_fields(PyObject *self, PyObject *fields) {
     (void)self;
@@ -112,7 +112,9 @@ PyObject *hot_transaction_fields(PyObject *self, PyObject *fields) {
         }
     if (str_last_commit == NULL && ((str_last_commit = PyUnicode_InternFromString("last_commit")) == NULL ||
                                     (str_tombstone = PyUnicode_InternFromString("tombstone")) == NULL ||
-                                    (str_key = PyUnicode_InternFromString("key")) == NULL))
+                                    (str_key = PyUnicode_InternFromString("key")) == NULL ||
+                                    (str_headers = PyUnicode_InternFromString("headers")) == NULL ||
+                                    (str_header_lines = PyUnicode_InternFromString("header_lines")) == NULL))
         return NULL;
     memcpy(txn_offsets, offsets, sizeof txn_offsets);
     Py_XSETREF(txn_type, (PyTypeObject *)Py_NewRef(owner));
@@ -122,6 +124,17 @@ PyObject *hot_transaction_fields(PyObject *self, PyObject *fields) {
 /* A field of txn (borrowed), NULL when unset. */
 static inline PyObject *txn_field(PyObject *txn, int which) {
     return *(PyObject **)((char *)txn + txn_offsets[which]);
+}
+
+/* A CloudEvents event's attributes in binary mode on message m of shape: header lines (bytes, for a binding that
+ * takes lines) into its header_lines, a dict into its headers (Python twin: EventBuilder.change_rest). */
+static int set_headers(MessageShape *shape, PyObject *m, PyObject *headers) {
+    int lines = PyBytes_Check(headers);
+    Py_ssize_t at = lines ? MESSAGE_HEADER_LINES : MESSAGE_HEADERS;
+    if (shape->n <= at)
+        return PyObject_SetAttr(m, lines ? str_header_lines : str_headers, headers);
+    Py_SETREF(*(PyObject **)((char *)m + shape->offsets[at]), Py_NewRef(headers));
+    return 0;
 }
 
 /* The subject of a routed table's event whose route gave topic: the topic itself (a str), or for a fallback reason
@@ -155,8 +168,9 @@ static PyObject *routed_subject(PyObject *routed, PyObject *topic) {
  *
  * msg: a pgoutput Insert, Update or Delete; compiled: the tables whose change events are made here, by relation
  * oid: (debezium: bool, plan (event()'s, or debezium_event()'s when debezium), shape, actions (a bit each for
- * INSERT 1, UPDATE 2, DELETE 4: those published), tombstones, want_key, routed); routed: None, or for a table with
- * a topic route (cells, subject, count) (routed_subject);
+ * INSERT 1, UPDATE 2, DELETE 4: those published), tombstones, want_key, routed, ce); routed: None, or for a table
+ * with a topic route (cells, subject, count) (routed_subject); ce: None, or the table's compiled CloudEvents
+ * (publisher.format cloudevents: the shape's defaults carry the content type, set_headers the attributes);
  * txn: the Transaction (its ordinal counted up when the event is made); debezium: what has last_commit
  * (publisher.format debezium), else None.
  * None: the caller's Python path takes the message (another table, an action not published, a transaction
@@ -179,9 +193,9 @@ PyObject *hot_change(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     Py_DECREF(oid);
     if (entry == NULL)
         return PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
-    if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 7) {
+    if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 8) {
         PyErr_SetString(PyExc_TypeError, "change: a compiled table is (debezium, plan, shape, actions, tombstones, "
-                                         "want_key, routed)");
+                                         "want_key, routed, ce)");
         return NULL;
     }
     long actions = PyLong_AsLong(PyTuple_GET_ITEM(entry, 3));
@@ -203,9 +217,16 @@ PyObject *hot_change(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     PyObject *made;
     int debezium = PyObject_IsTrue(PyTuple_GET_ITEM(entry, 0));
     PyObject *plan = PyTuple_GET_ITEM(entry, 1), *shape = PyTuple_GET_ITEM(entry, 2),
-             *want_key = PyTuple_GET_ITEM(entry, 5), *routed = PyTuple_GET_ITEM(entry, 6);
-    /* a table with a topic route: the event comes as (ident, body, key, topic) and is made here */
-    PyObject *given = routed == Py_None ? shape : Py_None;
+             *want_key = PyTuple_GET_ITEM(entry, 5), *routed = PyTuple_GET_ITEM(entry, 6),
+             *ce = PyTuple_GET_ITEM(entry, 7);
+    /* a table with a topic route or CloudEvents: the event comes as (ident, body, key, topic[, headers]) and is made
+     * here */
+    PyObject *given = routed == Py_None && ce == Py_None ? shape : Py_None;
+    if (debezium > 0 && ce != Py_None) {
+        Py_DECREF(number);
+        PyErr_SetString(PyExc_TypeError, "change: a Debezium table has no CloudEvents");
+        return NULL;
+    }
     if (debezium > 0) {
         PyObject *micros = txn_field(txn, TXN_COMMIT_MICROS), *xid = txn_field(txn, TXN_XID),
                  *lsn = txn_field(txn, TXN_LSN);
@@ -224,7 +245,7 @@ PyObject *hot_change(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
             Py_DECREF(number);
             Py_RETURN_NONE;
         }
-        PyObject *call[8] = {msg, plan, prefix, number, time, want_key, Py_None, given};
+        PyObject *call[8] = {msg, plan, prefix, number, time, want_key, ce, given};
         made = hot_event(self, call, 8);
     } else {
         made = NULL;
@@ -232,19 +253,28 @@ PyObject *hot_change(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     Py_DECREF(number);
     if (made == NULL || made == Py_None)
         return made;
-    if (routed != Py_None) { /* the topic the route gave, or the table's subject (routed counts the reason) */
+    if (given == Py_None) { /* the topic the route gave (or the table's subject), the CloudEvents headers */
         MessageShape *read;
-        PyObject *topic = PyTuple_Check(made) && PyTuple_GET_SIZE(made) == 4 ? PyTuple_GET_ITEM(made, 3) : NULL;
-        PyObject *subject = topic == NULL ? NULL : routed_subject(routed, topic);
+        Py_ssize_t size = PyTuple_Check(made) ? PyTuple_GET_SIZE(made) : 0;
+        PyObject *subject = NULL, *headers = NULL;
+        if (size == 4 + (ce != Py_None)) {
+            subject = routed == Py_None ? Py_NewRef(Py_None) : routed_subject(routed, PyTuple_GET_ITEM(made, 3));
+            headers = ce == Py_None ? Py_NewRef(Py_None) : Py_NewRef(PyTuple_GET_ITEM(made, 4));
+        }
         if (subject == NULL || change_shape("change", shape, &read) < 0) {
             if (subject == NULL && !PyErr_Occurred())
-                PyErr_SetString(PyExc_TypeError, "change: a routed table's event is (ident, body, key, topic)");
+                PyErr_SetString(PyExc_TypeError, "change: a routed or CloudEvents table's event is (ident, body, key, "
+                                                 "topic[, headers])");
             Py_XDECREF(subject);
+            Py_XDECREF(headers);
             Py_DECREF(made);
             return NULL;
         }
-        made = change_message(read, (char)p[0], made, subject);
+        made = change_message(read, (char)p[0], made, subject == Py_None ? NULL : subject);
         Py_DECREF(subject);
+        if (made != NULL && headers != Py_None && set_headers(read, made, headers) < 0)
+            Py_CLEAR(made);
+        Py_DECREF(headers);
         if (made == NULL)
             return NULL;
     }
